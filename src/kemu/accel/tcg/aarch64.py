@@ -1,0 +1,546 @@
+"""An AArch64 vCPU on Unicorn (QEMU's TCG as a library), set up for Linux at EL1.
+
+What Unicorn leaves to the board, and how this module does it (see
+PLATFORM.md):
+
+* Unicorn starts in EL1 with EL2/EL3 present but configured for AArch32 and
+  secure state: SCR_EL3 gets NS, HCE and RW, HCR_EL2 gets RW and IMO.
+* Synchronous exceptions are reported through ``UC_HOOK_INTR`` instead of
+  being taken: this module performs the architectural entry to EL1 (Arm ARM
+  D1.10 "Exception entry"): ELR_EL1, SPSR_EL1, ESR_EL1, FAR_EL1, PSTATE and
+  the vector offset.  The syndrome and fault address QEMU computed live in
+  the CPU state blob at an offset found by :func:`probe_exception_layout`.
+* HVC and SMC are the PSCI conduit, answered in Python.
+* IRQs are injected through HCR_EL2.VI (with IMO set) and taken natively.
+* Unicorn stubs out the generic timer: writes to the timer registers are
+  caught with an MSR hook and fed to :class:`GenericTimer` models; the
+  counter itself (CNTVCT) is Unicorn's CLOCK_MONOTONIC / 16 ns.
+* WFI makes ``emu_start`` return; the vCPU waits on the host until an
+  interrupt is signalled.
+
+Safe points.  Unicorn checks its exit request after *every memory access*
+inside a translation block and, when set, rewinds the PC to that access's
+instruction, which then runs a second time on resume.  So ``emu_stop()``
+from another thread, or raising an interrupt (which sets the same request)
+at an arbitrary moment, corrupts the guest (``ldr x0, [x0]`` runs twice).
+This vCPU therefore never stops the CPU asynchronously.  Interrupts are
+raised, and work posted by other threads is picked up, only at safe points:
+
+* before ``emu_start`` and in the exception hook (outside translated code);
+* in the MSR hook (QEMU ends the translation block after an MSR, so no
+  memory access follows in the same block);
+* in an MMIO callback, by stopping right there and, once ``emu_start`` has
+  returned, stepping the PC over the MMIO instruction, which completed.
+
+A guest that loops with no exception, MSR or MMIO (a pure computation loop)
+therefore sees interrupts only when it leaves the loop.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import struct
+import threading
+from dataclasses import dataclass
+from typing import Callable
+
+import unicorn
+from unicorn import Uc, UcError
+from unicorn import arm64_const as A
+
+from kemu.accel.base import Exit, Halted, InternalError, IoExit, Kicked, MmioRead, MmioWrite, \
+    SystemEvent
+from kemu.accel.tcg.aarch64_mmu import TranslationFault, translate
+from kemu.devices.arm_timer import CTL_ISTATUS, GenericTimer
+from kemu.errors import AccelError, MemoryAccessError
+from kemu.memory import GuestMemory
+
+UNICORN_VERSION = "2.1.4"
+
+# QEMU exception numbers (target/arm/cpu.h) as delivered to UC_HOOK_INTR.
+EXCP_UDEF = 1
+EXCP_SWI = 2
+EXCP_PREFETCH_ABORT = 3
+EXCP_DATA_ABORT = 4
+EXCP_BKPT = 7
+EXCP_HVC = 11
+EXCP_SMC = 13
+
+# System register encodings (op0, op1, CRn, CRm, op2)
+SCR_EL3 = (3, 6, 1, 1, 0)
+HCR_EL2 = (3, 4, 1, 1, 0)
+CNTHCTL_EL2 = (3, 4, 14, 1, 0)
+CNTVOFF_EL2 = (3, 4, 14, 0, 3)
+SPSR_EL1 = (3, 0, 4, 0, 0)
+SCTLR_EL1 = (3, 0, 1, 0, 0)
+TCR_EL1 = (3, 0, 2, 0, 2)
+MPIDR_EL1 = (3, 0, 0, 0, 5)
+CNTV_CTL_EL0 = (3, 3, 14, 3, 1)
+CNTV_CVAL_EL0 = (3, 3, 14, 3, 2)
+CNTV_TVAL_EL0 = (3, 3, 14, 3, 0)
+CNTP_CTL_EL0 = (3, 3, 14, 2, 1)
+CNTP_CVAL_EL0 = (3, 3, 14, 2, 2)
+CNTP_TVAL_EL0 = (3, 3, 14, 2, 0)
+
+SCR_NS = 1 << 0
+SCR_HCE = 1 << 8
+SCR_RW = 1 << 10
+HCR_IMO = 1 << 4
+HCR_VI = 1 << 7
+HCR_RW = 1 << 31
+
+PSTATE_SP = 1 << 0
+PSTATE_EL_SHIFT = 2
+PSTATE_DAIF = 0xF << 6
+PSTATE_EL1H = 0b0101
+
+# ESR_ELx.EC values (Arm ARM D17.2.37) whose FAR_ELx is valid.
+EC_WITH_FAR = {0x20, 0x21, 0x22, 0x24, 0x25, 0x34, 0x35}
+
+WFI = 0xD503207F
+
+#: MSR targets after which QEMU ends the translation block (none of them is
+#: ARM_CP_NOP, NZCV or ARM_CP_SUPPRESS_TB_END), so raising an interrupt in
+#: the MSR hook cannot rewind a later memory access of the same block.
+TB_ENDING_MSR = frozenset({
+    (3, 0, 4, 1, 0),    # SP_EL0 (every kernel entry)
+    (3, 0, 4, 0, 0),    # SPSR_EL1 (every exception return)
+    (3, 0, 4, 0, 1),    # ELR_EL1
+    (3, 3, 4, 2, 1),    # DAIF (local_irq_restore)
+    (3, 0, 2, 0, 0),    # TTBR0_EL1
+    (3, 0, 2, 0, 1),    # TTBR1_EL1
+    (3, 0, 13, 0, 1),   # CONTEXTIDR_EL1
+    (3, 0, 13, 0, 4),   # TPIDR_EL1
+    (3, 3, 13, 0, 2),   # TPIDR_EL0
+    (3, 3, 13, 0, 3),   # TPIDRRO_EL0
+    (3, 0, 1, 0, 0),    # SCTLR_EL1
+    (3, 0, 1, 0, 2),    # CPACR_EL1
+    (3, 0, 12, 0, 0),   # VBAR_EL1
+})
+
+
+def mmio_writeback(insn: int) -> tuple[int, int] | None:
+    """Base-register writeback of a load/store (Rn, delta), if it has one.
+
+    Covers the pre/post-indexed immediate forms (Arm ARM C4.1.66
+    "Load/store register (immediate pre/post-indexed)" and "Load/store
+    register pair (pre/post-indexed)"); every other load/store leaves Rn as is.
+    """
+    rn = (insn >> 5) & 0x1F
+    if insn & 0x3B200400 == 0x38000400:  # LDR/STR (imm9), pre or post
+        imm9 = (insn >> 12) & 0x1FF
+        return rn, imm9 - 0x200 if imm9 & 0x100 else imm9
+    if insn & 0x3A800000 == 0x28800000:  # LDP/STP pre or post (bit 23 set)
+        opc = insn >> 30
+        imm7 = (insn >> 15) & 0x7F
+        imm7 = imm7 - 0x80 if imm7 & 0x40 else imm7
+        simd = (insn >> 26) & 1
+        scale = (2 + opc) if simd else (2 + (opc >> 1))
+        return rn, imm7 << scale
+    return None
+
+CPU_MODELS = {
+    "cortex-a53": A.UC_CPU_ARM64_A53,
+    "cortex-a57": A.UC_CPU_ARM64_A57,
+    "cortex-a72": A.UC_CPU_ARM64_A72,
+    "max": A.UC_CPU_ARM64_MAX,
+}
+
+
+def _xreg(n: int) -> int:
+    if n < 29:
+        return A.UC_ARM64_REG_X0 + n
+    return A.UC_ARM64_REG_X29 if n == 29 else A.UC_ARM64_REG_X30
+
+
+def _cp(enc: tuple[int, int, int, int, int], val: int = 0) -> tuple:
+    op0, op1, crn, crm, op2 = enc
+    return (crn, crm, op0, op1, op2, val)
+
+
+@dataclass(frozen=True)
+class ExceptionLayout:
+    """Where QEMU's ``env->exception`` {syndrome, fsr, vaddress, target_el} lies."""
+
+    syndrome_offset: int
+
+    def decode(self, blob: bytes) -> tuple[int, int, int]:
+        syndrome, _fsr, vaddress, target_el = struct.unpack_from("<IIQI", blob,
+                                                                 self.syndrome_offset)
+        return syndrome, vaddress, target_el
+
+
+_layout_cache: ExceptionLayout | None = None
+
+
+def probe_exception_layout() -> ExceptionLayout:
+    """Find the syndrome's offset in the context blob by raising a known fault.
+
+    A tiny program at EL1 executes ``svc #0x1234`` (syndrome 0x56001234) and
+    then loads from an address beyond the 48-bit physical range (an address
+    size fault, FAR = that address).  The offset must show both, or the
+    pinned Unicorn version has changed its layout.
+    """
+    global _layout_cache
+    if _layout_cache is not None:
+        return _layout_cache
+    if unicorn.__version__ != UNICORN_VERSION:
+        raise AccelError(f"kemu needs unicorn=={UNICORN_VERSION}, found {unicorn.__version__}")
+    uc = Uc(unicorn.UC_ARCH_ARM64, unicorn.UC_MODE_ARM)
+    base = 0x10000
+    uc.mem_map(base, 0x1000)
+    fault_addr = 0x0123456789ABCDE0
+    code = struct.pack("<IIIIQ",
+                       0xD4024681,  # svc #0x1234
+                       0x58000061,  # ldr x1, <literal 12 bytes ahead>
+                       0xF9400020,  # ldr x0, [x1]
+                       0xD503201F,  # nop
+                       fault_addr)
+    uc.mem_write(base, code)
+    uc.reg_write(A.UC_ARM64_REG_CP_REG, _cp(SCR_EL3, SCR_NS | SCR_HCE | SCR_RW))
+    uc.reg_write(A.UC_ARM64_REG_CP_REG, _cp(HCR_EL2, HCR_RW | HCR_IMO))
+    blobs: list[tuple[int, bytes]] = []
+    ctx = uc.context_save()
+
+    def on_intr(uc: Uc, intno: int, _ud: object) -> None:
+        uc.context_update(ctx)
+        blobs.append((intno, bytes(ctx)))
+        if intno == EXCP_DATA_ABORT:
+            uc.emu_stop()
+
+    uc.hook_add(unicorn.UC_HOOK_INTR, on_intr)
+    uc.emu_start(base, base + 12, count=10)
+    if [b[0] for b in blobs] != [EXCP_SWI, EXCP_DATA_ABORT]:
+        raise AccelError("Unicorn exception probe: unexpected exception sequence")
+    svc_blob, abort_blob = blobs[0][1], blobs[1][1]
+    offset = svc_blob.find(struct.pack("<I", 0x56001234))
+    while offset >= 0:
+        layout = ExceptionLayout(offset)
+        syn, far, _el = layout.decode(abort_blob)
+        if far == fault_addr and (syn >> 26) == 0x25:
+            _layout_cache = layout
+            return layout
+        offset = svc_blob.find(struct.pack("<I", 0x56001234), offset + 1)
+    raise AccelError("Unicorn exception probe: syndrome not found in the CPU state")
+
+
+class Aarch64Cpu:
+    """One AArch64 vCPU.  ``run()`` is called from the vCPU's own thread only."""
+
+    def __init__(self, index: int, memory: GuestMemory, mmio_windows: list[tuple[int, int]],
+                 io: Callable[[IoExit], int | None], hypercall: Callable[[int, list[int]], int],
+                 vtimer: GenericTimer, ptimer: GenericTimer, model: str = "cortex-a72",
+                 mpidr: int | None = None) -> None:
+        if model not in CPU_MODELS:
+            raise AccelError(f"unsupported CPU model {model!r} for the tcg accelerator "
+                             f"(have: {', '.join(sorted(CPU_MODELS))})")
+        self.index = index
+        self._layout = probe_exception_layout()
+        self._io = io
+        self._hypercall = hypercall
+        self.vtimer = vtimer
+        self.ptimer = ptimer
+        uc = Uc(unicorn.UC_ARCH_ARM64, unicorn.UC_MODE_ARM)
+        uc.ctl_set_cpu_model(CPU_MODELS[model])
+        self.uc = uc
+        for region in memory.regions:
+            uc.mem_map_ptr(region.base, region.size, unicorn.UC_PROT_ALL, region.host_address)
+        for base, size in mmio_windows:
+            uc.mmio_map(base, size, self._mmio_read, base, self._mmio_write, base)
+        self._ctx = uc.context_save()
+        uc.hook_add(unicorn.UC_HOOK_INTR, self._on_exception)
+        uc.hook_add(unicorn.UC_HOOK_INSN, self._on_msr, None, 1, 0, A.UC_ARM64_INS_MSR)
+        self._timer_regs = {
+            CNTV_CTL_EL0: (vtimer, "ctl"), CNTV_CVAL_EL0: (vtimer, "cval"),
+            CNTV_TVAL_EL0: (vtimer, "tval"),
+            CNTP_CTL_EL0: (ptimer, "ctl"), CNTP_CVAL_EL0: (ptimer, "cval"),
+            CNTP_TVAL_EL0: (ptimer, "tval"),
+        }
+        self._timer_ctl_reg = {id(vtimer): CNTV_CTL_EL0, id(ptimer): CNTP_CTL_EL0}
+        self._timer_cval_reg = {id(vtimer): CNTV_CVAL_EL0, id(ptimer): CNTP_CVAL_EL0}
+        # Cross-thread state
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._running = False
+        self._kick_requested = False
+        self._irq_level = False
+        self._hcr = HCR_RW | HCR_IMO
+        self._system_event: str | None = None
+        self._work_pending = False
+        self._mmio_stop = False
+        self._stop_requested = False
+        self._where = "loop"
+        #: Called on the vCPU thread at each safe point with work pending.
+        self.on_safe_point: Callable[[], None] = lambda: None
+        self._error: str | None = None
+        self._thread_id: int | None = None
+        #: Called (on the vCPU thread) when a timer deadline may have changed.
+        self.on_timer_change: Callable[[], None] = lambda: None
+        self._mpidr = mpidr
+        self._memory = memory
+        self._insn_cache: dict[tuple[int, int, int], int] = {}
+
+    # -- setup ----------------------------------------------------------------
+    def _wsys(self, enc: tuple[int, int, int, int, int], value: int) -> None:
+        self.uc.reg_write(A.UC_ARM64_REG_CP_REG, _cp(enc, value))
+
+    def _rsys(self, enc: tuple[int, int, int, int, int]) -> int:
+        return self.uc.reg_read(A.UC_ARM64_REG_CP_REG, _cp(enc))
+
+    def reset_for_linux(self, entry: int, dtb: int) -> None:
+        """Registers as the arm64 boot protocol requires (booting.rst)."""
+        uc = self.uc
+        self._wsys(SCR_EL3, SCR_NS | SCR_HCE | SCR_RW)
+        self._wsys(HCR_EL2, self._hcr)
+        self._wsys(CNTHCTL_EL2, 0x3)   # EL1 may use the physical counter and timer
+        self._wsys(CNTVOFF_EL2, 0)
+        if self._mpidr is not None:
+            self._wsys(MPIDR_EL1, self._mpidr)
+        uc.reg_write(A.UC_ARM64_REG_PSTATE, PSTATE_DAIF | PSTATE_EL1H)
+        self._wsys(SCTLR_EL1, self._rsys(SCTLR_EL1) & ~1)  # MMU off; rebuilds hflags
+        for i in range(31):
+            uc.reg_write(_xreg(i), 0)
+        uc.reg_write(A.UC_ARM64_REG_X0, dtb)
+        uc.reg_write(A.UC_ARM64_REG_PC, entry)
+
+    def reset_secondary(self, entry: int, context_id: int) -> None:
+        """PSCI CPU_ON entry state: EL1h, MMU off, x0 = context_id."""
+        self.reset_for_linux(entry, context_id)
+
+    @property
+    def pc(self) -> int:
+        return self.uc.reg_read(A.UC_ARM64_REG_PC)
+
+    def registers(self) -> dict[str, int]:
+        uc = self.uc
+        regs = {f"x{i}": uc.reg_read(A.UC_ARM64_REG_X0 + i) for i in range(29)}
+        regs.update(x29=uc.reg_read(A.UC_ARM64_REG_X29), x30=uc.reg_read(A.UC_ARM64_REG_X30),
+                    sp=uc.reg_read(A.UC_ARM64_REG_SP), pc=uc.reg_read(A.UC_ARM64_REG_PC),
+                    pstate=uc.reg_read(A.UC_ARM64_REG_PSTATE))
+        return regs
+
+    # -- cross-thread controls ------------------------------------------------------
+    def kick(self) -> None:
+        """Make ``run()`` return at the next safe point (any thread)."""
+        with self._lock:
+            self._kick_requested = True
+            self._work_pending = True
+            self._wake.notify_all()
+
+    def post_work(self) -> None:
+        """Have timers and interrupts looked at, at the next safe point (any thread)."""
+        with self._lock:
+            self._work_pending = True
+            self._wake.notify_all()
+
+    def set_irq(self, level: bool) -> None:
+        """The interrupt controller's output to this CPU (any thread)."""
+        self._irq_level = level
+        if threading.get_ident() == self._thread_id and self._running:
+            if not level or self._where in ("exception", "msr"):
+                self._apply_irq()   # lowering never needs an exit; these are safe points
+            else:
+                self._work_pending = True  # raised at the end of this MMIO access
+            return
+        with self._lock:
+            self._work_pending = True
+            self._wake.notify_all()
+
+    def wait_for_interrupt(self, timeout: float | None) -> None:
+        """Block (WFI) until the IRQ input is high, a kick, or ``timeout`` seconds."""
+        with self._lock:
+            if self._irq_level or self._kick_requested:
+                return
+            self._wake.wait(timeout)
+
+    @property
+    def irq_pending(self) -> bool:
+        return self._irq_level
+
+    # -- safe-point work ----------------------------------------------------------------
+    def _apply_irq(self) -> None:
+        hcr = (self._hcr | HCR_VI) if self._irq_level else (self._hcr & ~HCR_VI)
+        if hcr != self._hcr:
+            self._hcr = hcr
+            self._wsys(HCR_EL2, hcr)
+
+    def sync_timers(self) -> None:
+        """Refresh ISTATUS in the CPU's timer control registers and the outputs."""
+        for timer in (self.vtimer, self.ptimer):
+            timer.update()
+            self._wsys(self._timer_ctl_reg[id(timer)], timer.ctl_value())
+
+    def _service(self) -> None:
+        """Work posted by other threads: timers that expired, interrupt level,
+        and a request to leave ``emu_start`` (at a safe point, so stopping here
+        is clean)."""
+        self._work_pending = False
+        self.on_safe_point()
+        self.sync_timers()
+        if self._where == "mmio":
+            if self._kick_requested or (self._irq_level and not self._hcr & HCR_VI):
+                self._mmio_stop = True
+                self.uc.emu_stop()
+            else:
+                self._apply_irq()
+            return
+        self._apply_irq()
+        if self._kick_requested and self._running:
+            self._stop_requested = True
+            self.uc.emu_stop()
+
+    # -- the run loop -------------------------------------------------------------------
+    def run(self) -> Exit:
+        self._thread_id = threading.get_ident()
+        self._where = "loop"
+        with self._lock:
+            kicked = self._kick_requested
+            self._kick_requested = False
+        self._service()
+        if kicked:
+            return Kicked()
+        self._running = True
+        uc = self.uc
+        pc = uc.reg_read(A.UC_ARM64_REG_PC)
+        try:
+            uc.emu_start(pc, 0)
+        except UcError as e:
+            self._error = f"{e} at pc {uc.reg_read(A.UC_ARM64_REG_PC):#x}"
+        finally:
+            self._running = False
+            self._where = "loop"
+        if self._mmio_stop:
+            self._mmio_stop = False
+            self._step_over_mmio()
+        if self._error is not None:
+            error, self._error = self._error, None
+            return InternalError(error)
+        if self._system_event is not None:
+            event, self._system_event = self._system_event, None
+            return SystemEvent(event)
+        if self._after_wfi():
+            return Halted()
+        return Kicked()
+
+    def read_insn(self, va: int) -> int:
+        """The instruction word at virtual address ``va`` (current EL1&0 tables)."""
+        uc = self.uc
+        ttbr0 = uc.reg_read(A.UC_ARM64_REG_TTBR0_EL1)
+        ttbr1 = uc.reg_read(A.UC_ARM64_REG_TTBR1_EL1)
+        key = (va, ttbr0 if not (va >> 55) & 1 else ttbr1, self._rsys(SCTLR_EL1) & 1)
+        insn = self._insn_cache.get(key)
+        if insn is None:
+            pa = translate(va, key[2], self._rsys(TCR_EL1), ttbr0, ttbr1,
+                           lambda a: self._memory.read_int(a, 8))
+            insn = self._memory.read_int(pa, 4)
+            if len(self._insn_cache) > 4096:
+                self._insn_cache.clear()
+            self._insn_cache[key] = insn
+        return insn
+
+    def _step_over_mmio(self) -> None:
+        """The CPU stopped inside an MMIO access, which completed: skip it."""
+        uc = self.uc
+        pc = uc.reg_read(A.UC_ARM64_REG_PC)
+        try:
+            insn = self.read_insn(pc)
+        except (TranslationFault, MemoryAccessError) as e:
+            self._error = f"cannot read the MMIO instruction at {pc:#x}: {e}"
+            return
+        wb = mmio_writeback(insn)
+        if wb is not None:
+            rn, delta = wb
+            reg = A.UC_ARM64_REG_SP if rn == 31 else _xreg(rn)
+            uc.reg_write(reg, (uc.reg_read(reg) + delta) & ((1 << 64) - 1))
+        uc.reg_write(A.UC_ARM64_REG_PC, pc + 4)
+
+    def _after_wfi(self) -> bool:
+        pc = self.uc.reg_read(A.UC_ARM64_REG_PC)
+        try:
+            insn = int.from_bytes(self.uc.mem_read(pc - 4, 4), "little")
+        except UcError:
+            return False
+        return insn == WFI
+
+    # -- hooks (called on the vCPU thread, inside emu_start) ---------------------------------
+    def _mmio_done(self) -> None:
+        if self._work_pending:
+            self._service()
+
+    def _mmio_read(self, uc: Uc, offset: int, size: int, base: int) -> int:
+        self._where = "mmio"
+        value = self._io(MmioRead(base + offset, size))
+        self._mmio_done()
+        return value or 0
+
+    def _mmio_write(self, uc: Uc, offset: int, size: int, value: int, base: int) -> None:
+        self._where = "mmio"
+        self._io(MmioWrite(base + offset, size, value))
+        self._mmio_done()
+
+    def _on_msr(self, uc: Uc, reg: int, cp: object, _ud: object) -> bool:
+        key = (cp.op0, cp.op1, cp.crn, cp.crm, cp.op2)
+        entry = self._timer_regs.get(key)
+        if entry is None:
+            if self._work_pending and key in TB_ENDING_MSR:
+                self._where = "msr"
+                self._service()
+            return False
+        self._where = "msr"
+        timer, field = entry
+        if field == "ctl":
+            timer.write_ctl(cp.val)
+        elif field == "cval":
+            timer.write_cval(cp.val)
+        else:
+            timer.write_tval(cp.val)
+        self._wsys(self._timer_ctl_reg[id(timer)], timer.ctl_value())
+        self._wsys(self._timer_cval_reg[id(timer)], timer.cval)
+        self.on_timer_change()
+        if self._work_pending:
+            self._service()
+        return True
+
+    def _on_exception(self, uc: Uc, intno: int, _ud: object) -> None:
+        self._where = "exception"
+        if intno in (EXCP_HVC, EXCP_SMC):
+            args = [uc.reg_read(A.UC_ARM64_REG_X0 + i) for i in range(4)]
+            uc.reg_write(A.UC_ARM64_REG_X0, self._hypercall(self.index, args))
+        else:
+            uc.context_update(self._ctx)
+            syndrome, vaddress, _target_el = self._layout.decode(bytes(self._ctx))
+            self._take_exception(syndrome, vaddress)
+        if self._work_pending:
+            self._service()
+
+    def _take_exception(self, syndrome: int, vaddress: int) -> None:
+        """Synchronous exception entry to EL1 (Arm ARM D1.10.2)."""
+        uc = self.uc
+        pc = uc.reg_read(A.UC_ARM64_REG_PC)
+        pstate = uc.reg_read(A.UC_ARM64_REG_PSTATE)
+        vbar = uc.reg_read(A.UC_ARM64_REG_VBAR_EL1)
+        el = (pstate >> PSTATE_EL_SHIFT) & 3
+        if el == 0:
+            vector = 0x400
+        elif pstate & PSTATE_SP:
+            vector = 0x200
+        else:
+            vector = 0x000
+        uc.reg_write(A.UC_ARM64_REG_ELR_EL1, pc)
+        uc.reg_write(A.UC_ARM64_REG_ESR_EL1, syndrome)
+        if (syndrome >> 26) in EC_WITH_FAR:
+            uc.reg_write(A.UC_ARM64_REG_FAR_EL1, vaddress)
+        if el == 0 or not pstate & PSTATE_SP:
+            uc.reg_write(A.UC_ARM64_REG_SP_EL0, uc.reg_read(A.UC_ARM64_REG_SP))
+            uc.reg_write(A.UC_ARM64_REG_SP, uc.reg_read(A.UC_ARM64_REG_SP_EL1))
+        uc.reg_write(A.UC_ARM64_REG_PSTATE, PSTATE_DAIF | PSTATE_EL1H)
+        # SPSR_EL1 through the CP interface, which also rebuilds QEMU's hflags
+        # for the new exception level.
+        self._wsys(SPSR_EL1, pstate)
+        uc.reg_write(A.UC_ARM64_REG_PC, vbar + vector)
+
+    # -- called by the board's hooks to end the run ------------------------------------------
+    def request_system_event(self, kind: str) -> None:
+        self._system_event = kind
+        self._stop_requested = True
+        self.uc.emu_stop()

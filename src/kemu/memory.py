@@ -1,0 +1,124 @@
+"""Guest RAM: anonymous mmap regions at guest-physical addresses.
+
+This module knows nothing of devices or CPUs.  Every access is checked
+against the regions, so a guest-controlled address can never reach host
+memory outside guest RAM: a bad address raises :class:`MemoryAccessError`,
+which device models turn into a device error for the guest.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import struct
+from dataclasses import dataclass, field
+
+from kemu.errors import ConfigError, MemoryAccessError
+
+PAGE_SIZE = 4096
+
+
+@dataclass
+class RamRegion:
+    """One contiguous block of guest RAM backed by an anonymous mapping."""
+
+    base: int
+    size: int
+    name: str = "ram"
+    _map: mmap.mmap = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.size <= 0 or self.size % PAGE_SIZE or self.base % PAGE_SIZE:
+            raise ConfigError(f"RAM region {self.name}: base and size must be page aligned")
+        self._map = mmap.mmap(-1, self.size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+
+    @property
+    def end(self) -> int:
+        return self.base + self.size
+
+    @property
+    def host_address(self) -> int:
+        """Host virtual address of the first byte (for KVM slots and Unicorn)."""
+        return ctypes.addressof(ctypes.c_char.from_buffer(self._map))
+
+    @property
+    def buffer(self) -> mmap.mmap:
+        return self._map
+
+    def close(self) -> None:
+        try:
+            self._map.close()
+        except BufferError:
+            # Still exported to an accelerator; the mapping goes with the process.
+            pass
+
+
+class GuestMemory:
+    """The guest-physical address space's RAM, as a list of regions."""
+
+    def __init__(self, regions: list[RamRegion] | None = None) -> None:
+        self._regions: list[RamRegion] = []
+        for region in regions or []:
+            self.add(region)
+
+    def add(self, region: RamRegion) -> RamRegion:
+        for other in self._regions:
+            if region.base < other.end and other.base < region.end:
+                raise ConfigError(f"RAM region {region.name} overlaps {other.name}")
+        self._regions.append(region)
+        self._regions.sort(key=lambda r: r.base)
+        return region
+
+    @property
+    def regions(self) -> tuple[RamRegion, ...]:
+        return tuple(self._regions)
+
+    @property
+    def size(self) -> int:
+        return sum(r.size for r in self._regions)
+
+    def _find(self, addr: int, size: int) -> tuple[RamRegion, int]:
+        if size < 0:
+            raise MemoryAccessError(f"negative access size {size}")
+        for region in self._regions:
+            if region.base <= addr and addr + size <= region.end:
+                return region, addr - region.base
+        raise MemoryAccessError(
+            f"guest access of {size} bytes at {addr:#x} is outside guest RAM")
+
+    def contains(self, addr: int, size: int = 1) -> bool:
+        try:
+            self._find(addr, size)
+        except MemoryAccessError:
+            return False
+        return True
+
+    def view(self, addr: int, size: int) -> memoryview:
+        """A writable view of ``size`` bytes at ``addr`` (checked, no copy)."""
+        region, off = self._find(addr, size)
+        return memoryview(region.buffer)[off:off + size]
+
+    def read(self, addr: int, size: int) -> bytes:
+        region, off = self._find(addr, size)
+        return region.buffer[off:off + size]
+
+    def write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
+        region, off = self._find(addr, len(data))
+        region.buffer[off:off + len(data)] = data
+
+    def read_int(self, addr: int, size: int) -> int:
+        """Little-endian unsigned integer of ``size`` bytes."""
+        return int.from_bytes(self.read(addr, size), "little")
+
+    def write_int(self, addr: int, size: int, value: int) -> None:
+        self.write(addr, (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little"))
+
+    def read_obj(self, addr: int, fmt: struct.Struct) -> tuple:
+        return fmt.unpack(self.read(addr, fmt.size))
+
+    def write_obj(self, addr: int, fmt: struct.Struct, *values: object) -> None:
+        self.write(addr, fmt.pack(*values))
+
+    def close(self) -> None:
+        for region in self._regions:
+            region.close()
