@@ -15,7 +15,6 @@ and device trees written for it work unchanged:
 from __future__ import annotations
 
 import threading
-import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -23,7 +22,7 @@ from kemu.accel.base import Exit, InternalError, IoExit, SystemEvent, dispatch
 from kemu.boot import fdt, linux_arm64
 from kemu.boot.fdt import Cells, Node, reg64
 from kemu.bus import Bus
-from kemu.devices.arm_timer import CNTFRQ, NS_PER_TICK, GenericTimer
+from kemu.devices.arm_timer import NS_PER_TICK, GenericTimer
 from kemu.devices.base import IrqLine
 from kemu.devices.gic import GicV2
 from kemu.devices.pl011 import Pl011

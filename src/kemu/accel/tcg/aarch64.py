@@ -21,24 +21,22 @@ PLATFORM.md):
 Safe points.  Unicorn checks its exit request after *every memory access*
 inside a translation block and, when set, rewinds the PC to that access's
 instruction, which then runs a second time on resume.  So ``emu_stop()``
-from another thread, or raising an interrupt (which sets the same request)
-at an arbitrary moment, corrupts the guest (``ldr x0, [x0]`` runs twice).
-This vCPU therefore never stops the CPU asynchronously.  Interrupts are
-raised, and work posted by other threads is picked up, only at safe points:
-
-* before ``emu_start`` and in the exception hook (outside translated code);
-* in the MSR hook (QEMU ends the translation block after an MSR, so no
-  memory access follows in the same block);
-* in an MMIO callback, by stopping right there and, once ``emu_start`` has
-  returned, stepping the PC over the MMIO instruction, which completed.
-
-A guest that loops with no exception, MSR or MMIO (a pure computation loop)
-therefore sees interrupts only when it leaves the loop.
+from another thread at an arbitrary moment corrupts the guest (``ldr x0,
+[x0]`` runs twice; tests/unit/test_tcg_aarch64.py shows it).  This vCPU never
+stops the CPU asynchronously.  Raising HCR_EL2.VI only sets
+``interrupt_request`` (Unicorn's ``cpu_interrupt`` requests no exit), so it
+is safe anywhere; the CPU takes the IRQ the next time it returns to its main
+loop (after an MSR, an exception, an ERET...).  Work posted by other threads
+(an expired timer, an interrupt from an I/O thread, a request to leave
+``emu_start``) is picked up at safe points: before ``emu_start``, in the
+exception hook (outside translated code), in the MSR hook for registers
+after which QEMU ends the translation block, and in MMIO callbacks (which
+apply interrupts but never stop the CPU).  A guest that loops with none of
+these (a pure computation loop) sees its interrupts when it leaves the loop.
 """
 
 from __future__ import annotations
 
-import ctypes
 import struct
 import threading
 from dataclasses import dataclass
@@ -50,9 +48,8 @@ from unicorn import arm64_const as A
 
 from kemu.accel.base import Exit, Halted, InternalError, IoExit, Kicked, MmioRead, MmioWrite, \
     SystemEvent
-from kemu.accel.tcg.aarch64_mmu import TranslationFault, translate
-from kemu.devices.arm_timer import CTL_ISTATUS, GenericTimer
-from kemu.errors import AccelError, MemoryAccessError
+from kemu.devices.arm_timer import GenericTimer
+from kemu.errors import AccelError
 from kemu.memory import GuestMemory
 
 UNICORN_VERSION = "2.1.4"
@@ -73,7 +70,6 @@ CNTHCTL_EL2 = (3, 4, 14, 1, 0)
 CNTVOFF_EL2 = (3, 4, 14, 0, 3)
 SPSR_EL1 = (3, 0, 4, 0, 0)
 SCTLR_EL1 = (3, 0, 1, 0, 0)
-TCR_EL1 = (3, 0, 2, 0, 2)
 MPIDR_EL1 = (3, 0, 0, 0, 5)
 CNTV_CTL_EL0 = (3, 3, 14, 3, 1)
 CNTV_CVAL_EL0 = (3, 3, 14, 3, 2)
@@ -118,26 +114,6 @@ TB_ENDING_MSR = frozenset({
     (3, 0, 12, 0, 0),   # VBAR_EL1
 })
 
-
-def mmio_writeback(insn: int) -> tuple[int, int] | None:
-    """Base-register writeback of a load/store (Rn, delta), if it has one.
-
-    Covers the pre/post-indexed immediate forms (Arm ARM C4.1.66
-    "Load/store register (immediate pre/post-indexed)" and "Load/store
-    register pair (pre/post-indexed)"); every other load/store leaves Rn as is.
-    """
-    rn = (insn >> 5) & 0x1F
-    if insn & 0x3B200400 == 0x38000400:  # LDR/STR (imm9), pre or post
-        imm9 = (insn >> 12) & 0x1FF
-        return rn, imm9 - 0x200 if imm9 & 0x100 else imm9
-    if insn & 0x3A800000 == 0x28800000:  # LDP/STP pre or post (bit 23 set)
-        opc = insn >> 30
-        imm7 = (insn >> 15) & 0x7F
-        imm7 = imm7 - 0x80 if imm7 & 0x40 else imm7
-        simd = (insn >> 26) & 1
-        scale = (2 + opc) if simd else (2 + (opc >> 1))
-        return rn, imm7 << scale
-    return None
 
 CPU_MODELS = {
     "cortex-a53": A.UC_CPU_ARM64_A53,
@@ -267,7 +243,6 @@ class Aarch64Cpu:
         self._hcr = HCR_RW | HCR_IMO
         self._system_event: str | None = None
         self._work_pending = False
-        self._mmio_stop = False
         self._stop_requested = False
         self._where = "loop"
         #: Called on the vCPU thread at each safe point with work pending.
@@ -277,8 +252,6 @@ class Aarch64Cpu:
         #: Called (on the vCPU thread) when a timer deadline may have changed.
         self.on_timer_change: Callable[[], None] = lambda: None
         self._mpidr = mpidr
-        self._memory = memory
-        self._insn_cache: dict[tuple[int, int, int], int] = {}
 
     # -- setup ----------------------------------------------------------------
     def _wsys(self, enc: tuple[int, int, int, int, int], value: int) -> None:
@@ -337,10 +310,7 @@ class Aarch64Cpu:
         """The interrupt controller's output to this CPU (any thread)."""
         self._irq_level = level
         if threading.get_ident() == self._thread_id and self._running:
-            if not level or self._where in ("exception", "msr"):
-                self._apply_irq()   # lowering never needs an exit; these are safe points
-            else:
-                self._work_pending = True  # raised at the end of this MMIO access
+            self._apply_irq()  # only sets interrupt_request: safe inside emu_start
             return
         with self._lock:
             self._work_pending = True
@@ -371,21 +341,13 @@ class Aarch64Cpu:
             self._wsys(self._timer_ctl_reg[id(timer)], timer.ctl_value())
 
     def _service(self) -> None:
-        """Work posted by other threads: timers that expired, interrupt level,
-        and a request to leave ``emu_start`` (at a safe point, so stopping here
-        is clean)."""
+        """Work posted by other threads: timers that expired, the interrupt
+        level, and (outside MMIO callbacks) a request to leave ``emu_start``."""
         self._work_pending = False
         self.on_safe_point()
         self.sync_timers()
-        if self._where == "mmio":
-            if self._kick_requested or (self._irq_level and not self._hcr & HCR_VI):
-                self._mmio_stop = True
-                self.uc.emu_stop()
-            else:
-                self._apply_irq()
-            return
         self._apply_irq()
-        if self._kick_requested and self._running:
+        if self._kick_requested and self._running and self._where != "mmio":
             self._stop_requested = True
             self.uc.emu_stop()
 
@@ -409,58 +371,18 @@ class Aarch64Cpu:
         finally:
             self._running = False
             self._where = "loop"
-        if self._mmio_stop:
-            self._mmio_stop = False
-            self._step_over_mmio()
+        stopped_by_us = self._stop_requested
+        self._stop_requested = False
         if self._error is not None:
             error, self._error = self._error, None
             return InternalError(error)
         if self._system_event is not None:
             event, self._system_event = self._system_event, None
             return SystemEvent(event)
-        if self._after_wfi():
+        if not stopped_by_us:
+            # Nothing of ours stopped the CPU: it executed WFI (EXCP_HLT).
             return Halted()
         return Kicked()
-
-    def read_insn(self, va: int) -> int:
-        """The instruction word at virtual address ``va`` (current EL1&0 tables)."""
-        uc = self.uc
-        ttbr0 = uc.reg_read(A.UC_ARM64_REG_TTBR0_EL1)
-        ttbr1 = uc.reg_read(A.UC_ARM64_REG_TTBR1_EL1)
-        key = (va, ttbr0 if not (va >> 55) & 1 else ttbr1, self._rsys(SCTLR_EL1) & 1)
-        insn = self._insn_cache.get(key)
-        if insn is None:
-            pa = translate(va, key[2], self._rsys(TCR_EL1), ttbr0, ttbr1,
-                           lambda a: self._memory.read_int(a, 8))
-            insn = self._memory.read_int(pa, 4)
-            if len(self._insn_cache) > 4096:
-                self._insn_cache.clear()
-            self._insn_cache[key] = insn
-        return insn
-
-    def _step_over_mmio(self) -> None:
-        """The CPU stopped inside an MMIO access, which completed: skip it."""
-        uc = self.uc
-        pc = uc.reg_read(A.UC_ARM64_REG_PC)
-        try:
-            insn = self.read_insn(pc)
-        except (TranslationFault, MemoryAccessError) as e:
-            self._error = f"cannot read the MMIO instruction at {pc:#x}: {e}"
-            return
-        wb = mmio_writeback(insn)
-        if wb is not None:
-            rn, delta = wb
-            reg = A.UC_ARM64_REG_SP if rn == 31 else _xreg(rn)
-            uc.reg_write(reg, (uc.reg_read(reg) + delta) & ((1 << 64) - 1))
-        uc.reg_write(A.UC_ARM64_REG_PC, pc + 4)
-
-    def _after_wfi(self) -> bool:
-        pc = self.uc.reg_read(A.UC_ARM64_REG_PC)
-        try:
-            insn = int.from_bytes(self.uc.mem_read(pc - 4, 4), "little")
-        except UcError:
-            return False
-        return insn == WFI
 
     # -- hooks (called on the vCPU thread, inside emu_start) ---------------------------------
     def _mmio_done(self) -> None:

@@ -1,0 +1,279 @@
+"""The ``kemu`` command: QEMU's option spelling, plus a few subcommands.
+
+This module only parses: it turns a command line into a
+:class:`MachineConfig` (or a subcommand) and hands it to the machine
+builder.  Every error becomes one line on stderr and exit status 2
+(1 when the guest fails).
+
+    kemu [QEMU options]            boot what the options say
+    kemu run [QEMU options]        boot the default guest (options on top)
+    kemu guest build [--arch A]    build the default guest ahead of time
+    kemu img SUBCOMMAND ...        disk image tool (qemu-img's everyday subset)
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+
+from kemu.errors import ConfigError, KemuError
+from kemu.machines.config import MachineConfig, MiB
+
+USAGE = """\
+usage: kemu [QEMU-style options]
+       kemu run [QEMU-style options]     boot the default guest on its serial console
+       kemu guest build [--arch aarch64] build the default guest and print its paths
+       kemu img create|info|check|convert ...
+
+QEMU-style options: -M/-machine virt  -accel tcg  -cpu MODEL  -m SIZE  -smp 1
+  -kernel FILE  -initrd FILE  -append CMDLINE  -nographic  -serial stdio|mon:stdio|none
+  -no-reboot  -S  -name NAME  -display none  -monitor none  -nodefaults
+In the console: Ctrl-A x quits, Ctrl-A h prints help.
+"""
+
+#: Options that take an argument / that do not, in QEMU's spelling.
+WITH_ARG = {"-M", "-machine", "-cpu", "-m", "-smp", "-kernel", "-initrd", "-append",
+            "-serial", "-accel", "-name", "-display", "-monitor"}
+FLAGS = {"-nographic", "-no-reboot", "-S", "-enable-kvm", "-nodefaults"}
+#: QEMU options kemu knows of but does not offer (yet).
+NOT_YET = {"-drive", "-device", "-netdev", "-qmp", "-chardev", "-pidfile", "-daemonize",
+           "-hda", "-cdrom", "-bios", "-dtb", "-nic", "-net", "-object", "-vnc", "-gdb", "-s"}
+
+SIZE = re.compile(r"^(\d+)([KMGT]?)(i?B?)$", re.IGNORECASE)
+
+
+def parse_size(text: str, default_unit: str = "M") -> int:
+    m = SIZE.match(text.strip())
+    if not m:
+        raise ConfigError(f"invalid size {text!r}")
+    unit = (m.group(2) or default_unit).upper()
+    return int(m.group(1)) << {"K": 10, "M": 20, "G": 30, "T": 40}[unit]
+
+
+def _kv(text: str, option: str, first_key: str) -> tuple[str, dict[str, str]]:
+    """QEMU's ``value,key=value,...`` option syntax."""
+    parts = text.split(",")
+    head = parts[0]
+    extra: dict[str, str] = {}
+    if "=" in head:
+        k, v = head.split("=", 1)
+        if k != first_key:
+            raise ConfigError(f"{option}: unknown parameter {k!r}")
+        head = v
+    for p in parts[1:]:
+        if "=" not in p:
+            raise ConfigError(f"{option}: invalid parameter {p!r}")
+        k, v = p.split("=", 1)
+        extra[k] = v
+    return head, extra
+
+
+def parse_qemu_options(argv: list[str], config: MachineConfig) -> MachineConfig:
+    serial = None
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        opt = arg[1:] if arg.startswith("--") and len(arg) > 2 else arg
+        if opt in FLAGS:
+            value = None
+            i += 1
+        elif opt in WITH_ARG:
+            if i + 1 >= len(argv):
+                raise ConfigError(f"{opt}: requires an argument")
+            value = argv[i + 1]
+            i += 2
+        elif opt in NOT_YET:
+            raise ConfigError(f"{opt}: not supported by this version of kemu")
+        elif arg.startswith("-"):
+            raise ConfigError(f"{arg}: unknown option (try 'kemu --help')")
+        else:
+            raise ConfigError(f"unexpected argument {arg!r} (QEMU-style options start with -)")
+
+        if opt in ("-M", "-machine"):
+            name, extra = _kv(value, opt, "type")
+            for k, v in extra.items():
+                if (k, v) not in (("gic-version", "2"), ("accel", "tcg")):
+                    raise ConfigError(f"{opt}: unsupported machine option {k}={v}")
+            config.machine = name
+        elif opt == "-cpu":
+            config.cpu = value
+        elif opt == "-m":
+            size, extra = _kv(value, opt, "size")
+            if extra:
+                raise ConfigError(f"-m: unsupported parameter {next(iter(extra))}")
+            config.memory = parse_size(size)
+        elif opt == "-smp":
+            head, extra = _kv(value, opt, "cpus")
+            try:
+                config.smp = int(head or extra.get("cpus", "1"))
+            except ValueError:
+                raise ConfigError(f"-smp: invalid CPU count {value!r}") from None
+            if config.smp < 1:
+                raise ConfigError("-smp: need at least one CPU")
+        elif opt == "-kernel":
+            config.kernel = Path(value)
+        elif opt == "-initrd":
+            config.initrd = Path(value)
+        elif opt == "-append":
+            config.append = f"{config.extra.get('append_base', '')} {value}".strip()
+        elif opt == "-nographic":
+            serial = serial or "mon:stdio"
+        elif opt == "-serial":
+            if value not in ("stdio", "mon:stdio", "none", "null"):
+                raise ConfigError(f"-serial {value}: only stdio, mon:stdio and none are supported")
+            serial = value
+        elif opt == "-no-reboot":
+            config.no_reboot = True
+        elif opt == "-S":
+            config.start_paused = True
+        elif opt == "-accel":
+            name, _extra = _kv(value, opt, "accel")
+            config.accel = name
+        elif opt == "-enable-kvm":
+            config.accel = "kvm"
+        elif opt == "-name":
+            config.name, _extra = _kv(value, opt, "guest")
+        elif opt == "-display":
+            if value.split(",")[0] != "none":
+                raise ConfigError(f"-display {value}: kemu has no graphical display; "
+                                  "use -display none")
+        elif opt == "-monitor":
+            if value != "none":
+                raise ConfigError(f"-monitor {value}: only -monitor none is supported")
+    config.extra["serial"] = serial or "mon:stdio"
+    return config
+
+
+def run_machine(config: MachineConfig) -> int:
+    from kemu.backends.serial import SerialBackend
+    from kemu.console import StdioConsole, write_stdout
+    from kemu.machines.builder import build
+
+    serial = config.extra.get("serial", "mon:stdio")
+    console = SerialBackend(write_stdout if serial != "none" and serial != "null"
+                            else (lambda data: None))
+    machine = build(config, console)
+
+    def send(data: bytes) -> None:
+        with machine.lock:
+            console.send(data)
+
+    quit_requested = []
+
+    def on_quit() -> None:
+        quit_requested.append(True)
+        machine.stop()
+
+    stdio = StdioConsole(send, on_quit) if serial in ("stdio", "mon:stdio") else None
+    machine.start()
+    if stdio is not None:
+        stdio.start()
+    try:
+        while True:
+            outcome = machine.wait(0.5)
+            if outcome is not None:
+                break
+    except KeyboardInterrupt:
+        machine.stop()
+        outcome = machine.wait(5)
+        if stdio is not None:
+            stdio.restore()
+        print("\nkemu: terminated by signal", file=sys.stderr)
+        return 130
+    finally:
+        if stdio is not None:
+            stdio.restore()
+    if quit_requested:
+        print("\r\nkemu: terminated", file=sys.stderr)
+        return 0
+    if outcome.message:
+        print(f"\r\nkemu: {outcome.message}", file=sys.stderr)
+    return outcome.status
+
+
+def cmd_run(argv: list[str]) -> int:
+    from kemu.guest.debian import default_guest
+
+    arch = "aarch64"
+    rest = []
+    i = 0
+    while i < len(argv):
+        if argv[i] == "--arch" and i + 1 < len(argv):
+            arch = argv[i + 1]
+            i += 2
+            continue
+        if argv[i] in ("-h", "--help"):
+            print(USAGE)
+            return 0
+        rest.append(argv[i])
+        i += 1
+    image = default_guest(arch, show_progress=sys.stderr.isatty())
+    config = MachineConfig(kernel=image.kernel, initrd=image.initrd, append=image.append,
+                           memory=256 * MiB, cpu="cortex-a57")
+    config.extra["append_base"] = image.append
+    parse_qemu_options(rest, config)
+    return run_machine(config)
+
+
+def cmd_guest(argv: list[str]) -> int:
+    import argparse
+
+    from kemu.guest.debian import build_guest
+
+    parser = argparse.ArgumentParser(prog="kemu guest")
+    sub = parser.add_subparsers(dest="action", required=True)
+    b = sub.add_parser("build", help="build the default guest from distribution packages")
+    b.add_argument("--arch", default="aarch64")
+    args = parser.parse_args(argv)
+    image = build_guest(args.arch, show_progress=sys.stderr.isatty())
+    print(f"kernel:  {image.kernel}\ninitrd:  {image.initrd}\nappend:  {image.append}")
+    return 0
+
+
+def cmd_img(argv: list[str]) -> int:
+    try:
+        from kemu.img import main as img_main
+    except ImportError:
+        raise ConfigError("kemu img is not available in this build") from None
+    return img_main(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if not argv or argv[0] in ("-h", "--help", "-help"):
+            print(USAGE)
+            return 0 if argv else 2
+        if argv[0] in ("--version", "-version"):
+            from importlib.metadata import version
+            print(f"kemu {version('kemu')}")
+            return 0
+        if argv[0] == "run":
+            return cmd_run(argv[1:])
+        if argv[0] == "guest":
+            return cmd_guest(argv[1:])
+        if argv[0] == "img":
+            return cmd_img(argv[1:])
+        config = parse_qemu_options(argv, MachineConfig())
+        if config.kernel is None:
+            raise ConfigError("no kernel given: use -kernel FILE (or 'kemu run' for the "
+                              "default guest)")
+        return run_machine(config)
+    except KemuError as e:
+        print(f"kemu: {e}", file=sys.stderr)
+        return e.exit_status
+    except KeyboardInterrupt:
+        print("kemu: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug in kemu: one line, the traceback on request
+        if os.environ.get("KEMU_DEBUG"):
+            raise
+        print(f"kemu: internal error: {type(e).__name__}: {e} (set KEMU_DEBUG=1 for details)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

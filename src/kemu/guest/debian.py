@@ -1,0 +1,251 @@
+"""Building the default guest from Debian's packages.
+
+The arm64 guest is Debian's ``linux-image-cloud-arm64`` kernel with an
+initramfs holding ``busybox-static`` (arm64) and the virtio modules the
+kernel ships as modules.  Packages are located with apt using a private
+package list for the foreign architecture (no ``dpkg --add-architecture``
+needed), downloaded with a progress bar, checked against the SHA-256 apt
+lists, and unpacked with ``dpkg-deb``.  Everything lands in the cache
+directory (``$XDG_CACHE_HOME/kemu``); later runs reuse it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from kemu.errors import GuestBuildError
+from kemu.guest import cpio, kmod
+
+#: Guest modules loaded at boot (with their dependencies), in this order.
+GUEST_MODULES = ["virtio_mmio", "virtio_blk", "virtio_net", "virtio_console", "virtio-rng",
+                 "vmw_vsock_virtio_transport"]
+
+ARCHES = {
+    "aarch64": {"debian": "arm64", "kernel": "linux-image-cloud-arm64", "console": "ttyAMA0"},
+}
+
+#: Bumped when the initramfs layout changes, so old caches are rebuilt.
+LAYOUT_VERSION = 1
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "kemu"
+
+
+@dataclass(frozen=True)
+class GuestImage:
+    arch: str
+    kernel: Path
+    initrd: Path
+    append: str
+    kernel_version: str
+
+    @property
+    def ready(self) -> bool:
+        return self.kernel.is_file() and self.initrd.is_file()
+
+
+def guest_dir(arch: str) -> Path:
+    return cache_dir() / "guests" / arch
+
+
+def cached_guest(arch: str = "aarch64") -> GuestImage | None:
+    manifest = guest_dir(arch) / "manifest.json"
+    try:
+        data = json.loads(manifest.read_text())
+    except (OSError, ValueError):
+        return None
+    if data.get("layout") != LAYOUT_VERSION:
+        return None
+    image = GuestImage(arch, Path(data["kernel"]), Path(data["initrd"]), data["append"],
+                       data["kernel_version"])
+    return image if image.ready else None
+
+
+def init_script(console: str, modules: list[str]) -> bytes:
+    loads = "\n".join(f"insmod /lib/modules/{m} 2>/dev/null" for m in modules)
+    return f"""#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/bin:/sbin
+mkdir -p /proc /sys /dev /tmp /mnt /root
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+mkdir -p /dev/pts && mount -t devpts devpts /dev/pts
+{loads}
+hostname kemu
+ip link set lo up 2>/dev/null
+echo "kemu guest ready: $(uname -sr) on $(uname -m)"
+setsid cttyhack sh -l
+poweroff -f
+""".encode()
+
+
+def build_initramfs(busybox: bytes, modules: list[Path], console: str) -> bytes:
+    entries = [cpio.directory(d) for d in ("bin", "sbin", "dev", "proc", "sys", "tmp", "mnt",
+                                           "root", "etc", "lib", "lib/modules")]
+    entries += [cpio.chardev("dev/console", 5, 1), cpio.chardev("dev/null", 1, 3, 0o666),
+                cpio.file("bin/busybox", busybox, 0o755),
+                cpio.file("etc/profile", b"export PS1='# '\nexport HOME=/root\ncd /root\n"),
+                cpio.file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n"),
+                cpio.file("etc/group", b"root:x:0:\n")]
+    names = []
+    for path in modules:
+        name = path.name.split(".ko")[0] + ".ko"
+        entries.append(cpio.file(f"lib/modules/{name}", kmod.read_module(path)))
+        names.append(name)
+    entries.append(cpio.file("init", init_script(console, names), 0o755))
+    return cpio.initramfs(entries)
+
+
+class Apt:
+    """apt for a foreign architecture with a private state directory."""
+
+    def __init__(self, arch: str, state: Path) -> None:
+        if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
+            raise GuestBuildError("building the default guest needs apt-get and dpkg-deb "
+                                  "(a Debian or Ubuntu host)")
+        self.state = state
+        (state / "lists" / "partial").mkdir(parents=True, exist_ok=True)
+        (state / "cache" / "archives" / "partial").mkdir(parents=True, exist_ok=True)
+        self.options = ["-o", f"APT::Architecture={arch}", "-o", f"APT::Architectures={arch}",
+                        "-o", f"Dir::State::Lists={state / 'lists'}",
+                        "-o", f"Dir::Cache={state / 'cache'}",
+                        "-o", "Dir::State::status=/dev/null",
+                        "-o", "Debug::NoLocking=1", "-o", "APT::Sandbox::User=root"]
+
+    def _run(self, *args: str) -> str:
+        try:
+            proc = subprocess.run(["apt-get", *self.options, *args], capture_output=True,
+                                  text=True, timeout=600)
+        except subprocess.TimeoutExpired:
+            raise GuestBuildError("apt-get timed out (no network access?)") from None
+        if proc.returncode != 0:
+            last = (proc.stderr.strip().splitlines() or ["failed"])[-1]
+            raise GuestBuildError(f"apt-get {args[0]}: {last}")
+        return proc.stdout
+
+    def update(self) -> None:
+        out = self._run("update")
+        if not any((self.state / "lists").glob("*Packages*")):
+            raise GuestBuildError("apt-get update fetched no package lists "
+                                  f"(no network access?): {out.strip()[-200:]}")
+
+    def depends(self, package: str) -> list[str]:
+        proc = subprocess.run(["apt-cache", *self.options, "depends", package],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise GuestBuildError(f"apt-cache: no package {package}")
+        return [line.split(":", 1)[1].strip() for line in proc.stdout.splitlines()
+                if line.strip().startswith("Depends:")]
+
+    def uris(self, packages: list[str]) -> list[tuple[str, str, int, str]]:
+        """(url, filename, size, sha256) of each package's .deb."""
+        out = self._run("--print-uris", "download", *packages)
+        result = []
+        for line in out.splitlines():
+            parts = line.split()
+            if len(parts) >= 4 and parts[0].startswith("'"):
+                url = parts[0].strip("'")
+                digest = parts[3].split(":", 1)[1] if ":" in parts[3] else ""
+                result.append((url, parts[1], int(parts[2]), digest))
+        if len(result) != len(packages):
+            raise GuestBuildError(f"apt could not locate all of: {' '.join(packages)}")
+        return result
+
+
+def download(url: str, dest: Path, size: int, sha256: str, progress) -> None:
+    digest = hashlib.sha256()
+    tmp = dest.with_suffix(".part")
+    try:
+        with urllib.request.urlopen(url, timeout=60) as resp, open(tmp, "wb") as out:
+            while True:
+                chunk = resp.read(1 << 16)
+                if not chunk:
+                    break
+                out.write(chunk)
+                digest.update(chunk)
+                progress(len(chunk))
+    except OSError as e:
+        raise GuestBuildError(f"download of {url} failed: {e}") from None
+    if sha256 and digest.hexdigest() != sha256:
+        tmp.unlink(missing_ok=True)
+        raise GuestBuildError(f"download of {url}: SHA-256 mismatch")
+    tmp.replace(dest)
+
+
+def build_guest(arch: str = "aarch64", show_progress: bool = True) -> GuestImage:
+    """Fetch packages and assemble the guest; returns where it is."""
+    from tqdm import tqdm
+
+    if arch not in ARCHES:
+        raise GuestBuildError(f"no default guest for {arch} (have: {', '.join(ARCHES)})")
+    spec = ARCHES[arch]
+    out_dir = guest_dir(arch)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    apt = Apt(spec["debian"], cache_dir() / "apt" / spec["debian"])
+    steps = tqdm(total=4, desc="kemu: building the default guest", unit="step",
+                 disable=not show_progress, leave=False)
+    steps.set_postfix_str("package lists")
+    apt.update()
+    steps.update()
+    kernel_pkgs = [d for d in apt.depends(spec["kernel"]) if d.startswith("linux-image-")]
+    if not kernel_pkgs:
+        raise GuestBuildError(f"{spec['kernel']} names no kernel package")
+    packages = [kernel_pkgs[0], "busybox-static"]
+    uris = apt.uris(packages)
+    debs = out_dir / "debs"
+    debs.mkdir(exist_ok=True)
+    total = sum(u[2] for u in uris if not (debs / u[1]).is_file())
+    steps.set_postfix_str("downloading")
+    with tqdm(total=total, unit="B", unit_scale=True, desc="kemu: downloading",
+              disable=not show_progress or total == 0, leave=False) as bar:
+        for url, name, size, sha in uris:
+            if not (debs / name).is_file():
+                download(url, debs / name, size, sha, bar.update)
+    steps.update()
+    steps.set_postfix_str("unpacking")
+    with tempfile.TemporaryDirectory(prefix="kemu-guest-") as tmp:
+        root = Path(tmp)
+        for _url, name, _size, _sha in uris:
+            proc = subprocess.run(["dpkg-deb", "-x", str(debs / name), str(root)],
+                                  capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise GuestBuildError(f"dpkg-deb -x {name}: {proc.stderr.strip()}")
+        kernels = sorted((root / "boot").glob("vmlinuz-*"))
+        if not kernels:
+            raise GuestBuildError(f"{kernel_pkgs[0]} contains no /boot/vmlinuz")
+        version = kernels[0].name[len("vmlinuz-"):]
+        busybox = root / "bin" / "busybox"
+        if not busybox.is_file():
+            raise GuestBuildError("busybox-static contains no /bin/busybox")
+        steps.update()
+        steps.set_postfix_str("initramfs")
+        modules = kmod.load_order(root / "lib" / "modules" / version, GUEST_MODULES)
+        initrd = build_initramfs(busybox.read_bytes(), modules, spec["console"])
+        kernel_path = out_dir / f"vmlinuz-{version}"
+        shutil.copyfile(kernels[0], kernel_path)
+        initrd_path = out_dir / "initramfs.cpio.gz"
+        initrd_path.write_bytes(initrd)
+    steps.update()
+    steps.close()
+    image = GuestImage(arch, kernel_path, initrd_path,
+                       f"console={spec['console']} rdinit=/init quiet cryptomgr.notests",
+                       version)
+    (out_dir / "manifest.json").write_text(json.dumps({
+        "layout": LAYOUT_VERSION, "kernel": str(image.kernel), "initrd": str(image.initrd),
+        "append": image.append, "kernel_version": version}, indent=1))
+    return image
+
+
+def default_guest(arch: str = "aarch64", show_progress: bool = True) -> GuestImage:
+    return cached_guest(arch) or build_guest(arch, show_progress)

@@ -1,0 +1,21 @@
+"""The one place that turns a :class:`MachineConfig` into a running machine."""
+
+from __future__ import annotations
+
+from kemu.backends.serial import SerialBackend
+from kemu.errors import ConfigError
+from kemu.machines.config import MachineConfig
+
+MACHINES = ("virt",)
+ACCELS = {"virt": ("tcg",)}
+
+
+def build(config: MachineConfig, console: SerialBackend):
+    if config.machine not in MACHINES:
+        raise ConfigError(f"unsupported machine type {config.machine!r} "
+                          f"(supported: {', '.join(MACHINES)})")
+    if config.accel not in ACCELS[config.machine]:
+        raise ConfigError(f"the {config.machine} machine runs on the "
+                          f"{'/'.join(ACCELS[config.machine])} accelerator, not {config.accel}")
+    from kemu.machines.arm64_virt import VirtMachine
+    return VirtMachine(config, console)
