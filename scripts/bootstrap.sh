@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Installs what kemu needs on a Debian machine and creates .venv with kemu in it.
+#   scripts/bootstrap.sh          what running guests needs
+#   scripts/bootstrap.sh --test   plus what the tests and benchmarks use
+set -euo pipefail
+cd "$(dirname "$0")/.."
+test_deps=0
+[ "${1:-}" = "--test" ] && test_deps=1
+
+SUDO=""
+if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
+
+# apt/dpkg-deb unpack the default guest's Debian packages; python3-venv builds .venv.
+pkgs="python3 python3-venv python3-dev gcc"
+if [ $test_deps = 1 ]; then
+  # Peers and tools the tests check kemu against: dtc decompiles the device
+  # tree, qemu-img checks images, qemu-system-arm is the benchmark's peer,
+  # binutils-aarch64-linux-gnu assembles tiny test guests.
+  pkgs="$pkgs device-tree-compiler qemu-utils qemu-system-arm binutils-aarch64-linux-gnu cpio"
+fi
+missing=""
+for p in $pkgs; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
+if [ -n "$missing" ]; then
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $missing >/dev/null
+fi
+
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+if [ $test_deps = 1 ]; then
+  .venv/bin/python -m pip install -q -e '.[test]'
+else
+  .venv/bin/python -m pip install -q -e .
+fi
