@@ -220,8 +220,8 @@ class VirtMachine:
 
     def _stop_for_panic(self) -> None:
         if self._vcpu_thread is not None:
-            self._pending_outcome = Outcome("panic", 1, f"guest kernel panic: {self.panic_message}")
-            self.cpu.kick()
+            self._vcpu_thread.request(RunState.STOPPED, Outcome(
+                "panic", 1, f"guest kernel panic: {self.panic_message}"))
 
     # -- lifecycle ---------------------------------------------------------------------------
     def _next_deadline(self) -> float | None:
@@ -259,12 +259,6 @@ class VirtMachine:
             return Outcome("error", 1, f"guest stopped: {exit.message}")
         return None
 
-    def _on_kicked(self) -> None:
-        outcome = getattr(self, "_pending_outcome", None)
-        if outcome is not None:
-            self._vcpu_thread.request(RunState.STOPPED)
-            self._vcpu_thread.outcome_override = outcome
-
     def _reset(self) -> None:
         with self.lock:
             self.gic.reset()
@@ -284,8 +278,7 @@ class VirtMachine:
         self.cpu.reset_for_linux(self.layout.kernel_addr, self.layout.dtb_addr)
         self._kicker = DeadlineKicker(self.cpu, self._next_deadline)
         self.cpu.on_timer_change = self._kicker.changed
-        self._vcpu_thread = VcpuThread(self.cpu, self._next_deadline, self._on_exit,
-                                       self._on_kicked)
+        self._vcpu_thread = VcpuThread(self.cpu, self._next_deadline, self._on_exit)
         self._vcpu_thread.on_state = self.on_state
         self._kicker.start()
         self._vcpu_thread.start(paused=self.config.start_paused)
@@ -305,9 +298,8 @@ class VirtMachine:
         if not self._vcpu_thread.join(timeout):
             return None
         self._kicker.stop()
-        outcome = getattr(self._vcpu_thread, "outcome_override", None) or self._vcpu_thread.outcome
-        self.outcome = outcome
-        return outcome
+        self.outcome = self._vcpu_thread.outcome
+        return self.outcome
 
     @property
     def state(self) -> RunState:

@@ -42,17 +42,16 @@ class VcpuThread:
     """
 
     def __init__(self, cpu, next_deadline: Callable[[], float | None],
-                 on_exit: Callable[[Exit], Outcome | None],
-                 on_kicked: Callable[[], None] = lambda: None, name: str = "vcpu0") -> None:
+                 on_exit: Callable[[Exit], Outcome | None], name: str = "vcpu0") -> None:
         self.cpu = cpu
         self.next_deadline = next_deadline
         self.on_exit = on_exit
-        self.on_kicked = on_kicked
         self.state = RunState.CREATED
         self._requested: RunState | None = None
         self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
         self.outcome: Outcome | None = None
+        self._stop_outcome: Outcome | None = None
         self._done = threading.Event()
         #: Called with the new state on every transition (events for QMP and the API).
         self.on_state: Callable[[RunState], None] = lambda s: None
@@ -62,9 +61,12 @@ class VcpuThread:
         self._set_state(RunState.PAUSED if paused else RunState.RUNNING)
         self._thread.start()
 
-    def request(self, state: RunState) -> None:
+    def request(self, state: RunState, outcome: Outcome | None = None) -> None:
+        """Ask for a state change; ``outcome`` is how a STOPPED machine ended."""
         with self._cond:
             self._requested = state
+            if outcome is not None and self._stop_outcome is None:
+                self._stop_outcome = outcome
             self._cond.notify_all()
         self.cpu.kick()
 
@@ -94,7 +96,7 @@ class VcpuThread:
         with self._cond:
             req, self._requested = self._requested, None
         if req == RunState.STOPPED:
-            self._finish(Outcome("quit", 0))
+            self._finish(self._stop_outcome or Outcome("quit", 0))
             return False
         if req is not None:
             self._set_state(req)
@@ -103,7 +105,7 @@ class VcpuThread:
                 self._cond.wait_for(lambda: self._requested is not None)
                 req, self._requested = self._requested, None
             if req == RunState.STOPPED:
-                self._finish(Outcome("quit", 0))
+                self._finish(self._stop_outcome or Outcome("quit", 0))
                 return False
             self._set_state(req)
         return True
@@ -121,7 +123,6 @@ class VcpuThread:
                 return
             exit = self.cpu.run()
             if isinstance(exit, Kicked):
-                self.on_kicked()
                 continue
             if isinstance(exit, Halted):
                 deadline = self.next_deadline()

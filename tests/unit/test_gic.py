@@ -1,0 +1,114 @@
+from kemu.devices.base import IrqLine
+from kemu.devices.gic import (GICC_CTLR, GICC_EOIR, GICC_IAR, GICC_PMR, GICD_CTLR,
+                              GICD_ICENABLER, GICD_ICFGR, GICD_IPRIORITYR, GICD_ISENABLER,
+                              GICD_ISPENDR, GICD_SGIR, GICD_TYPER, SPURIOUS, GicV2)
+
+
+def make(cpus=1):
+    outs = [IrqLine() for _ in range(cpus)]
+    gic = GicV2(outs, 128)
+    return gic, gic.distributor(), gic.cpu_interface(), outs
+
+
+def enable(dist, cpu, intid, prio=0xA0):
+    dist.write(GICD_CTLR, 4, 1)
+    cpu.write(GICC_CTLR, 4, 1)
+    cpu.write(GICC_PMR, 4, 0xF0)
+    dist.write(GICD_ISENABLER + 4 * (intid // 32), 4, 1 << (intid % 32))
+    dist.write(GICD_IPRIORITYR + intid, 1, prio)
+
+
+def test_typer_reports_lines_and_cpus():
+    gic, dist, cpu, _ = make(cpus=2)
+    assert dist.read(GICD_TYPER, 4) == 3 | (1 << 5)
+
+
+def test_level_spi_acknowledge_and_eoi():
+    gic, dist, cpu, (out,) = make()
+    enable(dist, cpu, 33)
+    line = gic.spi_line(1)
+    line.raise_()
+    assert out.level
+    assert cpu.read(GICC_IAR, 4) == 33
+    assert not out.level                  # active: not signalled again
+    assert cpu.read(GICC_IAR, 4) == SPURIOUS
+    line.lower()
+    cpu.write(GICC_EOIR, 4, 33)
+    assert not out.level
+
+
+def test_level_interrupt_still_high_after_eoi_is_signalled_again():
+    gic, dist, cpu, (out,) = make()
+    enable(dist, cpu, 40)
+    gic.set_spi(8, True)
+    assert cpu.read(GICC_IAR, 4) == 40
+    cpu.write(GICC_EOIR, 4, 40)
+    assert out.level
+    assert cpu.read(GICC_IAR, 4) == 40
+
+
+def test_disabled_or_masked_interrupts_are_not_signalled():
+    gic, dist, cpu, (out,) = make()
+    enable(dist, cpu, 33, prio=0xF8)      # priority below the mask
+    gic.set_spi(1, True)
+    assert not out.level
+    cpu.write(GICC_PMR, 4, 0xFF)
+    assert out.level
+    dist.write(GICD_ICENABLER + 4, 4, 1 << 1)
+    assert not out.level
+
+
+def test_priority_order_and_preemption():
+    gic, dist, cpu, (out,) = make()
+    enable(dist, cpu, 34, prio=0x80)
+    enable(dist, cpu, 35, prio=0x40)
+    gic.set_spi(2, True)
+    gic.set_spi(3, True)
+    assert cpu.read(GICC_IAR, 4) == 35    # higher priority (lower value) first
+    assert cpu.read(GICC_IAR, 4) == SPURIOUS  # 34 cannot preempt 35
+    gic.set_spi(3, False)
+    cpu.write(GICC_EOIR, 4, 35)
+    assert cpu.read(GICC_IAR, 4) == 34
+
+
+def test_edge_interrupt_latches():
+    gic, dist, cpu, (out,) = make()
+    enable(dist, cpu, 48)
+    dist.write(GICD_ICFGR + 12, 4, 2 << 0)   # INTID 48: edge
+    gic.set_spi(16, True)
+    gic.set_spi(16, False)
+    assert out.level
+    assert cpu.read(GICC_IAR, 4) == 48
+    cpu.write(GICC_EOIR, 4, 48)
+    assert not out.level
+
+
+def test_software_pending_and_sgi():
+    gic, dist, cpu, (out,) = make()
+    enable(dist, cpu, 50)
+    dist.write(GICD_ISPENDR + 4, 4, 1 << 18)
+    assert cpu.read(GICC_IAR, 4) == 50
+    cpu.write(GICC_EOIR, 4, 50)
+    enable(dist, cpu, 3)
+    dist.write(GICD_SGIR, 4, (2 << 24) | 3)   # to self
+    assert cpu.read(GICC_IAR, 4) == 3         # source CPU 0 in bits 12:10
+    cpu.write(GICC_EOIR, 4, 3)
+    assert not out.level
+
+
+def test_ppi_is_banked_per_cpu():
+    gic, dist, cpu, outs = make(cpus=2)
+    enable(dist, cpu, 27)
+    gic.set_ppi(1, 11, True)                  # CPU 1's virtual timer
+    assert not outs[0].level                  # CPU 1's bank is not enabled
+
+
+def test_save_restore():
+    gic, dist, cpu, (out,) = make()
+    enable(dist, cpu, 33)
+    gic.set_spi(1, True)
+    state = gic.save()
+    gic2, dist2, cpu2, (out2,) = make()
+    gic2.restore(state)
+    assert out2.level
+    assert cpu2.read(GICC_IAR, 4) == 33
