@@ -292,13 +292,12 @@ def vcpu_cpuid(supported: list[kvm_cpuid_entry2], apic_id: int,
 
 
 def lapic_reg(state: kvm_lapic_state, offset: int) -> int:
-    return struct.unpack_from("<I", state.regs, offset)[0]
+    """A 32-bit register of a ``kvm_lapic_state`` (the APIC page's layout)."""
+    return struct.unpack_from("<I", state, offset)[0]
 
 
 def set_lapic_reg(state: kvm_lapic_state, offset: int, value: int) -> None:
-    raw = bytearray(state.regs)
-    struct.pack_into("<I", raw, offset, value)
-    state.regs = bytes(raw)
+    struct.pack_into("<I", state, offset, value)
 
 
 def _delivery_mode(lvt: int, mode: int) -> int:
