@@ -395,7 +395,12 @@ class Kvm:
                              "or use --accel tcg") from None
         except OSError as e:
             raise AccelError(f"cannot open {path}: {e.strerror} (use --accel tcg)") from None
-        version = ioctl(self.fd, KVM_GET_API_VERSION)
+        try:
+            version = ioctl(self.fd, KVM_GET_API_VERSION)
+        except OSError as e:
+            os.close(self.fd)
+            raise AccelError(f"{path} is not a KVM device ({e.strerror}): "
+                             "use --accel tcg") from None
         if version != KVM_API_VERSION:
             os.close(self.fd)
             raise AccelError(f"{path} speaks KVM API version {version}, kemu needs "
@@ -608,6 +613,8 @@ class VcpuFd:
         # data_offset, index of the element handed out last.
         self._io: list | None = None
         self._pending: tuple[int, int] | None = None   # (offset in kvm_run, size) to complete
+        # Exits are frozen dataclasses: reads of a port are the same object every time.
+        self._io_in: dict[tuple[int, int], IoIn] = {}
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -779,7 +786,10 @@ class VcpuFd:
         if direction == KVM_EXIT_IO_OUT:
             return IoOut(port, size, _UINT[size].unpack_from(self._run_map, off)[0])
         self._pending = (off, size)
-        return IoIn(port, size)
+        exit = self._io_in.get((port, size))
+        if exit is None:
+            exit = self._io_in[(port, size)] = IoIn(port, size)
+        return exit
 
     def _rip(self) -> str:
         try:
