@@ -166,7 +166,8 @@ def run_machine(config: MachineConfig) -> int:
         quit_requested.append(True)
         machine.stop()
 
-    stdio = StdioConsole(send, on_quit) if serial in ("stdio", "mon:stdio") else None
+    stdio = (StdioConsole(send, on_quit, escapes=serial == "mon:stdio")
+             if serial in ("stdio", "mon:stdio") else None)
     machine.start()
     if stdio is not None:
         stdio.start()

@@ -1,9 +1,10 @@
 """The host terminal as a serial console: QEMU's ``-serial mon:stdio`` behaviour.
 
-Guest output goes to stdout.  Input from stdin goes to the guest; on a
-terminal it is put in raw mode and Ctrl-A is the escape key as in QEMU
-(Ctrl-A x quits, Ctrl-A Ctrl-A sends Ctrl-A, Ctrl-A h prints help).  When
-stdin is not a terminal, what arrives is typed into the console as is.
+Guest output goes to stdout.  Input from stdin goes to the guest; a terminal
+is put in raw mode.  With ``mon:stdio`` (the default, as with QEMU's
+``-nographic``) Ctrl-A is the escape key, whether stdin is a terminal or a
+pipe: Ctrl-A x quits, Ctrl-A Ctrl-A sends Ctrl-A, Ctrl-A h prints help.
+With ``-serial stdio`` every byte goes to the guest.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ class StdioConsole:
         self.on_quit = on_quit
         self.fd = sys.stdin.fileno()
         self.is_tty = os.isatty(self.fd)
-        self.escapes = escapes and self.is_tty
+        self.escapes = escapes
         self._parser = EscapeParser()
         self._saved = None
         self._thread = threading.Thread(target=self._main, name="stdin", daemon=True)

@@ -68,7 +68,7 @@ class VcpuThread:
             if outcome is not None and self._stop_outcome is None:
                 self._stop_outcome = outcome
             self._cond.notify_all()
-        self.cpu.kick()
+        self.cpu.kick(final=state == RunState.STOPPED)
 
     def wait_state(self, state: RunState, timeout: float | None = None) -> bool:
         with self._cond:

@@ -293,11 +293,19 @@ class Aarch64Cpu:
         return regs
 
     # -- cross-thread controls ------------------------------------------------------
-    def kick(self) -> None:
-        """Make ``run()`` return at the next safe point (any thread)."""
+    def kick(self, final: bool = False) -> None:
+        """Make ``run()`` return at the next safe point (any thread).
+
+        ``final``: the guest will never run again (the machine is stopping),
+        so stop it at once even inside a loop with no safe point: the
+        instruction Unicorn may replay no longer matters.
+        """
         with self._lock:
             self._kick_requested = True
             self._work_pending = True
+            if final and self._running:
+                self._stop_requested = True
+                self.uc.emu_stop()
             self._wake.notify_all()
 
     def post_work(self) -> None:

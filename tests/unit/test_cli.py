@@ -1,0 +1,88 @@
+"""Bad command lines and files: one line on stderr, exit status 2, no traceback."""
+
+import subprocess
+import sys
+
+import pytest
+
+from kemu.boot.linux_arm64 import ARM64_MAGIC, HEADER
+from kemu.cli import parse_qemu_options, parse_size
+from kemu.errors import ConfigError
+from kemu.machines.config import MachineConfig
+
+KEMU = [sys.executable, "-m", "kemu.cli"]
+
+
+def run(*args, **kw):
+    return subprocess.run(KEMU + list(args), capture_output=True, text=True, timeout=60,
+                          stdin=subprocess.DEVNULL, **kw)
+
+
+def one_line_error(proc, status=2):
+    assert proc.returncode == status, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("kemu: "), proc.stderr
+    assert "Traceback" not in proc.stderr
+    return lines[0]
+
+
+def test_qemu_options_parse():
+    cfg = parse_qemu_options(["-M", "virt,gic-version=2", "-cpu", "cortex-a72", "-m", "1G",
+                              "-smp", "cpus=1", "-kernel", "k", "-initrd", "i", "-append",
+                              "console=ttyAMA0", "-nographic", "-no-reboot", "-S",
+                              "-accel", "tcg,thread=single", "-name", "vm1", "-display", "none"],
+                             MachineConfig())
+    assert (cfg.machine, cfg.cpu, cfg.memory, cfg.smp) == ("virt", "cortex-a72", 1 << 30, 1)
+    assert str(cfg.kernel) == "k" and str(cfg.initrd) == "i" and cfg.append == "console=ttyAMA0"
+    assert cfg.no_reboot and cfg.start_paused and cfg.name == "vm1"
+    assert cfg.extra["serial"] == "mon:stdio"
+
+
+@pytest.mark.parametrize("text,value", [("256", 256 << 20), ("256M", 256 << 20),
+                                        ("2G", 2 << 30), ("512MiB", 512 << 20)])
+def test_sizes(text, value):
+    assert parse_size(text) == value
+
+
+@pytest.mark.parametrize("argv", [["-m", "lots"], ["-smp", "x"], ["-bogus"], ["-drive", "f"],
+                                  ["-serial", "tcp:1"], ["-kernel"], ["stray"]])
+def test_bad_options_raise_config_error(argv):
+    with pytest.raises(ConfigError):
+        parse_qemu_options(argv, MachineConfig())
+
+
+def test_unknown_option():
+    assert "unknown option" in one_line_error(run("-frobnicate"))
+
+
+def test_missing_kernel_file(tmp_path):
+    assert "not found" in one_line_error(run("-kernel", str(tmp_path / "nope")))
+
+
+def test_unreadable_initrd(tmp_path):
+    kernel = tmp_path / "Image"
+    kernel.write_bytes(HEADER.pack(0, 0, 0, 1 << 20, 0b1010, 0, 0, 0, ARM64_MAGIC, 0))
+    initrd = tmp_path / "initrd"
+    initrd.mkdir()
+    assert "initrd" in one_line_error(run("-kernel", str(kernel), "-initrd", str(initrd)))
+
+
+def test_not_an_arm64_image(tmp_path):
+    bad = tmp_path / "bzImage"
+    bad.write_bytes(b"MZ" + b"\0" * 4096)
+    assert "not an arm64 Linux Image" in one_line_error(run("-kernel", str(bad)))
+
+
+def test_too_little_memory(tmp_path):
+    kernel = tmp_path / "Image"
+    kernel.write_bytes(HEADER.pack(0, 0, 0, 60 << 20, 0b1010, 0, 0, 0, ARM64_MAGIC, 0))
+    assert "too little memory" in one_line_error(run("-m", "64", "-kernel", str(kernel)))
+
+
+def test_unsupported_machine_and_smp(tmp_path):
+    assert "unsupported machine" in one_line_error(run("-M", "pc", "-kernel", "x"))
+    assert "-smp 1" in one_line_error(run("-smp", "2", "-kernel", "x"))
+
+
+def test_no_kernel():
+    assert "no kernel" in one_line_error(run("-m", "128"))
