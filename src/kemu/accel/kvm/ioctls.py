@@ -351,8 +351,9 @@ _libc_ioctl = _libc.ioctl
 _libc_ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
 _libc_ioctl.restype = ctypes.c_int
 
+#: ioctl number -> name, for error messages.
 _NAMES = {v: k for k, v in list(globals().items())
-          if k.startswith("KVM_") and isinstance(v, int) and v > 0xFFFF}
+          if k.startswith("KVM_") and isinstance(v, int) and (v >> 8) & 0xFF == KVMIO}
 
 
 def ioctl(fd: int, request: int, arg: int | ctypes.Structure | None = None) -> int:
@@ -399,7 +400,7 @@ class Kvm:
             version = ioctl(self.fd, KVM_GET_API_VERSION)
         except OSError as e:
             os.close(self.fd)
-            raise AccelError(f"{path} is not a KVM device ({e.strerror}): "
+            raise AccelError(f"{path} is not a KVM device ({os.strerror(e.errno)}): "
                              "use --accel tcg") from None
         if version != KVM_API_VERSION:
             os.close(self.fd)
@@ -822,7 +823,8 @@ class VcpuFd:
             detail = ""
             if sub == KVM_INTERNAL_ERROR_EMULATION and internal.ndata >= 2 \
                     and internal.data[0] & 1:
-                raw = bytes(run.exit.padding[16:16 + 16])
+                # struct emulation_failure: flags at +8, insn_size at +16, bytes after.
+                raw = self._run_map[_OFF_EXIT + 16:_OFF_EXIT + 32]
                 n = min(raw[0], 15)
                 detail = f", instruction bytes {raw[1:1 + n].hex(' ')}"
             elif internal.ndata:
