@@ -29,15 +29,13 @@ import guestbuild  # noqa: E402
 
 from kemu.accel.kvm import Kvm, KvmVcpu, kvm_unavailable_reason  # noqa: E402
 from kemu.accel.kvm.ioctls import KVM_CAP_IRQCHIP, KVM_CAP_IRQFD, KVM_CAP_IOEVENTFD  # noqa: E402
-from kemu.accel.kvm.x86_cpu import X86BootSetup, setup_vcpu  # noqa: E402
+from kemu.accel.kvm.x86_cpu import X86BootSetup, setup_vcpu, setup_x86_vm  # noqa: E402
 from kemu.boot.linux_x86 import BzImage, E820_RAM, E820_RESERVED, MMIO_HOLE_END, \
     MMIO_HOLE_START, load_bzimage, load_pvh, parse_pvh_elf, ram_layout  # noqa: E402
 
 _reason = kvm_unavailable_reason() or guestbuild.toolchain_missing()
 pytestmark = pytest.mark.skipif(_reason is not None, reason=_reason or "")
 
-TSS_ADDR = 0xFFFBD000
-IDENTITY_MAP_ADDR = 0xFFFBC000
 COM1 = 0x3F8
 EXIT_PORT = 0x501
 RUN_TIMEOUT = 30.0
@@ -88,11 +86,8 @@ class Machine:
     def __init__(self, mem_size: int = 64 << 20, nr_vcpus: int = 1) -> None:
         self.kvm = Kvm()
         self.vm = self.kvm.create_vm()
-        self.vm.set_tss_addr(TSS_ADDR)
-        self.vm.set_identity_map_addr(IDENTITY_MAP_ADDR)
-        self.vm.create_irqchip()
         self.memory = GuestMemory([RamRegion(b, s) for b, s in ram_layout(mem_size)])
-        self.vm.map_memory(self.memory)
+        setup_x86_vm(self.vm, self.memory, irqchip=True, pit=False)
         self.boot = X86BootSetup.prepare(self.kvm, self.memory, nr_vcpus)
         self.pio = Bus("pio", 1 << 16)
         self.mmio = Bus("mmio")
@@ -372,24 +367,41 @@ def test_pvh_entry(tmp_path, machine_factory):
     assert table == [(e.addr, e.size, e.type) for e in info.e820]
 
 
-def test_kick_interrupts_a_spinning_guest(machine_factory):
-    """kick() from another thread ends a KVM_RUN in a guest that never exits."""
-    m = machine_factory()
-    m.memory.write(0x1000, b"\xeb\xfe")        # jmp . (real mode)
-    cpu = m.cpus[0]
+def _real_mode(cpu: KvmVcpu, code: bytes, memory: GuestMemory) -> None:
+    memory.write(0x1000, code)
     sregs = cpu.fd.get_sregs()
     sregs.cs.base, sregs.cs.selector = 0, 0
     cpu.fd.set_sregs(sregs)
     regs = cpu.fd.get_regs()
     regs.rip, regs.rflags = 0x1000, 2
     cpu.fd.set_regs(regs)
-    threading.Timer(0.2, cpu.kick).start()
+
+
+@pytest.mark.parametrize("code", [b"\xeb\xfe", b"\xfa\xf4\xeb\xfc"],
+                         ids=["spinning", "halted-in-kernel"])
+def test_kick_interrupts_a_running_vcpu(machine_factory, code):
+    """kick() from another thread ends a KVM_RUN that would never exit on its own:
+    a guest spinning (jmp .) or halted with interrupts off (cli; hlt, which the
+    in-kernel irqchip handles without an exit), running on its own thread."""
+    m = machine_factory()
+    cpu = m.cpus[0]
+    _real_mode(cpu, code, m.memory)
+    result: list = []
+    t = threading.Thread(target=lambda: result.append(cpu.run()))
+    t.start()
+    time.sleep(0.3)
+    assert t.is_alive()                         # still inside KVM_RUN
     t0 = time.monotonic()
-    assert isinstance(cpu.run(), Kicked)
-    assert time.monotonic() - t0 < 10
-    # A kick before run() makes the next run() return at once.
     cpu.kick()
-    assert isinstance(cpu.run(), Kicked)
+    t.join(10)
+    assert not t.is_alive() and result == [Kicked()]
+    assert time.monotonic() - t0 < 5
+    # A kick while not running makes the next run() return at once.
+    cpu.kick()
+    assert cpu.run() == Kicked()
+    # A system event requested from another thread ends run() with that event.
+    cpu.request_system_event("reset")
+    assert cpu.run() == SystemEvent("reset")
 
 
 def test_in_kernel_pit(machine_factory):

@@ -65,6 +65,7 @@ class KvmVcpu:
         self._kicked = False
         self._event: Exit | None = None
         self._cond = threading.Condition()
+        self._signal_lock = threading.Lock()
         self._irq_level = False
         self._kick_signal = install_kick_signal()
         #: Exits from KVM_RUN so far (diagnostics, benchmarks).
@@ -80,12 +81,12 @@ class KvmVcpu:
             self._kicked = True
             self._cond.notify_all()
         self.fd.immediate_exit = True
-        tid = self._thread_id
-        if tid is not None and self._kick_signal and tid != threading.get_ident():
-            try:
+        # Signal only a thread that is inside run(): signalling a thread that has
+        # ended is undefined; run() clears _thread_id under the same lock.
+        with self._signal_lock:
+            tid = self._thread_id
+            if tid is not None and self._kick_signal and tid != threading.get_ident():
                 signal.pthread_kill(tid, SIG_KICK)
-            except ProcessLookupError:
-                pass
 
     def set_irq(self, level: bool) -> None:
         """The INTR input of an x86 vCPU is inside KVM's irqchip model: devices raise
@@ -97,8 +98,8 @@ class KvmVcpu:
             self._cond.notify_all()
 
     def request_system_event(self, kind: str) -> None:
-        """A device on this vCPU's thread asks for power off or reset (i8042, ACPI):
-        ``run()`` returns the :class:`SystemEvent` after the current access."""
+        """A device asks for power off or reset (i8042, ACPI): ``run()`` returns the
+        :class:`SystemEvent` after the current access (or soon, from another thread)."""
         self._event = SystemEvent(kind)
         if self._thread_id != threading.get_ident():
             self.kick()
@@ -123,9 +124,22 @@ class KvmVcpu:
         return kicked
 
     def run(self) -> Exit:
-        self._thread_id = threading.get_ident()
-        if self._take_kick():
-            return Kicked()
+        """Run the guest; I/O exits go to the buses, the rest is returned."""
+        with self._signal_lock:
+            self._thread_id = threading.get_ident()
+        try:
+            kicked = self._take_kick()
+            if self._event is not None:
+                event, self._event = self._event, None
+                return event
+            if kicked:
+                return Kicked()
+            return self._run()
+        finally:
+            with self._signal_lock:
+                self._thread_id = None
+
+    def _run(self) -> Exit:
         fd = self.fd
         mmio, pio = self.mmio, self.pio
         while True:

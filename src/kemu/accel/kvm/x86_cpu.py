@@ -36,6 +36,12 @@ from kemu.accel.kvm.ioctls import KVM_CPUID_FLAG_SIGNIFCANT_INDEX, KVM_MP_STATE_
     VcpuFd, kvm_cpuid_entry2, kvm_fpu, kvm_lapic_state, kvm_regs, kvm_segment, kvm_sregs
 from kemu.memory import GuestMemory
 
+# -- guest-physical addresses KVM needs outside RAM (VMX real-mode support) -------------
+#: KVM_SET_TSS_ADDR: three pages, and KVM_SET_IDENTITY_MAP_ADDR: one page, just
+#: below the BIOS area at the top of the 32-bit space (as Firecracker).
+KVM_TSS_ADDR = 0xFFFBD000
+KVM_IDENTITY_MAP_ADDR = 0xFFFBC000
+
 # -- guest-physical layout of the VMM-made boot structures ------------------------------
 GDT_ADDR = 0x500
 IDT_ADDR = 0x520
@@ -314,6 +320,19 @@ def setup_lint(vcpu: VcpuFd, bsp: bool) -> None:
     lvt1 = _delivery_mode(lapic_reg(state, APIC_LVT1), APIC_MODE_NMI) & ~APIC_LVT_MASKED
     set_lapic_reg(state, APIC_LVT1, lvt1)
     vcpu.set_lapic(state)
+
+
+def setup_x86_vm(vm, memory: GuestMemory, irqchip: bool = True, pit: bool = True) -> None:
+    """The VM-wide set-up of a PC-like microVM (api.rst 4.24, 4.35, 4.43, 4.47, 4.56):
+    TSS and identity-map pages, in-kernel PIC/IOAPIC/LAPICs and i8254, and one
+    memory slot per RAM region.  Call before creating vCPUs."""
+    vm.set_tss_addr(KVM_TSS_ADDR)
+    vm.set_identity_map_addr(KVM_IDENTITY_MAP_ADDR)
+    if irqchip:
+        vm.create_irqchip()
+        if pit:
+            vm.create_pit2()
+    vm.map_memory(memory)
 
 
 @dataclass
