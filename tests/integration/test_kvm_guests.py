@@ -25,13 +25,22 @@ from kemu.bus import Bus
 from kemu.memory import GuestMemory, RamRegion
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "guests"))
-import guestbuild  # noqa: E402
+import guestbuild
 
-from kemu.accel.kvm import Kvm, KvmVcpu, kvm_unavailable_reason  # noqa: E402
-from kemu.accel.kvm.ioctls import KVM_CAP_IRQCHIP, KVM_CAP_IRQFD, KVM_CAP_IOEVENTFD  # noqa: E402
-from kemu.accel.kvm.x86_cpu import X86BootSetup, setup_vcpu, setup_x86_vm  # noqa: E402
-from kemu.boot.linux_x86 import BzImage, E820_RAM, E820_RESERVED, MMIO_HOLE_END, \
-    MMIO_HOLE_START, load_bzimage, load_pvh, parse_pvh_elf, ram_layout  # noqa: E402
+from kemu.accel.kvm import Kvm, KvmVcpu, kvm_unavailable_reason
+from kemu.accel.kvm.ioctls import KVM_CAP_IOEVENTFD, KVM_CAP_IRQCHIP, KVM_CAP_IRQFD
+from kemu.accel.kvm.x86_cpu import X86BootSetup, setup_vcpu, setup_x86_vm
+from kemu.boot.linux_x86 import (
+    E820_RAM,
+    E820_RESERVED,
+    MMIO_HOLE_END,
+    MMIO_HOLE_START,
+    BzImage,
+    load_bzimage,
+    load_pvh,
+    parse_pvh_elf,
+    ram_layout,
+)
 
 _reason = kvm_unavailable_reason() or guestbuild.toolchain_missing()
 pytestmark = pytest.mark.skipif(_reason is not None, reason=_reason or "")
@@ -354,7 +363,7 @@ def test_pvh_entry(tmp_path, machine_factory):
     assert m.run_cpu(m.cpus[0]) == "poweroff"
     assert m.console == cmdline
     values = [v for _o, _s, v in reports.writes]
-    ebx, magic, version, nr_modules, modlist, cmdline_addr, memmap, entries, \
+    ebx, magic, version, nr_modules, _modlist, cmdline_addr, memmap, entries, \
         mod_addr, mod_size, cr0 = values
     assert ebx == info.boot_params
     assert magic == 0x336EC578 and version == 1 and nr_modules == 1

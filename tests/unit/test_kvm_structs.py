@@ -23,8 +23,16 @@ from pathlib import Path
 
 import pytest
 
-from kemu.accel.base import Halted, InternalError, IoIn, IoOut, Kicked, MmioRead, MmioWrite, \
-    SystemEvent
+from kemu.accel.base import (
+    Halted,
+    InternalError,
+    IoIn,
+    IoOut,
+    Kicked,
+    MmioRead,
+    MmioWrite,
+    SystemEvent,
+)
 from kemu.accel.kvm import ioctls as k
 from kemu.accel.kvm import x86_cpu as x
 from kemu.errors import AccelError
@@ -109,7 +117,7 @@ def probe(tmp_path_factory) -> dict[str, int]:
     d = tmp_path_factory.mktemp("kvmprobe")
     (d / "probe.c").write_text(src)
     build = subprocess.run(["gcc", "-Wall", "-o", str(d / "probe"), str(d / "probe.c")],
-                           capture_output=True, text=True)
+                           capture_output=True, text=True, check=False)
     assert build.returncode == 0, build.stderr
     out = subprocess.run([str(d / "probe")], capture_output=True, text=True, check=True).stdout
     result = {}
@@ -214,7 +222,7 @@ def simple_exit(reason, **fields):
 
 
 def test_port_io_exits(monkeypatch):
-    vcpu, fake = fake_vcpu(monkeypatch, [
+    vcpu, _fake = fake_vcpu(monkeypatch, [
         io_exit(k.KVM_EXIT_IO_OUT, 0x3F8, 1, b"A"),
         io_exit(k.KVM_EXIT_IO_IN, 0x60, 2, b"\0\0"),
         io_exit(k.KVM_EXIT_IO_OUT, 0xCF8, 4, struct.pack("<I", 0x80000010)),

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kemu.boot import linux_x86 as lx
-from kemu.boot.linux_x86 import BzImage, E820Entry, E820_RAM, E820_RESERVED
+from kemu.boot.linux_x86 import E820_RAM, E820_RESERVED, BzImage, E820Entry
 from kemu.errors import BootError
 from kemu.memory import GuestMemory, RamRegion
 
@@ -74,14 +74,14 @@ def test_zero_setup_sects_means_four():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(boot_flag=0x1234), "not a bzImage"),
-    (dict(magic=b"XXXX"), "no HdrS magic"),
-    (dict(version=0x020B), "2.11 is too old"),
-    (dict(version=0x0204), "too old"),
-    (dict(xloadflags=0), "not a 64-bit kernel"),
-    (dict(loadflags=0), "zImage"),
-    (dict(init_size=lx.MAX_KERNEL_SIZE + 1), "too big"),
-    (dict(kernel_alignment=0x300000), "not a power of two"),
+    ({"boot_flag": 0x1234}, "not a bzImage"),
+    ({"magic": b"XXXX"}, "no HdrS magic"),
+    ({"version": 0x020B}, "2.11 is too old"),
+    ({"version": 0x0204}, "too old"),
+    ({"xloadflags": 0}, "not a 64-bit kernel"),
+    ({"loadflags": 0}, "zImage"),
+    ({"init_size": lx.MAX_KERNEL_SIZE + 1}, "too big"),
+    ({"kernel_alignment": 0x300000}, "not a power of two"),
 ])
 def test_bad_images_are_refused(kwargs, message):
     with pytest.raises(BootError, match=message):

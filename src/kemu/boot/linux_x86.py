@@ -168,7 +168,7 @@ class BzImage:
                    self.runtime_start(load_addr) + self.init_size)
 
     @classmethod
-    def parse(cls, data: bytes, what: str = "kernel") -> "BzImage":
+    def parse(cls, data: bytes, what: str = "kernel") -> BzImage:
         if len(data) < SETUP_HEADER_MIN_FILE:
             raise BootError(f"{what}: truncated: {len(data)} bytes is too short for a "
                             "bzImage setup header")
@@ -211,7 +211,7 @@ class BzImage:
             header_end=min(0x202 + data[0x201], SETUP_HEADER_END))
 
     @classmethod
-    def load_file(cls, path: str | Path) -> "BzImage":
+    def load_file(cls, path: str | Path) -> BzImage:
         return cls.parse(read_boot_file(path, "kernel"), f"kernel {path}")
 
 
@@ -377,7 +377,7 @@ class PvhKernel:
         return min(s.paddr for s in self.segments)
 
     @classmethod
-    def load_file(cls, path: str | Path) -> "PvhKernel":
+    def load_file(cls, path: str | Path) -> PvhKernel:
         return parse_pvh_elf(read_boot_file(path, "kernel"), f"kernel {path}")
 
 

@@ -32,5 +32,12 @@ def is_pvm() -> bool:
     return os.path.isdir("/sys/module/kvm_pvm")
 
 
-__all__ = ["Kvm", "VmFd", "VcpuFd", "KvmVcpu", "install_kick_signal",
-           "kvm_unavailable_reason", "is_pvm"]
+__all__ = [
+    "Kvm",
+    "KvmVcpu",
+    "VcpuFd",
+    "VmFd",
+    "install_kick_signal",
+    "is_pvm",
+    "kvm_unavailable_reason",
+]

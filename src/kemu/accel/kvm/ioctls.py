@@ -24,10 +24,20 @@ import fcntl
 import mmap
 import os
 import struct
-from typing import Iterable
+from collections.abc import Iterable
+from typing import Self
 
-from kemu.accel.base import Exit, Halted, InternalError, IoIn, IoOut, Kicked, MmioRead, \
-    MmioWrite, SystemEvent
+from kemu.accel.base import (
+    Exit,
+    Halted,
+    InternalError,
+    IoIn,
+    IoOut,
+    Kicked,
+    MmioRead,
+    MmioWrite,
+    SystemEvent,
+)
 from kemu.errors import AccelError
 
 # --------------------------------------------------------------------------------------
@@ -414,7 +424,7 @@ class Kvm:
             os.close(self.fd)
             self.fd = -1
 
-    def __enter__(self) -> "Kvm":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -460,7 +470,7 @@ class Kvm:
                 raise _accel_error("KVM_GET_MSR_INDEX_LIST", e) from None
             return list(buf.indices[:buf.nmsrs])
 
-    def create_vm(self) -> "VmFd":
+    def create_vm(self) -> VmFd:
         try:
             fd = ioctl(self.fd, KVM_CREATE_VM, 0)
         except OSError as e:
@@ -578,7 +588,7 @@ class VmFd:
         self._call("KVM_IOEVENTFD", KVM_IOEVENTFD, req)
 
     # -- vCPUs ----------------------------------------------------------------------------
-    def create_vcpu(self, vcpu_id: int) -> "VcpuFd":
+    def create_vcpu(self, vcpu_id: int) -> VcpuFd:
         """``KVM_CREATE_VCPU`` (api.rst 4.7); on x86 the id is the initial APIC id."""
         fd = self._call(f"KVM_CREATE_VCPU {vcpu_id}", KVM_CREATE_VCPU, vcpu_id)
         return VcpuFd(self, fd, vcpu_id)

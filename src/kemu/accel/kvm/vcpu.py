@@ -20,10 +20,19 @@ from __future__ import annotations
 
 import signal
 import threading
-from typing import Callable
+from collections.abc import Callable
 
-from kemu.accel.base import Exit, InternalError, IoIn, IoOut, Kicked, MmioRead, MmioWrite, \
-    SystemEvent, dispatch
+from kemu.accel.base import (
+    Exit,
+    InternalError,
+    IoIn,
+    IoOut,
+    Kicked,
+    MmioRead,
+    MmioWrite,
+    SystemEvent,
+    dispatch,
+)
 from kemu.accel.kvm.ioctls import VcpuFd, VmFd
 from kemu.bus import Bus
 from kemu.errors import KemuError

@@ -32,8 +32,17 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from kemu.accel.kvm.ioctls import KVM_CPUID_FLAG_SIGNIFCANT_INDEX, KVM_MP_STATE_RUNNABLE, \
-    VcpuFd, kvm_cpuid_entry2, kvm_fpu, kvm_lapic_state, kvm_regs, kvm_segment, kvm_sregs
+from kemu.accel.kvm.ioctls import (
+    KVM_CPUID_FLAG_SIGNIFCANT_INDEX,
+    KVM_MP_STATE_RUNNABLE,
+    VcpuFd,
+    kvm_cpuid_entry2,
+    kvm_fpu,
+    kvm_lapic_state,
+    kvm_regs,
+    kvm_segment,
+    kvm_sregs,
+)
 from kemu.memory import GuestMemory
 
 # -- guest-physical addresses KVM needs outside RAM (VMX real-mode support) -------------
@@ -348,7 +357,7 @@ class X86BootSetup:
 
     @classmethod
     def prepare(cls, kvm, memory: GuestMemory, nr_vcpus: int,
-                irqchip: bool = True) -> "X86BootSetup":
+                irqchip: bool = True) -> X86BootSetup:
         """Write the GDT and identity map into guest RAM and query KVM once."""
         gdt = write_gdt(memory)
         cr3 = write_identity_map(memory)
