@@ -37,6 +37,7 @@ these (a pure computation loop) sees its interrupts when it leaves the loop.
 
 from __future__ import annotations
 
+import ctypes
 import struct
 import threading
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ from typing import Callable
 import unicorn
 from unicorn import Uc, UcError
 from unicorn import arm64_const as A
+from unicorn.unicorn_py3.arch.arm64 import HOOK_INSN_SYS_CFUNC
 
 from kemu.accel.base import Exit, Halted, InternalError, IoExit, Kicked, MmioRead, MmioWrite, \
     SystemEvent
@@ -121,6 +123,12 @@ CPU_MODELS = {
     "cortex-a72": A.UC_CPU_ARM64_A72,
     "max": A.UC_CPU_ARM64_MAX,
 }
+
+
+def _raw_key(enc: tuple[int, int, int, int, int]) -> bytes:
+    """The first 20 bytes of a uc_arm64_cp_reg: crn, crm, op0, op1, op2 (u32 each)."""
+    op0, op1, crn, crm, op2 = enc
+    return struct.pack("<5I", crn, crm, op0, op1, op2)
 
 
 def _xreg(n: int) -> int:
@@ -225,13 +233,21 @@ class Aarch64Cpu:
             uc.mmio_map(base, size, self._mmio_read, base, self._mmio_write, base)
         self._ctx = uc.context_save()
         uc.hook_add(unicorn.UC_HOOK_INTR, self._on_exception)
-        uc.hook_add(unicorn.UC_HOOK_INSN, self._on_msr, None, 1, 0, A.UC_ARM64_INS_MSR)
+        # The MSR hook runs for every MSR the guest executes (about 30 000 a
+        # second while Linux boots, mostly DAIF writes), so it bypasses the
+        # binding's generic wrapper: a raw ctypes callback that reads the
+        # register encoding as 20 bytes and returns at once for most of them.
+        self._msr_cb = HOOK_INSN_SYS_CFUNC(self._on_msr_raw)
+        uc._Uc__do_hook_add(unicorn.UC_HOOK_INSN, self._msr_cb, 1, 0,
+                            ctypes.c_int(A.UC_ARM64_INS_MSR))
         self._timer_regs = {
             CNTV_CTL_EL0: (vtimer, "ctl"), CNTV_CVAL_EL0: (vtimer, "cval"),
             CNTV_TVAL_EL0: (vtimer, "tval"),
             CNTP_CTL_EL0: (ptimer, "ctl"), CNTP_CVAL_EL0: (ptimer, "cval"),
             CNTP_TVAL_EL0: (ptimer, "tval"),
         }
+        self._timer_regs_raw = {_raw_key(k): v for k, v in self._timer_regs.items()}
+        self._tb_ending_raw = frozenset(_raw_key(k) for k in TB_ENDING_MSR)
         self._timer_ctl_reg = {id(vtimer): CNTV_CTL_EL0, id(ptimer): CNTP_CTL_EL0}
         self._timer_cval_reg = {id(vtimer): CNTV_CVAL_EL0, id(ptimer): CNTP_CVAL_EL0}
         # Cross-thread state
@@ -408,28 +424,38 @@ class Aarch64Cpu:
         self._io(MmioWrite(base + offset, size, value))
         self._mmio_done()
 
-    def _on_msr(self, uc: Uc, reg: int, cp: object, _ud: object) -> bool:
-        key = (cp.op0, cp.op1, cp.crn, cp.crm, cp.op2)
-        entry = self._timer_regs.get(key)
-        if entry is None:
-            if self._work_pending and key in TB_ENDING_MSR:
-                self._where = "msr"
-                self._service()
-            return False
+    def _on_msr_raw(self, _handle: int, _reg: int, cp: int, _key: int) -> int:
+        """uc_cb_insn_sys_t: ``cp`` points at a uc_arm64_cp_reg; nonzero = skip."""
+        try:
+            key = ctypes.string_at(cp, 20)
+            entry = self._timer_regs_raw.get(key)
+            if entry is None:
+                if self._work_pending and key in self._tb_ending_raw:
+                    self._where = "msr"
+                    self._service()
+                return 0
+            return self._timer_write(entry, ctypes.c_uint64.from_address(cp + 24).value)
+        except BaseException as e:  # a bug in kemu: stop the guest, report it
+            self._error = f"internal error in the MSR hook: {type(e).__name__}: {e}"
+            self._stop_requested = True
+            self.uc.emu_stop()
+            return 0
+
+    def _timer_write(self, entry: tuple[GenericTimer, str], value: int) -> int:
         self._where = "msr"
         timer, field = entry
         if field == "ctl":
-            timer.write_ctl(cp.val)
+            timer.write_ctl(value)
         elif field == "cval":
-            timer.write_cval(cp.val)
+            timer.write_cval(value)
         else:
-            timer.write_tval(cp.val)
+            timer.write_tval(value)
         self._wsys(self._timer_ctl_reg[id(timer)], timer.ctl_value())
         self._wsys(self._timer_cval_reg[id(timer)], timer.cval)
         self.on_timer_change()
         if self._work_pending:
             self._service()
-        return True
+        return 1
 
     def _on_exception(self, uc: Uc, intno: int, _ud: object) -> None:
         self._where = "exception"
