@@ -413,6 +413,39 @@ def test_kick_interrupts_a_running_vcpu(machine_factory, code):
     assert cpu.run() == SystemEvent("reset")
 
 
+def test_kvm_vcpu_under_the_machine_runtime(guests, machine_factory):
+    """KvmVcpu fits kemu.machines.runtime.VcpuThread, the loop boards use."""
+    from kemu.machines.runtime import Outcome, RunState, VcpuThread
+
+    m = machine_factory()
+    boot_bzimage(m, guests("boot_check"), "runtime")
+    cpu = m.cpus[0]
+    m.exit.cpus = _AnyThread(cpu)
+
+    def on_exit(exit):
+        if isinstance(exit, SystemEvent):
+            return Outcome(exit.kind, 0)
+        return Outcome("error", 1, getattr(exit, "message", ""))
+
+    thread = VcpuThread(cpu, next_deadline=lambda: None, on_exit=on_exit)
+    thread.start()
+    assert thread.join(RUN_TIMEOUT), "the guest did not finish"
+    assert thread.outcome == Outcome("poweroff", 0)
+    assert thread.state == RunState.STOPPED
+    assert m.exit.status == {0: 0} and m.console.endswith("OK\n")
+
+
+class _AnyThread(dict):
+    """ExitPort's thread -> vCPU map for a vCPU run by a thread the test did not make."""
+
+    def __init__(self, cpu: KvmVcpu) -> None:
+        super().__init__()
+        self.cpu = cpu
+
+    def __getitem__(self, key):
+        return self.cpu
+
+
 def test_in_kernel_pit(machine_factory):
     """KVM_CREATE_PIT2 works after KVM_CREATE_IRQCHIP (a board's i8254)."""
     m = machine_factory()
