@@ -69,13 +69,17 @@ class KvmVcpu:
         self.vm = vm
         self.fd: VcpuFd = vm.create_vcpu(index)
         self.mmio = mmio
-        self.pio = pio
+        # x86 always has a port space: with an MMIO bus but no port bus, ports
+        # read as zero and ignore writes, as on a PC where nothing decodes them.
+        self.pio = pio if pio is not None or mmio is None else Bus("pio", 1 << 16)
         self._thread_id: int | None = None
         self._kicked = False
         self._event: Exit | None = None
         self._cond = threading.Condition()
         self._signal_lock = threading.Lock()
         self._irq_level = False
+        # Without the handler (vCPU made off the main thread before anyone called
+        # install_kick_signal) a kick still works, but only at the next exit.
         self._kick_signal = install_kick_signal()
         #: Exits from KVM_RUN so far (diagnostics, benchmarks).
         self.exits = 0
@@ -94,7 +98,8 @@ class KvmVcpu:
         # ended is undefined; run() clears _thread_id under the same lock.
         with self._signal_lock:
             tid = self._thread_id
-            if tid is not None and self._kick_signal and tid != threading.get_ident():
+            if tid is not None and tid != threading.get_ident() and (
+                    self._kick_signal or signal.getsignal(SIG_KICK) is _ignore):
                 signal.pthread_kill(tid, SIG_KICK)
 
     def set_irq(self, level: bool) -> None:
