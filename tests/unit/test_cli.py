@@ -1,5 +1,6 @@
 """Bad command lines and files: one line on stderr, exit status 2, no traceback."""
 
+import os
 import subprocess
 import sys
 
@@ -86,3 +87,16 @@ def test_unsupported_machine_and_smp(tmp_path):
 
 def test_no_kernel():
     assert "no kernel" in one_line_error(run("-m", "128"))
+
+
+def test_no_network_for_the_default_guest(tmp_path, need):
+    need("apt-get")
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path), http_proxy="http://127.0.0.1:9",
+               https_proxy="http://127.0.0.1:9")
+    line = one_line_error(run("guest", "build", env=env))
+    assert "no network access" in line
+
+
+def test_help_and_version():
+    assert run("--help").returncode == 0
+    assert run("--version").stdout.startswith("kemu ")

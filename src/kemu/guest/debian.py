@@ -107,6 +107,17 @@ def build_initramfs(busybox: bytes, modules: list[Path], console: str) -> bytes:
     return cpio.initramfs(entries)
 
 
+def _reason(apt_output: str) -> str:
+    """The most telling line of apt's output, for a one-line error."""
+    lines = [line.strip() for line in apt_output.splitlines() if line.strip()]
+    for marker in ("Unable to connect", "Could not resolve", "Temporary failure", "Failed",
+                   "E: ", "Err:"):
+        for line in lines:
+            if marker in line:
+                return line.rstrip(":")
+    return lines[-1] if lines else "failed"
+
+
 class Apt:
     """apt for a foreign architecture with a private state directory."""
 
@@ -130,15 +141,14 @@ class Apt:
         except subprocess.TimeoutExpired:
             raise GuestBuildError("apt-get timed out (no network access?)") from None
         if proc.returncode != 0:
-            last = (proc.stderr.strip().splitlines() or ["failed"])[-1]
-            raise GuestBuildError(f"apt-get {args[0]}: {last}")
-        return proc.stdout
+            raise GuestBuildError(f"apt-get {args[0]}: {_reason(proc.stdout + proc.stderr)}")
+        return proc.stdout + proc.stderr
 
     def update(self) -> None:
         out = self._run("update")
         if not any((self.state / "lists").glob("*Packages*")):
-            raise GuestBuildError("apt-get update fetched no package lists "
-                                  f"(no network access?): {out.strip()[-200:]}")
+            raise GuestBuildError("cannot fetch Debian's package lists (no network access?): "
+                                  f"{_reason(out)}")
 
     def depends(self, package: str) -> list[str]:
         proc = subprocess.run(["apt-cache", *self.options, "depends", package],
