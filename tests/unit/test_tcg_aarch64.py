@@ -13,7 +13,7 @@ import pytest
 from unicorn import UC_ARCH_ARM64, UC_MODE_ARM, Uc
 from unicorn import arm64_const as A
 
-from kemu.accel.base import Halted, MmioRead, MmioWrite, SystemEvent
+from kemu.accel.base import Halted, InternalError, MmioRead, MmioWrite, SystemEvent
 from kemu.accel.tcg.aarch64 import Aarch64Cpu, probe_exception_layout
 from kemu.devices import psci
 from kemu.devices.arm_timer import GenericTimer
@@ -67,7 +67,7 @@ class Board:
         end = time.monotonic() + limit
         while time.monotonic() < end:
             exit = self.cpu.run()
-            if isinstance(exit, SystemEvent):
+            if isinstance(exit, (SystemEvent, InternalError)):
                 return exit
             if isinstance(exit, Halted):
                 d = self.vtimer.deadline_counter()
