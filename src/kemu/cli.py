@@ -19,7 +19,8 @@ import sys
 from pathlib import Path
 
 from kemu.errors import ConfigError, KemuError
-from kemu.machines.config import MachineConfig, MiB
+from kemu.machines.config import DriveConfig, MachineConfig, MiB
+from kemu.machines.virtio_devices import parse_device, parse_drive
 
 USAGE = """\
 usage: kemu [QEMU-style options]
@@ -30,15 +31,18 @@ usage: kemu [QEMU-style options]
 QEMU-style options: -M/-machine virt  -accel tcg  -cpu MODEL  -m SIZE  -smp 1
   -kernel FILE  -initrd FILE  -append CMDLINE  -nographic  -serial stdio|mon:stdio|none
   -no-reboot  -S  -name NAME  -display none  -monitor none  -nodefaults
+  -drive file=IMG[,format=raw|qcow2][,if=virtio|none,id=ID][,readonly=on][,cache=MODE]
+  -device virtio-blk-device,drive=ID | virtio-rng-device
+kemu's own: --disk IMG (a virtio disk, format detected)
 In the console: Ctrl-A x quits, Ctrl-A h prints help.
 """
 
 #: Options that take an argument / that do not, in QEMU's spelling.
 WITH_ARG = {"-M", "-machine", "-cpu", "-m", "-smp", "-kernel", "-initrd", "-append",
-            "-serial", "-accel", "-name", "-display", "-monitor"}
+            "-serial", "-accel", "-name", "-display", "-monitor", "-drive", "-device", "-disk"}
 FLAGS = {"-nographic", "-no-reboot", "-S", "-enable-kvm", "-nodefaults"}
 #: QEMU options kemu knows of but does not offer (yet).
-NOT_YET = {"-drive", "-device", "-netdev", "-qmp", "-chardev", "-pidfile", "-daemonize",
+NOT_YET = {"-netdev", "-qmp", "-chardev", "-pidfile", "-daemonize",
            "-hda", "-cdrom", "-bios", "-dtb", "-nic", "-net", "-object", "-vnc", "-gdb", "-s"}
 
 SIZE = re.compile(r"^(\d+)([KMGT]?)(i?B?)$", re.IGNORECASE)
@@ -142,6 +146,12 @@ def parse_qemu_options(argv: list[str], config: MachineConfig) -> MachineConfig:
         elif opt == "-monitor":
             if value != "none":
                 raise ConfigError(f"-monitor {value}: only -monitor none is supported")
+        elif opt == "-drive":
+            config.drives.append(parse_drive(value))
+        elif opt == "-disk":    # kemu's own --disk PATH: a virtio disk, format detected
+            config.drives.append(DriveConfig(Path(value)))
+        elif opt == "-device":
+            config.devices.append(parse_device(value))
     config.extra["serial"] = serial or "mon:stdio"
     return config
 

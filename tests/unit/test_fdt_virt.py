@@ -46,5 +46,5 @@ def test_device_tree_decompiles_with_dtc(tmp_path, need):
     assert "interrupts = <0x01 0x0d 0x104 0x01 0x0e 0x104 0x01 0x0b 0x104 0x01 0x0a 0x104>;" in dts
     assert "pl011@9000000 {" in dts and "interrupts = <0x00 0x01 0x04>;" in dts
     assert 'method = "hvc";' in dts and '"arm,psci-1.0' in dts
-    assert "virtio_mmio@a000000 {" in dts and "interrupts = <0x00 0x10 0x01>;" in dts
+    assert "virtio_mmio@a000000 {" in dts and "interrupts = <0x00 0x10 0x04>;" in dts
     assert 'stdout-path = "/pl011@9000000";' in dts

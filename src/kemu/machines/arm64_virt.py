@@ -55,7 +55,6 @@ PHANDLE_CLK = 2
 
 GIC_FDT_SPI, GIC_FDT_PPI = 0, 1
 IRQ_TYPE_LEVEL_HIGH = 4
-IRQ_TYPE_EDGE_RISING = 1
 
 PANIC_MARK = b"Kernel panic - not syncing"
 
@@ -109,6 +108,9 @@ class VirtMachine:
         self.vtimer = GenericTimer(self.gic.ppi_line(0, PPI_VIRT), name="vtimer")
         self.ptimer = GenericTimer(self.gic.ppi_line(0, PPI_PHYS), name="ptimer")
         self.psci = Psci(self._on_psci)
+
+        from kemu.machines.virtio_devices import attach_devices
+        self.block_backends = attach_devices(self, config)
 
         self.image = linux_arm64.Arm64Image.load_file(config.kernel)
         self.initrd = (linux_arm64.read_boot_file(config.initrd, "initrd")
@@ -168,20 +170,30 @@ class VirtMachine:
             "clocks": Cells(PHANDLE_CLK, PHANDLE_CLK),
             "clock-names": ["uartclk", "apb_pclk"]}))
         for slot in self.virtio_slots:
+            # The transport holds its interrupt high while InterruptStatus is
+            # non-zero, so the slot is described as level-triggered.
             root.add(Node(f"virtio_mmio@{slot.base:x}", {
                 "compatible": "virtio,mmio", "reg": reg64((slot.base, VIRTIO_MMIO[1])),
-                "interrupts": Cells(GIC_FDT_SPI, slot.spi, IRQ_TYPE_EDGE_RISING),
+                "interrupts": Cells(GIC_FDT_SPI, slot.spi, IRQ_TYPE_LEVEL_HIGH),
                 "dma-coherent": None}))
         return fdt.build(root)
 
     def add_virtio(self, device) -> VirtioSlot:
-        """Attach a virtio-mmio transport in the next free slot."""
+        """Map a virtio-mmio transport (or any slot-sized device) in the next free slot."""
         if len(self.virtio_slots) >= VIRTIO_MMIO_SLOTS:
             raise ConfigError("too many virtio devices for the virt board")
         slot = VirtioSlot(len(self.virtio_slots), device)
         self.mmio.map(slot.base, VIRTIO_MMIO[1], device)
         self.virtio_slots.append(slot)
         return slot
+
+    def attach_virtio(self, device):
+        """Put a virtio device behind a virtio-mmio transport in the next free slot."""
+        from kemu.devices.virtio.mmio import VirtioMmioTransport
+        index = len(self.virtio_slots)
+        transport = VirtioMmioTransport(device, self.memory, self.virtio_irq(index))
+        self.add_virtio(transport)
+        return transport
 
     def virtio_irq(self, index: int) -> IrqLine:
         return self.gic.spi_line(VIRTIO_SPI_BASE + index)
@@ -298,8 +310,16 @@ class VirtMachine:
         if not self._vcpu_thread.join(timeout):
             return None
         self._kicker.stop()
+        self.close()
         self.outcome = self._vcpu_thread.outcome
         return self.outcome
+
+    def close(self) -> None:
+        """Flush and close the disks (idempotent)."""
+        backends, self.block_backends = self.block_backends, []
+        for backend in backends:
+            backend.flush()
+            backend.close()
 
     @property
     def state(self) -> RunState:

@@ -9,6 +9,25 @@ MiB = 1 << 20
 
 
 @dataclass
+class DriveConfig:
+    """A disk (QEMU's ``-drive``): a host image behind a virtio-blk device."""
+
+    path: Path
+    format: str | None = None      # "raw", "qcow2", or None to detect
+    read_only: bool = False
+    id: str | None = None
+    cache: str = "writeback"       # "writeback" or "writethrough" / "none" / "directsync"
+
+
+@dataclass
+class DeviceConfig:
+    """A device (QEMU's ``-device``) by driver name, with its properties."""
+
+    driver: str
+    props: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
 class MachineConfig:
     machine: str = "virt"
     accel: str = "tcg"
@@ -23,4 +42,6 @@ class MachineConfig:
     #: Start with the CPUs stopped (-S).
     start_paused: bool = False
     name: str | None = None
+    drives: list[DriveConfig] = field(default_factory=list)
+    devices: list[DeviceConfig] = field(default_factory=list)
     extra: dict = field(default_factory=dict)
