@@ -6,14 +6,13 @@ import struct
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from virtio_driver import VirtioMmioDriver, make_memory
 
 from kemu.devices.base import IrqLine
 from kemu.devices.virtio import MAX_CHAIN_BYTES, STATUS_DEVICE_NEEDS_RESET
 from kemu.devices.virtio import blk as b
 from kemu.devices.virtio.blk import VirtioBlk
 from kemu.devices.virtio.mmio import VirtioMmioTransport
-from kemu.devices.virtio.queue import VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
-from virtio_driver import Buf, VirtioMmioDriver, make_memory
 
 DISK = 64 * 1024          # 128 sectors
 SECTORS = DISK // 512
@@ -135,7 +134,7 @@ def submit(drv, q, rtype, sector=0, out=b"", in_len=0, indirect=False):
 
 
 def test_features_and_config_space():
-    mem, backend, dev, t, drv, q = make()
+    _mem, _backend, dev, _t, drv, _q = make()
     f = drv.device_features()
     for bit in (b.VIRTIO_BLK_F_SIZE_MAX, b.VIRTIO_BLK_F_SEG_MAX, b.VIRTIO_BLK_F_BLK_SIZE,
                 b.VIRTIO_BLK_F_FLUSH, b.VIRTIO_BLK_F_DISCARD, b.VIRTIO_BLK_F_WRITE_ZEROES):
@@ -159,7 +158,7 @@ def test_features_and_config_space():
 
 
 def test_read_only_backend():
-    mem, backend, dev, t, drv, q = make(MemBackend(read_only=True))
+    _mem, backend, _dev, _t, drv, q = make(MemBackend(read_only=True))
     f = drv.device_features()
     assert f >> b.VIRTIO_BLK_F_RO & 1
     assert not f >> b.VIRTIO_BLK_F_DISCARD & 1 and not f >> b.VIRTIO_BLK_F_WRITE_ZEROES & 1
@@ -171,13 +170,13 @@ def test_read_only_backend():
 
 
 def test_read_only_option():
-    mem, backend, dev, t, drv, q = make(read_only=True)
+    _mem, _backend, _dev, _t, drv, _q = make(read_only=True)
     assert drv.device_features() >> b.VIRTIO_BLK_F_RO & 1
 
 
 @pytest.mark.parametrize("indirect", [False, True])
 def test_write_then_read(indirect):
-    mem, backend, dev, t, drv, q = make()
+    _mem, backend, _dev, t, drv, q = make()
     payload = os.urandom(3 * 512)
     status, _, used = submit(drv, q, b.VIRTIO_BLK_T_OUT, 5, payload, indirect=indirect)
     assert status == b.VIRTIO_BLK_S_OK and used == 1
@@ -189,7 +188,7 @@ def test_write_then_read(indirect):
 
 def test_any_layout_framing():
     """2.6.4: header split over descriptors, data and status sharing one."""
-    mem, backend, dev, t, drv, q = make()
+    mem, backend, _dev, _t, drv, q = make()
     backend.data[512:1024] = b"z" * 512
     hdr = struct.pack("<IIQ", b.VIRTIO_BLK_T_IN, 0, 1)
     h1, h2 = drv.buffer(hdr[:3]), drv.buffer(hdr[3:])
@@ -202,7 +201,7 @@ def test_any_layout_framing():
 
 
 def test_whole_disk_and_last_sector():
-    mem, backend, dev, t, drv, q = make()
+    _mem, backend, _dev, _t, drv, q = make()
     status, got, _ = submit(drv, q, b.VIRTIO_BLK_T_IN, SECTORS - 1, in_len=512)
     assert status == b.VIRTIO_BLK_S_OK and got == backend.data[-512:]
 
@@ -217,7 +216,7 @@ def test_whole_disk_and_last_sector():
     (b.VIRTIO_BLK_T_OUT, 0, b"x" * 100, 0),
 ])
 def test_out_of_range_or_unaligned_is_ioerr(rtype, sector, out, in_len):
-    mem, backend, dev, t, drv, q = make()
+    _mem, backend, _dev, t, drv, q = make()
     before = bytes(backend.data)
     status, _, used = submit(drv, q, rtype, sector, out, in_len)
     assert status == b.VIRTIO_BLK_S_IOERR
@@ -226,14 +225,14 @@ def test_out_of_range_or_unaligned_is_ioerr(rtype, sector, out, in_len):
 
 
 def test_flush():
-    mem, backend, dev, t, drv, q = make()
+    _mem, backend, _dev, _t, drv, q = make()
     assert submit(drv, q, b.VIRTIO_BLK_T_FLUSH)[0] == b.VIRTIO_BLK_S_OK
     assert backend.flushes == 1
 
 
 def test_file_backend_with_method_style_size(tmp_path):
     backend = FileBackend(tmp_path / "disk.img", 8192)
-    mem, backend, dev, t, drv, q = make(backend)
+    _mem, backend, _dev, _t, drv, q = make(backend)
     assert drv.config(0, 8) == 16
     assert submit(drv, q, b.VIRTIO_BLK_T_OUT, 3, b"q" * 512)[0] == b.VIRTIO_BLK_S_OK
     assert submit(drv, q, b.VIRTIO_BLK_T_FLUSH)[0] == b.VIRTIO_BLK_S_OK
@@ -249,13 +248,13 @@ def test_file_backend_with_method_style_size(tmp_path):
     ("", b"\0" * 20),
 ])
 def test_get_id(serial, expect):
-    mem, backend, dev, t, drv, q = make(serial=serial)
+    _mem, _backend, _dev, _t, drv, q = make(serial=serial)
     status, got, used = submit(drv, q, b.VIRTIO_BLK_T_GET_ID, in_len=20)
     assert status == b.VIRTIO_BLK_S_OK and got == expect and used == 21
 
 
 def test_get_id_with_short_buffer():
-    mem, backend, dev, t, drv, q = make(serial="abcdefgh")
+    _mem, _backend, _dev, _t, drv, q = make(serial="abcdefgh")
     status, got, used = submit(drv, q, b.VIRTIO_BLK_T_GET_ID, in_len=4)
     assert status == b.VIRTIO_BLK_S_OK and got == b"abcd" and used == 5
 
@@ -265,13 +264,13 @@ def dwz(*segments):
 
 
 def test_discard():
-    mem, backend, dev, t, drv, q = make()
+    _mem, backend, _dev, _t, drv, q = make()
     assert submit(drv, q, b.VIRTIO_BLK_T_DISCARD, out=dwz((4, 8, 0)))[0] == b.VIRTIO_BLK_S_OK
     assert backend.discards == [(4 * 512, 8 * 512)]
 
 
 def test_write_zeroes():
-    mem, backend, dev, t, drv, q = make()
+    _mem, backend, _dev, _t, drv, q = make()
     for flags in (0, b.VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP):
         backend.data[:] = b"\xff" * DISK
         status = submit(drv, q, b.VIRTIO_BLK_T_WRITE_ZEROES, out=dwz((2, 3, flags)))[0]
@@ -292,26 +291,26 @@ def test_write_zeroes():
     (b.VIRTIO_BLK_T_WRITE_ZEROES, b"", b.VIRTIO_BLK_S_IOERR),              # no segment
 ])
 def test_bad_discard_write_zeroes(rtype, out, expect):
-    mem, backend, dev, t, drv, q = make()
+    _mem, backend, _dev, _t, drv, q = make()
     before = bytes(backend.data)
     assert submit(drv, q, rtype, out=out)[0] == expect
     assert bytes(backend.data) == before and backend.discards == []
 
 
 def test_discard_not_negotiated_is_unsupp():
-    mem, backend, dev, t, drv, q = make(mask=~(1 << b.VIRTIO_BLK_F_DISCARD | 1 << b.VIRTIO_BLK_F_WRITE_ZEROES))
+    _mem, _backend, _dev, _t, drv, q = make(mask=~(1 << b.VIRTIO_BLK_F_DISCARD | 1 << b.VIRTIO_BLK_F_WRITE_ZEROES))
     assert submit(drv, q, b.VIRTIO_BLK_T_DISCARD, out=dwz((0, 1, 0)))[0] == b.VIRTIO_BLK_S_UNSUPP
     assert submit(drv, q, b.VIRTIO_BLK_T_WRITE_ZEROES, out=dwz((0, 1, 0)))[0] == b.VIRTIO_BLK_S_UNSUPP
 
 
 @pytest.mark.parametrize("rtype", [2, 3, 5, 10, 14, 15, 0x80000001, 0xFFFFFFFF])
 def test_unknown_request_type_is_unsupp(rtype):
-    mem, backend, dev, t, drv, q = make()
+    _mem, _backend, _dev, _t, drv, q = make()
     assert submit(drv, q, rtype, in_len=512)[0] == b.VIRTIO_BLK_S_UNSUPP
 
 
 def test_backend_failure_is_ioerr():
-    mem, backend, dev, t, drv, q = make()
+    _mem, backend, _dev, t, drv, q = make()
     backend.fail = True
     assert submit(drv, q, b.VIRTIO_BLK_T_IN, 0, in_len=512)[0] == b.VIRTIO_BLK_S_IOERR
     assert submit(drv, q, b.VIRTIO_BLK_T_OUT, 0, b"x" * 512)[0] == b.VIRTIO_BLK_S_IOERR
@@ -322,26 +321,26 @@ def test_backend_failure_is_ioerr():
 
 
 def test_short_backend_read_is_ioerr():
-    mem, backend, dev, t, drv, q = make()
+    _mem, backend, _dev, _t, drv, q = make()
     backend.read = lambda off, n: b"short"
     assert submit(drv, q, b.VIRTIO_BLK_T_IN, 0, in_len=512)[0] == b.VIRTIO_BLK_S_IOERR
 
 
 def test_request_without_header_is_a_device_error():
-    mem, backend, dev, t, drv, q = make()
+    mem, _backend, _dev, t, drv, q = make()
     q.add([drv.buffer(b"\0" * 15), drv.buffer(1, writable=True)])
     assert t.needs_reset and "header" in t.error
     assert mem.violations == []
 
 
 def test_request_without_status_byte_is_a_device_error():
-    mem, backend, dev, t, drv, q = make()
+    _mem, _backend, _dev, t, drv, q = make()
     q.add([drv.buffer(struct.pack("<IIQ", b.VIRTIO_BLK_T_FLUSH, 0, 0))])
     assert t.needs_reset and "status" in t.error
 
 
 def test_resize_sends_config_change():
-    mem, backend, dev, t, drv, q = make()
+    _mem, backend, dev, _t, drv, _q = make()
     gen = drv.r32(0x0FC)
     backend.data += bytes(DISK)
     dev.resized()
@@ -351,7 +350,7 @@ def test_resize_sends_config_change():
 
 def test_deferred_completion_out_of_order():
     ex = Deferred()
-    mem, backend, dev, t, drv, q = make(executor=ex)
+    mem, backend, _dev, _t, drv, q = make(executor=ex)
     st_bufs = []
     for sector in (1, 2, 3):
         st_buf = drv.buffer(1, writable=True)
@@ -368,7 +367,7 @@ def test_deferred_completion_out_of_order():
 
 def test_completion_after_reset_is_dropped():
     ex = Deferred()
-    mem, backend, dev, t, drv, q = make(executor=ex)
+    mem, _backend, _dev, t, drv, q = make(executor=ex)
     status = drv.buffer(1, writable=True)
     mem.write(status.addr, b"\xEE")
     q.add([drv.buffer(struct.pack("<IIQ", b.VIRTIO_BLK_T_FLUSH, 0, 0)), status])
@@ -403,7 +402,7 @@ requests = st.fixed_dictionaries({
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(requests, min_size=1, max_size=4), st.booleans())
 def test_random_requests_never_escape(reqs, read_only):
-    mem, backend, dev, t, drv, q = make(MemBackend(read_only=read_only), serial="fuzz")
+    mem, backend, _dev, t, drv, q = make(MemBackend(read_only=read_only), serial="fuzz")
     for rq in reqs:
         header = struct.pack("<IIQ", rq["type"], 0, rq["sector"])[:rq["header_len"]]
         bufs = [drv.buffer(header)] if header else []

@@ -1,6 +1,7 @@
 """virtio-mmio transport, version 2 (VIRTIO 1.2 section 4.2)."""
 
 import pytest
+from virtio_driver import RAM_BASE, VirtioMmioDriver, make_memory
 
 from kemu.devices.base import Device, IrqLine
 from kemu.devices.virtio import (
@@ -17,7 +18,6 @@ from kemu.devices.virtio import (
 )
 from kemu.devices.virtio import mmio as r
 from kemu.devices.virtio.mmio import VirtioMmioTransport
-from virtio_driver import RAM_BASE, VirtioMmioDriver, make_memory
 
 DEVICE_BITS = (1 << 0) | (1 << 5)
 
@@ -73,7 +73,7 @@ def make(device=None):
 
 
 def test_identification_registers():
-    mem, irq, dev, t, drv = make()
+    _mem, _irq, _dev, t, drv = make()
     assert isinstance(t, Device)
     assert drv.r32(r.MAGIC_VALUE) == 0x74726976
     assert drv.r32(r.VERSION) == 2
@@ -98,7 +98,7 @@ def test_empty_slot_reads_device_id_zero_and_ignores_writes():
 
 
 def test_feature_words():
-    mem, irq, dev, t, drv = make()
+    _mem, _irq, _dev, _t, drv = make()
     features = drv.device_features()
     assert features == (DEVICE_BITS | 1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_F_INDIRECT_DESC
                         | 1 << VIRTIO_F_EVENT_IDX)
@@ -107,7 +107,7 @@ def test_feature_words():
 
 
 def test_negotiation_accepts_a_subset_with_version_1():
-    mem, irq, dev, t, drv = make()
+    _mem, _irq, _dev, t, drv = make()
     assert drv.negotiate(features=1 << VIRTIO_F_VERSION_1 | 1)
     assert t.driver_features == 1 << VIRTIO_F_VERSION_1 | 1
     assert drv.status == STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK
@@ -123,20 +123,20 @@ def test_negotiation_accepts_a_subset_with_version_1():
     DEVICE_BITS,                              # no VERSION_1: legacy driver
 ])
 def test_negotiation_refuses_bad_feature_sets(features):
-    mem, irq, dev, t, drv = make()
+    _mem, _irq, _dev, t, drv = make()
     assert not drv.negotiate(features=features)
     assert not drv.status & STATUS_FEATURES_OK
     assert not t.needs_reset
 
 
 def test_device_may_refuse_features():
-    mem, irq, dev, t, drv = make()
+    _mem, _irq, dev, _t, drv = make()
     dev.refuse = True
     assert not drv.negotiate()
 
 
 def test_driver_ok_activates_with_negotiated_features():
-    mem, irq, dev, t, drv = make()
+    mem, _irq, dev, _t, drv = make()
     drv.init(nqueues=2)
     assert dev.calls[-1] == ("activate", drv.device_features())
     assert drv.status & STATUS_DRIVER_OK
@@ -145,7 +145,7 @@ def test_driver_ok_activates_with_negotiated_features():
 
 
 def test_failing_activation_is_a_device_error():
-    mem, irq, dev, t, drv = make()
+    _mem, irq, dev, t, drv = make()
     dev.fail_activate = True
     drv.init()
     assert t.needs_reset and irq.level
@@ -153,7 +153,7 @@ def test_failing_activation_is_a_device_error():
 
 def test_legacy_driver_is_refused():
     """A version 1 driver writes GuestPageSize and QueuePFN and never sets FEATURES_OK."""
-    mem, irq, dev, t, drv = make()
+    _mem, _irq, _dev, t, drv = make()
     drv.w32(r.STATUS, 0)
     drv.set_status(STATUS_ACKNOWLEDGE | STATUS_DRIVER)
     drv.w32(r.LEGACY_GUEST_PAGE_SIZE, 4096)
@@ -167,7 +167,7 @@ def test_legacy_driver_is_refused():
 
 
 def test_driver_ok_without_features_ok_is_refused():
-    mem, irq, dev, t, drv = make()
+    _mem, _irq, dev, _t, drv = make()
     drv.w32(r.STATUS, 0)
     drv.set_status(STATUS_ACKNOWLEDGE | STATUS_DRIVER)
     drv.set_status(STATUS_DRIVER_OK)
@@ -177,7 +177,7 @@ def test_driver_ok_without_features_ok_is_refused():
 
 
 def test_queue_registers():
-    mem, irq, dev, t, drv = make()
+    _mem, _irq, _dev, t, drv = make()
     assert drv.negotiate()
     drv.w32(r.QUEUE_SEL, 0)
     assert drv.r32(r.QUEUE_NUM_MAX) == 16
@@ -200,7 +200,7 @@ def test_queue_registers():
 
 
 def test_64_bit_queue_addresses():
-    mem, irq, dev, t, drv = make()
+    _mem, _irq, _dev, t, drv = make()
     drv.w32(r.QUEUE_SEL, 0)
     drv.w32(r.QUEUE_DEVICE_LOW, 0x89ABCDEF)
     drv.w32(r.QUEUE_DEVICE_HIGH, 0x01234567)
@@ -208,7 +208,7 @@ def test_64_bit_queue_addresses():
 
 
 def test_notify_before_driver_ok_is_ignored():
-    mem, irq, dev, t, drv = make()
+    _mem, _irq, dev, _t, drv = make()
     assert drv.negotiate()
     q = drv.setup_queue(0)
     q.add([drv.buffer(4)])
@@ -219,7 +219,7 @@ def test_notify_before_driver_ok_is_ignored():
 
 
 def test_notify_for_missing_or_disabled_queue_is_ignored():
-    mem, irq, dev, t, drv = make()
+    _mem, _irq, dev, t, drv = make()
     drv.init(nqueues=1)
     drv.w32(r.QUEUE_NOTIFY, 1)
     drv.w32(r.QUEUE_NOTIFY, 7)
@@ -228,7 +228,7 @@ def test_notify_for_missing_or_disabled_queue_is_ignored():
 
 
 def test_interrupt_is_level_while_status_is_nonzero():
-    mem, irq, dev, t, drv = make()
+    _mem, irq, _dev, t, drv = make()
     (q,) = drv.init()
     levels = []
     irq.connect(levels.append)
@@ -244,7 +244,7 @@ def test_interrupt_is_level_while_status_is_nonzero():
 
 
 def test_config_space_access():
-    mem, irq, dev, t, drv = make()
+    _mem, _irq, dev, t, drv = make()
     assert drv.config(0, 1) == 1
     assert drv.config(1, 2) == 0x0302
     assert drv.config(4, 4) == 0x08070605
@@ -259,7 +259,7 @@ def test_config_space_access():
 
 
 def test_config_generation_and_change_notification():
-    mem, irq, dev, t, drv = make()
+    _mem, irq, dev, t, drv = make()
     gen = drv.r32(r.CONFIG_GENERATION)
     t.config_changed()                  # before DRIVER_OK: no interrupt
     assert drv.r32(r.CONFIG_GENERATION) == gen + 1 and not irq.level
@@ -270,7 +270,7 @@ def test_config_generation_and_change_notification():
 
 
 def test_bad_register_access_width_is_ignored():
-    mem, irq, dev, t, drv = make()
+    _mem, _irq, _dev, t, drv = make()
     assert t.read(r.MAGIC_VALUE, 2) == 0
     assert t.read(r.MAGIC_VALUE + 1, 4) == 0
     t.write(r.STATUS, 1, STATUS_ACKNOWLEDGE)
@@ -279,7 +279,7 @@ def test_bad_register_access_width_is_ignored():
 
 
 def test_shared_memory_registers_report_no_regions():
-    mem, irq, dev, t, drv = make()
+    _mem, _irq, _dev, _t, drv = make()
     drv.w32(r.SHM_SEL, 0)
     for off in (r.SHM_LEN_LOW, r.SHM_LEN_HIGH, r.SHM_BASE_LOW, r.SHM_BASE_HIGH):
         assert drv.r32(off) == 0xFFFFFFFF
@@ -287,7 +287,7 @@ def test_shared_memory_registers_report_no_regions():
 
 
 def test_status_write_zero_resets_everything():
-    mem, irq, dev, t, drv = make()
+    _mem, irq, dev, t, drv = make()
     (q,) = drv.init()
     q.add([drv.buffer(4)])
     session = dev.session
@@ -303,7 +303,7 @@ def test_status_write_zero_resets_everything():
 
 
 def test_device_error_stops_processing_until_reset():
-    mem, irq, dev, t, drv = make()
+    _mem, _irq, dev, t, drv = make()
     (q,) = drv.init()
     dev.session.device_error("broken")
     assert drv.status & STATUS_DEVICE_NEEDS_RESET and t.error == "broken"
@@ -321,14 +321,14 @@ def test_device_error_stops_processing_until_reset():
 
 
 def test_device_error_before_driver_ok_sends_no_interrupt():
-    mem, irq, dev, t, drv = make()
+    _mem, irq, _dev, t, drv = make()
     drv.negotiate()
     t.device_error("early")
     assert t.needs_reset and not irq.level
 
 
 def test_save_restore_roundtrip():
-    mem, irq, dev, t, drv = make()
+    mem, _irq, _dev, t, drv = make()
     (q,) = drv.init()
     q.add([drv.buffer(4)])
     state = t.save()

@@ -2,11 +2,16 @@
 
 import itertools
 
+from virtio_driver import VirtioMmioDriver, make_memory
+
 from kemu.devices.base import IrqLine
-from kemu.devices.virtio import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_VERSION_1
+from kemu.devices.virtio import (
+    VIRTIO_F_EVENT_IDX,
+    VIRTIO_F_INDIRECT_DESC,
+    VIRTIO_F_VERSION_1,
+)
 from kemu.devices.virtio.mmio import VirtioMmioTransport
 from kemu.devices.virtio.rng import VirtioRng
-from virtio_driver import VirtioMmioDriver, make_memory
 
 
 def counter_source():
@@ -33,7 +38,7 @@ def make(source=None, **kw):
 
 
 def test_identity_and_features():
-    mem, dev, irq, t, drv, q = make()
+    _mem, _dev, _irq, _t, drv, _q = make()
     assert drv.r32(0x008) == 4
     assert drv.device_features() == (1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_F_INDIRECT_DESC
                                      | 1 << VIRTIO_F_EVENT_IDX)
@@ -42,7 +47,7 @@ def test_identity_and_features():
 
 def test_fills_buffer_from_source():
     source, calls = counter_source()
-    mem, dev, irq, t, drv, q = make(source)
+    mem, _dev, irq, _t, drv, q = make(source)
     buf = drv.buffer(64, writable=True)
     head = q.add([buf])
     assert q.get_used() == [(head, 64)]
@@ -51,7 +56,7 @@ def test_fills_buffer_from_source():
 
 
 def test_real_entropy_source():
-    mem, dev, irq, t, drv, q = make()
+    mem, _dev, _irq, _t, drv, q = make()
     bufs = [drv.buffer(16, writable=True), drv.buffer(16, writable=True)]
     q.add(bufs)
     assert q.get_used() == [(0, 32)]
@@ -60,7 +65,7 @@ def test_real_entropy_source():
 
 def test_request_is_bounded():
     source, calls = counter_source()
-    mem, dev, irq, t, drv, q = make(source, max_bytes=100)
+    mem, _dev, _irq, _t, drv, q = make(source, max_bytes=100)
     buf = drv.buffer(4096, writable=True)
     q.add([buf])
     assert q.get_used() == [(0, 100)]
@@ -70,26 +75,26 @@ def test_request_is_bounded():
 
 def test_readable_buffers_are_ignored():
     source, calls = counter_source()
-    mem, dev, irq, t, drv, q = make(source)
+    _mem, _dev, _irq, t, drv, q = make(source)
     q.add([drv.buffer(b"ignored")])
     assert q.get_used() == [(0, 0)]
     assert calls == [] and not t.needs_reset
 
 
 def test_short_or_failing_source():
-    mem, dev, irq, t, drv, q = make(lambda n: b"ab")
+    _mem, _dev, _irq, t, drv, q = make(lambda n: b"ab")
     q.add([drv.buffer(8, writable=True)])
     assert q.get_used() == [(0, 2)]
 
     def broken(n):
         raise OSError("no entropy")
-    mem, dev, irq, t, drv, q = make(broken)
+    _mem, _dev, _irq, t, drv, q = make(broken)
     q.add([drv.buffer(8, writable=True)])
     assert q.get_used() == [(0, 0)] and not t.needs_reset
 
 
 def test_oversized_source_output_is_truncated():
-    mem, dev, irq, t, drv, q = make(lambda n: b"x" * (n + 50))
+    mem, _dev, _irq, _t, drv, q = make(lambda n: b"x" * (n + 50))
     buf = drv.buffer(8, writable=True)
     after = drv.buffer(8)
     q.add([buf])
@@ -98,7 +103,7 @@ def test_oversized_source_output_is_truncated():
 
 
 def test_many_requests_and_bad_chain():
-    mem, dev, irq, t, drv, q = make()
+    mem, _dev, _irq, t, drv, q = make()
     for _ in range(3):
         q.add([drv.buffer(8, writable=True)], kick=False)
     q.kick()

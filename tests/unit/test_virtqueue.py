@@ -5,6 +5,7 @@ import struct
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from virtio_driver import RAM_BASE, Buf, VirtioMmioDriver, make_memory
 
 from kemu.devices.base import IrqLine
 from kemu.devices.virtio import (
@@ -23,7 +24,6 @@ from kemu.devices.virtio.queue import (
     VIRTQ_DESC_F_WRITE,
     VIRTQ_USED_F_NO_NOTIFY,
 )
-from virtio_driver import RAM_BASE, Buf, VirtioMmioDriver, make_memory
 
 NEXT, WRITE, INDIRECT = VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, VIRTQ_DESC_F_INDIRECT
 NO_RING_FEATURES = ~((1 << VIRTIO_F_EVENT_IDX) | (1 << VIRTIO_F_INDIRECT_DESC))
@@ -57,7 +57,7 @@ def setup(size=8, mask=~0, ram=1 << 20, qsize=None):
 
 
 def test_direct_chain_roundtrip():
-    mem, dev, irq, t, drv, q = setup()
+    mem, dev, irq, _t, drv, q = setup()
     a, b, c = drv.buffer(b"hdr"), drv.buffer(b"data!"), drv.buffer(7, writable=True)
     head = q.add([a, b, c])
     (chain,) = dev.chains
@@ -76,7 +76,7 @@ def test_direct_chain_roundtrip():
 
 
 def test_indirect_chain():
-    mem, dev, irq, t, drv, q = setup()
+    _mem, dev, _irq, t, drv, q = setup()
     bufs = [drv.buffer(b"r" * 16), drv.buffer(4, writable=True), drv.buffer(8, writable=True)]
     head = q.add(bufs, indirect=True)
     (chain,) = dev.chains
@@ -88,7 +88,7 @@ def test_indirect_chain():
 
 def test_direct_descriptors_then_indirect_table():
     """2.7.5.3.2: zero or more chained descriptors followed by one indirect one."""
-    mem, dev, irq, t, drv, q = setup()
+    _mem, dev, _irq, _t, drv, q = setup()
     r0 = drv.buffer(b"a" * 8)
     w0 = drv.buffer(4, writable=True)
     table = drv.alloc.alloc(16)
@@ -103,7 +103,7 @@ def test_direct_descriptors_then_indirect_table():
 
 
 def test_zero_length_descriptor_is_not_checked():
-    mem, dev, irq, t, drv, q = setup()
+    _mem, dev, _irq, t, _drv, q = setup()
     q.write_desc(0, 0xFFFF_FFFF_FFFF_FFF0, 0, WRITE, 0)
     q.publish(0)
     q.kick()
@@ -278,13 +278,13 @@ def test_malformed_ring_is_a_device_error(case):
 
 
 def test_indirect_without_feature_is_a_device_error():
-    mem, dev, irq, t, drv, q = setup(mask=NO_RING_FEATURES)
+    _mem, _dev, _irq, t, drv, q = setup(mask=NO_RING_FEATURES)
     q.add([drv.buffer(8), drv.buffer(8, writable=True)], indirect=True)
     assert t.needs_reset and "INDIRECT" in t.error
 
 
 def test_chain_total_length_is_bounded():
-    mem, dev, irq, t, drv, q = setup(ram=MAX_CHAIN_BYTES + (8 << 20))
+    _mem, dev, _irq, t, drv, q = setup(ram=MAX_CHAIN_BYTES + (8 << 20))
     half = MAX_CHAIN_BYTES // 2 + 1
     a = drv.alloc.alloc(half, 4096)
     b = drv.alloc.alloc(half, 4096)
@@ -297,7 +297,7 @@ def test_chain_total_length_is_bounded():
 
 
 def test_chain_of_exactly_queue_size_descriptors():
-    mem, dev, irq, t, drv, q = setup(size=4)
+    _mem, dev, _irq, t, drv, q = setup(size=4)
     bufs = [drv.buffer(4) for _ in range(4)]
     q.add(bufs)
     assert len(dev.chains) == 1 and not t.needs_reset
@@ -357,7 +357,7 @@ def test_max_queue_size_limits():
 
 
 def test_no_interrupt_flag_suppresses_notification():
-    mem, dev, irq, t, drv, q = setup(mask=NO_RING_FEATURES)
+    _mem, _dev, irq, _t, drv, q = setup(mask=NO_RING_FEATURES)
     q.set_avail_flags(VIRTQ_AVAIL_F_NO_INTERRUPT)
     q.add([drv.buffer(4, writable=True)])
     assert len(q.get_used()) == 1
@@ -368,7 +368,7 @@ def test_no_interrupt_flag_suppresses_notification():
 
 
 def test_event_idx_used_event_suppresses_until_crossed():
-    mem, dev, irq, t, drv, q = setup()
+    _mem, _dev, irq, t, drv, q = setup()
     assert t.queues[0].event_idx
     # The first used buffer always notifies (no previous signal to compare with).
     q.add([drv.buffer(4, writable=True)])
@@ -387,7 +387,7 @@ def test_event_idx_used_event_suppresses_until_crossed():
 
 
 def test_event_idx_avail_event_tracks_next_avail():
-    mem, dev, irq, t, drv, q = setup()
+    _mem, _dev, _irq, t, drv, q = setup()
     for i in range(3):
         q.add([drv.buffer(4)])
         assert q.avail_event() == i + 1
@@ -397,7 +397,7 @@ def test_event_idx_avail_event_tracks_next_avail():
 
 
 def test_set_notification_without_event_idx():
-    mem, dev, irq, t, drv, q = setup(mask=NO_RING_FEATURES)
+    _mem, _dev, _irq, t, _drv, q = setup(mask=NO_RING_FEATURES)
     t.queues[0].set_notification(False)
     assert q.used_flags() == VIRTQ_USED_F_NO_NOTIFY
     t.queues[0].set_notification(True)
@@ -405,7 +405,7 @@ def test_set_notification_without_event_idx():
 
 
 def test_indices_wrap_at_65536():
-    mem, dev, irq, t, drv, q = setup(size=4)
+    _mem, _dev, _irq, t, drv, q = setup(size=4)
     vq = t.queues[0]
     state = vq.save()
     state.next_avail = state.next_used = 0xFFFE
@@ -420,14 +420,14 @@ def test_indices_wrap_at_65536():
 
 
 def test_push_rejects_used_length_beyond_writable():
-    mem, dev, irq, t, drv, q = setup()
+    _mem, dev, _irq, t, drv, q = setup()
     q.add([drv.buffer(4), drv.buffer(4, writable=True)])
     with pytest.raises(ValueError):
         t.queues[0].push(dev.chains[0], 5)
 
 
 def test_pop_on_disabled_queue_returns_nothing():
-    mem, dev, irq, t, drv, q = setup()
+    _mem, _dev, _irq, t, drv, q = setup()
     q.add([drv.buffer(4)], kick=False)
     t.queues[0].disable()
     assert t.queues[0].pop() is None
@@ -527,16 +527,16 @@ def rings(draw):
         heads[draw(st.integers(0, len(heads) - 1))] = draw(st.integers(0, size + 1))
     if draw(st.integers(0, 7)) == 0:
         heads.append(draw(st.integers(0, size - 1)))
-    return dict(
-        size=size,
-        indirect=draw(st.integers(0, 3)) > 0,
-        event_idx=draw(st.booleans()),
-        table=[tuple(d) for d in table],
-        ind=[[tuple(d) for d in t] for t in ind],
-        heads=heads,
-        avail_idx=draw(st.integers(0, 0xFFFF)) if draw(st.integers(0, 9)) == 0 else None,
-        used_event=draw(st.integers(0, 0xFFFF)),
-    )
+    return {
+        "size": size,
+        "indirect": draw(st.integers(0, 3)) > 0,
+        "event_idx": draw(st.booleans()),
+        "table": [tuple(d) for d in table],
+        "ind": [[tuple(d) for d in t] for t in ind],
+        "heads": heads,
+        "avail_idx": draw(st.integers(0, 0xFFFF)) if draw(st.integers(0, 9)) == 0 else None,
+        "used_event": draw(st.integers(0, 0xFFFF)),
+    }
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])

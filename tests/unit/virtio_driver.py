@@ -91,7 +91,7 @@ class Buf:
 class DriverQueue:
     """The driver side of one split virtqueue."""
 
-    driver: "VirtioMmioDriver"
+    driver: VirtioMmioDriver
     index: int
     size: int
     desc: int

@@ -21,7 +21,8 @@ back on the thread that owns device state (under the machine lock).
 
 from __future__ import annotations
 
-from typing import Callable, Protocol, Sequence, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Protocol, TypeVar
 
 from kemu.devices.virtio.queue import (
     MAX_CHAIN_BYTES,
@@ -38,12 +39,30 @@ from kemu.devices.virtio.queue import (
 from kemu.memory import GuestMemory
 
 __all__ = [
-    "MAX_CHAIN_BYTES", "MAX_QUEUE_SIZE", "VIRTIO_F_EVENT_IDX", "VIRTIO_F_INDIRECT_DESC",
-    "VIRTIO_F_VERSION_1", "DescriptorChain", "Segment", "VirtioError", "Virtqueue",
-    "VirtqueueError", "VirtioDevice", "VirtioSession", "Executor", "SyncExecutor",
-    "STATUS_ACKNOWLEDGE", "STATUS_DRIVER", "STATUS_DRIVER_OK", "STATUS_FEATURES_OK",
-    "STATUS_DEVICE_NEEDS_RESET", "STATUS_FAILED", "VIRTIO_ID_NET", "VIRTIO_ID_BLOCK",
-    "VIRTIO_ID_CONSOLE", "VIRTIO_ID_RNG",
+    "MAX_CHAIN_BYTES",
+    "MAX_QUEUE_SIZE",
+    "STATUS_ACKNOWLEDGE",
+    "STATUS_DEVICE_NEEDS_RESET",
+    "STATUS_DRIVER",
+    "STATUS_DRIVER_OK",
+    "STATUS_FAILED",
+    "STATUS_FEATURES_OK",
+    "VIRTIO_F_EVENT_IDX",
+    "VIRTIO_F_INDIRECT_DESC",
+    "VIRTIO_F_VERSION_1",
+    "VIRTIO_ID_BLOCK",
+    "VIRTIO_ID_CONSOLE",
+    "VIRTIO_ID_NET",
+    "VIRTIO_ID_RNG",
+    "DescriptorChain",
+    "Executor",
+    "Segment",
+    "SyncExecutor",
+    "VirtioDevice",
+    "VirtioError",
+    "VirtioSession",
+    "Virtqueue",
+    "VirtqueueError",
 ]
 
 # Device status bits (2.1).

@@ -35,7 +35,12 @@ from functools import partial
 from typing import Protocol
 
 from kemu.devices.virtio import VIRTIO_ID_BLOCK, Executor, VirtioDevice, VirtioSession
-from kemu.devices.virtio.queue import DescriptorChain, VirtioError, Virtqueue, VirtqueueError
+from kemu.devices.virtio.queue import (
+    DescriptorChain,
+    VirtioError,
+    Virtqueue,
+    VirtqueueError,
+)
 from kemu.errors import MemoryAccessError
 
 log = logging.getLogger(__name__)

@@ -21,8 +21,8 @@ DRIVER_OK without FEATURES_OK is refused with DEVICE_NEEDS_RESET.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 from kemu.devices.base import IrqLine
 from kemu.devices.virtio import (

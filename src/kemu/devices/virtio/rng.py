@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from functools import partial
-from typing import Callable
 
 from kemu.devices.virtio import VIRTIO_ID_RNG, Executor, VirtioDevice, VirtioSession
 from kemu.devices.virtio.queue import DescriptorChain, VirtioError, Virtqueue
