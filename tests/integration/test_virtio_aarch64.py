@@ -24,3 +24,40 @@ def test_rng_gives_entropy(guest):
     assert "virtio_rng.0" in out
     distinct = int(re.search(r"DISTINCT=(\d+)", out).group(1))
     assert distinct > 200                      # 4 KiB of real entropy covers most byte values
+def test_disk_write_sync_poweroff_reaches_the_host_file(guest, tmp_path):
+    disk = tmp_path / "disk.raw"
+    disk.write_bytes(b"\0" * (64 << 20))
+    with open(disk, "r+b") as f:               # something for the guest to read
+        f.seek(7 * 512)
+        f.write(b"written-by-the-host")
+    out = boot(["--disk", str(disk)],
+               "cat /sys/block/vda/size\n"
+               "dd if=/dev/vda bs=512 skip=7 count=1 2>/dev/null | head -c 19; echo\n"
+               "mke2fs -q /dev/vda && mount /dev/vda /mnt && echo hello-from-guest > /mnt/f"
+               " && sync && umount /mnt && echo fs-ok\n"
+               "echo raw-block-data | dd of=/dev/vda bs=512 seek=100000 conv=fsync 2>/dev/null\n"
+               "poweroff -f\n")
+    assert "131072" in out                      # 64 MiB in 512-byte sectors
+    assert "written-by-the-host" in out
+    assert "fs-ok" in out
+    data = disk.read_bytes()
+    assert data[100000 * 512:100000 * 512 + 14] == b"raw-block-data"
+    assert b"hello-from-guest" in data          # the file's data block
+
+
+def test_qemu_drive_spelling_and_read_only(guest, tmp_path):
+    disk = tmp_path / "ro.raw"
+    disk.write_bytes(b"R" * (1 << 20))
+    out = boot(["-drive", f"file={disk},format=raw,if=virtio,readonly=on"],
+               "cat /sys/block/vda/ro\n"
+               "echo x | dd of=/dev/vda bs=512 count=1 conv=fsync; echo rc=$?\n"
+               "poweroff -f\n")
+    assert "\n1\n" in out
+    assert disk.read_bytes() == b"R" * (1 << 20)
+
+
+def test_missing_image_is_one_line(guest, tmp_path):
+    proc = subprocess.run(KEMU + ["run", "--disk", str(tmp_path / "nope.img")],
+                          capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
