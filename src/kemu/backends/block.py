@@ -1,8 +1,9 @@
-"""Host side of disks: the block backend protocol and raw image files.
+"""Host side of disks: raw image files, and opening images by format.
 
-A backend is what virtio-blk reads and writes: ``size`` in bytes,
+A backend is what virtio-blk reads and writes (the protocol
+:class:`kemu.devices.virtio.blk.BlockBackend`): ``size`` in bytes,
 ``read_only``, ``read``/``write`` at byte offsets, ``flush`` (which must
-reach stable storage: fsync), ``discard``, ``write_zeroes`` and ``close``.
+reach stable storage: fsync), ``discard``, ``write_zeroes``; plus ``close``.
 :func:`open_image` opens a raw file or a qcow2 image.  As QEMU does, a file
 is interpreted as qcow2 only when its header says so or the user asks;
 format probing never turns a raw disk whose guest wrote a qcow2 header into
@@ -13,32 +14,18 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING
 
 from kemu.errors import KemuError
+
+if TYPE_CHECKING:
+    from kemu.devices.virtio.blk import BlockBackend
 
 QCOW2_MAGIC = b"QFI\xfb"
 
 
 class ImageError(KemuError):
     """A disk image that cannot be opened or is malformed."""
-
-
-class BlockBackend(Protocol):
-    size: int
-    read_only: bool
-
-    def read(self, offset: int, length: int) -> bytes: ...
-
-    def write(self, offset: int, data: bytes) -> None: ...
-
-    def flush(self) -> None: ...
-
-    def discard(self, offset: int, length: int) -> None: ...
-
-    def write_zeroes(self, offset: int, length: int) -> None: ...
-
-    def close(self) -> None: ...
 
 
 def _open_fd(path: Path, read_only: bool) -> int:
@@ -115,7 +102,7 @@ def detect_format(path: Path) -> str:
 
 
 def open_image(path: str | Path, format: str | None = None,
-               read_only: bool = False) -> BlockBackend:
+               read_only: bool = False) -> "BlockBackend":
     path = Path(path)
     fmt = format or detect_format(path)
     if fmt == "raw":
