@@ -1,6 +1,7 @@
 """Bad command lines and files: one line on stderr, exit status 2, no traceback."""
 
 import os
+import struct
 import subprocess
 import sys
 
@@ -100,3 +101,14 @@ def test_no_network_for_the_default_guest(tmp_path, need):
 def test_help_and_version():
     assert run("--help").returncode == 0
     assert run("--version").stdout.startswith("kemu ")
+
+
+def test_guest_jumping_into_nothing_is_a_guest_failure(tmp_path):
+    # An arm64 Image whose first instructions branch to an address with no memory.
+    header = HEADER.pack(0x58000201,            # ldr x1, <literal at offset 64>
+                         0xD61F0020,            # br x1
+                         0, 1 << 20, 0b1010, 0, 0, 0, ARM64_MAGIC, 0)
+    kernel = tmp_path / "Image"
+    kernel.write_bytes(header + struct.pack("<Q", 0x7_0000_0000))  # outside RAM and devices
+    line = one_line_error(run("-m", "128", "-kernel", str(kernel)), status=1)
+    assert "guest stopped" in line and "0x700000000" in line
