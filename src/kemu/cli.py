@@ -157,38 +157,29 @@ def parse_qemu_options(argv: list[str], config: MachineConfig) -> MachineConfig:
 
 
 def run_machine(config: MachineConfig) -> int:
-    from kemu.backends.serial import SerialBackend
+    """Run a machine on the terminal through the same API programs use."""
+    from kemu.api import Machine
     from kemu.console import StdioConsole, write_stdout
-    from kemu.machines.builder import build
 
     serial = config.extra.get("serial", "mon:stdio")
-    console = SerialBackend(write_stdout if serial != "none" and serial != "null"
-                            else (lambda data: None))
-    machine = build(config, console)
-
-    def send(data: bytes) -> None:
-        with machine.lock:
-            console.send(data)
-
+    vm = Machine.from_config(config, write_stdout if serial in ("stdio", "mon:stdio") else None)
     quit_requested = []
 
     def on_quit() -> None:
         quit_requested.append(True)
-        machine.stop()
+        vm.stop()
 
-    stdio = (StdioConsole(send, on_quit, escapes=serial == "mon:stdio")
+    stdio = (StdioConsole(vm.console.write, on_quit, escapes=serial == "mon:stdio")
              if serial in ("stdio", "mon:stdio") else None)
-    machine.start()
+    vm.start(paused=config.start_paused)
     if stdio is not None:
         stdio.start()
     try:
-        while True:
-            outcome = machine.wait(0.5)
-            if outcome is not None:
-                break
+        while vm.wait(0.5) is None:
+            pass
     except KeyboardInterrupt:
-        machine.stop()
-        outcome = machine.wait(5)
+        vm.stop()
+        vm.wait(5)
         if stdio is not None:
             stdio.restore()
         print("\nkemu: terminated by signal", file=sys.stderr)
@@ -199,6 +190,7 @@ def run_machine(config: MachineConfig) -> int:
     if quit_requested:
         print("\r\nkemu: terminated", file=sys.stderr)
         return 0
+    outcome = vm.outcome
     if outcome.message:
         print(f"\r\nkemu: {outcome.message}", file=sys.stderr)
     return outcome.status

@@ -22,7 +22,7 @@ from kemu.accel.base import Exit, InternalError, IoExit, SystemEvent, dispatch
 from kemu.boot import fdt, linux_arm64
 from kemu.boot.fdt import Cells, Node, reg64
 from kemu.bus import Bus
-from kemu.devices.arm_timer import NS_PER_TICK, GenericTimer
+from kemu.devices.arm_timer import NS_PER_TICK, GenericTimer, host_counter
 from kemu.devices.base import IrqLine
 from kemu.devices.gic import GicV2
 from kemu.devices.pl011 import Pl011
@@ -125,6 +125,7 @@ class VirtMachine:
         self._kicker: DeadlineKicker | None = None
         self.cpu = None
         self.on_state: Callable[[RunState], None] = lambda s: None
+        self._paused_at: int | None = None
 
     # -- device tree -------------------------------------------------------------------------
     def device_tree(self) -> bytes:
@@ -295,11 +296,19 @@ class VirtMachine:
         self._kicker.start()
         self._vcpu_thread.start(paused=self.config.start_paused)
 
-    def pause(self) -> None:
+    def pause(self, timeout: float | None = 10.0) -> bool:
+        """Stop the vCPU at its next safe point; the guest's clock stops too."""
         self._vcpu_thread.request(RunState.PAUSED)
-        self._vcpu_thread.wait_state(RunState.PAUSED)
+        paused = self._vcpu_thread.wait_state(RunState.PAUSED, timeout)
+        if paused and self._paused_at is None:
+            self._paused_at = host_counter()
+        return paused
 
     def resume(self) -> None:
+        """Run again; the guest does not see the time spent paused (CNTVOFF grows)."""
+        if self._paused_at is not None and self.cpu is not None:
+            self.cpu.add_virtual_offset(host_counter() - self._paused_at)
+            self._paused_at = None
         self._vcpu_thread.request(RunState.RUNNING)
 
     def stop(self) -> None:

@@ -333,7 +333,7 @@ class Aarch64Cpu:
         self._wsys(SCR_EL3, SCR_NS | SCR_HCE | SCR_RW)
         self._wsys(HCR_EL2, self._hcr)
         self._wsys(CNTHCTL_EL2, 0x3)   # EL1 may use the physical counter and timer
-        self._wsys(CNTVOFF_EL2, 0)
+        self._wsys(CNTVOFF_EL2, self.vtimer.offset)
         if self._mpidr is not None:
             self._wsys(MPIDR_EL1, self._mpidr)
         uc.reg_write(A.UC_ARM64_REG_PSTATE, PSTATE_DAIF | PSTATE_EL1H)
@@ -346,6 +346,17 @@ class Aarch64Cpu:
     def reset_secondary(self, entry: int, context_id: int) -> None:
         """PSCI CPU_ON entry state: EL1h, MMU off, x0 = context_id."""
         self.reset_for_linux(entry, context_id)
+
+    def add_virtual_offset(self, ticks: int) -> None:
+        """Hide ``ticks`` of host time from the guest's virtual counter (CNTVOFF_EL2).
+
+        Called while the vCPU is paused, so the guest's clock does not jump
+        by the time it spent stopped.  The virtual timer compares against the
+        same offset view of the counter.
+        """
+        self.vtimer.offset += ticks
+        self._wsys(CNTVOFF_EL2, self.vtimer.offset)
+        self._work_pending = True
 
     @property
     def pc(self) -> int:

@@ -1,0 +1,283 @@
+"""kemu as a library: machines as Python objects in your own process.
+
+::
+
+    from kemu import Machine
+
+    with Machine.default_guest(memory="256M") as vm:
+        vm.start()
+        vm.console.expect("# ")
+        print(vm.console.run("uname -m"))     # "aarch64"
+        vm.pause(); vm.resume()
+        vm.console.write("poweroff -f\\n")
+        status = vm.wait(60)                  # 0: the guest powered off
+
+The same board, devices and runtime as the ``kemu`` command; the command line
+only builds a :class:`MachineConfig` and runs it.
+"""
+
+from __future__ import annotations
+
+import queue
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Union
+
+from kemu.backends.serial import SerialBackend
+from kemu.errors import KemuError
+from kemu.machines.config import DeviceConfig, DriveConfig, MachineConfig
+from kemu.machines.runtime import Outcome, RunState
+
+CONSOLE_BUFFER = 1 << 20
+
+
+class ConsoleTimeout(KemuError):
+    """What a console wait expected did not appear in time."""
+
+    exit_status = 1
+
+
+class CommandFailed(KemuError):
+    """A command run through :meth:`Console.run` exited with a non-zero status."""
+
+    exit_status = 1
+
+
+@dataclass(frozen=True)
+class Event:
+    """Something that happened to the machine, with a host timestamp (time.time())."""
+
+    timestamp: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True)
+class Stop(Event):
+    """The vCPUs stopped (QMP's STOP)."""
+
+
+@dataclass(frozen=True)
+class Resume(Event):
+    """The vCPUs run again (QMP's RESUME)."""
+
+
+@dataclass(frozen=True)
+class Shutdown(Event):
+    """The machine ended (QMP's SHUTDOWN): ``guest`` is True when the guest asked."""
+
+    guest: bool = False
+    reason: str = ""
+    status: int = 0
+
+
+MachineEvent = Union[Stop, Resume, Shutdown]
+
+
+class Console:
+    """The machine's serial console: everything the guest printed, and typing into it."""
+
+    def __init__(self, backend: SerialBackend, lock: threading.RLock) -> None:
+        self._backend = backend
+        self._lock = lock
+        self._cond = threading.Condition()
+        self._buffer = bytearray()
+        self._dropped = 0          # bytes discarded from the front of the buffer
+        self._cursor = 0           # absolute position expect() continues from
+        backend.add_tap(self._output)
+
+    def _output(self, data: bytes) -> None:
+        with self._cond:
+            self._buffer += data
+            excess = len(self._buffer) - CONSOLE_BUFFER
+            if excess > 0:
+                del self._buffer[:excess]
+                self._dropped += excess
+            self._cond.notify_all()
+
+    @property
+    def output(self) -> str:
+        """The last megabyte the guest printed."""
+        with self._cond:
+            return self._buffer.decode(errors="replace")
+
+    def write(self, text: str | bytes) -> None:
+        """Type into the console (held by the host until the guest's driver listens)."""
+        data = text.encode() if isinstance(text, str) else bytes(text)
+        with self._lock:
+            self._backend.send(data)
+
+    def expect(self, pattern: str | bytes | re.Pattern, timeout: float = 60.0) -> re.Match:
+        """Wait for ``pattern`` (a regular expression) after the previous match."""
+        if isinstance(pattern, re.Pattern):
+            regex = pattern if isinstance(pattern.pattern, bytes) else re.compile(
+                pattern.pattern.encode(), pattern.flags & ~re.UNICODE)
+        else:
+            regex = re.compile(pattern.encode() if isinstance(pattern, str) else pattern)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                start = max(0, self._cursor - self._dropped)
+                m = regex.search(self._buffer, start)
+                if m:
+                    self._cursor = self._dropped + m.end()
+                    return m
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    tail = self._buffer[-500:].decode(errors="replace")
+                    raise ConsoleTimeout(f"console: {regex.pattern!r} not seen within "
+                                         f"{timeout:g} s (last output: {tail!r})")
+                self._cond.wait(remaining)
+
+    def run(self, command: str, timeout: float = 60.0) -> str:
+        """Run a shell command in the guest and return its output.
+
+        The guest must be at a shell prompt.  The command's exit status is
+        checked; a non-zero status raises :class:`CommandFailed`.
+        """
+        marker = f"__kemu_{time.monotonic_ns()}__"
+        with self._cond:
+            start = max(self._cursor, self._dropped + len(self._buffer))
+        self.write(f"{command}; echo {marker}=$?\n")
+        m = self.expect(re.escape(marker) + r"=(\d+)", timeout)
+        with self._cond:
+            text = self._buffer[max(0, start - self._dropped):m.start()].decode(
+                errors="replace").replace("\r\n", "\n")
+        # The command line is echoed (once by the tty as typed ahead, once by the
+        # shell's line editor): the output is what follows the last echo.
+        lines = text.split("\n")
+        echoes = [i for i, line in enumerate(lines) if marker in line]
+        out = "\n".join(lines[echoes[-1] + 1:] if echoes else lines)
+        status = int(m.group(1))
+        if status != 0:
+            raise CommandFailed(f"{command!r} exited with status {status}: {out.strip()[-300:]}")
+        return out
+
+
+class Machine:
+    """A virtual machine in this process.
+
+    ``memory`` takes sizes like ``"256M"`` or a number of bytes; ``disks``
+    are image paths (raw or qcow2, detected) attached as virtio disks.
+    """
+
+    def __init__(self, kernel: str | Path, initrd: str | Path | None = None, append: str = "",
+                 memory: str | int = "256M", cpu: str = "cortex-a57",
+                 disks: list[str | Path] = (), devices: list[str] = (),
+                 no_reboot: bool = False, name: str | None = None,
+                 machine: str = "virt", accel: str = "tcg") -> None:
+        from kemu.cli import parse_size
+        from kemu.machines.virtio_devices import parse_device
+
+        config = MachineConfig(
+            machine=machine, accel=accel, cpu=cpu,
+            memory=memory if isinstance(memory, int) else parse_size(memory),
+            kernel=Path(kernel), initrd=Path(initrd) if initrd else None, append=append,
+            no_reboot=no_reboot, name=name,
+            drives=[DriveConfig(Path(d)) for d in disks],
+            devices=[parse_device(d) if isinstance(d, str) else DeviceConfig(*d)
+                     for d in devices])
+        self.__init_from_config(config)
+
+    @classmethod
+    def from_config(cls, config: MachineConfig,
+                    console_output: Callable[[bytes], None] | None = None) -> "Machine":
+        """A machine from a full configuration; ``console_output`` also gets the console."""
+        self = cls.__new__(cls)
+        self.__init_from_config(config, console_output)
+        return self
+
+    @classmethod
+    def default_guest(cls, arch: str = "aarch64", append: str = "", **kwargs) -> "Machine":
+        """The default guest (built from Debian's packages on first use)."""
+        from kemu.guest.debian import default_guest
+        image = default_guest(arch, show_progress=False)
+        return cls(kernel=image.kernel, initrd=image.initrd,
+                   append=f"{image.append} {append}".strip(), **kwargs)
+
+    def __init_from_config(self, config: MachineConfig,
+                           console_output: Callable[[bytes], None] | None = None) -> None:
+        from kemu.machines.builder import build
+
+        self.config = config
+        self._backend = SerialBackend(console_output or (lambda data: None))
+        self._board = build(config, self._backend)
+        self.console = Console(self._backend, self._board.lock)
+        self._events: queue.Queue[MachineEvent] = queue.Queue()
+        self._board.on_state = self._on_state
+        self._started = False
+        self._outcome: Outcome | None = None
+
+    # -- events -------------------------------------------------------------------------
+    def _on_state(self, state: RunState) -> None:
+        if state == RunState.PAUSED:
+            self._events.put(Stop())
+        elif state == RunState.RUNNING:
+            self._events.put(Resume())
+
+    def events(self, timeout: float = 0.0) -> Iterator[MachineEvent]:
+        """Events since the last call; waits up to ``timeout`` for the first one."""
+        try:
+            yield self._events.get(timeout=timeout) if timeout > 0 else self._events.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            try:
+                yield self._events.get_nowait()
+            except queue.Empty:
+                return
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def start(self, paused: bool = False) -> None:
+        """Boot the machine (``paused``: as QEMU's ``-S``, call :meth:`resume`)."""
+        if self._started:
+            raise KemuError("machine already started")
+        self._started = True
+        self.config.start_paused = paused
+        self._board.start()
+
+    @property
+    def state(self) -> str:
+        """``"created"``, ``"running"``, ``"paused"`` or ``"shutdown"``."""
+        state = self._board.state
+        return "shutdown" if state == RunState.STOPPED else state.value
+
+    def pause(self, timeout: float = 10.0) -> None:
+        """Stop the vCPUs; the guest's clock stops with them."""
+        if not self._board.pause(timeout):
+            raise KemuError("the vCPU did not reach a point where it can pause")
+
+    def resume(self) -> None:
+        self._board.resume()
+
+    def stop(self) -> None:
+        """End the machine (as QMP's ``quit``)."""
+        self._board.stop()
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        """Wait for the machine to end; its exit status (0 = guest powered off), or None."""
+        if not self._started:
+            raise KemuError("machine not started")
+        outcome = self._board.wait(timeout)
+        if outcome is None:
+            return None
+        if self._outcome is None:
+            self._outcome = outcome
+            self._events.put(Shutdown(guest=outcome.reason in ("poweroff", "reset", "panic"),
+                                      reason=outcome.reason, status=outcome.status))
+        return outcome.status
+
+    @property
+    def outcome(self) -> Outcome | None:
+        """Why the machine ended (reason, status, message), once it has."""
+        return self._outcome
+
+    def __enter__(self) -> "Machine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._started and self._board.state != RunState.STOPPED:
+            self.stop()
+        if self._started:
+            self.wait(30)

@@ -1,0 +1,50 @@
+"""The in-process Python API on the default aarch64 guest."""
+
+import re
+import time
+
+import pytest
+
+from kemu import Machine, Resume, Shutdown, Stop
+from kemu.api import CommandFailed, ConsoleTimeout
+
+
+def uptime(vm) -> float:
+    return float(vm.console.run("cat /proc/uptime").split()[0])
+
+
+def test_boot_run_pause_resume_and_power_off(guest):
+    with Machine.default_guest(memory="256M") as vm:
+        assert vm.state == "created"
+        vm.start()
+        vm.console.expect("# ", timeout=120)
+        assert vm.console.run("uname -m").strip() == "aarch64"
+        with pytest.raises(CommandFailed):
+            vm.console.run("false")
+        assert [type(e) for e in vm.events()] == [Resume]     # the machine started
+        before = uptime(vm)
+        vm.pause()
+        assert vm.state == "paused"
+        time.sleep(2)
+        vm.resume()
+        after = uptime(vm)
+        # Two seconds of pause are invisible to the guest's clock.
+        assert after - before < 1.5, (before, after)
+        events = list(vm.events(timeout=1))
+        assert [type(e) for e in events] == [Stop, Resume]
+        vm.console.write("poweroff -f\n")
+        assert vm.wait(60) == 0
+        assert vm.state == "shutdown"
+        shutdown = [e for e in vm.events(timeout=1) if isinstance(e, Shutdown)]
+        assert shutdown and shutdown[0].guest and shutdown[0].reason == "poweroff"
+
+
+def test_expect_times_out_and_stop_ends_the_machine(guest):
+    vm = Machine.default_guest(memory="256M")
+    vm.start()
+    vm.console.expect(re.compile(r"kemu guest ready"), timeout=120)
+    with pytest.raises(ConsoleTimeout):
+        vm.console.expect("this never appears", timeout=0.5)
+    vm.stop()
+    assert vm.wait(30) == 0
+    assert vm.outcome.reason == "quit"
