@@ -64,6 +64,11 @@ class Resume(Event):
 
 
 @dataclass(frozen=True)
+class Reset(Event):
+    """The machine was reset from the host (QMP's RESET)."""
+
+
+@dataclass(frozen=True)
 class Shutdown(Event):
     """The machine ended (QMP's SHUTDOWN): ``guest`` is True when the guest asked."""
 
@@ -71,8 +76,13 @@ class Shutdown(Event):
     reason: str = ""
     status: int = 0
 
+    @property
+    def qmp_reason(self) -> str:
+        return {"poweroff": "guest-shutdown", "reset": "guest-reset", "panic": "guest-panic",
+                "quit": "host-qmp-quit"}.get(self.reason, "host-error")
 
-MachineEvent = Union[Stop, Resume, Shutdown]
+
+MachineEvent = Union[Stop, Resume, Reset, Shutdown]
 
 
 class Console:
@@ -205,16 +215,35 @@ class Machine:
         self._board = build(config, self._backend)
         self.console = Console(self._backend, self._board.lock)
         self._events: queue.Queue[MachineEvent] = queue.Queue()
+        self._listeners: list[Callable[[dict], None]] = []
         self._board.on_state = self._on_state
         self._started = False
         self._outcome: Outcome | None = None
+        self._lock = threading.Lock()
 
     # -- events -------------------------------------------------------------------------
+    def _emit(self, event: MachineEvent) -> None:
+        from kemu.qmp.protocol import event as qmp_event
+        self._events.put(event)
+        if isinstance(event, Shutdown):
+            data = {"guest": event.guest, "reason": event.qmp_reason}
+            message = qmp_event("SHUTDOWN", data)
+        else:
+            message = qmp_event(type(event).__name__.upper())
+        for listener in list(self._listeners):
+            listener(message)
+
+    def add_listener(self, listener: Callable[[dict], None]) -> None:
+        """Also deliver events as QMP event messages to ``listener`` (any thread)."""
+        self._listeners.append(listener)
+
     def _on_state(self, state: RunState) -> None:
         if state == RunState.PAUSED:
-            self._events.put(Stop())
+            self._emit(Stop())
         elif state == RunState.RUNNING:
-            self._events.put(Resume())
+            self._emit(Resume())
+        elif state == RunState.STOPPED:
+            threading.Thread(target=self.wait, daemon=True).start()
 
     def events(self, timeout: float = 0.0) -> Iterator[MachineEvent]:
         """Events since the last call; waits up to ``timeout`` for the first one."""
@@ -262,11 +291,27 @@ class Machine:
         outcome = self._board.wait(timeout)
         if outcome is None:
             return None
-        if self._outcome is None:
+        with self._lock:
+            first = self._outcome is None
             self._outcome = outcome
-            self._events.put(Shutdown(guest=outcome.reason in ("poweroff", "reset", "panic"),
-                                      reason=outcome.reason, status=outcome.status))
+        if first:
+            self._emit(Shutdown(guest=outcome.reason in ("poweroff", "reset", "panic"),
+                                reason=outcome.reason, status=outcome.status))
         return outcome.status
+
+    def reset(self) -> None:
+        """A hard reset, as QMP's ``system_reset``."""
+        self._board.reset()
+        self._emit(Reset())
+
+    def registers(self) -> dict[str, int]:
+        """The boot CPU's general registers (read while the guest may be running)."""
+        return self._board.cpu.registers()
+
+    def memory_map(self) -> list[tuple[int, int, str]]:
+        """(base, size, name) of RAM and every device mapping."""
+        ram = [(r.base, r.size, "ram") for r in self._board.memory.regions]
+        return ram + [(m.base, m.size, m.device.name) for m in self._board.mmio.mappings]
 
     @property
     def outcome(self) -> Outcome | None:

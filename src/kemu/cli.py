@@ -33,16 +33,18 @@ QEMU-style options: -M/-machine virt  -accel tcg  -cpu MODEL  -m SIZE  -smp 1
   -no-reboot  -S  -name NAME  -display none  -monitor none  -nodefaults
   -drive file=IMG[,format=raw|qcow2][,if=virtio|none,id=ID][,readonly=on][,cache=MODE]
   -device virtio-blk-device,drive=ID | virtio-rng-device
+  -qmp unix:PATH,server=on,wait=off | tcp:HOST:PORT,server=on,wait=off  -pidfile FILE  -daemonize
 kemu's own: --disk IMG (a virtio disk, format detected)
 In the console: Ctrl-A x quits, Ctrl-A h prints help.
 """
 
 #: Options that take an argument / that do not, in QEMU's spelling.
 WITH_ARG = {"-M", "-machine", "-cpu", "-m", "-smp", "-kernel", "-initrd", "-append",
-            "-serial", "-accel", "-name", "-display", "-monitor", "-drive", "-device", "-disk"}
-FLAGS = {"-nographic", "-no-reboot", "-S", "-enable-kvm", "-nodefaults"}
+            "-serial", "-accel", "-name", "-display", "-monitor", "-drive", "-device", "-disk",
+            "-qmp", "-pidfile"}
+FLAGS = {"-nographic", "-no-reboot", "-S", "-enable-kvm", "-nodefaults", "-daemonize"}
 #: QEMU options kemu knows of but does not offer (yet).
-NOT_YET = {"-netdev", "-qmp", "-chardev", "-pidfile", "-daemonize",
+NOT_YET = {"-netdev", "-chardev",
            "-hda", "-cdrom", "-bios", "-dtb", "-nic", "-net", "-object", "-vnc", "-gdb", "-s"}
 
 SIZE = re.compile(r"^(\d+)([KMGT]?)(i?B?)$", re.IGNORECASE)
@@ -152,17 +154,65 @@ def parse_qemu_options(argv: list[str], config: MachineConfig) -> MachineConfig:
             config.drives.append(DriveConfig(Path(value)))
         elif opt == "-device":
             config.devices.append(parse_device(value))
+        elif opt == "-qmp":
+            from kemu.qmp.server import parse_qmp_option
+            config.extra.setdefault("qmp", []).append(parse_qmp_option(value))
+        elif opt == "-pidfile":
+            config.extra["pidfile"] = Path(value)
+        elif opt == "-daemonize":
+            config.extra["daemonize"] = True
     config.extra["serial"] = serial or "mon:stdio"
+    if config.extra.get("daemonize") and config.extra["serial"] in ("stdio", "mon:stdio"):
+        raise ConfigError("-daemonize cannot be used with a serial console on stdio "
+                          "(use -serial none -display none)")
     return config
 
 
 def run_machine(config: MachineConfig) -> int:
     """Run a machine on the terminal through the same API programs use."""
     from kemu.api import Machine
-    from kemu.console import StdioConsole, write_stdout
+    from kemu.console import write_stdout
 
     serial = config.extra.get("serial", "mon:stdio")
     vm = Machine.from_config(config, write_stdout if serial in ("stdio", "mon:stdio") else None)
+    if config.extra.get("daemonize"):
+        _daemonize()
+    pidfile = config.extra.get("pidfile")
+    if pidfile is not None:
+        try:
+            pidfile.write_text(f"{os.getpid()}\n")
+        except OSError as e:
+            raise ConfigError(f"-pidfile {pidfile}: {e.strerror}") from None
+    servers = []
+    for address in config.extra.get("qmp", []):
+        from kemu.qmp.server import QmpServer
+        server = QmpServer(vm, address)
+        server.start()
+        servers.append(server)
+    try:
+        return _run_on_terminal(vm, config, serial)
+    finally:
+        for server in servers:
+            server.close()
+        if pidfile is not None:
+            pidfile.unlink(missing_ok=True)
+
+
+def _daemonize() -> None:
+    """QEMU's -daemonize: detach from the terminal once the machine is set up."""
+    if os.fork() > 0:
+        os._exit(0)
+    os.setsid()
+    if os.fork() > 0:
+        os._exit(0)
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+
+
+def _run_on_terminal(vm, config: MachineConfig, serial: str) -> int:
+    from kemu.console import StdioConsole
+
     quit_requested = []
 
     def on_quit() -> None:

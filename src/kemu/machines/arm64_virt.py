@@ -311,6 +311,16 @@ class VirtMachine:
             self._paused_at = None
         self._vcpu_thread.request(RunState.RUNNING)
 
+    def reset(self) -> None:
+        """A hard reset from the host (QMP system_reset): reload and restart."""
+        was_running = self.state == RunState.RUNNING
+        if not self.pause():
+            raise ConfigError("the vCPU did not stop for the reset")
+        self._paused_at = None
+        self._reset()
+        if was_running:
+            self.resume()
+
     def stop(self) -> None:
         if self._vcpu_thread is not None:
             self._vcpu_thread.request(RunState.STOPPED)

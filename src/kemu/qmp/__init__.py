@@ -1,0 +1,1 @@
+"""QMP, QEMU's machine protocol (docs/interop/qmp-spec): core, commands, server."""

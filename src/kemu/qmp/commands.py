@@ -1,0 +1,114 @@
+"""QMP commands over the Python API (kemu.api.Machine): one table, one place."""
+
+from __future__ import annotations
+
+import threading
+from importlib.metadata import version as package_version
+from typing import Any, Callable
+
+from kemu.qmp.protocol import QmpError
+
+#: The QEMU version kemu's QMP dialect follows (commands and events as in 7.2).
+QEMU_VERSION = (7, 2, 0)
+
+
+def package() -> str:
+    try:
+        return f"kemu {package_version('kemu')}"
+    except Exception:  # pragma: no cover - not installed
+        return "kemu"
+
+
+def _expect_args(args: dict, spec: dict[str, type]) -> None:
+    for key, value in args.items():
+        if key not in spec:
+            raise QmpError(f"Parameter '{key}' is unexpected")
+        if not isinstance(value, spec[key]) or (spec[key] is int and isinstance(value, bool)):
+            kind = {str: "string", int: "int", bool: "boolean"}.get(spec[key], "value")
+            raise QmpError(f"Invalid parameter type for '{key}', expected: {kind}")
+
+
+class Commands:
+    """The command table for one machine."""
+
+    def __init__(self, vm, on_quit: Callable[[], None] | None = None) -> None:
+        self.vm = vm
+        self.on_quit = on_quit or vm.stop
+        self.table: dict[str, tuple[Callable[[dict], Any], dict[str, type]]] = {
+            "query-version": (self.query_version, {}),
+            "query-status": (self.query_status, {}),
+            "query-commands": (self.query_commands, {}),
+            "query-name": (self.query_name, {}),
+            "query-cpus-fast": (self.query_cpus_fast, {}),
+            "query-block": (self.query_block, {}),
+            "stop": (self.stop, {}),
+            "cont": (self.cont, {}),
+            "system_reset": (self.system_reset, {}),
+            "quit": (self.quit, {}),
+            "human-monitor-command": (self.hmp, {"command-line": str, "cpu-index": int}),
+        }
+
+    def names(self) -> set[str]:
+        return set(self.table) | {"qmp_capabilities"}
+
+    def __call__(self, name: str, args: dict) -> Any:
+        handler, spec = self.table[name]
+        _expect_args(args, spec)
+        return handler(args)
+
+    def query_version(self, _args: dict) -> dict:
+        major, minor, micro = QEMU_VERSION
+        return {"qemu": {"major": major, "minor": minor, "micro": micro}, "package": package()}
+
+    def query_status(self, _args: dict) -> dict:
+        state = self.vm.state
+        status = {"created": "prelaunch"}.get(state, state)
+        return {"running": state == "running", "singlestep": False, "status": status}
+
+    def query_commands(self, _args: dict) -> list:
+        return [{"name": n} for n in sorted(self.names())]
+
+    def query_name(self, _args: dict) -> dict:
+        return {"name": self.vm.config.name} if self.vm.config.name else {}
+
+    def query_cpus_fast(self, _args: dict) -> list:
+        return [{"cpu-index": 0, "qom-path": "/machine/unattached/device[0]",
+                 "thread-id": threading.get_native_id(), "target": "aarch64",
+                 "props": {"core-id": 0, "thread-id": 0, "socket-id": 0}}]
+
+    def query_block(self, _args: dict) -> list:
+        out = []
+        for i, drive in enumerate(self.vm.config.drives):
+            out.append({"device": drive.id or f"virtio{i}", "locked": False,
+                        "removable": False, "type": "unknown",
+                        "inserted": {"file": str(drive.path), "ro": drive.read_only,
+                                     "drv": drive.format or "raw"}})
+        return out
+
+    def stop(self, _args: dict) -> None:
+        if self.vm.state == "running":
+            self.vm.pause()
+
+    def cont(self, _args: dict) -> None:
+        if self.vm.state == "paused":
+            self.vm.resume()
+
+    def system_reset(self, _args: dict) -> None:
+        self.vm.reset()
+
+    def quit(self, _args: dict) -> None:
+        self.on_quit()
+
+    def hmp(self, args: dict) -> str:
+        line = args.get("command-line", "").strip()
+        if line in ("info status", "i status"):
+            state = self.vm.state
+            return f"VM status: {state}\r\n"
+        if line in ("info registers", "i registers"):
+            regs = self.vm.registers()
+            rows = [f"{k.upper():>6}={v:016x}" for k, v in regs.items()]
+            return "\r\n".join("  ".join(rows[i:i + 4]) for i in range(0, len(rows), 4)) + "\r\n"
+        if line in ("info mtree", "i mtree"):
+            return "".join(f"  {base:016x}-{base + size - 1:016x} (prio 0, i/o): {name}\r\n"
+                           for base, size, name in self.vm.memory_map())
+        raise QmpError(f"unknown or unsupported monitor command: {line!r}")

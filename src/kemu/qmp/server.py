@@ -1,0 +1,147 @@
+"""The QMP socket server: ``-qmp unix:PATH,server=on,wait=off`` or ``tcp:HOST:PORT,...``.
+
+One asyncio event loop in its own thread serves every client; each client
+has its own :class:`QmpSession`.  Events from the machine are broadcast to
+every client that negotiated capabilities.  UNIX sockets are created with
+mode 0600; TCP listens on 127.0.0.1 unless an address is given.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from kemu.errors import ConfigError
+from kemu.qmp.commands import QEMU_VERSION, Commands, package
+from kemu.qmp.protocol import QmpSession, encode, greeting
+
+
+@dataclass(frozen=True)
+class QmpAddress:
+    kind: str            # "unix" or "tcp"
+    path: str = ""
+    host: str = "127.0.0.1"
+    port: int = 0
+    wait: bool = False
+
+
+def parse_qmp_option(text: str) -> QmpAddress:
+    """QEMU's ``-qmp`` argument: ``unix:PATH[,server=on][,wait=off]`` or ``tcp:[HOST]:PORT,...``."""
+    head, *opts = text.split(",")
+    props = {}
+    for opt in opts:
+        key, _, value = opt.partition("=")
+        props[key] = value or "on"
+    for key in props:
+        if key not in ("server", "wait", "nowait"):
+            raise ConfigError(f"-qmp: unsupported parameter {key!r}")
+    if props.get("server", "on") not in ("on", ""):
+        raise ConfigError("-qmp: only server=on is supported")
+    wait = props.get("wait", "on" if "nowait" not in props else "off") == "on"
+    if head.startswith("unix:"):
+        return QmpAddress("unix", path=head[5:], wait=wait)
+    if head.startswith("tcp:"):
+        host, _, port = head[4:].rpartition(":")
+        try:
+            port_number = int(port)
+        except ValueError:
+            raise ConfigError(f"-qmp {text}: invalid port") from None
+        return QmpAddress("tcp", host=host or "127.0.0.1", port=port_number, wait=wait)
+    raise ConfigError(f"-qmp {text}: expected unix:PATH or tcp:HOST:PORT")
+
+
+class QmpServer:
+    def __init__(self, vm, address: QmpAddress) -> None:
+        self.vm = vm
+        self.address = address
+        self.commands = Commands(vm)
+        self._loop = asyncio.new_event_loop()
+        self._clients: set[tuple[QmpSession, asyncio.StreamWriter]] = set()
+        self._server: asyncio.AbstractServer | None = None
+        self._thread = threading.Thread(target=self._loop.run_forever, name="qmp", daemon=True)
+        self._first_client = threading.Event()
+
+    def start(self) -> None:
+        self._thread.start()
+        future = asyncio.run_coroutine_threadsafe(self._listen(), self._loop)
+        try:
+            future.result(10)
+        except OSError as e:
+            raise ConfigError(f"-qmp: cannot listen: {e.strerror or e}") from None
+        self.vm.add_listener(self.broadcast)
+        if self.address.wait:
+            self._first_client.wait()
+
+    async def _listen(self) -> None:
+        if self.address.kind == "unix":
+            path = Path(self.address.path)
+            if path.is_socket():
+                path.unlink()
+            old = os.umask(0o177)          # the socket is created 0600
+            try:
+                self._server = await asyncio.start_unix_server(self._client, path=str(path))
+            finally:
+                os.umask(old)
+        else:
+            self._server = await asyncio.start_server(self._client, self.address.host,
+                                                      self.address.port)
+
+    @property
+    def port(self) -> int:
+        return self._server.sockets[0].getsockname()[1] if self._server else 0
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        session = QmpSession(self.commands, self.commands.names)
+        entry = (session, writer)
+        self._clients.add(entry)
+        self._first_client.set()
+        try:
+            writer.write(encode(greeting(QEMU_VERSION, package())))
+            await writer.drain()
+            while True:
+                data = await reader.read(65536)
+                if not data:
+                    break
+                # Commands touch the machine: run them off the event loop.
+                responses = await self._loop.run_in_executor(None, session.feed, data)
+                for response in responses:
+                    writer.write(encode(response.data))
+                    if response.close:
+                        await writer.drain()
+                        return
+                await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self._clients.discard(entry)
+            writer.close()
+
+    def broadcast(self, message: dict) -> None:
+        """Send an event to every negotiated client (from any thread)."""
+        def send() -> None:
+            for session, writer in list(self._clients):
+                if session.negotiated and not writer.is_closing():
+                    writer.write(encode(message))
+        if self._loop.is_running():
+            self._loop.call_soon_threadsafe(send)
+
+    def close(self) -> None:
+        async def shutdown() -> None:
+            # Let queued events (SHUTDOWN) reach the clients first.
+            await asyncio.sleep(0.05)
+            if self._server is not None:
+                self._server.close()
+            for _session, writer in list(self._clients):
+                writer.close()
+        if self._loop.is_running():
+            asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(5)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(5)
+        if self.address.kind == "unix":
+            try:
+                Path(self.address.path).unlink()
+            except OSError:
+                pass

@@ -1,0 +1,122 @@
+"""QMP driven by QEMU's own client library (PyPI qemu.qmp) and qmp-shell."""
+
+import asyncio
+import json
+import os
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import time
+
+import pytest
+
+qmp = pytest.importorskip("qemu.qmp", reason="qemu.qmp is not installed "
+                          "(scripts/bootstrap.sh --test installs it)")
+
+KEMU = [sys.executable, "-m", "kemu.cli"]
+
+
+@pytest.fixture
+def vm(guest, tmp_path):
+    sock = tmp_path / "qmp.sock"
+    proc = subprocess.Popen(KEMU + ["run", "-qmp", f"unix:{sock},server=on,wait=off",
+                                    "-name", "testvm", "-serial", "none", "-display", "none"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    for _ in range(200):
+        if sock.exists():
+            break
+        time.sleep(0.05)
+    yield proc, sock
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def test_qemu_qmp_client_commands_and_events(vm):
+    proc, sock = vm
+    assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600
+
+    async def session():
+        client = qmp.QMPClient("kemu-test")
+        await client.connect(str(sock))
+        assert client.greeting.QMP.version["qemu"]["major"] == 7
+        version = await client.execute("query-version")
+        assert version["package"].startswith("kemu")
+        assert (await client.execute("query-name")) == {"name": "testvm"}
+        names = {c["name"] for c in await client.execute("query-commands")}
+        assert {"stop", "cont", "quit", "query-status"} <= names
+        assert len(await client.execute("query-cpus-fast")) == 1
+        assert await client.execute("query-block") == []
+        with pytest.raises(qmp.ExecuteError) as err:
+            await client.execute("no-such-command")
+        assert err.value.error_class == "CommandNotFound"
+        with pytest.raises(qmp.ExecuteError):
+            await client.execute("stop", {"bogus": 1})
+        events = []
+
+        async def collect():
+            async for event in client.events:
+                events.append(event["event"])
+        listener = asyncio.create_task(collect())
+        await client.execute("stop")
+        assert (await client.execute("query-status"))["status"] == "paused"
+        info = await client.execute("human-monitor-command",
+                                    {"command-line": "info status"})
+        assert "paused" in info
+        regs = await client.execute("human-monitor-command",
+                                    {"command-line": "info registers"})
+        assert "PC=" in regs
+        mtree = await client.execute("human-monitor-command", {"command-line": "info mtree"})
+        assert "pl011" in mtree
+        await client.execute("cont")
+        assert (await client.execute("query-status"))["running"]
+        await client.execute("quit")
+        for _ in range(100):
+            if "SHUTDOWN" in events:
+                break
+            await asyncio.sleep(0.05)
+        listener.cancel()
+        await client.disconnect()
+        return events
+
+    events = asyncio.run(session())
+    # (a RESUME when the machine started may come first)
+    assert events[-3:] == ["STOP", "RESUME", "SHUTDOWN"], events
+    assert proc.wait(30) == 0
+
+
+def test_malformed_input_over_a_raw_socket_keeps_the_machine(vm):
+    proc, sock = vm
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(str(sock))
+    f = s.makefile("rwb")
+    assert "QMP" in json.loads(f.readline())
+    f.write(b'{"execute": "query-status"}\n')
+    f.flush()
+    assert json.loads(f.readline())["error"]["class"] == "CommandNotFound"
+    f.write(b'{"execute": "qmp_capabilities"}\nnot json at all\n[1]\n{"execute": 5}\n')
+    f.flush()
+    replies = [json.loads(f.readline()) for _ in range(4)]
+    assert replies[0] == {"return": {}}
+    assert all("error" in r for r in replies[1:])
+    s.close()                                  # disconnect in the middle of nothing
+    s2 = socket.socket(socket.AF_UNIX)
+    s2.connect(str(sock))
+    s2.sendall(b'{"execute": "qmp_capabilit')  # and in the middle of a message
+    s2.close()
+    time.sleep(0.2)
+    assert proc.poll() is None                 # the machine keeps running
+
+
+def test_qmp_shell(vm):
+    proc, sock = vm
+    shell = shutil.which("qmp-shell") or os.path.join(os.path.dirname(sys.executable),
+                                                      "qmp-shell")
+    if not os.path.exists(shell):
+        pytest.skip("qmp-shell is not installed")
+    out = subprocess.run([shell, str(sock)], input="query-status\nquery-name\n",
+                         capture_output=True, text=True, timeout=60)
+    assert "running" in out.stdout and "testvm" in out.stdout
