@@ -220,6 +220,8 @@ class Machine:
         self._started = False
         self._outcome: Outcome | None = None
         self._lock = threading.Lock()
+        #: Whether the vCPUs ever ran (False after ``start(paused=True)`` until resumed).
+        self.has_run = False
 
     # -- events -------------------------------------------------------------------------
     def _emit(self, event: MachineEvent) -> None:
@@ -241,6 +243,7 @@ class Machine:
         if state == RunState.PAUSED:
             self._emit(Stop())
         elif state == RunState.RUNNING:
+            self.has_run = True
             self._emit(Resume())
         elif state == RunState.STOPPED:
             threading.Thread(target=self.wait, daemon=True).start()

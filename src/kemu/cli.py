@@ -183,12 +183,12 @@ def run_machine(config: MachineConfig) -> int:
             pidfile.write_text(f"{os.getpid()}\n")
         except OSError as e:
             raise ConfigError(f"-pidfile {pidfile}: {e.strerror}") from None
-    servers = []
-    for address in config.extra.get("qmp", []):
-        from kemu.qmp.server import QmpServer
-        server = QmpServer(vm, address)
+    from kemu.qmp.server import QmpServer
+    servers = [QmpServer(vm, address) for address in config.extra.get("qmp", [])]
+    # As QEMU: the monitor listens before the machine starts (wait=on: until a
+    # client has connected).
+    for server in servers:
         server.start()
-        servers.append(server)
     try:
         return _run_on_terminal(vm, config, serial)
     finally:

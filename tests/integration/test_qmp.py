@@ -120,3 +120,36 @@ def test_qmp_shell(vm):
     out = subprocess.run([shell, str(sock)], input="query-status\nquery-name\n",
                          capture_output=True, text=True, timeout=60)
     assert "running" in out.stdout and "testvm" in out.stdout
+
+
+def test_start_paused_tcp_and_pidfile(guest, tmp_path):
+    pidfile = tmp_path / "kemu.pid"
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.Popen(KEMU + ["run", "-S", "-qmp", f"tcp:127.0.0.1:{port},server=on,wait=off",
+                                    "-pidfile", str(pidfile), "-serial", "none"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    try:
+        for _ in range(200):
+            if pidfile.exists():
+                break
+            time.sleep(0.05)
+        assert int(pidfile.read_text()) == proc.pid
+
+        async def session():
+            client = qmp.QMPClient("kemu-test")
+            await client.connect(("127.0.0.1", port))
+            assert (await client.execute("query-status"))["status"] == "prelaunch"
+            await client.execute("cont")
+            assert (await client.execute("query-status"))["status"] == "running"
+            await client.execute("quit")
+            await client.disconnect()
+
+        asyncio.run(session())
+        assert proc.wait(30) == 0
+        assert not pidfile.exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from importlib.metadata import version as package_version
 from typing import Any, Callable
 
@@ -62,8 +63,9 @@ class Commands:
 
     def query_status(self, _args: dict) -> dict:
         state = self.vm.state
-        status = {"created": "prelaunch"}.get(state, state)
-        return {"running": state == "running", "singlestep": False, "status": status}
+        if state == "created" or (state == "paused" and not self.vm.has_run):
+            state = "prelaunch"        # -S and never continued, as QEMU says
+        return {"running": state == "running", "singlestep": False, "status": state}
 
     def query_commands(self, _args: dict) -> list:
         return [{"name": n} for n in sorted(self.names())]
@@ -90,8 +92,14 @@ class Commands:
             self.vm.pause()
 
     def cont(self, _args: dict) -> None:
+        for _ in range(100):               # a client may be faster than start-up
+            if self.vm.state != "created":
+                break
+            time.sleep(0.05)
         if self.vm.state == "paused":
             self.vm.resume()
+        elif self.vm.state == "shutdown":
+            raise QmpError("the machine has shut down")
 
     def system_reset(self, _args: dict) -> None:
         self.vm.reset()
