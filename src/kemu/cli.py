@@ -17,6 +17,7 @@ import os
 import re
 import sys
 from pathlib import Path
+from typing import Callable
 
 from kemu.errors import ConfigError, KemuError
 from kemu.machines.config import DriveConfig, MachineConfig, MiB
@@ -177,20 +178,30 @@ def run_machine(config: MachineConfig) -> int:
     vm = Machine.from_config(config, write_stdout if serial in ("stdio", "mon:stdio") else None)
     if config.extra.get("daemonize"):
         _daemonize()
-    pidfile = config.extra.get("pidfile")
-    if pidfile is not None:
-        try:
-            pidfile.write_text(f"{os.getpid()}\n")
-        except OSError as e:
-            raise ConfigError(f"-pidfile {pidfile}: {e.strerror}") from None
     from kemu.qmp.server import QmpServer
     servers = [QmpServer(vm, address) for address in config.extra.get("qmp", [])]
-    # As QEMU: the monitor listens before the machine starts (wait=on: until a
-    # client has connected).
+    pidfile = config.extra.get("pidfile")
+
+    def started() -> None:
+        """The machine exists (running, or paused under -S): open the monitors.
+
+        As in QEMU, clients never see a machine that is still being set up;
+        with wait=on the machine starts only once a client has connected.
+        """
+        for server in servers:
+            if not server.address.wait:
+                server.start()
+        if pidfile is not None:
+            try:
+                pidfile.write_text(f"{os.getpid()}\n")
+            except OSError as e:
+                raise ConfigError(f"-pidfile {pidfile}: {e.strerror}") from None
+
     for server in servers:
-        server.start()
+        if server.address.wait:
+            server.start()
     try:
-        return _run_on_terminal(vm, config, serial)
+        return _run_on_terminal(vm, config, serial, started)
     finally:
         for server in servers:
             server.close()
@@ -210,7 +221,8 @@ def _daemonize() -> None:
         os.dup2(null, fd)
 
 
-def _run_on_terminal(vm, config: MachineConfig, serial: str) -> int:
+def _run_on_terminal(vm, config: MachineConfig, serial: str,
+                     started: Callable[[], None]) -> int:
     from kemu.console import StdioConsole
 
     quit_requested = []
@@ -222,6 +234,7 @@ def _run_on_terminal(vm, config: MachineConfig, serial: str) -> int:
     stdio = (StdioConsole(vm.console.write, on_quit, escapes=serial == "mon:stdio")
              if serial in ("stdio", "mon:stdio") else None)
     vm.start(paused=config.start_paused)
+    started()
     if stdio is not None:
         stdio.start()
     try:

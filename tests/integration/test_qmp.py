@@ -1,6 +1,7 @@
 """QMP driven by QEMU's own client library (PyPI qemu.qmp) and qmp-shell."""
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -33,6 +34,8 @@ def vm(guest, tmp_path):
     if proc.poll() is None:
         proc.kill()
         proc.wait()
+    err = proc.stderr.read().decode(errors="replace")
+    assert "Traceback" not in err and "internal error" not in err, err
 
 
 def test_qemu_qmp_client_commands_and_events(vm):
@@ -79,7 +82,10 @@ def test_qemu_qmp_client_commands_and_events(vm):
                 break
             await asyncio.sleep(0.05)
         listener.cancel()
-        await client.disconnect()
+        # kemu closes the connection as it exits (as QEMU does after quit); the
+        # client library reports that as EOFError on disconnect.
+        with contextlib.suppress(EOFError):
+            await client.disconnect()
         return events
 
     events = asyncio.run(session())
@@ -145,7 +151,8 @@ def test_start_paused_tcp_and_pidfile(guest, tmp_path):
             await client.execute("cont")
             assert (await client.execute("query-status"))["status"] == "running"
             await client.execute("quit")
-            await client.disconnect()
+            with contextlib.suppress(EOFError):
+                await client.disconnect()
 
         asyncio.run(session())
         assert proc.wait(30) == 0

@@ -96,7 +96,6 @@ class QmpServer:
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         session = QmpSession(self.commands, self.commands.names)
         entry = (session, writer)
-        self._clients.add(entry)
         self._first_client.set()
         try:
             writer.write(encode(greeting(QEMU_VERSION, package())))
@@ -112,6 +111,10 @@ class QmpServer:
                     if response.close:
                         await writer.drain()
                         return
+                if session.negotiated:
+                    # Events only after the negotiation reply is on its way
+                    # (both happen on this loop, so the order holds).
+                    self._clients.add(entry)
                 await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
@@ -122,8 +125,8 @@ class QmpServer:
     def broadcast(self, message: dict) -> None:
         """Send an event to every negotiated client (from any thread)."""
         def send() -> None:
-            for session, writer in list(self._clients):
-                if session.negotiated and not writer.is_closing():
+            for _session, writer in list(self._clients):
+                if not writer.is_closing():
                     writer.write(encode(message))
         if self._loop.is_running():
             self._loop.call_soon_threadsafe(send)
