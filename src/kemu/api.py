@@ -18,10 +18,12 @@ only builds a :class:`MachineConfig` and runs it.
 
 from __future__ import annotations
 
+import atexit
 import queue
 import re
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Union
@@ -32,6 +34,20 @@ from kemu.machines.config import DeviceConfig, DriveConfig, MachineConfig
 from kemu.machines.runtime import Outcome, RunState
 
 CONSOLE_BUFFER = 1 << 20
+
+#: Machines still running when the interpreter exits are stopped first (their
+#: vCPU threads must not be torn down inside Unicorn).
+_live: "weakref.WeakSet[Machine]" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_all() -> None:
+    for vm in list(_live):
+        try:
+            vm.stop()
+            vm.wait(5)
+        except Exception:
+            pass
 
 
 class ConsoleTimeout(KemuError):
@@ -64,6 +80,11 @@ class Resume(Event):
 
 
 @dataclass(frozen=True)
+class Powerdown(Event):
+    """The power button was pressed (QMP's POWERDOWN)."""
+
+
+@dataclass(frozen=True)
 class Reset(Event):
     """The machine was reset from the host (QMP's RESET)."""
 
@@ -82,7 +103,7 @@ class Shutdown(Event):
                 "quit": "host-qmp-quit"}.get(self.reason, "host-error")
 
 
-MachineEvent = Union[Stop, Resume, Reset, Shutdown]
+MachineEvent = Union[Stop, Resume, Powerdown, Reset, Shutdown]
 
 
 class Console:
@@ -268,6 +289,7 @@ class Machine:
         self._started = True
         self.config.start_paused = paused
         self._board.start()
+        _live.add(self)
 
     @property
     def state(self) -> str:
@@ -301,6 +323,15 @@ class Machine:
             self._emit(Shutdown(guest=outcome.reason in ("poweroff", "reset", "panic"),
                                 reason=outcome.reason, status=outcome.status))
         return outcome.status
+
+    def powerdown(self) -> None:
+        """Press the machine's power button (as QMP's ``system_powerdown``).
+
+        The guest decides what to do; the default guest powers off.
+        """
+        self._emit(Powerdown())
+        if not self._board.powerdown():
+            raise KemuError("the guest has no driver for the power button")
 
     def reset(self) -> None:
         """A hard reset, as QMP's ``system_reset``."""

@@ -6,6 +6,7 @@ import time
 import pytest
 
 from kemu import Machine, Resume, Shutdown, Stop
+from kemu.api import Powerdown
 from kemu.api import CommandFailed, ConsoleTimeout
 
 
@@ -48,3 +49,14 @@ def test_expect_times_out_and_stop_ends_the_machine(guest):
     vm.stop()
     assert vm.wait(30) == 0
     assert vm.outcome.reason == "quit"
+
+
+def test_power_button(guest):
+    with Machine.default_guest(memory="256M") as vm:
+        vm.start()
+        vm.console.expect("# ", timeout=120)
+        vm.console.run("true")                 # the shell (and acpid) are up
+        vm.powerdown()
+        assert vm.wait(60) == 0                 # the guest powered itself off
+        kinds = [type(e) for e in vm.events(timeout=1)]
+        assert Powerdown in kinds and kinds[-1] is Shutdown

@@ -160,3 +160,35 @@ def test_start_paused_tcp_and_pidfile(guest, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_system_powerdown(vm):
+    proc, sock = vm
+
+    async def session():
+        client = qmp.QMPClient("kemu-test")
+        await client.connect(str(sock))
+        events = []
+
+        async def collect():
+            async for event in client.events:
+                events.append(event)
+        listener = asyncio.create_task(collect())
+        # Press the button until the guest acts on it (until it has booted far
+        # enough to listen, presses are ignored, as on real hardware).
+        for _ in range(60):
+            if any(e["event"] == "SHUTDOWN" for e in events):
+                break
+            with contextlib.suppress(qmp.ExecuteError):
+                await client.execute("system_powerdown")
+            await asyncio.sleep(2)
+        listener.cancel()
+        with contextlib.suppress(EOFError):
+            await client.disconnect()
+        return events
+
+    events = asyncio.run(session())
+    names = [e["event"] for e in events]
+    assert "POWERDOWN" in names and names[-1] == "SHUTDOWN"
+    assert events[-1]["data"] == {"guest": True, "reason": "guest-shutdown"}
+    assert proc.wait(30) == 0

@@ -26,14 +26,14 @@ from kemu.guest import cpio, kmod
 
 #: Guest modules loaded at boot (with their dependencies), in this order.
 GUEST_MODULES = ["virtio_mmio", "virtio_blk", "virtio_net", "virtio_console", "virtio-rng",
-                 "vmw_vsock_virtio_transport"]
+                 "vmw_vsock_virtio_transport", "virtio_input", "evdev"]
 
 ARCHES = {
     "aarch64": {"debian": "arm64", "kernel": "linux-image-cloud-arm64", "console": "ttyAMA0"},
 }
 
 #: Bumped when the initramfs layout changes, so old caches are rebuilt.
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 9
 
 
 def cache_dir() -> Path:
@@ -84,6 +84,10 @@ mkdir -p /dev/pts && mount -t devpts devpts /dev/pts
 {loads}
 hostname kemu
 ip link set lo up 2>/dev/null
+# The power button (virtio-input KEY_POWER) runs /etc/acpi/PWRF/00000080;
+# acpid needs the event device, which devtmpfs creates a moment after evdev loads.
+for i in 1 2 3 4 5 6 7 8 9 10; do [ -e /dev/input/event0 ] && break; sleep 0.1; done
+acpid -f -d &
 echo "kemu guest ready: $(uname -sr) on $(uname -m)"
 setsid cttyhack sh -l
 poweroff -f
@@ -97,7 +101,11 @@ def build_initramfs(busybox: bytes, modules: list[Path], console: str) -> bytes:
                 cpio.file("bin/busybox", busybox, 0o755),
                 cpio.file("etc/profile", b"export PS1='# '\nexport HOME=/root\ncd /root\n"),
                 cpio.file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n"),
-                cpio.file("etc/group", b"root:x:0:\n")]
+                cpio.file("etc/group", b"root:x:0:\n"),
+                cpio.directory("etc/acpi"), cpio.directory("etc/acpi/PWRF"),
+                cpio.file("etc/acpi/PWRF/00000080",
+                          b"#!/bin/sh\necho 'kemu: power button pressed, powering off'"
+                          b" > /dev/console\nsync\npoweroff -f\n", 0o755)]
     names = []
     for path in modules:
         name = path.name.split(".ko")[0] + ".ko"

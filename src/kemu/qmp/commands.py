@@ -7,6 +7,7 @@ import time
 from importlib.metadata import version as package_version
 from typing import Any, Callable
 
+from kemu.errors import KemuError
 from kemu.qmp.protocol import QmpError
 
 #: The QEMU version kemu's QMP dialect follows (commands and events as in 7.2).
@@ -45,6 +46,7 @@ class Commands:
             "stop": (self.stop, {}),
             "cont": (self.cont, {}),
             "system_reset": (self.system_reset, {}),
+            "system_powerdown": (self.system_powerdown, {}),
             "quit": (self.quit, {}),
             "human-monitor-command": (self.hmp, {"command-line": str, "cpu-index": int}),
         }
@@ -103,6 +105,12 @@ class Commands:
 
     def system_reset(self, _args: dict) -> None:
         self.vm.reset()
+
+    def system_powerdown(self, _args: dict) -> None:
+        try:
+            self.vm.powerdown()
+        except KemuError as e:
+            raise QmpError(str(e)) from None
 
     def quit(self, _args: dict) -> None:
         self.on_quit()
