@@ -109,11 +109,11 @@ class VirtMachine:
         self.ptimer = GenericTimer(self.gic.ppi_line(0, PPI_PHYS), name="ptimer")
         self.psci = Psci(self._on_psci)
 
-        from kemu.devices.virtio.input import VirtioPowerButton
+        from kemu.devices.virtio.input import power_button
         from kemu.machines.virtio_devices import attach_devices
         self.block_backends = attach_devices(self, config)
         # The power button (QMP system_powerdown), as QEMU's virt has one.
-        self.power_button = VirtioPowerButton()
+        self.power_button = power_button()
         self.attach_virtio(self.power_button)
 
         self.image = linux_arm64.Arm64Image.load_file(config.kernel)
@@ -318,7 +318,7 @@ class VirtMachine:
     def powerdown(self) -> bool:
         """Press the power button; False when the guest has no driver for it."""
         with self.lock:
-            return self.power_button.press()
+            return self.power_button.push()
 
     def reset(self) -> None:
         """A hard reset from the host (QMP system_reset): reload and restart."""

@@ -1,25 +1,50 @@
-"""virtio-input (VIRTIO 1.2 section 5.8) as a power button.
+"""virtio-input (VIRTIO 1.2, section 5.8 "Input Device"), and the board's power button.
 
-The device reports one key, KEY_POWER, as a Linux input device; the host
-"presses" it (QMP ``system_powerdown``) and the guest's input layer and
-userspace (busybox ``acpid`` in the default guest) act on it, as they would
-on a real power button.  Queue 0 (eventq) carries ``struct
-virtio_input_event {le16 type; le16 code; le32 value}`` to the driver;
-queue 1 (statusq) carries LED/feedback events back, which are consumed and
-ignored.
+The device reports evdev events (``struct virtio_input_event``: le16 type,
+le16 code, le32 value, 5.8.6) in the buffers the driver posts on the
+``eventq`` (queue 0); the driver sends LED and similar state back on the
+``statusq`` (queue 1), which this model consumes and ignores.  There are no
+feature bits (5.8.3).
+
+The configuration space (5.8.4) is a window the driver steers: it writes
+``select`` and ``subsel``, then reads ``size`` and the 128-byte union
+(name, serial, device ids, property bits, event-type bits).  ``size`` is 0
+for every combination the device does not support (5.8.5.1).
+
+:func:`power_button` is a device with one key, KEY_POWER: pressing it is
+how kemu delivers QMP's ``system_powerdown`` to a Linux guest.  The guest's
+``virtio_input`` driver turns it into an input event on
+``/dev/input/eventN`` that userspace acts on (busybox ``acpid`` runs
+``/etc/acpi/PWRF/00000080``, systemd-logind powers off).  QEMU's ``virt``
+board uses a PL061 GPIO line and a ``gpio-keys`` node for the same event,
+but Debian's arm64 cloud kernel has no gpio-keys driver
+(``CONFIG_KEYBOARD_GPIO`` is not set) while it ships ``virtio_input``.
+
+Events are sent in batches ending with ``EV_SYN``/``SYN_REPORT``.  While
+the driver has not posted enough buffers, batches wait in a bounded list
+(:data:`MAX_PENDING` events); when it is full the oldest batches are
+dropped, as QEMU drops events on a full queue.  Events sent before the
+driver is ready (DRIVER_OK) are dropped: no driver, nobody to tell.
 """
 
 from __future__ import annotations
 
+import logging
 import struct
-from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 
-from kemu.devices.virtio import DescriptorChain, VirtioDevice, VirtioError, Virtqueue
+from kemu.devices.virtio import Executor, VirtioDevice, VirtioSession
+from kemu.devices.virtio.queue import VirtioError, Virtqueue
 from kemu.errors import MemoryAccessError
 
-VIRTIO_ID_INPUT = 18
+log = logging.getLogger(__name__)
 
-# virtio_input_config_select (5.8.5.1)
+VIRTIO_ID_INPUT = 18          # 5.8.1
+
+EVENTQ, STATUSQ = 0, 1        # 5.8.2
+
+# virtio_input_config_select (5.8.4).
 CFG_UNSET = 0x00
 CFG_ID_NAME = 0x01
 CFG_ID_SERIAL = 0x02
@@ -28,96 +53,211 @@ CFG_PROP_BITS = 0x10
 CFG_EV_BITS = 0x11
 CFG_ABS_INFO = 0x12
 
-# Linux input event codes (include/uapi/linux/input-event-codes.h)
+CONFIG_HEADER = 8             # select, subsel, size, reserved[5]
+CONFIG_UNION = 128
+
+# Linux input-event-codes.h: the event types and codes this module uses.
 EV_SYN = 0x00
 EV_KEY = 0x01
 SYN_REPORT = 0
 KEY_POWER = 116
+BUS_VIRTUAL = 0x06
 
-EVENT = struct.Struct("<HHI")
+EVENT = struct.Struct("<HHI")  # struct virtio_input_event (5.8.6)
+
+DEFAULT_QUEUE_SIZE = 64
+#: Events kept while the driver has no free buffers.
 MAX_PENDING = 64
 
+#: Device ids of kemu's input devices (bustype, vendor, product, version).
+KEMU_VENDOR = 0x4B45          # "KE"
+POWER_BUTTON_PRODUCT = 0x0001
 
-class VirtioPowerButton(VirtioDevice):
+
+@dataclass(frozen=True)
+class InputEvent:
+    """One ``struct virtio_input_event``."""
+
+    type: int
+    code: int
+    value: int
+
+    def pack(self) -> bytes:
+        return EVENT.pack(self.type, self.code, self.value & 0xFFFFFFFF)
+
+
+SYN = InputEvent(EV_SYN, SYN_REPORT, 0)
+
+
+@dataclass
+class VirtioInputState:
+    """What :meth:`VirtioInput.save` returns (version 1)."""
+
+    version: int
+    select: int
+    subsel: int
+    pending: list[tuple[int, int, int]] = field(default_factory=list)
+
+
+class VirtioInput(VirtioDevice):
+    """An input device that reports the keys in ``keys`` (Linux key codes)."""
+
     device_id = VIRTIO_ID_INPUT
 
-    def __init__(self, name: str = "virtio-power-button") -> None:
+    def __init__(self, keys: Iterable[int], *, device_name: str = "kemu input",
+                 serial: str = "", ids: tuple[int, int, int, int] = (BUS_VIRTUAL, KEMU_VENDOR,
+                                                                     0, 1),
+                 queue_size: int = DEFAULT_QUEUE_SIZE, executor: Executor | None = None,
+                 name: str = "virtio-input") -> None:
         self.name = name
-        super().__init__([64, 64])
-        self._select = 0
-        self._subsel = 0
-        self._pending: deque[bytes] = deque()
+        super().__init__([queue_size, queue_size], executor)
+        self.keys = frozenset(keys)
+        for key in self.keys:
+            if not 0 <= key < 8 * CONFIG_UNION:
+                raise ValueError(f"{name}: key code {key} does not fit the EV_KEY bitmap")
+        self.device_name = device_name.encode()[:CONFIG_UNION]
+        self.serial = serial.encode()[:CONFIG_UNION]
+        self.ids = ids
+        self.select = CFG_UNSET
+        self.subsel = 0
+        self._pending: list[InputEvent] = []
+        #: Batches dropped because the driver had no buffers (or was not ready).
+        self.dropped = 0
 
-    # -- configuration space (5.8.4) -------------------------------------------------
+    # -- configuration space (5.8.4) ------------------------------------------------------
     def _payload(self) -> bytes:
-        if self._select == CFG_ID_NAME:
-            return b"kemu power button"
-        if self._select == CFG_ID_SERIAL:
-            return b"kemu-0"
-        if self._select == CFG_ID_DEVIDS:
-            return struct.pack("<HHHH", 0x19, 0x0001, 0x0001, 0x0001)  # BUS_HOST
-        if self._select == CFG_EV_BITS and self._subsel == EV_KEY:
-            bitmap = bytearray(KEY_POWER // 8 + 1)
-            bitmap[KEY_POWER // 8] |= 1 << (KEY_POWER % 8)
+        sel, sub = self.select, self.subsel
+        if sel == CFG_ID_NAME and sub == 0:
+            return self.device_name
+        if sel == CFG_ID_SERIAL and sub == 0:
+            return self.serial
+        if sel == CFG_ID_DEVIDS and sub == 0:
+            return struct.pack("<HHHH", *self.ids)
+        if sel == CFG_EV_BITS and sub == EV_KEY and self.keys:
+            bitmap = bytearray((max(self.keys) >> 3) + 1)
+            for key in self.keys:
+                bitmap[key >> 3] |= 1 << (key & 7)
             return bytes(bitmap)
+        # CFG_PROP_BITS: no properties; other event types and ABS_INFO: none.
         return b""
 
     def config_space(self) -> bytes:
         payload = self._payload()
-        return (bytes([self._select, self._subsel, len(payload)]) + bytes(5)
-                + payload.ljust(128, b"\0"))
+        header = bytes([self.select, self.subsel, len(payload)]) + bytes(5)
+        return header + payload.ljust(CONFIG_UNION, b"\0")
 
     def config_write(self, offset: int, data: bytes) -> None:
-        for i, byte in enumerate(data):
-            if offset + i == 0:
-                self._select = byte
-            elif offset + i == 1:
-                self._subsel = byte
+        """Only ``select`` (offset 0) and ``subsel`` (offset 1) are writable."""
+        for i, byte in enumerate(data, offset):
+            if i == 0:
+                self.select = byte
+            elif i == 1:
+                self.subsel = byte
 
-    # -- queues -------------------------------------------------------------------------
-    def press(self) -> bool:
-        """Press and release the power button; False if the driver is not there."""
-        if self.session is None or not self.session.active:
+    # -- events (5.8.6) ----------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        """The guest's driver set DRIVER_OK: events have somewhere to go."""
+        return self.session is not None and self.session.active
+
+    def send(self, events: Sequence[InputEvent]) -> bool:
+        """Report ``events`` followed by a SYN_REPORT; False if they were dropped."""
+        batch = [*events, SYN]
+        if not self.ready:
+            self.dropped += 1
             return False
-        for event in ((EV_KEY, KEY_POWER, 1), (EV_SYN, SYN_REPORT, 0),
-                      (EV_KEY, KEY_POWER, 0), (EV_SYN, SYN_REPORT, 0)):
-            if len(self._pending) < MAX_PENDING:
-                self._pending.append(EVENT.pack(*event))
-        self._deliver()
+        if len(batch) > MAX_PENDING:
+            raise ValueError(f"{self.name}: {len(batch)} events exceed one batch")
+        self._pending.extend(batch)
+        while len(self._pending) > MAX_PENDING:
+            # Drop the oldest whole batch, so the driver never sees half of one.
+            end = next(i for i, e in enumerate(self._pending) if e == SYN) + 1
+            del self._pending[:end]
+            self.dropped += 1
+        self._flush()
         return True
 
-    def _deliver(self) -> None:
+    def press(self, key: int) -> bool:
+        """A key press and release, as two batches."""
+        if key not in self.keys:
+            raise ValueError(f"{self.name}: key {key} is not one of this device's keys")
+        pressed = self.send([InputEvent(EV_KEY, key, 1)])
+        return self.send([InputEvent(EV_KEY, key, 0)]) and pressed
+
+    def _flush(self) -> None:
         session = self.session
         if session is None or not session.active:
             return
-        queue = session.queues[0]
-        delivered = False
+        queue = session.queues[EVENTQ]
+        sent = 0
         try:
             while self._pending:
-                chain: DescriptorChain | None = queue.pop()
+                chain = queue.pop()
                 if chain is None:
                     break
-                written = chain.write(session.memory, 0, self._pending.popleft())
+                if chain.writable_len < EVENT.size:
+                    raise VirtioError(f"{self.name}: eventq buffer of {chain.writable_len} "
+                                      f"bytes, need {EVENT.size}")
+                written = chain.write(session.memory, 0, self._pending[0].pack())
                 queue.push(chain, written)
-                delivered = True
+                del self._pending[0]
+                sent += 1
         except (VirtioError, MemoryAccessError) as exc:
             session.device_error(str(exc))
             return
-        if delivered:
-            session.signal_used(0)
+        if sent:
+            session.signal_used(EVENTQ)
+
+    def activate(self, session: VirtioSession) -> None:
+        super().activate(session)
+        self._pending.clear()
 
     def queue_notify(self, index: int, queue: Virtqueue) -> None:
-        if index == 0:
-            self._deliver()          # new event buffers: hand over what waits
+        if index == EVENTQ:
+            self._flush()
             return
         session = self.session
         if session is None:
             return
-        while (chain := queue.pop()) is not None:   # statusq: consume, ignore
+        # statusq: LED and sound state from the driver; nothing to show it on.
+        used = False
+        while (chain := queue.pop()) is not None:
             queue.push(chain, 0)
-        session.signal_used(index)
+            used = True
+        if used:
+            session.signal_used(STATUSQ)
 
     def reset(self) -> None:
         super().reset()
         self._pending.clear()
-        self._select = self._subsel = 0
+        self.select = CFG_UNSET
+        self.subsel = 0
+
+    # -- snapshots -----------------------------------------------------------------------
+    def save(self) -> VirtioInputState:
+        return VirtioInputState(1, self.select, self.subsel,
+                                [(e.type, e.code, e.value) for e in self._pending])
+
+    def restore(self, state: VirtioInputState) -> None:
+        if state.version != 1:
+            raise VirtioError(f"{self.name}: incompatible virtio-input state")
+        self.select, self.subsel = state.select, state.subsel
+        self._pending = [InputEvent(*e) for e in state.pending[-MAX_PENDING:]]
+
+
+class PowerButton(VirtioInput):
+    """A virtio-input device with one key, KEY_POWER: the machine's power button."""
+
+    def __init__(self, *, queue_size: int = 8, name: str = "virtio-power-button") -> None:
+        super().__init__([KEY_POWER], device_name="kemu power button",
+                         serial="kemu-power", ids=(BUS_VIRTUAL, KEMU_VENDOR,
+                                                   POWER_BUTTON_PRODUCT, 1),
+                         queue_size=queue_size, name=name)
+
+    def push(self) -> bool:
+        """Press and release the button; False when no driver listens."""
+        return self.press(KEY_POWER)
+
+
+def power_button() -> PowerButton:
+    return PowerButton()
