@@ -192,3 +192,34 @@ def test_system_powerdown(vm):
     assert "POWERDOWN" in names and names[-1] == "SHUTDOWN"
     assert events[-1]["data"] == {"guest": True, "reason": "guest-shutdown"}
     assert proc.wait(30) == 0
+
+
+def test_daemonize(guest, tmp_path):
+    sock, pidfile = tmp_path / "d.sock", tmp_path / "d.pid"
+    # The parent returns once the machine is set up; the daemon keeps running.
+    proc = subprocess.run(KEMU + ["run", "-daemonize", "-serial", "none", "-display", "none",
+                                  "-pidfile", str(pidfile),
+                                  "-qmp", f"unix:{sock},server=on,wait=off"],
+                          capture_output=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    for _ in range(200):
+        if pidfile.exists() and sock.exists():
+            break
+        time.sleep(0.05)
+    pid = int(pidfile.read_text())
+    os.kill(pid, 0)                             # the daemon is alive
+
+    async def session():
+        client = qmp.QMPClient("kemu-test")
+        await client.connect(str(sock))
+        assert (await client.execute("query-status"))["running"]
+        await client.execute("quit")
+        with contextlib.suppress(EOFError):
+            await client.disconnect()
+
+    asyncio.run(session())
+    for _ in range(200):
+        if not pidfile.exists():
+            break
+        time.sleep(0.05)
+    assert not pidfile.exists()
