@@ -140,7 +140,15 @@ class Console:
             self._backend.send(data)
 
     def expect(self, pattern: str | bytes | re.Pattern, timeout: float = 60.0) -> re.Match:
-        """Wait for ``pattern`` (a regular expression) after the previous match."""
+        """Wait for ``pattern`` (a regular expression) after the previous match.
+
+        Raises :class:`ConsoleTimeout` when it has not appeared within ``timeout``.
+        """
+        return self._expect(pattern, timeout)[0]
+
+    def _expect(self, pattern: str | bytes | re.Pattern,
+                timeout: float) -> tuple[re.Match, int, int]:
+        """The match and its absolute (since boot) start and end in the output."""
         if isinstance(pattern, re.Pattern):
             regex = pattern if isinstance(pattern.pattern, bytes) else re.compile(
                 pattern.pattern.encode(), pattern.flags & ~re.UNICODE)
@@ -153,7 +161,7 @@ class Console:
                 m = regex.search(self._buffer, start)
                 if m:
                     self._cursor = self._dropped + m.end()
-                    return m
+                    return m, self._dropped + m.start(), self._cursor
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     tail = self._buffer[-500:].decode(errors="replace")
@@ -165,21 +173,26 @@ class Console:
         """Run a shell command in the guest and return its output.
 
         The guest must be at a shell prompt.  The command's exit status is
-        checked; a non-zero status raises :class:`CommandFailed`.
+        checked; a non-zero status raises :class:`CommandFailed`, no answer
+        within ``timeout`` raises :class:`ConsoleTimeout`.
+
+        The output is what the shell prints between two markers echoed around
+        the command.  The markers are typed split by an empty quote
+        (``__kemu_b1''__``), so the terminal's echo of the command line, which
+        the line editor may also wrap at 80 columns, never matches them.
         """
-        marker = f"__kemu_{time.monotonic_ns()}__"
+        deadline = time.monotonic() + timeout
+        token = f"{time.monotonic_ns():x}"
+        begin, end = f"__kemu_b{token}__", f"__kemu_e{token}__"
+        command = command.rstrip().rstrip(";")
+        self.write(f"echo __kemu_b{token}''__; {command}; echo __kemu_e{token}''__=$?\n")
+        _, _, out_start = self._expect(re.escape(begin) + r"\r?\n", timeout)
+        m, out_end, _ = self._expect(re.escape(end) + r"=(\d+)",
+                                     max(0.0, deadline - time.monotonic()))
         with self._cond:
-            start = max(self._cursor, self._dropped + len(self._buffer))
-        self.write(f"{command}; echo {marker}=$?\n")
-        m = self.expect(re.escape(marker) + r"=(\d+)", timeout)
-        with self._cond:
-            text = self._buffer[max(0, start - self._dropped):m.start()].decode(
-                errors="replace").replace("\r\n", "\n")
-        # The command line is echoed (once by the tty as typed ahead, once by the
-        # shell's line editor): the output is what follows the last echo.
-        lines = text.split("\n")
-        echoes = [i for i, line in enumerate(lines) if marker in line]
-        out = "\n".join(lines[echoes[-1] + 1:] if echoes else lines)
+            lo = max(0, out_start - self._dropped)
+            text = bytes(self._buffer[lo:max(lo, out_end - self._dropped)])
+        out = text.decode(errors="replace").replace("\r\n", "\n")
         status = int(m.group(1))
         if status != 0:
             raise CommandFailed(f"{command!r} exited with status {status}: {out.strip()[-300:]}")
