@@ -62,6 +62,16 @@ class CommandFailed(KemuError):
     exit_status = 1
 
 
+class MachineStateError(KemuError):
+    """An operation the machine cannot do in its state (not started, already ended...)."""
+
+
+class MachineTimeout(KemuError):
+    """The vCPU did not reach a safe point (pause, end) within the timeout."""
+
+    exit_status = 1
+
+
 @dataclass(frozen=True)
 class Event:
     """Something that happened to the machine, with a host timestamp (time.time())."""
@@ -295,10 +305,16 @@ class Machine:
                 return
 
     # -- lifecycle ------------------------------------------------------------------------
+    def _require_running(self, what: str) -> None:
+        if not self._started:
+            raise MachineStateError(f"{what}: the machine has not been started")
+        if self._board.state == RunState.STOPPED:
+            raise MachineStateError(f"{what}: the machine has shut down")
+
     def start(self, paused: bool = False) -> None:
         """Boot the machine (``paused``: as QEMU's ``-S``, call :meth:`resume`)."""
         if self._started:
-            raise KemuError("machine already started")
+            raise MachineStateError("start: the machine was already started")
         self._started = True
         self.config.start_paused = paused
         self._board.start()
@@ -311,21 +327,45 @@ class Machine:
         return "shutdown" if state == RunState.STOPPED else state.value
 
     def pause(self, timeout: float = 10.0) -> None:
-        """Stop the vCPUs; the guest's clock stops with them."""
+        """Stop the vCPUs (as QMP's ``stop``); the guest's clock stops with them.
+
+        The TCG vCPU stops at its next safe point, usually within
+        milliseconds; :class:`MachineTimeout` if it has not within ``timeout``.
+        """
+        self._require_running("pause")
         if not self._board.pause(timeout):
-            raise KemuError("the vCPU did not reach a point where it can pause")
+            raise MachineTimeout(f"pause: the vCPU did not stop within {timeout:g} s")
+        if self._board.state == RunState.STOPPED:
+            raise MachineStateError("pause: the machine has shut down")
 
     def resume(self) -> None:
+        """Run the vCPUs again (as QMP's ``cont``), after :meth:`pause` or ``start(paused=True)``."""
+        self._require_running("resume")
         self._board.resume()
 
     def stop(self) -> None:
-        """End the machine (as QMP's ``quit``)."""
+        """End the machine (as QMP's ``quit``); :meth:`wait` gives its exit status."""
         self._board.stop()
+
+    def kill(self, timeout: float = 10.0) -> int:
+        """End the machine now, without asking the guest, and wait for it; the exit status.
+
+        In-process there is no process to kill: the vCPU ends at its next safe
+        point (:class:`MachineTimeout` if it has not within ``timeout``) and the
+        disks are flushed and closed.
+        """
+        if not self._started:
+            raise MachineStateError("kill: the machine has not been started")
+        self._board.stop()
+        status = self.wait(timeout)
+        if status is None:
+            raise MachineTimeout(f"kill: the vCPU did not stop within {timeout:g} s")
+        return status
 
     def wait(self, timeout: float | None = None) -> int | None:
         """Wait for the machine to end; its exit status (0 = guest powered off), or None."""
         if not self._started:
-            raise KemuError("machine not started")
+            raise MachineStateError("wait: the machine has not been started")
         outcome = self._board.wait(timeout)
         if outcome is None:
             return None
@@ -340,19 +380,26 @@ class Machine:
     def powerdown(self) -> None:
         """Press the machine's power button (as QMP's ``system_powerdown``).
 
-        The guest decides what to do; the default guest powers off.
+        The guest decides what to do; the default guest powers off (its
+        ``acpid`` runs ``poweroff``), after which :meth:`wait` returns 0.
+        :class:`MachineStateError` if the guest's driver for the button (a
+        virtio-input device) is not loaded yet: nobody would see the press.
         """
+        self._require_running("powerdown")
         self._emit(Powerdown())
         if not self._board.powerdown():
-            raise KemuError("the guest has no driver for the power button")
+            raise MachineStateError("powerdown: the guest has no driver for the power button")
 
     def reset(self) -> None:
         """A hard reset, as QMP's ``system_reset``."""
+        self._require_running("reset")
         self._board.reset()
         self._emit(Reset())
 
     def registers(self) -> dict[str, int]:
         """The boot CPU's general registers (read while the guest may be running)."""
+        if not self._started:
+            raise MachineStateError("registers: the machine has not been started")
         return self._board.cpu.registers()
 
     def memory_map(self) -> list[tuple[int, int, str]]:

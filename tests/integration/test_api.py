@@ -6,8 +6,7 @@ import time
 import pytest
 
 from kemu import Machine, Resume, Shutdown, Stop
-from kemu.api import Powerdown
-from kemu.api import CommandFailed, ConsoleTimeout
+from kemu.api import CommandFailed, ConsoleTimeout, MachineStateError, Powerdown
 
 
 def uptime(vm) -> float:
@@ -42,13 +41,21 @@ def test_boot_run_pause_resume_and_power_off(guest):
 
 def test_expect_times_out_and_stop_ends_the_machine(guest):
     vm = Machine.default_guest(memory="256M")
+    with pytest.raises(MachineStateError):
+        vm.pause()                             # not started yet
     vm.start()
     vm.console.expect(re.compile(r"kemu guest ready"), timeout=120)
     with pytest.raises(ConsoleTimeout):
         vm.console.expect("this never appears", timeout=0.5)
-    vm.stop()
-    assert vm.wait(30) == 0
+    vm.console.expect("# ", timeout=60)
+    # A command line longer than the terminal is wide: the shell's echo of it
+    # wraps, and none of it may leak into the output.
+    for n in range(40, 90, 7):
+        assert vm.console.run("echo " + "x" * n) == "x" * n + "\n"
+    assert vm.kill() == 0
     assert vm.outcome.reason == "quit"
+    with pytest.raises(MachineStateError):
+        vm.resume()                            # it has ended
 
 
 def test_power_button(guest):

@@ -57,7 +57,12 @@ class Commands:
     def __call__(self, name: str, args: dict) -> Any:
         handler, spec = self.table[name]
         _expect_args(args, spec)
-        return handler(args)
+        try:
+            return handler(args)
+        except KemuError as e:
+            # A failure of the machine (not started, shut down, a vCPU that does
+            # not stop) is the command's error, never a dropped connection.
+            raise QmpError(str(e)) from None
 
     def query_version(self, _args: dict) -> dict:
         major, minor, micro = QEMU_VERSION
@@ -107,16 +112,16 @@ class Commands:
         self.vm.reset()
 
     def system_powerdown(self, _args: dict) -> None:
-        try:
-            self.vm.powerdown()
-        except KemuError as e:
-            raise QmpError(str(e)) from None
+        self.vm.powerdown()
 
     def quit(self, _args: dict) -> None:
         self.on_quit()
 
     def hmp(self, args: dict) -> str:
-        line = args.get("command-line", "").strip()
+        """``human-monitor-command``: the few HMP ``info`` commands kemu has."""
+        if "command-line" not in args:
+            raise QmpError("Parameter 'command-line' is missing")
+        line = " ".join(args["command-line"].split())
         if line in ("info status", "i status"):
             state = self.vm.state
             return f"VM status: {state}\r\n"
@@ -125,6 +130,17 @@ class Commands:
             rows = [f"{k.upper():>6}={v:016x}" for k, v in regs.items()]
             return "\r\n".join("  ".join(rows[i:i + 4]) for i in range(0, len(rows), 4)) + "\r\n"
         if line in ("info mtree", "i mtree"):
-            return "".join(f"  {base:016x}-{base + size - 1:016x} (prio 0, i/o): {name}\r\n"
-                           for base, size, name in self.vm.memory_map())
+            rows = ["address-space: memory\r\n",
+                    "  0000000000000000-ffffffffffffffff (prio 0, i/o): system\r\n"]
+            for base, size, name in sorted(self.vm.memory_map()):
+                kind = "ram" if name == "ram" else "i/o"
+                rows.append(f"    {base:016x}-{base + size - 1:016x} (prio 0, {kind}): {name}\r\n")
+            return "".join(rows)
+        if line in ("info qtree", "i qtree"):
+            rows = ["bus: main-system-bus\r\n", "  type System\r\n"]
+            for base, size, name in sorted(self.vm.memory_map()):
+                if name != "ram":
+                    rows.append(f"  dev: {name}, id \"\"\r\n"
+                                f"    mmio {base:016x}/{size:016x}\r\n")
+            return "".join(rows)
         raise QmpError(f"unknown or unsupported monitor command: {line!r}")

@@ -1,0 +1,110 @@
+"""The QMP command table over a stand-in for kemu.api.Machine (no guest)."""
+
+import pytest
+
+from kemu.api import MachineStateError
+from kemu.machines.config import MachineConfig
+from kemu.qmp.commands import Commands
+from kemu.qmp.protocol import QmpError, QmpSession
+
+
+class FakeVm:
+    def __init__(self):
+        self.state = "running"
+        self.has_run = True
+        self.config = MachineConfig(name="fake")
+        self.calls = []
+
+    def pause(self):
+        self.calls.append("pause")
+        self.state = "paused"
+
+    def resume(self):
+        self.calls.append("resume")
+        self.state = "running"
+
+    def stop(self):
+        self.calls.append("stop")
+
+    def reset(self):
+        self.calls.append("reset")
+
+    def powerdown(self):
+        raise MachineStateError("powerdown: the guest has no driver for the power button")
+
+    def registers(self):
+        return {"x0": 1, "pc": 0x40080000}
+
+    def memory_map(self):
+        return [(0x40000000, 256 << 20, "ram"), (0x09000000, 0x1000, "pl011")]
+
+
+def negotiated(vm):
+    commands = Commands(vm)
+    session = QmpSession(commands, commands.names)
+    session.feed(b'{"execute": "qmp_capabilities"}')
+    return session
+
+
+def run(session, line):
+    [response] = session.feed(line.encode())
+    return response.data
+
+
+def test_status_stop_cont():
+    vm = FakeVm()
+    s = negotiated(vm)
+    assert run(s, '{"execute": "query-status"}') == {
+        "return": {"running": True, "singlestep": False, "status": "running"}}
+    assert run(s, '{"execute": "stop"}') == {"return": {}}
+    assert run(s, '{"execute": "query-status"}')["return"]["status"] == "paused"
+    assert run(s, '{"execute": "cont", "id": 7}') == {"return": {}, "id": 7}
+    vm.state, vm.has_run = "paused", False
+    assert run(s, '{"execute": "query-status"}')["return"]["status"] == "prelaunch"
+    assert vm.calls == ["pause", "resume"]
+
+
+def test_machine_errors_become_command_errors():
+    s = negotiated(FakeVm())
+    assert run(s, '{"execute": "system_powerdown"}') == {"error": {
+        "class": "GenericError",
+        "desc": "powerdown: the guest has no driver for the power button"}}
+
+
+def test_argument_checks():
+    s = negotiated(FakeVm())
+    assert run(s, '{"execute": "stop", "arguments": {"x": 1}}')["error"]["desc"] == \
+        "Parameter 'x' is unexpected"
+    assert run(s, '{"execute": "human-monitor-command", "arguments": {"command-line": 5}}')[
+        "error"]["desc"] == "Invalid parameter type for 'command-line', expected: string"
+    assert run(s, '{"execute": "human-monitor-command"}')["error"]["desc"] == \
+        "Parameter 'command-line' is missing"
+    assert run(s, '{"execute": "human-monitor-command", "arguments": '
+                  '{"command-line": "info status", "cpu-index": true}}')["error"]["desc"] == \
+        "Invalid parameter type for 'cpu-index', expected: int"
+
+
+def test_hmp_info():
+    s = negotiated(FakeVm())
+
+    def hmp(line):
+        return run(s, '{"execute": "human-monitor-command", "arguments": '
+                      f'{{"command-line": "{line}"}}}}')["return"]
+    assert hmp("info  status") == "VM status: running\r\n"
+    assert "PC=0000000040080000" in hmp("info registers")
+    mtree = hmp("info mtree")
+    assert mtree.startswith("address-space: memory\r\n")
+    assert "0000000009000000-0000000009000fff (prio 0, i/o): pl011" in mtree
+    assert "0000000040000000-000000004fffffff (prio 0, ram): ram" in mtree
+    qtree = hmp("info qtree")
+    assert 'dev: pl011, id ""' in qtree and "ram" not in qtree
+    with pytest.raises(QmpError):
+        Commands(FakeVm())("human-monitor-command", {"command-line": "info nothing"})
+
+
+def test_query_commands_and_name():
+    s = negotiated(FakeVm())
+    names = {c["name"] for c in run(s, '{"execute": "query-commands"}')["return"]}
+    assert {"qmp_capabilities", "system_powerdown", "system_reset", "quit",
+            "human-monitor-command", "query-cpus-fast", "query-block"} <= names
+    assert run(s, '{"execute": "query-name"}') == {"return": {"name": "fake"}}
