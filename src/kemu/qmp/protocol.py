@@ -1,16 +1,37 @@
-"""The QMP wire protocol as a sans-I/O state machine (QEMU's qmp-spec).
+"""The QMP wire protocol as a sans-I/O state machine (QEMU's docs/interop/qmp-spec).
 
 Bytes in, messages out: :meth:`QmpSession.feed` takes what a client sent
 and returns the responses to write back, running commands through a
-dispatcher.  The session refuses every command but ``qmp_capabilities``
-until capabilities are negotiated (spec section "Capabilities
-Negotiation"), answers ``{"return": ...}`` or ``{"error": {"class",
-"desc"}}`` with the client's ``id``, and formats events with a timestamp.
+dispatcher; no sockets, no threads, so tests feed it made-up bytes.
+
+What the spec asks, section by section:
+
+- "Server Greeting": :func:`greeting` is ``{"QMP": {"version": {"qemu":
+  {"major", "minor", "micro"}, "package"}, "capabilities": []}}``.
+- "Capabilities Negotiation": every command but ``qmp_capabilities`` is
+  refused with ``CommandNotFound`` until it has run; after that,
+  ``qmp_capabilities`` itself is refused the same way.
+- "Issuing Commands": ``{"execute", "arguments"?, "id"?}``, nothing else;
+  the ``id`` comes back verbatim in the response.
+- "Commands Responses": ``{"return": ...}`` or ``{"error": {"class",
+  "desc"}}``; input that is not a JSON object, or not JSON at all, gets a
+  ``GenericError`` (without ``id``: there is none to copy).
+- "Asynchronous events": :func:`event` is ``{"event", "data"?,
+  "timestamp": {"seconds", "microseconds"}}``.
+- "Forcing the JSON parser into known-good state": as in QEMU, a malformed
+  message is answered with an error and the parser goes on with the next
+  one; bytes that are not UTF-8 (a client's 0xFF reset byte among them)
+  drop what is pending.
+
+Messages are JSON texts one after another, not lines: they may be split
+across reads, span lines or share one (see :class:`QmpSession`).
 """
 
 from __future__ import annotations
 
+import codecs
 import json
+import re
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -54,48 +75,108 @@ def event(name: str, data: dict | None = None) -> dict:
     return msg
 
 
+#: Where a JSON value's nesting can change, outside and inside strings.
+_STRUCTURE = re.compile(r'["{}\[\]]')
+_IN_STRING = re.compile(r'["\\]')
+
+
 class QmpSession:
-    """One client connection's protocol state."""
+    """One client connection's protocol state.
+
+    Input is split into messages as QEMU's JSON streamer does: an object or
+    array ends where its braces balance (strings and escapes understood, so
+    a message may span reads and lines); anything else at the top level is
+    taken up to the end of its line.  A message that is not valid JSON gets
+    a ``JSON parse error`` and the session goes on with the next one.
+    Pending input is bounded by :data:`MAX_MESSAGE`: beyond it the client
+    gets an error and the connection is closed (:attr:`Response.close`).
+    """
 
     def __init__(self, dispatch: Callable[[str, dict], Any],
                  commands: Callable[[], set[str]]) -> None:
         self._dispatch = dispatch
         self._commands = commands
+        self._utf8 = codecs.getincrementaldecoder("utf-8")()
         self._buffer = ""
-        self._decoder = json.JSONDecoder()
+        # Scan state of the object or array being received.
+        self._depth = 0
+        self._in_string = False
+        self._pos = 0
         self.negotiated = False
 
     def feed(self, data: bytes) -> list[Response]:
+        """Take bytes from the client; returns the responses to send, in order."""
         out: list[Response] = []
         try:
-            self._buffer += data.decode("utf-8")
+            self._buffer += self._utf8.decode(data)
         except UnicodeDecodeError:
-            self._buffer = ""
+            # As after a lexical error in QEMU: drop what is pending, resynchronize.
+            self._utf8.reset()
+            self._reset_scan("")
             return [Response(_error("JSON parse error, invalid UTF-8 sequence"))]
-        while True:
-            text = self._buffer.lstrip()
-            if not text:
-                self._buffer = ""
-                break
+        while (text := self._next_message()) is not None:
             try:
-                msg, end = self._decoder.raw_decode(text)
+                msg = json.loads(text)
             except json.JSONDecodeError as e:
-                newline = text.find("\n")
-                if newline < 0:
-                    # No complete line yet: wait for more, within bounds.
-                    self._buffer = text
-                    if len(text) > MAX_MESSAGE:
-                        self._buffer = ""
-                        out.append(Response(_error("JSON parse error, message too long"),
-                                            close=True))
-                    break
-                # A complete line that is not JSON: report it and drop it.
                 out.append(Response(_error(f"JSON parse error, {e.msg}")))
-                self._buffer = text[newline + 1:]
                 continue
-            self._buffer = text[end:]
             out.append(Response(self._handle(msg)))
+        if len(self._buffer) > MAX_MESSAGE:
+            self._reset_scan("")
+            out.append(Response(_error("JSON parse error, message too long"), close=True))
         return out
+
+    def _reset_scan(self, rest: str) -> None:
+        self._buffer = rest
+        self._depth = 0
+        self._in_string = False
+        self._pos = 0
+
+    def _next_message(self) -> str | None:
+        """Cut the next complete message off the buffer, or None if there is none yet."""
+        buf = self._buffer
+        if self._depth == 0:
+            buf = self._buffer = buf.lstrip()
+            if not buf:
+                return None
+            if buf[0] not in "{[":
+                # A scalar or garbage at the top level: one message per line.
+                newline = buf.find("\n")
+                if newline < 0:
+                    return None
+                self._buffer = buf[newline + 1:]
+                return buf[:newline]
+            self._pos = 0
+        pos = self._pos
+        while True:
+            if self._in_string:
+                m = _IN_STRING.search(buf, pos)
+                if m is None:
+                    self._pos = len(buf)
+                    return None
+                if m.group() == "\\":
+                    if m.end() >= len(buf):        # the escaped character is still to come
+                        self._pos = m.start()
+                        return None
+                    pos = m.end() + 1
+                    continue
+                self._in_string = False
+                pos = m.end()
+                continue
+            m = _STRUCTURE.search(buf, pos)
+            if m is None:
+                self._pos = len(buf)
+                return None
+            c, pos = m.group(), m.end()
+            if c == '"':
+                self._in_string = True
+            elif c in "{[":
+                self._depth += 1
+            else:
+                self._depth -= 1
+                if self._depth == 0:
+                    self._reset_scan(buf[pos:])
+                    return buf[:pos]
 
     def _handle(self, msg: Any) -> dict:
         if not isinstance(msg, dict):
