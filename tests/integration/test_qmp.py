@@ -103,18 +103,47 @@ def test_malformed_input_over_a_raw_socket_keeps_the_machine(vm):
     f.write(b'{"execute": "query-status"}\n')
     f.flush()
     assert json.loads(f.readline())["error"]["class"] == "CommandNotFound"
-    f.write(b'{"execute": "qmp_capabilities"}\nnot json at all\n[1]\n{"execute": 5}\n')
+    f.write(b'{"execute": "qmp_capabilities"}\nnot json at all\n[1]\n{"execute": 5}\n'
+            b'{"execute": "nope", "id": 1}\n{"execute": "stop", "arguments": {"x": 1}}\n'
+            b'{"execute": "human-monitor-command", "arguments": {"command-line": 1}}\n')
     f.flush()
-    replies = [json.loads(f.readline()) for _ in range(4)]
+    replies = [json.loads(f.readline()) for _ in range(7)]
     assert replies[0] == {"return": {}}
-    assert all("error" in r for r in replies[1:])
+    assert replies[1]["error"]["desc"].startswith("JSON parse error")
+    assert replies[2]["error"]["desc"] == "QMP input must be a JSON object"
+    assert replies[3]["error"]["class"] == "GenericError"
+    assert replies[4] == {"error": {"class": "CommandNotFound",
+                                    "desc": "The command nope has not been found"}, "id": 1}
+    assert replies[5]["error"]["desc"] == "Parameter 'x' is unexpected"
+    assert replies[6]["error"]["desc"] == ("Invalid parameter type for 'command-line', "
+                                           "expected: string")
     s.close()                                  # disconnect in the middle of nothing
     s2 = socket.socket(socket.AF_UNIX)
     s2.connect(str(sock))
     s2.sendall(b'{"execute": "qmp_capabilit')  # and in the middle of a message
     s2.close()
-    time.sleep(0.2)
-    assert proc.poll() is None                 # the machine keeps running
+    # A message that never ends: an error, then the server hangs up.
+    s3 = socket.socket(socket.AF_UNIX)
+    s3.connect(str(sock))
+    f3 = s3.makefile("rwb")
+    f3.readline()
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        f3.write(b'{"execute": "' + b"x" * (2 << 20))
+        f3.flush()
+    assert "too long" in json.loads(f3.readline())["error"]["desc"]
+    assert f3.readline() == b""
+    s3.close()
+    # The machine keeps running and serves the next client.
+    s4 = socket.socket(socket.AF_UNIX)
+    s4.connect(str(sock))
+    f4 = s4.makefile("rwb")
+    f4.readline()
+    f4.write(b'{"execute": "qmp_capabilities"}{"execute": "query-status"}')
+    f4.flush()
+    assert json.loads(f4.readline()) == {"return": {}}
+    assert json.loads(f4.readline())["return"]["status"] == "running"
+    s4.close()
+    assert proc.poll() is None
 
 
 def test_qmp_shell(vm):
