@@ -3,9 +3,11 @@
 import pytest
 
 from kemu.api import MachineStateError
+from kemu.errors import ConfigError
 from kemu.machines.config import MachineConfig
 from kemu.qmp.commands import Commands
 from kemu.qmp.protocol import QmpError, QmpSession
+from kemu.qmp.server import QmpAddress, parse_qmp_option
 
 
 class FakeVm:
@@ -108,3 +110,34 @@ def test_query_commands_and_name():
     assert {"qmp_capabilities", "system_powerdown", "system_reset", "quit",
             "human-monitor-command", "query-cpus-fast", "query-block"} <= names
     assert run(s, '{"execute": "query-name"}') == {"return": {"name": "fake"}}
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("unix:/tmp/q.sock,server=on,wait=off", QmpAddress("unix", path="/tmp/q.sock")),
+    ("unix:/tmp/q.sock,server,nowait", QmpAddress("unix", path="/tmp/q.sock")),
+    ("unix:/tmp/q.sock,server=on", QmpAddress("unix", path="/tmp/q.sock", wait=True)),
+    ("tcp::4444,server=on,wait=off", QmpAddress("tcp", host="127.0.0.1", port=4444)),
+    ("tcp:0.0.0.0:4444,server,nowait", QmpAddress("tcp", host="0.0.0.0", port=4444)),
+    ("tcp:[::1]:4444,server=on,wait=off", QmpAddress("tcp", host="::1", port=4444)),
+])
+def test_parse_qmp_option(text, expected):
+    assert parse_qmp_option(text) == expected
+
+
+@pytest.mark.parametrize("text", [
+    "unix:,server=on", "tcp:localhost:http,server=on", "tcp::70000,server=on",
+    "unix:/x,server=off", "unix:/x,server=on,wait=maybe", "unix:/x,telnet=on", "stdio",
+])
+def test_parse_qmp_option_refuses(text):
+    with pytest.raises(ConfigError):
+        parse_qmp_option(text)
+
+
+def test_a_failing_command_is_an_error_reply():
+    vm = FakeVm()
+    vm.registers = lambda: 1 / 0
+    s = negotiated(vm)
+    r = run(s, '{"execute": "human-monitor-command", "arguments": '
+               '{"command-line": "info registers"}, "id": 3}')
+    assert r["id"] == 3 and "ZeroDivisionError" in r["error"]["desc"]
+    assert "return" in run(s, '{"execute": "query-status"}')

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from importlib.metadata import version as package_version
@@ -9,6 +10,8 @@ from typing import Any, Callable
 
 from kemu.errors import KemuError
 from kemu.qmp.protocol import QmpError
+
+log = logging.getLogger(__name__)
 
 #: The QEMU version kemu's QMP dialect follows (commands and events as in 7.2).
 QEMU_VERSION = (7, 2, 0)
@@ -63,6 +66,13 @@ class Commands:
             # A failure of the machine (not started, shut down, a vCPU that does
             # not stop) is the command's error, never a dropped connection.
             raise QmpError(str(e)) from None
+        except QmpError:
+            raise
+        except Exception as e:
+            # A bug in kemu: report it (with its traceback on stderr) to the
+            # client that hit it; the machine and the other clients go on.
+            log.exception("QMP command %s failed", name)
+            raise QmpError(f"internal error in {name}: {type(e).__name__}: {e}") from None
 
     def query_version(self, _args: dict) -> dict:
         major, minor, micro = QEMU_VERSION

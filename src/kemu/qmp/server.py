@@ -29,26 +29,41 @@ class QmpAddress:
 
 
 def parse_qmp_option(text: str) -> QmpAddress:
-    """QEMU's ``-qmp`` argument: ``unix:PATH[,server=on][,wait=off]`` or ``tcp:[HOST]:PORT,...``."""
+    """QEMU's ``-qmp`` argument: ``unix:PATH[,server=on][,wait=off]`` or ``tcp:[HOST]:PORT,...``.
+
+    As in QEMU, ``server`` alone means ``server=on`` and ``nowait`` means
+    ``wait=off``; without either, the machine waits for a first client
+    (``wait=on``).  kemu only listens: ``server=off`` (connecting out) is
+    refused.  An IPv6 host is written in brackets (``tcp:[::1]:4444``); no
+    host means 127.0.0.1, never every interface.
+    """
     head, *opts = text.split(",")
     props = {}
     for opt in opts:
         key, _, value = opt.partition("=")
         props[key] = value or "on"
-    for key in props:
+    for key, value in props.items():
         if key not in ("server", "wait", "nowait"):
-            raise ConfigError(f"-qmp: unsupported parameter {key!r}")
-    if props.get("server", "on") not in ("on", ""):
-        raise ConfigError("-qmp: only server=on is supported")
-    wait = props.get("wait", "on" if "nowait" not in props else "off") == "on"
+            raise ConfigError(f"-qmp {text}: unsupported parameter {key!r}")
+        if value not in ("on", "off"):
+            raise ConfigError(f"-qmp {text}: {key}={value}: expected on or off")
+    if props.get("server", "on") != "on":
+        raise ConfigError(f"-qmp {text}: only server=on (listening) is supported")
+    wait = props.get("wait", "off" if "nowait" in props else "on") == "on"
     if head.startswith("unix:"):
+        if not head[5:]:
+            raise ConfigError(f"-qmp {text}: no socket path")
         return QmpAddress("unix", path=head[5:], wait=wait)
     if head.startswith("tcp:"):
         host, _, port = head[4:].rpartition(":")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
         try:
             port_number = int(port)
         except ValueError:
-            raise ConfigError(f"-qmp {text}: invalid port") from None
+            raise ConfigError(f"-qmp {text}: invalid port {port!r}") from None
+        if not 0 <= port_number <= 65535:
+            raise ConfigError(f"-qmp {text}: port {port_number} out of range")
         return QmpAddress("tcp", host=host or "127.0.0.1", port=port_number, wait=wait)
     raise ConfigError(f"-qmp {text}: expected unix:PATH or tcp:HOST:PORT")
 
