@@ -96,7 +96,13 @@ class Powerdown(Event):
 
 @dataclass(frozen=True)
 class Reset(Event):
-    """The machine was reset from the host (QMP's RESET)."""
+    """The machine was reset (QMP's RESET): ``guest`` is True when the guest asked."""
+
+    guest: bool = False
+
+    @property
+    def qmp_reason(self) -> str:
+        return "guest-reset" if self.guest else "host-qmp-system-reset"
 
 
 @dataclass(frozen=True)
@@ -271,11 +277,9 @@ class Machine:
     def _emit(self, event: MachineEvent) -> None:
         from kemu.qmp.protocol import event as qmp_event
         self._events.put(event)
-        if isinstance(event, Shutdown):
-            data = {"guest": event.guest, "reason": event.qmp_reason}
-            message = qmp_event("SHUTDOWN", data)
-        else:
-            message = qmp_event(type(event).__name__.upper())
+        data = ({"guest": event.guest, "reason": event.qmp_reason}
+                if isinstance(event, (Shutdown, Reset)) else None)
+        message = qmp_event(type(event).__name__.upper(), data, event.timestamp)
         for listener in list(self._listeners):
             listener(message)
 
@@ -401,6 +405,12 @@ class Machine:
         if not self._started:
             raise MachineStateError("registers: the machine has not been started")
         return self._board.cpu.registers()
+
+    def vcpu_thread_ids(self) -> list[int]:
+        """The host thread id of each vCPU (QMP's ``query-cpus-fast`` ``thread-id``)."""
+        vcpu = getattr(self._board, "_vcpu_thread", None)
+        thread = getattr(vcpu, "_thread", None)
+        return [thread.native_id] if thread is not None and thread.native_id else []
 
     def memory_map(self) -> list[tuple[int, int, str]]:
         """(base, size, name) of RAM and every device mapping."""

@@ -9,6 +9,7 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -51,18 +52,21 @@ def test_qemu_qmp_client_commands_and_events(vm):
         assert (await client.execute("query-name")) == {"name": "testvm"}
         names = {c["name"] for c in await client.execute("query-commands")}
         assert {"stop", "cont", "quit", "query-status"} <= names
-        assert len(await client.execute("query-cpus-fast")) == 1
+        [cpu] = await client.execute("query-cpus-fast")
+        assert cpu["thread-id"] != threading.get_native_id() and cpu["thread-id"] > 0
         assert await client.execute("query-block") == []
         with pytest.raises(qmp.ExecuteError) as err:
             await client.execute("no-such-command")
         assert err.value.error_class == "CommandNotFound"
         with pytest.raises(qmp.ExecuteError):
             await client.execute("stop", {"bogus": 1})
-        events = []
+        events, data = [], []
 
         async def collect():
             async for event in client.events:
                 events.append(event["event"])
+                if event["event"] in ("RESET", "SHUTDOWN"):
+                    data.append(event["data"])
         listener = asyncio.create_task(collect())
         await client.execute("stop")
         assert (await client.execute("query-status"))["status"] == "paused"
@@ -76,6 +80,8 @@ def test_qemu_qmp_client_commands_and_events(vm):
         assert "pl011" in mtree
         await client.execute("cont")
         assert (await client.execute("query-status"))["running"]
+        await client.execute("system_reset")
+        assert (await client.execute("query-status"))["running"]
         await client.execute("quit")
         for _ in range(100):
             if "SHUTDOWN" in events:
@@ -86,11 +92,15 @@ def test_qemu_qmp_client_commands_and_events(vm):
         # client library reports that as EOFError on disconnect.
         with contextlib.suppress(EOFError):
             await client.disconnect()
-        return events
+        return events, data
 
-    events = asyncio.run(session())
-    # (a RESUME when the machine started may come first)
-    assert events[-3:] == ["STOP", "RESUME", "SHUTDOWN"], events
+    events, data = asyncio.run(session())
+    # (a RESUME when the machine started may come first; the reset pauses the
+    # vCPU while the board reloads)
+    assert events[events.index("STOP"):events.index("STOP") + 2] == ["STOP", "RESUME"], events
+    assert "RESET" in events and events[-1] == "SHUTDOWN", events
+    assert data == [{"guest": False, "reason": "host-qmp-system-reset"},
+                    {"guest": False, "reason": "host-qmp-quit"}]
     assert proc.wait(30) == 0
 
 

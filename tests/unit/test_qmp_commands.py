@@ -37,6 +37,9 @@ class FakeVm:
     def registers(self):
         return {"x0": 1, "pc": 0x40080000}
 
+    def vcpu_thread_ids(self):
+        return [4242]
+
     def memory_map(self):
         return [(0x40000000, 256 << 20, "ram"), (0x09000000, 0x1000, "pl011")]
 
@@ -110,6 +113,8 @@ def test_query_commands_and_name():
     assert {"qmp_capabilities", "system_powerdown", "system_reset", "quit",
             "human-monitor-command", "query-cpus-fast", "query-block"} <= names
     assert run(s, '{"execute": "query-name"}') == {"return": {"name": "fake"}}
+    [cpu] = run(s, '{"execute": "query-cpus-fast"}')["return"]
+    assert cpu["thread-id"] == 4242 and cpu["cpu-index"] == 0
 
 
 @pytest.mark.parametrize("text, expected", [

@@ -91,9 +91,11 @@ class Commands:
         return {"name": self.vm.config.name} if self.vm.config.name else {}
 
     def query_cpus_fast(self, _args: dict) -> list:
-        return [{"cpu-index": 0, "qom-path": "/machine/unattached/device[0]",
-                 "thread-id": threading.get_native_id(), "target": "aarch64",
-                 "props": {"core-id": 0, "thread-id": 0, "socket-id": 0}}]
+        ids = self.vm.vcpu_thread_ids() or [threading.get_native_id()]
+        return [{"cpu-index": i, "qom-path": f"/machine/unattached/device[{i}]",
+                 "thread-id": tid, "target": "aarch64",
+                 "props": {"core-id": i, "thread-id": 0, "socket-id": 0}}
+                for i, tid in enumerate(ids)]
 
     def query_block(self, _args: dict) -> list:
         out = []

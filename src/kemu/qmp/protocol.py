@@ -65,8 +65,9 @@ def greeting(version: tuple[int, int, int], package: str) -> dict:
                     "capabilities": []}}
 
 
-def event(name: str, data: dict | None = None) -> dict:
-    now = time.time()
+def event(name: str, data: dict | None = None, timestamp: float | None = None) -> dict:
+    """An event message ("Asynchronous events"); ``timestamp`` defaults to now (time.time())."""
+    now = time.time() if timestamp is None else timestamp
     msg: dict[str, Any] = {"event": name,
                            "timestamp": {"seconds": int(now),
                                          "microseconds": int((now % 1) * 1_000_000)}}
