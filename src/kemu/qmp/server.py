@@ -68,7 +68,21 @@ def parse_qmp_option(text: str) -> QmpAddress:
     raise ConfigError(f"-qmp {text}: expected unix:PATH or tcp:HOST:PORT")
 
 
+#: Event bytes a client may leave unread before it is disconnected.
+MAX_EVENT_BACKLOG = 1 << 20
+
+
 class QmpServer:
+    """QMP on one listening socket, for one machine (a :class:`kemu.api.Machine`).
+
+    asyncio, one event loop in one thread ("qmp") for every client of this
+    server.  Commands run in the loop's default executor, since they may
+    wait for the vCPU (``stop`` waits for a safe point), so a slow command
+    never holds up other clients or events; one client's commands still run
+    one after another, in order.  A client that leaves more than
+    :data:`MAX_EVENT_BACKLOG` bytes of events unread is disconnected.
+    """
+
     def __init__(self, vm, address: QmpAddress) -> None:
         self.vm = vm
         self.address = address
@@ -139,10 +153,18 @@ class QmpServer:
 
     def broadcast(self, message: dict) -> None:
         """Send an event to every negotiated client (from any thread)."""
+        data = encode(message)
+
         def send() -> None:
-            for _session, writer in list(self._clients):
-                if not writer.is_closing():
-                    writer.write(encode(message))
+            for entry in list(self._clients):
+                writer = entry[1]
+                if writer.is_closing():
+                    continue
+                if writer.transport.get_write_buffer_size() > MAX_EVENT_BACKLOG:
+                    self._clients.discard(entry)     # it stopped reading
+                    writer.close()
+                    continue
+                writer.write(data)
         if self._loop.is_running():
             self._loop.call_soon_threadsafe(send)
 
