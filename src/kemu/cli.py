@@ -21,7 +21,12 @@ from typing import Callable
 
 from kemu.errors import ConfigError, KemuError
 from kemu.machines.config import DriveConfig, MachineConfig, MiB
-from kemu.machines.virtio_devices import parse_device, parse_drive
+from kemu.machines.virtio_devices import (
+    parse_device,
+    parse_drive,
+    parse_netdev,
+    parse_nic,
+)
 
 USAGE = """\
 usage: kemu [QEMU-style options]
@@ -33,20 +38,24 @@ QEMU-style options: -M/-machine virt  -accel tcg  -cpu MODEL  -m SIZE  -smp 1
   -kernel FILE  -initrd FILE  -append CMDLINE  -nographic  -serial stdio|mon:stdio|none
   -no-reboot  -S  -name NAME  -display none  -monitor none  -nodefaults
   -drive file=IMG[,format=raw|qcow2][,if=virtio|none,id=ID][,readonly=on][,cache=MODE]
-  -device virtio-blk-device,drive=ID | virtio-rng-device
+  -device virtio-blk-device,drive=ID | virtio-rng-device | virtio-net-device,netdev=ID[,mac=M]
+  -netdev user,id=ID[,hostfwd=tcp::HOSTPORT-:GUESTPORT]  (user-mode networking by passt)
+  -netdev tap,id=ID,ifname=NAME,script=no,downscript=no
+  -nic user[,hostfwd=...][,mac=M] | tap,ifname=NAME
   -qmp unix:PATH,server=on,wait=off | tcp:HOST:PORT,server=on,wait=off  -pidfile FILE  -daemonize
 kemu's own: --disk IMG (a virtio disk, format detected)
+            --net user[,hostfwd=...] (a virtio NIC on user-mode networking, as -nic user)
 In the console: Ctrl-A x quits, Ctrl-A h prints help.
 """
 
 #: Options that take an argument / that do not, in QEMU's spelling.
 WITH_ARG = {"-M", "-machine", "-cpu", "-m", "-smp", "-kernel", "-initrd", "-append",
             "-serial", "-accel", "-name", "-display", "-monitor", "-drive", "-device", "-disk",
-            "-qmp", "-pidfile"}
+            "-qmp", "-pidfile", "-netdev", "-nic", "-net"}
 FLAGS = {"-nographic", "-no-reboot", "-S", "-enable-kvm", "-nodefaults", "-daemonize"}
 #: QEMU options kemu knows of but does not offer (yet).
-NOT_YET = {"-netdev", "-chardev",
-           "-hda", "-cdrom", "-bios", "-dtb", "-nic", "-net", "-object", "-vnc", "-gdb", "-s"}
+NOT_YET = {"-chardev",
+           "-hda", "-cdrom", "-bios", "-dtb", "-object", "-vnc", "-gdb", "-s"}
 
 SIZE = re.compile(r"^(\d+)([KMGT]?)(i?B?)$", re.IGNORECASE)
 
@@ -79,6 +88,7 @@ def _kv(text: str, option: str, first_key: str) -> tuple[str, dict[str, str]]:
 
 def parse_qemu_options(argv: list[str], config: MachineConfig) -> MachineConfig:
     serial = None
+    legacy_net: list[str] = []     # -net user/tap/nic, paired at the end
     i = 0
     while i < len(argv):
         arg = argv[i]
@@ -155,6 +165,18 @@ def parse_qemu_options(argv: list[str], config: MachineConfig) -> MachineConfig:
             config.drives.append(DriveConfig(Path(value)))
         elif opt == "-device":
             config.devices.append(parse_device(value))
+        elif opt == "-netdev":
+            netdev = parse_netdev(value)
+            if not netdev.id:
+                raise ConfigError(f"-netdev {netdev.type}: id= is required")
+            config.netdevs.append(netdev)
+        elif opt == "-nic":
+            if value != "none":
+                netdev, nic = parse_nic(value, len(config.netdevs))
+                config.netdevs.append(netdev)
+                config.devices.append(nic)
+        elif opt == "-net":
+            legacy_net.append(value)
         elif opt == "-qmp":
             from kemu.qmp.server import parse_qmp_option
             config.extra.setdefault("qmp", []).append(parse_qmp_option(value))
@@ -162,11 +184,26 @@ def parse_qemu_options(argv: list[str], config: MachineConfig) -> MachineConfig:
             config.extra["pidfile"] = Path(value)
         elif opt == "-daemonize":
             config.extra["daemonize"] = True
+    _legacy_net(legacy_net, config)
     config.extra["serial"] = serial or "mon:stdio"
     if config.extra.get("daemonize") and config.extra["serial"] in ("stdio", "mon:stdio"):
         raise ConfigError("-daemonize cannot be used with a serial console on stdio "
                           "(use -serial none -display none)")
     return config
+
+
+def _legacy_net(values: list[str], config: MachineConfig) -> None:
+    """QEMU's old ``-net nic[,model=..,macaddr=..] -net user|tap,...`` pairs, and kemu's
+    ``--net user[,hostfwd=...]``: one virtio NIC per backend (``-net nic`` alone: user)."""
+    nic_opts = [v.split(",", 1)[1] if "," in v else "" for v in values if v.split(",")[0] == "nic"]
+    backends = [v for v in values if v.split(",")[0] not in ("nic", "none")]
+    if nic_opts and not backends:
+        backends = ["user"]
+    for i, backend in enumerate(backends):
+        extra = nic_opts[i] if i < len(nic_opts) else ""
+        netdev, nic = parse_nic(f"{backend},{extra}".rstrip(","), len(config.netdevs), "-net")
+        config.netdevs.append(netdev)
+        config.devices.append(nic)
 
 
 def run_machine(config: MachineConfig) -> int:

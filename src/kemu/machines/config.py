@@ -28,6 +28,17 @@ class DeviceConfig:
 
 
 @dataclass
+class NetdevConfig:
+    """A network backend (QEMU's ``-netdev TYPE,id=ID,...``): ``user`` (passt) or ``tap``."""
+
+    type: str
+    id: str
+    #: QEMU's hostfwd= values, in order (``user`` only).
+    hostfwd: list[str] = field(default_factory=list)
+    props: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
 class MachineConfig:
     machine: str = "virt"
     accel: str = "tcg"
@@ -44,4 +55,5 @@ class MachineConfig:
     name: str | None = None
     drives: list[DriveConfig] = field(default_factory=list)
     devices: list[DeviceConfig] = field(default_factory=list)
+    netdevs: list[NetdevConfig] = field(default_factory=list)
     extra: dict = field(default_factory=dict)

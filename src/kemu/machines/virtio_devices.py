@@ -8,12 +8,13 @@ boards get the same devices from the same config.
 from __future__ import annotations
 
 from kemu.errors import ConfigError
-from kemu.machines.config import DeviceConfig, DriveConfig, MachineConfig
+from kemu.machines.config import DeviceConfig, DriveConfig, MachineConfig, NetdevConfig
 
 #: -device drivers kemu offers, QEMU's names (the -pci spellings map to mmio).
 VIRTIO_DRIVERS = {
     "virtio-rng-device": "rng", "virtio-rng-pci": "rng",
     "virtio-blk-device": "blk", "virtio-blk-pci": "blk",
+    "virtio-net-device": "net", "virtio-net-pci": "net",
 }
 
 
@@ -23,11 +24,26 @@ def open_drive(drive: DriveConfig):
 
 
 def attach_devices(board, config: MachineConfig) -> list:
-    """Create and attach the virtio devices the config asks for; returns the backends."""
+    """Create and attach the virtio devices the config asks for; returns the backends.
+
+    Each backend has ``flush()`` and ``close()``; the board calls them in
+    order when the machine ends (the shared I/O loop, if any, comes last).
+    """
+    backends: list = []
+    try:
+        _attach(board, config, backends)
+    except BaseException:
+        for backend in reversed(backends):
+            backend.close()
+        raise
+    return backends
+
+
+def _attach(board, config: MachineConfig, backends: list) -> None:
     from kemu.devices.virtio.blk import VirtioBlk
     from kemu.devices.virtio.rng import VirtioRng
 
-    backends = []
+    net = _NetWiring(board, config, backends)
     by_id: dict[str, DriveConfig] = {}
     claimed: set[str] = set()
     for drive in config.drives:
@@ -64,10 +80,74 @@ def attach_devices(board, config: MachineConfig) -> list:
             backends.append(backend)
             board.attach_virtio(VirtioBlk(backend, serial=dev.props.get("serial", drive_id),
                                           read_only=drive.read_only, name=f"virtio-blk-{drive_id}"))
+        elif kind == "net":
+            board.attach_virtio(net.nic(dev))
     unclaimed = set(by_id) - claimed
     if unclaimed:
-        raise ConfigError(f"-drive id={sorted(unclaimed)[0]}: no -device uses this drive")
-    return backends
+        raise ConfigError(f"-drive id={min(unclaimed)}: no -device uses this drive")
+    net.finish()
+
+
+class _NetWiring:
+    """-netdev backends and the NICs using them; one I/O loop for all host I/O."""
+
+    def __init__(self, board, config: MachineConfig, backends: list) -> None:
+        self.board = board
+        self.backends = backends
+        self.netdevs: dict[str, NetdevConfig] = {}
+        self.claimed: set[str] = set()
+        self.nics = 0
+        self._loop = None
+        for nd in config.netdevs:
+            if nd.id in self.netdevs:
+                raise ConfigError(f"-netdev: duplicate id {nd.id!r}")
+            self.netdevs[nd.id] = nd
+
+    @property
+    def loop(self):
+        if self._loop is None:
+            import threading
+
+            from kemu.backends.ioloop import IoLoop
+            self._loop = IoLoop(getattr(self.board, "lock", None) or threading.RLock())
+        return self._loop
+
+    def nic(self, dev: DeviceConfig):
+        from kemu.devices.virtio.net import VirtioNet, default_mac, parse_mac
+
+        props = dict(dev.props)
+        netdev_id = props.pop("netdev", None)
+        if netdev_id is None or netdev_id not in self.netdevs:
+            raise ConfigError(f"-device {dev.driver}: needs netdev=ID naming a -netdev")
+        if netdev_id in self.claimed:
+            raise ConfigError(f"-device {dev.driver}: netdev {netdev_id!r} is already in use")
+        self.claimed.add(netdev_id)
+        mac = parse_mac(props.pop("mac")) if "mac" in props else default_mac(self.nics)
+        mrg = props.pop("mrg_rxbuf", "on")
+        if mrg not in ("on", "off"):
+            raise ConfigError(f"-device {dev.driver}: mrg_rxbuf={mrg}: expected on or off")
+        props.pop("id", None)
+        if props:
+            raise ConfigError(f"-device {dev.driver}: unsupported property {next(iter(props))}")
+        backend = self._backend(self.netdevs[netdev_id])
+        self.backends.append(backend)
+        self.nics += 1
+        return VirtioNet(backend, mac, mrg_rxbuf=mrg == "on", name=f"virtio-net-{netdev_id}")
+
+    def _backend(self, nd: NetdevConfig):
+        if nd.type == "user":
+            from kemu.backends.passt import PasstBackend, parse_hostfwd
+            return PasstBackend(self.loop, [parse_hostfwd(h) for h in nd.hostfwd],
+                                name=f"passt-{nd.id}")
+        from kemu.backends.tap import TapBackend
+        return TapBackend(self.loop, nd.props.get("ifname", ""), name=f"tap-{nd.id}")
+
+    def finish(self) -> None:
+        unclaimed = set(self.netdevs) - self.claimed
+        if unclaimed:
+            raise ConfigError(f"-netdev id={min(unclaimed)}: no -device uses this netdev")
+        if self._loop is not None:
+            self.backends.append(self._loop)   # closed after the backends using it
 
 
 def parse_drive(text: str) -> DriveConfig:
@@ -112,3 +192,59 @@ def parse_device(text: str) -> DeviceConfig:
         k, v = part.split("=", 1)
         props[k] = v
     return DeviceConfig(parts[0], props)
+
+
+NETDEV_TYPES = ("user", "tap")
+
+
+def parse_netdev(text: str, option: str = "-netdev") -> NetdevConfig:
+    """QEMU's ``-netdev user,id=ID[,hostfwd=...]...`` / ``tap,id=ID,ifname=NAME,script=no``."""
+    parts = text.split(",")
+    kind = parts[0]
+    if kind not in NETDEV_TYPES:
+        raise ConfigError(f"{option} {kind}: unsupported network backend "
+                          f"(have: {', '.join(NETDEV_TYPES)})")
+    nd = NetdevConfig(kind, "")
+    for part in parts[1:]:
+        if "=" not in part:
+            raise ConfigError(f"{option} {kind}: invalid parameter {part!r}")
+        k, v = part.split("=", 1)
+        if k == "id":
+            nd.id = v
+        elif k == "hostfwd" and kind == "user":
+            from kemu.backends.passt import parse_hostfwd
+            parse_hostfwd(v)          # checked now: one line at parse time
+            nd.hostfwd.append(v)
+        elif k == "ifname" and kind == "tap":
+            nd.props["ifname"] = v
+        elif k in ("script", "downscript") and kind == "tap":
+            if v != "no":
+                raise ConfigError(f"{option} tap: {k}={v}: kemu runs no scripts; use {k}=no "
+                                  "and configure the interface beforehand")
+        elif k in ("ipv4", "ipv6") and kind == "user" and v in ("on", "off"):
+            pass                      # passt serves both
+        else:
+            raise ConfigError(f"{option} {kind}: unsupported parameter {k}")
+    return nd
+
+
+def parse_nic(text: str, index: int, option: str = "-nic") -> tuple[NetdevConfig, DeviceConfig]:
+    """QEMU's ``-nic user[,hostfwd=...][,mac=...][,model=virtio]``: a netdev and its NIC."""
+    parts = text.split(",")
+    nic_props: dict[str, str] = {}
+    rest = [parts[0]]
+    model = "virtio-net-device"
+    for part in parts[1:]:
+        k, _, v = part.partition("=")
+        if k in ("mac", "macaddr"):
+            nic_props["mac"] = v
+        elif k == "model":
+            if v not in ("virtio", "virtio-net-device", "virtio-net-pci"):
+                raise ConfigError(f"{option}: model={v}: kemu has virtio-net only")
+        else:
+            rest.append(part)
+    nd = parse_netdev(",".join(rest), option)
+    if not nd.id:
+        nd.id = f"__{option.lstrip('-')}{index}"
+    nic_props["netdev"] = nd.id
+    return nd, DeviceConfig(model, nic_props)
