@@ -272,6 +272,9 @@ class Machine:
         self._lock = threading.Lock()
         #: Whether the vCPUs ever ran (False after ``start(paused=True)`` until resumed).
         self.has_run = False
+        #: A host reset pauses and resumes the vCPU: transitions not to report
+        #: as STOP/RESUME (the RUNNING one comes after reset() has returned).
+        self._unreported: set[RunState] = set()
 
     # -- events -------------------------------------------------------------------------
     def _emit(self, event: MachineEvent) -> None:
@@ -288,6 +291,10 @@ class Machine:
         self._listeners.append(listener)
 
     def _on_state(self, state: RunState) -> None:
+        with self._lock:
+            if state in self._unreported:
+                self._unreported.discard(state)
+                return
         if state == RunState.PAUSED:
             self._emit(Stop())
         elif state == RunState.RUNNING:
@@ -395,9 +402,21 @@ class Machine:
             raise MachineStateError("powerdown: the guest has no driver for the power button")
 
     def reset(self) -> None:
-        """A hard reset, as QMP's ``system_reset``."""
+        """A hard reset, as QMP's ``system_reset``: the guest boots again.
+
+        The machine stays running (or paused) as it was; only a
+        :class:`Reset` event is reported, as QEMU does.
+        """
         self._require_running("reset")
-        self._board.reset()
+        with self._lock:
+            if self._board.state == RunState.RUNNING:
+                self._unreported = {RunState.PAUSED, RunState.RUNNING}
+        try:
+            self._board.reset()
+        except BaseException:
+            with self._lock:
+                self._unreported = set()
+            raise
         self._emit(Reset())
 
     def registers(self) -> dict[str, int]:

@@ -95,10 +95,8 @@ def test_qemu_qmp_client_commands_and_events(vm):
         return events, data
 
     events, data = asyncio.run(session())
-    # (a RESUME when the machine started may come first; the reset pauses the
-    # vCPU while the board reloads)
-    assert events[events.index("STOP"):events.index("STOP") + 2] == ["STOP", "RESUME"], events
-    assert "RESET" in events and events[-1] == "SHUTDOWN", events
+    # (a RESUME when the machine started may come first; the reset is no STOP/RESUME)
+    assert events[-4:] == ["STOP", "RESUME", "RESET", "SHUTDOWN"], events
     assert data == [{"guest": False, "reason": "host-qmp-system-reset"},
                     {"guest": False, "reason": "host-qmp-quit"}]
     assert proc.wait(30) == 0
