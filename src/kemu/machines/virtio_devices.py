@@ -15,6 +15,7 @@ VIRTIO_DRIVERS = {
     "virtio-rng-device": "rng", "virtio-rng-pci": "rng",
     "virtio-blk-device": "blk", "virtio-blk-pci": "blk",
     "virtio-net-device": "net", "virtio-net-pci": "net",
+    "virtio-serial-device": "serial", "virtio-serial-pci": "serial", "virtconsole": "virtconsole",
 }
 
 
@@ -44,6 +45,8 @@ def _attach(board, config: MachineConfig, backends: list) -> None:
     from kemu.devices.virtio.rng import VirtioRng
 
     net = _NetWiring(board, config, backends)
+    consoles: list = []
+    ports = 0
     by_id: dict[str, DriveConfig] = {}
     claimed: set[str] = set()
     for drive in config.drives:
@@ -82,10 +85,36 @@ def _attach(board, config: MachineConfig, backends: list) -> None:
                                           read_only=drive.read_only, name=f"virtio-blk-{drive_id}"))
         elif kind == "net":
             board.attach_virtio(net.nic(dev))
+        elif kind == "serial":
+            consoles.append(_console(board, dev, len(consoles)))
+        elif kind == "virtconsole":
+            # The port of the preceding virtio-serial-device (kemu's has exactly one).
+            if len(consoles) <= ports:
+                raise ConfigError("-device virtconsole: needs a -device virtio-serial-device "
+                                  "before it (one virtconsole per virtio-serial-device)")
+            ports += 1
     unclaimed = set(by_id) - claimed
     if unclaimed:
         raise ConfigError(f"-drive id={min(unclaimed)}: no -device uses this drive")
     net.finish()
+
+
+def _console(board, dev: DeviceConfig, index: int):
+    """A one-port virtio-console whose output goes to the machine's console (stdout).
+
+    Input typed on the terminal keeps going to the serial port (ttyAMA0).
+    """
+    from kemu.backends.serial import SerialBackend
+    from kemu.devices.virtio.console import VirtioConsole
+
+    extra = set(dev.props) - {"id", "max_ports"}
+    if extra:
+        raise ConfigError(f"-device {dev.driver}: unsupported property {min(extra)}")
+    sink = getattr(board, "console", None)
+    backend = SerialBackend(sink.write if sink is not None else (lambda data: None))
+    device = VirtioConsole(backend, name=f"virtio-console{index}")
+    board.attach_virtio(device)
+    return device
 
 
 class _NetWiring:
