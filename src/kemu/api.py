@@ -56,6 +56,12 @@ class ConsoleTimeout(KemuError):
     exit_status = 1
 
 
+class ConsoleClosed(KemuError):
+    """The machine ended while a console wait was still waiting for its pattern."""
+
+    exit_status = 1
+
+
 class CommandFailed(KemuError):
     """A command run through :meth:`Console.run` exited with a non-zero status."""
 
@@ -132,7 +138,13 @@ class Console:
         self._buffer = bytearray()
         self._dropped = 0          # bytes discarded from the front of the buffer
         self._cursor = 0           # absolute position expect() continues from
+        self._closed = False       # the machine has ended: no more output
         backend.add_tap(self._output)
+
+    def _close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
 
     def _output(self, data: bytes) -> None:
         with self._cond:
@@ -155,11 +167,19 @@ class Console:
         with self._lock:
             self._backend.send(data)
 
-    def expect(self, pattern: str | bytes | re.Pattern, timeout: float = 60.0) -> re.Match:
-        """Wait for ``pattern`` (a regular expression) after the previous match.
+    def expect(self, pattern: str | bytes | re.Pattern, timeout: float = 60.0, *,
+               literal: bool = False) -> re.Match:
+        """Wait for ``pattern`` after the previous match; returns the match (over bytes).
 
-        Raises :class:`ConsoleTimeout` when it has not appeared within ``timeout``.
+        ``pattern`` is a regular expression, or plain text with ``literal=True``.
+        Raises :class:`ConsoleTimeout` when it has not appeared within
+        ``timeout``, :class:`ConsoleClosed` as soon as the machine has ended
+        without printing it.
         """
+        if literal:
+            if isinstance(pattern, re.Pattern):
+                raise TypeError("literal=True takes text, not a compiled pattern")
+            pattern = re.escape(pattern.encode() if isinstance(pattern, str) else pattern)
         return self._expect(pattern, timeout)[0]
 
     def _expect(self, pattern: str | bytes | re.Pattern,
@@ -178,6 +198,10 @@ class Console:
                 if m:
                     self._cursor = self._dropped + m.end()
                     return m, self._dropped + m.start(), self._cursor
+                if self._closed:
+                    tail = self._buffer[-500:].decode(errors="replace")
+                    raise ConsoleClosed(f"console: the machine ended before {regex.pattern!r} "
+                                        f"appeared (last output: {tail!r})")
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     tail = self._buffer[-500:].decode(errors="replace")
@@ -301,6 +325,7 @@ class Machine:
             self.has_run = True
             self._emit(Resume())
         elif state == RunState.STOPPED:
+            self.console._close()
             threading.Thread(target=self.wait, daemon=True).start()
 
     def events(self, timeout: float = 0.0) -> Iterator[MachineEvent]:

@@ -6,7 +6,7 @@ import time
 import pytest
 
 from kemu import Machine, Resume, Shutdown, Stop
-from kemu.api import CommandFailed, ConsoleTimeout, MachineStateError, Powerdown
+from kemu.api import CommandFailed, ConsoleClosed, ConsoleTimeout, MachineStateError, Powerdown
 
 
 def uptime(vm) -> float:
@@ -63,7 +63,13 @@ def test_power_button(guest):
         vm.start()
         vm.console.expect("# ", timeout=120)
         vm.console.run("true")                 # the shell (and acpid) are up
+        vm.console.write("echo 'x(y)+z'\n")
+        vm.console.expect("x(y)+z\r\n", literal=True, timeout=30)
         vm.powerdown()
         assert vm.wait(60) == 0                 # the guest powered itself off
+        t = time.monotonic()
+        with pytest.raises(ConsoleClosed):
+            vm.console.expect("never printed", timeout=30)
+        assert time.monotonic() - t < 5
         kinds = [type(e) for e in vm.events(timeout=1)]
         assert Powerdown in kinds and kinds[-1] is Shutdown
