@@ -291,6 +291,9 @@ class Machine:
         self._events: queue.Queue[MachineEvent] = queue.Queue()
         self._listeners: list[Callable[[dict], None]] = []
         self._board.on_state = self._on_state
+        # A board that reboots for the guest (PSCI SYSTEM_RESET without
+        # -no-reboot) calls this first, if it has the hook.
+        self._board.on_reset = lambda: self._emit(Reset(guest=True))
         self._started = False
         self._outcome: Outcome | None = None
         self._lock = threading.Lock()
