@@ -16,7 +16,7 @@ if [ $test_deps = 1 ]; then
   # Peers and tools the tests check kemu against: dtc decompiles the device
   # tree, qemu-img checks images, qemu-system-arm is the benchmark's peer,
   # binutils-aarch64-linux-gnu assembles tiny test guests.
-  pkgs="$pkgs device-tree-compiler qemu-utils qemu-system-arm qemu-system-x86 binutils-aarch64-linux-gnu cpio linux-libc-dev"
+  pkgs="$pkgs device-tree-compiler qemu-utils qemu-system-arm qemu-system-x86 binutils-aarch64-linux-gnu cpio linux-libc-dev passt"
 fi
 missing=""
 for p in $pkgs; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
