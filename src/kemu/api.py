@@ -5,15 +5,26 @@
     from kemu import Machine
 
     with Machine.default_guest(memory="256M") as vm:
-        vm.start()
-        vm.console.expect("# ")
-        print(vm.console.run("uname -m"))     # "aarch64"
-        vm.pause(); vm.resume()
-        vm.console.write("poweroff -f\\n")
-        status = vm.wait(60)                  # 0: the guest powered off
+        vm.start()                            # start(paused=True): as QEMU's -S
+        vm.console.expect("# ")               # a regex (literal=True: plain text)
+        print(vm.console.run("uname -m"))     # "aarch64\n"; CommandFailed if non-zero
+        vm.pause(); vm.resume()               # the guest's clock stops meanwhile
+        for event in vm.events(timeout=1):    # Stop, Resume, Reset, Powerdown, Shutdown
+            print(event)
+        vm.powerdown()                        # the power button: the guest powers off
+        status = vm.wait(60)                  # 0: the guest powered off, 1: it failed
 
 The same board, devices and runtime as the ``kemu`` command; the command line
-only builds a :class:`MachineConfig` and runs it.
+only builds a :class:`MachineConfig` and runs it, and QMP
+(:mod:`kemu.qmp`) is a table of commands over this class.
+
+Every wait takes a timeout; every failure is a :class:`~kemu.errors.KemuError`:
+:class:`ConsoleTimeout`, :class:`ConsoleClosed`, :class:`CommandFailed`,
+:class:`MachineStateError` (not started, already ended, no power-button
+driver) and :class:`MachineTimeout` (the vCPU did not reach a safe point).
+Events are frozen dataclasses with a host timestamp (``time.time()``); each
+is also delivered, as the matching QMP event message, to every listener
+(:meth:`Machine.add_listener`).
 """
 
 from __future__ import annotations
