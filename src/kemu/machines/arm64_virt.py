@@ -130,6 +130,8 @@ class VirtMachine:
         self.cpu = None
         self.on_state: Callable[[RunState], None] = lambda s: None
         self._paused_at: int | None = None
+        #: Called before a guest-initiated reset is carried out (the API's RESET event).
+        self.on_reset: Callable[[], None] = lambda: None
 
     # -- device tree -------------------------------------------------------------------------
     def device_tree(self) -> bytes:
@@ -270,6 +272,7 @@ class VirtMachine:
                 return Outcome("poweroff", 0)
             if self.config.no_reboot:
                 return Outcome("reset", 0)
+            self.on_reset()
             self._reset()
             return None
         if isinstance(exit, InternalError):
