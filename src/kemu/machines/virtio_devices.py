@@ -16,6 +16,8 @@ VIRTIO_DRIVERS = {
     "virtio-blk-device": "blk", "virtio-blk-pci": "blk",
     "virtio-net-device": "net", "virtio-net-pci": "net",
     "virtio-serial-device": "serial", "virtio-serial-pci": "serial", "virtconsole": "virtconsole",
+    "vhost-vsock-device": "vsock", "vhost-vsock-pci": "vsock",
+    "virtio-vsock-device": "vsock", "virtio-vsock-pci": "vsock",
 }
 
 
@@ -85,6 +87,8 @@ def _attach(board, config: MachineConfig, backends: list) -> None:
                                           read_only=drive.read_only, name=f"virtio-blk-{drive_id}"))
         elif kind == "net":
             board.attach_virtio(net.nic(dev))
+        elif kind == "vsock":
+            board.attach_virtio(net.vsock(dev))
         elif kind == "serial":
             consoles.append(_console(board, dev, len(consoles)))
         elif kind == "virtconsole":
@@ -162,6 +166,30 @@ class _NetWiring:
         self.backends.append(backend)
         self.nics += 1
         return VirtioNet(backend, mac, mrg_rxbuf=mrg == "on", name=f"virtio-net-{netdev_id}")
+
+    def vsock(self, dev: DeviceConfig):
+        """``vhost-vsock-device,guest-cid=N[,uds=PATH]``: the host side on UNIX sockets."""
+        from kemu.devices.virtio.vsock import RESERVED_CIDS, VirtioVsock
+
+        props = dict(dev.props)
+        props.pop("id", None)
+        try:
+            cid = int(props.pop("guest-cid"), 0)
+        except KeyError:
+            raise ConfigError(f"-device {dev.driver}: guest-cid= is required") from None
+        except ValueError:
+            raise ConfigError(f"-device {dev.driver}: guest-cid must be a number") from None
+        if cid in RESERVED_CIDS or not 0 < cid < 1 << 32:
+            raise ConfigError(f"-device {dev.driver}: guest-cid={cid} is reserved or out of range")
+        uds = props.pop("uds", None)
+        if props:
+            raise ConfigError(f"-device {dev.driver}: unsupported property {next(iter(props))}")
+        backend = None
+        if uds is not None:
+            from kemu.backends.vsock_uds import UdsVsockBackend
+            backend = UdsVsockBackend(self.loop, uds)
+            self.backends.append(backend)
+        return VirtioVsock(cid, backend, name=f"virtio-vsock-{cid}")
 
     def _backend(self, nd: NetdevConfig):
         if nd.type == "user":
