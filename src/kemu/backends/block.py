@@ -7,14 +7,18 @@ reach stable storage: fsync), ``discard``, ``write_zeroes``; plus ``close``.
 :func:`open_image` opens a raw file or a qcow2 image.  As QEMU does, a file
 is interpreted as qcow2 only when its header says so or the user asks;
 format probing never turns a raw disk whose guest wrote a qcow2 header into
-a qcow2 image unless the format was left unspecified.
+a qcow2 image unless the format was left unspecified.  When it was, a file
+that probes as raw is opened with writes to its first sector restricted (a
+guest must not turn its disk into a qcow2 image pointing at host files), and
+a warning says so, as QEMU does.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from kemu.errors import KemuError
 
@@ -27,10 +31,20 @@ QCOW2_MAGIC = b"QFI\xfb"
 class ImageError(KemuError):
     """A disk image that cannot be opened or is malformed."""
 
+    exit_status = 2
+
+
+#: Longest chain of backing files followed before giving up.
+MAX_BACKING_DEPTH = 32
+
 
 def _open_fd(path: Path, read_only: bool) -> int:
     try:
-        return os.open(path, os.O_RDONLY if read_only else os.O_RDWR)
+        fd = os.open(path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise IsADirectoryError
+        return fd
     except FileNotFoundError:
         raise ImageError(f"could not open {path}: No such file or directory") from None
     except IsADirectoryError:
@@ -45,11 +59,22 @@ def _open_fd(path: Path, read_only: bool) -> int:
 class RawFile:
     """A raw image: guest offset = file offset."""
 
-    def __init__(self, path: str | Path, read_only: bool = False) -> None:
+    format = "raw"
+
+    def __init__(self, path: str | Path, read_only: bool = False, *,
+                 probed: bool = False) -> None:
         self.path = Path(path)
         self.read_only = read_only
+        #: Format was guessed: refuse writes that would make sector 0 probe as
+        #: something other than raw.
+        self.probed = probed
         self._fd = _open_fd(self.path, read_only)
-        self.size = os.fstat(self._fd).st_size
+        try:
+            st = os.fstat(self._fd)
+            self.size = st.st_size if stat.S_ISREG(st.st_mode) else os.lseek(self._fd, 0, os.SEEK_END)
+        except OSError as e:
+            os.close(self._fd)
+            raise ImageError(f"could not open {self.path}: {e.strerror}") from None
 
     def _check(self, offset: int, length: int) -> None:
         if offset < 0 or length < 0 or offset + length > self.size:
@@ -58,21 +83,37 @@ class RawFile:
 
     def read(self, offset: int, length: int) -> bytes:
         self._check(offset, length)
-        data = os.pread(self._fd, length, offset)
+        try:
+            data = os.pread(self._fd, length, offset)
+        except OSError as e:
+            raise ImageError(f"{self.path}: read error: {e.strerror}") from None
         return data + bytes(length - len(data))
 
     def write(self, offset: int, data: bytes) -> None:
         if self.read_only:
             raise ImageError(f"{self.path}: image is read-only")
         self._check(offset, len(data))
-        view = memoryview(data)
-        while view:
-            n = os.pwrite(self._fd, view, offset)
-            view, offset = view[n:], offset + n
+        if self.probed and offset < len(QCOW2_MAGIC):
+            head = self.read(0, len(QCOW2_MAGIC))
+            n = min(len(QCOW2_MAGIC) - offset, len(data))
+            head = head[:offset] + bytes(data[:n]) + head[offset + n:]
+            if head == QCOW2_MAGIC:
+                raise ImageError(f"{self.path}: refusing to write a qcow2 header into a raw "
+                                 f"image whose format was probed; specify format=raw")
+        view = memoryview(data).cast("B")
+        try:
+            while view:
+                n = os.pwrite(self._fd, view, offset)
+                view, offset = view[n:], offset + n
+        except OSError as e:
+            raise ImageError(f"{self.path}: write error: {e.strerror}") from None
 
     def flush(self) -> None:
         if not self.read_only:
-            os.fsync(self._fd)
+            try:
+                os.fsync(self._fd)
+            except OSError as e:
+                raise ImageError(f"{self.path}: flush failed: {e.strerror}") from None
 
     def discard(self, offset: int, length: int) -> None:
         self.write_zeroes(offset, length)
@@ -93,24 +134,53 @@ class RawFile:
             self._fd = -1
 
 
-def detect_format(path: Path) -> str:
-    fd = _open_fd(path, True)
+def detect_format(path: str | Path) -> str:
+    """``"qcow2"`` if the file starts with the qcow2 magic, else ``"raw"``."""
+    fd = _open_fd(Path(path), True)
     try:
         return "qcow2" if os.pread(fd, 4, 0) == QCOW2_MAGIC else "raw"
+    except OSError as e:
+        raise ImageError(f"could not read {path}: {e.strerror}") from None
     finally:
         os.close(fd)
 
 
+def file_identity(path: str | Path) -> tuple[int, int]:
+    """(device, inode) of a file, to recognise it under another name."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise ImageError(f"could not open {path}: {e.strerror}") from None
+    return st.st_dev, st.st_ino
+
+
 def open_image(path: str | Path, format: str | None = None,
-               read_only: bool = False) -> "BlockBackend":
+               read_only: bool = False, *,
+               on_warning: Callable[[str], None] | None = None,
+               chain: tuple[tuple[int, int], ...] = ()) -> "BlockBackend":
+    """Open a disk image as a :class:`BlockBackend`.
+
+    ``format`` is ``"raw"``, ``"qcow2"`` or ``None`` to probe: a file with
+    the qcow2 magic opens as qcow2, anything else as raw with writes to
+    sector 0 restricted, and ``on_warning`` gets a message saying so.
+    ``chain`` holds the identities of the images that have this one as
+    their backing file (backing loop detection).
+    """
     path = Path(path)
+    if len(chain) >= MAX_BACKING_DEPTH:
+        raise ImageError(f"{path}: backing file chain is longer than {MAX_BACKING_DEPTH}")
+    if file_identity(path) in chain:
+        raise ImageError(f"{path}: backing file loop (the image is its own backing file)")
+    probed = format is None
     fmt = format or detect_format(path)
     if fmt == "raw":
-        return RawFile(path, read_only)
+        if probed and on_warning is not None:
+            on_warning(f"Image format was not specified for '{path}' and probing guessed raw. "
+                       f"Automatically detecting the format is dangerous for raw images, "
+                       f"write operations on block 0 will be restricted. Specify the "
+                       f"'raw' format explicitly to remove the restrictions.")
+        return RawFile(path, read_only, probed=probed and not read_only)
     if fmt == "qcow2":
-        try:
-            from kemu.backends.qcow2 import Qcow2Image
-        except ImportError:
-            raise ImageError(f"{path}: qcow2 images are not supported by this build") from None
-        return Qcow2Image.open(path, read_only=read_only)
-    raise ImageError(f"{path}: unknown image format {fmt!r}")
+        from kemu.backends.qcow2 import Qcow2Image
+        return Qcow2Image.open(path, read_only=read_only, chain=chain)
+    raise ImageError(f"{path}: unknown image format {fmt!r} (known: raw, qcow2)")

@@ -1,0 +1,596 @@
+"""A qcow2 image as a block backend (qcow2 spec, "Cluster mapping",
+"Compressed Clusters Descriptor", "Host cluster management").
+
+Guest offsets map through a two-level table: the L1 table (in memory) holds
+the offsets of L2 tables (cached, LRU); an L2 entry describes one guest
+cluster: unallocated (read from the backing file, or zeros), a zero cluster
+(version 3 bit 0), a standard cluster at a host offset, or a compressed
+cluster.
+
+Writes keep the refcounts exact (no lazy refcounts, no dirty bit) and
+order metadata so that a process killed at any point leaves an image
+without corruption, only possibly leaked clusters:
+
+1. new data clusters are allocated (refcount increment, cached) and their
+   whole content written at once (copy-on-write of partial clusters from
+   the old content or the backing file);
+2. L2 tables and refcount blocks are written back on eviction or flush;
+   before an L2 table is written, every refcount block is written and
+   fsynced (:meth:`Refcounts.make_durable`);
+3. on flush, the L1 entries pointing at new L2 tables are written after the
+   L2 tables are synced;
+4. clusters that lost a reference are released (refcount decrement) only
+   after the metadata that dropped them is synced.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+import zlib
+from array import array
+from pathlib import Path
+
+from kemu.backends.block import ImageError, file_identity, open_image
+from kemu.backends.qcow2.header import (
+    INCOMPAT_CORRUPT, INCOMPAT_DIRTY, OFF_AUTOCLEAR, OFFSET_MASK, Header,
+    header_probe_length, parse_header)
+from kemu.backends.qcow2.io import HostFile, TableCache
+from kemu.backends.qcow2.refcount import Refcounts, be_array, be_bytes
+
+# L1/L2 entry flags (spec: "Cluster mapping")
+COPIED = 1 << 63
+COMPRESSED = 1 << 62
+ZERO = 1
+L1E_RESERVED = 0x7F00_0000_0000_01FF
+
+# cluster kinds
+UNALLOCATED, ZERO_PLAIN, ZERO_ALLOC, NORMAL, COMPRESSED_KIND = range(5)
+
+#: Bytes of L2 tables and of refcount blocks kept in memory.
+L2_CACHE_BYTES = 4 << 20
+REFCOUNT_CACHE_BYTES = 1 << 20
+
+
+class L2Table:
+    """One decoded L2 table; ``dirty`` until written back."""
+
+    __slots__ = ("entries", "dirty")
+
+    def __init__(self, entries: array, dirty: bool = False) -> None:
+        self.entries = entries
+        self.dirty = dirty
+
+
+def compressed_extent(entry: int, cluster_bits: int) -> tuple[int, int]:
+    """(host offset, byte count) of a compressed cluster descriptor (spec:
+    "Compressed Clusters Descriptor"): offset in bits 0..x-1 with
+    x = 62 - (cluster_bits - 8), then the number of 512-byte sectors used
+    beyond the one holding the offset."""
+    x = 62 - (cluster_bits - 8)
+    offset = entry & ((1 << x) - 1)
+    sectors = ((entry >> x) & ((1 << (cluster_bits - 8)) - 1)) + 1
+    return offset, sectors * 512 - (offset & 511)
+
+
+class Qcow2Image:
+    """A qcow2 image file, readable and (unless ``read_only``) writable."""
+
+    format = "qcow2"
+
+    def __init__(self, file: HostFile, header: Header, *, chain=()) -> None:
+        self.file = file
+        self.path = file.path
+        self.header = header
+        self.read_only = file.read_only
+        self.size = header.size
+        self.cluster_bits = cb = header.cluster_bits
+        self.cluster_size = cs = 1 << cb
+        self.l2_bits = cb - 3
+        self.version = header.version
+        self._lock = threading.RLock()
+        self._closed = False
+        self.backing = None
+        #: Cluster indices holding metadata: never written as guest data.
+        self.metadata: set[int] = {0}
+        h = header
+        self.metadata.update(range(h.refcount_table_offset >> cb,
+                                   (h.refcount_table_offset >> cb) + h.refcount_table_clusters))
+        if h.l1_size:
+            self.metadata.update(range(h.l1_table_offset >> cb,
+                                       ((h.l1_table_offset + h.l1_size * 8 - 1) >> cb) + 1))
+        self.l1 = be_array("Q", file.pread_exact(h.l1_table_offset, h.l1_size * 8, "L1 table"))
+        self._l1_dirty: set[int] = set()
+        l2s: set[int] = set()
+        for i, entry in enumerate(self.l1):
+            if not entry:
+                continue
+            off = entry & OFFSET_MASK
+            if entry & L1E_RESERVED or off % cs or off == 0:
+                raise ImageError(f"L1 entry {i} is invalid ({entry:#x})")
+            if off + cs > file.size:
+                raise ImageError(f"L2 table {i} at {off:#x} lies beyond the end of the file")
+            if (off >> cb) in self.metadata:
+                raise ImageError(f"L2 table {i} at {off:#x} overlaps other metadata")
+            if (off >> cb) in l2s and not self.read_only:
+                raise ImageError(f"L2 table at {off:#x} is used twice by the L1 table")
+            l2s.add(off >> cb)
+        self.metadata |= l2s
+        self.l2_cache: TableCache[L2Table] = TableCache(
+            L2_CACHE_BYTES // cs, self._load_l2, self._writeback_l2)
+        self.refcounts: Refcounts | None = None
+        if not self.read_only:
+            self.refcounts = Refcounts(file, cb, h.refcount_order, h.refcount_table_offset,
+                                       h.refcount_table_clusters, self.metadata,
+                                       REFCOUNT_CACHE_BYTES)
+        self._zcache: tuple[int, bytes] | None = None
+        self._zfree = 0              # next free byte in the current compressed cluster
+        if h.backing_file is not None:
+            self.backing = self._open_backing(chain)
+
+    # -- opening ----------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: str | Path, read_only: bool = False, *, chain=()) -> "Qcow2Image":
+        file = HostFile(path, read_only)
+        try:
+            try:
+                header = parse_header(
+                    file.pread(0, min(header_probe_length(file.pread(0, 24)), file.size)),
+                    file.size)
+                if not read_only and header.incompatible_features & INCOMPAT_DIRTY:
+                    raise ImageError("image has the dirty bit set (lazy refcounts); repair "
+                                     "it with 'qemu-img check -r all' or open it read-only")
+                if not read_only and header.incompatible_features & INCOMPAT_CORRUPT:
+                    raise ImageError("image is marked corrupt; it can only be opened read-only")
+                identity = file_identity(path)
+                image = cls(file, header, chain=chain + (identity,))
+            except ImageError as e:
+                msg = str(e)
+                raise ImageError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from None
+            if not read_only and header.autoclear_features:
+                # autoclear features (e.g. persistent bitmaps) are not kept up
+                # to date by kemu: clearing the bits marks them stale
+                file.pwrite(OFF_AUTOCLEAR, struct.pack(">Q", 0))
+                file.fsync()
+                header.autoclear_features = 0
+            return image
+        except BaseException:
+            file.close()
+            raise
+
+    def _open_backing(self, chain):
+        name = self.header.backing_file
+        assert name is not None
+        if "://" in name or name.startswith(("json:", "nbd:")):
+            raise ImageError(f"unsupported backing file {name!r}")
+        path = Path(name)
+        if not path.is_absolute():
+            path = self.path.parent / path
+        fmt = self.header.backing_format
+        if fmt is not None and fmt not in ("raw", "qcow2"):
+            raise ImageError(f"unsupported backing file format {fmt!r}")
+        try:
+            return open_image(path, fmt, read_only=True, chain=chain)
+        except ImageError as e:
+            raise ImageError(f"could not open backing file: {e}") from None
+
+    # -- metadata ---------------------------------------------------------------
+
+    def _load_l2(self, offset: int) -> L2Table:
+        return L2Table(be_array("Q", self.file.pread_exact(offset, self.cluster_size, "L2 table")))
+
+    def _writeback_l2(self, offset: int, table: L2Table) -> None:
+        if self.refcounts is not None:
+            self.refcounts.make_durable()
+        self.file.pwrite(offset, be_bytes(table.entries))
+        table.dirty = False
+
+    def _entry(self, ci: int) -> int:
+        """The L2 entry of guest cluster ``ci`` (0 if it has no L2 table)."""
+        off = self.l1[ci >> self.l2_bits] & OFFSET_MASK
+        if not off:
+            return 0
+        return self.l2_cache.get(off).entries[ci & ((1 << self.l2_bits) - 1)]
+
+    def _classify(self, entry: int) -> tuple[int, int]:
+        """(kind, host offset) of an L2 entry."""
+        if entry & COMPRESSED:
+            return COMPRESSED_KIND, 0
+        host = entry & OFFSET_MASK
+        if entry & ZERO:
+            return (ZERO_ALLOC if host else ZERO_PLAIN), host
+        if not host:
+            return UNALLOCATED, 0
+        if host & (self.cluster_size - 1):
+            raise ImageError(f"{self.path}: data cluster offset {host:#x} is not aligned")
+        if host >= self.file.size:
+            raise ImageError(f"{self.path}: data cluster at {host:#x} lies beyond the end "
+                             f"of the file")
+        return NORMAL, host
+
+    def _decompress(self, entry: int) -> bytes:
+        if self._zcache is not None and self._zcache[0] == entry:
+            return self._zcache[1]
+        offset, length = compressed_extent(entry, self.cluster_bits)
+        if offset >= self.file.size:
+            raise ImageError(f"{self.path}: compressed cluster at {offset:#x} lies beyond the "
+                             f"end of the file")
+        raw = self.file.pread(offset, min(length, self.file.size - offset))
+        try:
+            out = zlib.decompressobj(-15).decompress(raw, self.cluster_size)
+        except zlib.error as e:
+            raise ImageError(f"{self.path}: corrupt compressed cluster at {offset:#x}: {e}") \
+                from None
+        if len(out) != self.cluster_size:
+            raise ImageError(f"{self.path}: compressed cluster at {offset:#x} does not "
+                             f"inflate to a whole cluster")
+        self._zcache = (entry, out)
+        return out
+
+    def _check_range(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise ImageError(f"{self.path}: access of {length} bytes at {offset} is beyond "
+                             f"the end of the image ({self.size} bytes)")
+
+    def _check_writable(self) -> None:
+        if self.read_only or self.refcounts is None:
+            raise ImageError(f"{self.path}: image is read-only")
+        if self._closed:
+            raise ImageError(f"{self.path}: image is closed")
+
+    # -- reading ----------------------------------------------------------------
+
+    def _runs(self, offset: int, length: int):
+        """(guest offset, length, kind, host offset or L2 entry) over the
+        range, merging neighbouring clusters of the same kind (standard
+        clusters only when contiguous on the host)."""
+        cb, cs = self.cluster_bits, self.cluster_size
+        pos, end = offset, offset + length
+        cur: list[int] | None = None
+        while pos < end:
+            n = min(cs - (pos & (cs - 1)), end - pos)
+            entry = self._entry(pos >> cb)
+            kind, host = self._classify(entry)
+            if kind == ZERO_ALLOC:
+                kind = ZERO_PLAIN
+            if kind == NORMAL:
+                host += pos & (cs - 1)
+            elif kind == COMPRESSED_KIND:
+                host = entry
+            if (cur is not None and kind == cur[2] and kind != COMPRESSED_KIND
+                    and (kind != NORMAL or cur[3] + cur[1] == host)):
+                cur[1] += n
+            else:
+                if cur is not None:
+                    yield cur
+                cur = [pos, n, kind, host]
+            pos += n
+        if cur is not None:
+            yield cur
+
+    def _read_backing(self, offset: int, length: int) -> bytes:
+        backing = self.backing
+        if backing is None or offset >= backing.size:
+            return bytes(length)
+        n = min(length, backing.size - offset)
+        data = backing.read(offset, n)
+        return data if n == length else data + bytes(length - n)
+
+    def read(self, offset: int, length: int) -> bytes:
+        self._check_range(offset, length)
+        with self._lock:
+            out = bytearray(length)
+            for pos, n, kind, host in self._runs(offset, length):
+                o = pos - offset
+                if kind == NORMAL:
+                    data = self.file.pread(host, n)
+                    out[o:o + len(data)] = data
+                elif kind == UNALLOCATED:
+                    if self.backing is not None:
+                        out[o:o + n] = self._read_backing(pos, n)
+                elif kind == COMPRESSED_KIND:
+                    start = pos & (self.cluster_size - 1)
+                    out[o:o + n] = self._decompress(host)[start:start + n]
+            return bytes(out)
+
+    # -- writing ----------------------------------------------------------------
+
+    def _owned_l2(self, ci: int) -> tuple[int, L2Table]:
+        """The L2 table covering guest cluster ``ci``, allocated or copied so
+        that this image's L1 is its only user; returns (offset, table)."""
+        rc = self.refcounts
+        assert rc is not None
+        l1i = ci >> self.l2_bits
+        entry = self.l1[l1i]
+        off = entry & OFFSET_MASK
+        if off and entry & COPIED:
+            return off, self.l2_cache.get(off)
+        if off and rc.get(off >> self.cluster_bits) == 1:
+            self.l1[l1i] = off | COPIED
+            self._l1_dirty.add(l1i)
+            return off, self.l2_cache.get(off)
+        if off and rc.get(off >> self.cluster_bits) == 0:
+            raise ImageError(f"{self.path}: L2 table at {off:#x} has refcount 0: image is "
+                             f"corrupt")
+        new_cluster = rc.alloc(1)
+        new = new_cluster << self.cluster_bits
+        if off:   # shared with a snapshot: copy it, release our reference later
+            entries = array("Q", self.l2_cache.get(off).entries)
+            rc.free(off >> self.cluster_bits)
+        else:
+            entries = array("Q", bytes(self.cluster_size))
+        table = L2Table(entries, dirty=True)
+        self.metadata.add(new_cluster)
+        self.l2_cache.put(new, table)
+        self.l1[l1i] = new | COPIED
+        self._l1_dirty.add(l1i)
+        return new, table
+
+    def _release(self, entry: int) -> None:
+        """Queue releasing the host clusters an L2 entry referenced."""
+        rc = self.refcounts
+        assert rc is not None
+        cb = self.cluster_bits
+        if entry & COMPRESSED:
+            off, n = compressed_extent(entry, cb)
+            first = (off & ~511) >> cb
+            rc.free(first, ((off + n - 1) >> cb) - first + 1)
+        elif entry & OFFSET_MASK:
+            rc.free((entry & OFFSET_MASK) >> cb)
+
+    def _old_content(self, ci: int, entry: int, kind: int) -> bytes:
+        """The current content of guest cluster ``ci`` (for copy-on-write)."""
+        cs = self.cluster_size
+        if kind == UNALLOCATED:
+            return self._read_backing(ci << self.cluster_bits, cs)
+        if kind == COMPRESSED_KIND:
+            return self._decompress(entry)
+        if kind == NORMAL:
+            data = self.file.pread(entry & OFFSET_MASK, cs)
+            return data + bytes(cs - len(data))
+        return bytes(cs)
+
+    def _prepare(self, ci: int, start: int, chunk: memoryview) -> tuple[int, bytes | memoryview]:
+        """Make guest cluster ``ci`` writable for ``chunk`` at ``start`` in
+        it; returns (host offset, bytes to write there)."""
+        rc = self.refcounts
+        assert rc is not None
+        cb, cs = self.cluster_bits, self.cluster_size
+        l2_off, table = self._owned_l2(ci)
+        idx = ci & ((1 << self.l2_bits) - 1)
+        entry = table.entries[idx]
+        kind, host = self._classify(entry)
+        if kind in (NORMAL, ZERO_ALLOC):
+            if (host >> cb) in self.metadata:
+                raise ImageError(f"{self.path}: data cluster at {host:#x} overlaps metadata: "
+                                 f"image is corrupt")
+            refs = 1 if entry & COPIED else rc.get(host >> cb)
+            if refs == 0:
+                raise ImageError(f"{self.path}: data cluster at {host:#x} has refcount 0: "
+                                 f"image is corrupt")
+            if refs == 1:
+                if kind == NORMAL:
+                    if not entry & COPIED:
+                        table = self.l2_cache.get(l2_off)
+                        table.entries[idx] = entry | COPIED
+                        table.dirty = True
+                    return host + start, chunk
+                buf = bytearray(cs)
+                buf[start:start + len(chunk)] = chunk
+                table = self.l2_cache.get(l2_off)
+                table.entries[idx] = host | COPIED
+                table.dirty = True
+                return host, buf
+        if len(chunk) == cs:
+            data: bytes | bytearray | memoryview = chunk
+        else:
+            data = bytearray(self._old_content(ci, entry, kind))
+            data[start:start + len(chunk)] = chunk
+        new = rc.alloc(1) << cb
+        table = self.l2_cache.get(l2_off)
+        table.entries[idx] = new | COPIED
+        table.dirty = True
+        if kind in (NORMAL, ZERO_ALLOC, COMPRESSED_KIND):
+            self._release(entry)
+        return new, data
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        self._check_writable()
+        view = memoryview(data).cast("B")
+        self._check_range(offset, len(view))
+        cs = self.cluster_size
+        with self._lock:
+            batch = _WriteBatch(self.file)
+            pos = 0
+            while pos < len(view):
+                g = offset + pos
+                n = min(cs - (g & (cs - 1)), len(view) - pos)
+                host, buf = self._prepare(g >> self.cluster_bits, g & (cs - 1), view[pos:pos + n])
+                batch.add(host, buf)
+                pos += n
+            batch.flush()
+
+    def write_compressed(self, offset: int, data: bytes) -> None:
+        """Write one whole guest cluster compressed (raw deflate, spec:
+        "Compressed Clusters Descriptor"); used by ``kemu img convert -c``.
+        Falls back to a normal write when compression does not pay off."""
+        self._check_writable()
+        cb, cs = self.cluster_bits, self.cluster_size
+        if offset % cs or not (len(data) == cs or offset + len(data) == self.size):
+            raise ImageError("compressed writes must cover one whole cluster")
+        self._check_range(offset, len(data))
+        comp = zlib.compressobj(6, zlib.DEFLATED, -12)
+        packed = comp.compress(bytes(data) + bytes(cs - len(data))) + comp.flush()
+        with self._lock:
+            ci = offset >> cb
+            if len(packed) >= cs - 512 or self._classify(self._entry(ci))[0] != UNALLOCATED:
+                self.write(offset, data)
+                return
+            l2_off, _ = self._owned_l2(ci)
+            host = self._alloc_bytes(len(packed))
+            self.file.pwrite(host, packed)
+            x = 62 - (cb - 8)
+            sectors = ((host + len(packed) - 1) >> 9) - (host >> 9)
+            table = self.l2_cache.get(l2_off)
+            table.entries[ci & ((1 << self.l2_bits) - 1)] = COMPRESSED | (sectors << x) | host
+            table.dirty = True
+
+    def _alloc_bytes(self, n: int) -> int:
+        """Host space for ``n`` < cluster size bytes of compressed data; a
+        host cluster shared by several compressed clusters holds one
+        reference per compressed cluster."""
+        rc = self.refcounts
+        assert rc is not None
+        cb = self.cluster_bits
+        free = self._zfree
+        if free and (free >> cb) == ((free + n - 1) >> cb):
+            rc.incref(free >> cb)
+            start = free
+        else:
+            start = rc.alloc(1) << cb
+        end = start + n
+        self._zfree = 0 if end % self.cluster_size == 0 else end
+        return start
+
+    def discard(self, offset: int, length: int) -> None:
+        """Release the whole clusters in the range (partial clusters are left
+        alone): they become unallocated, or zero clusters in version 3
+        images with a backing file so that the backing data stays hidden."""
+        self._check_writable()
+        self._check_range(offset, length)
+        with self._lock:
+            for ci, _start, _n in self._whole_clusters(offset, length):
+                entry = self._entry(ci)
+                kind, _ = self._classify(entry)
+                if kind in (UNALLOCATED, ZERO_PLAIN):
+                    continue
+                self._set_entry(ci, ZERO if (self.version >= 3 and self.backing is not None) else 0)
+                self._release(entry)
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        self._check_writable()
+        self._check_range(offset, length)
+        cs = self.cluster_size
+        with self._lock:
+            pos, end = offset, offset + length
+            while pos < end:
+                ci, start = pos >> self.cluster_bits, pos & (cs - 1)
+                n = min(cs - start, end - pos)
+                entry = self._entry(ci)
+                kind, _ = self._classify(entry)
+                reads_zero = kind == ZERO_PLAIN or (kind == UNALLOCATED and self.backing is None)
+                whole = start == 0 and (n == cs or pos + n == self.size)
+                if reads_zero:
+                    pass
+                elif whole and self.version >= 3:
+                    self._set_entry(ci, ZERO)
+                    if kind != UNALLOCATED:
+                        self._release(entry)
+                else:
+                    self.write(pos, bytes(n))
+                pos += n
+
+    def _whole_clusters(self, offset: int, length: int):
+        cs = self.cluster_size
+        first = -(-offset // cs)
+        end = offset + length
+        last = (self.size >> self.cluster_bits) + (1 if self.size % cs else 0) \
+            if end == self.size else end >> self.cluster_bits
+        for ci in range(first, last):
+            yield ci, 0, cs
+
+    def _set_entry(self, ci: int, value: int) -> None:
+        l2_off, _ = self._owned_l2(ci)
+        table = self.l2_cache.get(l2_off)
+        table.entries[ci & ((1 << self.l2_bits) - 1)] = value
+        table.dirty = True
+
+    # -- flush and close ---------------------------------------------------------
+
+    def flush(self) -> None:
+        """Make every completed write durable, metadata in dependency order."""
+        if self.read_only or self._closed:
+            return
+        rc = self.refcounts
+        assert rc is not None
+        with self._lock:
+            rc.make_durable()
+            for off, table in self.l2_cache.dirty():
+                self._writeback_l2(off, table)
+            if self._l1_dirty:
+                self.file.fsync()
+                self._write_l1()
+            if not self.file.durable(self.file.writes):
+                self.file.fsync()
+            if rc.frees_pending:
+                rc.apply_frees()
+                self._zfree = 0
+                rc.make_durable()
+
+    def _write_l1(self) -> None:
+        dirty, self._l1_dirty = sorted(self._l1_dirty), set()
+        base = self.header.l1_table_offset
+        lo, hi = dirty[0], dirty[-1] + 1
+        if hi - lo <= 4 * len(dirty) + 64:
+            self.file.pwrite(base + 8 * lo, be_bytes(self.l1[lo:hi]))
+        else:
+            for i in dirty:
+                self.file.pwrite(base + 8 * i, struct.pack(">Q", self.l1[i]))
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        try:
+            if not self.read_only:
+                self.flush()
+        finally:
+            self._closed = True
+            if self.backing is not None:
+                self.backing.close()
+            self.file.close()
+
+    def __enter__(self) -> "Qcow2Image":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- information ----------------------------------------------------------------
+
+    def allocated_clusters(self) -> int:
+        """Guest clusters with data in this image (not the backing file)."""
+        count = 0
+        for entry in self.l1:
+            off = entry & OFFSET_MASK
+            if off:
+                count += sum(1 for e in self.l2_cache.get(off).entries
+                             if e & COMPRESSED or (e & OFFSET_MASK and not e & ZERO))
+        return count
+
+
+class _WriteBatch:
+    """Collects (host offset, bytes) writes of one request and issues
+    neighbouring ones as a single pwrite."""
+
+    def __init__(self, file: HostFile) -> None:
+        self.file = file
+        self.start = -1
+        self.parts: list = []
+        self.length = 0
+
+    def add(self, host: int, data) -> None:
+        if self.parts and host == self.start + self.length:
+            self.parts.append(data)
+            self.length += len(data)
+            return
+        self.flush()
+        self.start, self.parts, self.length = host, [data], len(data)
+
+    def flush(self) -> None:
+        if self.parts:
+            data = self.parts[0] if len(self.parts) == 1 else b"".join(self.parts)
+            self.file.pwrite(self.start, data)
+            self.parts, self.length = [], 0
+
+
