@@ -6,8 +6,8 @@ from kemu.backends.serial import SerialBackend
 from kemu.errors import ConfigError
 from kemu.machines.config import MachineConfig
 
-MACHINES = ("virt",)
-ACCELS = {"virt": ("tcg",)}
+MACHINES = ("virt", "microvm")
+ACCELS = {"virt": ("tcg",), "microvm": ("kvm",)}
 
 
 def build(config: MachineConfig, console: SerialBackend):
@@ -17,5 +17,8 @@ def build(config: MachineConfig, console: SerialBackend):
     if config.accel not in ACCELS[config.machine]:
         raise ConfigError(f"the {config.machine} machine runs on the "
                           f"{'/'.join(ACCELS[config.machine])} accelerator, not {config.accel}")
+    if config.machine == "microvm":
+        from kemu.machines.x86_microvm import MicroVm
+        return MicroVm(config, console)
     from kemu.machines.arm64_virt import VirtMachine
     return VirtMachine(config, console)

@@ -1,0 +1,491 @@
+"""The x86-64 ``microvm`` board on the KVM accelerator.
+
+A PC without firmware, PCI or ACPI, in the spirit of Firecracker and QEMU's
+``microvm``: Linux is entered directly (bzImage through the 64-bit boot
+protocol, or an ELF vmlinux through its PVH entry), finds its CPUs and I/O
+APIC in an MP table (Intel MP spec 1.4) and its virtio devices on the
+command line (``virtio_mmio.device=512@0xd0000000:5``,
+CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES).
+
+==================  ===========  ============================================
+0x0 - 0xbfffffff    -m           RAM (what exceeds 3 GiB goes above 4 GiB)
+0x60, 0x64          ports        i8042 (IRQ 1); command 0xFE resets
+0x70, 0x71          ports        CMOS RTC (MC146818, host time)
+0x3f8 - 0x3ff       ports        16550A COM1 (IRQ 4), the console (ttyS0)
+0x000f0000          64 KiB       MP floating pointer and configuration table
+0xd0000000          n x 0x200    virtio-mmio slots (IRQ 5, 6, 7, 9, 10, ...)
+0xfec00000                       I/O APIC (KVM in-kernel irqchip)
+0xfee00000                       local APICs (KVM in-kernel irqchip)
+==================  ===========  ============================================
+
+KVM provides the PIC, I/O APIC, local APICs and PIT (``setup_x86_vm``); the
+board's devices raise GSIs with ``KVM_IRQ_LINE``.  Each vCPU has its own
+thread (:class:`~kemu.machines.runtime.VcpuThread`); the application
+processors wait in KVM for Linux's INIT/SIPI.  Device accesses from any
+vCPU thread run under the board's lock.
+
+Ending the machine: i8042 reset (``reboot``, or Linux's ``reboot=k``)
+restarts it, or ends it with ``-no-reboot``; with no ACPI there is no
+power-off register, so Linux's power-off ends in ``kernel_halt()``: the
+board treats its ``reboot: System halted`` / ``reboot: Power down`` console
+line as the guest powering off.  A kernel panic ends the machine with
+status 1, as on the virt board.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from kemu.accel.base import Exit, InternalError, SystemEvent
+from kemu.backends.serial import SerialBackend
+from kemu.boot import linux_x86, mptable
+from kemu.bus import Bus
+from kemu.devices.base import IrqLine
+from kemu.devices.cmos_rtc import CmosRtc
+from kemu.devices.i8042 import I8042
+from kemu.devices.serial_16550 import Serial16550
+from kemu.errors import BootError, ConfigError
+from kemu.machines.config import MachineConfig, MiB
+from kemu.machines.console_watch import (
+    HALT_MARK,
+    PANIC_MARK,
+    POWER_DOWN_MARK,
+    ConsoleWatcher,
+)
+from kemu.machines.runtime import Outcome, RunState, VcpuThread
+from kemu.memory import GuestMemory, RamRegion
+
+COM1 = (0x3F8, 8)
+COM1_IRQ = 4
+I8042_DATA = 0x60
+I8042_COMMAND = 0x64
+I8042_IRQ = 1
+CMOS = (0x70, 2)
+MPTABLE_ADDR = 0xF0000
+VIRTIO_MMIO = (0xD0000000, 0x200)
+#: IRQs (= I/O APIC pins = GSIs) of the virtio-mmio slots: 5 and up, skipping the
+#: RTC's 8 (KVM special-cases GSI 8) and the PS/2 mouse's 12.
+VIRTIO_IRQS = (5, 6, 7, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23)
+RAM_MIN = 16 * MiB
+RAM_MAX = 1 << 40
+MAX_VCPUS = 64
+
+KVM_CAP_TSC_DEADLINE_TIMER = 72
+CPUID_1_ECX_TSC_DEADLINE = 1 << 24
+
+
+@dataclass(frozen=True)
+class VirtioSlot:
+    """One virtio-mmio transport instance on the board."""
+
+    index: int
+    device: object
+
+    @property
+    def base(self) -> int:
+        return VIRTIO_MMIO[0] + self.index * VIRTIO_MMIO[1]
+
+    @property
+    def irq(self) -> int:
+        return VIRTIO_IRQS[self.index]
+
+    @property
+    def cmdline(self) -> str:
+        """Linux's ``virtio_mmio.device=<size>@<base>:<irq>`` (virtio_mmio.c)."""
+        return f"virtio_mmio.device={VIRTIO_MMIO[1]}@{self.base:#x}:{self.irq}"
+
+
+class _LockedBus:
+    """A bus whose accesses hold the board's lock (vCPU threads dispatch directly)."""
+
+    def __init__(self, bus: Bus, lock: threading.RLock) -> None:
+        self.bus = bus
+        self.lock = lock
+        self.name = bus.name
+
+    def read(self, addr: int, size: int) -> int:
+        with self.lock:
+            return self.bus.read(addr, size)
+
+    def write(self, addr: int, size: int, value: int) -> None:
+        with self.lock:
+            self.bus.write(addr, size, value)
+
+
+class _Cpu:
+    """A :class:`~kemu.accel.kvm.KvmVcpu` as :class:`VcpuThread` drives it."""
+
+    def __init__(self, vcpu) -> None:
+        self.vcpu = vcpu
+        self.index = vcpu.index
+        self.closed = False
+
+    def run(self) -> Exit:
+        return self.vcpu.run()
+
+    def kick(self, final: bool = False) -> None:
+        # A reboot may have closed this vCPU (its thread is paused, or is the one
+        # rebooting): the thread gets the request with its new vCPU.
+        if self.closed:
+            return
+        try:
+            self.vcpu.kick()
+        except (ValueError, OSError):
+            if not self.closed:
+                raise
+
+    def wait_for_interrupt(self, timeout: float | None) -> None:
+        self.vcpu.wait_for_interrupt(timeout)
+
+    def request_system_event(self, kind: str) -> None:
+        self.vcpu.request_system_event(kind)
+
+    def registers(self) -> dict[str, int]:
+        regs = self.vcpu.fd.get_regs()
+        return {name: getattr(regs, name) for name, _t in regs._fields_}
+
+    def close(self) -> None:
+        self.closed = True
+        self.vcpu.close()
+
+
+def load_kernel_file(path) -> object:
+    """A :class:`BzImage` or, for an ELF vmlinux, a :class:`PvhKernel`."""
+    data = linux_x86.read_boot_file(path, "kernel")
+    if linux_x86.is_bzimage(data):
+        return linux_x86.BzImage.parse(data, f"kernel {path}")
+    if data[:4] == b"\x7fELF":
+        return linux_x86.parse_pvh_elf(data, f"kernel {path}")
+    raise BootError(f"kernel {path}: neither a bzImage nor an ELF vmlinux")
+
+
+class MicroVm:
+    """One x86-64 microvm machine built from a :class:`MachineConfig`."""
+
+    def __init__(self, config: MachineConfig, console: SerialBackend) -> None:
+        from kemu.accel.kvm import Kvm, install_kick_signal
+
+        if not 1 <= config.smp <= MAX_VCPUS:
+            raise ConfigError(f"-smp: the microvm board takes 1 to {MAX_VCPUS} CPUs")
+        if not RAM_MIN <= config.memory <= RAM_MAX:
+            raise ConfigError(f"-m: RAM must be between {RAM_MIN >> 20} MiB and "
+                              f"{RAM_MAX >> 30} GiB")
+        if config.memory % 4096:
+            raise ConfigError("-m: RAM size must be a multiple of 4 KiB")
+        if config.kernel is None:
+            raise ConfigError("no kernel given (-kernel)")
+        self.config = config
+        self.console = console
+        self.kernel = load_kernel_file(config.kernel)
+        self.initrd = (linux_x86.read_boot_file(config.initrd, "initrd")
+                       if config.initrd else None)
+        #: The big machine lock: device state is touched under it only.
+        self.lock = threading.RLock()
+        self.memory = GuestMemory([RamRegion(b, s)
+                                   for b, s in linux_x86.ram_layout(config.memory)])
+        self.mmio = Bus("mmio")
+        self.pio = Bus("pio", 1 << 16)
+        self.virtio_slots: list[VirtioSlot] = []
+        self.vm = None
+        self.cpus: list[_Cpu] = []
+        # /dev/kvm problems surface here, as one AccelError line.
+        self.kvm = Kvm()
+        install_kick_signal()
+
+        self.uart = Serial16550(self.irq_line(COM1_IRQ, "com1"), console.write, name="com1",
+                                on_rx_space=console.pump)
+        console.device = self.uart
+        self.pio.map(*COM1, self.uart)
+        self.i8042 = I8042(self._guest_reset, self.irq_line(I8042_IRQ, "i8042"))
+        self.pio.map(I8042_DATA, 1, self.i8042.data_port())
+        self.pio.map(I8042_COMMAND, 1, self.i8042.command_port())
+        self.rtc = CmosRtc()
+        self.pio.map(*CMOS, self.rtc)
+
+        from kemu.machines.virtio_devices import attach_devices
+        self.block_backends = attach_devices(self, config)
+
+        self.panic_message: str | None = None
+        self._watcher = ConsoleWatcher({PANIC_MARK: self._on_panic, HALT_MARK: self._on_halt,
+                                        POWER_DOWN_MARK: self._on_halt})
+        console.add_tap(self._watcher.feed)
+        self.outcome: Outcome | None = None
+        self._threads: list[VcpuThread] = []
+        self._end: Outcome | None = None
+        self._reset_lock = threading.Lock()
+        self._close_lock = threading.Lock()
+        self._stopping = False
+        self._quiet = False             # no on_state during a reboot's pause/resume
+        self.on_state: Callable[[RunState], None] = lambda s: None
+        #: Called before a guest-initiated reset is carried out (the API's RESET event).
+        self.on_reset: Callable[[], None] = lambda: None
+        self._create_vm()
+
+    # -- wiring --------------------------------------------------------------------------------
+    def irq_line(self, gsi: int, name: str = "") -> IrqLine:
+        """An interrupt line into the in-kernel irqchip's GSI ``gsi`` (of the current VM)."""
+        def sink(level: bool) -> None:
+            vm = self.vm
+            if vm is not None:
+                vm.irq_line(gsi, level)
+        return IrqLine(sink, name=name or f"gsi{gsi}")
+
+    def add_virtio(self, device) -> VirtioSlot:
+        """Map a virtio-mmio transport (or any slot-sized device) in the next free slot."""
+        if len(self.virtio_slots) >= len(VIRTIO_IRQS):
+            raise ConfigError(f"too many virtio devices for the microvm board "
+                              f"(at most {len(VIRTIO_IRQS)})")
+        slot = VirtioSlot(len(self.virtio_slots), device)
+        self.mmio.map(slot.base, VIRTIO_MMIO[1], device)
+        self.virtio_slots.append(slot)
+        return slot
+
+    def attach_virtio(self, device):
+        """Put a virtio device behind a virtio-mmio transport in the next free slot."""
+        from kemu.devices.virtio.mmio import VirtioMmioTransport
+        index = len(self.virtio_slots)
+        transport = VirtioMmioTransport(device, self.memory, self.virtio_irq(index))
+        self.add_virtio(transport)
+        return transport
+
+    def virtio_irq(self, index: int) -> IrqLine:
+        if index >= len(VIRTIO_IRQS):
+            raise ConfigError("too many virtio devices for the microvm board")
+        return self.irq_line(VIRTIO_IRQS[index], f"virtio{index}")
+
+    def kernel_cmdline(self) -> str:
+        return " ".join([self.config.append, *(s.cmdline for s in self.virtio_slots)]).strip()
+
+    def mp_table(self) -> bytes:
+        return mptable.build_mp_table(MPTABLE_ADDR, self.config.smp,
+                                      mptable.level_triggered(s.irq for s in self.virtio_slots))
+
+    # -- the VM ----------------------------------------------------------------------------------
+    def _create_vm(self) -> None:
+        """A fresh KVM VM with its irqchip, PIT, RAM and vCPUs (also on reboot)."""
+        from kemu.accel.kvm import KvmVcpu
+        from kemu.accel.kvm.x86_cpu import X86BootSetup, setup_x86_vm
+
+        vm = self.kvm.create_vm()
+        try:
+            setup_x86_vm(vm, self.memory, irqchip=True, pit=True)
+            self.boot = X86BootSetup.prepare(self.kvm, self.memory, self.config.smp)
+            if vm.check_extension(KVM_CAP_TSC_DEADLINE_TIMER):
+                # The in-kernel LAPIC has the TSC-deadline timer; KVM leaves announcing
+                # it to the VMM (Linux then skips calibrating the LAPIC timer).
+                for e in self.boot.supported_cpuid:
+                    if e.function == 1:
+                        e.ecx |= CPUID_1_ECX_TSC_DEADLINE
+            mmio = _LockedBus(self.mmio, self.lock)
+            pio = _LockedBus(self.pio, self.lock)
+            cpus = [_Cpu(KvmVcpu(vm, i, mmio, pio)) for i in range(self.config.smp)]
+        except BaseException:
+            vm.close()
+            raise
+        self.vm = vm
+        self.cpus = cpus
+
+    def _close_vm(self) -> None:
+        with self._close_lock:          # wait() may run in two threads at once
+            cpus, self.cpus = self.cpus, []
+            vm, self.vm = self.vm, None
+        for cpu in cpus:
+            cpu.close()
+        if vm is not None:
+            vm.close()
+
+    def load(self) -> None:
+        """Kernel, initrd, command line, boot structures and vCPU entry state."""
+        from kemu.accel.kvm.x86_cpu import setup_vcpu
+
+        cmdline = self.kernel_cmdline()
+        table = self.mp_table()
+        self.memory.write(MPTABLE_ADDR, table)
+        e820 = linux_x86.e820_map(self.memory)
+        if isinstance(self.kernel, linux_x86.BzImage):
+            linux = linux_x86.load_bzimage(self.memory, self.kernel, cmdline, self.initrd, e820)
+            setup_vcpu(self.cpus[0].vcpu.fd, self.boot, linux.entry, linux.boot_params)
+        else:
+            linux = linux_x86.load_pvh(self.memory, self.kernel, cmdline, self.initrd, e820)
+            setup_vcpu(self.cpus[0].vcpu.fd, self.boot, linux.entry,
+                       pvh_start_info=linux.boot_params)
+        for cpu in self.cpus[1:]:
+            setup_vcpu(cpu.vcpu.fd, self.boot, None)     # wait for INIT/SIPI
+        self.linux = linux
+
+    @property
+    def cpu(self) -> _Cpu:
+        """The boot CPU (the API reads its registers)."""
+        return self.cpus[0]
+
+    # -- events from devices and the console ----------------------------------------------------
+    def _guest_reset(self) -> None:
+        """The i8042 pulsed the reset line (from a vCPU thread, under the lock)."""
+        self.cpus[0].request_system_event("reset")
+
+    def _on_panic(self, line: str) -> None:
+        if self.panic_message is None:
+            self.panic_message = line
+            self._end_machine(Outcome("panic", 1, f"guest kernel panic: {line}"))
+
+    def _on_halt(self, line: str) -> None:
+        self._end_machine(Outcome("poweroff", 0))
+
+    def _end_machine(self, outcome: Outcome) -> None:
+        self._stopping = True
+        if self._end is None:
+            self._end = outcome
+        for t in self._threads:
+            t.request(RunState.STOPPED, outcome)
+
+    def _on_exit(self, exit: Exit) -> Outcome | None:
+        """A vCPU thread's system event or error (on that thread)."""
+        outcome = None
+        if isinstance(exit, SystemEvent):
+            if exit.kind == "poweroff":
+                outcome = Outcome("poweroff", 0)
+            elif self.config.no_reboot:
+                outcome = Outcome("reset", 0)
+            else:
+                self.on_reset()
+                self._reboot(threading.current_thread())
+                return None
+        elif isinstance(exit, InternalError):
+            outcome = Outcome("error", 1, f"guest stopped: {exit.message}")
+        if outcome is not None:
+            self._end_machine(outcome)
+            return self._end
+        return None
+
+    # -- reset -------------------------------------------------------------------------------
+    def _reboot(self, current: threading.Thread | None) -> None:
+        """Stop the other vCPUs, build a fresh VM, reload, run again."""
+        with self._reset_lock:
+            others = [t for t in self._threads if t._thread is not current]
+            self._quiet = True
+            try:
+                running = [t for t in others if t.state == RunState.RUNNING]
+                for t in others:
+                    t.request(RunState.PAUSED)
+                for t in others:
+                    t.wait_state(RunState.PAUSED, 10)
+                if any(t.state == RunState.STOPPED for t in self._threads):
+                    return
+                with self.lock:
+                    self.uart.reset()
+                    self.i8042.reset()
+                self._close_vm()
+                self._create_vm()
+                self.load()
+                for t, cpu in zip(self._threads, self.cpus):
+                    t.cpu = cpu
+                if not self._stopping:
+                    for t in running:
+                        t.request(RunState.RUNNING)
+            finally:
+                if self._stopping:
+                    # stop() came during the reboot: a pause request may have replaced
+                    # its stop request; ask again.
+                    for t in self._threads:
+                        t.request(RunState.STOPPED)
+                self._quiet = False
+
+    def reset(self) -> None:
+        """A hard reset from the host (QMP system_reset): reload and restart."""
+        was_running = self.state == RunState.RUNNING
+        if not self.pause():
+            raise ConfigError("the vCPUs did not stop for the reset")
+        self._quiet = True
+        try:
+            with self._reset_lock:
+                with self.lock:
+                    self.uart.reset()
+                    self.i8042.reset()
+                self._close_vm()
+                self._create_vm()
+                self.load()
+                for t, cpu in zip(self._threads, self.cpus):
+                    t.cpu = cpu
+        finally:
+            self._quiet = False
+        if was_running:
+            self.resume()
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    def _state_changed(self, index: int, state: RunState) -> None:
+        if index == 0 and not self._quiet:
+            self.on_state(state)
+
+    def start(self) -> None:
+        self.load()
+        for i, cpu in enumerate(self.cpus):
+            t = VcpuThread(cpu, lambda: None, self._on_exit, name=f"vcpu{i}")
+            t.on_state = lambda s, i=i: self._state_changed(i, s)
+            self._threads.append(t)
+        # APs first, so that the BSP's RUNNING is the last transition reported.
+        for t in reversed(self._threads):
+            t.start(paused=self.config.start_paused)
+
+    def pause(self, timeout: float | None = 10.0) -> bool:
+        """Stop every vCPU at its next exit (a kick makes KVM_RUN return at once)."""
+        for t in self._threads:
+            t.request(RunState.PAUSED)
+        return all(t.wait_state(RunState.PAUSED, timeout) for t in self._threads)
+
+    def resume(self) -> None:
+        for t in self._threads[1:]:
+            t.request(RunState.RUNNING)
+        if self._threads:
+            self._threads[0].request(RunState.RUNNING)
+
+    def powerdown(self) -> bool:
+        """No power button without ACPI: False (the guest has nothing to press)."""
+        return False
+
+    def stop(self) -> None:
+        self._stopping = True
+        for t in self._threads:
+            t.request(RunState.STOPPED)
+
+    def wait(self, timeout: float | None = None) -> Outcome | None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for t in self._threads:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not t.join(left):
+                return None
+        self.close()
+        self.outcome = self._end or self._threads[0].outcome
+        return self.outcome
+
+    def close(self) -> None:
+        """Flush and close the disks, release the VM (idempotent)."""
+        backends, self.block_backends = self.block_backends, []
+        for backend in backends:
+            backend.flush()
+            backend.close()
+        if all(t.state == RunState.STOPPED for t in self._threads):
+            self._close_vm()
+            with self._close_lock:
+                if self.kvm.fd >= 0:
+                    self.kvm.close()
+
+    @property
+    def state(self) -> RunState:
+        return self._threads[0].state if self._threads else RunState.CREATED
+
+    @property
+    def _vcpu_thread(self) -> VcpuThread | None:
+        """The boot CPU's thread (the API reports its host thread id)."""
+        return self._threads[0] if self._threads else None
+
+    def vcpu_thread_ids(self) -> list[int]:
+        return [t._thread.native_id for t in self._threads if t._thread.native_id]
+
+
+def apic_ids_from_mp_table(data: bytes) -> list[int]:
+    """The local APIC ids a guest would find in :meth:`MicroVm.mp_table`."""
+    return [apic for apic, _flags in mptable.parse_mp_table(data)["cpus"]]
+
