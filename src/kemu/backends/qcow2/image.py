@@ -73,12 +73,22 @@ def compressed_extent(entry: int, cluster_bits: int) -> tuple[int, int]:
     return offset, sectors * 512 - (offset & 511)
 
 
+def resolve_backing(image: Path, name: str) -> Path:
+    """Where the backing file ``name`` of ``image`` is: relative names are
+    relative to the directory of the image (as QEMU resolves them)."""
+    if "://" in name or name.startswith(("json:", "nbd:")):
+        raise ImageError(f"unsupported backing file {name!r}")
+    path = Path(name)
+    return path if path.is_absolute() else Path(image).parent / path
+
+
 class Qcow2Image:
     """A qcow2 image file, readable and (unless ``read_only``) writable."""
 
     format = "qcow2"
 
-    def __init__(self, file: HostFile, header: Header, *, chain=()) -> None:
+    def __init__(self, file: HostFile, header: Header, *, chain=(),
+                 open_backing: bool = True) -> None:
         self.file = file
         self.path = file.path
         self.header = header
@@ -125,13 +135,19 @@ class Qcow2Image:
                                        REFCOUNT_CACHE_BYTES)
         self._zcache: tuple[int, bytes] | None = None
         self._zfree = 0              # next free byte in the current compressed cluster
-        if h.backing_file is not None:
+        if not open_backing and not self.read_only:
+            raise ImageError("an image opened without its backing file must be read-only")
+        if h.backing_file is not None and open_backing:
             self.backing = self._open_backing(chain)
 
     # -- opening ----------------------------------------------------------------
 
     @classmethod
-    def open(cls, path: str | Path, read_only: bool = False, *, chain=()) -> "Qcow2Image":
+    def open(cls, path: str | Path, read_only: bool = False, *, chain=(),
+             backing: bool = True) -> "Qcow2Image":
+        """Open the image at ``path`` and its backing chain (read-only).
+        ``backing=False`` skips the backing file (reads of unallocated
+        clusters then return zeros): for inspecting an image alone."""
         file = HostFile(path, read_only)
         try:
             try:
@@ -144,7 +160,7 @@ class Qcow2Image:
                 if not read_only and header.incompatible_features & INCOMPAT_CORRUPT:
                     raise ImageError("image is marked corrupt; it can only be opened read-only")
                 identity = file_identity(path)
-                image = cls(file, header, chain=chain + (identity,))
+                image = cls(file, header, chain=chain + (identity,), open_backing=backing)
             except ImageError as e:
                 msg = str(e)
                 raise ImageError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from None
@@ -162,11 +178,7 @@ class Qcow2Image:
     def _open_backing(self, chain):
         name = self.header.backing_file
         assert name is not None
-        if "://" in name or name.startswith(("json:", "nbd:")):
-            raise ImageError(f"unsupported backing file {name!r}")
-        path = Path(name)
-        if not path.is_absolute():
-            path = self.path.parent / path
+        path = resolve_backing(self.path, name)
         fmt = self.header.backing_format
         if fmt is not None and fmt not in ("raw", "qcow2"):
             raise ImageError(f"unsupported backing file format {fmt!r}")

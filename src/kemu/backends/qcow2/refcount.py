@@ -214,7 +214,7 @@ class Refcounts:
             start = (b + 1) << self.block_bits
 
     def _find_run(self, n: int) -> int:
-        start = self.free_hint
+        start = self.free_hint = self._next_free(self.free_hint)
         while True:
             c = self._next_free(start)
             for k in range(c + 1, c + n):
