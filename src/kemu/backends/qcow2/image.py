@@ -436,7 +436,7 @@ class Qcow2Image:
         packed = comp.compress(bytes(data) + bytes(cs - len(data))) + comp.flush()
         with self._lock:
             ci = offset >> cb
-            if len(packed) >= cs - 512 or self._classify(self._entry(ci))[0] != UNALLOCATED:
+            if len(packed) >= cs or self._classify(self._entry(ci))[0] != UNALLOCATED:
                 self.write(offset, data)
                 return
             l2_off, _ = self._owned_l2(ci)
