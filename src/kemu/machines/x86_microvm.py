@@ -1,17 +1,23 @@
 """The x86-64 ``microvm`` board on the KVM accelerator.
 
-A PC without firmware, PCI or ACPI, in the spirit of Firecracker and QEMU's
+A PC without firmware or PCI, in the spirit of Firecracker and QEMU's
 ``microvm``: Linux is entered directly (bzImage through the 64-bit boot
-protocol, or an ELF vmlinux through its PVH entry), finds its CPUs and I/O
-APIC in an MP table (Intel MP spec 1.4) and its virtio devices on the
-command line (``virtio_mmio.device=512@0xd0000000:5``,
-CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES).
+protocol, or an ELF vmlinux through its PVH entry) and finds its CPUs, I/O
+APIC, legacy devices and virtio-mmio slots in hardware-reduced ACPI tables
+(:mod:`kemu.boot.acpi`; Debian's cloud kernel has neither an MP table
+parser nor command-line virtio devices).  An MP table (Intel MP spec 1.4)
+is written too, and with ``config.extra["acpi"] = False`` the virtio slots
+are announced on the command line instead (``virtio_mmio.device=
+512@0xd0000000:5``, CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES), as QEMU's
+microvm does with acpi=off.
 
 ==================  ===========  ============================================
 0x0 - 0xbfffffff    -m           RAM (what exceeds 3 GiB goes above 4 GiB)
 0x60, 0x64          ports        i8042 (IRQ 1); command 0xFE resets
 0x70, 0x71          ports        CMOS RTC (MC146818, host time)
 0x3f8 - 0x3ff       ports        16550A COM1 (IRQ 4), the console (ttyS0)
+0x600, 0x601        ports        ACPI sleep control / status (S5: power off)
+0x000e0000          64 KiB       ACPI RSDP, XSDT, FADT, MADT, DSDT
 0x000f0000          64 KiB       MP floating pointer and configuration table
 0xd0000000          n x 0x200    virtio-mmio slots (IRQ 5, 6, 7, 9, 10, ...)
 0xfec00000                       I/O APIC (KVM in-kernel irqchip)
@@ -24,11 +30,12 @@ thread (:class:`~kemu.machines.runtime.VcpuThread`); the application
 processors wait in KVM for Linux's INIT/SIPI.  Device accesses from any
 vCPU thread run under the board's lock.
 
-Ending the machine: i8042 reset (``reboot``, or Linux's ``reboot=k``)
-restarts it, or ends it with ``-no-reboot``; with no ACPI there is no
-power-off register, so Linux's power-off ends in ``kernel_halt()``: the
-board treats its ``reboot: System halted`` / ``reboot: Power down`` console
-line as the guest powering off.  A kernel panic ends the machine with
+Ending the machine: i8042 reset (the FADT's reset register, or Linux's
+``reboot=k``) restarts it, or ends it with ``-no-reboot``; ACPI S5 through
+the sleep control register powers it off.  Without ACPI Linux has no
+power-off driver and ends in ``kernel_halt()``: the board also treats its
+``reboot: System halted`` / ``reboot: Power down`` console line as the guest
+powering off.  A kernel panic ends the machine with
 status 1, as on the virt board.
 """
 
@@ -41,8 +48,9 @@ from dataclasses import dataclass
 
 from kemu.accel.base import Exit, InternalError, SystemEvent
 from kemu.backends.serial import SerialBackend
-from kemu.boot import linux_x86, mptable
+from kemu.boot import acpi, linux_x86, mptable
 from kemu.bus import Bus
+from kemu.devices.acpi_sleep import AcpiSleep
 from kemu.devices.base import IrqLine
 from kemu.devices.cmos_rtc import CmosRtc
 from kemu.devices.i8042 import I8042
@@ -60,11 +68,14 @@ from kemu.memory import GuestMemory, RamRegion
 
 COM1 = (0x3F8, 8)
 COM1_IRQ = 4
+RTC_IRQ = 8
 I8042_DATA = 0x60
 I8042_COMMAND = 0x64
 I8042_IRQ = 1
 CMOS = (0x70, 2)
+ACPI_ADDR = 0xE0000             # RSDP and the tables, in the BIOS area (not RAM in e820)
 MPTABLE_ADDR = 0xF0000
+ACPI_SLEEP = (0x600, 2)         # hardware-reduced sleep control and status registers
 VIRTIO_MMIO = (0xD0000000, 0x200)
 #: IRQs (= I/O APIC pins = GSIs) of the virtio-mmio slots: 5 and up, skipping the
 #: RTC's 8 (KVM special-cases GSI 8) and the PS/2 mouse's 12.
@@ -204,6 +215,11 @@ class MicroVm:
         self.pio.map(I8042_COMMAND, 1, self.i8042.command_port())
         self.rtc = CmosRtc()
         self.pio.map(*CMOS, self.rtc)
+        self.acpi_sleep = AcpiSleep(self._guest_poweroff)
+        self.pio.map(*ACPI_SLEEP, self.acpi_sleep)
+        #: ACPI tables (the default); without them Linux needs CONFIG_X86_MPPARSE for the
+        #: MP table and CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES for the virtio slots.
+        self.acpi = bool(config.extra.get("acpi", True))
 
         from kemu.machines.virtio_devices import attach_devices
         self.block_backends = attach_devices(self, config)
@@ -257,7 +273,19 @@ class MicroVm:
         return self.irq_line(VIRTIO_IRQS[index], f"virtio{index}")
 
     def kernel_cmdline(self) -> str:
-        return " ".join([self.config.append, *(s.cmdline for s in self.virtio_slots)]).strip()
+        """The -append line; without ACPI plus the virtio slots, as QEMU's microvm."""
+        slots = [] if self.acpi else [s.cmdline for s in self.virtio_slots]
+        return " ".join([self.config.append, *slots]).strip()
+
+    def acpi_tables(self) -> tuple[int, bytes]:
+        """(RSDP address, the tables as written at :data:`ACPI_ADDR`)."""
+        return acpi.build_tables(ACPI_ADDR, acpi.AcpiConfig(
+            nr_cpus=self.config.smp, sleep_control_port=ACPI_SLEEP[0],
+            sleep_status_port=ACPI_SLEEP[0] + 1,
+            serial=(COM1[0], COM1_IRQ), i8042=(I8042_DATA, I8042_COMMAND, I8042_IRQ),
+            rtc=(CMOS[0], RTC_IRQ),
+            virtio=[acpi.MmioDevice(s.base, VIRTIO_MMIO[1], s.irq)
+                    for s in self.virtio_slots]))
 
     def mp_table(self) -> bytes:
         return mptable.build_mp_table(MPTABLE_ADDR, self.config.smp,
@@ -302,14 +330,21 @@ class MicroVm:
         from kemu.accel.kvm.x86_cpu import setup_vcpu
 
         cmdline = self.kernel_cmdline()
-        table = self.mp_table()
-        self.memory.write(MPTABLE_ADDR, table)
+        self.memory.write(MPTABLE_ADDR, self.mp_table())
+        rsdp = 0
+        if self.acpi:
+            rsdp, tables = self.acpi_tables()
+            if len(tables) > MPTABLE_ADDR - ACPI_ADDR:
+                raise ConfigError("the ACPI tables do not fit below the MP table")
+            self.memory.write(ACPI_ADDR, tables)
         e820 = linux_x86.e820_map(self.memory)
         if isinstance(self.kernel, linux_x86.BzImage):
-            linux = linux_x86.load_bzimage(self.memory, self.kernel, cmdline, self.initrd, e820)
+            linux = linux_x86.load_bzimage(self.memory, self.kernel, cmdline, self.initrd, e820,
+                                           acpi_rsdp=rsdp)
             setup_vcpu(self.cpus[0].vcpu.fd, self.boot, linux.entry, linux.boot_params)
         else:
-            linux = linux_x86.load_pvh(self.memory, self.kernel, cmdline, self.initrd, e820)
+            linux = linux_x86.load_pvh(self.memory, self.kernel, cmdline, self.initrd, e820,
+                                       acpi_rsdp=rsdp)
             setup_vcpu(self.cpus[0].vcpu.fd, self.boot, linux.entry,
                        pvh_start_info=linux.boot_params)
         for cpu in self.cpus[1:]:
@@ -325,6 +360,10 @@ class MicroVm:
     def _guest_reset(self) -> None:
         """The i8042 pulsed the reset line (from a vCPU thread, under the lock)."""
         self.cpus[0].request_system_event("reset")
+
+    def _guest_poweroff(self) -> None:
+        """ACPI S5 through the sleep control register (from a vCPU thread, under the lock)."""
+        self.cpus[0].request_system_event("poweroff")
 
     def _on_panic(self, line: str) -> None:
         if self.panic_message is None:

@@ -1,0 +1,102 @@
+"""The microvm's ACPI tables: checksums, layout, and (with acpica-tools) iasl's reading."""
+
+import shutil
+import struct
+import subprocess
+
+import pytest
+
+from kemu.boot import acpi
+from kemu.devices.acpi_sleep import AcpiSleep
+
+BASE = 0xE0000
+
+
+def tables(nr_cpus=2, virtio=2):
+    cfg = acpi.AcpiConfig(nr_cpus=nr_cpus, sleep_control_port=0x600, sleep_status_port=0x601,
+                          virtio=[acpi.MmioDevice(0xD0000000 + 0x200 * i, 0x200, 5 + i)
+                                  for i in range(virtio)])
+    rsdp, blob = acpi.build_tables(BASE, cfg)
+    return rsdp, blob
+
+
+def get(blob, addr):
+    off = addr - BASE
+    length = struct.unpack_from("<I", blob, off + 4)[0]
+    return blob[off:off + length]
+
+
+def walk(blob):
+    x = get(blob, struct.unpack_from("<Q", blob, 24)[0])
+    out = {b"XSDT": x}
+    for addr in struct.unpack_from(f"<{(len(x) - 36) // 8}Q", x, 36):
+        t = get(blob, addr)
+        out[t[:4]] = t
+    out[b"DSDT"] = get(blob, struct.unpack_from("<Q", out[b"FACP"], 140)[0])
+    return out
+
+
+def test_rsdp_and_checksums():
+    rsdp, blob = tables()
+    assert rsdp == BASE and blob[:8] == b"RSD PTR " and blob[15] == 2
+    assert sum(blob[:20]) & 0xFF == 0 and sum(blob[:36]) & 0xFF == 0
+    found = walk(blob)
+    assert set(found) == {b"XSDT", b"FACP", b"APIC", b"DSDT"}
+    for t in found.values():
+        assert sum(t) & 0xFF == 0
+
+
+def test_fadt_is_hardware_reduced_with_reset_and_sleep_registers():
+    fadt = walk(tables()[1])[b"FACP"]
+    assert len(fadt) == 276 and fadt[8] == 6
+    flags = struct.unpack_from("<I", fadt, 112)[0]
+    assert flags & acpi.FADT_F_HW_REDUCED_ACPI and flags & acpi.FADT_F_RESET_REG_SUP
+    assert struct.unpack_from("<H", fadt, 109)[0] & acpi.IAPC_8042
+    assert struct.unpack_from("<BBBBQ", fadt, 116) == (1, 8, 0, 1, 0x64) and fadt[128] == 0xFE
+    assert struct.unpack_from("<BBBBQ", fadt, 244)[4] == 0x600
+    assert struct.unpack_from("<BBBBQ", fadt, 256)[4] == 0x601
+
+
+def test_madt_lists_each_cpu():
+    madt = walk(tables(nr_cpus=5)[1])[b"APIC"]
+    off, cpus = 44, []
+    while off < len(madt):
+        kind, length = madt[off], madt[off + 1]
+        if kind == 0:
+            cpus.append(madt[off + 3])
+        elif kind == 1:
+            assert struct.unpack_from("<I", madt, off + 4)[0] == 0xFEC00000
+        off += length
+    assert cpus == [0, 1, 2, 3, 4]
+
+
+def test_pkg_length_encodings():
+    assert acpi.pkg_length(10) == bytes([11])
+    two = acpi.pkg_length(100)
+    assert len(two) == 2 and (two[0] >> 6) == 1
+    assert ((two[1] << 4) | (two[0] & 0xF)) == 102
+
+
+@pytest.mark.skipif(shutil.which("iasl") is None, reason="iasl (acpica-tools) is not installed")
+def test_iasl_disassembles_the_dsdt(tmp_path):
+    dsdt = walk(tables(virtio=20)[1])[b"DSDT"]
+    (tmp_path / "dsdt.dat").write_bytes(dsdt)
+    proc = subprocess.run(["iasl", "-d", "dsdt.dat"], cwd=tmp_path, capture_output=True,
+                          text=True, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    text = (tmp_path / "dsdt.dsl").read_text()
+    assert text.count('"LNRO0005"') == 20 and "PNP0501" in text and "Name (_S5, Package" in text
+    assert "0xD0002600" in text                 # slot 19: a two-byte PkgLength scope
+
+
+def test_sleep_registers_power_off_on_s5_only():
+    calls = []
+    dev = AcpiSleep(lambda: calls.append("off"))
+    dev.write(0, 1, (3 << 2) | 0x20)             # S3: not supported, "woken" at once
+    assert calls == [] and dev.read(1, 1) == 0x80
+    dev.write(1, 1, 0x80)
+    assert dev.read(1, 1) == 0
+    dev.write(0, 1, 5 << 2)                      # no SLP_EN
+    assert calls == []
+    dev.write(0, 1, (5 << 2) | 0x20)
+    assert calls == ["off"]
