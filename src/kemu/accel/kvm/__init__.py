@@ -32,6 +32,17 @@ def is_pvm() -> bool:
     return os.path.isdir("/sys/module/kvm_pvm")
 
 
+def kvm_is_hardware_backed(path: str = DEV_KVM) -> bool:
+    """True when ``path`` is a usable KVM on VMX/SVM: real Linux boots on it.
+
+    False without /dev/kvm (or without access to it) and on PVM hosts
+    (``/sys/module/kvm_pvm``), where guest kernel code is emulated: there
+    ``kemu run`` picks aarch64 on TCG and Linux-on-KVM tests use the nested
+    harness (kemu.testing.nested).
+    """
+    return not is_pvm() and kvm_unavailable_reason(path) is None
+
+
 __all__ = [
     "Kvm",
     "KvmVcpu",
@@ -39,5 +50,6 @@ __all__ = [
     "VmFd",
     "install_kick_signal",
     "is_pvm",
+    "kvm_is_hardware_backed",
     "kvm_unavailable_reason",
 ]
