@@ -174,7 +174,7 @@ def _info(path: Path, fmt: str | None) -> dict:
         actual = os.stat(path).st_blocks * 512
     except OSError as e:
         raise ImageError(f"could not open {path}: {e.strerror}") from None
-    info: dict = {}
+    info: dict = {}      # keys in qemu-img's order
     if fmt == "raw":
         disk = RawFile(path, read_only=True)
         info.update({"virtual-size": disk.size, "filename": str(path), "format": "raw",
@@ -188,12 +188,14 @@ def _info(path: Path, fmt: str | None) -> dict:
     image = Qcow2Image.open(path, read_only=True, backing=False)
     try:
         h = image.header
+        if h.backing_file is not None and h.backing_format:
+            info["backing-filename-format"] = h.backing_format
         info.update({"virtual-size": h.size, "filename": str(path),
                      "cluster-size": h.cluster_size, "format": "qcow2", "actual-size": actual})
         data: dict = {"compat": "1.1" if h.version == 3 else "0.10"}
+        data["compression-type"] = "zlib"
         if h.version == 3:
-            data.update({"compression-type": "zlib",
-                         "lazy-refcounts": bool(h.compatible_features & COMPAT_LAZY_REFCOUNTS),
+            data.update({"lazy-refcounts": bool(h.compatible_features & COMPAT_LAZY_REFCOUNTS),
                          "refcount-bits": h.refcount_bits,
                          "corrupt": bool(h.incompatible_features & INCOMPAT_CORRUPT),
                          "extended-l2": False})
@@ -201,11 +203,8 @@ def _info(path: Path, fmt: str | None) -> dict:
             data["refcount-bits"] = 16
         info["format-specific"] = {"type": "qcow2", "data": data}
         if h.backing_file is not None:
-            full = resolve_backing(path, h.backing_file)
-            info["full-backing-filename"] = str(full if full.is_absolute() else full.absolute())
+            info["full-backing-filename"] = str(resolve_backing(path, h.backing_file))
             info["backing-filename"] = h.backing_file
-            if h.backing_format:
-                info["backing-filename-format"] = h.backing_format
         info["dirty-flag"] = bool(h.incompatible_features & INCOMPAT_DIRTY)
     finally:
         image.close()
@@ -224,8 +223,10 @@ def cmd_info(args, out: TextIO, err: TextIO) -> int:
     if "cluster-size" in info:
         lines.append(f"cluster_size: {info['cluster-size']}")
     if "backing-filename" in info:
-        lines.append(f"backing file: {info['backing-filename']} "
-                     f"(actual path: {info['full-backing-filename']})")
+        line = f"backing file: {info['backing-filename']}"
+        if info["full-backing-filename"] != info["backing-filename"]:
+            line += f" (actual path: {info['full-backing-filename']})"
+        lines.append(line)
         if "backing-filename-format" in info:
             lines.append(f"backing file format: {info['backing-filename-format']}")
     if "format-specific" in info:

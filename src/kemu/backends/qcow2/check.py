@@ -61,17 +61,22 @@ class CheckResult:
             self.messages.append(message)
 
     def to_json(self) -> dict:
-        out = {"image-end-offset": self.image_end_offset,
-               "total-clusters": self.total_clusters,
-               "check-errors": self.check_errors,
-               "allocated-clusters": self.allocated_clusters,
-               "filename": self.filename, "format": "qcow2",
-               "fragmented-clusters": self.fragmented_clusters,
-               "compressed-clusters": self.compressed_clusters}
-        if self.corruptions:
-            out["corruptions"] = self.corruptions
+        """qemu-img's ``--output=json`` object (zero counts left out)."""
+        out: dict = {"image-end-offset": self.image_end_offset}
+        if self.compressed_clusters:
+            out["compressed-clusters"] = self.compressed_clusters
+        if self.total_clusters:
+            out["total-clusters"] = self.total_clusters
+        out["check-errors"] = self.check_errors
         if self.leaks:
             out["leaks"] = self.leaks
+        if self.corruptions:
+            out["corruptions"] = self.corruptions
+        if self.allocated_clusters:
+            out["allocated-clusters"] = self.allocated_clusters
+        out.update({"filename": self.filename, "format": "qcow2"})
+        if self.fragmented_clusters:
+            out["fragmented-clusters"] = self.fragmented_clusters
         return out
 
     def format_human(self) -> str:
@@ -90,12 +95,12 @@ class CheckResult:
             lines.append(f"{self.check_errors} internal errors have occurred during the check.")
         if not (self.corruptions or self.leaks or self.check_errors):
             lines.append("No errors were found on the image.")
-        if self.total_clusters:
-            t = self.total_clusters
-            lines.append(f"{self.allocated_clusters}/{t} = "
-                         f"{100 * self.allocated_clusters / t:.2f}% allocated, "
-                         f"{100 * self.fragmented_clusters / t:.2f}% fragmented, "
-                         f"{100 * self.compressed_clusters / t:.2f}% compressed clusters")
+        if self.total_clusters and self.allocated_clusters:
+            # fragmented and compressed are shares of the allocated clusters
+            t, a = self.total_clusters, self.allocated_clusters
+            lines.append(f"{a}/{t} = {100 * a / t:.2f}% allocated, "
+                         f"{100 * self.fragmented_clusters / max(a, 1):.2f}% fragmented, "
+                         f"{100 * self.compressed_clusters / max(a, 1):.2f}% compressed clusters")
         lines.append(f"Image end offset: {self.image_end_offset}")
         return "\n".join(lines) + "\n"
 
