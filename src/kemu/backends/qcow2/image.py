@@ -291,20 +291,30 @@ class Qcow2Image:
 
     def read(self, offset: int, length: int) -> bytes:
         self._check_range(offset, length)
+        start = offset & (self.cluster_size - 1)
         with self._lock:
-            out = bytearray(length)
-            for pos, n, kind, host in self._runs(offset, length):
-                o = pos - offset
+            if start + length <= self.cluster_size:      # one cluster: the common case
+                entry = self._entry(offset >> self.cluster_bits)
+                kind, host = self._classify(entry)
                 if kind == NORMAL:
-                    data = self.file.pread(host, n)
-                    out[o:o + len(data)] = data
-                elif kind == UNALLOCATED:
-                    if self.backing is not None:
-                        out[o:o + n] = self._read_backing(pos, n)
-                elif kind == COMPRESSED_KIND:
-                    start = pos & (self.cluster_size - 1)
-                    out[o:o + n] = self._decompress(host)[start:start + n]
-            return bytes(out)
+                    return self._read_run(offset, length, kind, host + start)
+                return self._read_run(offset, length, kind,
+                                      entry if kind == COMPRESSED_KIND else host)
+            parts = [self._read_run(*run) for run in self._runs(offset, length)]
+        if len(parts) == 1:
+            return parts[0]
+        return b"".join(parts)
+
+    def _read_run(self, pos: int, n: int, kind: int, host: int) -> bytes:
+        if kind == NORMAL:
+            data = self.file.pread(host, n)
+            return data if len(data) == n else data + bytes(n - len(data))
+        if kind == UNALLOCATED and self.backing is not None:
+            return self._read_backing(pos, n)
+        if kind == COMPRESSED_KIND:
+            start = pos & (self.cluster_size - 1)
+            return self._decompress(host)[start:start + n]
+        return bytes(n)
 
     # -- writing ----------------------------------------------------------------
 
@@ -394,18 +404,25 @@ class Qcow2Image:
                 table.entries[idx] = host | COPIED
                 table.dirty = True
                 return host, buf
-        if len(chunk) == cs:
-            data: bytes | bytearray | memoryview = chunk
-        else:
-            data = bytearray(self._old_content(ci, entry, kind))
-            data[start:start + len(chunk)] = chunk
         new = rc.alloc(1) << cb
+        reads_zero = kind in (ZERO_PLAIN, ZERO_ALLOC) or (kind == UNALLOCATED
+                                                          and self.backing is None)
+        if len(chunk) == cs:
+            host, data = new, chunk
+        elif reads_zero and new >= self.file.size:
+            # a cluster past the end of the file reads as zeros already:
+            # write only the new bytes (the rest stays a hole)
+            host, data = new + start, chunk
+        else:      # copy-on-write: the old content around the new bytes
+            buf = bytearray(self._old_content(ci, entry, kind))
+            buf[start:start + len(chunk)] = chunk
+            host, data = new, buf
         table = self.l2_cache.get(l2_off)
         table.entries[idx] = new | COPIED
         table.dirty = True
         if kind in (NORMAL, ZERO_ALLOC, COMPRESSED_KIND):
             self._release(entry)
-        return new, data
+        return host, data
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         self._check_writable()

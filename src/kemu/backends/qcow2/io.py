@@ -39,7 +39,15 @@ class HostFile:
 
     def pread(self, offset: int, length: int) -> bytes:
         """Up to ``length`` bytes at ``offset``; short only at end of file."""
-        parts = []
+        try:
+            data = os.pread(self.fd, length, offset)
+        except OSError as e:
+            raise ImageError(f"{self.path}: read error at {offset:#x}: {e.strerror}") from None
+        if len(data) == length or not data:
+            return data
+        parts = [data]
+        offset += len(data)
+        length -= len(data)
         while length > 0:
             try:
                 chunk = os.pread(self.fd, length, offset)
