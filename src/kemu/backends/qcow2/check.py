@@ -172,9 +172,9 @@ class _Checker:
         l2_refs: dict[int, int] = {}
         active_l2: set[int] = set()
         l1 = self.read_l1(h.l1_table_offset, h.l1_size, "L1 table")
-        tables = [(l1, True)] if l1 is not None else []
-        tables += [(t, False) for t in self.snapshot_l1_tables()]
-        for table, active in tables:
+        tables = [(l1, True, 1)] if l1 is not None else []
+        tables += [(t, False, times) for t, times in self.snapshot_l1_tables()]
+        for table, active, times in tables:
             for i, entry in enumerate(table):
                 if not entry:
                     continue
@@ -185,7 +185,7 @@ class _Checker:
                     self.corrupt(f"ERROR L2 table offset {off:#x} is not cluster aligned; "
                                  f"L1 entry corrupted")
                     continue
-                l2_refs[off] = l2_refs.get(off, 0) + 1
+                l2_refs[off] = l2_refs.get(off, 0) + times
                 if active:
                     active_l2.add(off)
                     if bool(entry & COPIED) != (self.stored(off >> self.cb) == 1):
@@ -199,23 +199,34 @@ class _Checker:
         r.total_clusters = -(-h.size // cs)
         self.compare()
 
-    def snapshot_l1_tables(self) -> list[array]:
+    def snapshot_l1_tables(self) -> list[tuple[array, int]]:
+        """The L1 tables of the internal snapshots (spec: "Snapshots"), each
+        distinct table read once, with how many snapshots use it."""
         h = self.h
         if not h.nb_snapshots:
             return []
-        out, pos = [], h.snapshots_offset
-        for n in range(h.nb_snapshots):
+        uses: dict[tuple[int, int], int] = {}
+        pos = h.snapshots_offset
+        for _ in range(h.nb_snapshots):
             fixed = self.file.pread(pos, SNAPSHOT_ENTRY.size)
             if len(fixed) < SNAPSHOT_ENTRY.size:
                 self.corrupt("ERROR snapshot table runs past the end of the file")
-                return out
+                break
             l1_off, l1_size, id_len, name_len, *_rest, extra = SNAPSHOT_ENTRY.unpack(fixed)
             pos += SNAPSHOT_ENTRY.size + extra + id_len + name_len
             pos += -pos % 8
-            table = self.read_l1(l1_off, l1_size, f"snapshot {n} L1 table")
-            if table is not None:
-                out.append(table)
+            uses[(l1_off, l1_size)] = uses.get((l1_off, l1_size), 0) + 1
         self.inc(h.snapshots_offset, pos - h.snapshots_offset, "snapshot table")
+        out, budget = [], max(self.file.size, 1 << 20)
+        for (l1_off, l1_size), times in uses.items():
+            budget -= l1_size * 8
+            if budget < 0:
+                raise ImageError("snapshot L1 tables add up to more than the file size")
+            table = self.read_l1(l1_off, l1_size, "snapshot L1 table")
+            if table is not None:
+                if l1_size:
+                    self.inc(l1_off, l1_size * 8, "snapshot L1 table", times - 1)
+                out.append((table, times))
         return out
 
     def walk_l2(self, off: int, times: int, active: bool) -> None:

@@ -429,7 +429,17 @@ class Qcow2Image:
         view = memoryview(data).cast("B")
         self._check_range(offset, len(view))
         cs = self.cluster_size
+        start = offset & (cs - 1)
         with self._lock:
+            if start + len(view) <= cs:
+                # fast path: an owned standard cluster, written in place
+                entry = self._entry(offset >> self.cluster_bits)
+                if entry & (COPIED | COMPRESSED | ZERO) == COPIED and \
+                        self.l1[offset >> (self.cluster_bits + self.l2_bits)] & COPIED:
+                    kind, host = self._classify(entry)
+                    if kind == NORMAL and (host >> self.cluster_bits) not in self.metadata:
+                        self.file.pwrite(host + start, view)
+                        return
             batch = _WriteBatch(self.file)
             pos = 0
             while pos < len(view):
