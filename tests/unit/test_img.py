@@ -165,7 +165,7 @@ def test_check_exit_statuses(tmp_path):
     assert status == 3 and json.loads(out)["leaks"] == 1
     with Qcow2Image.open(path) as image:              # drop a referenced cluster's refcount
         rc = image.refcounts
-        host = (image._entry(0) & 0x00FFFFFFFFFFFE00) >> 16
+        host = (image.map.entry(0) & 0x00FFFFFFFFFFFE00) >> 16
         rc._block(host >> rc.block_bits).set(host & ((1 << rc.block_bits) - 1), 0)
     status, out, _ = run("check", path)
     assert status == 2 and "ERROR" in out

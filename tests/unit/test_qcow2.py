@@ -507,7 +507,7 @@ def test_check_agrees_with_qemu_on_damage(tmp_path):
     assert check_qcow2(path).leaks == 2
     qemu_img("check", path, ok=(3,))
     with Qcow2Image.open(path) as img:       # corrupt: drop a data cluster's refcount
-        host = img._entry(0) & 0x00FFFFFFFFFFFE00
+        host = img.map.entry(0) & 0x00FFFFFFFFFFFE00
         block = img.refcounts._block(host >> 16 >> img.refcounts.block_bits)
         block.set((host >> 16) & ((1 << img.refcounts.block_bits) - 1), 0)
         img.refcounts.write_dirty()

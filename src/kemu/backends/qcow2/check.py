@@ -23,7 +23,7 @@ from pathlib import Path
 from kemu.backends.block import ImageError
 from kemu.backends.qcow2.header import (
     MAX_L1_BYTES, OFFSET_MASK, Header, header_probe_length, parse_header)
-from kemu.backends.qcow2.image import COMPRESSED, COPIED, L1E_RESERVED, compressed_extent
+from kemu.backends.qcow2.mapping import COMPRESSED, COPIED, L1E_RESERVED, compressed_extent
 from kemu.backends.qcow2.io import HostFile
 from kemu.backends.qcow2.refcount import REFT_RESERVED, RefcountBlock, be_array
 

@@ -27,50 +27,21 @@ from __future__ import annotations
 
 import struct
 import threading
-import zlib
-from array import array
 from pathlib import Path
 
 from kemu.backends.block import ImageError, file_identity, open_image
 from kemu.backends.qcow2.header import (
     INCOMPAT_CORRUPT, INCOMPAT_DIRTY, OFF_AUTOCLEAR, OFFSET_MASK, Header,
     header_probe_length, parse_header)
-from kemu.backends.qcow2.io import HostFile, TableCache
-from kemu.backends.qcow2.refcount import Refcounts, be_array, be_bytes
+from kemu.backends.qcow2.compressed import CompressedClusters
+from kemu.backends.qcow2.io import HostFile
+from kemu.backends.qcow2.mapping import (
+    COMPRESSED, COMPRESSED_KIND, COPIED, NORMAL, UNALLOCATED, ZERO, ZERO_ALLOC, ZERO_PLAIN,
+    ClusterMap, compressed_clusters)
+from kemu.backends.qcow2.refcount import Refcounts
 
-# L1/L2 entry flags (spec: "Cluster mapping")
-COPIED = 1 << 63
-COMPRESSED = 1 << 62
-ZERO = 1
-L1E_RESERVED = 0x7F00_0000_0000_01FF
-
-# cluster kinds
-UNALLOCATED, ZERO_PLAIN, ZERO_ALLOC, NORMAL, COMPRESSED_KIND = range(5)
-
-#: Bytes of L2 tables and of refcount blocks kept in memory.
-L2_CACHE_BYTES = 4 << 20
+#: Bytes of refcount blocks kept in memory.
 REFCOUNT_CACHE_BYTES = 1 << 20
-
-
-class L2Table:
-    """One decoded L2 table; ``dirty`` until written back."""
-
-    __slots__ = ("entries", "dirty")
-
-    def __init__(self, entries: array, dirty: bool = False) -> None:
-        self.entries = entries
-        self.dirty = dirty
-
-
-def compressed_extent(entry: int, cluster_bits: int) -> tuple[int, int]:
-    """(host offset, byte count) of a compressed cluster descriptor (spec:
-    "Compressed Clusters Descriptor"): offset in bits 0..x-1 with
-    x = 62 - (cluster_bits - 8), then the number of 512-byte sectors used
-    beyond the one holding the offset."""
-    x = 62 - (cluster_bits - 8)
-    offset = entry & ((1 << x) - 1)
-    sectors = ((entry >> x) & ((1 << (cluster_bits - 8)) - 1)) + 1
-    return offset, sectors * 512 - (offset & 511)
 
 
 def resolve_backing(image: Path, name: str) -> Path:
@@ -95,46 +66,26 @@ class Qcow2Image:
         self.read_only = file.read_only
         self.size = header.size
         self.cluster_bits = cb = header.cluster_bits
-        self.cluster_size = cs = 1 << cb
+        self.cluster_size = 1 << cb
         self.l2_bits = cb - 3
         self.version = header.version
         self._lock = threading.RLock()
         self._closed = False
         self.backing = None
+        h = header
         #: Cluster indices holding metadata: never written as guest data.
         self.metadata: set[int] = {0}
-        h = header
         self.metadata.update(range(h.refcount_table_offset >> cb,
                                    (h.refcount_table_offset >> cb) + h.refcount_table_clusters))
-        if h.l1_size:
-            self.metadata.update(range(h.l1_table_offset >> cb,
-                                       ((h.l1_table_offset + h.l1_size * 8 - 1) >> cb) + 1))
-        self.l1 = be_array("Q", file.pread_exact(h.l1_table_offset, h.l1_size * 8, "L1 table"))
-        self._l1_dirty: set[int] = set()
-        l2s: set[int] = set()
-        for i, entry in enumerate(self.l1):
-            if not entry:
-                continue
-            off = entry & OFFSET_MASK
-            if entry & L1E_RESERVED or off % cs or off == 0:
-                raise ImageError(f"L1 entry {i} is invalid ({entry:#x})")
-            if off + cs > file.size:
-                raise ImageError(f"L2 table {i} at {off:#x} lies beyond the end of the file")
-            if (off >> cb) in self.metadata:
-                raise ImageError(f"L2 table {i} at {off:#x} overlaps other metadata")
-            if (off >> cb) in l2s and not self.read_only:
-                raise ImageError(f"L2 table at {off:#x} is used twice by the L1 table")
-            l2s.add(off >> cb)
-        self.metadata |= l2s
-        self.l2_cache: TableCache[L2Table] = TableCache(
-            L2_CACHE_BYTES // cs, self._load_l2, self._writeback_l2)
+        self.map = ClusterMap(file, header, self.metadata)
         self.refcounts: Refcounts | None = None
         if not self.read_only:
             self.refcounts = Refcounts(file, cb, h.refcount_order, h.refcount_table_offset,
                                        h.refcount_table_clusters, self.metadata,
                                        REFCOUNT_CACHE_BYTES)
-        self._zcache: tuple[int, bytes] | None = None
-        self._zfree = 0              # next free byte in the current compressed cluster
+            self.map.refcounts = self.refcounts
+        self.compressed = CompressedClusters(file, cb)
+        self.compressed.refcounts = self.refcounts
         if not open_backing and not self.read_only:
             raise ImageError("an image opened without its backing file must be read-only")
         if h.backing_file is not None and open_backing:
@@ -187,58 +138,7 @@ class Qcow2Image:
         except ImageError as e:
             raise ImageError(f"could not open backing file: {e}") from None
 
-    # -- metadata ---------------------------------------------------------------
-
-    def _load_l2(self, offset: int) -> L2Table:
-        return L2Table(be_array("Q", self.file.pread_exact(offset, self.cluster_size, "L2 table")))
-
-    def _writeback_l2(self, offset: int, table: L2Table) -> None:
-        if self.refcounts is not None:
-            self.refcounts.make_durable()
-        self.file.pwrite(offset, be_bytes(table.entries))
-        table.dirty = False
-
-    def _entry(self, ci: int) -> int:
-        """The L2 entry of guest cluster ``ci`` (0 if it has no L2 table)."""
-        off = self.l1[ci >> self.l2_bits] & OFFSET_MASK
-        if not off:
-            return 0
-        return self.l2_cache.get(off).entries[ci & ((1 << self.l2_bits) - 1)]
-
-    def _classify(self, entry: int) -> tuple[int, int]:
-        """(kind, host offset) of an L2 entry."""
-        if entry & COMPRESSED:
-            return COMPRESSED_KIND, 0
-        host = entry & OFFSET_MASK
-        if entry & ZERO:
-            return (ZERO_ALLOC if host else ZERO_PLAIN), host
-        if not host:
-            return UNALLOCATED, 0
-        if host & (self.cluster_size - 1):
-            raise ImageError(f"{self.path}: data cluster offset {host:#x} is not aligned")
-        if host >= self.file.size:
-            raise ImageError(f"{self.path}: data cluster at {host:#x} lies beyond the end "
-                             f"of the file")
-        return NORMAL, host
-
-    def _decompress(self, entry: int) -> bytes:
-        if self._zcache is not None and self._zcache[0] == entry:
-            return self._zcache[1]
-        offset, length = compressed_extent(entry, self.cluster_bits)
-        if offset >= self.file.size:
-            raise ImageError(f"{self.path}: compressed cluster at {offset:#x} lies beyond the "
-                             f"end of the file")
-        raw = self.file.pread(offset, min(length, self.file.size - offset))
-        try:
-            out = zlib.decompressobj(-15).decompress(raw, self.cluster_size)
-        except zlib.error as e:
-            raise ImageError(f"{self.path}: corrupt compressed cluster at {offset:#x}: {e}") \
-                from None
-        if len(out) != self.cluster_size:
-            raise ImageError(f"{self.path}: compressed cluster at {offset:#x} does not "
-                             f"inflate to a whole cluster")
-        self._zcache = (entry, out)
-        return out
+    # -- helpers ---------------------------------------------------------------
 
     def _check_range(self, offset: int, length: int) -> None:
         if offset < 0 or length < 0 or offset + length > self.size:
@@ -262,8 +162,8 @@ class Qcow2Image:
         cur: list[int] | None = None
         while pos < end:
             n = min(cs - (pos & (cs - 1)), end - pos)
-            entry = self._entry(pos >> cb)
-            kind, host = self._classify(entry)
+            entry = self.map.entry(pos >> cb)
+            kind, host = self.map.classify(entry)
             if kind == ZERO_ALLOC:
                 kind = ZERO_PLAIN
             if kind == NORMAL:
@@ -294,8 +194,8 @@ class Qcow2Image:
         start = offset & (self.cluster_size - 1)
         with self._lock:
             if start + length <= self.cluster_size:      # one cluster: the common case
-                entry = self._entry(offset >> self.cluster_bits)
-                kind, host = self._classify(entry)
+                entry = self.map.entry(offset >> self.cluster_bits)
+                kind, host = self.map.classify(entry)
                 if kind == NORMAL:
                     return self._read_run(offset, length, kind, host + start)
                 return self._read_run(offset, length, kind,
@@ -313,53 +213,20 @@ class Qcow2Image:
             return self._read_backing(pos, n)
         if kind == COMPRESSED_KIND:
             start = pos & (self.cluster_size - 1)
-            return self._decompress(host)[start:start + n]
+            return self.compressed.inflate(host)[start:start + n]
         return bytes(n)
 
     # -- writing ----------------------------------------------------------------
-
-    def _owned_l2(self, ci: int) -> tuple[int, L2Table]:
-        """The L2 table covering guest cluster ``ci``, allocated or copied so
-        that this image's L1 is its only user; returns (offset, table)."""
-        rc = self.refcounts
-        assert rc is not None
-        l1i = ci >> self.l2_bits
-        entry = self.l1[l1i]
-        off = entry & OFFSET_MASK
-        if off and entry & COPIED:
-            return off, self.l2_cache.get(off)
-        if off and rc.get(off >> self.cluster_bits) == 1:
-            self.l1[l1i] = off | COPIED
-            self._l1_dirty.add(l1i)
-            return off, self.l2_cache.get(off)
-        if off and rc.get(off >> self.cluster_bits) == 0:
-            raise ImageError(f"{self.path}: L2 table at {off:#x} has refcount 0: image is "
-                             f"corrupt")
-        new_cluster = rc.alloc(1)
-        new = new_cluster << self.cluster_bits
-        if off:   # shared with a snapshot: copy it, release our reference later
-            entries = array("Q", self.l2_cache.get(off).entries)
-            rc.free(off >> self.cluster_bits)
-        else:
-            entries = array("Q", bytes(self.cluster_size))
-        table = L2Table(entries, dirty=True)
-        self.metadata.add(new_cluster)
-        self.l2_cache.put(new, table)
-        self.l1[l1i] = new | COPIED
-        self._l1_dirty.add(l1i)
-        return new, table
 
     def _release(self, entry: int) -> None:
         """Queue releasing the host clusters an L2 entry referenced."""
         rc = self.refcounts
         assert rc is not None
-        cb = self.cluster_bits
         if entry & COMPRESSED:
-            off, n = compressed_extent(entry, cb)
-            first = (off & ~511) >> cb
-            rc.free(first, ((off + n - 1) >> cb) - first + 1)
+            clusters = compressed_clusters(entry, self.cluster_bits)
+            rc.free(clusters.start, len(clusters))
         elif entry & OFFSET_MASK:
-            rc.free((entry & OFFSET_MASK) >> cb)
+            rc.free((entry & OFFSET_MASK) >> self.cluster_bits)
 
     def _old_content(self, ci: int, entry: int, kind: int) -> bytes:
         """The current content of guest cluster ``ci`` (for copy-on-write)."""
@@ -367,7 +234,7 @@ class Qcow2Image:
         if kind == UNALLOCATED:
             return self._read_backing(ci << self.cluster_bits, cs)
         if kind == COMPRESSED_KIND:
-            return self._decompress(entry)
+            return self.compressed.inflate(entry)
         if kind == NORMAL:
             data = self.file.pread(entry & OFFSET_MASK, cs)
             return data + bytes(cs - len(data))
@@ -379,10 +246,9 @@ class Qcow2Image:
         rc = self.refcounts
         assert rc is not None
         cb, cs = self.cluster_bits, self.cluster_size
-        l2_off, table = self._owned_l2(ci)
-        idx = ci & ((1 << self.l2_bits) - 1)
-        entry = table.entries[idx]
-        kind, host = self._classify(entry)
+        l2_off = self.map.owned_l2(ci)
+        entry = self.map.l2_cache.get(l2_off).entries[ci & ((1 << self.l2_bits) - 1)]
+        kind, host = self.map.classify(entry)
         if kind in (NORMAL, ZERO_ALLOC):
             if (host >> cb) in self.metadata:
                 raise ImageError(f"{self.path}: data cluster at {host:#x} overlaps metadata: "
@@ -394,15 +260,11 @@ class Qcow2Image:
             if refs == 1:
                 if kind == NORMAL:
                     if not entry & COPIED:
-                        table = self.l2_cache.get(l2_off)
-                        table.entries[idx] = entry | COPIED
-                        table.dirty = True
+                        self.map.set_entry(ci, entry | COPIED, l2_off)
                     return host + start, chunk
-                buf = bytearray(cs)
+                buf = bytearray(cs)          # preallocated zero cluster: now data
                 buf[start:start + len(chunk)] = chunk
-                table = self.l2_cache.get(l2_off)
-                table.entries[idx] = host | COPIED
-                table.dirty = True
+                self.map.set_entry(ci, host | COPIED, l2_off)
                 return host, buf
         new = rc.alloc(1) << cb
         reads_zero = kind in (ZERO_PLAIN, ZERO_ALLOC) or (kind == UNALLOCATED
@@ -417,9 +279,7 @@ class Qcow2Image:
             buf = bytearray(self._old_content(ci, entry, kind))
             buf[start:start + len(chunk)] = chunk
             host, data = new, buf
-        table = self.l2_cache.get(l2_off)
-        table.entries[idx] = new | COPIED
-        table.dirty = True
+        self.map.set_entry(ci, new | COPIED, l2_off)
         if kind in (NORMAL, ZERO_ALLOC, COMPRESSED_KIND):
             self._release(entry)
         return host, data
@@ -433,10 +293,10 @@ class Qcow2Image:
         with self._lock:
             if start + len(view) <= cs:
                 # fast path: an owned standard cluster, written in place
-                entry = self._entry(offset >> self.cluster_bits)
+                entry = self.map.entry(offset >> self.cluster_bits)
                 if entry & (COPIED | COMPRESSED | ZERO) == COPIED and \
-                        self.l1[offset >> (self.cluster_bits + self.l2_bits)] & COPIED:
-                    kind, host = self._classify(entry)
+                        self.map.l1[offset >> (self.cluster_bits + self.l2_bits)] & COPIED:
+                    kind, host = self.map.classify(entry)
                     if kind == NORMAL and (host >> self.cluster_bits) not in self.metadata:
                         self.file.pwrite(host + start, view)
                         return
@@ -451,46 +311,21 @@ class Qcow2Image:
             batch.flush()
 
     def write_compressed(self, offset: int, data: bytes) -> None:
-        """Write one whole guest cluster compressed (raw deflate, spec:
-        "Compressed Clusters Descriptor"); used by ``kemu img convert -c``.
-        Falls back to a normal write when compression does not pay off."""
+        """Write one whole, still unallocated guest cluster compressed (used
+        by ``kemu img convert -c``); a normal write when that saves nothing."""
         self._check_writable()
-        cb, cs = self.cluster_bits, self.cluster_size
+        cs = self.cluster_size
         if offset % cs or not (len(data) == cs or offset + len(data) == self.size):
             raise ImageError("compressed writes must cover one whole cluster")
         self._check_range(offset, len(data))
-        comp = zlib.compressobj(6, zlib.DEFLATED, -12)
-        packed = comp.compress(bytes(data) + bytes(cs - len(data))) + comp.flush()
+        packed = self.compressed.deflate(bytes(data) + bytes(cs - len(data)))
         with self._lock:
-            ci = offset >> cb
-            if len(packed) >= cs or self._classify(self._entry(ci))[0] != UNALLOCATED:
+            ci = offset >> self.cluster_bits
+            if packed is None or self.map.classify(self.map.entry(ci))[0] != UNALLOCATED:
                 self.write(offset, data)
                 return
-            l2_off, _ = self._owned_l2(ci)
-            host = self._alloc_bytes(len(packed))
-            self.file.pwrite(host, packed)
-            x = 62 - (cb - 8)
-            sectors = ((host + len(packed) - 1) >> 9) - (host >> 9)
-            table = self.l2_cache.get(l2_off)
-            table.entries[ci & ((1 << self.l2_bits) - 1)] = COMPRESSED | (sectors << x) | host
-            table.dirty = True
-
-    def _alloc_bytes(self, n: int) -> int:
-        """Host space for ``n`` < cluster size bytes of compressed data; a
-        host cluster shared by several compressed clusters holds one
-        reference per compressed cluster."""
-        rc = self.refcounts
-        assert rc is not None
-        cb = self.cluster_bits
-        free = self._zfree
-        if free and (free >> cb) == ((free + n - 1) >> cb):
-            rc.incref(free >> cb)
-            start = free
-        else:
-            start = rc.alloc(1) << cb
-        end = start + n
-        self._zfree = 0 if end % self.cluster_size == 0 else end
-        return start
+            l2_off = self.map.owned_l2(ci)
+            self.map.set_entry(ci, self.compressed.store(packed), l2_off)
 
     def discard(self, offset: int, length: int) -> None:
         """Release the whole clusters in the range (partial clusters are left
@@ -500,11 +335,11 @@ class Qcow2Image:
         self._check_range(offset, length)
         with self._lock:
             for ci, _start, _n in self._whole_clusters(offset, length):
-                entry = self._entry(ci)
-                kind, _ = self._classify(entry)
+                entry = self.map.entry(ci)
+                kind, _ = self.map.classify(entry)
                 if kind in (UNALLOCATED, ZERO_PLAIN):
                     continue
-                self._set_entry(ci, ZERO if (self.version >= 3 and self.backing is not None) else 0)
+                self.map.set_entry(ci, ZERO if (self.version >= 3 and self.backing is not None) else 0)
                 self._release(entry)
 
     def write_zeroes(self, offset: int, length: int) -> None:
@@ -516,14 +351,14 @@ class Qcow2Image:
             while pos < end:
                 ci, start = pos >> self.cluster_bits, pos & (cs - 1)
                 n = min(cs - start, end - pos)
-                entry = self._entry(ci)
-                kind, _ = self._classify(entry)
+                entry = self.map.entry(ci)
+                kind, _ = self.map.classify(entry)
                 reads_zero = kind == ZERO_PLAIN or (kind == UNALLOCATED and self.backing is None)
                 whole = start == 0 and (n == cs or pos + n == self.size)
                 if reads_zero:
                     pass
                 elif whole and self.version >= 3:
-                    self._set_entry(ci, ZERO)
+                    self.map.set_entry(ci, ZERO)
                     if kind != UNALLOCATED:
                         self._release(entry)
                 else:
@@ -539,12 +374,6 @@ class Qcow2Image:
         for ci in range(first, last):
             yield ci, 0, cs
 
-    def _set_entry(self, ci: int, value: int) -> None:
-        l2_off, _ = self._owned_l2(ci)
-        table = self.l2_cache.get(l2_off)
-        table.entries[ci & ((1 << self.l2_bits) - 1)] = value
-        table.dirty = True
-
     # -- flush and close ---------------------------------------------------------
 
     def flush(self) -> None:
@@ -555,27 +384,16 @@ class Qcow2Image:
         assert rc is not None
         with self._lock:
             rc.make_durable()
-            for off, table in self.l2_cache.dirty():
-                self._writeback_l2(off, table)
-            if self._l1_dirty:
+            self.map.write_dirty_l2()
+            if self.map.l1_dirty:
                 self.file.fsync()
-                self._write_l1()
+                self.map.write_l1()
             if not self.file.durable(self.file.writes):
                 self.file.fsync()
             if rc.frees_pending:
                 rc.apply_frees()
-                self._zfree = 0
+                self.compressed.reset()
                 rc.make_durable()
-
-    def _write_l1(self) -> None:
-        dirty, self._l1_dirty = sorted(self._l1_dirty), set()
-        base = self.header.l1_table_offset
-        lo, hi = dirty[0], dirty[-1] + 1
-        if hi - lo <= 4 * len(dirty) + 64:
-            self.file.pwrite(base + 8 * lo, be_bytes(self.l1[lo:hi]))
-        else:
-            for i in dirty:
-                self.file.pwrite(base + 8 * i, struct.pack(">Q", self.l1[i]))
 
     def close(self) -> None:
         if self._closed:
@@ -594,18 +412,6 @@ class Qcow2Image:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-    # -- information ----------------------------------------------------------------
-
-    def allocated_clusters(self) -> int:
-        """Guest clusters with data in this image (not the backing file)."""
-        count = 0
-        for entry in self.l1:
-            off = entry & OFFSET_MASK
-            if off:
-                count += sum(1 for e in self.l2_cache.get(off).entries
-                             if e & COMPRESSED or (e & OFFSET_MASK and not e & ZERO))
-        return count
 
 
 class _WriteBatch:
