@@ -162,7 +162,8 @@ def open_image(path: str | Path, format: str | None = None,
 
     ``format`` is ``"raw"``, ``"qcow2"`` or ``None`` to probe: a file with
     the qcow2 magic opens as qcow2, anything else as raw with writes to
-    sector 0 restricted, and ``on_warning`` gets a message saying so.
+    sector 0 restricted, and (when opened read-write) ``on_warning`` gets a
+    message saying so.
     ``chain`` holds the identities of the images that have this one as
     their backing file (backing loop detection).
     """
@@ -174,7 +175,7 @@ def open_image(path: str | Path, format: str | None = None,
     probed = format is None
     fmt = format or detect_format(path)
     if fmt == "raw":
-        if probed and on_warning is not None:
+        if probed and not read_only and on_warning is not None:
             on_warning(f"Image format was not specified for '{path}' and probing guessed raw. "
                        f"Automatically detecting the format is dangerous for raw images, "
                        f"write operations on block 0 will be restricted. Specify the "
