@@ -87,6 +87,18 @@ def test_create_options_and_backing(tmp_path):
     assert info["backing-filename-format"] == "raw"
 
 
+def test_info_without_the_backing_file(tmp_path):
+    base = tmp_path / "base.raw"
+    base.write_bytes(bytes(MiB))
+    top = tmp_path / "top.qcow2"
+    create_qcow2(top, MiB, backing_file="base.raw", backing_format="raw")
+    base.unlink()
+    status, out, _ = run("info", top)
+    assert status == 0 and "backing file: base.raw" in out
+    status, _, err = run("convert", top, tmp_path / "x.raw")
+    assert status == 2 and "could not open backing file" in err
+
+
 @pytest.mark.parametrize("argv,message", [
     (["info", "/nonexistent/x.qcow2"], "No such file"),
     (["create", "-f", "qcow2", "X", "12Q"], "invalid size"),

@@ -387,15 +387,11 @@ def test_kill_9_leaves_no_corruption(tmp_path, seed):
         child.send_signal(signal.SIGKILL)
         child.wait()
     assert_qemu_clean(path, allow_leaks=True)
-    expected = (tmp_path / "k.qcow2.expected").read_bytes()
-    # the flushed writes were followed by more writes; only compare what
-    # the child never touched again is not knowable, so check the image
-    # reads back consistently and still holds the flushed bytes where the
-    # later writes did not reach: reopen, read everything without error
+    # writes after the flush may or may not have landed: the image must
+    # read back whole, and keep working
     with Qcow2Image.open(path, read_only=True) as img:
-        data = img.read(0, img.size)
-    assert len(data) == len(expected)
-    with Qcow2Image.open(path) as img:     # and it is still writable
+        assert len(img.read(0, img.size)) == 16 * MiB
+    with Qcow2Image.open(path) as img:
         img.write(0, b"after")
     assert_qemu_clean(path, allow_leaks=True)
 

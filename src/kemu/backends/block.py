@@ -28,6 +28,14 @@ if TYPE_CHECKING:
 QCOW2_MAGIC = b"QFI\xfb"
 
 
+def __getattr__(name: str):
+    # the protocol lives with its user, virtio-blk; re-exported here lazily
+    if name == "BlockBackend":
+        from kemu.devices.virtio.blk import BlockBackend
+        return BlockBackend
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 class ImageError(KemuError):
     """A disk image that cannot be opened or is malformed."""
 
