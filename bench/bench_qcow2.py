@@ -22,7 +22,6 @@ Prints MB/s for both and the qcow2/raw ratio.
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import sys
 import tempfile

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from kemu.backends.block import ImageError, RawFile, open_image
+from kemu.backends.block import ImageError, open_image
 from kemu.backends.qcow2 import Qcow2Image, check_qcow2, create_qcow2
 from kemu.backends.qcow2 import io as qio
 from kemu.backends.qcow2.header import OFF_INCOMPAT

@@ -10,6 +10,7 @@ sparse: all zero entries).
 from __future__ import annotations
 
 import os
+from array import array
 from pathlib import Path
 
 from kemu.backends.block import ImageError
@@ -18,7 +19,6 @@ from kemu.backends.qcow2.header import (
     MAX_L1_BYTES, MIN_CLUSTER_BITS, V2_HEADER_LENGTH, V3_HEADER_LENGTH, Header, encode_header,
     extension, feature_table_extension, l1_entries_needed)
 from kemu.backends.qcow2.refcount import RefcountBlock, be_bytes
-from array import array
 
 
 def _layout(size: int, cluster_bits: int, refcount_order: int) -> tuple[int, int, int, int]:

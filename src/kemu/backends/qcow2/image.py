@@ -1,11 +1,11 @@
 """A qcow2 image as a block backend (qcow2 spec, "Cluster mapping",
 "Compressed Clusters Descriptor", "Host cluster management").
 
-Guest offsets map through a two-level table: the L1 table (in memory) holds
-the offsets of L2 tables (cached, LRU); an L2 entry describes one guest
-cluster: unallocated (read from the backing file, or zeros), a zero cluster
-(version 3 bit 0), a standard cluster at a host offset, or a compressed
-cluster.
+Guest offsets map through the L1/L2 tables (:mod:`.mapping`); a guest
+cluster is unallocated (read from the backing file, or zeros), a zero
+cluster (version 3 bit 0), a standard cluster at a host offset, or a
+compressed cluster (:mod:`.compressed`).  Host clusters are reference
+counted (:mod:`.refcount`).
 
 Writes keep the refcounts exact (no lazy refcounts, no dirty bit) and
 order metadata so that a process killed at any point leaves an image
@@ -30,10 +30,10 @@ import threading
 from pathlib import Path
 
 from kemu.backends.block import ImageError, file_identity, open_image
+from kemu.backends.qcow2.compressed import CompressedClusters
 from kemu.backends.qcow2.header import (
     INCOMPAT_CORRUPT, INCOMPAT_DIRTY, OFF_AUTOCLEAR, OFFSET_MASK, Header,
     header_probe_length, parse_header)
-from kemu.backends.qcow2.compressed import CompressedClusters
 from kemu.backends.qcow2.io import HostFile
 from kemu.backends.qcow2.mapping import (
     COMPRESSED, COMPRESSED_KIND, COPIED, NORMAL, UNALLOCATED, ZERO, ZERO_ALLOC, ZERO_PLAIN,

@@ -278,7 +278,9 @@ class Refcounts:
         together with any new refcount blocks needed to count it."""
         cs, bb = self.cluster_size, self.block_bits
         old_n = len(self.table)
-        end = max(-(-self.file.size // cs), self.alloc_end)
+        # past the file, past every allocation, and past what the table
+        # covers (beyond that, no refcount block: every cluster is free)
+        end = max(-(-self.file.size // cs), self.alloc_end, old_n << bb)
         while True:
             nb, tc = 0, 0
             while True:
