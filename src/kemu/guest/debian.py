@@ -30,13 +30,15 @@ GUEST_MODULES = ["virtio_mmio", "virtio_blk", "virtio_net", "virtio_console", "v
 
 ARCHES = {
     "aarch64": {"debian": "arm64", "kernel": "linux-image-cloud-arm64", "console": "ttyAMA0"},
-    # The x86-64 microvm board (KVM): no ACPI, PCI or power button.  reboot=k
+    # The x86-64 microvm board (KVM): no PCI, no power button.  reboot=k
     # resets through the i8042 (the board's reset line); the i8042 options skip
-    # probing a mouse, a multiplexer, PNP and the keyboard's LEDs; pci=off skips
+    # probing a mouse, a multiplexer and the keyboard's LEDs (the controller is
+    # found through the DSDT's PNP0303, which also maps its IRQ); pci=off skips
     # probing config space nobody answers.  The cloud kernel has virtio_mmio as a
-    # module with CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES=y.
+    # module but not CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES (nor an MP table parser):
+    # the board announces devices and CPUs in ACPI tables.
     "x86_64": {"debian": "amd64", "kernel": "linux-image-cloud-amd64", "console": "ttyS0",
-               "append": "reboot=k i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd pci=off",
+               "append": "reboot=k i8042.noaux i8042.nomux i8042.dumbkbd pci=off",
                "power_button": False},
 }
 

@@ -1,0 +1,1 @@
+"""Test harnesses that ship with kemu (used by its tests and benchmarks)."""
