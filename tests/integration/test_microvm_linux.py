@@ -80,7 +80,7 @@ def boots(tmp_path_factory):
         output = result.output
     out = {}
     for name in runs:
-        m = re.search(rf"==RUN {name}==\n(.*?)==RC {name}=(\d+)==", output, re.S)
+        m = re.search(rf"==RUN {name}==\n(.*?)==RC {name}=(\d+)==", output, re.DOTALL)
         assert m, f"no result for {name}:\n{output[-4000:]}"
         out[name] = (int(m.group(2)), m.group(1).replace("\r", ""))
     return out

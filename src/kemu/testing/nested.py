@@ -6,7 +6,7 @@ nesting: QEMU's TCG emulates AMD SVM (``-M q35 -accel tcg -cpu max``), an
 L1 Debian Linux (the generic ``linux-image-amd64``, which has kvm-amd and
 9p as modules) loads kvm-amd and gets a real /dev/kvm.  The host's root is
 shared read-only into L1 over 9p; L1's init mounts it, mounts proc, sys,
-devtmpfs and a tmpfs /tmp inside it, chroots into it and runs a shell
+devtmpfs and a scratch tmpfs at /run (TMPDIR) inside it, chroots into it and runs a shell
 command: the host's own Python, virtualenv and checkout, with no image to
 build.  The command's output and exit status come back over L1's serial
 console (between markers); then L1 powers off.
@@ -64,9 +64,9 @@ def nested_unavailable_reason() -> str | None:
     """
     if shutil.which(QEMU) is None:
         return f"{QEMU} is not installed (apt-get install qemu-system-x86)"
-    if not (nested_dir() / "manifest").is_file():
-        if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
-            return "apt-get and dpkg-deb are needed to fetch the L1 kernel"
+    if not (nested_dir() / "manifest").is_file() and (
+            shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None):
+        return "apt-get and dpkg-deb are needed to fetch the L1 kernel"
     return None
 
 
@@ -148,8 +148,10 @@ mount -t proc proc /host/proc
 mount -t sysfs sysfs /host/sys
 mount -t devtmpfs devtmpfs /host/dev
 mount -t devpts devpts /host/dev/pts 2>/dev/null
-mount -t tmpfs tmpfs /host/tmp
+# Scratch space in /run: /tmp stays the host's (read-only) so that checkouts and
+# test files under /tmp remain visible; TMPDIR and HOME point at the scratch.
 mount -t tmpfs tmpfs /host/run 2>/dev/null
+mkdir -p /host/run/tmp
 [ -e /dev/kvm ] || echo "nested: no /dev/kvm in L1"
 echo {BEGIN}
 chroot /host /bin/sh -c {shlex.quote(exports + command)} < /dev/null 2>&1
@@ -196,13 +198,14 @@ class NestedHarness:
                 "-serial", "stdio", "-monitor", "none",
                 "-kernel", str(self.l1.kernel), "-initrd", str(initrd),
                 "-append", "console=ttyS0 quiet panic=-1 rdinit=/init",
-                "-virtfs", "local,path=/,mount_tag=host,security_model=none,readonly=on,"
-                           "multidevs=remap"]
+                "-virtfs", ("local,path=/,mount_tag=host,security_model=none,readonly=on,"
+                            "multidevs=remap")]
 
     def run(self, command: str, timeout: float = 600.0,
             env: dict[str, str] | None = None) -> NestedResult:
         """Run ``command`` (sh syntax) in the host's root, inside L1, as root."""
-        env = {"HOME": "/tmp", "PYTHONDONTWRITEBYTECODE": "1", "TERM": "dumb",
+        env = {"HOME": "/run/tmp", "TMPDIR": "/run/tmp", "PYTHONDONTWRITEBYTECODE": "1",
+               "TERM": "dumb",
                "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
                **(env or {})}
         with tempfile.TemporaryDirectory(prefix="kemu-nested-") as tmp:
