@@ -30,11 +30,15 @@ from kemu.machines.virtio_devices import (
 
 USAGE = """\
 usage: kemu [QEMU-style options]
-       kemu run [QEMU-style options]     boot the default guest on its serial console
+       kemu run [--accel kvm|tcg] [--arch aarch64|x86_64] [QEMU-style options]
+                                         boot the default guest on its serial console
+                                         (x86-64 on KVM where /dev/kvm is hardware-backed,
+                                         else aarch64 on TCG)
        kemu guest build [--arch aarch64] build the default guest and print its paths
        kemu img create|info|check|convert ...
 
-QEMU-style options: -M/-machine virt  -accel tcg  -cpu MODEL  -m SIZE  -smp 1
+QEMU-style options: -M/-machine virt|microvm  -accel tcg|kvm  -enable-kvm  -cpu MODEL
+  -m SIZE  -smp N (microvm; 1 on virt)
   -kernel FILE  -initrd FILE  -append CMDLINE  -nographic  -serial stdio|mon:stdio|none
   -no-reboot  -S  -name NAME  -display none  -monitor none  -nodefaults
   -drive file=IMG[,format=raw|qcow2][,if=virtio|none,id=ID][,readonly=on][,cache=MODE]
@@ -86,8 +90,14 @@ def _kv(text: str, option: str, first_key: str) -> tuple[str, dict[str, str]]:
     return head, extra
 
 
+#: The board each accelerator implies when -M is not given, and the reverse.
+MACHINE_FOR_ACCEL = {"kvm": "microvm", "tcg": "virt"}
+ACCEL_FOR_MACHINE = {"microvm": "kvm", "virt": "tcg"}
+
+
 def parse_qemu_options(argv: list[str], config: MachineConfig) -> MachineConfig:
     serial = None
+    machine_given = accel_given = False
     legacy_net: list[str] = []     # -net user/tap/nic, paired at the end
     i = 0
     while i < len(argv):
@@ -114,6 +124,7 @@ def parse_qemu_options(argv: list[str], config: MachineConfig) -> MachineConfig:
                 if (k, v) not in (("gic-version", "2"), ("accel", "tcg")):
                     raise ConfigError(f"{opt}: unsupported machine option {k}={v}")
             config.machine = name
+            machine_given = True
         elif opt == "-cpu":
             config.cpu = value
         elif opt == "-m":
@@ -148,8 +159,10 @@ def parse_qemu_options(argv: list[str], config: MachineConfig) -> MachineConfig:
         elif opt == "-accel":
             name, _extra = _kv(value, opt, "accel")
             config.accel = name
+            accel_given = True
         elif opt == "-enable-kvm":
             config.accel = "kvm"
+            accel_given = True
         elif opt == "-name":
             config.name, _extra = _kv(value, opt, "guest")
         elif opt == "-display":
@@ -185,6 +198,10 @@ def parse_qemu_options(argv: list[str], config: MachineConfig) -> MachineConfig:
         elif opt == "-daemonize":
             config.extra["daemonize"] = True
     _legacy_net(legacy_net, config)
+    if accel_given and not machine_given:
+        config.machine = MACHINE_FOR_ACCEL.get(config.accel, config.machine)
+    elif machine_given and not accel_given:
+        config.accel = ACCEL_FOR_MACHINE.get(config.machine, config.accel)
     config.extra["serial"] = serial or "mon:stdio"
     if config.extra.get("daemonize") and config.extra["serial"] in ("stdio", "mon:stdio"):
         raise ConfigError("-daemonize cannot be used with a serial console on stdio "
@@ -296,25 +313,66 @@ def _run_on_terminal(vm, config: MachineConfig, serial: str,
     return outcome.status
 
 
+#: The default guest's architecture per accelerator, and the reverse.
+ARCH_FOR_ACCEL = {"kvm": "x86_64", "tcg": "aarch64"}
+ACCEL_FOR_ARCH = {arch: accel for accel, arch in ARCH_FOR_ACCEL.items()}
+
+
+def choose_default_guest(arch: str | None, accel: str | None) -> tuple[str, str, str | None]:
+    """(arch, accel, note) for ``kemu run``: what the user asked for, else x86-64 on
+    KVM where /dev/kvm is hardware-backed (it boots fastest) and aarch64 on TCG
+    elsewhere; ``note`` is the one line saying so when kemu chose."""
+    if accel is not None and accel not in ARCH_FOR_ACCEL:
+        raise ConfigError(f"--accel {accel}: unknown accelerator (kvm or tcg)")
+    if arch is not None and arch not in ACCEL_FOR_ARCH:
+        raise ConfigError(f"--arch {arch}: no default guest for it (aarch64 or x86_64)")
+    if arch and accel:
+        if ARCH_FOR_ACCEL[accel] != arch:
+            raise ConfigError(f"the {arch} guest does not run on {accel} "
+                              f"(use --accel {ACCEL_FOR_ARCH[arch]})")
+        return arch, accel, None
+    if accel:
+        return ARCH_FOR_ACCEL[accel], accel, None
+    if arch:
+        return arch, ACCEL_FOR_ARCH[arch], None
+    from kemu.accel.kvm import is_pvm, kvm_is_hardware_backed, kvm_unavailable_reason
+    if kvm_is_hardware_backed():
+        return "x86_64", "kvm", "kemu: x86-64 guest on KVM (/dev/kvm is hardware-backed)"
+    why = ("/dev/kvm is PVM, where Linux does not boot" if is_pvm()
+           else (kvm_unavailable_reason() or "no usable /dev/kvm").split(" (")[0].split(":")[0])
+    return "aarch64", "tcg", f"kemu: aarch64 guest on TCG ({why}; --accel kvm to override)"
+
+
 def cmd_run(argv: list[str]) -> int:
     from kemu.guest.debian import default_guest
 
-    arch = "aarch64"
+    arch = accel = None
     rest = []
     i = 0
     while i < len(argv):
-        if argv[i] == "--arch" and i + 1 < len(argv):
-            arch = argv[i + 1]
+        if argv[i] in ("--arch", "--accel", "-accel") and i + 1 < len(argv):
+            if argv[i] == "--arch":
+                arch = argv[i + 1]
+            else:
+                accel = _kv(argv[i + 1], argv[i], "accel")[0]
             i += 2
+            continue
+        if argv[i] in ("-enable-kvm", "--enable-kvm"):
+            accel = "kvm"
+            i += 1
             continue
         if argv[i] in ("-h", "--help"):
             print(USAGE)
             return 0
         rest.append(argv[i])
         i += 1
+    arch, accel, note = choose_default_guest(arch, accel)
+    if note:
+        print(note, file=sys.stderr)
     image = default_guest(arch, show_progress=sys.stderr.isatty())
     config = MachineConfig(kernel=image.kernel, initrd=image.initrd, append=image.append,
-                           memory=256 * MiB, cpu="cortex-a57")
+                           memory=256 * MiB, cpu="cortex-a57" if arch == "aarch64" else "host",
+                           accel=accel, machine=MACHINE_FOR_ACCEL[accel])
     config.extra["append_base"] = image.append
     parse_qemu_options(rest, config)
     return run_machine(config)
@@ -328,7 +386,7 @@ def cmd_guest(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="kemu guest")
     sub = parser.add_subparsers(dest="action", required=True)
     b = sub.add_parser("build", help="build the default guest from distribution packages")
-    b.add_argument("--arch", default="aarch64")
+    b.add_argument("--arch", default="aarch64", choices=("aarch64", "x86_64"))
     args = parser.parse_args(argv)
     image = build_guest(args.arch, show_progress=sys.stderr.isatty())
     print(f"kernel:  {image.kernel}\ninitrd:  {image.initrd}\nappend:  {image.append}")

@@ -112,3 +112,48 @@ def test_guest_jumping_into_nothing_is_a_guest_failure(tmp_path):
     kernel.write_bytes(header + struct.pack("<Q", 0x7_0000_0000))  # outside RAM and devices
     line = one_line_error(run("-m", "128", "-kernel", str(kernel)), status=1)
     assert "guest stopped" in line and "0x700000000" in line
+
+
+def test_accel_and_machine_imply_each_other():
+    assert parse_qemu_options(["-accel", "kvm"], MachineConfig()).machine == "microvm"
+    assert parse_qemu_options(["-enable-kvm"], MachineConfig()).machine == "microvm"
+    assert parse_qemu_options(["-M", "microvm"], MachineConfig()).accel == "kvm"
+    cfg = parse_qemu_options(["-M", "virt", "-accel", "tcg"], MachineConfig())
+    assert (cfg.machine, cfg.accel) == ("virt", "tcg")
+    cfg = parse_qemu_options(["-M", "virt", "-enable-kvm"], MachineConfig())
+    assert (cfg.machine, cfg.accel) == ("virt", "kvm")     # refused by the builder
+
+
+def test_virt_on_kvm_is_one_line(tmp_path):
+    kernel = tmp_path / "k"
+    kernel.write_bytes(b"x" * 4096)
+    line = one_line_error(run("-M", "virt", "-enable-kvm", "-kernel", str(kernel)))
+    assert "tcg accelerator" in line
+
+
+def test_default_guest_choice(monkeypatch):
+    import kemu.accel.kvm as kvm
+    from kemu.cli import choose_default_guest
+    assert choose_default_guest(None, "kvm") == ("x86_64", "kvm", None)
+    assert choose_default_guest("aarch64", None) == ("aarch64", "tcg", None)
+    assert choose_default_guest("x86_64", "kvm") == ("x86_64", "kvm", None)
+    with pytest.raises(ConfigError, match="use --accel kvm"):
+        choose_default_guest("x86_64", "tcg")
+    with pytest.raises(ConfigError, match="unknown accelerator"):
+        choose_default_guest(None, "hvf")
+    with pytest.raises(ConfigError, match="no default guest"):
+        choose_default_guest("riscv64", None)
+    # Nothing asked for: the host decides, and kemu says which in one line.
+    monkeypatch.setattr(kvm, "kvm_is_hardware_backed", lambda path=None: True)
+    arch, accel, note = choose_default_guest(None, None)
+    assert (arch, accel) == ("x86_64", "kvm") and "hardware-backed" in note
+    monkeypatch.setattr(kvm, "kvm_is_hardware_backed", lambda path=None: False)
+    monkeypatch.setattr(kvm, "is_pvm", lambda: False)
+    monkeypatch.setattr(kvm, "kvm_unavailable_reason", lambda path=None: "no /dev/kvm (x)")
+    arch, accel, note = choose_default_guest(None, None)
+    assert (arch, accel) == ("aarch64", "tcg") and "no /dev/kvm" in note and "\n" not in note
+
+
+def test_run_with_the_wrong_arch_for_the_accelerator():
+    assert "use --accel kvm" in one_line_error(run("run", "--arch", "x86_64", "--accel", "tcg"))
+    assert "unknown accelerator" in one_line_error(run("run", "--accel", "whpx"))

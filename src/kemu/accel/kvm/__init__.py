@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 
-from kemu.accel.kvm.ioctls import DEV_KVM, Kvm, VcpuFd, VmFd
+from kemu.accel.kvm.ioctls import DEV_KVM, PVM_MODULE, Kvm, VcpuFd, VmFd
 from kemu.accel.kvm.vcpu import KvmVcpu, install_kick_signal
 from kemu.errors import AccelError
 
@@ -29,7 +29,7 @@ def kvm_unavailable_reason(path: str = DEV_KVM) -> str | None:
 def is_pvm() -> bool:
     """True when /dev/kvm is the PVM module (kvm_pvm): guest CPL0 code is emulated
     there, so it runs about a thousand times slower than on VMX/SVM."""
-    return os.path.isdir("/sys/module/kvm_pvm")
+    return os.path.isdir(PVM_MODULE)
 
 
 def kvm_is_hardware_backed(path: str = DEV_KVM) -> bool:

@@ -349,6 +349,9 @@ KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON = 4
 _SUBERRORS = {1: "emulation failure", 2: "exception while delivering an exception",
               3: "event delivery failure", 4: "unexpected exit reason"}
 
+#: Present when /dev/kvm is the PVM module (guest CPL0 code emulated).
+PVM_MODULE = "/sys/module/kvm_pvm"
+
 KVM_SYSTEM_EVENT_SHUTDOWN = 1
 KVM_SYSTEM_EVENT_RESET = 2
 KVM_SYSTEM_EVENT_CRASH = 3
@@ -840,6 +843,9 @@ class VcpuFd:
             elif internal.ndata:
                 detail = ", data " + " ".join(f"{internal.data[i]:#x}"
                                               for i in range(min(internal.ndata, 16)))
+            if os.path.isdir(PVM_MODULE):
+                detail += (" (this /dev/kvm is PVM, which emulates guest kernel code: "
+                           "unmodified Linux does not run on it; use --accel tcg)")
             return InternalError(f"vcpu {self.id}: KVM internal error: {what}"
                                  f"{self._rip()}{detail}")
         if reason == KVM_EXIT_FAIL_ENTRY:
