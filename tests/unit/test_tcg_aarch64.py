@@ -225,7 +225,10 @@ def test_unicorn_async_stop_rewinds_an_executed_load():
     pc, inconsistent = RAM, 0
     for _ in range(20):
         threading.Timer(0.002, uc.emu_stop).start()
-        uc.emu_start(pc, 0)
+        # A stop that lands before emu_start begins is lost (a loaded host can delay
+        # this thread past the timer); Unicorn's own timeout (a stop from its
+        # timer thread, the same mechanism) ends the run then.
+        uc.emu_start(pc, 0, timeout=200_000)
         pc = uc.reg_read(A.UC_ARM64_REG_PC)
         x0, x1 = uc.reg_read(A.UC_ARM64_REG_X0), uc.reg_read(A.UC_ARM64_REG_X1)
         inconsistent += x0 != nodes + 16 * (x1 % 256)

@@ -138,6 +138,9 @@ class _NetWiring:
 
     @property
     def loop(self):
+        board_loop = getattr(self.board, "io_loop", None)
+        if board_loop is not None:
+            return board_loop         # the board's own I/O thread; the board closes it
         if self._loop is None:
             import threading
 

@@ -47,6 +47,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from kemu.accel.base import Exit, InternalError, SystemEvent
+from kemu.accel.kvm.eventfds import (
+    IoEventFd,
+    ResampleIrqFd,
+    supports_ioeventfd,
+    supports_resample_irqfd,
+)
+from kemu.backends.ioloop import IoLoop
 from kemu.backends.serial import SerialBackend
 from kemu.boot import acpi, linux_x86, mptable
 from kemu.bus import Bus
@@ -221,8 +228,20 @@ class MicroVm:
         #: MP table and CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES for the virtio slots.
         self.acpi = bool(config.extra.get("acpi", True))
 
+        #: The I/O thread: network and vsock backends, and the virtio doorbells.
+        self.io_loop = IoLoop(self.lock, name="microvm-io")
+        #: ioeventfd doorbells and resampling irqfds of the virtio slots (made with the
+        #: first VM when KVM offers them and config.extra["eventfds"] is not False).
+        self.ioeventfds: list[IoEventFd] = []
+        self.irqfds: dict[int, ResampleIrqFd] = {}
+        self._eventfds_made = False
+
         from kemu.machines.virtio_devices import attach_devices
-        self.block_backends = attach_devices(self, config)
+        try:
+            self.block_backends = attach_devices(self, config)
+        except BaseException:
+            self.io_loop.close()
+            raise
 
         self.panic_message: str | None = None
         self._watcher = ConsoleWatcher({PANIC_MARK: self._on_panic, HALT_MARK: self._on_halt,
@@ -244,10 +263,41 @@ class MicroVm:
     def irq_line(self, gsi: int, name: str = "") -> IrqLine:
         """An interrupt line into the in-kernel irqchip's GSI ``gsi`` (of the current VM)."""
         def sink(level: bool) -> None:
+            irqfd = self.irqfds.get(gsi)
+            if irqfd is not None:
+                irqfd.set_level(level)
+                return
             vm = self.vm
             if vm is not None:
                 vm.irq_line(gsi, level)
         return IrqLine(sink, name=name or f"gsi{gsi}")
+
+    def _attach_eventfds(self, vm) -> None:
+        """Doorbells (QueueNotify) through ioeventfd and slot interrupts through
+        resampling irqfds, so virtio requests run on the I/O thread, not in vCPU exits."""
+        from kemu.devices.virtio.mmio import QUEUE_NOTIFY, VirtioMmioTransport
+        if not self._eventfds_made:
+            self._eventfds_made = True
+            if self.config.extra.get("eventfds", True) is False:
+                return
+            transports = [s for s in self.virtio_slots
+                          if isinstance(s.device, VirtioMmioTransport) and s.device.device]
+            if transports and supports_ioeventfd(vm):
+                for slot in transports:
+                    t = slot.device
+                    self.ioeventfds += [
+                        IoEventFd(self.io_loop, self.lock, slot.base + QUEUE_NOTIFY, i,
+                                  lambda t=t, i=i: t.notify(i))
+                        for i in range(len(t.queues))]
+            if transports and supports_resample_irqfd(vm):
+                for slot in transports:
+                    line = slot.device.irq
+                    self.irqfds[slot.irq] = ResampleIrqFd(self.io_loop, self.lock, slot.irq,
+                                                          lambda line=line: line.level)
+        for doorbell in self.ioeventfds:
+            doorbell.attach(vm)
+        for irqfd in self.irqfds.values():
+            irqfd.attach(vm)
 
     def add_virtio(self, device) -> VirtioSlot:
         """Map a virtio-mmio transport (or any slot-sized device) in the next free slot."""
@@ -300,6 +350,7 @@ class MicroVm:
         vm = self.kvm.create_vm()
         try:
             setup_x86_vm(vm, self.memory, irqchip=True, pit=True)
+            self._attach_eventfds(vm)
             self.boot = X86BootSetup.prepare(self.kvm, self.memory, self.config.smp)
             if vm.check_extension(KVM_CAP_TSC_DEADLINE_TIMER):
                 # The in-kernel LAPIC has the TSC-deadline timer; KVM leaves announcing
@@ -507,6 +558,10 @@ class MicroVm:
             backend.close()
         if all(t.state == RunState.STOPPED for t in self._threads):
             self._close_vm()
+            for fd in [*self.ioeventfds, *self.irqfds.values()]:
+                fd.close()
+            self.ioeventfds, self.irqfds = [], {}
+            self.io_loop.close()
             with self._close_lock:
                 if self.kvm.fd >= 0:
                     self.kvm.close()

@@ -278,7 +278,8 @@ class VirtioMmioTransport:
         except (VirtioError, MemoryAccessError) as exc:
             self.device_error(str(exc))
 
-    def _notify(self, index: int) -> None:
+    def notify(self, index: int) -> None:
+        """The driver notified queue ``index`` (QueueNotify, or an ioeventfd standing in)."""
         if (self.status & (STATUS_DRIVER_OK | STATUS_DEVICE_NEEDS_RESET)) != STATUS_DRIVER_OK:
             return  # 3.1.1: no buffers are consumed before DRIVER_OK
         if index >= len(self.queues) or not self.queues[index].ready:
@@ -357,7 +358,7 @@ class VirtioMmioTransport:
                 old = getattr(q, attr)
                 setattr(q, attr, (old & ~(0xFFFFFFFF << shift)) | (value << shift))
         elif offset == QUEUE_NOTIFY:
-            self._notify(value & 0xFFFF)
+            self.notify(value & 0xFFFF)
         elif offset == INTERRUPT_ACK:
             self.interrupt_status &= ~value
             self._update_irq()
