@@ -175,7 +175,7 @@ def parse_qemu_options(argv: list[str], config: MachineConfig) -> MachineConfig:
         elif opt == "-drive":
             config.drives.append(parse_drive(value))
         elif opt == "-disk":    # kemu's own --disk PATH: a virtio disk, format detected
-            config.drives.append(DriveConfig(Path(value)))
+            config.drives.append(DriveConfig(Path(value), warn_probed_raw=False))
         elif opt == "-device":
             config.devices.append(parse_device(value))
         elif opt == "-netdev":

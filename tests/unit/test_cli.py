@@ -157,3 +157,15 @@ def test_default_guest_choice(monkeypatch):
 def test_run_with_the_wrong_arch_for_the_accelerator():
     assert "use --accel kvm" in one_line_error(run("run", "--arch", "x86_64", "--accel", "tcg"))
     assert "unknown accelerator" in one_line_error(run("run", "--accel", "whpx"))
+
+
+def test_drive_without_format_warns_as_qemu_and_disk_does_not(tmp_path):
+    disk = tmp_path / "d.raw"
+    disk.write_bytes(bytes(1 << 20))
+    missing = str(tmp_path / "no-kernel")
+    proc = run("-drive", f"file={disk},if=virtio", "-kernel", missing)
+    assert proc.stderr.startswith("kemu: warning: Image format was not specified")
+    assert proc.returncode == 2 and "kernel file not found" in proc.stderr
+    proc = run("-drive", f"file={disk},format=raw,if=virtio", "-kernel", missing)
+    assert "warning" not in proc.stderr
+    assert "warning" not in run("--disk", str(disk), "-kernel", missing).stderr

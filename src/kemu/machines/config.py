@@ -17,6 +17,9 @@ class DriveConfig:
     read_only: bool = False
     id: str | None = None
     cache: str = "writeback"       # "writeback" or "writethrough" / "none" / "directsync"
+    #: Warn, as QEMU does, when no format was given and the image probes as raw
+    #: (-drive without format=; kemu's --disk asks for detection and stays quiet).
+    warn_probed_raw: bool = True
 
 
 @dataclass

@@ -7,8 +7,12 @@ boards get the same devices from the same config.
 
 from __future__ import annotations
 
+import logging
+
 from kemu.errors import ConfigError
 from kemu.machines.config import DeviceConfig, DriveConfig, MachineConfig, NetdevConfig
+
+log = logging.getLogger("kemu")
 
 #: -device drivers kemu offers, QEMU's names (the -pci spellings map to mmio).
 VIRTIO_DRIVERS = {
@@ -23,7 +27,11 @@ VIRTIO_DRIVERS = {
 
 def open_drive(drive: DriveConfig):
     from kemu.backends.block import open_image
-    return open_image(drive.path, drive.format, drive.read_only)
+
+    def warn(message: str) -> None:
+        log.warning("kemu: warning: %s", message)
+    return open_image(drive.path, drive.format, drive.read_only,
+                      on_warning=warn if drive.warn_probed_raw else None)
 
 
 def attach_devices(board, config: MachineConfig) -> list:
