@@ -216,3 +216,30 @@ def test_save_restore():
     assert irq2.level
     assert other.read(UART_SCR, 1) == 7
     assert other.read(UART_RX, 1) == ord("q")
+
+
+def test_input_cleared_by_the_8250_probe_is_given_back():
+    """Linux's autoconfig writes IER=0x0F for a moment (input flows in), then clears
+    the FIFOs: the host's bytes go back to the backend, first in line."""
+    backend = SerialBackend(lambda data: None)
+    uart = Serial16550(IrqLine(), backend.write, on_rx_space=backend.pump,
+                       on_rx_discard=backend.unreceive)
+    backend.device = uart
+    backend.send(b"uname -m\n")
+    uart.write(UART_IER, 1, 0x0F)            # the probe's IER test
+    assert backend.pending == 8              # one byte taken (no FIFO yet)
+    uart.write(UART_IER, 1, 0)
+    uart.write(UART_FCR, 1, 0x01)            # FIFO on: resets the FIFOs
+    uart.write(UART_FCR, 1, 0x07)            # and clears them again
+    assert backend.pending == 9 and not uart.read(UART_LSR, 1) & UART_LSR_DR
+    uart.write(UART_IER, 1, UART_IER_RDI)    # the port is opened
+    got = bytearray()
+    while uart.read(UART_LSR, 1) & UART_LSR_DR:
+        got.append(uart.read(UART_RX, 1))
+    assert got == b"uname -m\n"
+    # Without a taker the cleared bytes are simply gone, as on hardware.
+    uart2, _irq, _out = make()
+    uart2.write(UART_IER, 1, UART_IER_RDI)
+    assert uart2.receive(b"ab") == 1
+    uart2.write(UART_FCR, 1, 0x03)
+    assert not uart2.read(UART_LSR, 1) & UART_LSR_DR

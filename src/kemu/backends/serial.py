@@ -39,6 +39,12 @@ class SerialBackend:
             self._pending.append(bytes(data))
         self.pump()
 
+    def unreceive(self, data: bytes) -> None:
+        """Take back input the device accepted but the guest never read (it cleared its
+        receive FIFO): it goes first again, so nothing typed is lost."""
+        if data:
+            self._pending.appendleft(bytes(data))
+
     @property
     def pending(self) -> int:
         return sum(map(len, self._pending))

@@ -152,15 +152,22 @@ class Serial16550:
     ``regshift``: registers are ``1 << regshift`` bytes apart (0 on port I/O).
     ``on_rx_space``: called when the guest made room for input (read RBR,
     enabled the receive interrupt), so the host side can deliver more.
+    ``on_rx_discard(data)``: host input the guest threw away unread by
+    clearing the receive FIFO.  Linux's 8250 probe enables every interrupt
+    for a moment (so input flows in) and then clears the FIFOs; handing those
+    bytes back keeps what was typed before the driver was ready.  Without
+    it they are dropped, as on hardware.
     """
 
     def __init__(self, irq: IrqLine, tx: Callable[[bytes], None], name: str = "serial",
-                 on_rx_space: Callable[[], None] | None = None, regshift: int = 0) -> None:
+                 on_rx_space: Callable[[], None] | None = None, regshift: int = 0,
+                 on_rx_discard: Callable[[bytes], None] | None = None) -> None:
         self.name = name
         self.irq = irq
         self.tx = tx
         self.regshift = regshift
         self.on_rx_space = on_rx_space or (lambda: None)
+        self.on_rx_discard = on_rx_discard or (lambda data: None)
         self.reset()
 
     def reset(self) -> None:
@@ -306,10 +313,10 @@ class Serial16550:
             if changed & UART_IER_RDI:
                 self.on_rx_space()
         elif reg == UART_FCR:
-            if (self.fcr ^ value) & UART_FCR_ENABLE_FIFO:
-                # Changing FCR.FE resets both FIFOs (datasheet, FCR bit 0).
-                self.rx_fifo.clear()
-            elif value & UART_FCR_CLEAR_RCVR:
+            # Changing FCR.FE resets both FIFOs (datasheet, FCR bit 0).
+            if (self.fcr ^ value) & UART_FCR_ENABLE_FIFO or value & UART_FCR_CLEAR_RCVR:
+                if self.rx_fifo and not self.mcr & UART_MCR_LOOP:
+                    self.on_rx_discard(bytes(self.rx_fifo))
                 self.rx_fifo.clear()
             self.fcr = value & (UART_FCR_ENABLE_FIFO | UART_FCR_DMA_SELECT
                                 | UART_FCR_TRIGGER_MASK)

@@ -214,7 +214,7 @@ class MicroVm:
         install_kick_signal()
 
         self.uart = Serial16550(self.irq_line(COM1_IRQ, "com1"), console.write, name="com1",
-                                on_rx_space=console.pump)
+                                on_rx_space=console.pump, on_rx_discard=console.unreceive)
         console.device = self.uart
         self.pio.map(*COM1, self.uart)
         self.i8042 = I8042(self._guest_reset, self.irq_line(I8042_IRQ, "i8042"))
