@@ -3,8 +3,10 @@
 Debian's cloud amd64 kernel (the default x86-64 guest) with a busybox
 initramfs whose /init prints one report line (``uname -m``, CPUs, virtio
 devices) and powers off, booted by ``kemu -M microvm -accel kvm`` as a
-bzImage (-smp 1 and 2, with a virtio-rng device found through the DSDT) and
-as the extracted vmlinux through its PVH entry.
+bzImage (-smp 1 and 2, with a virtio-rng device found through the DSDT), as
+the extracted vmlinux through its PVH entry, with a virtio disk it writes to
+and a virtio NIC on user-mode networking (passt) it gets a DHCP lease on, and
+as ``kemu run`` picks it (the x86-64 guest on KVM when /dev/kvm is hardware).
 
 Where /dev/kvm is hardware-backed, kemu runs here directly.  Where it is
 PVM (this project's machines: Linux does not boot on it), the boots run in
@@ -39,10 +41,23 @@ def _kemu(kernel: Path, initrd: Path, append: str, smp: int, *extra: str) -> str
     return f"{shlex.quote(sys.executable)} -m kemu.cli {shlex.join(args)}"
 
 
+#: The I/O boot's /init, before its report: a sector written to /dev/vda with
+#: fsync, then a DHCP lease on eth0 (udhcpc's script adds the address).
+IO_INIT = """
+for m in virtio_blk failover net_failover virtio_net; do insmod /lib/modules/$m.ko 2>/dev/null; done
+echo KEMU-L2-DISK-MARK | dd of=/dev/vda bs=512 conv=sync,fsync 2>/dev/null && echo L2-DISK-WRITTEN
+printf '#!/bin/sh\n[ "$1" = bound ] && ip addr add $ip/$mask dev $interface\n' > /tmp/dhcp.sh
+chmod +x /tmp/dhcp.sh
+ip link set eth0 up
+udhcpc -i eth0 -n -q -t 5 -s /tmp/dhcp.sh 2>&1 | grep -o 'lease of [0-9.]* obtained'
+ip -4 addr show eth0 | grep -o 'inet [0-9./]*'
+"""
+
+
 @pytest.fixture(scope="module")
 def boots(tmp_path_factory):
     """Run every boot once; name -> (exit status, console output)."""
-    from kemu.guest.debian import default_guest
+    from kemu.guest.debian import cache_dir, default_guest
     hardware = kvm_is_hardware_backed()
     if not hardware:
         reason = nested.nested_unavailable_reason()
@@ -53,14 +68,25 @@ def boots(tmp_path_factory):
         guest = default_guest("x86_64", show_progress=False)
         initrd = nested.l2_initrd(guest.initrd)
         vmlinux = nested.extract_vmlinux(guest.kernel, nested.nested_dir() / "vmlinux-cloud")
+        io_initrd = nested.l2_initrd(guest.initrd, "l2-io-initrd.cpio.gz", IO_INIT)
     except GuestBuildError as e:
         pytest.skip(f"cannot build the x86-64 guest here: {e}")
+    disk = "${TMPDIR:-/tmp}/kemu-l2-disk.raw"
+    io = _kemu(guest.kernel, io_initrd, guest.append, 1, "-drive",
+               "file=DISK,format=raw,if=virtio", "-nic", "user").replace("DISK", disk)
     runs = {
         "bzimage": _kemu(guest.kernel, initrd, guest.append, 1, "-device", "virtio-rng-device"),
         "smp2": _kemu(guest.kernel, initrd, guest.append, 2),
         "pvh": _kemu(vmlinux, initrd, guest.append, 1),
+        # No NIC in L1: a dummy interface gives passt addresses and a route to copy.
+        "io": (f"{{ [ -n \"$KEMU_NESTED\" ] && {nested.L1_DUMMY_NETWORK}; }}; "
+               f"truncate -s 16M {disk} && {io}; rc=$?; "
+               f"echo \"L1-DISK: $(head -c 17 {disk})\"; (exit $rc)"),
+        # What plain `kemu run` picks in L1 (hardware-like KVM): the x86-64 guest.
+        "run": (f"printf 'uname -m\\npoweroff -f\\n' | {shlex.quote(sys.executable)} "
+                "-m kemu.cli run -no-reboot"),
     }
-    script = "".join(f"echo '==RUN {name}=='; timeout {BOOT_TIMEOUT} {cmd}; "
+    script = "".join(f"echo '==RUN {name}=='; timeout {BOOT_TIMEOUT} sh -c {shlex.quote(cmd)}; "
                      f"echo \"==RC {name}=$?==\"\n" for name, cmd in runs.items())
     script = f"cd {shlex.quote(str(CHECKOUT))}\n" + script
     if hardware:
@@ -73,7 +99,9 @@ def boots(tmp_path_factory):
             harness = nested.NestedHarness()
         except GuestBuildError as e:
             pytest.skip(f"nested harness unavailable: {e}")
-        result = harness.run(script, timeout=BOOT_TIMEOUT * len(runs) + 120)
+        result = harness.run(script, timeout=BOOT_TIMEOUT * len(runs) + 120,
+                             env={"KEMU_NESTED": "1",   # the default guest as built here
+                                  "XDG_CACHE_HOME": str(cache_dir().parent)})
         if "nested: no /dev/kvm" in result.console:
             pytest.skip("nested SVM is not available: L1 has no /dev/kvm")
         assert result.status is not None, f"L1 did not finish:\n{result.console[-4000:]}"
@@ -111,4 +139,22 @@ def test_smp2_linux_brings_up_both_vcpus(boots):
 def test_pvh_vmlinux_boots(boots):
     status, text = boots["pvh"]
     assert _report(text)["arch"] == "x86_64"
+    assert status == 0, text[-3000:]
+
+
+def test_linux_writes_its_disk_and_gets_a_dhcp_lease(boots):
+    status, text = boots["io"]
+    assert "L2-DISK-WRITTEN" in text, text[-3000:]
+    assert "L1-DISK: KEMU-L2-DISK-MARK" in text        # the sector reached the image file
+    m = re.search(r"lease of (10\.0\.2\.\d+) obtained", text)
+    assert m, f"no DHCP lease from passt:\n{text[-3000:]}"
+    assert f"inet {m.group(1)}/" in text
+    assert _report(text)["virtio"] == "2"
+    assert status == 0, text[-3000:]
+
+
+def test_kemu_run_picks_the_x86_64_guest_on_kvm(boots):
+    status, text = boots["run"]
+    assert "x86-64 guest on KVM" in text
+    assert re.search(r"^x86_64$", text, re.MULTILINE), text[-3000:]
     assert status == 0, text[-3000:]

@@ -6,8 +6,8 @@ nesting: QEMU's TCG emulates AMD SVM (``-M q35 -accel tcg -cpu max``), an
 L1 Debian Linux (the generic ``linux-image-amd64``, which has kvm-amd and
 9p as modules) loads kvm-amd and gets a real /dev/kvm.  The host's root is
 shared read-only into L1 over 9p; L1's init mounts it, mounts proc, sys,
-devtmpfs and a scratch tmpfs at /run (TMPDIR) inside it, chroots into it and runs a shell
-command: the host's own Python, virtualenv and checkout, with no image to
+devtmpfs and a scratch tmpfs at /run (TMPDIR) inside it, switches root into it and runs
+a shell command: the host's own Python, virtualenv and checkout, with no image to
 build.  The command's output and exit status come back over L1's serial
 console (between markers); then L1 powers off.
 
@@ -43,7 +43,7 @@ L1_KERNEL_PACKAGE = "linux-image-amd64"
 #: Modules L1 loads, in this order (dependencies are added by kmod.load_order).
 L1_MODULES = ["irqbypass", "ccp", "kvm", "kvm-amd", "virtio_ring", "virtio",
               "virtio_pci_legacy_dev", "virtio_pci_modern_dev", "virtio_pci", "netfs",
-              "fscache", "9pnet", "9pnet_virtio", "9p"]
+              "fscache", "9pnet", "9pnet_virtio", "9p", "dummy"]
 L1_MEMORY_MB = 2048
 L1_CPUS = 2
 BEGIN = "==NESTED-BEGIN=="
@@ -133,8 +133,11 @@ def prepare_l1() -> L1Image:
 
 
 def l1_init(command: str, env: dict[str, str]) -> bytes:
-    """L1's /init: modules, the host root over 9p, chroot, the command, power off."""
+    """L1's /init: modules, the host root over 9p, switch_root, the command, power off."""
     exports = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in env.items())
+    inner = (f"{exports}({command}\n) < /dev/null 2>&1\n"
+             f'echo "{END} status=$?"\n'
+             "echo o > /proc/sysrq-trigger; sleep 60\n")
     return f"""#!/bin/busybox sh
 /bin/busybox --install -s /bin
 export PATH=/bin:/sbin
@@ -154,9 +157,10 @@ mount -t tmpfs tmpfs /host/run 2>/dev/null
 mkdir -p /host/run/tmp
 [ -e /dev/kvm ] || echo "nested: no /dev/kvm in L1"
 echo {BEGIN}
-chroot /host /bin/sh -c {shlex.quote(exports + command)} < /dev/null 2>&1
-echo "{END} status=$?"
-poweroff -f
+# switch_root, not chroot: the host root becomes the root of L1's mount namespace,
+# so what refuses to run chrooted (user namespaces: passt's sandbox) works.  The
+# initramfs is gone then: the host's shell reports the status and powers off.
+exec switch_root /host /bin/sh -c {shlex.quote(inner)}
 """.encode()
 
 
@@ -240,6 +244,13 @@ class NestedHarness:
 #: The L2 guest's /init for boot tests: modules, one report line, power off.
 L2_MODULES = ["virtio_ring", "virtio", "virtio_mmio", "virtio-rng"]
 L2_REPORT = "KEMU-L2"
+
+
+#: Shell lines for L1 that give it a routable interface without a NIC (a dummy
+#: device with QEMU's user-mode addresses), so that passt, which copies the
+#: host's addresses and routes for its guest, has something to copy.
+L1_DUMMY_NETWORK = ("ip link add kemu0 type dummy && ip addr add 10.0.2.15/24 dev kemu0 && "
+                    "ip link set kemu0 up && ip route add default via 10.0.2.2")
 
 
 def l2_init(extra: str = "") -> bytes:

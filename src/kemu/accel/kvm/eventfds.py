@@ -86,9 +86,10 @@ class ResampleIrqFd:
     """A level-triggered GSI driven through a resampling irqfd.
 
     :meth:`set_level` is an :class:`~kemu.devices.base.IrqLine` sink (called
-    under the machine lock): a rising level asserts the GSI; a falling one
-    does nothing, since KVM deasserts at the guest's EOI and the resample
-    handler re-asserts while the device's line is still high.
+    under the machine lock): a rising level asserts the GSI unless it is
+    asserted already; a falling one does nothing, since KVM deasserts at the
+    guest's EOI and the resample handler re-asserts while the device's line
+    is still high.
     """
 
     def __init__(self, loop: IoLoop, lock: threading.RLock, gsi: int,
@@ -99,24 +100,29 @@ class ResampleIrqFd:
         self._level = level
         self._lock = lock
         self._loop = loop
+        #: The GSI is asserted through the irqfd and KVM has not resampled it yet.
+        self.asserted = False
         loop.watch(self.resample, EVENT_READ, self._resampled)
         loop.start()
 
     def attach(self, vm: VmFd) -> None:
         vm.irqfd(self.trigger, self.gsi, resamplefd=self.resample)
+        self.asserted = False           # a fresh VM: its line starts low
         if self._level():
             self._assert()
 
     def set_level(self, level: bool) -> None:
-        if level:
+        if level and not self.asserted:
             self._assert()
 
     def _assert(self) -> None:
+        self.asserted = True
         os.eventfd_write(self.trigger, 1)
 
     def _resampled(self, _mask: int) -> None:
         if _drain(self.resample):
             with self._lock:
+                self.asserted = False   # KVM lowered the line at the EOI
                 if self._level():
                     self._assert()
 
