@@ -1,6 +1,7 @@
 """Bad command lines and files: one line on stderr, exit status 2, no traceback."""
 
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -169,3 +170,23 @@ def test_drive_without_format_warns_as_qemu_and_disk_does_not(tmp_path):
     proc = run("-drive", f"file={disk},format=raw,if=virtio", "-kernel", missing)
     assert "warning" not in proc.stderr
     assert "warning" not in run("--disk", str(disk), "-kernel", missing).stderr
+
+
+def test_tap_that_cannot_be_opened_is_one_line(tmp_path):
+    kernel = tmp_path / "k"
+    kernel.write_bytes(b"x" * 4096)
+    tap = ["-netdev", "tap,id=n0,ifname=averyveryverylongname0,script=no,downscript=no",
+           "-device", "virtio-net-device,netdev=n0"]
+    assert "longer than 15 bytes" in one_line_error(run("-kernel", str(kernel), *tap))
+    # An unprivileged user cannot open /dev/net/tun (mode 0600 root).
+    if os.geteuid() != 0 or not shutil.which("setpriv") or not os.path.exists("/dev/net/tun"):
+        pytest.skip("needs root (to drop to nobody with setpriv) and /dev/net/tun")
+    tap[1] = "tap,id=n0,ifname=kemutest0,script=no,downscript=no"
+    os.chmod(tmp_path, 0o755)
+    os.chmod(kernel, 0o644)
+    proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                           *KEMU, "-kernel", str(kernel), *tap], capture_output=True, text=True,
+                          timeout=60, stdin=subprocess.DEVNULL, cwd="/")
+    if "Permission denied" not in proc.stderr and "tun" not in proc.stderr:
+        pytest.skip(f"nobody cannot run kemu from this checkout: {proc.stderr.strip()[:200]}")
+    assert "cannot open /dev/net/tun: Permission denied" in one_line_error(proc)
