@@ -48,10 +48,10 @@ def script(runs: int, cmds: dict[str, str], exits: bool, exit_n: int) -> str:
     lines = [f"cd {shlex.quote(str(ROOT))}"]
     for i in range(runs):
         for name, cmd in cmds.items():
-            lines.append(f"t0=$(date +%s%N); {cmd} > /tmp/out-{name}-{i} 2>&1; rc=$?; "
+            lines.append(f"t0=$(date +%s%N); {cmd} > ${{TMPDIR:-/tmp}}/out-{name}-{i} 2>&1; rc=$?; "
                          f"t1=$(date +%s%N); echo \"BENCH {name} {i} $rc $(( (t1 - t0) / 1000000 ))"
-                         f" $(grep -c {nested.L2_REPORT} /tmp/out-{name}-{i})\"")
-    lines.append(f"tail -5 /tmp/out-kemu-{runs - 1}")
+                         f" $(grep -c {nested.L2_REPORT} ${{TMPDIR:-/tmp}}/out-{name}-{i})\"")
+    lines.append(f"tail -5 ${{TMPDIR:-/tmp}}/out-kemu-{runs - 1}")
     if exits:
         lines.append(f"echo EXITS-BEGIN; {shlex.quote(sys.executable)} bench/bench_kvm_exits.py "
                      f"-n {exit_n} --repeat 3; echo EXITS-END")
