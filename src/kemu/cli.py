@@ -230,6 +230,9 @@ def run_machine(config: MachineConfig) -> int:
 
     serial = config.extra.get("serial", "mon:stdio")
     vm = Machine.from_config(config, write_stdout if serial in ("stdio", "mon:stdio") else None)
+    if config.extra.get("note"):
+        # After set-up, so that a bad option or file is still exactly one line.
+        print(config.extra["note"], file=sys.stderr)
     if config.extra.get("daemonize"):
         _daemonize()
     from kemu.qmp.server import QmpServer
@@ -367,13 +370,13 @@ def cmd_run(argv: list[str]) -> int:
         rest.append(argv[i])
         i += 1
     arch, accel, note = choose_default_guest(arch, accel)
-    if note:
-        print(note, file=sys.stderr)
     image = default_guest(arch, show_progress=sys.stderr.isatty())
     config = MachineConfig(kernel=image.kernel, initrd=image.initrd, append=image.append,
                            memory=256 * MiB, cpu="cortex-a57" if arch == "aarch64" else "host",
                            accel=accel, machine=MACHINE_FOR_ACCEL[accel])
     config.extra["append_base"] = image.append
+    if note:
+        config.extra["note"] = note     # printed once the machine is set up
     parse_qemu_options(rest, config)
     return run_machine(config)
 

@@ -376,3 +376,15 @@ def test_wiring_errors_are_config_errors():
                              ([NetdevConfig("user", "a"), NetdevConfig("user", "a")], [])):
         with pytest.raises(ConfigError):
             attach_devices(Board(), MachineConfig(netdevs=netdevs, devices=devices))
+
+
+@pytest.mark.parametrize("offered,accepted", [(True, True), (True, False), (False, False)])
+def test_guest_csum_marks_received_frames_data_valid(offered, accepted):
+    mask = ~0 if accepted else ~(1 << n.VIRTIO_NET_F_GUEST_CSUM)
+    mem, backend, _dev, _irq, _t, drv, rx, _tx = make(mask=mask, rx_checksums_valid=offered)
+    assert bool(drv.device_features() >> n.VIRTIO_NET_F_GUEST_CSUM & 1) == offered
+    buf = drv.buffer(2048, writable=True)
+    rx.add([buf])
+    backend.receive(FRAME)
+    flags = mem.read(buf.addr, 1)[0]
+    assert flags == (n.VIRTIO_NET_HDR_F_DATA_VALID if accepted else 0)

@@ -170,13 +170,21 @@ class _NetWiring:
         mrg = props.pop("mrg_rxbuf", "on")
         if mrg not in ("on", "off"):
             raise ConfigError(f"-device {dev.driver}: mrg_rxbuf={mrg}: expected on or off")
+        csum = props.pop("guest_csum", "on")
+        if csum not in ("on", "off"):
+            raise ConfigError(f"-device {dev.driver}: guest_csum={csum}: expected on or off")
         props.pop("id", None)
         if props:
             raise ConfigError(f"-device {dev.driver}: unsupported property {next(iter(props))}")
-        backend = self._backend(self.netdevs[netdev_id])
+        netdev = self.netdevs[netdev_id]
+        backend = self._backend(netdev)
         self.backends.append(backend)
         self.nics += 1
-        return VirtioNet(backend, mac, mrg_rxbuf=mrg == "on", name=f"virtio-net-{netdev_id}")
+        # passt's frames come from its own stack over a local socket: their checksums
+        # are right by construction.  TAP frames may come from anywhere: verified.
+        return VirtioNet(backend, mac, mrg_rxbuf=mrg == "on",
+                         rx_checksums_valid=csum == "on" and netdev.type == "user",
+                         name=f"virtio-net-{netdev_id}")
 
     def vsock(self, dev: DeviceConfig):
         """``vhost-vsock-device,guest-cid=N[,uds=PATH]``: the host side on UNIX sockets."""

@@ -46,6 +46,7 @@ from kemu.errors import ConfigError, MemoryAccessError
 log = logging.getLogger(__name__)
 
 # Feature bits (5.1.3).
+VIRTIO_NET_F_GUEST_CSUM = 1
 VIRTIO_NET_F_MTU = 3
 VIRTIO_NET_F_MAC = 5
 VIRTIO_NET_F_MRG_RXBUF = 15
@@ -53,6 +54,9 @@ VIRTIO_NET_F_STATUS = 16
 
 # Configuration space status bits (5.1.4).
 VIRTIO_NET_S_LINK_UP = 1
+
+# virtio_net_hdr flags (5.1.6).
+VIRTIO_NET_HDR_F_DATA_VALID = 2
 
 # virtio_net_hdr gso_type values (5.1.6).
 VIRTIO_NET_HDR_GSO_NONE = 0
@@ -138,8 +142,12 @@ class VirtioNet(VirtioDevice):
 
     def __init__(self, backend: NetBackend | None, mac: bytes = DEFAULT_MAC_PREFIX, *,
                  mrg_rxbuf: bool = True, queue_size: int = DEFAULT_QUEUE_SIZE,
-                 name: str = "virtio-net") -> None:
+                 rx_checksums_valid: bool = False, name: str = "virtio-net") -> None:
         self.name = name
+        #: The backend's frames cannot have been damaged on a wire (passt builds them
+        #: from host sockets): offer VIRTIO_NET_F_GUEST_CSUM and mark received frames
+        #: DATA_VALID (5.1.6.4), so the guest skips verifying checksums byte by byte.
+        self.rx_checksums_valid = rx_checksums_valid
         super().__init__([queue_size, queue_size])
         if len(mac) != 6:
             raise ValueError(f"{name}: a MAC address has 6 bytes")
@@ -161,6 +169,8 @@ class VirtioNet(VirtioDevice):
         bits = (1 << VIRTIO_NET_F_MAC) | (1 << VIRTIO_NET_F_STATUS)
         if self.mrg_rxbuf:
             bits |= 1 << VIRTIO_NET_F_MRG_RXBUF
+        if self.rx_checksums_valid:
+            bits |= 1 << VIRTIO_NET_F_GUEST_CSUM
         return bits
 
     def config_space(self) -> bytes:
@@ -323,7 +333,9 @@ class VirtioNet(VirtioDevice):
 
     def _write_frame(self, session: VirtioSession, queue: Virtqueue,
                      chains: list[DescriptorChain], frame: bytes) -> None:
-        data = NET_HDR.pack(0, VIRTIO_NET_HDR_GSO_NONE, 0, 0, 0, 0, len(chains)) + frame
+        flags = (VIRTIO_NET_HDR_F_DATA_VALID
+                 if session.features >> VIRTIO_NET_F_GUEST_CSUM & 1 else 0)
+        data = NET_HDR.pack(flags, VIRTIO_NET_HDR_GSO_NONE, 0, 0, 0, 0, len(chains)) + frame
         offset = 0
         for chain in chains:
             take = min(chain.writable_len, len(data) - offset)
