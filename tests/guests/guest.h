@@ -62,6 +62,16 @@ static __attribute__((unused)) void report(const char *key, u64 v)
     put_char('\n');
 }
 
+/* A 64-bit interrupt gate (Intel SDM vol. 3, 6.14.1). */
+struct idt_gate {
+    u16 off0, sel;
+    u8 ist, type;
+    u16 off1;
+    u32 off2, zero;
+} __attribute__((packed));
+
+struct interrupt_frame;
+
 static inline u16 rd16(const u8 *p) { return *(const u16 *)p; }
 static inline u32 rd32(const u8 *p) { return *(const u32 *)p; }
 static inline u64 rd64(const u8 *p) { return *(const u64 *)p; }

@@ -10,15 +10,6 @@
  */
 #include "guest.h"
 
-struct idt_gate {
-    u16 off0, sel;
-    u8 ist, type;
-    u16 off1;
-    u32 off2, zero;
-} __attribute__((packed));
-
-struct interrupt_frame;
-
 static struct idt_gate idt[48] __attribute__((aligned(16)));
 static volatile u32 irq_count;
 static volatile u32 last_vector;

@@ -31,15 +31,6 @@
 #define VECTOR_COM1 0x30
 #define TRAMPOLINE 0x8000ul
 
-struct idt_gate {
-    u16 off0, sel;
-    u8 ist, type;
-    u16 off1;
-    u32 off2, zero;
-} __attribute__((packed));
-
-struct interrupt_frame;
-
 static struct idt_gate idt[64] __attribute__((aligned(16)));
 static volatile u32 irq_count, thre_iir, rx_len, rx_done;
 static volatile char rx_buf[64];

@@ -122,15 +122,6 @@ static u16 avail_idx, used_idx;         /* the driver's shadow indices */
 /* Interrupts taken: InterruptStatus bits seen since the last submit, and counts. */
 static volatile u32 isr_seen, irq_vring, irq_config, irq_spurious;
 
-struct idt_gate {
-    u16 off0, sel;
-    u8 ist, type;
-    u16 off1;
-    u32 off2, zero;
-} __attribute__((packed));
-
-struct interrupt_frame;
-
 static struct idt_gate idt[256] __attribute__((aligned(16)));
 
 #define barrier() __asm__ volatile("" ::: "memory")
