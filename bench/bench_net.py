@@ -18,6 +18,7 @@ NIC (``-device virtio-net-device``), alternating runs:
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import socket
 import statistics
@@ -115,10 +116,14 @@ def main() -> None:
         else:
             with tempfile.TemporaryDirectory() as tmp:
                 sock = f"{tmp}/passt.socket"
+                os.chmod(tmp, 0o777)      # passt started as root binds as nobody
                 passt = subprocess.Popen([shutil.which("passt"), "--foreground", "--quiet",
                                           "--socket", sock, "-t", f"{port}:{GUEST_PORT}"],
                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                deadline = time.monotonic() + 10
                 while not Path(sock).exists():
+                    if passt.poll() is not None or time.monotonic() > deadline:
+                        raise SystemExit("passt did not create its socket")
                     time.sleep(0.01)
                 q = [qemu, *common, "-netdev",
                      f"stream,id=n0,server=off,addr.type=unix,addr.path={sock}",
