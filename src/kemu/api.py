@@ -285,8 +285,12 @@ class Machine:
 
     @classmethod
     def default_guest(cls, arch: str = "aarch64", append: str = "", **kwargs) -> "Machine":
-        """The default guest (built from Debian's packages on first use)."""
+        """The default guest (built from Debian's packages on first use); the x86-64
+        one runs on the microvm board under KVM."""
         from kemu.guest.debian import default_guest
+        if arch == "x86_64":
+            kwargs.setdefault("machine", "microvm")
+            kwargs.setdefault("accel", "kvm")
         image = default_guest(arch, show_progress=False)
         return cls(kernel=image.kernel, initrd=image.initrd,
                    append=f"{image.append} {append}".strip(), **kwargs)

@@ -54,6 +54,20 @@ ip -4 addr show eth0 | grep -o 'inet [0-9./]*'
 """
 
 
+#: Press the power button of a running x86-64 default guest through kemu.Machine.
+POWERDOWN = """
+from kemu import Machine
+with Machine.default_guest("x86_64", memory="512M") as vm:
+    vm.start()
+    vm.console.expect("# ", timeout=240)
+    vm.console.run("true", 120)              # the shell (and acpid) are up
+    vm.powerdown()
+    print("POWERDOWN-STATUS", vm.wait(120))
+    print("EVENTS", " ".join(type(e).__name__ for e in vm.events(timeout=1)))
+    print(vm.console.output[-2000:])
+"""
+
+
 @pytest.fixture(scope="module")
 def boots(tmp_path_factory):
     """Run every boot once; name -> (exit status, console output)."""
@@ -82,6 +96,8 @@ def boots(tmp_path_factory):
         "io": (f"{{ [ -n \"$KEMU_NESTED\" ] && {nested.L1_DUMMY_NETWORK}; }}; "
                f"truncate -s 16M {disk} && {io}; rc=$?; "
                f"echo \"L1-DISK: $(head -c 17 {disk})\"; (exit $rc)"),
+        # The ACPI power button through the API: the guest's acpid powers it off.
+        "powerdown": f"{shlex.quote(sys.executable)} -c {shlex.quote(POWERDOWN)}",
         # What plain `kemu run` picks in L1 (hardware-like KVM): the x86-64 guest.
         "run": (f"printf 'uname -m\\npoweroff -f\\n' | {shlex.quote(sys.executable)} "
                 "-m kemu.cli run -no-reboot"),
@@ -157,4 +173,11 @@ def test_kemu_run_picks_the_x86_64_guest_on_kvm(boots):
     status, text = boots["run"]
     assert "x86-64 guest on KVM" in text
     assert re.search(r"^x86_64$", text, re.MULTILINE), text[-3000:]
+    assert status == 0, text[-3000:]
+
+
+def test_acpi_power_button_powers_the_guest_off(boots):
+    status, text = boots["powerdown"]
+    assert "POWERDOWN-STATUS 0" in text, text[-3000:]
+    assert "Powerdown" in text and "Shutdown" in text
     assert status == 0, text[-3000:]

@@ -14,7 +14,7 @@ BASE = 0xE0000
 
 def tables(nr_cpus=2, virtio=2):
     cfg = acpi.AcpiConfig(nr_cpus=nr_cpus, sleep_control_port=0x600, sleep_status_port=0x601,
-                          virtio=[acpi.MmioDevice(0xD0000000 + 0x200 * i, 0x200, 5 + i)
+                          ged=(0x608, 12), virtio=[acpi.MmioDevice(0xD0000000 + 0x200 * i, 0x200, 5 + i)
                                   for i in range(virtio)])
     rsdp, blob = acpi.build_tables(BASE, cfg)
     return rsdp, blob
@@ -87,6 +87,25 @@ def test_iasl_disassembles_the_dsdt(tmp_path):
     text = (tmp_path / "dsdt.dsl").read_text()
     assert text.count('"LNRO0005"') == 20 and "PNP0501" in text and "Name (_S5, Package" in text
     assert "0xD0002600" in text                 # slot 19: a two-byte PkgLength scope
+    # The power button: a GED whose _EVT reads the selector and notifies PNP0C0C.
+    assert '"ACPI0013"' in text and '"PNP0C0C"' in text
+    assert "OperationRegion (EREG, SystemIO, 0x00000608, 0x04)" in text
+    assert "Method (_EVT, 1, Serialized)" in text and "Local0 = ESEL" in text
+    assert "Notify (\\_SB.PWRB, 0x80)" in text
+
+
+def test_ged_selector_reads_and_clears_the_power_button():
+    from kemu.devices.acpi_ged import AcpiGed
+    from kemu.devices.base import IrqLine
+    irq = IrqLine()
+    ged = AcpiGed(irq)
+    assert ged.read(0, 4) == 0 and not irq.level
+    ged.press_power_button()
+    assert irq.level                            # level-triggered until _EVT reads it
+    assert ged.read(0, 4) == acpi.GED_EVENT_POWER_BUTTON
+    assert not irq.level and ged.read(0, 4) == 0
+    ged.write(0, 4, 0xFFFFFFFF)                 # read-only
+    assert ged.read(0, 4) == 0
 
 
 def test_sleep_registers_power_off_on_s5_only():

@@ -62,6 +62,9 @@ SLEEP_TYPE_MASK = 0x1C
 SLEEP_STATUS_WAK_STS = 0x80
 S5_SLEEP_TYPE = 5
 
+#: The Generic Event Device's selector bits (kemu's own layout, read to clear).
+GED_EVENT_POWER_BUTTON = 1 << 0
+
 
 def checksum(data: bytes | bytearray) -> int:
     return -sum(data) & 0xFF
@@ -90,6 +93,20 @@ STRING_PREFIX = 0x0D
 ONE_OP = 0x01
 EXT_OP_PREFIX = 0x5B
 DEVICE_OP = 0x82
+OP_REGION_OP = 0x80            # after EXT_OP_PREFIX
+FIELD_OP = 0x81                # after EXT_OP_PREFIX
+METHOD_OP = 0x14
+STORE_OP = 0x70
+AND_OP = 0x7B
+IF_OP = 0xA0
+NOTIFY_OP = 0x86
+LOCAL0_OP = 0x60
+NULL_NAME = 0x00
+ROOT_CHAR = 0x5C
+DUAL_NAME_PREFIX = 0x2E
+REGION_SYSTEM_IO = 0x01
+FIELD_DWORD_ACC = 0x03
+FIELD_WRITE_AS_ZEROS = 0x02 << 5
 
 
 def pkg_length(payload_len: int) -> bytes:
@@ -149,6 +166,52 @@ def aml_scope(path: bytes, *terms: bytes) -> bytes:
     return bytes((SCOPE_OP,)) + pkg_length(len(body)) + body
 
 
+def aml_path(*segs: str) -> bytes:
+    """An absolute name path: ``\\SEG`` or ``\\SEG.SEG`` (20.2.2)."""
+    if len(segs) == 1:
+        return bytes((ROOT_CHAR,)) + name_seg(segs[0])
+    if len(segs) == 2:
+        return bytes((ROOT_CHAR, DUAL_NAME_PREFIX)) + name_seg(segs[0]) + name_seg(segs[1])
+    raise ValueError("aml_path: one or two segments")
+
+
+def aml_io_region(name: str, port: int, length: int) -> bytes:
+    """``OperationRegion (name, SystemIO, port, length)``."""
+    return (bytes((EXT_OP_PREFIX, OP_REGION_OP)) + name_seg(name) + bytes((REGION_SYSTEM_IO,))
+            + aml_int(port) + aml_int(length))
+
+
+def aml_dword_field(region: str, field_name: str) -> bytes:
+    """``Field (region, DWordAcc, NoLock, WriteAsZeros) { field_name, 32 }``."""
+    body = (name_seg(region) + bytes((FIELD_DWORD_ACC | FIELD_WRITE_AS_ZEROS,))
+            + name_seg(field_name) + bytes((32,)))      # 32 bits: a one-byte PkgLength
+    return bytes((EXT_OP_PREFIX, FIELD_OP)) + pkg_length(len(body)) + body
+
+
+def aml_method(name: str, args: int, *terms: bytes, serialized: bool = True) -> bytes:
+    body = name_seg(name) + bytes((args | (0x08 if serialized else 0),)) + b"".join(terms)
+    return bytes((METHOD_OP,)) + pkg_length(len(body)) + body
+
+
+def aml_if(predicate: bytes, *terms: bytes) -> bytes:
+    body = predicate + b"".join(terms)
+    return bytes((IF_OP,)) + pkg_length(len(body)) + body
+
+
+def aml_store_local0(source: bytes) -> bytes:
+    """``Local0 = source``."""
+    return bytes((STORE_OP,)) + source + bytes((LOCAL0_OP,))
+
+
+def aml_local0_and(mask: int) -> bytes:
+    """``Local0 & mask`` (no target)."""
+    return bytes((AND_OP, LOCAL0_OP)) + aml_int(mask) + bytes((NULL_NAME,))
+
+
+def aml_notify(target: bytes, value: int) -> bytes:
+    return bytes((NOTIFY_OP,)) + target + aml_int(value)
+
+
 # -- resource descriptors (6.4) -------------------------------------------------------------
 def res_io(port: int, length: int) -> bytes:
     """I/O Port Descriptor (6.4.2.5), 16-bit decode, fixed at ``port``."""
@@ -190,6 +253,8 @@ class AcpiConfig:
     i8042: tuple[int, int, int] | None = (0x60, 0x64, 1)
     rtc: tuple[int, int] | None = (0x70, 8)
     virtio: list[MmioDevice] = field(default_factory=list)
+    #: Generic Event Device (5.6.9) selector port and GSI: the power button.
+    ged: tuple[int, int] | None = None
 
 
 def dsdt(cfg: AcpiConfig) -> bytes:
@@ -218,6 +283,20 @@ def dsdt(cfg: AcpiConfig) -> bytes:
                                   aml_name("_CRS", resource_template(
                                       res_memory32_fixed(dev.base, dev.size),
                                       res_interrupt(dev.gsi, level=True)))))
+    if cfg.ged:
+        port, gsi = cfg.ged
+        devices.append(aml_device("PWRB", aml_name("_HID", aml_string("PNP0C0C")),
+                                  aml_name("_UID", aml_int(0))))
+        # The GED's interrupt runs _EVT; reading the selector says which event
+        # fired (and clears it, lowering the line): bit 0 is the power button.
+        devices.append(aml_device(
+            "GED0", aml_name("_HID", aml_string("ACPI0013")), aml_name("_UID", aml_int(0)),
+            aml_name("_CRS", resource_template(res_interrupt(gsi, level=True))),
+            aml_io_region("EREG", port, 4), aml_dword_field("EREG", "ESEL"),
+            aml_method("_EVT", 1,
+                       aml_store_local0(name_seg("ESEL")),
+                       aml_if(aml_local0_and(GED_EVENT_POWER_BUTTON),
+                              aml_notify(aml_path("_SB_", "PWRB"), 0x80)))))
     body = aml_scope(b"\\_SB_", *devices)
     body += aml_name("_S5_", aml_package(aml_int(S5_SLEEP_TYPE), aml_int(0), aml_int(0),
                                          aml_int(0)))

@@ -30,7 +30,9 @@ GUEST_MODULES = ["virtio_mmio", "virtio_blk", "virtio_net", "virtio_console", "v
 
 ARCHES = {
     "aarch64": {"debian": "arm64", "kernel": "linux-image-cloud-arm64", "console": "ttyAMA0"},
-    # The x86-64 microvm board (KVM): no PCI, no power button.  reboot=k
+    # The x86-64 microvm board (KVM): no PCI; the power button is ACPI's (a GED
+    # notifying a PNP0C0C device; the cloud kernel has the button driver as a
+    # module).  reboot=k
     # resets through the i8042 (the board's reset line); the i8042 options skip
     # probing a mouse, a multiplexer and the keyboard's LEDs (the controller is
     # found through the DSDT's PNP0303, which also maps its IRQ); pci=off skips
@@ -39,11 +41,11 @@ ARCHES = {
     # the board announces devices and CPUs in ACPI tables.
     "x86_64": {"debian": "amd64", "kernel": "linux-image-cloud-amd64", "console": "ttyS0",
                "append": "reboot=k i8042.noaux i8042.nomux i8042.dumbkbd pci=off",
-               "power_button": False},
+               "modules": ["button"]},
 }
 
 #: Bumped when the initramfs layout changes, so old caches are rebuilt.
-LAYOUT_VERSION = 9
+LAYOUT_VERSION = 10
 
 
 def cache_dir() -> Path:
@@ -83,9 +85,13 @@ def cached_guest(arch: str = "aarch64") -> GuestImage | None:
 
 def init_script(console: str, modules: list[str], power_button: bool = True) -> bytes:
     loads = "\n".join(f"insmod /lib/modules/{m} 2>/dev/null" for m in modules)
-    acpid = """# The power button (virtio-input KEY_POWER) runs /etc/acpi/PWRF/00000080;
-# acpid needs the event device, which devtmpfs creates a moment after evdev loads.
-for i in 1 2 3 4 5 6 7 8 9 10; do [ -e /dev/input/event0 ] && break; sleep 0.1; done
+    acpid = """# The power button (virtio-input or ACPI, KEY_POWER) runs /etc/acpi/PWRF/00000080;
+# acpid opens the event devices there are when it starts, which devtmpfs creates
+# a moment after their drivers load: wait until every input has its node.
+for i in 1 2 3 4 5 6 7 8 9 10; do
+  [ -e /dev/input/event0 ] && [ $(ls /sys/class/input | grep -c event) = $(ls /dev/input | grep -c event) ] && break
+  sleep 0.1
+done
 acpid -f -d &
 """ if power_button else ""
     return f"""#!/bin/busybox sh
@@ -260,7 +266,8 @@ def build_guest(arch: str = "aarch64", show_progress: bool = True) -> GuestImage
             raise GuestBuildError("busybox-static contains no /bin/busybox")
         steps.update()
         steps.set_postfix_str("initramfs")
-        modules = kmod.load_order(root / "lib" / "modules" / version, GUEST_MODULES)
+        modules = kmod.load_order(root / "lib" / "modules" / version,
+                                  GUEST_MODULES + spec.get("modules", []))
         initrd = build_initramfs(busybox.read_bytes(), modules, spec["console"],
                                  spec.get("power_button", True))
         kernel_path = out_dir / f"vmlinuz-{version}"

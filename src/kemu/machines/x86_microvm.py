@@ -57,6 +57,7 @@ from kemu.backends.ioloop import IoLoop
 from kemu.backends.serial import SerialBackend
 from kemu.boot import acpi, linux_x86, mptable
 from kemu.bus import Bus
+from kemu.devices.acpi_ged import AcpiGed
 from kemu.devices.acpi_sleep import AcpiSleep
 from kemu.devices.base import IrqLine
 from kemu.devices.cmos_rtc import CmosRtc
@@ -83,9 +84,11 @@ CMOS = (0x70, 2)
 ACPI_ADDR = 0xE0000             # RSDP and the tables, in the BIOS area (not RAM in e820)
 MPTABLE_ADDR = 0xF0000
 ACPI_SLEEP = (0x600, 2)         # hardware-reduced sleep control and status registers
+ACPI_GED = (0x608, 4)           # the Generic Event Device's selector (power button)
+ACPI_GED_IRQ = 12               # free: the guest has no PS/2 mouse (i8042.noaux)
 VIRTIO_MMIO = (0xD0000000, 0x200)
 #: IRQs (= I/O APIC pins = GSIs) of the virtio-mmio slots: 5 and up, skipping the
-#: RTC's 8 (KVM special-cases GSI 8) and the PS/2 mouse's 12.
+#: RTC's 8 (KVM special-cases GSI 8) and 12 (the PS/2 mouse's; the GED's here).
 VIRTIO_IRQS = (5, 6, 7, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23)
 RAM_MIN = 16 * MiB
 RAM_MAX = 1 << 40
@@ -224,6 +227,8 @@ class MicroVm:
         self.pio.map(*CMOS, self.rtc)
         self.acpi_sleep = AcpiSleep(self._guest_poweroff)
         self.pio.map(*ACPI_SLEEP, self.acpi_sleep)
+        self.ged = AcpiGed(self.irq_line(ACPI_GED_IRQ, "ged"))
+        self.pio.map(*ACPI_GED, self.ged)
         #: ACPI tables (the default); without them Linux needs CONFIG_X86_MPPARSE for the
         #: MP table and CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES for the virtio slots.
         self.acpi = bool(config.extra.get("acpi", True))
@@ -333,7 +338,7 @@ class MicroVm:
             nr_cpus=self.config.smp, sleep_control_port=ACPI_SLEEP[0],
             sleep_status_port=ACPI_SLEEP[0] + 1,
             serial=(COM1[0], COM1_IRQ), i8042=(I8042_DATA, I8042_COMMAND, I8042_IRQ),
-            rtc=(CMOS[0], RTC_IRQ),
+            rtc=(CMOS[0], RTC_IRQ), ged=(ACPI_GED[0], ACPI_GED_IRQ),
             virtio=[acpi.MmioDevice(s.base, VIRTIO_MMIO[1], s.irq)
                     for s in self.virtio_slots]))
 
@@ -467,6 +472,7 @@ class MicroVm:
                 with self.lock:
                     self.uart.reset()
                     self.i8042.reset()
+                    self.ged.reset()
                 self._close_vm()
                 self._create_vm()
                 self.load()
@@ -494,6 +500,7 @@ class MicroVm:
                 with self.lock:
                     self.uart.reset()
                     self.i8042.reset()
+                    self.ged.reset()
                 self._close_vm()
                 self._create_vm()
                 self.load()
@@ -532,8 +539,12 @@ class MicroVm:
             self._threads[0].request(RunState.RUNNING)
 
     def powerdown(self) -> bool:
-        """No power button without ACPI: False (the guest has nothing to press)."""
-        return False
+        """Press the ACPI power button (the GED); False without ACPI tables."""
+        if not self.acpi:
+            return False
+        with self.lock:
+            self.ged.press_power_button()
+        return True
 
     def stop(self) -> None:
         self._stopping = True
