@@ -15,8 +15,10 @@ pkgs="python3 python3-venv python3-dev gcc"
 if [ $test_deps = 1 ]; then
   # Peers and tools the tests check kemu against: dtc decompiles the device
   # tree, qemu-img checks images, qemu-system-arm is the benchmark's peer,
-  # binutils-aarch64-linux-gnu assembles tiny test guests.
-  pkgs="$pkgs device-tree-compiler qemu-utils qemu-system-arm qemu-system-x86 binutils-aarch64-linux-gnu cpio linux-libc-dev passt"
+  # binutils-aarch64-linux-gnu assembles tiny test guests, qemu-system-x86 runs
+  # the nested-KVM harness (lz4 unpacks the PVH vmlinux), iasl (acpica-tools)
+  # reads back the microvm's ACPI tables.
+  pkgs="$pkgs device-tree-compiler qemu-utils qemu-system-arm qemu-system-x86 binutils-aarch64-linux-gnu cpio linux-libc-dev passt acpica-tools lz4"
 fi
 missing=""
 for p in $pkgs; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
