@@ -21,6 +21,7 @@ from typing import Callable
 
 from kemu.errors import ConfigError, KemuError
 from kemu.machines.config import DriveConfig, MachineConfig, MiB
+from kemu.machines.opts import split_opts
 from kemu.machines.virtio_devices import (
     parse_device,
     parse_drive,
@@ -74,7 +75,7 @@ def parse_size(text: str, default_unit: str = "M") -> int:
 
 def _kv(text: str, option: str, first_key: str) -> tuple[str, dict[str, str]]:
     """QEMU's ``value,key=value,...`` option syntax."""
-    parts = text.split(",")
+    parts = split_opts(text)
     head = parts[0]
     extra: dict[str, str] = {}
     if "=" in head:

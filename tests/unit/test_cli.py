@@ -190,3 +190,14 @@ def test_tap_that_cannot_be_opened_is_one_line(tmp_path):
     if "Permission denied" not in proc.stderr and "tun" not in proc.stderr:
         pytest.skip(f"nobody cannot run kemu from this checkout: {proc.stderr.strip()[:200]}")
     assert "cannot open /dev/net/tun: Permission denied" in one_line_error(proc)
+
+
+def test_doubled_commas_are_literal_in_option_values(tmp_path):
+    from kemu.machines.opts import split_opts
+    from kemu.qmp.server import parse_qmp_option
+    assert split_opts("file=a,,b.img,format=raw") == ["file=a,b.img", "format=raw"]
+    assert split_opts("x,,,,y,z") == ["x,,y", "z"]
+    assert split_opts("") == [""]
+    cfg = parse_qemu_options(["-drive", "file=/d/a,,b.img,format=raw,if=virtio"], MachineConfig())
+    assert str(cfg.drives[0].path) == "/d/a,b.img" and cfg.drives[0].format == "raw"
+    assert parse_qmp_option("unix:/tmp/q,,1.sock,server=on,wait=off").path == "/tmp/q,1.sock"

@@ -11,6 +11,7 @@ import logging
 
 from kemu.errors import ConfigError
 from kemu.machines.config import DeviceConfig, DriveConfig, MachineConfig, NetdevConfig
+from kemu.machines.opts import split_opts
 
 log = logging.getLogger("kemu")
 
@@ -230,7 +231,7 @@ def parse_drive(text: str) -> DriveConfig:
     """QEMU's ``-drive file=...,format=...,if=virtio,readonly=on,id=...,cache=...``."""
     from pathlib import Path
     props: dict[str, str] = {}
-    for part in text.split(","):
+    for part in split_opts(text):
         if "=" not in part:
             raise ConfigError(f"-drive: invalid parameter {part!r}")
         k, v = part.split("=", 1)
@@ -260,7 +261,7 @@ def parse_drive(text: str) -> DriveConfig:
 
 
 def parse_device(text: str) -> DeviceConfig:
-    parts = text.split(",")
+    parts = split_opts(text)
     props = {}
     for part in parts[1:]:
         if "=" not in part:
@@ -275,7 +276,7 @@ NETDEV_TYPES = ("user", "tap")
 
 def parse_netdev(text: str, option: str = "-netdev") -> NetdevConfig:
     """QEMU's ``-netdev user,id=ID[,hostfwd=...]...`` / ``tap,id=ID,ifname=NAME,script=no``."""
-    parts = text.split(",")
+    parts = split_opts(text)
     kind = parts[0]
     if kind not in NETDEV_TYPES:
         raise ConfigError(f"{option} {kind}: unsupported network backend "
@@ -306,7 +307,7 @@ def parse_netdev(text: str, option: str = "-netdev") -> NetdevConfig:
 
 def parse_nic(text: str, index: int, option: str = "-nic") -> tuple[NetdevConfig, DeviceConfig]:
     """QEMU's ``-nic user[,hostfwd=...][,mac=...][,model=virtio]``: a netdev and its NIC."""
-    parts = text.split(",")
+    parts = split_opts(text)
     nic_props: dict[str, str] = {}
     rest = [parts[0]]
     model = "virtio-net-device"
@@ -319,7 +320,7 @@ def parse_nic(text: str, index: int, option: str = "-nic") -> tuple[NetdevConfig
                 raise ConfigError(f"{option}: model={v}: kemu has virtio-net only")
         else:
             rest.append(part)
-    nd = parse_netdev(",".join(rest), option)
+    nd = parse_netdev(",".join(p.replace(",", ",,") for p in rest), option)
     if not nd.id:
         nd.id = f"__{option.lstrip('-')}{index}"
     nic_props["netdev"] = nd.id

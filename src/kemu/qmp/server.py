@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kemu.errors import ConfigError
+from kemu.machines.opts import split_opts
 from kemu.qmp.commands import QEMU_VERSION, Commands, package
 from kemu.qmp.protocol import QmpSession, encode, greeting
 
@@ -37,7 +38,7 @@ def parse_qmp_option(text: str) -> QmpAddress:
     refused.  An IPv6 host is written in brackets (``tcp:[::1]:4444``); no
     host means 127.0.0.1, never every interface.
     """
-    head, *opts = text.split(",")
+    head, *opts = split_opts(text)
     props = {}
     for opt in opts:
         key, _, value = opt.partition("=")
