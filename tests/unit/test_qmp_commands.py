@@ -146,3 +146,21 @@ def test_a_failing_command_is_an_error_reply():
                '{"command-line": "info registers"}, "id": 3}')
     assert r["id"] == 3 and "ZeroDivisionError" in r["error"]["desc"]
     assert "return" in run(s, '{"execute": "query-status"}')
+
+
+def test_cpus_and_block_describe_the_machine(tmp_path):
+    from kemu.backends.qcow2 import create_qcow2
+    from kemu.machines.config import DriveConfig
+    vm = FakeVm()
+    vm.config.machine = "microvm"
+    vm.vcpu_thread_ids = lambda: [11, 12]
+    image = tmp_path / "d.qcow2"
+    create_qcow2(image, 1 << 20)
+    vm.config.drives = [DriveConfig(image), DriveConfig(tmp_path / "r.img", "raw", True, "r")]
+    s = negotiated(vm)
+    cpus = run(s, '{"execute": "query-cpus-fast"}')["return"]
+    assert [(c["cpu-index"], c["thread-id"], c["target"]) for c in cpus] == [
+        (0, 11, "x86_64"), (1, 12, "x86_64")]
+    block = run(s, '{"execute": "query-block"}')["return"]
+    assert [(b["device"], b["inserted"]["drv"], b["inserted"]["ro"]) for b in block] == [
+        ("virtio0", "qcow2", False), ("r", "raw", True)]

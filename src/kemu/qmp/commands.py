@@ -93,7 +93,8 @@ class Commands:
     def query_cpus_fast(self, _args: dict) -> list:
         ids = self.vm.vcpu_thread_ids() or [threading.get_native_id()]
         return [{"cpu-index": i, "qom-path": f"/machine/unattached/device[{i}]",
-                 "thread-id": tid, "target": "aarch64",
+                 "thread-id": tid,
+                 "target": "x86_64" if self.vm.config.machine == "microvm" else "aarch64",
                  "props": {"core-id": i, "thread-id": 0, "socket-id": 0}}
                 for i, tid in enumerate(ids)]
 
@@ -103,7 +104,7 @@ class Commands:
             out.append({"device": drive.id or f"virtio{i}", "locked": False,
                         "removable": False, "type": "unknown",
                         "inserted": {"file": str(drive.path), "ro": drive.read_only,
-                                     "drv": drive.format or "raw"}})
+                                     "drv": drive.format or _probed_format(drive.path)}})
         return out
 
     def stop(self, _args: dict) -> None:
@@ -156,3 +157,12 @@ class Commands:
                                 f"    mmio {base:016x}/{size:016x}\r\n")
             return "".join(rows)
         raise QmpError(f"unknown or unsupported monitor command: {line!r}")
+
+
+def _probed_format(path) -> str:
+    """What a drive without format= was opened as (by its header, as at start)."""
+    from kemu.backends.block import detect_format
+    try:
+        return detect_format(path)
+    except (OSError, KemuError):
+        return "raw"
