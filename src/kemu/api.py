@@ -136,7 +136,19 @@ class Shutdown(Event):
                 "quit": "host-qmp-quit"}.get(self.reason, "host-error")
 
 
-MachineEvent = Union[Stop, Resume, Powerdown, Reset, Shutdown]
+@dataclass(frozen=True)
+class GuestPanicked(Event):
+    """The guest kernel panicked (QMP's GUEST_PANICKED, action poweroff): kemu ends
+    the machine, and a Shutdown with reason ``panic`` follows.  ``message`` is the
+    panic line from the console."""
+
+    message: str = ""
+
+
+MachineEvent = Union[Stop, Resume, Powerdown, Reset, GuestPanicked, Shutdown]
+
+#: QMP event names that are not the class name in capitals.
+_QMP_NAMES = {GuestPanicked: "GUEST_PANICKED"}
 
 
 class Console:
@@ -324,7 +336,10 @@ class Machine:
         self._events.put(event)
         data = ({"guest": event.guest, "reason": event.qmp_reason}
                 if isinstance(event, (Shutdown, Reset)) else None)
-        message = qmp_event(type(event).__name__.upper(), data, event.timestamp)
+        if isinstance(event, GuestPanicked):
+            data = {"action": "poweroff"}
+        name = _QMP_NAMES.get(type(event), type(event).__name__.upper())
+        message = qmp_event(name, data, event.timestamp)
         for listener in list(self._listeners):
             listener(message)
 
@@ -427,6 +442,8 @@ class Machine:
             first = self._outcome is None
             self._outcome = outcome
         if first:
+            if outcome.reason == "panic":
+                self._emit(GuestPanicked(message=outcome.message or ""))
             self._emit(Shutdown(guest=outcome.reason in ("poweroff", "reset", "panic"),
                                 reason=outcome.reason, status=outcome.status))
         return outcome.status

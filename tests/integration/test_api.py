@@ -73,3 +73,23 @@ def test_power_button(guest):
         assert time.monotonic() - t < 5
         kinds = [type(e) for e in vm.events(timeout=1)]
         assert Powerdown in kinds and kinds[-1] is Shutdown
+
+
+def test_guest_panic_is_an_event_before_the_shutdown(guest):
+    from kemu import GuestPanicked
+    with Machine.default_guest(memory="256M") as vm:
+        messages = []
+        vm.add_listener(messages.append)
+        vm.start()
+        vm.console.expect("# ", timeout=120)
+        vm.console.write("echo c > /proc/sysrq-trigger\n")
+        assert vm.wait(60) == 1
+        events = list(vm.events(timeout=1))
+        kinds = [type(e) for e in events]
+        assert kinds[-2:] == [GuestPanicked, Shutdown], kinds
+        assert "Kernel panic" in events[-2].message
+        assert events[-1].reason == "panic"
+        names = [m["event"] for m in messages]
+        assert names[-2:] == ["GUEST_PANICKED", "SHUTDOWN"]
+        assert messages[-2]["data"] == {"action": "poweroff"}
+        assert messages[-1]["data"] == {"guest": True, "reason": "guest-panic"}
