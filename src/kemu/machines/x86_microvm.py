@@ -469,15 +469,7 @@ class MicroVm:
                     t.wait_state(RunState.PAUSED, 10)
                 if any(t.state == RunState.STOPPED for t in self._threads):
                     return
-                with self.lock:
-                    self.uart.reset()
-                    self.i8042.reset()
-                    self.ged.reset()
-                self._close_vm()
-                self._create_vm()
-                self.load()
-                for t, cpu in zip(self._threads, self.cpus):
-                    t.cpu = cpu
+                self._rebuild_vm()
                 if not self._stopping:
                     for t in running:
                         t.request(RunState.RUNNING)
@@ -489,6 +481,19 @@ class MicroVm:
                         t.request(RunState.STOPPED)
                 self._quiet = False
 
+    def _rebuild_vm(self) -> None:
+        """With every vCPU stopped: reset the devices, build a fresh VM, reload the
+        kernel and hand the new vCPUs to the threads (reboot and host reset alike)."""
+        with self.lock:
+            self.uart.reset()
+            self.i8042.reset()
+            self.ged.reset()
+        self._close_vm()
+        self._create_vm()
+        self.load()
+        for t, cpu in zip(self._threads, self.cpus):
+            t.cpu = cpu
+
     def reset(self) -> None:
         """A hard reset from the host (QMP system_reset): reload and restart."""
         was_running = self.state == RunState.RUNNING
@@ -497,15 +502,7 @@ class MicroVm:
         self._quiet = True
         try:
             with self._reset_lock:
-                with self.lock:
-                    self.uart.reset()
-                    self.i8042.reset()
-                    self.ged.reset()
-                self._close_vm()
-                self._create_vm()
-                self.load()
-                for t, cpu in zip(self._threads, self.cpus):
-                    t.cpu = cpu
+                self._rebuild_vm()
         finally:
             self._quiet = False
         if was_running:
