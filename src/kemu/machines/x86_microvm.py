@@ -235,11 +235,10 @@ class MicroVm:
 
         #: The I/O thread: network and vsock backends, and the virtio doorbells.
         self.io_loop = IoLoop(self.lock, name="microvm-io")
-        #: ioeventfd doorbells and resampling irqfds of the virtio slots (made with the
-        #: first VM when KVM offers them and config.extra["eventfds"] is not False).
+        #: ioeventfd doorbells and resampling irqfds of the virtio slots (when KVM offers
+        #: them and config.extra["eventfds"] is not False), attached to every new VM.
         self.ioeventfds: list[IoEventFd] = []
         self.irqfds: dict[int, ResampleIrqFd] = {}
-        self._eventfds_made = False
 
         from kemu.machines.virtio_devices import attach_devices
         try:
@@ -247,6 +246,8 @@ class MicroVm:
         except BaseException:
             self.io_loop.close()
             raise
+        if config.extra.get("eventfds", True) is not False:
+            self._make_eventfds()
 
         self.panic_message: str | None = None
         self._watcher = ConsoleWatcher({PANIC_MARK: self._on_panic, HALT_MARK: self._on_halt,
@@ -277,32 +278,24 @@ class MicroVm:
                 vm.irq_line(gsi, level)
         return IrqLine(sink, name=name or f"gsi{gsi}")
 
-    def _attach_eventfds(self, vm) -> None:
+    def _make_eventfds(self) -> None:
         """Doorbells (QueueNotify) through ioeventfd and slot interrupts through
         resampling irqfds, so virtio requests run on the I/O thread, not in vCPU exits."""
         from kemu.devices.virtio.mmio import QUEUE_NOTIFY, VirtioMmioTransport
-        if not self._eventfds_made:
-            self._eventfds_made = True
-            if self.config.extra.get("eventfds", True) is False:
-                return
-            transports = [s for s in self.virtio_slots
-                          if isinstance(s.device, VirtioMmioTransport) and s.device.device]
-            if transports and supports_ioeventfd(vm):
-                for slot in transports:
-                    t = slot.device
-                    self.ioeventfds += [
-                        IoEventFd(self.io_loop, self.lock, slot.base + QUEUE_NOTIFY, i,
-                                  lambda t=t, i=i: t.notify(i))
-                        for i in range(len(t.queues))]
-            if transports and supports_resample_irqfd(vm):
-                for slot in transports:
-                    line = slot.device.irq
-                    self.irqfds[slot.irq] = ResampleIrqFd(self.io_loop, self.lock, slot.irq,
-                                                          lambda line=line: line.level)
-        for doorbell in self.ioeventfds:
-            doorbell.attach(vm)
-        for irqfd in self.irqfds.values():
-            irqfd.attach(vm)
+        transports = [s for s in self.virtio_slots
+                      if isinstance(s.device, VirtioMmioTransport) and s.device.device]
+        if supports_ioeventfd(self.kvm):
+            for slot in transports:
+                t = slot.device
+                self.ioeventfds += [
+                    IoEventFd(self.io_loop, self.lock, slot.base + QUEUE_NOTIFY, i,
+                              lambda t=t, i=i: t.notify(i))
+                    for i in range(len(t.queues))]
+        if supports_resample_irqfd(self.kvm):
+            for slot in transports:
+                line = slot.device.irq
+                self.irqfds[slot.irq] = ResampleIrqFd(self.io_loop, self.lock, slot.irq,
+                                                      lambda line=line: line.level)
 
     def add_virtio(self, device) -> VirtioSlot:
         """Map a virtio-mmio transport (or any slot-sized device) in the next free slot."""
@@ -355,7 +348,8 @@ class MicroVm:
         vm = self.kvm.create_vm()
         try:
             setup_x86_vm(vm, self.memory, irqchip=True, pit=True)
-            self._attach_eventfds(vm)
+            for fd in [*self.ioeventfds, *self.irqfds.values()]:
+                fd.attach(vm)
             self.boot = X86BootSetup.prepare(self.kvm, self.memory, self.config.smp)
             if vm.check_extension(KVM_CAP_TSC_DEADLINE_TIMER):
                 # The in-kernel LAPIC has the TSC-deadline timer; KVM leaves announcing

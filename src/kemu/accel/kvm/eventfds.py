@@ -26,6 +26,7 @@ from kemu.accel.kvm.ioctls import (
     KVM_CAP_IOEVENTFD,
     KVM_CAP_IRQFD,
     KVM_CAP_IRQFD_RESAMPLE,
+    Kvm,
     VmFd,
 )
 from kemu.backends.ioloop import EVENT_READ, IoLoop
@@ -43,12 +44,13 @@ def _drain(fd: int) -> bool:
         return False
 
 
-def supports_ioeventfd(vm: VmFd) -> bool:
-    return bool(vm.check_extension(KVM_CAP_IOEVENTFD))
+def supports_ioeventfd(kvm: Kvm | VmFd) -> bool:
+    return bool(kvm.check_extension(KVM_CAP_IOEVENTFD))
 
 
-def supports_resample_irqfd(vm: VmFd) -> bool:
-    return bool(vm.check_extension(KVM_CAP_IRQFD) and vm.check_extension(KVM_CAP_IRQFD_RESAMPLE))
+def supports_resample_irqfd(kvm: Kvm | VmFd) -> bool:
+    return bool(kvm.check_extension(KVM_CAP_IRQFD)
+                and kvm.check_extension(KVM_CAP_IRQFD_RESAMPLE))
 
 
 class IoEventFd:
