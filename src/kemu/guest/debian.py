@@ -83,7 +83,7 @@ def cached_guest(arch: str = "aarch64") -> GuestImage | None:
     return image if image.ready else None
 
 
-def init_script(console: str, modules: list[str], power_button: bool = True) -> bytes:
+def init_script(console: str, modules: list[str]) -> bytes:
     loads = "\n".join(f"insmod /lib/modules/{m} 2>/dev/null" for m in modules)
     acpid = """# The power button (virtio-input or ACPI, KEY_POWER) runs /etc/acpi/PWRF/00000080;
 # acpid opens the event devices there are when it starts, which devtmpfs creates
@@ -93,7 +93,7 @@ for i in 1 2 3 4 5 6 7 8 9 10; do
   sleep 0.1
 done
 acpid -f -d &
-""" if power_button else ""
+"""
     return f"""#!/bin/busybox sh
 /bin/busybox --install -s /bin
 export PATH=/bin:/sbin
@@ -111,8 +111,7 @@ poweroff -f
 """.encode()
 
 
-def build_initramfs(busybox: bytes, modules: list[Path], console: str,
-                    power_button: bool = True) -> bytes:
+def build_initramfs(busybox: bytes, modules: list[Path], console: str) -> bytes:
     entries = [cpio.directory(d) for d in ("bin", "sbin", "dev", "proc", "sys", "tmp", "mnt",
                                            "root", "etc", "lib", "lib/modules")]
     entries += [cpio.chardev("dev/console", 5, 1), cpio.chardev("dev/null", 1, 3, 0o666),
@@ -129,7 +128,7 @@ def build_initramfs(busybox: bytes, modules: list[Path], console: str,
         name = path.name.split(".ko")[0] + ".ko"
         entries.append(cpio.file(f"lib/modules/{name}", kmod.read_module(path)))
         names.append(name)
-    entries.append(cpio.file("init", init_script(console, names, power_button), 0o755))
+    entries.append(cpio.file("init", init_script(console, names), 0o755))
     return cpio.initramfs(entries)
 
 
@@ -219,6 +218,21 @@ def download(url: str, dest: Path, size: int, sha256: str, progress) -> None:
     tmp.replace(dest)
 
 
+def unpack_kernel(debs: Path, names: list[str], root: Path, kernel_package: str
+                  ) -> tuple[Path, str]:
+    """Unpack the ``.deb`` files ``names`` (in ``debs``) into ``root`` with dpkg-deb;
+    the kernel image they hold and its version."""
+    for name in names:
+        proc = subprocess.run(["dpkg-deb", "-x", str(debs / name), str(root)],
+                              capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise GuestBuildError(f"dpkg-deb -x {name}: {proc.stderr.strip()}")
+    kernels = sorted((root / "boot").glob("vmlinuz-*"))
+    if not kernels:
+        raise GuestBuildError(f"{kernel_package} contains no /boot/vmlinuz")
+    return kernels[0], kernels[0].name[len("vmlinuz-"):]
+
+
 def build_guest(arch: str = "aarch64", show_progress: bool = True) -> GuestImage:
     """Fetch packages and assemble the guest; returns where it is."""
     from tqdm import tqdm
@@ -252,15 +266,7 @@ def build_guest(arch: str = "aarch64", show_progress: bool = True) -> GuestImage
     steps.set_postfix_str("unpacking")
     with tempfile.TemporaryDirectory(prefix="kemu-guest-") as tmp:
         root = Path(tmp)
-        for _url, name, _size, _sha in uris:
-            proc = subprocess.run(["dpkg-deb", "-x", str(debs / name), str(root)],
-                                  capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise GuestBuildError(f"dpkg-deb -x {name}: {proc.stderr.strip()}")
-        kernels = sorted((root / "boot").glob("vmlinuz-*"))
-        if not kernels:
-            raise GuestBuildError(f"{kernel_pkgs[0]} contains no /boot/vmlinuz")
-        version = kernels[0].name[len("vmlinuz-"):]
+        kernel, version = unpack_kernel(debs, [u[1] for u in uris], root, kernel_pkgs[0])
         busybox = root / "bin" / "busybox"
         if not busybox.is_file():
             raise GuestBuildError("busybox-static contains no /bin/busybox")
@@ -268,10 +274,9 @@ def build_guest(arch: str = "aarch64", show_progress: bool = True) -> GuestImage
         steps.set_postfix_str("initramfs")
         modules = kmod.load_order(root / "lib" / "modules" / version,
                                   GUEST_MODULES + spec.get("modules", []))
-        initrd = build_initramfs(busybox.read_bytes(), modules, spec["console"],
-                                 spec.get("power_button", True))
+        initrd = build_initramfs(busybox.read_bytes(), modules, spec["console"])
         kernel_path = out_dir / f"vmlinuz-{version}"
-        shutil.copyfile(kernels[0], kernel_path)
+        shutil.copyfile(kernel, kernel_path)
         initrd_path = out_dir / "initramfs.cpio.gz"
         initrd_path.write_bytes(initrd)
     steps.update()

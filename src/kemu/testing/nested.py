@@ -36,7 +36,7 @@ from pathlib import Path
 
 from kemu.errors import GuestBuildError
 from kemu.guest import cpio, kmod
-from kemu.guest.debian import Apt, cache_dir, download
+from kemu.guest.debian import Apt, cache_dir, download, unpack_kernel
 
 QEMU = "qemu-system-x86_64"
 L1_KERNEL_PACKAGE = "linux-image-amd64"
@@ -119,15 +119,7 @@ def prepare_l1() -> L1Image:
     root = out / "root"
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir()
-    for _url, name, _size, _sha in uris:
-        proc = subprocess.run(["dpkg-deb", "-x", str(debs / name), str(root)],
-                              capture_output=True, text=True, check=False)
-        if proc.returncode != 0:
-            raise GuestBuildError(f"dpkg-deb -x {name}: {proc.stderr.strip()}")
-    kernels = sorted((root / "boot").glob("vmlinuz-*"))
-    if not kernels:
-        raise GuestBuildError(f"{kernel_pkgs[0]} contains no /boot/vmlinuz")
-    version = kernels[0].name[len("vmlinuz-"):]
+    _kernel, version = unpack_kernel(debs, [u[1] for u in uris], root, kernel_pkgs[0])
     manifest.write_text(f"{LAYOUT_VERSION}\n{version}\n")
     return prepare_l1()
 
