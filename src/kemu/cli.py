@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from kemu.errors import ConfigError, KemuError
+from kemu.machines.builder import ACCELS
 from kemu.machines.config import DriveConfig, MachineConfig, MiB
 from kemu.machines.opts import split_opts
 from kemu.machines.virtio_devices import (
@@ -91,9 +92,10 @@ def _kv(text: str, option: str, first_key: str) -> tuple[str, dict[str, str]]:
     return head, extra
 
 
-#: The board each accelerator implies when -M is not given, and the reverse.
-MACHINE_FOR_ACCEL = {"kvm": "microvm", "tcg": "virt"}
-ACCEL_FOR_MACHINE = {"microvm": "kvm", "virt": "tcg"}
+#: The accelerator each board implies when -accel is not given, and the reverse
+#: (from the builder's table of which board runs on which accelerator).
+ACCEL_FOR_MACHINE = {machine: accels[0] for machine, accels in ACCELS.items()}
+MACHINE_FOR_ACCEL = {accel: machine for machine, accel in ACCEL_FOR_MACHINE.items()}
 
 
 def parse_qemu_options(argv: list[str], config: MachineConfig) -> MachineConfig:
