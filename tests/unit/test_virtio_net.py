@@ -368,7 +368,13 @@ def test_wiring_errors_are_config_errors():
     from kemu.machines.virtio_devices import attach_devices
 
     class Board:
-        def attach_virtio(self, device):
+        memory = None
+        virtio_slots: list = []
+
+        def virtio_irq(self, index):
+            raise AssertionError("nothing should be attached")
+
+        def add_virtio(self, device):
             raise AssertionError("nothing should be attached")
 
     for netdevs, devices in (([], [DeviceConfig("virtio-net-device", {"netdev": "x"})]),

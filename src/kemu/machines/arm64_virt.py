@@ -110,11 +110,11 @@ class VirtMachine:
         self.psci = Psci(self._on_psci)
 
         from kemu.devices.virtio.input import power_button
-        from kemu.machines.virtio_devices import attach_devices
+        from kemu.machines.virtio_devices import attach_devices, attach_transport
         self.block_backends = attach_devices(self, config)
         # The power button (QMP system_powerdown), as QEMU's virt has one.
         self.power_button = power_button()
-        self.attach_virtio(self.power_button)
+        attach_transport(self, self.power_button)
 
         self.image = linux_arm64.Arm64Image.load_file(config.kernel)
         self.initrd = (linux_arm64.read_boot_file(config.initrd, "initrd")
@@ -193,14 +193,6 @@ class VirtMachine:
         self.mmio.map(slot.base, VIRTIO_MMIO[1], device)
         self.virtio_slots.append(slot)
         return slot
-
-    def attach_virtio(self, device):
-        """Put a virtio device behind a virtio-mmio transport in the next free slot."""
-        from kemu.devices.virtio.mmio import VirtioMmioTransport
-        index = len(self.virtio_slots)
-        transport = VirtioMmioTransport(device, self.memory, self.virtio_irq(index))
-        self.add_virtio(transport)
-        return transport
 
     def virtio_irq(self, index: int) -> IrqLine:
         return self.gic.spi_line(VIRTIO_SPI_BASE + index)

@@ -1,6 +1,6 @@
 """Virtio devices from a machine configuration, for any board.
 
-A board offers ``attach_virtio(device)``; this module turns ``-drive`` and
+A board offers virtio-mmio slots (:func:`attach_transport`); this module turns ``-drive`` and
 ``-device`` configurations into virtio devices and attaches them, so both
 boards get the same devices from the same config.
 """
@@ -24,6 +24,16 @@ VIRTIO_DRIVERS = {
     "vhost-vsock-device": "vsock", "vhost-vsock-pci": "vsock",
     "virtio-vsock-device": "vsock", "virtio-vsock-pci": "vsock",
 }
+
+
+def attach_transport(board, device):
+    """Put a virtio device behind a virtio-mmio transport in the board's next free slot
+    (the board offers ``memory``, ``virtio_slots``, ``virtio_irq(i)``, ``add_virtio``)."""
+    from kemu.devices.virtio.mmio import VirtioMmioTransport
+    transport = VirtioMmioTransport(device, board.memory,
+                                    board.virtio_irq(len(board.virtio_slots)))
+    board.add_virtio(transport)
+    return transport
 
 
 def open_drive(drive: DriveConfig):
@@ -75,13 +85,13 @@ def _attach(board, config: MachineConfig, backends: list) -> None:
         if drive.id is None:
             backend = open_drive(drive)
             backends.append(backend)
-            board.attach_virtio(VirtioBlk(backend, serial=f"kemu-disk{index}",
+            attach_transport(board, VirtioBlk(backend, serial=f"kemu-disk{index}",
                                           read_only=drive.read_only,
                                           name=f"virtio-blk{index}"))
     for dev in config.devices:
         kind = VIRTIO_DRIVERS[dev.driver]
         if kind == "rng":
-            board.attach_virtio(VirtioRng())
+            attach_transport(board, VirtioRng())
         elif kind == "blk":
             drive_id = dev.props.get("drive")
             if drive_id is None or drive_id not in by_id:
@@ -92,12 +102,12 @@ def _attach(board, config: MachineConfig, backends: list) -> None:
             drive = by_id[drive_id]
             backend = open_drive(drive)
             backends.append(backend)
-            board.attach_virtio(VirtioBlk(backend, serial=dev.props.get("serial", drive_id),
+            attach_transport(board, VirtioBlk(backend, serial=dev.props.get("serial", drive_id),
                                           read_only=drive.read_only, name=f"virtio-blk-{drive_id}"))
         elif kind == "net":
-            board.attach_virtio(net.nic(dev))
+            attach_transport(board, net.nic(dev))
         elif kind == "vsock":
-            board.attach_virtio(net.vsock(dev))
+            attach_transport(board, net.vsock(dev))
         elif kind == "serial":
             consoles.append(_console(board, dev, len(consoles)))
         elif kind == "virtconsole":
@@ -126,7 +136,7 @@ def _console(board, dev: DeviceConfig, index: int):
     sink = getattr(board, "console", None)
     backend = SerialBackend(sink.write if sink is not None else (lambda data: None))
     device = VirtioConsole(backend, name=f"virtio-console{index}")
-    board.attach_virtio(device)
+    attach_transport(board, device)
     return device
 
 

@@ -307,14 +307,6 @@ class MicroVm:
         self.virtio_slots.append(slot)
         return slot
 
-    def attach_virtio(self, device):
-        """Put a virtio device behind a virtio-mmio transport in the next free slot."""
-        from kemu.devices.virtio.mmio import VirtioMmioTransport
-        index = len(self.virtio_slots)
-        transport = VirtioMmioTransport(device, self.memory, self.virtio_irq(index))
-        self.add_virtio(transport)
-        return transport
-
     def virtio_irq(self, index: int) -> IrqLine:
         if index >= len(VIRTIO_IRQS):
             raise ConfigError("too many virtio devices for the microvm board")
