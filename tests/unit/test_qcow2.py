@@ -60,6 +60,16 @@ def assert_same_as(path: Path, expected: bytes, tmp_path: Path) -> None:
     assert r.returncode == 0, r.stdout
 
 
+def assert_clean_and_equal(path: Path, expected: bytes, tmp_path: Path) -> None:
+    """kemu's check finds neither corruption nor leaks; with qemu-img, neither does
+    qemu-img check, and the image compares equal to ``expected``."""
+    result = check_qcow2(path)
+    assert (result.corruptions, result.leaks) == (0, 0), result.messages[:5]
+    if QEMU_IMG:
+        assert_qemu_clean(path)
+        assert_same_as(path, expected, tmp_path)
+
+
 def random_writes(img, model: bytearray, rnd: random.Random, count: int, max_len: int) -> None:
     for _ in range(count):
         off = rnd.randrange(len(model))
@@ -109,11 +119,7 @@ def test_cluster_sizes_and_refcount_widths(tmp_path, cluster_size, refcount_bits
         discard(img, model, MiB - 1000, MiB + 2000)
         random_writes(img, model, random.Random(7), 10, 70_000)
         assert img.read(0, size) == model
-    result = check_qcow2(path)
-    assert (result.corruptions, result.leaks) == (0, 0), result.messages
-    if QEMU_IMG:
-        assert_qemu_clean(path)
-        assert_same_as(path, bytes(model), tmp_path)
+    assert_clean_and_equal(path, bytes(model), tmp_path)
 
 
 def test_refcount_table_grows(tmp_path):
@@ -129,11 +135,7 @@ def test_refcount_table_grows(tmp_path):
         assert img.refcounts.table_offset != old_table
         assert img.refcounts.table_clusters > 1
         assert img.read(0, len(data)) == data
-    result = check_qcow2(path)
-    assert (result.corruptions, result.leaks) == (0, 0), result.messages[:5]
-    if QEMU_IMG:
-        assert_qemu_clean(path)
-        assert_same_as(path, data + bytes(6 * MiB), tmp_path)
+    assert_clean_and_equal(path, data + bytes(6 * MiB), tmp_path)
 
 
 def test_version2_image_written(tmp_path):
@@ -171,11 +173,7 @@ def test_zero_clusters_and_discard_v3(tmp_path):
         img.flush()
         assert img.file.size == end
         expected[20 * 65536:21 * 65536] = b"\x55" * 65536
-    result = check_qcow2(path)
-    assert (result.corruptions, result.leaks) == (0, 0), result.messages
-    if QEMU_IMG:
-        assert_qemu_clean(path)
-        assert_same_as(path, bytes(expected), tmp_path)
+    assert_clean_and_equal(path, bytes(expected), tmp_path)
 
 
 def test_compressed_write_and_overwrite(tmp_path):
@@ -196,11 +194,7 @@ def test_compressed_write_and_overwrite(tmp_path):
         model[3 * cs + 10:3 * cs + 13] = b"new"
         discard(img, model, 5 * cs, cs)
         assert img.read(0, len(model)) == model
-    result = check_qcow2(path)
-    assert (result.corruptions, result.leaks) == (0, 0), result.messages
-    if QEMU_IMG:
-        assert_qemu_clean(path)
-        assert_same_as(path, bytes(model), tmp_path)
+    assert_clean_and_equal(path, bytes(model), tmp_path)
 
 
 def test_backing_chain_copy_on_write(tmp_path):
