@@ -3,10 +3,12 @@
 
 Both boot the same kernel (the default guest's), the same initramfs (busybox
 with an init that powers off as soon as it runs) and the same command line
-(``cryptomgr.notests``), alternating runs.  Reports wall time, the ratio
-kemu/QEMU and each one's peak RSS.
+(``cryptomgr.notests``), alternating rounds (one kemu run and one QEMU run
+each).  Reports the median of the per-round ratios kemu/QEMU for wall time
+and for CPU time (user + system of the process), each one's peak RSS, and
+the host's load average before and after.
 
-    .venv/bin/python bench/boot_aarch64.py [--runs N]
+    .venv/bin/python bench/boot_aarch64.py [--runs N]   (default 10 rounds)
 
 Installs Debian's qemu-system-arm if it is missing (needs root or sudo).
 """
@@ -57,7 +59,8 @@ def busybox_from_guest(guest) -> bytes:
     raise SystemExit("busybox not found in the default guest's initramfs")
 
 
-def timed(cmd: list[str]) -> tuple[float, int, bytes]:
+def timed(cmd: list[str]) -> tuple[float, float, int, bytes]:
+    """Wall time, CPU time (user + system), peak RSS (KiB) and output of a run."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT)
@@ -66,12 +69,12 @@ def timed(cmd: list[str]) -> tuple[float, int, bytes]:
     elapsed = time.perf_counter() - t0
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{cmd[0]} failed:\n{out.decode(errors='replace')[-2000:]}")
-    return elapsed, usage.ru_maxrss, out
+    return elapsed, usage.ru_utime + usage.ru_stime, usage.ru_maxrss, out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--runs", type=int, default=10)
     args = ap.parse_args()
     guest = default_guest("aarch64", show_progress=False)
     qemu = ensure_qemu()
@@ -87,19 +90,27 @@ def main() -> None:
             "kemu": [sys.executable, "-m", "kemu.cli", *common],
             "qemu": [qemu, *common],
         }
-        results: dict[str, list[tuple[float, int]]] = {k: [] for k in commands}
+        results: dict[str, list[tuple[float, float, int]]] = {k: [] for k in commands}
+        load_before = os.getloadavg()[0]
         for _ in range(args.runs):
             for name, cmd in commands.items():
-                elapsed, rss, _out = timed(cmd)
-                results[name].append((elapsed, rss))
-    med = {k: statistics.median(t for t, _ in v) for k, v in results.items()}
-    rss = {k: max(r for _, r in v) for k, v in results.items()}
-    print(f"kernel: {guest.kernel.name}, append: {APPEND!r}, {args.runs} runs each, alternating")
+                elapsed, cpu, rss, _out = timed(cmd)
+                results[name].append((elapsed, cpu, rss))
+        load_after = os.getloadavg()[0]
+    print(f"kernel: {guest.kernel.name}, append: {APPEND!r}, {args.runs} rounds, alternating; "
+          f"host load average {load_before:.2f} before, {load_after:.2f} after, "
+          f"{os.cpu_count()} CPUs")
     for name in commands:
-        times = " ".join(f"{t:.2f}" for t, _ in results[name])
-        print(f"{name:5s} median {med[name]:.2f} s  (runs: {times})  peak RSS {rss[name] / 1024:.0f} MiB")
-    print(f"ratio kemu/QEMU (wall time): {med['kemu'] / med['qemu']:.2f}")
-
+        walls = [w for w, _, _ in results[name]]
+        cpus = [c for _, c, _ in results[name]]
+        rss = max(r for _, _, r in results[name])
+        print(f"{name:5s} wall median {statistics.median(walls):.2f} s, CPU median "
+              f"{statistics.median(cpus):.2f} s, peak RSS {rss / 1024:.0f} MiB  "
+              f"(wall: {' '.join(f'{t:.2f}' for t in walls)})")
+    for i, what in ((0, "wall time"), (1, "CPU time")):
+        ratios = [k[i] / q[i] for k, q in zip(results["kemu"], results["qemu"])]
+        print(f"ratio kemu/QEMU ({what}): median {statistics.median(ratios):.2f} "
+              f"(min {min(ratios):.2f}, max {max(ratios):.2f})")
 
 if __name__ == "__main__":
     main()

@@ -10,8 +10,9 @@ test_deps=0
 SUDO=""
 if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 
-# apt/dpkg-deb unpack the default guest's Debian packages; python3-venv builds .venv.
-pkgs="python3 python3-venv python3-dev gcc"
+# apt/dpkg-deb unpack the default guest's Debian packages; python3-venv builds .venv;
+# gcc, cmake and patch build kemu's TCG engine (scripts/build-unicorn.sh).
+pkgs="python3 python3-venv python3-dev gcc cmake patch"
 if [ $test_deps = 1 ]; then
   # Peers and tools the tests check kemu against: dtc decompiles the device
   # tree, qemu-img checks images, qemu-system-arm is the benchmark's peer,
@@ -29,6 +30,14 @@ fi
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+# kemu's TCG engine: Unicorn 2.1.4 with kemu's patches, built once into a cached
+# wheel (1-6 min on 2 cores), installed in place of PyPI's wheel.
+wheel=$(PYTHON=.venv/bin/python scripts/build-unicorn.sh)
+want=$(basename "$wheel" | cut -d- -f2)
+have=$(.venv/bin/python -m pip show unicorn 2>/dev/null | awk '/^Version:/{print $2}')
+if [ "$have" != "$want" ]; then
+  .venv/bin/python -m pip install -q --force-reinstall --no-deps "$wheel"
+fi
 if [ $test_deps = 1 ]; then
   .venv/bin/python -m pip install -q -e '.[test]'
 else

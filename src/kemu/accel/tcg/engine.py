@@ -1,0 +1,113 @@
+"""kemu's TCG engine: Unicorn 2.1.4 with the patch series in third_party/unicorn.
+
+Stock Unicorn is not enough for a full system (see PLATFORM.md): it checks
+its exit request after every guest load and store and rewinds the PC onto
+an instruction that already ran, so it cannot be stopped from another
+thread, and it runs guests about 2x slower than QEMU.  The patches add
+opt-in switches (their defaults keep Unicorn's behaviour), which every vCPU
+turns on:
+
+* ``UC_CTL_TCG_EXACT_STOP``: exit requests are checked only at the start of
+  a translation block, inline as in QEMU.  ``uc_emu_stop()`` from any thread
+  leaves the CPU at a block boundary with its state exact; a stop requested
+  while the CPU is not running is kept for the next ``uc_emu_start()``; an
+  interrupt raised by the CPU itself is taken at the next block start.
+* ``UC_CTL_TCG_TRACK_CODE_PAGES``: stores take the slow path only on pages
+  that hold translated code, as in QEMU.
+* ``UC_CTL_CPU_NATIVE_EXCEPTIONS``: synchronous exceptions are taken by the
+  CPU as the architecture says (QEMU's own exception entry) instead of by a
+  Python callback.
+* ``UC_ARM64_INS_SYSREG``: an MSR hook on one system register, so that only
+  the generic-timer registers call into Python.
+
+kemu supports this engine only: with a stock Unicorn the TCG accelerator
+refuses to start and says how to build the engine (one interrupt-delivery
+mechanism, the exact asynchronous stop, instead of two).
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+from unicorn import Uc
+from unicorn.unicorn_py3.unicorn import uclib
+
+from kemu.errors import AccelError
+
+UNICORN_VERSION = "2.1.4"
+
+# uc_control_type values added by the patch series (unicorn.h).
+UC_CTL_TCG_EXACT_STOP = 15
+UC_CTL_TCG_TRACK_CODE_PAGES = 16
+UC_CTL_CPU_NATIVE_EXCEPTIONS = 17
+_UC_CTL_IO_WRITE = 1
+_UC_CTL_IO_READ = 2
+_UC_ERR_ARG = 15
+
+#: What a stock engine is told, in one line.
+STOCK_ENGINE = ("the tcg accelerator needs kemu's build of Unicorn {version} "
+                "(scripts/bootstrap.sh builds it, 1-6 min): the stock engine cannot stop a "
+                "running guest without corrupting it, so a guest that spins would never see "
+                "its interrupts, and it runs guests about 2x slower")
+
+
+def _ctl(nr_args: int, rw: int, ctl: int) -> int:
+    return ctl | (nr_args << 26) | (rw << 30)
+
+
+def uc_ctl_write(uc: Uc, ctl: int, value: int, ctype=ctypes.c_int) -> int:
+    return uclib.uc_ctl(uc._uch, _ctl(1, _UC_CTL_IO_WRITE, ctl), ctype(value))
+
+
+def uc_ctl_read(uc: Uc, ctl: int, ctype=ctypes.c_int) -> int:
+    out = ctype()
+    if uclib.uc_ctl(uc._uch, _ctl(1, _UC_CTL_IO_READ, ctl), ctypes.byref(out)):
+        raise AccelError("Unicorn refused a control read")
+    return out.value
+
+
+def sysreg_insn(insn: int, enc: tuple[int, int, int, int, int]) -> int:
+    """UC_ARM64_INS_SYSREG(insn, op0, op1, crn, crm, op2): a hook on one register."""
+    op0, op1, crn, crm, op2 = enc
+    packed = (op0 & 3) << 14 | (op1 & 7) << 11 | (crn & 15) << 7 | (crm & 15) << 3 | (op2 & 7)
+    return insn | 0x100 | packed << 12
+
+
+def add_sysreg_hook(uc: Uc, callback: ctypes._CFuncPtr, insn: int,
+                    enc: tuple[int, int, int, int, int], key: int) -> None:
+    """A UC_HOOK_INSN ``insn`` (MRS/MSR/SYS/SYSL) hook on the register ``enc`` only.
+
+    ``key`` (nonzero) comes back as the callback's user data; the caller
+    keeps ``callback`` alive.
+    """
+    import unicorn
+
+    handle = ctypes.c_size_t()
+    if uclib.uc_hook_add(uc._uch, ctypes.byref(handle), unicorn.UC_HOOK_INSN, callback,
+                         ctypes.c_void_p(key), ctypes.c_uint64(1), ctypes.c_uint64(0),
+                         ctypes.c_int(sysreg_insn(insn, enc))):
+        raise AccelError("Unicorn refused a system register hook")
+
+
+def configure(uc: Uc, native_exceptions: int) -> None:
+    """Turn on the patch series' switches for a full-system vCPU, or refuse."""
+    import unicorn
+
+    if unicorn.__version__ != UNICORN_VERSION:
+        raise AccelError(f"kemu needs unicorn=={UNICORN_VERSION}, found {unicorn.__version__}")
+    err = uc_ctl_write(uc, UC_CTL_TCG_EXACT_STOP, 1)
+    if err == _UC_ERR_ARG:
+        raise AccelError(STOCK_ENGINE.format(version=UNICORN_VERSION))
+    if (err or uc_ctl_write(uc, UC_CTL_TCG_TRACK_CODE_PAGES, 1)
+            or uc_ctl_write(uc, UC_CTL_CPU_NATIVE_EXCEPTIONS, native_exceptions,
+                            ctypes.c_uint64)):
+        raise AccelError("Unicorn refused kemu's engine settings (a partial build of the "
+                         "patch series? scripts/build-unicorn.sh rebuilds it)")
+
+
+def is_kemu_engine() -> bool:
+    """Whether the installed Unicorn has kemu's patch series."""
+    import unicorn
+
+    uc = Uc(unicorn.UC_ARCH_ARM64, unicorn.UC_MODE_ARM)
+    return uc_ctl_write(uc, UC_CTL_TCG_EXACT_STOP, 0) == 0
