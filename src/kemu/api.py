@@ -398,8 +398,9 @@ class Machine:
     def pause(self, timeout: float = 10.0) -> None:
         """Stop the vCPUs (as QMP's ``stop``); the guest's clock stops with them.
 
-        The TCG vCPU stops at its next safe point, usually within
-        milliseconds; :class:`MachineTimeout` if it has not within ``timeout``.
+        The TCG vCPU stops at the start of its next translation block, even
+        in a guest that spins; :class:`MachineTimeout` if it has not within
+        ``timeout``.
         """
         self._require_running("pause")
         if not self._board.pause(timeout):
@@ -419,8 +420,8 @@ class Machine:
     def kill(self, timeout: float = 10.0) -> int:
         """End the machine now, without asking the guest, and wait for it; the exit status.
 
-        In-process there is no process to kill: the vCPU ends at its next safe
-        point (:class:`MachineTimeout` if it has not within ``timeout``) and the
+        In-process there is no process to kill: the vCPU ends at once
+        (:class:`MachineTimeout` if it has not within ``timeout``) and the
         disks are flushed and closed.
         """
         if not self._started:
