@@ -43,3 +43,6 @@ if [ $test_deps = 1 ]; then
 else
   .venv/bin/python -m pip install -q -e .
 fi
+# Byte-compile kemu once, so that start-up does not compile it on every run
+# where PYTHONDONTWRITEBYTECODE is set.
+.venv/bin/python -m compileall -q src >/dev/null

@@ -86,6 +86,8 @@ HCR_RW = 1 << 31
 PSTATE_DAIF = 0xF << 6
 PSTATE_EL1H = 0b0101
 
+TARGET_PAGE_SIZE = 4096
+
 CPU_MODELS = {
     "cortex-a53": A.UC_CPU_ARM64_A53,
     "cortex-a57": A.UC_CPU_ARM64_A57,
@@ -149,6 +151,10 @@ class Aarch64Cpu:
         self.ptimer = ptimer
         uc = Uc(unicorn.UC_ARCH_ARM64, unicorn.UC_MODE_ARM)
         uc.ctl_set_cpu_model(CPU_MODELS[model])   # before any other call
+        # 4 KiB target pages, as QEMU uses for v7+ CPUs (Unicorn defaults to
+        # ARMv5's 1 KiB): a quarter of the TLB fills, and a guest's 4 KiB
+        # pages are not "large pages" whose flush empties the whole TLB.
+        uc.ctl_set_page_size(TARGET_PAGE_SIZE)
         engine.configure(uc, NATIVE_EXCEPTIONS)
         self.uc = uc
         for region in memory.regions:
