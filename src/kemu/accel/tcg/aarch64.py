@@ -123,6 +123,13 @@ class _RegBatch:
             raise AccelError("Unicorn refused a register batch write")
 
 
+class _CpReg(ctypes.Structure):
+    """uc_arm64_cp_reg: a system register write without the binding's wrapper (~2 us)."""
+
+    _fields_ = [("crn", ctypes.c_uint32), ("crm", ctypes.c_uint32), ("op0", ctypes.c_uint32),
+                ("op1", ctypes.c_uint32), ("op2", ctypes.c_uint32), ("val", ctypes.c_uint64)]
+
+
 def _xreg(n: int) -> int:
     if n < 29:
         return A.UC_ARM64_REG_X0 + n
@@ -163,6 +170,7 @@ class Aarch64Cpu:
             uc.mmio_map(base, size, self._mmio_read, base, self._mmio_write, base)
         uch = uc._uch
         self._uch = uch
+        self._cp_reg = _CpReg()
         self._hvc_args = _RegBatch(uch, [A.UC_ARM64_REG_X0, A.UC_ARM64_REG_X1,
                                          A.UC_ARM64_REG_X2, A.UC_ARM64_REG_X3])
         self._x0 = _RegBatch(uch, [A.UC_ARM64_REG_X0])
@@ -188,7 +196,6 @@ class Aarch64Cpu:
         engine.add_sysreg_hook(uc, self._mrs_cb, A.UC_ARM64_INS_MRS, CNTV_CTL_EL0, 1)
         engine.add_sysreg_hook(uc, self._mrs_cb, A.UC_ARM64_INS_MRS, CNTP_CTL_EL0, 2)
         self._mrs_value = ctypes.c_uint64()
-        self._timer_ctl_reg = {id(vtimer): CNTV_CTL_EL0, id(ptimer): CNTP_CTL_EL0}
         self._timer_cval_reg = {id(vtimer): CNTV_CVAL_EL0, id(ptimer): CNTP_CVAL_EL0}
         # Cross-thread state, under _lock: _running (inside emu_start), and
         # _stop_requested (another thread stopped the engine for this run).
@@ -201,7 +208,7 @@ class Aarch64Cpu:
         self._irq_level = False
         self._hcr = HCR_RW | HCR_IMO
         self._system_event: str | None = None
-        self._work_pending = False
+        self._work_pending = True
         #: Called on the vCPU thread with work pending, before the timers are looked at.
         self.on_safe_point: Callable[[], None] = lambda: None
         self._error: str | None = None
@@ -212,7 +219,11 @@ class Aarch64Cpu:
 
     # -- setup ----------------------------------------------------------------
     def _wsys(self, enc: tuple[int, int, int, int, int], value: int) -> None:
-        self.uc.reg_write(A.UC_ARM64_REG_CP_REG, _cp(enc, value))
+        cp = self._cp_reg
+        cp.op0, cp.op1, cp.crn, cp.crm, cp.op2 = enc
+        cp.val = value
+        if uclib.uc_reg_write(self._uch, A.UC_ARM64_REG_CP_REG, ctypes.byref(cp)):
+            raise AccelError(f"Unicorn refused a write of system register {enc}")
 
     def _rsys(self, enc: tuple[int, int, int, int, int]) -> int:
         return self.uc.reg_read(A.UC_ARM64_REG_CP_REG, _cp(enc))
@@ -295,6 +306,8 @@ class Aarch64Cpu:
         if threading.get_ident() == self._thread_id:
             if self._running:
                 self._apply_irq()  # taken at the next block start
+            else:
+                self._work_pending = True
             return
         with self._lock:
             self._work_pending = True
@@ -305,9 +318,9 @@ class Aarch64Cpu:
     def wait_for_interrupt(self, timeout: float | None) -> None:
         """Block (WFI) until the IRQ input is high, a kick, or ``timeout`` seconds."""
         with self._lock:
-            if self._irq_level or self._kick_requested or self._work_pending:
-                return
-            self._wake.wait(timeout)
+            if not (self._irq_level or self._kick_requested or self._work_pending):
+                self._wake.wait(timeout)
+            self._work_pending = True     # a timer deadline may be why it woke
 
     @property
     def irq_pending(self) -> bool:
@@ -321,10 +334,10 @@ class Aarch64Cpu:
             self._wsys(HCR_EL2, hcr)
 
     def sync_timers(self) -> None:
-        """Refresh ISTATUS in the CPU's timer control registers and the outputs."""
-        for timer in (self.vtimer, self.ptimer):
-            timer.update()
-            self._wsys(self._timer_ctl_reg[id(timer)], timer.ctl_value())
+        """Drive the timers' interrupt outputs from the counter (reads of
+        CNTx_CTL compute ISTATUS themselves)."""
+        self.vtimer.update()
+        self.ptimer.update()
 
     def _service(self) -> None:
         """Expired timers and the interrupt level, applied to the CPU."""
@@ -339,7 +352,8 @@ class Aarch64Cpu:
         with self._lock:
             kicked = self._kick_requested
             self._kick_requested = False
-        self._service()
+        if self._work_pending:
+            self._service()
         if kicked:
             return Kicked()
         with self._lock:
@@ -391,7 +405,7 @@ class Aarch64Cpu:
                 timer.write_cval(value)
             else:
                 timer.write_tval(value)
-            self._wsys(self._timer_ctl_reg[id(timer)], timer.ctl_value())
+            # CVAL as the CPU's TVAL and CVAL reads see it (CTL reads are hooked).
             self._wsys(self._timer_cval_reg[id(timer)], timer.cval)
             self.on_timer_change()
             if self._work_pending:
