@@ -114,7 +114,23 @@ class GicV2:
                        for _ in range(self.num_cpus)]
         self._spis = [_Irq() for _ in range(self.num_irqs - GIC_INTERNAL)]
         self._cpus = [_CpuIf(active_stack=[]) for _ in range(self.num_cpus)]
+        self._rebuild_asserted()
         self.update()
+
+    def _rebuild_asserted(self) -> None:
+        """Which interrupts may be pending: an interrupt's pending state or
+        input level only becomes true through :meth:`_assert`, and the scan
+        in :meth:`_best` forgets the ones it finds no longer pending, so the
+        scan looks at a handful of interrupts instead of all of them."""
+        self._asserted = [{i for i, irq in enumerate(bank) if irq.pending or irq.level}
+                          for bank in self._banks]
+        self._asserted_spis = {n for n, irq in enumerate(self._spis) if irq.pending or irq.level}
+
+    def _assert(self, cpu: int, intid: int) -> None:
+        if intid < GIC_INTERNAL:
+            self._asserted[cpu].add(intid)
+        else:
+            self._asserted_spis.add(intid - GIC_INTERNAL)
 
     # -- views ----------------------------------------------------------------
     def _irq(self, cpu: int, intid: int) -> _Irq:
@@ -133,6 +149,8 @@ class GicV2:
         if irq.edge and level and not irq.level:
             irq.pending = True
         irq.level = level
+        if level:
+            self._asserted_spis.add(spi)
         self.update()
 
     def set_ppi(self, cpu: int, ppi: int, level: bool) -> None:
@@ -141,6 +159,8 @@ class GicV2:
         if irq.edge and level and not irq.level:
             irq.pending = True
         irq.level = level
+        if level:
+            self._asserted[cpu].add(16 + ppi)
         self.update()
 
     def spi_line(self, spi: int) -> IrqLine:
@@ -158,11 +178,18 @@ class GicV2:
         best_id, best_prio = SPURIOUS, IDLE_PRIORITY
         if not self.ctlr & 1:
             return best_id, best_prio
-        for intid, irq in enumerate(self._banks[cpu]):
-            if irq.enabled and not irq.active and irq.is_pending() and irq.priority < best_prio:
+        bank, asserted = self._banks[cpu], self._asserted[cpu]
+        for intid in sorted(asserted):
+            irq = bank[intid]
+            if not irq.is_pending():
+                asserted.discard(intid)
+            elif irq.enabled and not irq.active and irq.priority < best_prio:
                 best_id, best_prio = intid, irq.priority
-        for n, irq in enumerate(self._spis):
-            if (irq.enabled and not irq.active and irq.is_pending() and irq.priority < best_prio
+        for n in sorted(self._asserted_spis):
+            irq = self._spis[n]
+            if not irq.is_pending():
+                self._asserted_spis.discard(n)
+            elif (irq.enabled and not irq.active and irq.priority < best_prio
                     and self._targets(cpu, n + GIC_INTERNAL, irq)):
                 best_id, best_prio = n + GIC_INTERNAL, irq.priority
         return best_id, best_prio
@@ -236,6 +263,7 @@ class GicV2:
                 irq = self._banks[cpu][intid]
                 irq.sgi_sources |= 1 << source
                 irq.pending = True
+                self._asserted[cpu].add(intid)
         self.update()
 
     # -- bitmap register helpers ----------------------------------------------------
@@ -257,6 +285,8 @@ class GicV2:
                 if attr == "enabled" and intid < 16:
                     continue  # SGIs are always enabled in this implementation
                 setattr(self._irq(cpu, intid), attr, state)
+                if attr == "pending" and state:
+                    self._assert(cpu, intid)
         self.update()
 
     # -- state --------------------------------------------------------------------
@@ -272,6 +302,7 @@ class GicV2:
         self._banks = [[_Irq(**d) for d in bank] for bank in state.irqs[:-1]]
         self._spis = [_Irq(**d) for d in state.irqs[-1]]
         self._cpus = [_CpuIf(**c) for c in state.cpus]
+        self._rebuild_asserted()
         self.update()
 
 
