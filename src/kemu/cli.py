@@ -238,8 +238,10 @@ def run_machine(config: MachineConfig) -> int:
         print(config.extra["note"], file=sys.stderr)
     if config.extra.get("daemonize"):
         _daemonize()
-    from kemu.qmp.server import QmpServer
-    servers = [QmpServer(vm, address) for address in config.extra.get("qmp", [])]
+    servers = []
+    if config.extra.get("qmp"):
+        from kemu.qmp.server import QmpServer   # asyncio: imported only when needed
+        servers = [QmpServer(vm, address) for address in config.extra["qmp"]]
     pidfile = config.extra.get("pidfile")
 
     def started() -> None:
