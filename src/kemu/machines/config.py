@@ -20,6 +20,8 @@ class DriveConfig:
     #: Warn, as QEMU does, when no format was given and the image probes as raw
     #: (-drive without format=; kemu's --disk asks for detection and stays quiet).
     warn_probed_raw: bool = True
+    #: QEMU's file.locking: "auto" (lock if the file system can), "on", "off".
+    locking: str = "auto"
 
 
 @dataclass

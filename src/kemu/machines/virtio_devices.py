@@ -42,7 +42,8 @@ def open_drive(drive: DriveConfig):
     def warn(message: str) -> None:
         log.warning("kemu: warning: %s", message)
     return open_image(drive.path, drive.format, drive.read_only,
-                      on_warning=warn if drive.warn_probed_raw else None)
+                      on_warning=warn if drive.warn_probed_raw else None,
+                      locking=drive.locking)
 
 
 def attach_devices(board, config: MachineConfig) -> list:
@@ -262,8 +263,15 @@ def parse_drive(text: str) -> DriveConfig:
     if cache not in ("writeback", "writethrough", "none", "directsync", "unsafe"):
         raise ConfigError(f"-drive cache={cache}: unknown cache mode")
     drive_id = props.pop("id", None)
+    if "locking" in props:
+        # as QEMU: locking belongs to the file (protocol) layer, not to the format
+        raise ConfigError(f"-drive: Block format '{fmt or 'raw'}' does not support the option "
+                          f"'locking' (use file.locking)")
+    locking = props.pop("file.locking", "auto")
+    if locking not in ("on", "off", "auto"):
+        raise ConfigError(f"-drive file.locking={locking}: expected on, off or auto")
     drive = DriveConfig(Path(props.pop("file")), fmt, ro == "on",
-                        drive_id if iface == "none" else None, cache)
+                        drive_id if iface == "none" else None, cache, locking=locking)
     props.pop("media", None)
     if props:
         raise ConfigError(f"-drive: unsupported parameter {next(iter(props))}")

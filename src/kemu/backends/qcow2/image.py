@@ -35,6 +35,7 @@ from kemu.backends.qcow2.header import (
     INCOMPAT_CORRUPT, INCOMPAT_DIRTY, OFF_AUTOCLEAR, OFFSET_MASK, Header,
     header_probe_length, parse_header)
 from kemu.backends.qcow2.io import HostFile
+from kemu.backends.locking import Permissions
 from kemu.backends.qcow2.mapping import (
     COMPRESSED, COMPRESSED_KIND, COPIED, NORMAL, UNALLOCATED, ZERO, ZERO_ALLOC, ZERO_PLAIN,
     ClusterMap, compressed_clusters)
@@ -59,7 +60,7 @@ class Qcow2Image:
     format = "qcow2"
 
     def __init__(self, file: HostFile, header: Header, *, chain=(),
-                 open_backing: bool = True) -> None:
+                 open_backing: bool = True, locking: str = "auto") -> None:
         self.file = file
         self.path = file.path
         self.header = header
@@ -89,17 +90,21 @@ class Qcow2Image:
         if not open_backing and not self.read_only:
             raise ImageError("an image opened without its backing file must be read-only")
         if h.backing_file is not None and open_backing:
-            self.backing = self._open_backing(chain)
+            self.backing = self._open_backing(chain, locking)
 
     # -- opening ----------------------------------------------------------------
 
     @classmethod
     def open(cls, path: str | Path, read_only: bool = False, *, chain=(),
-             backing: bool = True) -> "Qcow2Image":
+             backing: bool = True, lock: Permissions | None = None,
+             locking: str = "auto") -> "Qcow2Image":
         """Open the image at ``path`` and its backing chain (read-only).
         ``backing=False`` skips the backing file (reads of unallocated
-        clusters then return zeros): for inspecting an image alone."""
-        file = HostFile(path, read_only)
+        clusters then return zeros): for inspecting an image alone.
+        ``lock``/``locking``: QEMU's lock bytes to take on the file
+        (:mod:`kemu.backends.locking`); the backing chain is locked as
+        QEMU locks backing files."""
+        file = HostFile(path, read_only, lock, locking)
         try:
             try:
                 header = parse_header(
@@ -111,7 +116,8 @@ class Qcow2Image:
                 if not read_only and header.incompatible_features & INCOMPAT_CORRUPT:
                     raise ImageError("image is marked corrupt; it can only be opened read-only")
                 identity = file_identity(path)
-                image = cls(file, header, chain=chain + (identity,), open_backing=backing)
+                image = cls(file, header, chain=chain + (identity,), open_backing=backing,
+                            locking=locking)
             except ImageError as e:
                 msg = str(e)
                 raise ImageError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from None
@@ -126,7 +132,7 @@ class Qcow2Image:
             file.close()
             raise
 
-    def _open_backing(self, chain):
+    def _open_backing(self, chain, locking: str):
         name = self.header.backing_file
         assert name is not None
         path = resolve_backing(self.path, name)
@@ -134,7 +140,8 @@ class Qcow2Image:
         if fmt is not None and fmt not in ("raw", "qcow2"):
             raise ImageError(f"unsupported backing file format {fmt!r}")
         try:
-            return open_image(path, fmt, read_only=True, chain=chain)
+            return open_image(path, fmt, read_only=True, chain=chain, locking=locking,
+                              backing=True)
         except ImageError as e:
             raise ImageError(f"could not open backing file: {e}") from None
 

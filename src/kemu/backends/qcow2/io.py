@@ -15,18 +15,22 @@ from __future__ import annotations
 import os
 from collections import OrderedDict
 from pathlib import Path
-from typing import Callable, Generic, Iterator, Protocol, TypeVar
+from typing import TYPE_CHECKING, Callable, Generic, Iterator, Protocol, TypeVar
 
 from kemu.backends.block import ImageError, _open_fd
+
+if TYPE_CHECKING:
+    from kemu.backends.locking import Permissions
 
 
 class HostFile:
     """A file opened by path, accessed with pread/pwrite at offsets."""
 
-    def __init__(self, path: str | Path, read_only: bool) -> None:
+    def __init__(self, path: str | Path, read_only: bool, lock: "Permissions | None" = None,
+                 locking: str = "auto") -> None:
         self.path = Path(path)
         self.read_only = read_only
-        self.fd = _open_fd(self.path, read_only)
+        self.fd = _open_fd(self.path, read_only, lock, locking)
         try:
             st = os.fstat(self.fd)
             self.size = st.st_size
