@@ -43,6 +43,15 @@ class ImageError(KemuError):
     exit_status = 2
 
 
+class ImageIOError(ImageError):
+    """A host read, write or flush of an image file failed (``errno``: why), as
+    opposed to a malformed image: the guest's werror/rerror policy decides."""
+
+    def __init__(self, message: str, errno: int) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+
 #: Longest chain of backing files followed before giving up.
 MAX_BACKING_DEPTH = 32
 
@@ -106,7 +115,7 @@ class RawFile:
         try:
             data = os.pread(self._fd, length, offset)
         except OSError as e:
-            raise ImageError(f"{self.path}: read error: {e.strerror}") from None
+            raise ImageIOError(f"{self.path}: read error: {e.strerror}", e.errno) from None
         return data + bytes(length - len(data))
 
     def write(self, offset: int, data: bytes) -> None:
@@ -126,14 +135,14 @@ class RawFile:
                 n = os.pwrite(self._fd, view, offset)
                 view, offset = view[n:], offset + n
         except OSError as e:
-            raise ImageError(f"{self.path}: write error: {e.strerror}") from None
+            raise ImageIOError(f"{self.path}: write error: {e.strerror}", e.errno) from None
 
     def flush(self) -> None:
         if not self.read_only:
             try:
                 os.fsync(self._fd)
             except OSError as e:
-                raise ImageError(f"{self.path}: flush failed: {e.strerror}") from None
+                raise ImageIOError(f"{self.path}: flush failed: {e.strerror}", e.errno) from None
 
     def discard(self, offset: int, length: int) -> None:
         self.write_zeroes(offset, length)

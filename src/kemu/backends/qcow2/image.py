@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import struct
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 from kemu.backends.block import ImageError, file_identity, open_image
@@ -247,9 +248,13 @@ class Qcow2Image:
             return data + bytes(cs - len(data))
         return bytes(cs)
 
-    def _prepare(self, ci: int, start: int, chunk: memoryview) -> tuple[int, bytes | memoryview]:
+    def _prepare(self, ci: int, start: int, chunk: memoryview
+                 ) -> tuple[int, bytes | memoryview, "_Remap | None"]:
         """Make guest cluster ``ci`` writable for ``chunk`` at ``start`` in
-        it; returns (host offset, bytes to write there)."""
+        it; returns (host offset, bytes to write there, the L2 change to make
+        once they are written, if any).  Nothing points at a new cluster
+        before its data is on the host: a failed write (a full disk) leaves
+        the guest cluster as it was."""
         rc = self.refcounts
         assert rc is not None
         cb, cs = self.cluster_bits, self.cluster_size
@@ -268,28 +273,30 @@ class Qcow2Image:
                 if kind == NORMAL:
                     if not entry & COPIED:
                         self.map.set_entry(ci, entry | COPIED, l2_off)
-                    return host + start, chunk
+                    return host + start, chunk, None
                 buf = bytearray(cs)          # preallocated zero cluster: now data
                 buf[start:start + len(chunk)] = chunk
-                self.map.set_entry(ci, host | COPIED, l2_off)
-                return host, buf
-        new = rc.alloc(1) << cb
+                return host, buf, _Remap(ci, l2_off, host | COPIED, None, None)
+        new_cluster = rc.alloc(1)
+        new = new_cluster << cb
         reads_zero = kind in (ZERO_PLAIN, ZERO_ALLOC) or (kind == UNALLOCATED
                                                           and self.backing is None)
-        if len(chunk) == cs:
-            host, data = new, chunk
-        elif reads_zero and new >= self.file.size:
-            # a cluster past the end of the file reads as zeros already:
-            # write only the new bytes (the rest stays a hole)
-            host, data = new + start, chunk
-        else:      # copy-on-write: the old content around the new bytes
-            buf = bytearray(self._old_content(ci, entry, kind))
-            buf[start:start + len(chunk)] = chunk
-            host, data = new, buf
-        self.map.set_entry(ci, new | COPIED, l2_off)
-        if kind in (NORMAL, ZERO_ALLOC, COMPRESSED_KIND):
-            self._release(entry)
-        return host, data
+        try:
+            if len(chunk) == cs:
+                host, data = new, chunk
+            elif reads_zero and new >= self.file.size:
+                # a cluster past the end of the file reads as zeros already:
+                # write only the new bytes (the rest stays a hole)
+                host, data = new + start, chunk
+            else:      # copy-on-write: the old content around the new bytes
+                buf = bytearray(self._old_content(ci, entry, kind))
+                buf[start:start + len(chunk)] = chunk
+                host, data = new, buf
+        except BaseException:
+            rc.unalloc(new_cluster)
+            raise
+        release = entry if kind in (NORMAL, ZERO_ALLOC, COMPRESSED_KIND) else None
+        return host, data, _Remap(ci, l2_off, new | COPIED, release, new_cluster)
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         self._check_writable()
@@ -308,14 +315,29 @@ class Qcow2Image:
                         self.file.pwrite(host + start, view)
                         return
             batch = _WriteBatch(self.file)
+            remaps: list[_Remap] = []
             pos = 0
-            while pos < len(view):
-                g = offset + pos
-                n = min(cs - (g & (cs - 1)), len(view) - pos)
-                host, buf = self._prepare(g >> self.cluster_bits, g & (cs - 1), view[pos:pos + n])
-                batch.add(host, buf)
-                pos += n
-            batch.flush()
+            try:
+                while pos < len(view):
+                    g = offset + pos
+                    n = min(cs - (g & (cs - 1)), len(view) - pos)
+                    host, buf, remap = self._prepare(g >> self.cluster_bits, g & (cs - 1),
+                                                     view[pos:pos + n])
+                    if remap is not None:
+                        remaps.append(remap)
+                    batch.add(host, buf)
+                    pos += n
+                batch.flush()
+            except BaseException:
+                # the guest gets an error; its clusters still map what they did
+                for remap in remaps:
+                    if remap.new_cluster is not None:
+                        self.refcounts.unalloc(remap.new_cluster)
+                raise
+            for remap in remaps:
+                self.map.set_entry(remap.ci, remap.entry, remap.l2_offset)
+                if remap.release is not None:
+                    self._release(remap.release)
 
     def write_compressed(self, offset: int, data: bytes) -> None:
         """Write one whole, still unallocated guest cluster compressed (used
@@ -419,6 +441,19 @@ class Qcow2Image:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+@dataclass(frozen=True)
+class _Remap:
+    """An L2 change a write makes once its data is on the host."""
+
+    ci: int
+    l2_offset: int
+    entry: int
+    #: The old L2 entry whose clusters lose a reference, if any.
+    release: int | None
+    #: The cluster allocated for the write (given back if the write fails).
+    new_cluster: int | None
 
 
 class _WriteBatch:

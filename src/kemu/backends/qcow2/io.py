@@ -17,7 +17,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Generic, Iterator, Protocol, TypeVar
 
-from kemu.backends.block import ImageError, _open_fd
+from kemu.backends.block import ImageError, ImageIOError, _open_fd
 
 if TYPE_CHECKING:
     from kemu.backends.locking import Permissions
@@ -46,7 +46,8 @@ class HostFile:
         try:
             data = os.pread(self.fd, length, offset)
         except OSError as e:
-            raise ImageError(f"{self.path}: read error at {offset:#x}: {e.strerror}") from None
+            raise ImageIOError(f"{self.path}: read error at {offset:#x}: {e.strerror}",
+                               e.errno) from None
         if len(data) == length or not data:
             return data
         parts = [data]
@@ -56,7 +57,8 @@ class HostFile:
             try:
                 chunk = os.pread(self.fd, length, offset)
             except OSError as e:
-                raise ImageError(f"{self.path}: read error at {offset:#x}: {e.strerror}") from None
+                raise ImageIOError(f"{self.path}: read error at {offset:#x}: {e.strerror}",
+                                   e.errno) from None
             if not chunk:
                 break
             parts.append(chunk)
@@ -81,7 +83,11 @@ class HostFile:
                 n = os.pwrite(self.fd, view, offset)
                 view, offset = view[n:], offset + n
         except OSError as e:
-            raise ImageError(f"{self.path}: write error at {offset:#x}: {e.strerror}") from None
+            # bytes up to ``offset`` may have reached the file (a short write on a
+            # full disk): the end of the file moved, its tail is no longer a hole
+            self.size = max(self.size, offset)
+            raise ImageIOError(f"{self.path}: write error at {offset:#x}: {e.strerror}",
+                               e.errno) from None
         self.writes += 1
         if end > self.size:
             self.size = end
@@ -91,7 +97,7 @@ class HostFile:
         try:
             os.fsync(self.fd)
         except OSError as e:
-            raise ImageError(f"{self.path}: flush failed: {e.strerror}") from None
+            raise ImageIOError(f"{self.path}: flush failed: {e.strerror}", e.errno) from None
         self.synced_writes = writes
 
     def durable(self, write_count: int) -> bool:
@@ -137,7 +143,12 @@ class TableCache(Generic[T]):
         while len(self._tables) > self.capacity:
             old_offset, old = next(iter(self._tables.items()))
             if old.dirty:
-                self._writeback(old_offset, old)
+                try:
+                    self._writeback(old_offset, old)
+                except ImageIOError:
+                    # the host could not take it (a full disk): keep the table dirty,
+                    # over capacity, for the next flush; this caller's change is unrelated
+                    break
             # the write-back may itself have touched the cache
             if self._tables.get(old_offset) is old and not old.dirty:
                 del self._tables[old_offset]

@@ -1,0 +1,109 @@
+"""A full host disk under raw and qcow2 images (issue 16 item 3), at the
+block layer: writes and flushes fail with ENOSPC as one-line errors that
+carry errno, nothing the guest was told succeeded is lost, and once space
+is freed the failed requests go through and the image is clean
+(kemu's check and qemu-img check)."""
+
+from __future__ import annotations
+
+import errno
+import random
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from fulldisk import fill, mount_tmpfs, unmount
+
+from kemu.backends.block import ImageIOError, open_image
+from kemu.backends.qcow2 import check_qcow2, create_qcow2
+
+MiB = 1 << 20
+SIZE = 24 * MiB
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    where = tmp_path / "tmpfs"
+    mount_tmpfs(where, 6 * MiB)
+    yield where
+    unmount(where)
+
+
+def make_image(kind: str, where: Path, base_dir: Path, rnd: random.Random) -> tuple[Path, str, bytearray]:
+    """An image in ``where`` and the model of what the guest sees in it."""
+    if kind == "raw":
+        path = where / "disk.raw"
+        with open(path, "wb") as f:
+            f.truncate(SIZE)          # sparse: every write may need space
+        return path, "raw", bytearray(SIZE)
+    path = where / "disk.qcow2"
+    model = bytearray(SIZE)
+    if kind == "qcow2-backing":
+        base = base_dir / "base.raw"
+        model[:] = rnd.randbytes(SIZE)
+        base.write_bytes(model)
+        create_qcow2(path, SIZE, backing_file=str(base), backing_format="raw")
+    else:
+        create_qcow2(path, SIZE)
+    return path, "qcow2", model
+
+
+def guest_writes(rnd: random.Random, n: int):
+    """Writes as a guest file system makes them: runs of whole clusters, partial
+    clusters (copy-on-write) and rewrites of earlier places."""
+    done: list[int] = []
+    for i in range(n):
+        if done and i % 5 == 4:
+            off = rnd.choice(done)
+        else:
+            off = rnd.randrange(0, SIZE // 4096 - 64) * 4096
+        length = rnd.choice((4096, 65536, 3 * 4096, 192 * 1024))
+        done.append(off)
+        yield off, rnd.randbytes(length)
+
+
+@pytest.mark.parametrize("kind", ["raw", "qcow2", "qcow2-backing"])
+def test_filling_the_host_disk_loses_nothing_acknowledged(tmpfs, tmp_path, kind):
+    rnd = random.Random(16)
+    path, fmt, model = make_image(kind, tmpfs, tmp_path, rnd)
+    filler = tmpfs / "filler"
+    fill(filler, 2 * MiB)          # freed later: what the administrator deletes
+    disk = open_image(path, fmt)
+    failed: list[tuple[int, bytes]] = []
+    faults = 0
+    for i, (off, data) in enumerate(guest_writes(rnd, 400)):
+        try:
+            disk.write(off, data)
+        except ImageIOError as e:
+            assert e.errno == errno.ENOSPC and "\n" not in str(e)
+            faults += 1
+            failed.append((off, data))   # the guest got an error: content undefined
+            if len(failed) == 8:
+                break
+            continue
+        model[off:off + len(data)] = data
+        if i % 8 == 7:
+            try:
+                disk.flush()
+            except ImageIOError as e:
+                assert e.errno == errno.ENOSPC
+                faults += 1
+    assert faults, "the disk never filled up"
+    filler.unlink()                      # space again: the failed requests are retried
+    for off, data in failed:
+        disk.write(off, data)
+        model[off:off + len(data)] = data
+    disk.flush()
+    disk.close()
+    if fmt == "qcow2":
+        result = check_qcow2(path)
+        assert result.corruptions == 0, result.messages[:5]
+        if shutil.which("qemu-img"):
+            r = subprocess.run(["qemu-img", "check", str(path)], capture_output=True, text=True)
+            assert r.returncode in (0, 3), r.stdout + r.stderr     # 3: leaks only
+    disk = open_image(path, fmt)
+    lost = sum(1 for o in range(0, SIZE, 65536)
+               if disk.read(o, 65536) != bytes(model[o:o + 65536]))
+    disk.close()
+    assert lost == 0, f"{lost} of {SIZE // 65536} 64 KiB blocks differ after {faults} faults"
