@@ -107,3 +107,80 @@ def test_filling_the_host_disk_loses_nothing_acknowledged(tmpfs, tmp_path, kind)
                if disk.read(o, 65536) != bytes(model[o:o + 65536]))
     disk.close()
     assert lost == 0, f"{lost} of {SIZE // 65536} 64 KiB blocks differ after {faults} faults"
+
+
+# -- through virtio-blk: werror= policies, as a guest driver sees them -------------------------
+
+def blk_device(disk, **kw):
+    from virtio_driver import VirtioMmioDriver, make_memory
+
+    from kemu.devices.base import IrqLine
+    from kemu.devices.virtio.blk import VirtioBlk
+    from kemu.devices.virtio.mmio import VirtioMmioTransport
+    errors: list[tuple[str, str, int]] = []
+    mem = make_memory(32 << 20)
+    dev = VirtioBlk(disk, on_io_error=lambda *e: errors.append(e), **kw)
+    drv = VirtioMmioDriver(VirtioMmioTransport(dev, mem, IrqLine()), mem)
+    (q,) = drv.init()
+    return dev, drv, q, errors
+
+
+def post_write(drv, q, sector: int, data: bytes):
+    """Queue a write; returns (head, status buffer)."""
+    import struct
+
+    from kemu.devices.virtio import blk as b
+    status = drv.buffer(1, writable=True)
+    drv.memory.write(status.addr, b"\xEE")
+    head = q.add([drv.buffer(struct.pack("<IIQ", b.VIRTIO_BLK_T_OUT, 0, sector)),
+                  drv.buffer(data), status])
+    return head, status
+
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+@pytest.mark.parametrize("werror", ["enospc", "stop", "report", "ignore"])
+def test_werror_policies_on_a_full_disk(tmpfs, tmp_path, fmt, werror):
+    from kemu.devices.virtio import blk as b
+    rnd = random.Random(3)
+    path, fmt, model = make_image(fmt, tmpfs, tmp_path, rnd)
+    filler = tmpfs / "filler"
+    fill(filler, 2 * MiB)
+    disk = open_image(path, fmt)
+    dev, drv, q, errors = blk_device(disk, werror=werror)
+    acked: dict[int, bytes] = {}
+    held = None
+    for i in range(4 * SIZE // (256 << 10)):
+        sector = (i * (256 << 10)) % SIZE // 512
+        data = rnd.randbytes(256 << 10)
+        head, status = post_write(drv, q, sector, data)
+        used = q.get_used()
+        if not errors:
+            assert used == [(head, 1)] and drv.memory.read(status.addr, 1) == b"\0"
+            acked[sector] = data
+            continue
+        assert errors == [("write", "report" if werror == "report" else
+                           "ignore" if werror == "ignore" else "stop", errno.ENOSPC)]
+        if werror in ("enospc", "stop"):
+            assert used == [] and dev.held_requests == 1      # held: the guest waits
+            held = (head, status, sector, data)
+        elif werror == "report":
+            assert used == [(head, 1)] and drv.memory.read(status.addr, 1)[0] == b.VIRTIO_BLK_S_IOERR
+        else:
+            assert used == [(head, 1)] and drv.memory.read(status.addr, 1)[0] == b.VIRTIO_BLK_S_OK
+        break
+    else:
+        pytest.fail("the disk never filled up")
+    filler.unlink()
+    if held is not None:               # cont: the held request runs again and completes
+        dev.retry_held()
+        head, status, sector, data = held
+        assert q.get_used() == [(head, 1)] and drv.memory.read(status.addr, 1) == b"\0"
+        acked[sector] = data
+    disk.flush()
+    disk.close()
+    disk = open_image(path, fmt)
+    lost = [s for s, data in acked.items() if disk.read(s * 512, len(data)) != data]
+    disk.close()
+    assert lost == []
+    if fmt == "qcow2":
+        assert check_qcow2(path).corruptions == 0

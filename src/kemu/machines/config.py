@@ -22,6 +22,9 @@ class DriveConfig:
     warn_probed_raw: bool = True
     #: QEMU's file.locking: "auto" (lock if the file system can), "on", "off".
     locking: str = "auto"
+    #: QEMU's werror= / rerror= (kemu.backends.block_error): what a failed host write / read does.
+    werror: str = "enospc"
+    rerror: str = "report"
 
 
 @dataclass
