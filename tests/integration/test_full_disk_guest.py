@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "unit"))
-from fulldisk import fill, free_bytes, mount_tmpfs, unmount  # noqa: E402
+from fulldisk import fill, free_bytes, small_tmpfs  # noqa: E402
 
 from kemu import Machine  # noqa: E402
 from kemu.api import BlockIOError, Stop  # noqa: E402
@@ -23,10 +23,8 @@ MiB = 1 << 20
 
 @pytest.fixture
 def tmpfs(tmp_path):
-    where = tmp_path / "tmpfs"
-    mount_tmpfs(where, 16 * MiB)
-    yield where
-    unmount(where)
+    with small_tmpfs(tmp_path, 16 * MiB) as where:
+        yield where
 
 
 def test_enospc_pauses_and_cont_retries(guest, tmpfs):

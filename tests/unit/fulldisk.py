@@ -11,7 +11,9 @@ from __future__ import annotations
 import errno
 import os
 import subprocess
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -27,6 +29,17 @@ def mount_tmpfs(where: Path, size: int) -> None:
 
 def unmount(where: Path) -> None:
     subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+@contextmanager
+def small_tmpfs(parent: Path, size: int) -> Iterator[Path]:
+    """A tmpfs of ``size`` bytes mounted at ``parent/tmpfs`` meanwhile (or a skip)."""
+    where = parent / "tmpfs"
+    mount_tmpfs(where, size)
+    try:
+        yield where
+    finally:
+        unmount(where)
 
 
 def fill(path: Path, limit: int | None = None) -> int:

@@ -13,7 +13,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from fulldisk import fill, mount_tmpfs, unmount
+from fulldisk import fill, small_tmpfs
 
 from kemu.backends.block import ImageIOError, open_image
 from kemu.backends.qcow2 import check_qcow2, create_qcow2
@@ -24,10 +24,8 @@ SIZE = 24 * MiB
 
 @pytest.fixture
 def tmpfs(tmp_path):
-    where = tmp_path / "tmpfs"
-    mount_tmpfs(where, 6 * MiB)
-    yield where
-    unmount(where)
+    with small_tmpfs(tmp_path, 6 * MiB) as where:
+        yield where
 
 
 def make_image(kind: str, where: Path, base_dir: Path, rnd: random.Random) -> tuple[Path, str, bytearray]:
