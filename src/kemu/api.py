@@ -98,7 +98,30 @@ class Event:
 
 @dataclass(frozen=True)
 class Stop(Event):
-    """The vCPUs stopped (QMP's STOP)."""
+    """The vCPUs stopped (QMP's STOP): ``reason`` is ``"io-error"`` when a disk's
+    werror/rerror policy paused the machine (QMP's query-status then says
+    ``io-error``), else empty."""
+
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class BlockIOError(Event):
+    """The host failed a disk request (QMP's BLOCK_IO_ERROR), and what was done
+    about it: ``action`` ``report``, ``ignore`` or ``stop`` (the machine pauses;
+    :meth:`Machine.resume` retries the request)."""
+
+    device: str = ""
+    node_name: str = ""
+    operation: str = ""
+    action: str = ""
+    nospace: bool = False
+    reason: str = ""
+
+    def qmp_data(self) -> dict:
+        return {"device": self.device, "node-name": self.node_name,
+                "operation": self.operation, "action": self.action,
+                "nospace": self.nospace, "reason": self.reason}
 
 
 @dataclass(frozen=True)
@@ -145,10 +168,10 @@ class GuestPanicked(Event):
     message: str = ""
 
 
-MachineEvent = Union[Stop, Resume, Powerdown, Reset, GuestPanicked, Shutdown]
+MachineEvent = Union[Stop, Resume, Powerdown, Reset, GuestPanicked, Shutdown, BlockIOError]
 
 #: QMP event names that are not the class name in capitals.
-_QMP_NAMES = {GuestPanicked: "GUEST_PANICKED"}
+_QMP_NAMES = {GuestPanicked: "GUEST_PANICKED", BlockIOError: "BLOCK_IO_ERROR"}
 
 
 class Console:
@@ -321,6 +344,10 @@ class Machine:
         # A board that reboots for the guest (PSCI SYSTEM_RESET without
         # -no-reboot) calls this first, if it has the hook.
         self._board.on_reset = lambda: self._emit(Reset(guest=True))
+        # a disk's werror/rerror policy reports here (kemu.machines.virtio_devices)
+        self._board.on_block_io_error = self._block_io_error
+        #: Paused by a disk error (QMP's run state io-error) until resumed.
+        self.io_error = False
         self._started = False
         self._outcome: Outcome | None = None
         self._lock = threading.Lock()
@@ -338,6 +365,8 @@ class Machine:
                 if isinstance(event, (Shutdown, Reset)) else None)
         if isinstance(event, GuestPanicked):
             data = {"action": "poweroff"}
+        if isinstance(event, BlockIOError):
+            data = event.qmp_data()
         name = _QMP_NAMES.get(type(event), type(event).__name__.upper())
         message = qmp_event(name, data, event.timestamp)
         for listener in list(self._listeners):
@@ -353,13 +382,36 @@ class Machine:
                 self._unreported.discard(state)
                 return
         if state == RunState.PAUSED:
-            self._emit(Stop())
+            self._emit(Stop(reason="io-error" if self.io_error else ""))
         elif state == RunState.RUNNING:
             self.has_run = True
             self._emit(Resume())
         elif state == RunState.STOPPED:
             self.console._close()
             threading.Thread(target=self.wait, daemon=True).start()
+
+    def _block_io_error(self, info) -> None:
+        """A disk request failed (any thread): BLOCK_IO_ERROR, and with the
+        ``stop`` action, pause (from another thread: this may be the vCPU)."""
+        self._emit(BlockIOError(device=info.device, node_name=info.node_name,
+                                operation=info.operation, action=info.action,
+                                nospace=info.nospace, reason=info.reason))
+        if info.action == "stop":
+            with self._lock:
+                if self.io_error:
+                    return          # already pausing for an earlier request
+                self.io_error = True
+            threading.Thread(target=self._board.pause, name="io-error-stop",
+                             daemon=True).start()
+
+    def _retry_held_requests(self) -> None:
+        """Run again the disk requests the ``stop`` policy held (after resume)."""
+        for slot in getattr(self._board, "virtio_slots", ()):
+            device = getattr(getattr(slot, "device", None), "device", None)
+            retry = getattr(device, "retry_held", None)
+            if retry is not None:
+                with self._board.lock:
+                    retry()
 
     def events(self, timeout: float = 0.0) -> Iterator[MachineEvent]:
         """Events since the last call; waits up to ``timeout`` for the first one."""
@@ -411,7 +463,10 @@ class Machine:
     def resume(self) -> None:
         """Run the vCPUs again (as QMP's ``cont``), after :meth:`pause` or ``start(paused=True)``."""
         self._require_running("resume")
+        with self._lock:
+            self.io_error = False
         self._board.resume()
+        self._retry_held_requests()
 
     def stop(self) -> None:
         """End the machine (as QMP's ``quit``); :meth:`wait` gives its exit status."""

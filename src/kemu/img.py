@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable, TextIO
 
 from kemu.backends.block import ImageError, RawFile, detect_format, open_image
+from kemu.backends.locking import image_permissions
 from kemu.errors import KemuError
 
 PROG = "kemu img"
@@ -136,6 +137,12 @@ def _check_format(fmt: str | None) -> None:
 # -- subcommands -------------------------------------------------------------------------
 
 
+def _force_share_option(parser) -> None:
+    parser.add_argument("-U", "--force-share", dest="U", action="store_true",
+                        help="open the image read-only even if another process has it "
+                             "open for writing (as qemu-img -U)")
+
+
 def cmd_create(args, out: TextIO, err: TextIO) -> int:
     _check_format(args.f)
     fmt = args.f or "raw"
@@ -167,7 +174,7 @@ def cmd_create(args, out: TextIO, err: TextIO) -> int:
     return 0
 
 
-def _info(path: Path, fmt: str | None) -> dict:
+def _info(path: Path, fmt: str | None, force_share: bool = False) -> dict:
     _check_format(fmt)
     fmt = fmt or detect_format(path)
     try:
@@ -176,7 +183,8 @@ def _info(path: Path, fmt: str | None) -> dict:
         raise ImageError(f"could not open {path}: {e.strerror}") from None
     info: dict = {}      # keys in qemu-img's order
     if fmt == "raw":
-        disk = RawFile(path, read_only=True)
+        # as qemu-img info: a raw image has no metadata, writers are tolerated
+        disk = RawFile(path, read_only=True, lock=image_permissions("raw", True, force_share=True))
         info.update({"virtual-size": disk.size, "filename": str(path), "format": "raw",
                      "actual-size": actual})
         disk.close()
@@ -185,7 +193,8 @@ def _info(path: Path, fmt: str | None) -> dict:
     from kemu.backends.qcow2 import Qcow2Image
     from kemu.backends.qcow2.header import COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY
     from kemu.backends.qcow2.image import resolve_backing
-    image = Qcow2Image.open(path, read_only=True, backing=False)
+    image = Qcow2Image.open(path, read_only=True, backing=False,
+                            lock=image_permissions("qcow2", True, force_share=force_share))
     try:
         h = image.header
         if h.backing_file is not None and h.backing_format:
@@ -212,7 +221,7 @@ def _info(path: Path, fmt: str | None) -> dict:
 
 
 def cmd_info(args, out: TextIO, err: TextIO) -> int:
-    info = _info(Path(args.file), args.f)
+    info = _info(Path(args.file), args.f, args.U)
     if args.output == "json":
         print(json.dumps(info, indent=4), file=out)
         return 0
@@ -247,7 +256,7 @@ def cmd_check(args, out: TextIO, err: TextIO) -> int:
         print(f"{PROG}: this image format ({fmt}) does not support checks", file=err)
         return 63
     from kemu.backends.qcow2 import check_qcow2
-    result = check_qcow2(path)
+    result = check_qcow2(path, lock=image_permissions("qcow2", True, force_share=args.U))
     if args.output == "json":
         print(json.dumps(result.to_json(), indent=4), file=out)
     elif not args.q:
@@ -264,7 +273,7 @@ def cmd_convert(args, out: TextIO, err: TextIO) -> int:
         raise ImageError("compression (-c) needs the qcow2 output format")
     if dst_path.exists() and src_path.exists() and os.path.samefile(src_path, dst_path):
         raise ImageError("source and destination are the same file")
-    src = open_image(src_path, args.f, read_only=True)
+    src = open_image(src_path, args.f, read_only=True, force_share=args.U)
     try:
         size = src.size
         if fmt == "qcow2" and size % 512:
@@ -326,17 +335,20 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("size", nargs="?")
     c.set_defaults(run=cmd_create)
     i = sub.add_parser("info", help="show information about an image")
+    _force_share_option(i)
     i.add_argument("-f", metavar="FMT")
     i.add_argument("--output", choices=("human", "json"), default="human")
     i.add_argument("file")
     i.set_defaults(run=cmd_info)
     k = sub.add_parser("check", help="check a qcow2 image for consistency")
+    _force_share_option(k)
     k.add_argument("-f", metavar="FMT")
     k.add_argument("--output", choices=("human", "json"), default="human")
     k.add_argument("-q", action="store_true", help="quiet")
     k.add_argument("file")
     k.set_defaults(run=cmd_check)
     v = sub.add_parser("convert", help="copy an image into a new one, maybe another format")
+    _force_share_option(v)
     v.add_argument("-f", metavar="FMT", help="source format (probed if omitted)")
     v.add_argument("-O", metavar="FMT", help="output format: raw (default) or qcow2")
     v.add_argument("-o", metavar="OPTIONS", help="output format options")

@@ -164,3 +164,20 @@ def test_cpus_and_block_describe_the_machine(tmp_path):
     block = run(s, '{"execute": "query-block"}')["return"]
     assert [(b["device"], b["inserted"]["drv"], b["inserted"]["ro"]) for b in block] == [
         ("virtio0", "qcow2", False), ("r", "raw", True)]
+
+
+def test_status_io_error_and_block_io_error_event():
+    """A machine paused by a disk's werror policy says io-error, as QEMU; its
+    BLOCK_IO_ERROR event carries QEMU's fields."""
+    from kemu.api import BlockIOError
+    vm = FakeVm()
+    vm.state, vm.io_error = "paused", True
+    session = negotiated(vm)
+    assert run(session, '{"execute": "query-status"}')["return"]["status"] == "io-error"
+    event = BlockIOError(device="virtio0", node_name="#block000", operation="write",
+                         action="stop", nospace=True, reason="No space left on device")
+    assert event.qmp_data() == {"device": "virtio0", "node-name": "#block000",
+                                "operation": "write", "action": "stop", "nospace": True,
+                                "reason": "No space left on device"}
+    run(session, '{"execute": "cont"}')
+    assert vm.calls == ["resume"]

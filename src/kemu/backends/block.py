@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Callable
 from kemu.errors import KemuError
 
 if TYPE_CHECKING:
+    from kemu.backends.locking import Permissions
     from kemu.devices.virtio.blk import BlockBackend
 
 QCOW2_MAGIC = b"QFI\xfb"
@@ -42,16 +43,35 @@ class ImageError(KemuError):
     exit_status = 2
 
 
+class ImageIOError(ImageError):
+    """A host read, write or flush of an image file failed (``errno``: why), as
+    opposed to a malformed image: the guest's werror/rerror policy decides."""
+
+    def __init__(self, message: str, errno: int) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+
 #: Longest chain of backing files followed before giving up.
 MAX_BACKING_DEPTH = 32
 
 
-def _open_fd(path: Path, read_only: bool) -> int:
+def _open_fd(path: Path, read_only: bool, lock: "Permissions | None" = None,
+             locking: str = "auto") -> int:
+    """Open an image file; with ``lock``, take QEMU's lock bytes for those
+    permissions (:mod:`kemu.backends.locking`) unless ``locking`` is "off"."""
     try:
         fd = os.open(path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
         if stat.S_ISDIR(os.fstat(fd).st_mode):
             os.close(fd)
             raise IsADirectoryError
+        if lock is not None:
+            from kemu.backends.locking import lock_image
+            try:
+                lock_image(fd, path, lock, locking)
+            except BaseException:
+                os.close(fd)
+                raise
         return fd
     except FileNotFoundError:
         raise ImageError(f"could not open {path}: No such file or directory") from None
@@ -70,13 +90,14 @@ class RawFile:
     format = "raw"
 
     def __init__(self, path: str | Path, read_only: bool = False, *,
-                 probed: bool = False) -> None:
+                 probed: bool = False, lock: "Permissions | None" = None,
+                 locking: str = "auto") -> None:
         self.path = Path(path)
         self.read_only = read_only
         #: Format was guessed: refuse writes that would make sector 0 probe as
         #: something other than raw.
         self.probed = probed
-        self._fd = _open_fd(self.path, read_only)
+        self._fd = _open_fd(self.path, read_only, lock, locking)
         try:
             st = os.fstat(self._fd)
             self.size = st.st_size if stat.S_ISREG(st.st_mode) else os.lseek(self._fd, 0, os.SEEK_END)
@@ -94,7 +115,7 @@ class RawFile:
         try:
             data = os.pread(self._fd, length, offset)
         except OSError as e:
-            raise ImageError(f"{self.path}: read error: {e.strerror}") from None
+            raise ImageIOError(f"{self.path}: read error: {e.strerror}", e.errno) from None
         return data + bytes(length - len(data))
 
     def write(self, offset: int, data: bytes) -> None:
@@ -114,14 +135,14 @@ class RawFile:
                 n = os.pwrite(self._fd, view, offset)
                 view, offset = view[n:], offset + n
         except OSError as e:
-            raise ImageError(f"{self.path}: write error: {e.strerror}") from None
+            raise ImageIOError(f"{self.path}: write error: {e.strerror}", e.errno) from None
 
     def flush(self) -> None:
         if not self.read_only:
             try:
                 os.fsync(self._fd)
             except OSError as e:
-                raise ImageError(f"{self.path}: flush failed: {e.strerror}") from None
+                raise ImageIOError(f"{self.path}: flush failed: {e.strerror}", e.errno) from None
 
     def discard(self, offset: int, length: int) -> None:
         self.write_zeroes(offset, length)
@@ -165,7 +186,8 @@ def file_identity(path: str | Path) -> tuple[int, int]:
 def open_image(path: str | Path, format: str | None = None,
                read_only: bool = False, *,
                on_warning: Callable[[str], None] | None = None,
-               chain: tuple[tuple[int, int], ...] = ()) -> "BlockBackend":
+               chain: tuple[tuple[int, int], ...] = (), locking: str = "auto",
+               force_share: bool = False, backing: bool = False) -> "BlockBackend":
     """Open a disk image as a :class:`BlockBackend`.
 
     ``format`` is ``"raw"``, ``"qcow2"`` or ``None`` to probe: a file with
@@ -174,7 +196,16 @@ def open_image(path: str | Path, format: str | None = None,
     message saying so.
     ``chain`` holds the identities of the images that have this one as
     their backing file (backing loop detection).
+
+    The file is locked as QEMU locks it (:mod:`kemu.backends.locking`):
+    ``locking`` is QEMU's ``file.locking`` (on, off, auto), ``force_share``
+    its ``-U`` (read-only opens that tolerate writers), ``backing`` says the
+    image is opened as another image's backing file (its chain inherits
+    ``locking``).
     """
+    from kemu.backends.locking import image_permissions
+    if force_share and not read_only:
+        raise ImageError(f"{path}: force-share=on can only be used with read-only images")
     path = Path(path)
     if len(chain) >= MAX_BACKING_DEPTH:
         raise ImageError(f"{path}: backing file chain is longer than {MAX_BACKING_DEPTH}")
@@ -188,8 +219,12 @@ def open_image(path: str | Path, format: str | None = None,
                        f"Automatically detecting the format is dangerous for raw images, "
                        f"write operations on block 0 will be restricted. Specify the "
                        f"'raw' format explicitly to remove the restrictions.")
-        return RawFile(path, read_only, probed=probed and not read_only)
+        return RawFile(path, read_only, probed=probed and not read_only,
+                       lock=image_permissions("raw", read_only, backing=backing,
+                                              force_share=force_share), locking=locking)
     if fmt == "qcow2":
         from kemu.backends.qcow2 import Qcow2Image
-        return Qcow2Image.open(path, read_only=read_only, chain=chain)
+        return Qcow2Image.open(path, read_only=read_only, chain=chain, locking=locking,
+                               lock=image_permissions("qcow2", read_only, backing=backing,
+                                                      force_share=force_share))
     raise ImageError(f"{path}: unknown image format {fmt!r} (known: raw, qcow2)")

@@ -20,6 +20,11 @@ class DriveConfig:
     #: Warn, as QEMU does, when no format was given and the image probes as raw
     #: (-drive without format=; kemu's --disk asks for detection and stays quiet).
     warn_probed_raw: bool = True
+    #: QEMU's file.locking: "auto" (lock if the file system can), "on", "off".
+    locking: str = "auto"
+    #: QEMU's werror= / rerror= (kemu.backends.block_error): what a failed host write / read does.
+    werror: str = "enospc"
+    rerror: str = "report"
 
 
 @dataclass

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 
+from kemu.backends.block_error import DEFAULT_RERROR, DEFAULT_WERROR, ON_ERROR, BlockIOErrorInfo
 from kemu.errors import ConfigError
 from kemu.machines.config import DeviceConfig, DriveConfig, MachineConfig, NetdevConfig
 from kemu.machines.opts import split_opts
@@ -42,7 +43,8 @@ def open_drive(drive: DriveConfig):
     def warn(message: str) -> None:
         log.warning("kemu: warning: %s", message)
     return open_image(drive.path, drive.format, drive.read_only,
-                      on_warning=warn if drive.warn_probed_raw else None)
+                      on_warning=warn if drive.warn_probed_raw else None,
+                      locking=drive.locking)
 
 
 def attach_devices(board, config: MachineConfig) -> list:
@@ -87,7 +89,8 @@ def _attach(board, config: MachineConfig, backends: list) -> None:
             backends.append(backend)
             attach_transport(board, VirtioBlk(backend, serial=f"kemu-disk{index}",
                                           read_only=drive.read_only,
-                                          name=f"virtio-blk{index}"))
+                                          name=f"virtio-blk{index}",
+                                          **_error_policy(board, drive, index)))
     for dev in config.devices:
         kind = VIRTIO_DRIVERS[dev.driver]
         if kind == "rng":
@@ -103,7 +106,9 @@ def _attach(board, config: MachineConfig, backends: list) -> None:
             backend = open_drive(drive)
             backends.append(backend)
             attach_transport(board, VirtioBlk(backend, serial=dev.props.get("serial", drive_id),
-                                          read_only=drive.read_only, name=f"virtio-blk-{drive_id}"))
+                                          read_only=drive.read_only, name=f"virtio-blk-{drive_id}",
+                                          **_error_policy(board, drive,
+                                                          config.drives.index(drive))))
         elif kind == "net":
             attach_transport(board, net.nic(dev))
         elif kind == "vsock":
@@ -120,6 +125,19 @@ def _attach(board, config: MachineConfig, backends: list) -> None:
     if unclaimed:
         raise ConfigError(f"-drive id={min(unclaimed)}: no -device uses this drive")
     net.finish()
+
+
+def _error_policy(board, drive: DriveConfig, index: int) -> dict:
+    """werror/rerror of a drive, and its failures reported to the board's
+    ``on_block_io_error`` (set by :class:`kemu.Machine`) under QEMU's names:
+    the drive id or ``virtio<N>`` (as query-block), node ``#block<N>``."""
+    device = drive.id or f"virtio{index}"
+
+    def report(operation: str, action: str, err: int) -> None:
+        hook = getattr(board, "on_block_io_error", None)
+        if hook is not None:
+            hook(BlockIOErrorInfo(device, f"#block{index:03d}", operation, action, err))
+    return {"werror": drive.werror, "rerror": drive.rerror, "on_io_error": report}
 
 
 def _console(board, dev: DeviceConfig, index: int):
@@ -262,8 +280,22 @@ def parse_drive(text: str) -> DriveConfig:
     if cache not in ("writeback", "writethrough", "none", "directsync", "unsafe"):
         raise ConfigError(f"-drive cache={cache}: unknown cache mode")
     drive_id = props.pop("id", None)
+    if "locking" in props:
+        # as QEMU: locking belongs to the file (protocol) layer, not to the format
+        raise ConfigError(f"-drive: Block format '{fmt or 'raw'}' does not support the option "
+                          f"'locking' (use file.locking)")
+    locking = props.pop("file.locking", "auto")
+    if locking not in ("on", "off", "auto"):
+        raise ConfigError(f"-drive file.locking={locking}: expected on, off or auto")
+    policies = {}
+    for key, default in (("werror", DEFAULT_WERROR), ("rerror", DEFAULT_RERROR)):
+        policies[key] = props.pop(key, default)
+        if policies[key] not in ON_ERROR:
+            raise ConfigError(f"-drive {key}={policies[key]}: expected one of "
+                              f"{', '.join(ON_ERROR)}")
     drive = DriveConfig(Path(props.pop("file")), fmt, ro == "on",
-                        drive_id if iface == "none" else None, cache)
+                        drive_id if iface == "none" else None, cache, locking=locking,
+                        **policies)
     props.pop("media", None)
     if props:
         raise ConfigError(f"-drive: unsupported parameter {next(iter(props))}")

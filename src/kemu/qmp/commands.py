@@ -82,6 +82,8 @@ class Commands:
         state = self.vm.state
         if state == "created" or (state == "paused" and not self.vm.has_run):
             state = "prelaunch"        # -S and never continued, as QEMU says
+        elif state == "paused" and getattr(self.vm, "io_error", False):
+            state = "io-error"         # a disk's werror/rerror policy paused it
         return {"running": state == "running", "singlestep": False, "status": state}
 
     def query_commands(self, _args: dict) -> list:

@@ -19,6 +19,7 @@ import struct
 from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kemu.backends.block import ImageError
 from kemu.backends.qcow2.header import (
@@ -26,6 +27,9 @@ from kemu.backends.qcow2.header import (
 from kemu.backends.qcow2.mapping import COMPRESSED, COPIED, L1E_RESERVED, compressed_extent
 from kemu.backends.qcow2.io import HostFile
 from kemu.backends.qcow2.refcount import REFT_RESERVED, RefcountBlock, be_array
+
+if TYPE_CHECKING:
+    from kemu.backends.locking import Permissions
 
 #: Snapshot table entry, fixed part (spec: "Snapshots").
 SNAPSHOT_ENTRY = struct.Struct(">QIHHIIQII")
@@ -280,10 +284,11 @@ class _Checker:
         self.r.image_end_offset = (highest + 1) * self.cs
 
 
-def check_qcow2(path: str | Path) -> CheckResult:
+def check_qcow2(path: str | Path, lock: "Permissions | None" = None) -> CheckResult:
     """Check the image at ``path``; raises :class:`ImageError` only when the
-    header itself cannot be used."""
-    file = HostFile(path, True)
+    header itself cannot be used.  ``lock``: QEMU's lock bytes to hold meanwhile
+    (:mod:`kemu.backends.locking`)."""
+    file = HostFile(path, True, lock)
     try:
         try:
             h = parse_header(file.pread(0, min(header_probe_length(file.pread(0, 24)), file.size)),

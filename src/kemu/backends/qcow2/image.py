@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import struct
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 from kemu.backends.block import ImageError, file_identity, open_image
@@ -35,6 +36,7 @@ from kemu.backends.qcow2.header import (
     INCOMPAT_CORRUPT, INCOMPAT_DIRTY, OFF_AUTOCLEAR, OFFSET_MASK, Header,
     header_probe_length, parse_header)
 from kemu.backends.qcow2.io import HostFile
+from kemu.backends.locking import Permissions
 from kemu.backends.qcow2.mapping import (
     COMPRESSED, COMPRESSED_KIND, COPIED, NORMAL, UNALLOCATED, ZERO, ZERO_ALLOC, ZERO_PLAIN,
     ClusterMap, compressed_clusters)
@@ -59,7 +61,7 @@ class Qcow2Image:
     format = "qcow2"
 
     def __init__(self, file: HostFile, header: Header, *, chain=(),
-                 open_backing: bool = True) -> None:
+                 open_backing: bool = True, locking: str = "auto") -> None:
         self.file = file
         self.path = file.path
         self.header = header
@@ -89,17 +91,21 @@ class Qcow2Image:
         if not open_backing and not self.read_only:
             raise ImageError("an image opened without its backing file must be read-only")
         if h.backing_file is not None and open_backing:
-            self.backing = self._open_backing(chain)
+            self.backing = self._open_backing(chain, locking)
 
     # -- opening ----------------------------------------------------------------
 
     @classmethod
     def open(cls, path: str | Path, read_only: bool = False, *, chain=(),
-             backing: bool = True) -> "Qcow2Image":
+             backing: bool = True, lock: Permissions | None = None,
+             locking: str = "auto") -> "Qcow2Image":
         """Open the image at ``path`` and its backing chain (read-only).
         ``backing=False`` skips the backing file (reads of unallocated
-        clusters then return zeros): for inspecting an image alone."""
-        file = HostFile(path, read_only)
+        clusters then return zeros): for inspecting an image alone.
+        ``lock``/``locking``: QEMU's lock bytes to take on the file
+        (:mod:`kemu.backends.locking`); the backing chain is locked as
+        QEMU locks backing files."""
+        file = HostFile(path, read_only, lock, locking)
         try:
             try:
                 header = parse_header(
@@ -111,7 +117,8 @@ class Qcow2Image:
                 if not read_only and header.incompatible_features & INCOMPAT_CORRUPT:
                     raise ImageError("image is marked corrupt; it can only be opened read-only")
                 identity = file_identity(path)
-                image = cls(file, header, chain=chain + (identity,), open_backing=backing)
+                image = cls(file, header, chain=chain + (identity,), open_backing=backing,
+                            locking=locking)
             except ImageError as e:
                 msg = str(e)
                 raise ImageError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from None
@@ -126,7 +133,7 @@ class Qcow2Image:
             file.close()
             raise
 
-    def _open_backing(self, chain):
+    def _open_backing(self, chain, locking: str):
         name = self.header.backing_file
         assert name is not None
         path = resolve_backing(self.path, name)
@@ -134,7 +141,8 @@ class Qcow2Image:
         if fmt is not None and fmt not in ("raw", "qcow2"):
             raise ImageError(f"unsupported backing file format {fmt!r}")
         try:
-            return open_image(path, fmt, read_only=True, chain=chain)
+            return open_image(path, fmt, read_only=True, chain=chain, locking=locking,
+                              backing=True)
         except ImageError as e:
             raise ImageError(f"could not open backing file: {e}") from None
 
@@ -240,9 +248,13 @@ class Qcow2Image:
             return data + bytes(cs - len(data))
         return bytes(cs)
 
-    def _prepare(self, ci: int, start: int, chunk: memoryview) -> tuple[int, bytes | memoryview]:
+    def _prepare(self, ci: int, start: int, chunk: memoryview
+                 ) -> tuple[int, bytes | memoryview, "_Remap | None"]:
         """Make guest cluster ``ci`` writable for ``chunk`` at ``start`` in
-        it; returns (host offset, bytes to write there)."""
+        it; returns (host offset, bytes to write there, the L2 change to make
+        once they are written, if any).  Nothing points at a new cluster
+        before its data is on the host: a failed write (a full disk) leaves
+        the guest cluster as it was."""
         rc = self.refcounts
         assert rc is not None
         cb, cs = self.cluster_bits, self.cluster_size
@@ -261,28 +273,30 @@ class Qcow2Image:
                 if kind == NORMAL:
                     if not entry & COPIED:
                         self.map.set_entry(ci, entry | COPIED, l2_off)
-                    return host + start, chunk
+                    return host + start, chunk, None
                 buf = bytearray(cs)          # preallocated zero cluster: now data
                 buf[start:start + len(chunk)] = chunk
-                self.map.set_entry(ci, host | COPIED, l2_off)
-                return host, buf
-        new = rc.alloc(1) << cb
+                return host, buf, _Remap(ci, l2_off, host | COPIED, None, None)
+        new_cluster = rc.alloc(1)
+        new = new_cluster << cb
         reads_zero = kind in (ZERO_PLAIN, ZERO_ALLOC) or (kind == UNALLOCATED
                                                           and self.backing is None)
-        if len(chunk) == cs:
-            host, data = new, chunk
-        elif reads_zero and new >= self.file.size:
-            # a cluster past the end of the file reads as zeros already:
-            # write only the new bytes (the rest stays a hole)
-            host, data = new + start, chunk
-        else:      # copy-on-write: the old content around the new bytes
-            buf = bytearray(self._old_content(ci, entry, kind))
-            buf[start:start + len(chunk)] = chunk
-            host, data = new, buf
-        self.map.set_entry(ci, new | COPIED, l2_off)
-        if kind in (NORMAL, ZERO_ALLOC, COMPRESSED_KIND):
-            self._release(entry)
-        return host, data
+        try:
+            if len(chunk) == cs:
+                host, data = new, chunk
+            elif reads_zero and new >= self.file.size:
+                # a cluster past the end of the file reads as zeros already:
+                # write only the new bytes (the rest stays a hole)
+                host, data = new + start, chunk
+            else:      # copy-on-write: the old content around the new bytes
+                buf = bytearray(self._old_content(ci, entry, kind))
+                buf[start:start + len(chunk)] = chunk
+                host, data = new, buf
+        except BaseException:
+            rc.unalloc(new_cluster)
+            raise
+        release = entry if kind in (NORMAL, ZERO_ALLOC, COMPRESSED_KIND) else None
+        return host, data, _Remap(ci, l2_off, new | COPIED, release, new_cluster)
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         self._check_writable()
@@ -301,14 +315,29 @@ class Qcow2Image:
                         self.file.pwrite(host + start, view)
                         return
             batch = _WriteBatch(self.file)
+            remaps: list[_Remap] = []
             pos = 0
-            while pos < len(view):
-                g = offset + pos
-                n = min(cs - (g & (cs - 1)), len(view) - pos)
-                host, buf = self._prepare(g >> self.cluster_bits, g & (cs - 1), view[pos:pos + n])
-                batch.add(host, buf)
-                pos += n
-            batch.flush()
+            try:
+                while pos < len(view):
+                    g = offset + pos
+                    n = min(cs - (g & (cs - 1)), len(view) - pos)
+                    host, buf, remap = self._prepare(g >> self.cluster_bits, g & (cs - 1),
+                                                     view[pos:pos + n])
+                    if remap is not None:
+                        remaps.append(remap)
+                    batch.add(host, buf)
+                    pos += n
+                batch.flush()
+            except BaseException:
+                # the guest gets an error; its clusters still map what they did
+                for remap in remaps:
+                    if remap.new_cluster is not None:
+                        self.refcounts.unalloc(remap.new_cluster)
+                raise
+            for remap in remaps:
+                self.map.set_entry(remap.ci, remap.entry, remap.l2_offset)
+                if remap.release is not None:
+                    self._release(remap.release)
 
     def write_compressed(self, offset: int, data: bytes) -> None:
         """Write one whole, still unallocated guest cluster compressed (used
@@ -412,6 +441,19 @@ class Qcow2Image:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+@dataclass(frozen=True)
+class _Remap:
+    """An L2 change a write makes once its data is on the host."""
+
+    ci: int
+    l2_offset: int
+    entry: int
+    #: The old L2 entry whose clusters lose a reference, if any.
+    release: int | None
+    #: The cluster allocated for the write (given back if the write fails).
+    new_cluster: int | None
 
 
 class _WriteBatch:

@@ -15,18 +15,22 @@ from __future__ import annotations
 import os
 from collections import OrderedDict
 from pathlib import Path
-from typing import Callable, Generic, Iterator, Protocol, TypeVar
+from typing import TYPE_CHECKING, Callable, Generic, Iterator, Protocol, TypeVar
 
-from kemu.backends.block import ImageError, _open_fd
+from kemu.backends.block import ImageError, ImageIOError, _open_fd
+
+if TYPE_CHECKING:
+    from kemu.backends.locking import Permissions
 
 
 class HostFile:
     """A file opened by path, accessed with pread/pwrite at offsets."""
 
-    def __init__(self, path: str | Path, read_only: bool) -> None:
+    def __init__(self, path: str | Path, read_only: bool, lock: "Permissions | None" = None,
+                 locking: str = "auto") -> None:
         self.path = Path(path)
         self.read_only = read_only
-        self.fd = _open_fd(self.path, read_only)
+        self.fd = _open_fd(self.path, read_only, lock, locking)
         try:
             st = os.fstat(self.fd)
             self.size = st.st_size
@@ -42,7 +46,8 @@ class HostFile:
         try:
             data = os.pread(self.fd, length, offset)
         except OSError as e:
-            raise ImageError(f"{self.path}: read error at {offset:#x}: {e.strerror}") from None
+            raise ImageIOError(f"{self.path}: read error at {offset:#x}: {e.strerror}",
+                               e.errno) from None
         if len(data) == length or not data:
             return data
         parts = [data]
@@ -52,7 +57,8 @@ class HostFile:
             try:
                 chunk = os.pread(self.fd, length, offset)
             except OSError as e:
-                raise ImageError(f"{self.path}: read error at {offset:#x}: {e.strerror}") from None
+                raise ImageIOError(f"{self.path}: read error at {offset:#x}: {e.strerror}",
+                                   e.errno) from None
             if not chunk:
                 break
             parts.append(chunk)
@@ -77,7 +83,11 @@ class HostFile:
                 n = os.pwrite(self.fd, view, offset)
                 view, offset = view[n:], offset + n
         except OSError as e:
-            raise ImageError(f"{self.path}: write error at {offset:#x}: {e.strerror}") from None
+            # bytes up to ``offset`` may have reached the file (a short write on a
+            # full disk): the end of the file moved, its tail is no longer a hole
+            self.size = max(self.size, offset)
+            raise ImageIOError(f"{self.path}: write error at {offset:#x}: {e.strerror}",
+                               e.errno) from None
         self.writes += 1
         if end > self.size:
             self.size = end
@@ -87,7 +97,7 @@ class HostFile:
         try:
             os.fsync(self.fd)
         except OSError as e:
-            raise ImageError(f"{self.path}: flush failed: {e.strerror}") from None
+            raise ImageIOError(f"{self.path}: flush failed: {e.strerror}", e.errno) from None
         self.synced_writes = writes
 
     def durable(self, write_count: int) -> bool:
@@ -133,7 +143,12 @@ class TableCache(Generic[T]):
         while len(self._tables) > self.capacity:
             old_offset, old = next(iter(self._tables.items()))
             if old.dirty:
-                self._writeback(old_offset, old)
+                try:
+                    self._writeback(old_offset, old)
+                except ImageIOError:
+                    # the host could not take it (a full disk): keep the table dirty,
+                    # over capacity, for the next flush; this caller's change is unrelated
+                    break
             # the write-back may itself have touched the cache
             if self._tables.get(old_offset) is old and not old.dirty:
                 del self._tables[old_offset]

@@ -204,10 +204,12 @@ class ClusterMap:
         """Write the changed L1 entries (their L2 tables must be synced)."""
         if not self.l1_dirty:
             return
-        dirty, self.l1_dirty = sorted(self.l1_dirty), set()
+        dirty = sorted(self.l1_dirty)
         lo, hi = dirty[0], dirty[-1] + 1
         if hi - lo <= 4 * len(dirty) + 64:
             self.file.pwrite(self.l1_offset + 8 * lo, be_bytes(self.l1[lo:hi]))
         else:
             for i in dirty:
                 self.file.pwrite(self.l1_offset + 8 * i, struct.pack(">Q", self.l1[i]))
+        # forgotten only once written: a failed write (a full disk) is retried
+        self.l1_dirty.difference_update(dirty)

@@ -245,6 +245,11 @@ class Refcounts:
         self.alloc_end = max(self.alloc_end, c + n)
         return c
 
+    def unalloc(self, cluster: int) -> None:
+        """Undo :meth:`alloc` of one cluster nothing references yet (its write failed)."""
+        if self._adjust(cluster, -1) == 0:
+            self.free_hint = min(self.free_hint, cluster)
+
     def _ensure_blocks(self, c: int, n: int) -> bool:
         """True if refcount blocks cover clusters c..c+n-1; otherwise create
         the first missing one (which uses a cluster) and return False."""
@@ -266,8 +271,8 @@ class Refcounts:
         offset = at << self.cluster_bits
         self._write_block(offset, block)
         self.file.fsync()
-        self.table[b] = offset
         self.file.pwrite(self.table_offset + 8 * b, struct.pack(">Q", offset))
+        self.table[b] = offset              # only once the host has it all
         self._last_write = self.file.writes
         self.metadata.add(at)
         self.cache.put(offset, block)

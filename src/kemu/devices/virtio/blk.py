@@ -24,6 +24,13 @@ of at most ``size_max`` bytes each (5.2.4).
 Backend calls go through the device's executor (see
 :mod:`kemu.devices.virtio`): the request is parsed and write data copied
 out of guest memory first, so ``work`` touches only the backend.
+
+A request the host fails (an ``OSError`` errno, e.g. a full disk) follows
+QEMU's ``werror``/``rerror`` policy (:mod:`kemu.backends.block_error`):
+``report`` gives the guest VIRTIO_BLK_S_IOERR, ``ignore`` VIRTIO_BLK_S_OK,
+``stop`` holds the request until :meth:`VirtioBlk.retry_held` (the
+machine pauses meanwhile, and retries on ``cont``).  ``on_io_error`` hears
+of every such failure; stderr gets one line per episode of failures.
 """
 
 from __future__ import annotations
@@ -32,7 +39,9 @@ import logging
 import struct
 from dataclasses import dataclass
 from functools import partial
-from typing import Protocol
+from typing import Callable, Protocol
+
+from kemu.backends.block_error import DEFAULT_RERROR, DEFAULT_WERROR, error_action
 
 from kemu.devices.virtio import VIRTIO_ID_BLOCK, Executor, VirtioDevice, VirtioSession
 from kemu.devices.virtio.queue import (
@@ -112,6 +121,14 @@ def _value(obj: object, name: str):
 
 
 @dataclass(frozen=True)
+class HostIOError:
+    """``work``'s result when the host failed the request (``errno``)."""
+
+    errno: int
+    message: str
+
+
+@dataclass(frozen=True)
 class BlkRequest:
     """A parsed request: everything ``work`` needs, no guest memory references."""
 
@@ -132,8 +149,17 @@ class VirtioBlk(VirtioDevice):
 
     def __init__(self, backend: BlockBackend, *, serial: str = "", read_only: bool = False,
                  queue_size: int = DEFAULT_QUEUE_SIZE, blk_size: int = SECTOR_SIZE,
-                 executor: Executor | None = None, name: str = "virtio-blk") -> None:
+                 executor: Executor | None = None, name: str = "virtio-blk",
+                 werror: str = DEFAULT_WERROR, rerror: str = DEFAULT_RERROR,
+                 on_io_error: Callable[[str, str, int], None] | None = None) -> None:
         self.name = name
+        self.werror, self.rerror = werror, rerror
+        error_action(werror, 0), error_action(rerror, 0)       # known policies
+        #: Told (operation, action, errno) of every request the host failed.
+        self.on_io_error = on_io_error
+        #: Requests held by the ``stop`` policy, retried by :meth:`retry_held`.
+        self._held: list[tuple[int, BlkRequest]] = []
+        self._failing = False          # in an episode of host errors (logged once)
         super().__init__([queue_size], executor)
         if queue_size < 4:
             raise ValueError(f"{name}: queue size must be at least 4")
@@ -203,12 +229,19 @@ class VirtioBlk(VirtioDevice):
             data = chain.read(session.memory, HEADER.size, readable - HEADER.size)
         return BlkRequest(chain, rtype, sector, data, writable - 1, session.features)
 
-    def _execute(self, req: BlkRequest) -> tuple[int, bytes]:
-        """The backend part of a request: returns (status, data for the driver)."""
+    def _execute(self, req: BlkRequest) -> tuple[int, bytes] | HostIOError:
+        """The backend part of a request: returns (status, data for the driver),
+        or the host error for the werror/rerror policy."""
         try:
             return self._dispatch(req)
-        except Exception:  # a failing backend is an I/O error for the guest, never a VMM crash
-            log.exception("%s: backend failed on request type %d", self.name, req.type)
+        except Exception as e:  # a failing backend is an I/O error, never a VMM crash
+            err = getattr(e, "errno", None)
+            if isinstance(err, int) and err > 0:
+                return HostIOError(err, str(e))
+            if not self._failing:
+                log.error("kemu: %s: request type %d failed: %s", self.name, req.type,
+                          str(e).splitlines()[0] if str(e) else type(e).__name__)
+            self._failing = True
             return VIRTIO_BLK_S_IOERR, b""
 
     def _range_ok(self, sector: int, nbytes: int) -> bool:
@@ -262,11 +295,57 @@ class VirtioBlk(VirtioDevice):
                 op(sector * SECTOR_SIZE, count * SECTOR_SIZE)
         return VIRTIO_BLK_S_OK
 
+    def _on_host_error(self, index: int, req: BlkRequest, err: HostIOError) -> int | None:
+        """Apply werror/rerror to a failed request: the status for the guest, or
+        None when the request is held (``stop``)."""
+        operation = "read" if req.type in (VIRTIO_BLK_T_IN, VIRTIO_BLK_T_GET_ID) else "write"
+        action = error_action(self.rerror if operation == "read" else self.werror, err.errno)
+        if not self._failing:
+            what = {"stop": "the machine pauses until cont", "report": "the guest gets an I/O error",
+                    "ignore": "ignored"}[action]
+            log.error("kemu: %s: %s (%s=%s: %s)", self.name, err.message,
+                      "rerror" if operation == "read" else "werror",
+                      self.rerror if operation == "read" else self.werror, what)
+        self._failing = True
+        if action == "stop":
+            self._held.append((index, req))
+        if self.on_io_error is not None:
+            self.on_io_error(operation, action, err.errno)
+        if action == "stop":
+            return None
+        return VIRTIO_BLK_S_IOERR if action == "report" else VIRTIO_BLK_S_OK
+
+    def retry_held(self) -> None:
+        """Run again the requests the ``stop`` policy held (the machine resumed)."""
+        session = self.session
+        held, self._held = self._held, []
+        if session is None or not session.active:
+            return
+        for index, req in held:
+            queue = session.queues[index]
+            self.executor.submit(partial(self._execute, req),
+                                 partial(self._complete, session, index, queue, req))
+
+    @property
+    def held_requests(self) -> int:
+        return len(self._held)
+
+    def reset(self) -> None:
+        self._held = []
+        super().reset()
+
     def _complete(self, session: VirtioSession, index: int, queue: Virtqueue, req: BlkRequest,
-                  result: tuple[int, bytes]) -> None:
+                  result: tuple[int, bytes] | HostIOError) -> None:
         """Write data and status back and return the chain (runs in device context)."""
         if not session.active:
             return  # reset or failed while the backend was busy: drop
+        if isinstance(result, HostIOError):
+            status = self._on_host_error(index, req, result)
+            if status is None:
+                return
+            result = (status, bytes(req.in_len) if status == VIRTIO_BLK_S_OK else b"")
+        else:
+            self._failing = False
         status, data = result
         try:
             written = req.chain.write(session.memory, 0, data[:req.in_len]) if data else 0
