@@ -179,14 +179,14 @@ class Aarch64Cpu:
         # One MSR hook per timer register: the engine translates every other
         # MSR without a call (Linux executes tens of thousands a second).
         self._msr_cb = HOOK_INSN_SYS_CFUNC(self._on_msr_raw)
-        self._timer_regs = {
+        timer_regs = {
             CNTV_CTL_EL0: (vtimer, "ctl"), CNTV_CVAL_EL0: (vtimer, "cval"),
             CNTV_TVAL_EL0: (vtimer, "tval"),
             CNTP_CTL_EL0: (ptimer, "ctl"), CNTP_CVAL_EL0: (ptimer, "cval"),
             CNTP_TVAL_EL0: (ptimer, "tval"),
         }
         self._timer_by_key: dict[int, tuple[GenericTimer, str]] = {}
-        for key, (enc, entry) in enumerate(self._timer_regs.items(), start=1):
+        for key, (enc, entry) in enumerate(timer_regs.items(), start=1):
             self._timer_by_key[key] = entry
             engine.add_sysreg_hook(uc, self._msr_cb, A.UC_ARM64_INS_MSR, enc, key)
         # Reads of the control registers compute ISTATUS now, as the
@@ -209,8 +209,6 @@ class Aarch64Cpu:
         self._hcr = HCR_RW | HCR_IMO
         self._system_event: str | None = None
         self._work_pending = True
-        #: Called on the vCPU thread with work pending, before the timers are looked at.
-        self.on_safe_point: Callable[[], None] = lambda: None
         self._error: str | None = None
         self._thread_id: int | None = None
         #: Called (on the vCPU thread) when a timer deadline may have changed.
@@ -342,7 +340,6 @@ class Aarch64Cpu:
     def _service(self) -> None:
         """Expired timers and the interrupt level, applied to the CPU."""
         self._work_pending = False
-        self.on_safe_point()
         self.sync_timers()
         self._apply_irq()
 
