@@ -264,16 +264,31 @@ def test_polling_istatus_with_interrupts_masked_sees_the_timer_fire(tmp_path):
     assert b.x(2) == 0b111
 
 
-CHECKSUM = """
-        // x10 rounds of: fill 16 KiB with an LCG (stores), then sum it back with
-        // loads, pointer-indexed with post-increment (ldr x, [x], #8) so that a
-        // replayed or skipped instruction changes the result.
-        ldr x10, =6000
+CONTROL = 0x40070000     # [0]: round limit, [8]: stop flag (both set by the host)
+BUFFER = 0x40080000
+RING = 0x40060000        # 256 nodes of a pointer ring, for a load whose base is its target
+
+
+def checksum_board(code: bytes, limit: int) -> "Board":
+    b = Board(code)
+    b.memory.write(CONTROL, struct.pack("<QQ", limit, 0))
+    for i in range(256):
+        b.memory.write(RING + 16 * i, struct.pack("<Q", RING + 16 * ((i * 7 + 1) % 256)))
+    return b
+
+CHECKSUM = f"""
+        // Rounds of: fill 16 KiB with an LCG (stores), then fold it back with
+        // loads and a pointer chase (ldr x16, [x16]), so that a replayed or
+        // skipped instruction changes the result.  Counts rounds in x10 until
+        // the limit at CONTROL or the host's stop flag.
+        mov x10, #0
         mov x20, #0
-        ldr x11, =0x40080000
+        ldr x11, ={BUFFER:#x}
+        ldr x15, ={CONTROL:#x}
         ldr x12, =6364136223846793005
         ldr x13, =1442695040888963407
         mov x14, #1
+        ldr x16, ={RING:#x}
     round:
         mov x1, x11
         mov x2, #2048
@@ -286,23 +301,28 @@ CHECKSUM = """
         mov x2, #2048
     sum:
         ldr x3, [x1], #8
+        ldr x16, [x16]
         eor x20, x3, x20, ror #7
+        add x20, x20, x16
         subs x2, x2, #1
         b.ne sum
-        subs x10, x10, #1
-        b.ne round
+        add x10, x10, #1
+        ldr x0, [x15]
+        cmp x10, x0
+        b.hs done
+        ldr x0, [x15, #8]
+        cbz x0, round
+    done:
         ldr x0, =0x84000008
         hvc #0
         .ltorg"""
 
 
 def test_thousands_of_asynchronous_stops_leave_the_guest_exact(tmp_path):
+    """Stopped from another thread thousands of times, the guest computes what an
+    uninterrupted run of the same number of rounds computes."""
     code = assemble(tmp_path, CHECKSUM)
-    quiet = Board(code)
-    assert quiet.run(60) == SystemEvent("poweroff")
-    expected = quiet.x(20), quiet.memory.read(0x40080000, 16384)
-
-    b = Board(code)
+    b = checksum_board(code, 1 << 62)
     done = threading.Event()
     stops = 0
     run = b.cpu.run
@@ -311,6 +331,8 @@ def test_thousands_of_asynchronous_stops_leave_the_guest_exact(tmp_path):
         nonlocal stops
         exit = run()
         stops += isinstance(exit, Kicked)
+        if stops >= 2000:
+            b.memory.write(CONTROL + 8, struct.pack("<Q", 1))   # enough: finish the round
         return exit
     b.cpu.run = counted_run
 
@@ -321,9 +343,14 @@ def test_thousands_of_asynchronous_stops_leave_the_guest_exact(tmp_path):
     kicker = threading.Thread(target=kick, daemon=True)
     kicker.start()
     try:
-        assert b.run(300) == SystemEvent("poweroff")
+        assert b.run(600) == SystemEvent("poweroff")
     finally:
         done.set()
         kicker.join()
-    assert stops >= 1000
-    assert (b.x(20), b.memory.read(0x40080000, 16384)) == expected
+    rounds = b.x(10)
+    assert stops >= 2000 and rounds >= 1
+
+    quiet = checksum_board(code, rounds)
+    assert quiet.run(600) == SystemEvent("poweroff")
+    assert quiet.x(10) == rounds
+    assert (b.x(20), b.memory.read(BUFFER, 16384)) == (quiet.x(20), quiet.memory.read(BUFFER, 16384))
