@@ -105,8 +105,16 @@ def test_an_interrupted_build_leaves_the_previous_guest_whole(tmp_path):
         from kemu.guest import debian
         {textwrap.indent(FAKE_APT.format(debs=[str(d) for d in debs]), "        ").strip()}
         debian.Apt = FakeApt
-        if sys.argv[1] == "limit":
-            resource.setrlimit(resource.RLIMIT_FSIZE, (8 << 20, 8 << 20))
+        unpack = debian.unpack_kernel
+
+        def unpack_then_limit(*args):
+            # Packages unpacked (dpkg-deb writes the 27 MiB kernel); from here on
+            # no file of this process may pass 8 MiB.
+            result = unpack(*args)
+            if sys.argv[1] == "limit":
+                resource.setrlimit(resource.RLIMIT_FSIZE, (8 << 20, 8 << 20))
+            return result
+        debian.unpack_kernel = unpack_then_limit
         try:
             debian.build_guest("aarch64", show_progress=False)
         except Exception as e:
