@@ -90,3 +90,16 @@ class RawQmp:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def quit_and_wait(qmp: RawQmp, proc: subprocess.Popen) -> None:
+    """QMP ``quit``; kemu must exit with status 0."""
+    assert qmp.execute("quit") == {"return": {}}
+    assert proc.wait(30) == 0
+
+
+def end(proc: subprocess.Popen) -> None:
+    """Kill ``proc`` if it is still running (test clean-up)."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()

@@ -20,7 +20,7 @@ import termios
 
 import pytest
 
-from hostio import KEMU, RawQmp, wait_for, wait_for_socket
+from hostio import KEMU, RawQmp, end, quit_and_wait, wait_for, wait_for_socket
 
 
 def kemu_paused(guest, *extra: str, stderr=subprocess.PIPE) -> subprocess.Popen:
@@ -28,12 +28,6 @@ def kemu_paused(guest, *extra: str, stderr=subprocess.PIPE) -> subprocess.Popen:
                                     "-serial", "none", "-display", "none", *extra],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=stderr, text=True)
-
-
-def end(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait()
 
 
 def test_qmp_over_a_regular_file_is_refused_and_the_file_kept(guest, tmp_path):
@@ -81,9 +75,7 @@ def test_a_stale_socket_is_replaced(guest, tmp_path):
     proc = kemu_paused(guest, "-qmp", f"unix:{sock},server=on,wait=off")
     try:
         wait_for(lambda: os.path.exists(sock) and _connects(sock), 60, "the new socket", proc)
-        qmp = RawQmp(sock).negotiate()
-        assert qmp.execute("quit") == {"return": {}}
-        assert proc.wait(30) == 0
+        quit_and_wait(RawQmp(sock).negotiate(), proc)
     finally:
         end(proc)
 
@@ -119,9 +111,7 @@ def test_modes_of_created_files(guest, tmp_path):
         umask_line = [line for line in open(f"/proc/{proc.pid}/status")
                       if line.startswith("Umask:")]
         assert umask_line == ["Umask:\t0022\n"]
-        qmp = RawQmp(sock).negotiate()
-        assert qmp.execute("quit") == {"return": {}}
-        assert proc.wait(30) == 0
+        quit_and_wait(RawQmp(sock).negotiate(), proc)
     finally:
         end(proc)
     assert not sock.exists() and not uds.exists() and not pidfile.exists()

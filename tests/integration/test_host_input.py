@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from hostio import KEMU, KemuEnded, RawQmp, wait_for_socket
+from hostio import KEMU, KemuEnded, RawQmp, end, quit_and_wait, wait_for_socket
 
 
 def run_kemu(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -65,13 +65,9 @@ def test_huge_memory_works_or_is_one_line(guest, tmp_path):
             assert proc.returncode == 1
             assert "cannot set up guest memory" in one_line(proc.stderr.read())
             return
-        qmp = RawQmp(sock).negotiate()
-        assert qmp.execute("quit") == {"return": {}}
-        assert proc.wait(30) == 0
+        quit_and_wait(RawQmp(sock).negotiate(), proc)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        end(proc)
 
 
 HOSTILE = [
@@ -98,11 +94,8 @@ def test_hostile_qmp_messages_get_error_replies(guest, tmp_path):
             assert "error" in reply, (message[:40], reply)
             # The connection is still up and the machine answers.
             assert qmp.execute("query-status")["return"]["status"] == "prelaunch"
-        assert qmp.execute("quit") == {"return": {}}
-        assert proc.wait(30) == 0
+        quit_and_wait(qmp, proc)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        end(proc)
     err = proc.stderr.read().decode(errors="replace")
     assert "Traceback" not in err and "RecursionError" not in err, err
