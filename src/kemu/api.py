@@ -156,7 +156,8 @@ class Shutdown(Event):
     @property
     def qmp_reason(self) -> str:
         return {"poweroff": "guest-shutdown", "reset": "guest-reset", "panic": "guest-panic",
-                "quit": "host-qmp-quit"}.get(self.reason, "host-error")
+                "quit": "host-qmp-quit", "host-signal": "host-signal"
+                }.get(self.reason, "host-error")
 
 
 @dataclass(frozen=True)
@@ -350,6 +351,7 @@ class Machine:
         self.io_error = False
         self._started = False
         self._outcome: Outcome | None = None
+        self._stop_reason: str | None = None     # why the host ended it, if it did
         self._lock = threading.Lock()
         #: Whether the vCPUs ever ran (False after ``start(paused=True)`` until resumed).
         self.has_run = False
@@ -468,8 +470,15 @@ class Machine:
         self._board.resume()
         self._retry_held_requests()
 
-    def stop(self) -> None:
-        """End the machine (as QMP's ``quit``); :meth:`wait` gives its exit status."""
+    def stop(self, reason: str = "quit") -> None:
+        """End the machine (as QMP's ``quit``); :meth:`wait` gives its exit status.
+
+        ``reason`` is what the Shutdown event says (``"host-signal"``: as QEMU
+        ending on SIGTERM); the first stop's reason counts.
+        """
+        with self._lock:
+            if self._stop_reason is None:
+                self._stop_reason = reason
         self._board.stop()
 
     def kill(self, timeout: float = 10.0) -> int:
@@ -500,8 +509,11 @@ class Machine:
         if first:
             if outcome.reason == "panic":
                 self._emit(GuestPanicked(message=outcome.message or ""))
-            self._emit(Shutdown(guest=outcome.reason in ("poweroff", "reset", "panic"),
-                                reason=outcome.reason, status=outcome.status))
+            reason = outcome.reason
+            if reason == "quit" and self._stop_reason is not None:
+                reason = self._stop_reason
+            self._emit(Shutdown(guest=reason in ("poweroff", "reset", "panic"),
+                                reason=reason, status=outcome.status))
         return outcome.status
 
     def powerdown(self) -> None:

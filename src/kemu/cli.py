@@ -227,48 +227,77 @@ def _legacy_net(values: list[str], config: MachineConfig) -> None:
 
 
 def run_machine(config: MachineConfig) -> int:
-    """Run a machine on the terminal through the same API programs use."""
+    """Run a machine on the terminal through the same API programs use.
+
+    SIGTERM, SIGHUP and SIGINT end it as they end QEMU: the vCPUs stop, the
+    disks are flushed, SHUTDOWN (reason ``host-signal``) goes to QMP clients,
+    the sockets and pidfile kemu made are removed, one line on stderr, status 0.
+    """
     from kemu.api import Machine
-    from kemu.console import write_stdout
+    from kemu.backends.unix_socket import write_pidfile
+    from kemu.console import ConsoleOutput
+    from kemu.host_signals import HostSignals
 
+    holder: list = []          # the machine, once it exists
+
+    def on_signal(_termination) -> None:
+        if holder:
+            holder[0].stop(reason="host-signal")
+
+    signals = HostSignals(on_signal)
+    signals.install()
     serial = config.extra.get("serial", "mon:stdio")
-    vm = Machine.from_config(config, write_stdout if serial in ("stdio", "mon:stdio") else None)
-    if config.extra.get("note"):
-        # After set-up, so that a bad option or file is still exactly one line.
-        print(config.extra["note"], file=sys.stderr)
-    if config.extra.get("daemonize"):
-        _daemonize()
-    servers = []
-    if config.extra.get("qmp"):
-        from kemu.qmp.server import QmpServer   # asyncio: imported only when needed
-        servers = [QmpServer(vm, address) for address in config.extra["qmp"]]
-    pidfile = config.extra.get("pidfile")
-
-    def started() -> None:
-        """The machine exists (running, or paused under -S): open the monitors.
-
-        As in QEMU, clients never see a machine that is still being set up;
-        with wait=on the machine starts only once a client has connected.
-        """
-        for server in servers:
-            if not server.address.wait:
-                server.start()
-        if pidfile is not None:
-            try:
-                pidfile.write_text(f"{os.getpid()}\n")
-            except OSError as e:
-                raise ConfigError(f"-pidfile {pidfile}: {e.strerror}") from None
-
-    for server in servers:
-        if server.address.wait:
-            server.start()
+    output = ConsoleOutput(sys.stdout.fileno()) if serial in ("stdio", "mon:stdio") else None
     try:
-        return _run_on_terminal(vm, config, serial, started)
+        vm = Machine.from_config(config, output.write if output is not None else None)
+        if config.extra.get("note"):
+            # After set-up, so that a bad option or file is still exactly one line.
+            print(config.extra["note"], file=sys.stderr)
+        if config.extra.get("daemonize"):
+            _daemonize()
+        # Threads started from here on (vCPUs, QMP, console output) leave these
+        # signals to the "signals" thread, which learns who sent them.
+        signals.block()
+        holder.append(vm)
+        servers = []
+        if config.extra.get("qmp"):
+            from kemu.qmp.server import QmpServer   # asyncio: imported only when needed
+            servers = [QmpServer(vm, address) for address in config.extra["qmp"]]
+        pidfile = config.extra.get("pidfile")
+        owned = []
+
+        def started() -> None:
+            """The machine exists (running, or paused under -S): open the monitors.
+
+            As in QEMU, clients never see a machine that is still being set up;
+            with wait=on the machine starts only once a client has connected.
+            """
+            for server in servers:
+                if not server.address.wait:
+                    server.start()
+            if pidfile is not None:
+                owned.append(write_pidfile(str(pidfile)))
+
+        try:
+            for server in servers:
+                if server.address.wait:
+                    server.start()
+            status = _run_on_terminal(vm, config, serial, started, signals)
+        finally:
+            for server in servers:
+                server.close()
+            for path in owned:
+                path.remove()
     finally:
-        for server in servers:
-            server.close()
-        if pidfile is not None:
-            pidfile.unlink(missing_ok=True)
+        signals.uninstall()
+        dropped = output.close() if output is not None else 0
+    if dropped:
+        print(f"kemu: {dropped} bytes of console output dropped (stdout was not read)",
+              file=sys.stderr)
+    if signals.received is not None:
+        print(f"kemu: {signals.received.describe()}", file=sys.stderr)
+        return 0        # as QEMU 7.2: a clean shutdown on a signal exits 0
+    return status
 
 
 def _daemonize() -> None:
@@ -284,7 +313,7 @@ def _daemonize() -> None:
 
 
 def _run_on_terminal(vm, config: MachineConfig, serial: str,
-                     started: Callable[[], None]) -> int:
+                     started: Callable[[], None], signals) -> int:
     from kemu.console import StdioConsole
 
     quit_requested = []
@@ -296,22 +325,23 @@ def _run_on_terminal(vm, config: MachineConfig, serial: str,
     stdio = (StdioConsole(vm.console.write, on_quit, escapes=serial == "mon:stdio")
              if serial in ("stdio", "mon:stdio") else None)
     vm.start(paused=config.start_paused)
-    started()
-    if stdio is not None:
-        stdio.start()
     try:
+        if signals.received is not None:      # a signal during set-up
+            vm.stop(reason="host-signal")
+        started()
+        if stdio is not None:
+            stdio.start()
         while vm.wait(0.5) is None:
             pass
-    except KeyboardInterrupt:
+    except BaseException:
         vm.stop()
-        vm.wait(5)
-        if stdio is not None:
-            stdio.restore()
-        print("\nkemu: terminated by signal", file=sys.stderr)
-        return 130
+        vm.wait(10)
+        raise
     finally:
         if stdio is not None:
             stdio.restore()
+    if signals.received is not None:
+        return 0
     if quit_requested:
         print("\r\nkemu: terminated", file=sys.stderr)
         return 0

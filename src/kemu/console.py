@@ -55,6 +55,76 @@ def write_stdout(data: bytes) -> None:
         pass
 
 
+#: Console bytes kept for a stdout that does not keep up; beyond it they are dropped.
+OUTPUT_LIMIT = 1 << 20
+
+
+class ConsoleOutput:
+    """Guest console output to a file descriptor that may not be read (a pipe nobody
+    drains): :meth:`write` never blocks.  Bytes wait in a buffer of at most
+    ``limit`` bytes for a writer thread; beyond it they are dropped and counted,
+    so the vCPU and the main loop never wait on the reader."""
+
+    def __init__(self, fd: int, limit: int = OUTPUT_LIMIT) -> None:
+        self.fd = fd
+        self.limit = limit
+        self.dropped = 0
+        self._buffer = bytearray()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._broken = False
+        self._thread: threading.Thread | None = None
+
+    def write(self, data: bytes) -> None:
+        with self._cond:
+            if self._closed or self._broken:
+                return
+            room = self.limit - len(self._buffer)
+            if len(data) > room:
+                self.dropped += len(data) - max(room, 0)
+                data = data[:max(room, 0)]
+            self._buffer += data
+            if self._thread is None:         # started on first use: after any fork
+                self._thread = threading.Thread(target=self._main, name="console-out",
+                                                daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def _main(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._buffer or self._closed)
+                if not self._buffer:
+                    return
+                chunk = bytes(self._buffer[:65536])
+            try:
+                n = os.write(self.fd, chunk)
+            except OSError:
+                with self._cond:
+                    self._broken = True     # EPIPE and the like: nobody will read it
+                    self._buffer.clear()
+                    self._cond.notify_all()
+                return
+            with self._cond:
+                del self._buffer[:n]
+                self._cond.notify_all()
+
+    def close(self, patience: float = 1.0) -> int:
+        """Let what is buffered out while the reader keeps taking it (giving up after
+        ``patience`` seconds without progress); the bytes dropped in all."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+            while self._buffer and not self._broken:
+                before = len(self._buffer)
+                self._cond.wait(patience)
+                if len(self._buffer) == before:
+                    break
+            self.dropped += len(self._buffer)
+            self._buffer.clear()
+            return self.dropped
+
+
 class StdioConsole:
     """Feeds stdin to ``send`` in a thread; calls ``on_quit`` on Ctrl-A x."""
 

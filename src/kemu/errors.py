@@ -40,6 +40,12 @@ class BusError(KemuError):
     """A device mapping that overlaps another one, or lies outside the bus."""
 
 
+class HostResourceError(KemuError):
+    """The host cannot give what the machine needs (memory for guest RAM, ...)."""
+
+    exit_status = 1
+
+
 class GuestError(KemuError):
     """The guest failed: a kernel panic, an unrecoverable CPU state."""
 

@@ -13,7 +13,7 @@ import mmap
 import struct
 from dataclasses import dataclass, field
 
-from kemu.errors import ConfigError, MemoryAccessError
+from kemu.errors import ConfigError, HostResourceError, MemoryAccessError
 
 PAGE_SIZE = 4096
 
@@ -30,7 +30,13 @@ class RamRegion:
     def __post_init__(self) -> None:
         if self.size <= 0 or self.size % PAGE_SIZE or self.base % PAGE_SIZE:
             raise ConfigError(f"RAM region {self.name}: base and size must be page aligned")
-        self._map = mmap.mmap(-1, self.size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        try:
+            self._map = mmap.mmap(-1, self.size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        except OSError as e:
+            # As QEMU: "cannot set up guest memory 'mach-virt.ram': Cannot allocate memory"
+            # (pages are reserved as the host's overcommit policy says; QEMU does the same).
+            raise HostResourceError(f"cannot set up guest memory '{self.name}' "
+                                    f"({self.size >> 20} MiB): {e.strerror or e}") from None
 
     @property
     def end(self) -> int:

@@ -21,13 +21,13 @@ gave the guest.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import socket
-import stat
 import threading
 
 from kemu.backends.ioloop import EVENT_READ, EVENT_WRITE, BackendError, IoLoop
+from kemu.backends.unix_socket import listen_unix
+from kemu.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -209,19 +209,9 @@ class UdsVsockBackend:
         self.device = None
         self.streams: set[UdsStream] = set()
         try:
-            if stat.S_ISSOCK(os.stat(self.path).st_mode):
-                os.unlink(self.path)       # a stale socket from an earlier run
-        except FileNotFoundError:
-            pass
-        except OSError as e:
-            raise VsockUdsError(f"vsock uds={self.path}: {e.strerror}") from None
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            self.listener.bind(self.path)
-            self.listener.listen(16)
-        except OSError as e:
-            self.listener.close()
-            raise VsockUdsError(f"vsock uds={self.path}: cannot listen: {e.strerror}") from None
+            self.listener, self._owned = listen_unix(self.path, f"vsock uds={self.path}")
+        except ConfigError as e:
+            raise VsockUdsError(str(e)) from None
         self.listener.setblocking(False)
 
     def attach(self, device) -> None:
@@ -268,7 +258,4 @@ class UdsVsockBackend:
             if not self.loop.in_loop:
                 done.wait(2)
             self.listener.close()
-            try:
-                os.unlink(self.path)
-            except OSError:
-                pass
+            self._owned.remove()

@@ -12,6 +12,8 @@ gzip-compressed on some releases; that is accepted too.
 from __future__ import annotations
 
 import gzip
+import os
+import stat
 import struct
 import zlib
 from dataclasses import dataclass
@@ -68,17 +70,43 @@ class Arm64Image:
         return cls.parse(read_boot_file(path, "kernel"), f"kernel {path}")
 
 
-def read_boot_file(path: str | Path, what: str) -> bytes:
+#: The largest kernel or initrd kemu reads (QEMU's virt takes up to 128 MiB of
+#: kernel; Debian's initrds are tens of MiB): a bound, not a guess at RAM size.
+MAX_BOOT_FILE = 1 << 30
+
+
+def read_boot_file(path: str | Path, what: str, limit: int = MAX_BOOT_FILE) -> bytes:
+    """The whole of a regular file of at most ``limit`` bytes (a kernel, an initrd).
+
+    Anything else (a device such as /dev/zero, a FIFO, a directory, a file
+    larger than the bound or one that grows while read) is refused in one line.
+    """
     try:
-        return Path(path).read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         raise BootError(f"{what} file not found: {path}") from None
-    except IsADirectoryError:
-        raise BootError(f"{what} path is a directory: {path}") from None
     except PermissionError:
         raise BootError(f"{what} file is not readable: {path}") from None
     except OSError as e:
         raise BootError(f"cannot read {what} {path}: {e.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise BootError(f"{what} path is a directory: {path}")
+        if not stat.S_ISREG(st.st_mode):
+            raise BootError(f"{what} {path}: not a regular file")
+        if st.st_size > limit:
+            raise BootError(f"{what} {path}: too large ({st.st_size >> 20} MiB; "
+                            f"at most {limit >> 20} MiB)")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as e:
+        raise BootError(f"cannot read {what} {path}: {e.strerror}") from None
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise BootError(f"{what} {path}: too large (more than {limit >> 20} MiB)")
+    return data
 
 
 @dataclass(frozen=True)

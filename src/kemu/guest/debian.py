@@ -189,20 +189,54 @@ class Apt:
         result = []
         for line in out.splitlines():
             parts = line.split()
-            if len(parts) >= 4 and parts[0].startswith("'"):
+            if len(parts) >= 3 and parts[0].startswith("'"):
                 url = parts[0].strip("'")
-                digest = parts[3].split(":", 1)[1] if ":" in parts[3] else ""
-                result.append((url, parts[1], int(parts[2]), digest))
+                algo, _, digest = (parts[3] if len(parts) > 3 else "").partition(":")
+                if algo.upper() != "SHA256" or len(digest) != 64:
+                    raise GuestBuildError(f"apt gives no SHA-256 for {parts[1]}: "
+                                          "refusing to use it unchecked")
+                result.append((url, parts[1], int(parts[2]), digest.lower()))
         if len(result) != len(packages):
             raise GuestBuildError(f"apt could not locate all of: {' '.join(packages)}")
         return result
 
 
-def download(url: str, dest: Path, size: int, sha256: str, progress) -> None:
+def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
-    tmp = dest.with_suffix(".part")
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def is_verified(path: Path, size: int, sha256: str) -> bool:
+    """Whether the cached ``path`` is exactly the package apt's signed lists describe."""
     try:
-        with urllib.request.urlopen(url, timeout=60) as resp, open(tmp, "wb") as out:
+        return path.stat().st_size == size and sha256_of(path) == sha256
+    except OSError:
+        return False
+
+
+def stale_debs(uris: list[tuple[str, str, int, str]], debs: Path
+               ) -> list[tuple[str, str, int, str]]:
+    """The packages of ``uris`` (from :meth:`Apt.uris`) with no verified copy in ``debs``."""
+    return [u for u in uris if not is_verified(debs / u[1], u[2], u[3])]
+
+
+def fetch_debs(uris: list[tuple[str, str, int, str]], debs: Path, progress) -> None:
+    """Download each of ``uris`` into ``debs``, checked against its SHA-256."""
+    for url, name, size, sha in uris:
+        download(url, debs / name, size, sha, progress)
+
+
+def download(url: str, dest: Path, size: int, sha256: str, progress) -> None:
+    """Fetch ``url`` into ``dest``: written beside it under a private name, checked
+    against apt's SHA-256, then renamed into place (concurrent builds do not mix)."""
+    digest = hashlib.sha256()
+    fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    tmp = Path(name)
+    try:
+        with urllib.request.urlopen(url, timeout=60) as resp, os.fdopen(fd, "wb") as out:
             while True:
                 chunk = resp.read(1 << 16)
                 if not chunk:
@@ -210,12 +244,36 @@ def download(url: str, dest: Path, size: int, sha256: str, progress) -> None:
                 out.write(chunk)
                 digest.update(chunk)
                 progress(len(chunk))
+        if digest.hexdigest() != sha256:
+            raise GuestBuildError(f"download of {url}: SHA-256 mismatch")
+        tmp.replace(dest)
     except OSError as e:
         raise GuestBuildError(f"download of {url} failed: {e}") from None
-    if sha256 and digest.hexdigest() != sha256:
+    finally:
         tmp.unlink(missing_ok=True)
-        raise GuestBuildError(f"download of {url}: SHA-256 mismatch")
-    tmp.replace(dest)
+
+
+def write_atomically(dest: Path, data: bytes | None = None, source: Path | None = None) -> None:
+    """Replace ``dest`` with ``data`` (or a copy of ``source``) all at once: written
+    beside it, synced, then renamed, so a reader, a concurrent build or an interrupted
+    one never sees half a file."""
+    fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    tmp = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            if source is not None:
+                with open(source, "rb") as src:
+                    shutil.copyfileobj(src, out, 1 << 20)
+            else:
+                out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(tmp, 0o644)
+        tmp.replace(dest)
+    except OSError as e:
+        raise GuestBuildError(f"cannot write {dest}: {e.strerror or e}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def unpack_kernel(debs: Path, names: list[str], root: Path, kernel_package: str
@@ -255,13 +313,14 @@ def build_guest(arch: str = "aarch64", show_progress: bool = True) -> GuestImage
     uris = apt.uris(packages)
     debs = out_dir / "debs"
     debs.mkdir(exist_ok=True)
-    total = sum(u[2] for u in uris if not (debs / u[1]).is_file())
+    # A cached package is used only if it is exactly what apt's signed lists say;
+    # anything else in its place is fetched again.
+    missing = stale_debs(uris, debs)
+    total = sum(u[2] for u in missing)
     steps.set_postfix_str("downloading")
     with tqdm(total=total, unit="B", unit_scale=True, desc="kemu: downloading",
               disable=not show_progress or total == 0, leave=False) as bar:
-        for url, name, size, sha in uris:
-            if not (debs / name).is_file():
-                download(url, debs / name, size, sha, bar.update)
+        fetch_debs(missing, debs, bar.update)
     steps.update()
     steps.set_postfix_str("unpacking")
     with tempfile.TemporaryDirectory(prefix="kemu-guest-") as tmp:
@@ -276,18 +335,18 @@ def build_guest(arch: str = "aarch64", show_progress: bool = True) -> GuestImage
                                   GUEST_MODULES + spec.get("modules", []))
         initrd = build_initramfs(busybox.read_bytes(), modules, spec["console"])
         kernel_path = out_dir / f"vmlinuz-{version}"
-        shutil.copyfile(kernel, kernel_path)
+        write_atomically(kernel_path, source=kernel)
         initrd_path = out_dir / "initramfs.cpio.gz"
-        initrd_path.write_bytes(initrd)
+        write_atomically(initrd_path, initrd)
     steps.update()
     steps.close()
     append = f"console={spec['console']} rdinit=/init quiet cryptomgr.notests"
     if spec.get("append"):
         append = f"{append} {spec['append']}"
     image = GuestImage(arch, kernel_path, initrd_path, append, version)
-    (out_dir / "manifest.json").write_text(json.dumps({
+    write_atomically(out_dir / "manifest.json", json.dumps({
         "layout": LAYOUT_VERSION, "kernel": str(image.kernel), "initrd": str(image.initrd),
-        "append": image.append, "kernel_version": version}, indent=1))
+        "append": image.append, "kernel_version": version}, indent=1).encode())
     return image
 
 

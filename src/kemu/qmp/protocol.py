@@ -31,12 +31,14 @@ from __future__ import annotations
 
 import codecs
 import json
+import math
 import re
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
 MAX_MESSAGE = 1 << 20    # bytes of unparsed input a client may have pending
+MAX_NESTING = 1024       # QEMU's json-streamer: "JSON nesting depth limit exceeded"
 
 
 class QmpError(Exception):
@@ -103,6 +105,7 @@ class QmpSession:
         self._depth = 0
         self._in_string = False
         self._pos = 0
+        self._too_deep = False    # the message being received nests beyond MAX_NESTING
         self.negotiated = False
 
     def feed(self, data: bytes) -> list[Response]:
@@ -114,16 +117,26 @@ class QmpSession:
             # As after a lexical error in QEMU: drop what is pending, resynchronize.
             self._utf8.reset()
             self._reset_scan("")
+            self._too_deep = False
             return [Response(_error("JSON parse error, invalid UTF-8 sequence"))]
         while (text := self._next_message()) is not None:
+            if self._too_deep:
+                self._too_deep = False
+                out.append(Response(_error("JSON parse error, nesting depth limit exceeded")))
+                continue
             try:
-                msg = json.loads(text)
+                msg = json.loads(text, parse_int=_parse_int, parse_float=_parse_float,
+                                 parse_constant=_parse_constant)
             except json.JSONDecodeError as e:
                 out.append(Response(_error(f"JSON parse error, {e.msg}")))
+                continue
+            except (ValueError, RecursionError) as e:
+                out.append(Response(_error(f"JSON parse error, {e}"[:200])))
                 continue
             out.append(Response(self._handle(msg)))
         if len(self._buffer) > MAX_MESSAGE:
             self._reset_scan("")
+            self._too_deep = False
             out.append(Response(_error("JSON parse error, message too long"), close=True))
         return out
 
@@ -173,6 +186,8 @@ class QmpSession:
                 self._in_string = True
             elif c in "{[":
                 self._depth += 1
+                if self._depth > MAX_NESTING:
+                    self._too_deep = True
             else:
                 self._depth -= 1
                 if self._depth == 0:
@@ -218,6 +233,28 @@ class QmpSession:
         except QmpError as e:
             return _error(e.desc, e.cls)
         return {"return": {} if result is None else result}
+
+
+def _parse_int(text: str) -> int | float:
+    """A JSON integer as QEMU's parser takes it: an int when it fits 64 bits, else a
+    double; one beyond a double's range (100 000 digits) is an error, not Python's
+    unbounded int (whose conversion is refused past 4 300 digits anyway)."""
+    if len(text) <= 21:
+        value = int(text)
+        if -(1 << 63) <= value < (1 << 64):
+            return value
+    return _parse_float(text)
+
+
+def _parse_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError("number too large")
+    return value
+
+
+def _parse_constant(text: str) -> float:
+    raise ValueError(f"invalid literal {text}")   # NaN and Infinity are not JSON
 
 
 def _error(desc: str, cls: str = "GenericError") -> dict:

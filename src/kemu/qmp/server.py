@@ -3,17 +3,18 @@
 One asyncio event loop in its own thread serves every client; each client
 has its own :class:`QmpSession`.  Events from the machine are broadcast to
 every client that negotiated capabilities.  UNIX sockets are created with
-mode 0600; TCP listens on 127.0.0.1 unless an address is given.
+mode 0600 (:mod:`kemu.backends.unix_socket`: a file that is not a socket, or
+a socket another process listens on, is refused and left alone); TCP
+listens on 127.0.0.1 unless an address is given.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 
+from kemu.backends.unix_socket import OwnedPath, listen_unix
 from kemu.errors import ConfigError
 from kemu.machines.opts import split_opts
 from kemu.qmp.commands import QEMU_VERSION, Commands, package
@@ -93,6 +94,7 @@ class QmpServer:
         self._server: asyncio.AbstractServer | None = None
         self._thread = threading.Thread(target=self._loop.run_forever, name="qmp", daemon=True)
         self._first_client = threading.Event()
+        self._owned: OwnedPath | None = None     # the socket file this server made
 
     def start(self) -> None:
         self._thread.start()
@@ -101,20 +103,23 @@ class QmpServer:
             future.result(10)
         except OSError as e:
             raise ConfigError(f"-qmp: cannot listen: {e.strerror or e}") from None
+        except ConfigError:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            raise
         self.vm.add_listener(self.broadcast)
         if self.address.wait:
             self._first_client.wait()
 
     async def _listen(self) -> None:
         if self.address.kind == "unix":
-            path = Path(self.address.path)
-            if path.is_socket():
-                path.unlink()
-            old = os.umask(0o177)          # the socket is created 0600
+            sock, self._owned = listen_unix(self.address.path,
+                                            f"-qmp unix:{self.address.path}")
             try:
-                self._server = await asyncio.start_unix_server(self._client, path=str(path))
-            finally:
-                os.umask(old)
+                self._server = await asyncio.start_unix_server(self._client, sock=sock)
+            except BaseException:
+                sock.close()
+                self._owned.remove()
+                raise
         else:
             self._server = await asyncio.start_server(self._client, self.address.host,
                                                       self.address.port)
@@ -181,8 +186,5 @@ class QmpServer:
             asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(5)
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(5)
-        if self.address.kind == "unix":
-            try:
-                Path(self.address.path).unlink()
-            except OSError:
-                pass
+        if self._owned is not None:
+            self._owned.remove()

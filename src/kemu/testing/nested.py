@@ -36,7 +36,7 @@ from pathlib import Path
 
 from kemu.errors import GuestBuildError
 from kemu.guest import cpio, kmod
-from kemu.guest.debian import Apt, cache_dir, download, unpack_kernel
+from kemu.guest.debian import Apt, cache_dir, fetch_debs, stale_debs, unpack_kernel
 
 QEMU = "qemu-system-x86_64"
 L1_KERNEL_PACKAGE = "linux-image-amd64"
@@ -113,9 +113,7 @@ def prepare_l1() -> L1Image:
     debs = out / "debs"
     debs.mkdir(exist_ok=True)
     uris = apt.uris(packages)
-    for url, name, size, sha in uris:
-        if not (debs / name).is_file():
-            download(url, debs / name, size, sha, lambda n: None)
+    fetch_debs(stale_debs(uris, debs), debs, lambda n: None)
     root = out / "root"
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir()
