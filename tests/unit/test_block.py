@@ -3,6 +3,7 @@ chains through :func:`open_image`, and the backend protocol."""
 
 from __future__ import annotations
 
+import errno
 import os
 
 import pytest
@@ -124,3 +125,25 @@ def test_backing_files_are_opened_read_only(tmp_path):
         disk.write(10, b"top")
         assert disk.read(8, 7) == b"BBtopBB"
     assert base.read_bytes() == b"B" * 65536
+
+
+def test_flush_and_close_closes_every_disk_and_raises_the_first_failure(tmp_path):
+    """A machine that ends with its host disk full still closes (and unlocks) all disks."""
+    from kemu.backends.block import ImageIOError, flush_and_close, open_image
+
+    paths = [tmp_path / f"d{i}.raw" for i in range(3)]
+    for p in paths:
+        p.write_bytes(bytes(4096))
+    disks = [open_image(p, "raw") for p in paths]
+    calls = []
+
+    def failing_flush():
+        calls.append("flush")
+        raise ImageIOError("d0.raw: No space left on device", errno.ENOSPC)
+    disks[0].flush = failing_flush
+    with pytest.raises(ImageIOError):
+        flush_and_close(disks)
+    assert calls == ["flush"]
+    # Every image is closed: each can be opened for writing again (no lock held).
+    for p in paths:
+        open_image(p, "raw").close()

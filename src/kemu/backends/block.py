@@ -228,3 +228,24 @@ def open_image(path: str | Path, format: str | None = None,
                                lock=image_permissions("qcow2", read_only, backing=backing,
                                                       force_share=force_share))
     raise ImageError(f"{path}: unknown image format {fmt!r} (known: raw, qcow2)")
+
+
+def flush_and_close(backends: list) -> None:
+    """Flush and close every disk of a machine that ends.
+
+    Each one is closed even when another fails (a full host disk at the last
+    flush, say): the first failure is raised after all of them are closed.
+    """
+    failure: BaseException | None = None
+    for backend in backends:
+        try:
+            backend.flush()
+        except KemuError as e:
+            failure = failure or e
+        finally:
+            try:
+                backend.close()
+            except KemuError as e:
+                failure = failure or e
+    if failure is not None:
+        raise failure

@@ -339,10 +339,9 @@ class VirtMachine:
 
     def close(self) -> None:
         """Flush and close the disks (idempotent)."""
+        from kemu.backends.block import flush_and_close
         backends, self.block_backends = self.block_backends, []
-        for backend in backends:
-            backend.flush()
-            backend.close()
+        flush_and_close(backends)
 
     @property
     def state(self) -> RunState:

@@ -546,19 +546,20 @@ class MicroVm:
 
     def close(self) -> None:
         """Flush and close the disks, release the VM (idempotent)."""
+        from kemu.backends.block import flush_and_close
         backends, self.block_backends = self.block_backends, []
-        for backend in backends:
-            backend.flush()
-            backend.close()
-        if all(t.state == RunState.STOPPED for t in self._threads):
-            self._close_vm()
-            for fd in [*self.ioeventfds, *self.irqfds.values()]:
-                fd.close()
-            self.ioeventfds, self.irqfds = [], {}
-            self.io_loop.close()
-            with self._close_lock:
-                if self.kvm.fd >= 0:
-                    self.kvm.close()
+        try:
+            flush_and_close(backends)
+        finally:
+            if all(t.state == RunState.STOPPED for t in self._threads):
+                self._close_vm()
+                for fd in [*self.ioeventfds, *self.irqfds.values()]:
+                    fd.close()
+                self.ioeventfds, self.irqfds = [], {}
+                self.io_loop.close()
+                with self._close_lock:
+                    if self.kvm.fd >= 0:
+                        self.kvm.close()
 
     @property
     def state(self) -> RunState:
