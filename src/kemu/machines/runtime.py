@@ -151,14 +151,24 @@ class DeadlineKicker:
         self.next_deadline = next_deadline
         self._cond = threading.Condition()
         self._stop = False
+        #: The deadline the thread sleeps until (None: no deadline), under _cond.
+        self._sleeping_until: float | None = None
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
     def changed(self) -> None:
+        """A deadline may have changed (called at every timer register write).
+
+        The thread is woken only for a deadline earlier than the one it
+        sleeps until: a later one it finds itself when it wakes.
+        """
+        deadline = self.next_deadline()
         with self._cond:
-            self._cond.notify()
+            until = self._sleeping_until
+            if deadline is not None and (until is None or deadline < until):
+                self._cond.notify()
 
     def stop(self) -> None:
         with self._cond:
@@ -173,7 +183,9 @@ class DeadlineKicker:
                 deadline = self.next_deadline()
                 now = time.monotonic()
                 if deadline is None or deadline > now:
+                    self._sleeping_until = deadline
                     self._cond.wait(None if deadline is None else deadline - now)
+                    self._sleeping_until = None
                     continue
             self.cpu.post_work()
             # The vCPU re-arms the timer when it handles the interrupt; do not
