@@ -32,7 +32,10 @@ class FakeVm:
         self.calls.append("reset")
 
     def powerdown(self):
-        raise MachineStateError("powerdown: the guest has no driver for the power button")
+        self.calls.append("powerdown")
+
+    def reset_fails(self):
+        raise MachineStateError("reset: the machine has shut down")
 
     def registers(self):
         return {"x0": 1, "pc": 0x40080000}
@@ -70,10 +73,18 @@ def test_status_stop_cont():
 
 
 def test_machine_errors_become_command_errors():
-    s = negotiated(FakeVm())
-    assert run(s, '{"execute": "system_powerdown"}') == {"error": {
-        "class": "GenericError",
-        "desc": "powerdown: the guest has no driver for the power button"}}
+    vm = FakeVm()
+    vm.reset = vm.reset_fails
+    s = negotiated(vm)
+    assert run(s, '{"execute": "system_reset"}') == {"error": {
+        "class": "GenericError", "desc": "reset: the machine has shut down"}}
+
+
+def test_system_powerdown_is_a_button_press_that_always_succeeds():
+    vm = FakeVm()
+    s = negotiated(vm)
+    assert run(s, '{"execute": "system_powerdown"}') == {"return": {}}
+    assert vm.calls == ["powerdown"]
 
 
 def test_argument_checks():
