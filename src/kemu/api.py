@@ -358,6 +358,8 @@ class Machine:
         #: A host reset pauses and resumes the vCPU: transitions not to report
         #: as STOP/RESUME (the RUNNING one comes after reset() has returned).
         self._unreported: set[RunState] = set()
+        #: Notified on every run-state transition of the board.
+        self._state_changed = threading.Condition()
 
     # -- events -------------------------------------------------------------------------
     def _emit(self, event: MachineEvent) -> None:
@@ -379,6 +381,8 @@ class Machine:
         self._listeners.append(listener)
 
     def _on_state(self, state: RunState) -> None:
+        with self._state_changed:
+            self._state_changed.notify_all()
         with self._lock:
             if state in self._unreported:
                 self._unreported.discard(state)
@@ -472,7 +476,7 @@ class Machine:
         if report:
             self._emit(Stop(reason="io-error" if self.io_error else ""))
 
-    def resume(self) -> None:
+    def resume(self, timeout: float = 10.0) -> None:
         """Run the vCPUs again (as QMP's ``cont``), after :meth:`pause` or ``start(paused=True)``."""
         self._require_running("resume")
         with self._lock:
@@ -486,6 +490,11 @@ class Machine:
         if report:
             self._emit(Resume())
         self._board.resume()
+        if report:
+            # As QEMU's cont: when it returns, query-status says running.
+            with self._state_changed:
+                self._state_changed.wait_for(
+                    lambda: self._board.state != RunState.PAUSED, timeout)
         self._retry_held_requests()
 
     def stop(self, reason: str = "quit") -> None:

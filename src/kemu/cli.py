@@ -22,7 +22,7 @@ from typing import Callable
 from kemu.errors import ConfigError, KemuError
 from kemu.machines.builder import ACCELS
 from kemu.machines.config import DriveConfig, MachineConfig, MiB
-from kemu.machines.opts import split_opts
+from kemu.machines.opts import parse_socket_option, split_opts
 from kemu.machines.virtio_devices import (
     parse_device,
     parse_drive,
@@ -173,8 +173,13 @@ def parse_qemu_options(argv: list[str], config: MachineConfig) -> MachineConfig:
                 raise ConfigError(f"-display {value}: kemu has no graphical display; "
                                   "use -display none")
         elif opt == "-monitor":
-            if value != "none":
-                raise ConfigError(f"-monitor {value}: only -monitor none is supported")
+            if value == "stdio":
+                config.extra["monitor_stdio"] = True
+                config.extra.setdefault("monitors", []).append("stdio")
+            elif value not in ("none", "null"):
+                address = parse_socket_option(value, "-monitor")
+                config.extra.setdefault("monitor_sockets", []).append(address)
+                config.extra.setdefault("monitors", []).append(address.describe())
         elif opt == "-drive":
             config.drives.append(parse_drive(value))
         elif opt == "-disk":    # kemu's own --disk PATH: a virtio disk, format detected
@@ -205,6 +210,12 @@ def parse_qemu_options(argv: list[str], config: MachineConfig) -> MachineConfig:
         config.machine = MACHINE_FOR_ACCEL.get(config.accel, config.machine)
     elif machine_given and not accel_given:
         config.accel = ACCEL_FOR_MACHINE.get(config.machine, config.accel)
+    if config.extra.get("monitor_stdio"):
+        if serial in (None, "stdio", "mon:stdio"):
+            raise ConfigError("cannot use stdio by multiple character devices "
+                              "(-monitor stdio wants -serial none or a -serial elsewhere)")
+        if config.extra.get("daemonize"):
+            raise ConfigError("-daemonize cannot be used with -monitor stdio")
     config.extra["serial"] = serial or "mon:stdio"
     if config.extra.get("daemonize") and config.extra["serial"] in ("stdio", "mon:stdio"):
         raise ConfigError("-daemonize cannot be used with a serial console on stdio "
@@ -235,7 +246,7 @@ def run_machine(config: MachineConfig) -> int:
     """
     from kemu.api import Machine
     from kemu.backends.unix_socket import write_pidfile
-    from kemu.console import ConsoleOutput
+    from kemu.console import ConsoleOutput, write_stdout
     from kemu.host_signals import HostSignals
 
     holder: list = []          # the machine, once it exists
@@ -247,9 +258,11 @@ def run_machine(config: MachineConfig) -> int:
     signals = HostSignals(on_signal)
     signals.install()
     serial = config.extra.get("serial", "mon:stdio")
-    output = ConsoleOutput(sys.stdout.fileno()) if serial in ("stdio", "mon:stdio") else None
+    stdio = serial in ("stdio", "mon:stdio") or config.extra.get("monitor_stdio")
+    output = ConsoleOutput(sys.stdout.fileno()) if stdio else None
     try:
-        vm = Machine.from_config(config, output.write if output is not None else None)
+        on_stdio = output is not None and serial in ("stdio", "mon:stdio")
+        vm = Machine.from_config(config, output.write if on_stdio else None)
         if config.extra.get("note"):
             # After set-up, so that a bad option or file is still exactly one line.
             print(config.extra["note"], file=sys.stderr)
@@ -263,6 +276,10 @@ def run_machine(config: MachineConfig) -> int:
         if config.extra.get("qmp"):
             from kemu.qmp.server import QmpServer   # asyncio: imported only when needed
             servers = [QmpServer(vm, address) for address in config.extra["qmp"]]
+        if config.extra.get("monitor_sockets"):
+            from kemu.monitor.server import MonitorServer
+            servers += [MonitorServer(_hmp(vm), address)
+                        for address in config.extra["monitor_sockets"]]
         pidfile = config.extra.get("pidfile")
         owned = []
 
@@ -282,7 +299,8 @@ def run_machine(config: MachineConfig) -> int:
             for server in servers:
                 if server.address.wait:
                     server.start()
-            status = _run_on_terminal(vm, config, serial, started, signals)
+            status = _run_on_terminal(vm, config, serial, started, signals,
+                                      output.write if output is not None else write_stdout)
         finally:
             for server in servers:
                 server.close()
@@ -312,8 +330,16 @@ def _daemonize() -> None:
         os.dup2(null, fd)
 
 
+def _hmp(vm):
+    """The human monitor's command table over a machine's QMP commands."""
+    from kemu.monitor.hmp import Hmp
+    from kemu.qmp.commands import Commands
+    return Hmp(Commands(vm))
+
+
 def _run_on_terminal(vm, config: MachineConfig, serial: str,
-                     started: Callable[[], None], signals) -> int:
+                     started: Callable[[], None], signals,
+                     write_console: Callable[[bytes], None]) -> int:
     from kemu.console import StdioConsole
 
     quit_requested = []
@@ -322,8 +348,15 @@ def _run_on_terminal(vm, config: MachineConfig, serial: str,
         quit_requested.append(True)
         vm.stop()
 
-    stdio = (StdioConsole(vm.console.write, on_quit, escapes=serial == "mon:stdio")
-             if serial in ("stdio", "mon:stdio") else None)
+    monitor = None
+    if serial == "mon:stdio" or config.extra.get("monitor_stdio"):
+        from kemu.monitor.session import MonitorSession
+        monitor = MonitorSession(_hmp(vm), write_console)
+    stdio = None
+    if serial in ("stdio", "mon:stdio") or config.extra.get("monitor_stdio"):
+        stdio = StdioConsole(vm.console.write, on_quit, escapes=serial == "mon:stdio",
+                             monitor=monitor,
+                             monitor_only=bool(config.extra.get("monitor_stdio")))
     vm.start(paused=config.start_paused)
     try:
         if signals.received is not None:      # a signal during set-up
