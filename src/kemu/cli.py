@@ -206,6 +206,9 @@ def parse_qemu_options(argv: list[str], config: MachineConfig) -> MachineConfig:
         elif opt == "-daemonize":
             config.extra["daemonize"] = True
     _legacy_net(legacy_net, config)
+    if accel_given and machine_given and config.accel not in ACCELS.get(config.machine,
+                                                                        (config.accel,)):
+        raise ConfigError(_board_accel_mismatch(config.machine, config.accel))
     if accel_given and not machine_given:
         config.machine = MACHINE_FOR_ACCEL.get(config.accel, config.machine)
     elif machine_given and not accel_given:
@@ -221,6 +224,13 @@ def parse_qemu_options(argv: list[str], config: MachineConfig) -> MachineConfig:
         raise ConfigError("-daemonize cannot be used with a serial console on stdio "
                           "(use -serial none -display none)")
     return config
+
+
+def _board_accel_mismatch(machine: str, accel: str) -> str:
+    runs_on = ACCELS[machine][0]
+    return (f"the {machine} board runs on {runs_on.upper()} here, not {accel.upper()} "
+            f"(use -accel {runs_on}, or -M {MACHINE_FOR_ACCEL.get(accel, machine)} "
+            f"for {accel})")
 
 
 def _legacy_net(values: list[str], config: MachineConfig) -> None:
@@ -437,6 +447,12 @@ def cmd_run(argv: list[str]) -> int:
             return 0
         rest.append(argv[i])
         i += 1
+    machine = next((_kv(rest[i + 1], rest[i], "type")[0] for i in range(len(rest) - 1)
+                    if rest[i] in ("-M", "-machine", "--machine")), None)
+    if machine in ACCELS:
+        if accel is not None and accel not in ACCELS[machine]:
+            raise ConfigError(_board_accel_mismatch(machine, accel))
+        accel = accel or ACCEL_FOR_MACHINE[machine]
     arch, accel, note = choose_default_guest(arch, accel)
     image = default_guest(arch, show_progress=sys.stderr.isatty())
     config = MachineConfig(kernel=image.kernel, initrd=image.initrd, append=image.append,
@@ -472,6 +488,15 @@ def cmd_img(argv: list[str]) -> int:
     return img_main(argv)
 
 
+def _print_listing(argv: list[str]) -> bool:
+    """QEMU's ``-M help``, ``-device help``, ...: print the listing, True if asked."""
+    from kemu.listings import listing
+    text = listing(argv)
+    if text is not None:
+        sys.stdout.write(text)
+    return text is not None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -481,6 +506,8 @@ def main(argv: list[str] | None = None) -> int:
         if argv[0] in ("--version", "-version"):
             from importlib.metadata import version
             print(f"kemu {version('kemu')}")
+            return 0
+        if _print_listing(argv[1:] if argv[0] == "run" else argv):
             return 0
         if argv[0] == "run":
             return cmd_run(argv[1:])
