@@ -446,6 +446,9 @@ class Machine:
         self.config.start_paused = paused
         self._board.start()
         _live.add(self)
+        if self._stop_reason is not None:
+            # stop() came first (a QMP quit while -qmp ...,wait=on held the start)
+            self._board.stop()
 
     @property
     def state(self) -> str:

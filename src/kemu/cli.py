@@ -276,8 +276,7 @@ def run_machine(config: MachineConfig) -> int:
         if config.extra.get("note"):
             # After set-up, so that a bad option or file is still exactly one line.
             print(config.extra["note"], file=sys.stderr)
-        if config.extra.get("daemonize"):
-            _daemonize()
+        ready_fd = _daemonize() if config.extra.get("daemonize") else None
         # Threads started from here on (vCPUs, QMP, console output) leave these
         # signals to the "signals" thread, which learns who sent them.
         signals.block()
@@ -304,6 +303,8 @@ def run_machine(config: MachineConfig) -> int:
                     server.start()
             if pidfile is not None:
                 owned.append(write_pidfile(str(pidfile)))
+            if ready_fd is not None:
+                _daemon_ready(ready_fd)
 
         try:
             for server in servers:
@@ -328,16 +329,39 @@ def run_machine(config: MachineConfig) -> int:
     return status
 
 
-def _daemonize() -> None:
-    """QEMU's -daemonize: detach from the terminal once the machine is set up."""
+def _daemonize() -> int:
+    """QEMU's -daemonize: detach from the terminal once the machine is set up.
+
+    As QEMU's, the parent process waits on a pipe and exits only when the
+    daemon says it is ready (:func:`_daemon_ready`: the pidfile, the QMP and
+    monitor sockets exist), with status 0; with 1 when the daemon failed
+    first (its one-line error is still on stderr).  Returns the pipe's
+    write end, in the daemon.
+    """
+    read_end, write_end = os.pipe()
     if os.fork() > 0:
-        os._exit(0)
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as pipe:
+            ready = pipe.read() == b"ready"
+        os._exit(0 if ready else 1)
+    os.close(read_end)
     os.setsid()
     if os.fork() > 0:
         os._exit(0)
     null = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
+    for fd in (0, 1):
         os.dup2(null, fd)
+    os.close(null)
+    return write_end
+
+
+def _daemon_ready(write_end: int) -> None:
+    """Tell the waiting parent that the daemon is ready; stderr goes quiet."""
+    os.write(write_end, b"ready")
+    os.close(write_end)
+    null = os.open(os.devnull, os.O_RDWR)
+    os.dup2(null, 2)
+    os.close(null)
 
 
 def _hmp(vm):
