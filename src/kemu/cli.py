@@ -42,16 +42,19 @@ usage: kemu [QEMU-style options]
 QEMU-style options: -M/-machine virt|microvm  -accel tcg|kvm  -enable-kvm  -cpu MODEL
   -m SIZE  -smp N (microvm; 1 on virt)
   -kernel FILE  -initrd FILE  -append CMDLINE  -nographic  -serial stdio|mon:stdio|none
-  -no-reboot  -S  -name NAME  -display none  -monitor none  -nodefaults
+  -no-reboot  -S  -name NAME  -display none  -nodefaults
+  -monitor stdio|none|unix:PATH,server=on[,wait=off]|tcp:HOST:PORT,server=on[,wait=off]
   -drive file=IMG[,format=raw|qcow2][,if=virtio|none,id=ID][,readonly=on][,cache=MODE]
   -device virtio-blk-device,drive=ID | virtio-rng-device | virtio-net-device,netdev=ID[,mac=M]
   -netdev user,id=ID[,hostfwd=tcp::HOSTPORT-:GUESTPORT]  (user-mode networking by passt)
   -netdev tap,id=ID,ifname=NAME,script=no,downscript=no
   -nic user[,hostfwd=...][,mac=M] | tap,ifname=NAME
-  -qmp unix:PATH,server=on,wait=off | tcp:HOST:PORT,server=on,wait=off  -pidfile FILE  -daemonize
+  -qmp unix:PATH|tcp:HOST:PORT[,server=on[,wait=off]] (no server=on: connect out)
+  -pidfile FILE  -daemonize
+  -M help  -cpu help  -device help  -device DRIVER,help  -accel help  -netdev help  -chardev help
 kemu's own: --disk IMG (a virtio disk, format detected)
             --net user[,hostfwd=...] (a virtio NIC on user-mode networking, as -nic user)
-In the console: Ctrl-A x quits, Ctrl-A h prints help.
+In the console: Ctrl-A x quits, Ctrl-A c switches to the monitor and back, Ctrl-A h prints help.
 """
 
 #: Options that take an argument / that do not, in QEMU's spelling.

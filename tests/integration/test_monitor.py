@@ -25,6 +25,18 @@ def qemu_hmp(lines: str) -> str:
     return out
 
 
+def start_with_socket(args: list[str], path) -> subprocess.Popen:
+    """kemu run with ``args``, once the socket at ``path`` exists."""
+    proc = subprocess.Popen(KEMU + ["run", "-S", "-serial", "none", "-display", "none", *args],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not path.exists():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    return proc
+
+
 def test_monitor_stdio_commands_and_help_as_qemu_prints_them(guest):
     vm = Console(["run", "-S", "-serial", "none", "-monitor", "stdio", "-name", "hmp1"])
     try:
@@ -83,15 +95,8 @@ def test_ctrl_a_c_switches_between_console_and_monitor(guest):
 
 def test_monitor_on_a_unix_socket(guest, tmp_path):
     path = tmp_path / "mon.sock"
-    proc = subprocess.Popen(KEMU + ["run", "-S", "-serial", "none", "-display", "none",
-                                    "-monitor", f"unix:{path},server=on,wait=off"],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+    proc = start_with_socket(["-monitor", f"unix:{path},server=on,wait=off"], path)
     try:
-        deadline = time.monotonic() + 60
-        while not path.exists():
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.05)
         conn = socket.socket(socket.AF_UNIX)
         conn.connect(str(path))
         conn.settimeout(30)
@@ -115,15 +120,8 @@ def test_qmp_shell_hmp_mode(guest, tmp_path):
     if shell is None:
         pytest.skip("qmp-shell is not installed (scripts/bootstrap.sh --test)")
     sock = tmp_path / "qmp.sock"
-    proc = subprocess.Popen(KEMU + ["run", "-S", "-serial", "none", "-display", "none",
-                                    "-qmp", f"unix:{sock},server=on,wait=off"],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+    proc = start_with_socket(["-qmp", f"unix:{sock},server=on,wait=off"], sock)
     try:
-        deadline = time.monotonic() + 60
-        while not sock.exists():
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.05)
         out = subprocess.run([shell, "-H", str(sock)], input="info status\ninfo version\n",
                              capture_output=True, text=True, timeout=60)
         assert "Traceback" not in out.stderr, out.stderr
