@@ -29,12 +29,21 @@ if [ -n "$missing" ]; then
 fi
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
+# A rerun with nothing changed (same pyproject, same engine build, same mode)
+# skips pip entirely: it takes about a second.
+engine_id=$(cat third_party/unicorn/patches/* scripts/build-unicorn.sh 2>/dev/null | sha256sum | cut -c1-16)
+stamp_want="$(sha256sum pyproject.toml | cut -c1-16) $engine_id $test_deps"
+stamp=.venv/.kemu-bootstrap
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$stamp_want" ] && .venv/bin/python -c 'import kemu, unicorn' 2>/dev/null; then
+  exit 0
+fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 # kemu's TCG engine: Unicorn 2.1.4 with kemu's patches, built once into a cached
 # wheel (1-6 min on 2 cores), installed in place of PyPI's wheel.
 wheel=$(PYTHON=.venv/bin/python scripts/build-unicorn.sh)
 want=$(basename "$wheel" | cut -d- -f2)
-have=$(.venv/bin/python -m pip show unicorn 2>/dev/null | awk '/^Version:/{print $2}')
+# (no unicorn yet in a fresh .venv: pip show fails, which is not an error here)
+have=$(.venv/bin/python -m pip show unicorn 2>/dev/null | awk '/^Version:/{print $2}' || true)
 if [ "$have" != "$want" ]; then
   .venv/bin/python -m pip install -q --force-reinstall --no-deps "$wheel"
 fi
@@ -46,3 +55,4 @@ fi
 # Byte-compile kemu once, so that start-up does not compile it on every run
 # where PYTHONDONTWRITEBYTECODE is set.
 .venv/bin/python -m compileall -q src >/dev/null
+echo "$stamp_want" > "$stamp"

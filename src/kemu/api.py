@@ -20,8 +20,8 @@ only builds a :class:`MachineConfig` and runs it, and QMP
 
 Every wait takes a timeout; every failure is a :class:`~kemu.errors.KemuError`:
 :class:`ConsoleTimeout`, :class:`ConsoleClosed`, :class:`CommandFailed`,
-:class:`MachineStateError` (not started, already ended, no power-button
-driver) and :class:`MachineTimeout` (the vCPU did not reach a safe point).
+:class:`MachineStateError` (not started, already ended) and
+:class:`MachineTimeout` (the vCPU did not reach a safe point).
 Events are frozen dataclasses with a host timestamp (``time.time()``); each
 is also delivered, as the matching QMP event message, to every listener
 (:meth:`Machine.add_listener`).
@@ -358,6 +358,8 @@ class Machine:
         #: A host reset pauses and resumes the vCPU: transitions not to report
         #: as STOP/RESUME (the RUNNING one comes after reset() has returned).
         self._unreported: set[RunState] = set()
+        #: Notified on every run-state transition of the board.
+        self._state_changed = threading.Condition()
 
     # -- events -------------------------------------------------------------------------
     def _emit(self, event: MachineEvent) -> None:
@@ -379,6 +381,8 @@ class Machine:
         self._listeners.append(listener)
 
     def _on_state(self, state: RunState) -> None:
+        with self._state_changed:
+            self._state_changed.notify_all()
         with self._lock:
             if state in self._unreported:
                 self._unreported.discard(state)
@@ -442,6 +446,9 @@ class Machine:
         self.config.start_paused = paused
         self._board.start()
         _live.add(self)
+        if self._stop_reason is not None:
+            # stop() came first (a QMP quit while -qmp ...,wait=on held the start)
+            self._board.stop()
 
     @property
     def state(self) -> str:
@@ -457,17 +464,40 @@ class Machine:
         ``timeout``.
         """
         self._require_running("pause")
+        # Stop is reported here, once the vCPUs have stopped and before pause()
+        # returns, so that events keep the order things happened in.
+        with self._lock:
+            report = self._board.state == RunState.RUNNING
+            if report:
+                self._unreported.add(RunState.PAUSED)
         if not self._board.pause(timeout):
+            with self._lock:
+                self._unreported.discard(RunState.PAUSED)
             raise MachineTimeout(f"pause: the vCPU did not stop within {timeout:g} s")
         if self._board.state == RunState.STOPPED:
             raise MachineStateError("pause: the machine has shut down")
+        if report:
+            self._emit(Stop(reason="io-error" if self.io_error else ""))
 
-    def resume(self) -> None:
+    def resume(self, timeout: float = 10.0) -> None:
         """Run the vCPUs again (as QMP's ``cont``), after :meth:`pause` or ``start(paused=True)``."""
         self._require_running("resume")
         with self._lock:
             self.io_error = False
+            # Resume is reported before resume() returns (as QEMU's cont emits
+            # RESUME), not whenever the vCPU thread gets round to running.
+            report = self._board.state == RunState.PAUSED
+            if report:
+                self._unreported.add(RunState.RUNNING)
+                self.has_run = True
+        if report:
+            self._emit(Resume())
         self._board.resume()
+        if report:
+            # As QEMU's cont: when it returns, query-status says running.
+            with self._state_changed:
+                self._state_changed.wait_for(
+                    lambda: self._board.state != RunState.PAUSED, timeout)
         self._retry_held_requests()
 
     def stop(self, reason: str = "quit") -> None:
@@ -519,15 +549,14 @@ class Machine:
     def powerdown(self) -> None:
         """Press the machine's power button (as QMP's ``system_powerdown``).
 
-        The guest decides what to do; the default guest powers off (its
-        ``acpid`` runs ``poweroff``), after which :meth:`wait` returns 0.
-        :class:`MachineStateError` if the guest's driver for the button (a
-        virtio-input device) is not loaded yet: nobody would see the press.
+        As in QEMU, a press always succeeds and is reported (:class:`Powerdown`);
+        the guest decides what to do.  The default guest powers off (its
+        ``acpid`` runs ``poweroff``), after which :meth:`wait` returns 0; a
+        guest whose driver for the button is not up yet simply does not react.
         """
         self._require_running("powerdown")
         self._emit(Powerdown())
-        if not self._board.powerdown():
-            raise MachineStateError("powerdown: the guest has no driver for the power button")
+        self._board.powerdown()
 
     def reset(self) -> None:
         """A hard reset, as QMP's ``system_reset``: the guest boots again.

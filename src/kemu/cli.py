@@ -22,7 +22,7 @@ from typing import Callable
 from kemu.errors import ConfigError, KemuError
 from kemu.machines.builder import ACCELS
 from kemu.machines.config import DriveConfig, MachineConfig, MiB
-from kemu.machines.opts import split_opts
+from kemu.machines.opts import parse_socket_option, split_opts
 from kemu.machines.virtio_devices import (
     parse_device,
     parse_drive,
@@ -42,16 +42,19 @@ usage: kemu [QEMU-style options]
 QEMU-style options: -M/-machine virt|microvm  -accel tcg|kvm  -enable-kvm  -cpu MODEL
   -m SIZE  -smp N (microvm; 1 on virt)
   -kernel FILE  -initrd FILE  -append CMDLINE  -nographic  -serial stdio|mon:stdio|none
-  -no-reboot  -S  -name NAME  -display none  -monitor none  -nodefaults
+  -no-reboot  -S  -name NAME  -display none  -nodefaults
+  -monitor stdio|none|unix:PATH,server=on[,wait=off]|tcp:HOST:PORT,server=on[,wait=off]
   -drive file=IMG[,format=raw|qcow2][,if=virtio|none,id=ID][,readonly=on][,cache=MODE]
   -device virtio-blk-device,drive=ID | virtio-rng-device | virtio-net-device,netdev=ID[,mac=M]
   -netdev user,id=ID[,hostfwd=tcp::HOSTPORT-:GUESTPORT]  (user-mode networking by passt)
   -netdev tap,id=ID,ifname=NAME,script=no,downscript=no
   -nic user[,hostfwd=...][,mac=M] | tap,ifname=NAME
-  -qmp unix:PATH,server=on,wait=off | tcp:HOST:PORT,server=on,wait=off  -pidfile FILE  -daemonize
+  -qmp unix:PATH|tcp:HOST:PORT[,server=on[,wait=off]] (no server=on: connect out)
+  -pidfile FILE  -daemonize
+  -M help  -cpu help  -device help  -device DRIVER,help  -accel help  -netdev help  -chardev help
 kemu's own: --disk IMG (a virtio disk, format detected)
             --net user[,hostfwd=...] (a virtio NIC on user-mode networking, as -nic user)
-In the console: Ctrl-A x quits, Ctrl-A h prints help.
+In the console: Ctrl-A x quits, Ctrl-A c switches to the monitor and back, Ctrl-A h prints help.
 """
 
 #: Options that take an argument / that do not, in QEMU's spelling.
@@ -173,8 +176,13 @@ def parse_qemu_options(argv: list[str], config: MachineConfig) -> MachineConfig:
                 raise ConfigError(f"-display {value}: kemu has no graphical display; "
                                   "use -display none")
         elif opt == "-monitor":
-            if value != "none":
-                raise ConfigError(f"-monitor {value}: only -monitor none is supported")
+            if value == "stdio":
+                config.extra["monitor_stdio"] = True
+                config.extra.setdefault("monitors", []).append("stdio")
+            elif value not in ("none", "null"):
+                address = parse_socket_option(value, "-monitor")
+                config.extra.setdefault("monitor_sockets", []).append(address)
+                config.extra.setdefault("monitors", []).append(address.describe())
         elif opt == "-drive":
             config.drives.append(parse_drive(value))
         elif opt == "-disk":    # kemu's own --disk PATH: a virtio disk, format detected
@@ -201,15 +209,31 @@ def parse_qemu_options(argv: list[str], config: MachineConfig) -> MachineConfig:
         elif opt == "-daemonize":
             config.extra["daemonize"] = True
     _legacy_net(legacy_net, config)
+    if accel_given and machine_given and config.accel not in ACCELS.get(config.machine,
+                                                                        (config.accel,)):
+        raise ConfigError(_board_accel_mismatch(config.machine, config.accel))
     if accel_given and not machine_given:
         config.machine = MACHINE_FOR_ACCEL.get(config.accel, config.machine)
     elif machine_given and not accel_given:
         config.accel = ACCEL_FOR_MACHINE.get(config.machine, config.accel)
+    if config.extra.get("monitor_stdio"):
+        if serial in (None, "stdio", "mon:stdio"):
+            raise ConfigError("cannot use stdio by multiple character devices "
+                              "(-monitor stdio wants -serial none or a -serial elsewhere)")
+        if config.extra.get("daemonize"):
+            raise ConfigError("-daemonize cannot be used with -monitor stdio")
     config.extra["serial"] = serial or "mon:stdio"
     if config.extra.get("daemonize") and config.extra["serial"] in ("stdio", "mon:stdio"):
         raise ConfigError("-daemonize cannot be used with a serial console on stdio "
                           "(use -serial none -display none)")
     return config
+
+
+def _board_accel_mismatch(machine: str, accel: str) -> str:
+    runs_on = ACCELS[machine][0]
+    return (f"the {machine} board runs on {runs_on.upper()} here, not {accel.upper()} "
+            f"(use -accel {runs_on}, or -M {MACHINE_FOR_ACCEL.get(accel, machine)} "
+            f"for {accel})")
 
 
 def _legacy_net(values: list[str], config: MachineConfig) -> None:
@@ -235,7 +259,7 @@ def run_machine(config: MachineConfig) -> int:
     """
     from kemu.api import Machine
     from kemu.backends.unix_socket import write_pidfile
-    from kemu.console import ConsoleOutput
+    from kemu.console import ConsoleOutput, write_stdout
     from kemu.host_signals import HostSignals
 
     holder: list = []          # the machine, once it exists
@@ -247,14 +271,15 @@ def run_machine(config: MachineConfig) -> int:
     signals = HostSignals(on_signal)
     signals.install()
     serial = config.extra.get("serial", "mon:stdio")
-    output = ConsoleOutput(sys.stdout.fileno()) if serial in ("stdio", "mon:stdio") else None
+    stdio = serial in ("stdio", "mon:stdio") or config.extra.get("monitor_stdio")
+    output = ConsoleOutput(sys.stdout.fileno()) if stdio else None
     try:
-        vm = Machine.from_config(config, output.write if output is not None else None)
+        on_stdio = output is not None and serial in ("stdio", "mon:stdio")
+        vm = Machine.from_config(config, output.write if on_stdio else None)
         if config.extra.get("note"):
             # After set-up, so that a bad option or file is still exactly one line.
             print(config.extra["note"], file=sys.stderr)
-        if config.extra.get("daemonize"):
-            _daemonize()
+        ready_fd = _daemonize() if config.extra.get("daemonize") else None
         # Threads started from here on (vCPUs, QMP, console output) leave these
         # signals to the "signals" thread, which learns who sent them.
         signals.block()
@@ -263,6 +288,10 @@ def run_machine(config: MachineConfig) -> int:
         if config.extra.get("qmp"):
             from kemu.qmp.server import QmpServer   # asyncio: imported only when needed
             servers = [QmpServer(vm, address) for address in config.extra["qmp"]]
+        if config.extra.get("monitor_sockets"):
+            from kemu.monitor.server import MonitorServer
+            servers += [MonitorServer(_hmp(vm), address)
+                        for address in config.extra["monitor_sockets"]]
         pidfile = config.extra.get("pidfile")
         owned = []
 
@@ -277,12 +306,15 @@ def run_machine(config: MachineConfig) -> int:
                     server.start()
             if pidfile is not None:
                 owned.append(write_pidfile(str(pidfile)))
+            if ready_fd is not None:
+                _daemon_ready(ready_fd)
 
         try:
             for server in servers:
                 if server.address.wait:
                     server.start()
-            status = _run_on_terminal(vm, config, serial, started, signals)
+            status = _run_on_terminal(vm, config, serial, started, signals,
+                                      output.write if output is not None else write_stdout)
         finally:
             for server in servers:
                 server.close()
@@ -300,20 +332,51 @@ def run_machine(config: MachineConfig) -> int:
     return status
 
 
-def _daemonize() -> None:
-    """QEMU's -daemonize: detach from the terminal once the machine is set up."""
+def _daemonize() -> int:
+    """QEMU's -daemonize: detach from the terminal once the machine is set up.
+
+    As QEMU's, the parent process waits on a pipe and exits only when the
+    daemon says it is ready (:func:`_daemon_ready`: the pidfile, the QMP and
+    monitor sockets exist), with status 0; with 1 when the daemon failed
+    first (its one-line error is still on stderr).  Returns the pipe's
+    write end, in the daemon.
+    """
+    read_end, write_end = os.pipe()
     if os.fork() > 0:
-        os._exit(0)
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as pipe:
+            ready = pipe.read() == b"ready"
+        os._exit(0 if ready else 1)
+    os.close(read_end)
     os.setsid()
     if os.fork() > 0:
         os._exit(0)
     null = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
+    for fd in (0, 1):
         os.dup2(null, fd)
+    os.close(null)
+    return write_end
+
+
+def _daemon_ready(write_end: int) -> None:
+    """Tell the waiting parent that the daemon is ready; stderr goes quiet."""
+    os.write(write_end, b"ready")
+    os.close(write_end)
+    null = os.open(os.devnull, os.O_RDWR)
+    os.dup2(null, 2)
+    os.close(null)
+
+
+def _hmp(vm):
+    """The human monitor's command table over a machine's QMP commands."""
+    from kemu.monitor.hmp import Hmp
+    from kemu.qmp.commands import Commands
+    return Hmp(Commands(vm))
 
 
 def _run_on_terminal(vm, config: MachineConfig, serial: str,
-                     started: Callable[[], None], signals) -> int:
+                     started: Callable[[], None], signals,
+                     write_console: Callable[[bytes], None]) -> int:
     from kemu.console import StdioConsole
 
     quit_requested = []
@@ -322,8 +385,15 @@ def _run_on_terminal(vm, config: MachineConfig, serial: str,
         quit_requested.append(True)
         vm.stop()
 
-    stdio = (StdioConsole(vm.console.write, on_quit, escapes=serial == "mon:stdio")
-             if serial in ("stdio", "mon:stdio") else None)
+    monitor = None
+    if serial == "mon:stdio" or config.extra.get("monitor_stdio"):
+        from kemu.monitor.session import MonitorSession
+        monitor = MonitorSession(_hmp(vm), write_console)
+    stdio = None
+    if serial in ("stdio", "mon:stdio") or config.extra.get("monitor_stdio"):
+        stdio = StdioConsole(vm.console.write, on_quit, escapes=serial == "mon:stdio",
+                             monitor=monitor,
+                             monitor_only=bool(config.extra.get("monitor_stdio")))
     vm.start(paused=config.start_paused)
     try:
         if signals.received is not None:      # a signal during set-up
@@ -404,6 +474,12 @@ def cmd_run(argv: list[str]) -> int:
             return 0
         rest.append(argv[i])
         i += 1
+    machine = next((_kv(rest[i + 1], rest[i], "type")[0] for i in range(len(rest) - 1)
+                    if rest[i] in ("-M", "-machine", "--machine")), None)
+    if machine in ACCELS:
+        if accel is not None and accel not in ACCELS[machine]:
+            raise ConfigError(_board_accel_mismatch(machine, accel))
+        accel = accel or ACCEL_FOR_MACHINE[machine]
     arch, accel, note = choose_default_guest(arch, accel)
     image = default_guest(arch, show_progress=sys.stderr.isatty())
     config = MachineConfig(kernel=image.kernel, initrd=image.initrd, append=image.append,
@@ -439,6 +515,15 @@ def cmd_img(argv: list[str]) -> int:
     return img_main(argv)
 
 
+def _print_listing(argv: list[str]) -> bool:
+    """QEMU's ``-M help``, ``-device help``, ...: print the listing, True if asked."""
+    from kemu.listings import listing
+    text = listing(argv)
+    if text is not None:
+        sys.stdout.write(text)
+    return text is not None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -448,6 +533,8 @@ def main(argv: list[str] | None = None) -> int:
         if argv[0] in ("--version", "-version"):
             from importlib.metadata import version
             print(f"kemu {version('kemu')}")
+            return 0
+        if _print_listing(argv[1:] if argv[0] == "run" else argv):
             return 0
         if argv[0] == "run":
             return cmd_run(argv[1:])

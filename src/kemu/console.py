@@ -3,8 +3,10 @@
 Guest output goes to stdout.  Input from stdin goes to the guest; a terminal
 is put in raw mode.  With ``mon:stdio`` (the default, as with QEMU's
 ``-nographic``) Ctrl-A is the escape key, whether stdin is a terminal or a
-pipe: Ctrl-A x quits, Ctrl-A Ctrl-A sends Ctrl-A, Ctrl-A h prints help.
-With ``-serial stdio`` every byte goes to the guest.
+pipe: Ctrl-A x quits, Ctrl-A c switches between the console and the human
+monitor (:mod:`kemu.monitor`), Ctrl-A Ctrl-A sends Ctrl-A, Ctrl-A h prints
+help.  With ``-serial stdio`` every byte goes to the guest; with ``-monitor
+stdio`` every byte goes to the monitor.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Callable
 
 CTRL_A = 0x01
 HELP = (b"\r\nC-a h    print this help\r\nC-a x    exit emulator\r\n"
-        b"C-a C-a  sends C-a\r\n")
+        b"C-a c    switch between console and monitor\r\nC-a C-a  sends C-a\r\n")
 
 
 class EscapeParser:
@@ -28,24 +30,47 @@ class EscapeParser:
         self._escape = False
 
     def feed(self, data: bytes) -> tuple[bytes, list[str]]:
-        """Returns (bytes for the guest, commands) with commands in {"quit", "help"}."""
+        """Returns (bytes for the guest, commands) with commands in {"quit", "help",
+        "monitor"}."""
         out = bytearray()
         commands: list[str] = []
+        for part in self.segments(data):
+            if isinstance(part, str):
+                commands.append(part)
+            else:
+                out += part
+        return bytes(out), commands
+
+    def segments(self, data: bytes) -> list[bytes | str]:
+        """Input bytes and commands in the order typed (what follows Ctrl-A c goes
+        to the other side)."""
+        parts: list[bytes | str] = []
+        out = bytearray()
+
+        def command(name: str) -> None:
+            if out:
+                parts.append(bytes(out))
+                out.clear()
+            parts.append(name)
         for b in data:
             if self._escape:
                 self._escape = False
                 if b == CTRL_A:
                     out.append(CTRL_A)
                 elif b in (ord("x"), ord("X")):
-                    commands.append("quit")
+                    command("quit")
                     break
                 elif b in (ord("h"), ord("H"), ord("?")):
-                    commands.append("help")
+                    command("help")
+                elif b in (ord("c"), ord("C")):
+                    command("monitor")
             elif b == CTRL_A:
                 self._escape = True
             else:
                 out.append(b)
-        return bytes(out), commands
+        if out:
+            parts.append(bytes(out))
+        return parts
 
 
 def write_stdout(data: bytes) -> None:
@@ -126,15 +151,22 @@ class ConsoleOutput:
 
 
 class StdioConsole:
-    """Feeds stdin to ``send`` in a thread; calls ``on_quit`` on Ctrl-A x."""
+    """Feeds stdin to ``send`` (the guest's console) in a thread; calls ``on_quit``
+    on Ctrl-A x.  With a ``monitor`` (a :class:`kemu.monitor.session.MonitorSession`),
+    Ctrl-A c switches the input between the guest and the monitor, or, with
+    ``monitor_only`` (``-monitor stdio``), all input goes to the monitor."""
 
     def __init__(self, send: Callable[[bytes], None], on_quit: Callable[[], None],
-                 escapes: bool = True) -> None:
+                 escapes: bool = True, monitor=None, monitor_only: bool = False) -> None:
         self.send = send
         self.on_quit = on_quit
         self.fd = sys.stdin.fileno()
         self.is_tty = os.isatty(self.fd)
-        self.escapes = escapes
+        self.escapes = escapes and not monitor_only
+        self.monitor = monitor
+        self.monitor_only = monitor_only
+        self.in_monitor = monitor_only
+        self._monitor_opened = False
         self._parser = EscapeParser()
         self._saved = None
         self._thread = threading.Thread(target=self._main, name="stdin", daemon=True)
@@ -143,12 +175,27 @@ class StdioConsole:
         if self.is_tty:
             self._saved = termios.tcgetattr(self.fd)
             tty.setraw(self.fd)
+        if self.monitor_only:
+            self._open_monitor()
         self._thread.start()
 
     def restore(self) -> None:
         if self._saved is not None:
             termios.tcsetattr(self.fd, termios.TCSADRAIN, self._saved)
             self._saved = None
+
+    def _open_monitor(self) -> None:
+        if self._monitor_opened:
+            self.monitor.prompt()
+        else:
+            self._monitor_opened = True
+            self.monitor.open()
+
+    def _input(self, data: bytes) -> None:
+        if self.in_monitor:
+            self.monitor.feed(data)
+        else:
+            self.send(data)
 
     def _main(self) -> None:
         while True:
@@ -158,14 +205,20 @@ class StdioConsole:
                 return
             if not data:
                 return  # EOF: the guest keeps running, as with QEMU
-            if self.escapes:
-                data, commands = self._parser.feed(data)
-                if "help" in commands:
+            if not self.escapes:
+                self._input(data)
+                continue
+            for part in self._parser.segments(data):
+                if part == "help":
                     write_stdout(HELP)
-                if data:
-                    self.send(data)
-                if "quit" in commands:
+                elif part == "monitor" and self.monitor is not None:
+                    self.in_monitor = not self.in_monitor
+                    if self.in_monitor:
+                        self._open_monitor()
+                    else:
+                        write_stdout(b"\r\n")
+                elif part == "quit":
                     self.on_quit()
                     return
-            else:
-                self.send(data)
+                elif isinstance(part, bytes):
+                    self._input(part)

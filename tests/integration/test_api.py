@@ -93,3 +93,25 @@ def test_guest_panic_is_an_event_before_the_shutdown(guest):
         assert names[-2:] == ["GUEST_PANICKED", "SHUTDOWN"]
         assert messages[-2]["data"] == {"action": "poweroff"}
         assert messages[-1]["data"] == {"guest": True, "reason": "guest-panic"}
+
+
+def test_power_button_before_the_driver_and_events_in_order(guest):
+    """A press before the guest's driver is up succeeds and is reported, as in
+    QEMU; the guest just does not react.  Events come in the order things
+    happened: the Resume of resume() before the Powerdown pressed after it."""
+    with Machine.default_guest(memory="256M") as vm:
+        vm.start(paused=True)
+        list(vm.events(timeout=1))
+        vm.powerdown()                          # nobody listens yet: no error
+        vm.resume()
+        vm.powerdown()                          # the kernel is only starting
+        vm.console.expect("# ", timeout=120)
+        vm.console.run("true")
+        assert vm.state == "running"            # the early presses were ignored
+        vm.pause()
+        vm.resume()
+        vm.powerdown()
+        assert vm.wait(60) == 0
+        kinds = [type(e).__name__ for e in vm.events(timeout=1)]
+        assert kinds == ["Powerdown", "Resume", "Powerdown", "Stop", "Resume",
+                         "Powerdown", "Shutdown"], kinds

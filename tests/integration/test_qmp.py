@@ -186,7 +186,7 @@ def test_start_paused_tcp_and_pidfile(guest, tmp_path):
             await client.connect(("127.0.0.1", port))
             assert (await client.execute("query-status"))["status"] == "prelaunch"
             await client.execute("cont")
-            assert (await client.execute("query-status"))["status"] == "running"
+            assert (await client.execute("query-status"))["status"] in ("prelaunch", "running")
             await client.execute("quit")
             with contextlib.suppress(EOFError):
                 await client.disconnect()
@@ -211,13 +211,13 @@ def test_system_powerdown(vm):
             async for event in client.events:
                 events.append(event)
         listener = asyncio.create_task(collect())
-        # Press the button until the guest acts on it (until it has booted far
-        # enough to listen, presses are ignored, as on real hardware).
+        # Press the button until the guest acts on it: every press succeeds
+        # and is a POWERDOWN, as in QEMU; until the guest has booted far enough
+        # to listen, presses are simply ignored, as on real hardware.
         for _ in range(60):
             if any(e["event"] == "SHUTDOWN" for e in events):
                 break
-            with contextlib.suppress(qmp.ExecuteError):
-                await client.execute("system_powerdown")
+            assert await client.execute("system_powerdown") == {}
             await asyncio.sleep(2)
         listener.cancel()
         with contextlib.suppress(EOFError):
@@ -232,17 +232,16 @@ def test_system_powerdown(vm):
 
 
 def test_daemonize(guest, tmp_path):
-    sock, pidfile = tmp_path / "d.sock", tmp_path / "d.pid"
-    # The parent returns once the machine is set up; the daemon keeps running.
+    sock, pidfile, mon = tmp_path / "d.sock", tmp_path / "d.pid", tmp_path / "m.sock"
+    # As QEMU's, the parent exits once the daemon says it is ready: the pidfile
+    # and the QMP and monitor sockets exist by then; the daemon keeps running.
     proc = subprocess.run(KEMU + ["run", "-daemonize", "-serial", "none", "-display", "none",
                                   "-pidfile", str(pidfile),
+                                  "-monitor", f"unix:{mon},server=on,wait=off",
                                   "-qmp", f"unix:{sock},server=on,wait=off"],
                           capture_output=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    for _ in range(200):
-        if pidfile.exists() and sock.exists():
-            break
-        time.sleep(0.05)
+    assert pidfile.exists() and sock.exists() and mon.exists()
     pid = int(pidfile.read_text())
     os.kill(pid, 0)                             # the daemon is alive
 
@@ -260,3 +259,70 @@ def test_daemonize(guest, tmp_path):
             break
         time.sleep(0.05)
     assert not pidfile.exists()
+
+
+def test_daemonize_failure_reaches_the_parent(guest, tmp_path):
+    """A daemon that fails before it is ready: the parent exits 1 with its line."""
+    proc = subprocess.run(KEMU + ["run", "-daemonize", "-serial", "none", "-display", "none",
+                                  "-qmp", f"unix:{tmp_path}/no/such/dir/q.sock,server=on,"
+                                  "wait=off"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert "cannot listen" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_qmp_server_waits_with_qemus_message(guest, tmp_path):
+    """-qmp unix:PATH,server=on waits for a client (wait=on is QEMU's default)."""
+    sock = tmp_path / "w.sock"
+    proc = subprocess.Popen(KEMU + ["run", "-serial", "none", "-display", "none",
+                                    "-qmp", f"unix:{sock},server=on"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        while True:
+            line = proc.stderr.readline()
+            assert line, "kemu ended without the waiting line"
+            if "waiting" in line:
+                break
+        assert line == (f"kemu: -qmp unix:{sock},server=on: info: QEMU waiting for "
+                        f"connection on: disconnected:unix:{sock},server=on\n")
+
+        async def session():
+            client = qmp.QMPClient("kemu-test")
+            await client.connect(str(sock))
+            assert (await client.execute("query-status"))["status"] in ("prelaunch", "running")
+            await client.execute("quit")
+            with contextlib.suppress(EOFError):
+                await client.disconnect()
+        asyncio.run(session())
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_qmp_client_connection(guest, tmp_path):
+    """-qmp unix:PATH without server=on connects out to PATH (the peer listens)
+    and speaks QMP as the server side, as QEMU does."""
+    path = tmp_path / "listen.sock"
+
+    async def session():
+        client = qmp.QMPClient("kemu-test")
+        await client.start_server(str(path))
+        proc = subprocess.Popen(KEMU + ["run", "-serial", "none", "-display", "none",
+                                        "-qmp", f"unix:{path}"],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE)
+        try:
+            await asyncio.wait_for(client.accept(), 60)
+            assert client.greeting.QMP.version["qemu"]["major"] == 7
+            assert (await client.execute("query-status"))["running"]
+            await client.execute("quit")
+            with contextlib.suppress(EOFError):
+                await client.disconnect()
+            assert proc.wait(30) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    asyncio.run(session())

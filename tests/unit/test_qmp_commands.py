@@ -32,7 +32,10 @@ class FakeVm:
         self.calls.append("reset")
 
     def powerdown(self):
-        raise MachineStateError("powerdown: the guest has no driver for the power button")
+        self.calls.append("powerdown")
+
+    def reset_fails(self):
+        raise MachineStateError("reset: the machine has shut down")
 
     def registers(self):
         return {"x0": 1, "pc": 0x40080000}
@@ -70,10 +73,18 @@ def test_status_stop_cont():
 
 
 def test_machine_errors_become_command_errors():
-    s = negotiated(FakeVm())
-    assert run(s, '{"execute": "system_powerdown"}') == {"error": {
-        "class": "GenericError",
-        "desc": "powerdown: the guest has no driver for the power button"}}
+    vm = FakeVm()
+    vm.reset = vm.reset_fails
+    s = negotiated(vm)
+    assert run(s, '{"execute": "system_reset"}') == {"error": {
+        "class": "GenericError", "desc": "reset: the machine has shut down"}}
+
+
+def test_system_powerdown_is_a_button_press_that_always_succeeds():
+    vm = FakeVm()
+    s = negotiated(vm)
+    assert run(s, '{"execute": "system_powerdown"}') == {"return": {}}
+    assert vm.calls == ["powerdown"]
 
 
 def test_argument_checks():
@@ -103,8 +114,9 @@ def test_hmp_info():
     assert "0000000040000000-000000004fffffff (prio 0, ram): ram" in mtree
     qtree = hmp("info qtree")
     assert 'dev: pl011, id ""' in qtree and "ram" not in qtree
-    with pytest.raises(QmpError):
-        Commands(FakeVm())("human-monitor-command", {"command-line": "info nothing"})
+    # As in QEMU, a monitor error is what the monitor prints, not a QMP error.
+    assert hmp("info nothing") == "unknown command: 'info nothing'\r\n"
+    assert hmp("frobnicate") == "unknown command: 'frobnicate'\r\n"
 
 
 def test_query_commands_and_name():
@@ -124,6 +136,9 @@ def test_query_commands_and_name():
     ("tcp::4444,server=on,wait=off", QmpAddress("tcp", host="127.0.0.1", port=4444)),
     ("tcp:0.0.0.0:4444,server,nowait", QmpAddress("tcp", host="0.0.0.0", port=4444)),
     ("tcp:[::1]:4444,server=on,wait=off", QmpAddress("tcp", host="::1", port=4444)),
+    # without server=on, QEMU connects out: a client chardev
+    ("unix:/tmp/q.sock", QmpAddress("unix", path="/tmp/q.sock", server=False)),
+    ("unix:/tmp/q.sock,server=off", QmpAddress("unix", path="/tmp/q.sock", server=False)),
 ])
 def test_parse_qmp_option(text, expected):
     assert parse_qmp_option(text) == expected
@@ -131,7 +146,7 @@ def test_parse_qmp_option(text, expected):
 
 @pytest.mark.parametrize("text", [
     "unix:,server=on", "tcp:localhost:http,server=on", "tcp::70000,server=on",
-    "unix:/x,server=off", "unix:/x,server=on,wait=maybe", "unix:/x,telnet=on", "stdio",
+    "unix:/x,server=on,wait=maybe", "unix:/x,telnet=on", "stdio",
 ])
 def test_parse_qmp_option_refuses(text):
     with pytest.raises(ConfigError):

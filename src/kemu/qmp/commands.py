@@ -39,6 +39,7 @@ class Commands:
     def __init__(self, vm, on_quit: Callable[[], None] | None = None) -> None:
         self.vm = vm
         self.on_quit = on_quit or vm.stop
+        self._hmp = None
         self.table: dict[str, tuple[Callable[[dict], Any], dict[str, type]]] = {
             "query-version": (self.query_version, {}),
             "query-status": (self.query_status, {}),
@@ -133,32 +134,16 @@ class Commands:
         self.on_quit()
 
     def hmp(self, args: dict) -> str:
-        """``human-monitor-command``: the few HMP ``info`` commands kemu has."""
+        """``human-monitor-command``: one line of the human monitor (kemu.monitor.hmp).
+
+        As in QEMU, what the monitor prints is the result, errors included.
+        """
         if "command-line" not in args:
             raise QmpError("Parameter 'command-line' is missing")
-        line = " ".join(args["command-line"].split())
-        if line in ("info status", "i status"):
-            state = self.vm.state
-            return f"VM status: {state}\r\n"
-        if line in ("info registers", "i registers"):
-            regs = self.vm.registers()
-            rows = [f"{k.upper():>6}={v:016x}" for k, v in regs.items()]
-            return "\r\n".join("  ".join(rows[i:i + 4]) for i in range(0, len(rows), 4)) + "\r\n"
-        if line in ("info mtree", "i mtree"):
-            rows = ["address-space: memory\r\n",
-                    "  0000000000000000-ffffffffffffffff (prio 0, i/o): system\r\n"]
-            for base, size, name in sorted(self.vm.memory_map()):
-                kind = "ram" if name == "ram" else "i/o"
-                rows.append(f"    {base:016x}-{base + size - 1:016x} (prio 0, {kind}): {name}\r\n")
-            return "".join(rows)
-        if line in ("info qtree", "i qtree"):
-            rows = ["bus: main-system-bus\r\n", "  type System\r\n"]
-            for base, size, name in sorted(self.vm.memory_map()):
-                if name != "ram":
-                    rows.append(f"  dev: {name}, id \"\"\r\n"
-                                f"    mmio {base:016x}/{size:016x}\r\n")
-            return "".join(rows)
-        raise QmpError(f"unknown or unsupported monitor command: {line!r}")
+        if self._hmp is None:
+            from kemu.monitor.hmp import Hmp
+            self._hmp = Hmp(self)
+        return self._hmp.execute(args["command-line"])
 
 
 def _probed_format(path) -> str:

@@ -11,63 +11,23 @@ listens on 127.0.0.1 unless an address is given.
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
-from dataclasses import dataclass
 
 from kemu.backends.unix_socket import OwnedPath, listen_unix
 from kemu.errors import ConfigError
-from kemu.machines.opts import split_opts
+from kemu.machines.opts import SocketAddress, parse_socket_option
 from kemu.qmp.commands import QEMU_VERSION, Commands, package
 from kemu.qmp.protocol import QmpSession, encode, greeting
 
 
-@dataclass(frozen=True)
-class QmpAddress:
-    kind: str            # "unix" or "tcp"
-    path: str = ""
-    host: str = "127.0.0.1"
-    port: int = 0
-    wait: bool = False
+#: ``-qmp``'s address: a socket chardev (kemu.machines.opts).
+QmpAddress = SocketAddress
 
 
-def parse_qmp_option(text: str) -> QmpAddress:
-    """QEMU's ``-qmp`` argument: ``unix:PATH[,server=on][,wait=off]`` or ``tcp:[HOST]:PORT,...``.
-
-    As in QEMU, ``server`` alone means ``server=on`` and ``nowait`` means
-    ``wait=off``; without either, the machine waits for a first client
-    (``wait=on``).  kemu only listens: ``server=off`` (connecting out) is
-    refused.  An IPv6 host is written in brackets (``tcp:[::1]:4444``); no
-    host means 127.0.0.1, never every interface.
-    """
-    head, *opts = split_opts(text)
-    props = {}
-    for opt in opts:
-        key, _, value = opt.partition("=")
-        props[key] = value or "on"
-    for key, value in props.items():
-        if key not in ("server", "wait", "nowait"):
-            raise ConfigError(f"-qmp {text}: unsupported parameter {key!r}")
-        if value not in ("on", "off"):
-            raise ConfigError(f"-qmp {text}: {key}={value}: expected on or off")
-    if props.get("server", "on") != "on":
-        raise ConfigError(f"-qmp {text}: only server=on (listening) is supported")
-    wait = props.get("wait", "off" if "nowait" in props else "on") == "on"
-    if head.startswith("unix:"):
-        if not head[5:]:
-            raise ConfigError(f"-qmp {text}: no socket path")
-        return QmpAddress("unix", path=head[5:], wait=wait)
-    if head.startswith("tcp:"):
-        host, _, port = head[4:].rpartition(":")
-        if host.startswith("[") and host.endswith("]"):
-            host = host[1:-1]
-        try:
-            port_number = int(port)
-        except ValueError:
-            raise ConfigError(f"-qmp {text}: invalid port {port!r}") from None
-        if not 0 <= port_number <= 65535:
-            raise ConfigError(f"-qmp {text}: port {port_number} out of range")
-        return QmpAddress("tcp", host=host or "127.0.0.1", port=port_number, wait=wait)
-    raise ConfigError(f"-qmp {text}: expected unix:PATH or tcp:HOST:PORT")
+def parse_qmp_option(text: str) -> SocketAddress:
+    """QEMU's ``-qmp`` argument (see :func:`kemu.machines.opts.parse_socket_option`)."""
+    return parse_socket_option(text, "-qmp")
 
 
 #: Event bytes a client may leave unread before it is disconnected.
@@ -102,15 +62,40 @@ class QmpServer:
         try:
             future.result(10)
         except OSError as e:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            if not self.address.server:
+                raise ConfigError(f"-qmp {self.option}: Failed to connect to "
+                                  f"'{self._target()}': {e.strerror or e}") from None
             raise ConfigError(f"-qmp: cannot listen: {e.strerror or e}") from None
         except ConfigError:
             self._loop.call_soon_threadsafe(self._loop.stop)
             raise
         self.vm.add_listener(self.broadcast)
         if self.address.wait:
+            print(f"kemu: -qmp {self.option}: info: QEMU waiting for connection on: "
+                  f"{self.address.describe()}", file=sys.stderr, flush=True)
             self._first_client.wait()
 
+    @property
+    def option(self) -> str:
+        """The -qmp argument as QEMU echoes it in messages."""
+        return self.address.describe().removeprefix("disconnected:")
+
+    def _target(self) -> str:
+        a = self.address
+        return a.path if a.kind == "unix" else f"{a.host}:{a.port}"
+
     async def _listen(self) -> None:
+        if not self.address.server:
+            # A client chardev, as QEMU's -qmp unix:PATH: connect out and be
+            # the QMP server side over that one connection.
+            if self.address.kind == "unix":
+                reader, writer = await asyncio.open_unix_connection(self.address.path)
+            else:
+                reader, writer = await asyncio.open_connection(self.address.host,
+                                                               self.address.port)
+            self._loop.create_task(self._client(reader, writer))
+            return
         if self.address.kind == "unix":
             sock, self._owned = listen_unix(self.address.path,
                                             f"-qmp unix:{self.address.path}")

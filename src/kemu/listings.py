@@ -1,0 +1,103 @@
+"""QEMU's ``help`` listings: ``-M help``, ``-cpu help``, ``-device help``,
+``-device DRIVER,help``, ``-accel help``, ``-netdev help``, ``-chardev help``,
+printed as QEMU prints them, for what kemu offers."""
+
+from __future__ import annotations
+
+from kemu.errors import ConfigError
+from kemu.machines.opts import split_opts
+
+#: -M help: the boards, with QEMU's description column.
+MACHINES = {
+    "microvm": "microvm (x86-64, KVM)",
+    "virt": "kemu ARM Virtual Machine (AArch64, TCG)",
+}
+
+#: -device help: (category, driver, bus) as QEMU groups them.
+DEVICES = [
+    ("Storage devices", "virtio-blk-device", "virtio-bus"),
+    ("Network devices", "virtio-net-device", "virtio-bus"),
+    ("Input devices", "virtconsole", "virtio-serial-bus"),
+    ("Input devices", "virtio-serial-device", "virtio-bus"),
+    ("Misc devices", "vhost-vsock-device", "virtio-bus"),
+    ("Misc devices", "virtio-rng-device", "virtio-bus"),
+]
+
+#: -device DRIVER,help: the properties kemu takes, (name, type, description).
+DEVICE_PROPERTIES: dict[str, list[tuple[str, str, str]]] = {
+    "virtio-blk-device": [
+        ("drive", "str", "Node name or ID of a block device to use as a backend"),
+        ("serial", "str", ""),
+    ],
+    "virtio-net-device": [
+        ("mac", "str", "Ethernet 6-byte MAC Address, example: 52:54:00:12:34:56"),
+        ("mrg_rxbuf", "bool", "on/off (default: true)"),
+        ("netdev", "str", "ID of a netdev to use as a backend"),
+    ],
+    "virtio-rng-device": [],
+    "virtio-serial-device": [("max_ports", "uint32", " (default: 31)")],
+    "virtconsole": [("name", "str", "")],
+    "vhost-vsock-device": [("guest-cid", "uint64", " (default: 0)"),
+                           ("uds", "str", "kemu: the host side's UNIX socket path")],
+}
+
+ACCELS = ["kvm", "tcg"]
+NETDEVS = ["tap", "user"]
+CHARDEVS = ["null", "socket", "stdio"]
+
+
+def _cpus(machine: str) -> list[str]:
+    if machine == "microvm":
+        return ["host"]
+    from kemu.accel.tcg.aarch64 import CPU_MODELS
+    return sorted(CPU_MODELS)
+
+
+def _device_properties(driver: str) -> str:
+    if driver not in DEVICE_PROPERTIES:
+        raise ConfigError(f"-device {driver},help: '{driver}' is not a valid device model name")
+    lines = [f"{driver} options:"]
+    for name, kind, desc in DEVICE_PROPERTIES[driver]:
+        head = f"  {name}=<{kind}>"
+        lines.append(f"{head:<24} - {desc}" if desc else head)
+    return "\n".join(lines) + "\n"
+
+
+def _devices() -> str:
+    out, category = [], None
+    for cat, name, bus in DEVICES:
+        if cat != category:
+            if category is not None:
+                out.append("")
+            out.append(f"{cat}:")
+            category = cat
+        out.append(f'name "{name}", bus {bus}')
+    return "\n".join(out) + "\n"
+
+
+def listing(argv: list[str]) -> str | None:
+    """The listing an option asks for with ``help`` (or ``?``), or None if none does."""
+    machine = "virt"
+    for i, arg in enumerate(argv[:-1]):
+        if arg.lstrip("-") in ("M", "machine"):
+            machine = split_opts(argv[i + 1])[0].removeprefix("type=")
+    for i, arg in enumerate(argv[:-1]):
+        opt, value = arg.lstrip("-"), argv[i + 1]
+        parts = split_opts(value)
+        asks = value in ("help", "?") or (len(parts) > 1 and parts[-1] in ("help", "?"))
+        if not arg.startswith("-") or not asks:
+            continue
+        if opt in ("M", "machine"):
+            return "Supported machines are:\n" + "".join(
+                f"{name:<20} {desc}\n" for name, desc in sorted(MACHINES.items()))
+        if opt == "cpu":
+            return "Available CPUs:\n" + "".join(f"  {c}\n" for c in _cpus(machine))
+        if opt == "device":
+            return _devices() if value in ("help", "?") else _device_properties(parts[0])
+        if opt == "accel":
+            return "Accelerators supported in kemu:\n" + "".join(f"{a}\n" for a in ACCELS)
+        if opt == "netdev":
+            return "Available netdev backend types:\n" + "".join(f"{n}\n" for n in NETDEVS)
+        if opt == "chardev":
+            return "Available chardev backend types: \n" + "".join(f"  {c}\n" for c in CHARDEVS)
+    return None
