@@ -34,7 +34,7 @@ fi
 # wheel (1-6 min on 2 cores), installed in place of PyPI's wheel.
 wheel=$(PYTHON=.venv/bin/python scripts/build-unicorn.sh)
 want=$(basename "$wheel" | cut -d- -f2)
-have=$(.venv/bin/python -m pip show unicorn 2>/dev/null | awk '/^Version:/{print $2}')
+have=$(.venv/bin/python -m pip show unicorn 2>/dev/null | awk '/^Version:/{print $2}' || true)
 if [ "$have" != "$want" ]; then
   .venv/bin/python -m pip install -q --force-reinstall --no-deps "$wheel"
 fi
