@@ -543,9 +543,7 @@ class Machine:
 
     def vcpu_thread_ids(self) -> list[int]:
         """The host thread id of each vCPU (QMP's ``query-cpus-fast`` ``thread-id``)."""
-        vcpu = getattr(self._board, "_vcpu_thread", None)
-        thread = getattr(vcpu, "_thread", None)
-        return [thread.native_id] if thread is not None and thread.native_id else []
+        return self._board.vcpu_thread_ids()
 
     def memory_map(self) -> list[tuple[int, int, str]]:
         """(base, size, name) of RAM and every device mapping."""

@@ -30,6 +30,7 @@ NOT_SUPPORTED = -1
 INVALID_PARAMETERS = -2
 DENIED = -3
 ALREADY_ON = -4
+ON_PENDING = -5
 
 #: MIGRATE_INFO_TYPE: "Trusted OS is not present or does not require migration".
 TOS_NOT_PRESENT_MP = 2
