@@ -289,14 +289,15 @@ class Machine:
     """A virtual machine in this process.
 
     ``memory`` takes sizes like ``"256M"`` or a number of bytes; ``disks``
-    are image paths (raw or qcow2, detected) attached as virtio disks.
+    are image paths (raw or qcow2, detected) attached as virtio disks;
+    ``smp`` is the number of vCPUs (QEMU's ``-smp``).
     """
 
     def __init__(self, kernel: str | Path, initrd: str | Path | None = None, append: str = "",
                  memory: str | int = "256M", cpu: str = "cortex-a57",
                  disks: list[str | Path] = (), devices: list[str] = (),
                  no_reboot: bool = False, name: str | None = None,
-                 machine: str = "virt", accel: str = "tcg") -> None:
+                 machine: str = "virt", accel: str = "tcg", smp: int = 1) -> None:
         from kemu.cli import parse_size
         from kemu.machines.virtio_devices import parse_device
 
@@ -304,7 +305,7 @@ class Machine:
             machine=machine, accel=accel, cpu=cpu,
             memory=memory if isinstance(memory, int) else parse_size(memory),
             kernel=Path(kernel), initrd=Path(initrd) if initrd else None, append=append,
-            no_reboot=no_reboot, name=name,
+            no_reboot=no_reboot, name=name, smp=smp,
             drives=[DriveConfig(Path(d)) for d in disks],
             devices=[parse_device(d) if isinstance(d, str) else DeviceConfig(*d)
                      for d in devices])
