@@ -470,6 +470,9 @@ class VirtMachine:
             t.request(RunState.RUNNING)
         if self._threads:
             self._threads[0].request(RunState.RUNNING)
+        # As QEMU's cont: the vCPUs run when it returns (query-status says so).
+        for t in self._threads:
+            t.wait_state(RunState.RUNNING, 10)
 
     def powerdown(self) -> bool:
         """Press the power button; False when the guest has no driver for it."""
