@@ -22,11 +22,10 @@ SGIs go through GICD_SGIR.
 from __future__ import annotations
 
 import threading
-import time
 from dataclasses import dataclass
 from typing import Callable
 
-from kemu.accel.base import Exit, InternalError, IoExit, SystemEvent, dispatch
+from kemu.accel.base import Exit, IoExit, dispatch
 from kemu.boot import fdt, linux_arm64
 from kemu.boot.fdt import Cells, Node, reg64
 from kemu.bus import Bus
@@ -40,7 +39,7 @@ from kemu.backends.serial import SerialBackend
 from kemu.errors import ConfigError
 from kemu.machines.config import MachineConfig, MiB
 from kemu.devices import psci as psci_fn
-from kemu.machines.runtime import DeadlineKicker, Outcome, RunState, VcpuThread
+from kemu.machines.runtime import DeadlineKicker, Outcome, RunState, VcpuGroup, VcpuThread
 from kemu.memory import GuestMemory, RamRegion
 
 GIC_DIST = (0x08000000, 0x10000)
@@ -160,11 +159,9 @@ class VirtMachine:
         self.panic_message: str | None = None
         console.add_tap(self._watch_console)
         self.outcome: Outcome | None = None
-        self._threads: list[VcpuThread] = []
+        self.vcpus = VcpuGroup()
         self._kickers: list[DeadlineKicker] = []
         self.cpus: list = []
-        self._reset_lock = threading.Lock()
-        self._quiet = False
         self.on_state: Callable[[RunState], None] = lambda s: None
         self._paused_at: int | None = None
         #: Called before a guest-initiated reset is carried out (the API's RESET event).
@@ -323,7 +320,7 @@ class VirtMachine:
             self._panic_tail = tail[-len(PANIC_MARK):]
 
     def _stop_for_panic(self) -> None:
-        self._end_machine(Outcome("panic", 1, f"guest kernel panic: {self.panic_message}"))
+        self.vcpus.end(Outcome("panic", 1, f"guest kernel panic: {self.panic_message}"))
 
     # -- lifecycle ---------------------------------------------------------------------------
     def _deadline_of(self, index: int) -> Callable[[], float | None]:
@@ -364,48 +361,11 @@ class VirtMachine:
         linux_arm64.load(self.memory, self.image, self.layout, self.initrd, dtb)
 
     def _on_exit(self, exit: Exit) -> Outcome | None:
-        """A vCPU thread's system event or error (on that thread)."""
-        outcome = None
-        if isinstance(exit, SystemEvent):
-            if exit.kind == "poweroff":
-                outcome = Outcome("poweroff", 0)
-            elif self.config.no_reboot:
-                outcome = Outcome("reset", 0)
-            else:
-                self.on_reset()
-                self._reboot(threading.current_thread())
-                return None
-        elif isinstance(exit, InternalError):
-            outcome = Outcome("error", 1, f"guest stopped: {exit.message}")
-        if outcome is not None:
-            self._end_machine(outcome)
-        return outcome
-
-    def _end_machine(self, outcome: Outcome) -> None:
-        for t in self._threads:
-            t.request(RunState.STOPPED, outcome)
-
-    def _reboot(self, current: threading.Thread | None) -> None:
-        """A guest reset: stop the other vCPUs, reset the board, run again."""
-        with self._reset_lock:
-            others = [t for t in self._threads if t._thread is not current]
-            self._quiet = True
-            try:
-                running = [t for t in others if t.state == RunState.RUNNING]
-                for t in others:
-                    t.request(RunState.PAUSED)
-                for t in others:
-                    t.wait_state(RunState.PAUSED, 10)
-                if any(t.state == RunState.STOPPED for t in self._threads):
-                    return
-                self._reset()
-                for t in running:
-                    t.request(RunState.RUNNING)
-            finally:
-                self._quiet = False
+        return self.vcpus.handle_exit(exit, self.config.no_reboot, self.on_reset, self._reset)
 
     def _reset(self) -> None:
-        """With every other vCPU stopped: reset devices, reload, fresh vCPUs."""
+        """With every other vCPU stopped (guest or host reset): reset devices,
+        reload, fresh vCPUs."""
         with self.lock:
             self.gic.reset()
             self.uart.reset()
@@ -413,30 +373,23 @@ class VirtMachine:
                 vtimer.ctl = ptimer.ctl = 0
         self.load()
         self.cpus = self._create_cpus()
-        for t, k, cpu in zip(self._threads, self._kickers, self.cpus):
+        for t, k, cpu in zip(self.vcpus.threads, self._kickers, self.cpus):
             cpu.on_timer_change = k.changed
             t.cpu = k.cpu = cpu
-
-    def _state_changed(self, index: int, state: RunState) -> None:
-        if index == 0 and not self._quiet:
-            self.on_state(state)
 
     def start(self) -> None:
         self.load()
         self.cpus = self._create_cpus()
+        self.vcpus.on_state = self.on_state
         for i, cpu in enumerate(self.cpus):
             deadline = self._deadline_of(i)
             kicker = DeadlineKicker(cpu, deadline, name=f"vcpu{i}-timer")
             cpu.on_timer_change = kicker.changed
-            t = VcpuThread(cpu, deadline, self._on_exit, name=f"vcpu{i}")
-            t.on_state = lambda s, i=i: self._state_changed(i, s)
             self._kickers.append(kicker)
-            self._threads.append(t)
+            self.vcpus.add(VcpuThread(cpu, deadline, self._on_exit, name=f"vcpu{i}"))
         for k in self._kickers:
             k.start()
-        # Secondaries first, so that CPU 0's RUNNING is the last transition reported.
-        for t in reversed(self._threads):
-            t.start(paused=self.config.start_paused)
+        self.vcpus.start(paused=self.config.start_paused)
 
     @property
     def cpu(self):
@@ -445,34 +398,27 @@ class VirtMachine:
 
     @property
     def _vcpu_thread(self) -> VcpuThread | None:
-        return self._threads[0] if self._threads else None
+        return self.vcpus.boot_thread
 
     def vcpu_thread_ids(self) -> list[int]:
-        return [t._thread.native_id for t in self._threads if t._thread.native_id]
+        return self.vcpus.thread_ids()
 
     def pause(self, timeout: float | None = 10.0) -> bool:
         """Stop every vCPU at its next block start; the guest's clock stops too."""
-        for t in self._threads:
-            t.request(RunState.PAUSED)
-        paused = all(t.wait_state(RunState.PAUSED, timeout) for t in self._threads)
+        paused = self.vcpus.pause(timeout)
         if paused and self._paused_at is None:
             self._paused_at = host_counter()
         return paused
 
     def resume(self) -> None:
-        """Run again; the guest does not see the time spent paused (CNTVOFF grows)."""
+        """Run again; the guest does not see the time spent paused (CNTVOFF grows).
+        As QEMU's cont, the vCPUs run when it returns (query-status says so)."""
         if self._paused_at is not None:
             hidden = host_counter() - self._paused_at
             for cpu in self.cpus:
                 cpu.add_virtual_offset(hidden)
             self._paused_at = None
-        for t in self._threads[1:]:
-            t.request(RunState.RUNNING)
-        if self._threads:
-            self._threads[0].request(RunState.RUNNING)
-        # As QEMU's cont: the vCPUs run when it returns (query-status says so).
-        for t in self._threads:
-            t.wait_state(RunState.RUNNING, 10)
+        self.vcpus.resume(wait=True)
 
     def powerdown(self) -> bool:
         """Press the power button; False when the guest has no driver for it."""
@@ -485,32 +431,22 @@ class VirtMachine:
         if not self.pause():
             raise ConfigError("the vCPUs did not stop for the reset")
         self._paused_at = None
-        self._quiet = True
-        try:
-            with self._reset_lock:
-                self._reset()
-        finally:
-            self._quiet = False
+        self.vcpus.host_reset(self._reset)
         if was_running:
             self.resume()
 
     def stop(self) -> None:
-        for t in self._threads:
-            t.request(RunState.STOPPED)
+        self.vcpus.stop()
 
     def wait(self, timeout: float | None = None) -> Outcome | None:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        for t in self._threads:
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if not t.join(left):
-                return None
+        outcome = self.vcpus.wait(timeout)
+        if outcome is None:
+            return None
         for k in self._kickers:
             k.stop()
         self.close()
-        outcomes = [t.outcome for t in self._threads]
-        self.outcome = next((o for o in outcomes if o is not None and o.reason != "quit"),
-                            outcomes[0])
-        return self.outcome
+        self.outcome = outcome
+        return outcome
 
     def close(self) -> None:
         """Flush and close the disks (idempotent)."""
@@ -521,4 +457,4 @@ class VirtMachine:
 
     @property
     def state(self) -> RunState:
-        return self._threads[0].state if self._threads else RunState.CREATED
+        return self.vcpus.state

@@ -240,9 +240,12 @@ class Aarch64Cpu:
         #: Called (on the vCPU thread) when a timer deadline may have changed.
         self.on_timer_change: Callable[[], None] = lambda: None
         self._mpidr = mpidr
-        # PSCI power state (DEN0022 5.1.5 AFFINITY_INFO): off until CPU_ON for a secondary.
+        # PSCI power state (DEN0022 5.1.5 AFFINITY_INFO): off until CPU_ON for a
+        # secondary; on pending from CPU_ON until this vCPU's thread has reset
+        # the core (both flags change under _lock).
         self._off = not powered_on
         self._on_request: tuple[int, int] | None = None
+        self._on_pending = False
         if domain is not None:
             domain.join(self)
 
@@ -285,19 +288,21 @@ class Aarch64Cpu:
 
     @property
     def on_pending(self) -> bool:
-        return self._off and self._on_request is not None
+        return self._on_pending
 
     def power_on(self, entry: int, context_id: int) -> None:
         """CPU_ON (DEN0022 5.6): the vCPU's thread resets it to ``entry`` and runs it."""
         with self._lock:
             self._on_request = (entry, context_id)
+            self._on_pending = True
             self._work_pending = True
             self._wake.notify_all()
 
     def power_off(self) -> None:
         """CPU_OFF (DEN0022 5.5), from the vCPU's own hypercall: it runs no more
         guest code until the next CPU_ON."""
-        self._off = True
+        with self._lock:
+            self._off = True
         self.uc.emu_stop()
 
     def add_virtual_offset(self, ticks: int) -> None:
@@ -412,6 +417,8 @@ class Aarch64Cpu:
             self._on_request = None
         if on_request is not None:
             self._power_up(*on_request)
+            with self._lock:
+                self._off = self._on_pending = False
         if self._off:
             return Kicked() if kicked else Halted()
         if self._work_pending:
@@ -453,7 +460,6 @@ class Aarch64Cpu:
         self.ptimer.write_ctl(0)
         engine.flush_tlb(self.uc)
         self.reset_secondary(entry, context_id)
-        self._off = False
         self._work_pending = True
 
     # -- coherence-domain member (see kemu.accel.tcg.coherence) ------------------------------
