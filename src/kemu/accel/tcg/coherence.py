@@ -135,20 +135,24 @@ class CoherenceDomain:
                     st.member.stop_for_maintenance()
             me = self._states[issuer.index]
             while any(st.tlb_stale and st.executing for st in others):
-                self._settle_tlb_only(me)
+                if self._settle_tlb_only(me):
+                    self._cond.notify_all()     # another vCPU may be waiting for this one
                 self._cond.wait(0.05)
                 for st in others:          # a stop may have landed before the block began
                     if st.tlb_stale and st.executing:
                         st.member.stop_for_maintenance()
-            self._settle_tlb_only(me)
+            if self._settle_tlb_only(me):
+                self._cond.notify_all()
 
     @staticmethod
-    def _settle_tlb_only(st: _State) -> None:
+    def _settle_tlb_only(st: _State) -> bool:
         """A waiting vCPU serves the TLB flush asked of it (safe inside its hook:
-        the TLBI helpers flush from there too)."""
-        if st.tlb_stale:
-            st.tlb_stale = False
-            st.member.flush_tlb()
+        the TLBI helpers flush from there too); True if there was one."""
+        if not st.tlb_stale:
+            return False
+        st.tlb_stale = False
+        st.member.flush_tlb()
+        return True
 
     def broadcast_code_invalidation(self, issuer: Member, page: int | None) -> None:
         """IC IVAU (the guest physical ``page``) or IC IALLUIS (``None``)."""
