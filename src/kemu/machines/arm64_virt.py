@@ -140,7 +140,7 @@ class VirtMachine:
                                      name=f"cpu{i}.vtimer"),
                         GenericTimer(self._locked(self.gic.ppi_line(i, PPI_PHYS)),
                                      name=f"cpu{i}.ptimer")) for i in range(n)]
-        self.psci = Psci(self._on_psci, cpus=self if n > 1 else None)
+        self.psci = Psci(self._on_psci, cpus=self)
         self._psci_caller = 0
 
         from kemu.devices.virtio.input import power_button
