@@ -447,3 +447,21 @@ secondary:
     finally:
         machine.stop()
         assert machine.wait(10) is not None
+
+
+def test_an_atomic_on_mmio_runs_once_with_parallel_translation(tmp_path):
+    """LDADD on a device register cannot be a host atomic: the engine runs that
+    one instruction serially (it used to retry it forever)."""
+    m = run_guest(tmp_path, f"""
+    .arch armv8.1-a
+    ldr x1, ={GICD + 0x420}      // GICD_IPRIORITYR, INTIDs 32-35
+    ldr w2, =0x10203040
+    str w2, [x1]
+    ldr w3, =0x01010101
+    ldadd w3, w4, [x1]
+    ldr w5, [x1]
+    ldr x1, ={RESULTS}
+    stp x4, x5, [x1]
+    {POWEROFF}
+""", 2, cpu="max", timeout=20)
+    assert (u64(m, RESULTS), u64(m, RESULTS + 8)) == (0x10203040, 0x11213141)
