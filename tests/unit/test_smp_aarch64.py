@@ -127,6 +127,19 @@ def test_exclusive_increments_from_every_cpu_add_up(tmp_path, smp):
     assert len(m.vcpu_thread_ids()) == smp
 
 
+def test_exclusive_pair_increments_from_every_cpu_add_up(tmp_path):
+    """LDXP/STXP: a 128-bit host compare-and-swap (cmpxchg16b), no stop-the-world."""
+    rounds = 100_000
+    m = run_guest(tmp_path, counter_guest(2, rounds, """
+4:  ldxp x3, x4, [x1]
+    add x3, x3, #1
+    add x4, x4, #2
+    stxp w5, x3, x4, [x1]
+    cbnz w5, 4b
+"""), 2)
+    assert (u64(m, RESULTS), u64(m, RESULTS + 8)) == (2 * rounds, 4 * rounds)
+
+
 def test_lse_atomic_adds_from_every_cpu_add_up(tmp_path):
     rounds = 200_000
     body = ".arch armv8.1-a\n" + counter_guest(2, rounds, "mov x3, #1\n    stadd x3, [x1]")
