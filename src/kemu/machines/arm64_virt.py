@@ -380,7 +380,7 @@ class VirtMachine:
     def start(self) -> None:
         self.load()
         self.cpus = self._create_cpus()
-        self.vcpus.on_state = self.on_state
+        self.vcpus.on_state = lambda state: self.on_state(state)
         for i, cpu in enumerate(self.cpus):
             deadline = self._deadline_of(i)
             kicker = DeadlineKicker(cpu, deadline, name=f"vcpu{i}-timer")

@@ -441,7 +441,7 @@ class MicroVm:
     # -- lifecycle --------------------------------------------------------------------------------
     def start(self) -> None:
         self.load()
-        self.vcpus.on_state = self.on_state
+        self.vcpus.on_state = lambda state: self.on_state(state)
         for i, cpu in enumerate(self.cpus):
             self.vcpus.add(VcpuThread(cpu, lambda: None, self._on_exit, name=f"vcpu{i}"))
         self.vcpus.start(paused=self.config.start_paused)
