@@ -64,8 +64,6 @@ PHANDLE_CPU0 = 0x10
 
 #: GICv2 has 8 CPU interfaces (IHI 0048B 1.3.1).
 MAX_CPUS = 8
-#: PSCI AFFINITY_INFO results (DEN0022 5.1.5).
-AFF_ON, AFF_OFF, AFF_ON_PENDING = 0, 1, 2
 
 GIC_FDT_SPI, GIC_FDT_PPI = 0, 1
 IRQ_TYPE_LEVEL_HIGH = 4
@@ -75,7 +73,6 @@ PANIC_MARK = b"Kernel panic - not syncing"
 
 #: MPIDR_EL1 bit 31 is RES1 (Arm ARM D17.2.101); U (bit 30) is 0: a multiprocessor.
 MPIDR_U_RES1 = 1 << 31
-_AFF_ABOVE_0 = 0xFF_00FF_FF00   # Aff3, Aff2, Aff1
 
 
 def mpidr(index: int) -> int:
@@ -140,7 +137,7 @@ class VirtMachine:
                                      name=f"cpu{i}.vtimer"),
                         GenericTimer(self._locked(self.gic.ppi_line(i, PPI_PHYS)),
                                      name=f"cpu{i}.ptimer")) for i in range(n)]
-        self.psci = Psci(self._on_psci, cpus=self)
+        self.psci = Psci(self._on_psci, cpus=psci_fn.CpuPowerControl(lambda: self.cpus))
         self._psci_caller = 0
 
         from kemu.devices.virtio.input import power_button
@@ -268,36 +265,6 @@ class VirtMachine:
 
     def _on_psci(self, event: PsciEvent) -> None:
         self.cpus[self._psci_caller].request_system_event(event.value)
-
-    # -- PSCI CPU power (DEN0022 5.5-5.7), under the machine lock ------------------------------
-    def _cpu_by_mpidr(self, target: int):
-        index = target & 0xFF
-        if target & _AFF_ABOVE_0 or index >= len(self.cpus):
-            return None
-        return self.cpus[index]
-
-    def cpu_on(self, target: int, entry: int, context_id: int) -> int:
-        cpu = self._cpu_by_mpidr(target)
-        if cpu is None:
-            return psci_fn.INVALID_PARAMETERS
-        if cpu.powered_on:
-            return psci_fn.ALREADY_ON
-        if cpu.on_pending:
-            return psci_fn.ON_PENDING
-        cpu.power_on(entry, context_id)
-        return psci_fn.SUCCESS
-
-    def cpu_off(self, index: int) -> int:
-        self.cpus[index].power_off()
-        return psci_fn.SUCCESS   # not seen by the caller: it runs no further
-
-    def affinity_info(self, target: int) -> int:
-        cpu = self._cpu_by_mpidr(target)
-        if cpu is None:
-            return psci_fn.INVALID_PARAMETERS
-        if cpu.powered_on:
-            return AFF_ON
-        return AFF_ON_PENDING if cpu.on_pending else AFF_OFF
 
     def _watch_console(self, data: bytes) -> None:
         if self.panic_message is not None:
