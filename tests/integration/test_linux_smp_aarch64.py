@@ -1,7 +1,6 @@
 """Debian's arm64 kernel on the virt board with -smp N under the tcg accelerator."""
 
 import json
-import os
 import re
 import socket
 import time
@@ -9,13 +8,11 @@ import time
 import pytest
 
 
-def _cpu_seconds_of_threads(tids: list[int], pid: int) -> float:
-    total = 0
-    for tid in tids:
-        with open(f"/proc/{pid}/task/{tid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])
-    return total / os.sysconf("SC_CLK_TCK")
+def _schedstat(pid: int, tid: int) -> tuple[float, float]:
+    """(seconds on a host CPU, seconds runnable but waiting for one) of a thread."""
+    with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+        on_cpu, waiting, _slices = f.read().split()
+    return int(on_cpu) / 1e9, int(waiting) / 1e9
 
 
 def sh(c, command: str, timeout: float = 60.0) -> str:
@@ -58,8 +55,11 @@ def test_cpu_offline_online_and_a_parallel_job(guest, console_factory):
 
 
 def test_parallel_guest_job_uses_more_than_one_host_core(guest, tmp_path, console_factory):
-    """Two CPU-bound guest processes: the vCPU threads together use more CPU
-    time than the wall time the job took (QMP's query-cpus-fast names them)."""
+    """Two CPU-bound guest processes keep both vCPU threads (QMP's query-cpus-fast
+    names them) wanting a host core for the whole job: each is on a host CPU, or
+    runnable and waiting for one, nearly all the time, so nothing in kemu runs
+    them one at a time.  Whether they get two cores is the host's choice (this
+    machine is shared): the test says how many they got."""
     sock = tmp_path / "qmp.sock"
     c = console_factory("run", "-smp", "2", "-qmp", f"unix:{sock},server=on,wait=off")
     c.expect(rb"# ", timeout=120)
@@ -71,24 +71,23 @@ def test_parallel_guest_job_uses_more_than_one_host_core(guest, tmp_path, consol
         f.write(json.dumps(cmd) + "\n")
         f.flush()
         reply = json.loads(f.readline())
+    qmp.close()
     cpus = reply["return"]
     assert [cpu["cpu-index"] for cpu in cpus] == [0, 1]
     tids = [cpu["thread-id"] for cpu in cpus]
     pid = c.proc.pid
     sh(c, "dd if=/dev/zero of=/tmp/f bs=1M count=32 2>/dev/null")
-    before = [_cpu_seconds_of_threads([tid], pid) for tid in tids]
+    before = [_schedstat(pid, tid) for tid in tids]
     t0 = time.monotonic()
     sh(c, "for i in 1 2 3; do md5sum /tmp/f; done > /dev/null & "
           "for i in 1 2 3; do md5sum /tmp/f; done > /dev/null; wait", timeout=300)
     wall = time.monotonic() - t0
-    used_each = [_cpu_seconds_of_threads([tid], pid) - b for tid, b in zip(tids, before)]
-    used = sum(used_each)
-    qmp.close()
+    after = [_schedstat(pid, tid) for tid in tids]
     c.send("poweroff -f\n")
     assert c.wait(60) == 0
-    # Both vCPU threads ran the job.  On an idle 2-core host `used` is close
-    # to 2 * wall; this machine is shared, so ask that each thread did a fair
-    # part and that together they used more than one core's worth.
-    print(f"job {wall:.2f} s wall, vCPU threads {used_each} s")
-    assert min(used_each) > 0.3 * wall, (used_each, wall)
-    assert used > 1.05 * wall, (used, wall)
+    on_cpu = [a[0] - b[0] for a, b in zip(after, before)]
+    wanting = [a[0] + a[1] - b[0] - b[1] for a, b in zip(after, before)]
+    print(f"job {wall:.2f} s: vCPU threads on a host CPU {on_cpu} s "
+          f"({sum(on_cpu) / wall:.2f} cores), wanting one {wanting} s")
+    assert min(wanting) > 0.75 * wall, (wanting, wall)
+    assert min(on_cpu) > 0.3 * wall, (on_cpu, wall)
