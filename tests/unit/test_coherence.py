@@ -84,4 +84,17 @@ def test_code_invalidation_reaches_the_others_once_per_page_until_they_run():
     d.broadcast_code_invalidation(a, ALL_CODE)
     d.enter(b)
     assert b.invalidated == [[0x40001000], ALL_CODE]
-    assert a.invalidated == []
+    d.enter(a)                                    # the issuer drops its own too
+    assert a.invalidated == [ALL_CODE]
+
+
+def test_ic_iallu_is_the_issuers_only():
+    d = CoherenceDomain()
+    a, b = FakeCpu(0, d), FakeCpu(1, d)
+    d.enter(a)
+    d.enter(b)
+    d.broadcast_code_invalidation(a, ALL_CODE, local=True)
+    assert a.stop.is_set() and not b.stop.is_set()
+    d.leave(a)
+    d.enter(a)
+    assert a.invalidated == [ALL_CODE] and b.invalidated == []

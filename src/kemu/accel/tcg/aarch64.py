@@ -101,6 +101,7 @@ TARGET_PAGE_SIZE = 4096
 _KEY_TLBI = 0x100
 _KEY_IC_IVAU = 0x200
 _KEY_IC_IALLUIS = 0x201
+_KEY_IC_IALLU = 0x202
 
 CPU_MODELS = {
     "cortex-a53": A.UC_CPU_ARM64_A53,
@@ -223,6 +224,8 @@ class Aarch64Cpu:
                                    _KEY_IC_IVAU)
             engine.add_sysreg_hook(uc, self._maint_cb, A.UC_ARM64_INS_SYS,
                                    coherence.IC_IALLUIS, _KEY_IC_IALLUIS)
+            engine.add_sysreg_hook(uc, self._maint_cb, A.UC_ARM64_INS_SYS, coherence.IC_IALLU,
+                                   _KEY_IC_IALLU)
         # Cross-thread state, under _lock: _running (inside emu_start), and
         # _stop_requested (another thread stopped the engine for this run).
         self._lock = threading.Lock()
@@ -478,8 +481,8 @@ class Aarch64Cpu:
             engine.invalidate_phys(self.uc, page, page + coherence.PAGE)
 
     def _on_maintenance_raw(self, _handle: int, _reg: int, cp: int, key: int) -> int:
-        """uc_cb_insn_sys_t for TLBI ...IS and IC IVAU/IALLUIS: broadcast, then
-        let the instruction run (returns 0) for its local effect."""
+        """uc_cb_insn_sys_t for TLBI ...IS and IC IVAU/IALLUIS/IALLU: broadcast,
+        then let the instruction run (returns 0) for its local effect."""
         try:
             if key == _KEY_IC_IVAU:
                 va = ctypes.c_uint64.from_address(cp + 24).value
@@ -488,6 +491,8 @@ class Aarch64Cpu:
                     self._domain.broadcast_code_invalidation(self, pa & ~(coherence.PAGE - 1))
             elif key == _KEY_IC_IALLUIS:
                 self._domain.broadcast_code_invalidation(self, coherence.ALL_CODE)
+            elif key == _KEY_IC_IALLU:
+                self._domain.broadcast_code_invalidation(self, coherence.ALL_CODE, local=True)
             else:
                 self._domain.broadcast_tlb_flush(self)
             return 0

@@ -20,11 +20,13 @@ guest code again:
   to itself while it waits, so two vCPUs broadcasting at once do not wait for
   each other forever.
 * ``IC IVAU, Xt``: the page holding the line (translated with the issuer's
-  MMU) is dropped from every other vCPU's translations; ``IC IALLUIS`` drops
-  all of them.  Other vCPUs running guest code are stopped (so they pick the
-  invalidation up at their next block), but the issuer does not wait: the
-  architecture only promises new instructions after the other PE's own
-  context synchronization, which needs it to stop first anyway.
+  MMU) is dropped from every vCPU's translations, the issuer's included (the
+  code may have been written by another vCPU, which the issuer's engine did
+  not see); ``IC IALLUIS`` drops all of them, ``IC IALLU`` all of the
+  issuer's.  vCPUs running guest code are stopped, so they pick the
+  invalidation up at their next block (the issuer's ISB ends its block), but
+  the issuer does not wait for the others: the architecture only promises
+  new instructions after the other PE's own context synchronization.
 
 Lock order: the domain's condition, then a vCPU's own lock (to stop it);
 never the other way round.
@@ -45,6 +47,7 @@ TLBI_VAALE1IS = (1, 0, 8, 3, 7)
 TLBI_IS = (TLBI_VMALLE1IS, TLBI_VAE1IS, TLBI_ASIDE1IS, TLBI_VAAE1IS, TLBI_VALE1IS,
            TLBI_VAALE1IS)
 IC_IALLUIS = (1, 0, 7, 1, 0)
+IC_IALLU = (1, 0, 7, 5, 0)
 IC_IVAU = (1, 3, 7, 5, 1)
 
 PAGE = 4096
@@ -84,7 +87,8 @@ class CoherenceDomain:
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._states: dict[int, _State] = {}
-        self._last_ivau: dict[int, tuple[int, int]] = {}  # issuer -> (page, entries of others)
+        # issuer -> (page, entries of the others, the issuer's entries) at its last IC IVAU
+        self._last_ivau: dict[int, tuple[int, int, int]] = {}
         #: Broadcasts made, for tests and diagnostics.
         self.tlb_broadcasts = 0
         self.code_broadcasts = 0
@@ -154,25 +158,36 @@ class CoherenceDomain:
         st.member.flush_tlb()
         return True
 
-    def broadcast_code_invalidation(self, issuer: Member, page: int | None) -> None:
-        """IC IVAU (the guest physical ``page``) or IC IALLUIS (``None``)."""
+    def broadcast_code_invalidation(self, issuer: Member, page: int | None,
+                                    local: bool = False) -> None:
+        """IC IVAU (the guest physical ``page``), IC IALLUIS (``None``), or with
+        ``local`` IC IALLU (the issuer only).
+
+        The issuer drops its own translations too: the code may have been
+        written by another vCPU, whose stores the issuer's instance did not
+        see.  It stops at its next block start for that (the ISB that must
+        follow ends the block), every other vCPU running guest code likewise.
+        """
         with self._cond:
-            others = [s for i, s in self._states.items() if i != issuer.index]
+            targets = [s for i, s in self._states.items() if i == issuer.index or not local]
             if page is not None:
-                # Linux cleans a range line by line; other vCPUs that have not
-                # run since this page was posted to them need nothing more.
-                seen = sum(st.entries for st in others)
-                if self._last_ivau.get(issuer.index) == (page, seen):
+                # Linux cleans a range line by line: for the next line of the
+                # same page nothing more is needed while the other vCPUs have
+                # not run since the page was posted to them, and the issuer has
+                # run only again after the stop this posting gave it.
+                mine = self._states[issuer.index].entries
+                others = sum(st.entries for st in targets) - mine
+                last = self._last_ivau.get(issuer.index)
+                if last is not None and last[:2] == (page, others) and mine <= last[2] + 1:
                     return
-                self._last_ivau[issuer.index] = (page, seen)
+                self._last_ivau[issuer.index] = (page, others, mine)
             else:
                 self._last_ivau.pop(issuer.index, None)
             self.code_broadcasts += 1
-            for st in others:
+            for st in targets:
                 if page is None:
                     st.all_code_stale = True
                 else:
                     st.code_stale.add(page)
                 if st.executing:
                     st.member.stop_for_maintenance()
-
