@@ -312,54 +312,21 @@ l2b: .skip 4096
     assert (u64(m, RESULTS), u64(m, RESULTS + 16)) == (1111, 2222)
 
 
-def test_code_written_by_one_cpu_runs_on_the_other_after_ic_ivau(tmp_path):
-    """CPU 1 has run (translated) a function; CPU 0 rewrites it and does the
-    architecture's instruction-cache maintenance (DC CVAU, DSB, IC IVAU, DSB):
-    CPU 1, after its ISB, runs the new code."""
-    m = run_guest(tmp_path, f"""
-    mov x0, #1
-    adr x1, secondary
-    {CPU_ON}
-    ldr x1, ={RESULTS}
-1:  ldr x3, [x1]                 // CPU 1 ran the old code
-    cbz x3, 1b
+IC_MAINTENANCE = """
     adr x2, func
-    ldr w4, new_insn
-    str w4, [x2]
     dc cvau, x2
     dsb ish
     ic ivau, x2
     dsb ish
-    mov x3, #1
-    str x3, [x1, #8]
-2:  ldr x3, [x1, #16]
-    cbz x3, 2b
-    {POWEROFF}
-secondary:
-    ldr x1, ={RESULTS}
-    bl func
-    str x0, [x1]
-3:  ldr x3, [x1, #8]
-    cbz x3, 3b
-    isb
-    bl func
-    str x0, [x1, #16]
-4:  wfi
-    b 4b
-new_insn:
-    mov x0, #2
-    .balign 4096
-func:
-    mov x0, #1
-    ret
-""", 2)
-    assert (u64(m, RESULTS), u64(m, RESULTS + 16)) == (1, 2)
+"""
 
 
-def test_code_written_by_one_cpu_runs_after_the_other_cleans_it_itself(tmp_path):
-    """CPU 0 rewrites a function CPU 1 has run and tells it so; CPU 1 does the
-    instruction-cache maintenance itself (IC IVAU, DSB, ISB) and runs the new
-    code, though its own engine never saw the store."""
+@pytest.mark.parametrize("cleaner", ["writer", "runner"])
+def test_code_written_by_one_cpu_runs_on_the_other_after_ic_ivau(tmp_path, cleaner):
+    """CPU 1 has run (translated) a function; CPU 0 rewrites it, and the
+    writer or CPU 1 itself does the instruction-cache maintenance (DC CVAU,
+    DSB, IC IVAU, DSB): CPU 1, after its ISB, runs the new code, though its
+    own engine never saw the store."""
     m = run_guest(tmp_path, f"""
     mov x0, #1
     adr x1, secondary
@@ -371,6 +338,7 @@ def test_code_written_by_one_cpu_runs_after_the_other_cleans_it_itself(tmp_path)
     ldr w4, new_insn
     str w4, [x2]
     dsb ish
+    {IC_MAINTENANCE if cleaner == "writer" else ""}
     mov x3, #1
     str x3, [x1, #8]
 2:  ldr x3, [x1, #16]
@@ -382,11 +350,7 @@ secondary:
     str x0, [x1]
 3:  ldr x3, [x1, #8]
     cbz x3, 3b
-    adr x2, func
-    dc cvau, x2
-    dsb ish
-    ic ivau, x2
-    dsb ish
+    {IC_MAINTENANCE if cleaner == "runner" else ""}
     isb
     bl func
     str x0, [x1, #16]
