@@ -206,6 +206,9 @@ class VcpuGroup:
         self.threads.append(thread)
 
     def _state_changed(self, index: int, state: RunState) -> None:
+        if state == RunState.STOPPED and not self._stopping:
+            # A vCPU thread ended by itself (an internal error): the machine ends.
+            self.end(self.threads[index].outcome or Outcome("quit", 0))
         if index == 0 and not self._quiet:
             self.on_state(state)
 
