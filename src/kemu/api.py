@@ -290,14 +290,15 @@ class Machine:
     """A virtual machine in this process.
 
     ``memory`` takes sizes like ``"256M"`` or a number of bytes; ``disks``
-    are image paths (raw or qcow2, detected) attached as virtio disks.
+    are image paths (raw or qcow2, detected) attached as virtio disks;
+    ``smp`` is the number of vCPUs (QEMU's ``-smp``).
     """
 
     def __init__(self, kernel: str | Path, initrd: str | Path | None = None, append: str = "",
                  memory: str | int = "256M", cpu: str = "cortex-a57",
                  disks: list[str | Path] = (), devices: list[str] = (),
                  no_reboot: bool = False, name: str | None = None,
-                 machine: str = "virt", accel: str = "tcg") -> None:
+                 machine: str = "virt", accel: str = "tcg", smp: int = 1) -> None:
         from kemu.cli import parse_size
         from kemu.machines.virtio_devices import parse_device
 
@@ -305,7 +306,7 @@ class Machine:
             machine=machine, accel=accel, cpu=cpu,
             memory=memory if isinstance(memory, int) else parse_size(memory),
             kernel=Path(kernel), initrd=Path(initrd) if initrd else None, append=append,
-            no_reboot=no_reboot, name=name,
+            no_reboot=no_reboot, name=name, smp=smp,
             drives=[DriveConfig(Path(d)) for d in disks],
             devices=[parse_device(d) if isinstance(d, str) else DeviceConfig(*d)
                      for d in devices])
@@ -584,9 +585,7 @@ class Machine:
 
     def vcpu_thread_ids(self) -> list[int]:
         """The host thread id of each vCPU (QMP's ``query-cpus-fast`` ``thread-id``)."""
-        vcpu = getattr(self._board, "_vcpu_thread", None)
-        thread = getattr(vcpu, "_thread", None)
-        return [thread.native_id] if thread is not None and thread.native_id else []
+        return self._board.vcpu_thread_ids()
 
     def memory_map(self) -> list[tuple[int, int, str]]:
         """(base, size, name) of RAM and every device mapping."""

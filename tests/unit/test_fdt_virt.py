@@ -48,3 +48,29 @@ def test_device_tree_decompiles_with_dtc(tmp_path, need):
     assert 'method = "hvc";' in dts and '"arm,psci-1.0' in dts
     assert "virtio_mmio@a000000 {" in dts and "interrupts = <0x00 0x10 0x04>;" in dts
     assert 'stdout-path = "/pl011@9000000";' in dts
+
+
+def test_smp_cpus_node_is_qemus(tmp_path, need):
+    """-smp 4: the cpus node (cpu-map, one cpu@N per CPU with enable-method psci)
+    and the timer's PPI CPU mask are what QEMU's virt writes, phandle values aside."""
+    import re
+    dtc = need("dtc")
+    qemu = need("qemu-system-aarch64")
+    subprocess.run([qemu, "-M", f"virt,dumpdtb={tmp_path / 'qemu.dtb'}", "-cpu", "cortex-a57",
+                    "-smp", "4", "-nographic"], capture_output=True, check=True)
+    cfg = MachineConfig(kernel=fake_kernel(tmp_path / "Image"), memory=256 << 20, smp=4,
+                        cpu="cortex-a57")
+    (tmp_path / "kemu.dtb").write_bytes(
+        VirtMachine(cfg, SerialBackend(lambda b: None)).device_tree())
+
+    def node(name: str, dtb: str) -> list[str]:
+        dts = subprocess.run([dtc, "-I", "dtb", "-O", "dts", str(tmp_path / dtb)],
+                             capture_output=True, text=True, check=True).stdout
+        start = dts.index(f"\t{name} {{")
+        lines = dts[start:dts.index("\n\t};", start)].splitlines()
+        return sorted(re.sub(r"<0x[0-9a-f]+>", "<phandle>", line.strip())
+                      if "phandle" in line or "cpu = " in line else line.strip()
+                      for line in lines)
+
+    assert node("cpus", "kemu.dtb") == node("cpus", "qemu.dtb")
+    assert node("timer", "kemu.dtb") == node("timer", "qemu.dtb")

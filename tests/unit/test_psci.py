@@ -40,3 +40,31 @@ def test_cpu_on_goes_to_the_board_when_it_has_cpus():
     assert p.call(0, psci.CPU_ON_64, 1, 0x40080000, 7) == 0
     assert cpus.calls == [(1, 0x40080000, 7)]
     assert psci.Psci(lambda e: None).call(0, psci.CPU_ON_64, 1, 0, 0) == 2**64 - 1
+
+
+def test_cpu_power_control_by_mpidr():
+    class Cpu:
+        def __init__(self, on):
+            self.powered_on, self.on_pending, self.started = on, False, None
+
+        def power_on(self, entry, ctx):
+            self.on_pending, self.started = True, (entry, ctx)
+
+        def power_off(self):
+            self.powered_on = False
+
+    cpus = [Cpu(True), Cpu(False)]
+    p = psci.Psci(lambda e: None, psci.CpuPowerControl(lambda: cpus))
+    neg = lambda v: v & (2**64 - 1)                                       # noqa: E731
+    assert p.call(0, psci.AFFINITY_INFO_64, 1, 0, 0) == psci.AFF_OFF
+    assert p.call(0, psci.CPU_ON_64, 0x100, 0x40080000, 7) == neg(psci.INVALID_PARAMETERS)
+    assert p.call(0, psci.CPU_ON_64, 2, 0x40080000, 7) == neg(psci.INVALID_PARAMETERS)
+    assert p.call(0, psci.CPU_ON_64, 1, 0x40080000, 7) == psci.SUCCESS
+    assert cpus[1].started == (0x40080000, 7)
+    assert p.call(0, psci.AFFINITY_INFO_64, 1, 0, 0) == psci.AFF_ON_PENDING
+    assert p.call(0, psci.CPU_ON_64, 1, 0x40080000, 7) == neg(psci.ON_PENDING)
+    cpus[1].powered_on, cpus[1].on_pending = True, False
+    assert p.call(0, psci.CPU_ON_64, 1, 0x40080000, 7) == neg(psci.ALREADY_ON)
+    assert p.call(0, psci.AFFINITY_INFO_64, 0x80000001, 0, 0) == psci.AFF_ON
+    p.call(1, psci.CPU_OFF, 0, 0, 0)
+    assert p.call(0, psci.AFFINITY_INFO_64, 1, 0, 0) == psci.AFF_OFF

@@ -10,7 +10,7 @@ reported through the ``on_system_event`` callback handed in by the board.
 from __future__ import annotations
 
 import enum
-from typing import Callable, Protocol
+from typing import Callable, Protocol, Sequence
 
 PSCI_VERSION = 0x84000000
 CPU_SUSPEND_32 = 0x84000001
@@ -30,11 +30,17 @@ NOT_SUPPORTED = -1
 INVALID_PARAMETERS = -2
 DENIED = -3
 ALREADY_ON = -4
+ON_PENDING = -5
 
 #: MIGRATE_INFO_TYPE: "Trusted OS is not present or does not require migration".
 TOS_NOT_PRESENT_MP = 2
 
 VERSION_1_0 = 0x00010000
+
+#: AFFINITY_INFO results (5.1.5).
+AFF_ON, AFF_OFF, AFF_ON_PENDING = 0, 1, 2
+#: MPIDR affinity fields above Aff0: Aff3 [39:32], Aff2 [23:16], Aff1 [15:8].
+AFF_ABOVE_0 = 0xFF_00FF_FF00
 
 
 class SystemEvent(enum.Enum):
@@ -96,3 +102,62 @@ class Psci:
         else:
             ret = NOT_SUPPORTED
         return ret & ((1 << 64) - 1)
+
+
+class CpuPower(Protocol):
+    """One CPU's power state as PSCI sees it (the accelerator's vCPU)."""
+
+    @property
+    def powered_on(self) -> bool: ...
+
+    @property
+    def on_pending(self) -> bool: ...
+
+    def power_on(self, entry: int, context_id: int) -> None: ...
+
+    def power_off(self) -> None: ...
+
+
+class CpuPowerControl:
+    """:class:`CpuControl` over a board's CPUs, addressed by MPIDR with
+    Aff0 = CPU index and the other affinity levels 0 (QEMU's virt up to 8 CPUs).
+
+    ``cpus()`` gives the current CPUs (a reset replaces them); called under the
+    board's lock, as :meth:`Psci.call` is.
+    """
+
+    def __init__(self, cpus: Callable[[], Sequence[CpuPower]]) -> None:
+        self._cpus = cpus
+
+    def _by_mpidr(self, target: int) -> CpuPower | None:
+        cpus = self._cpus()
+        index = target & 0xFF
+        if target & AFF_ABOVE_0 or index >= len(cpus):
+            return None
+        return cpus[index]
+
+    def cpu_on(self, mpidr: int, entry: int, context_id: int) -> int:
+        """CPU_ON (5.1.4): the target starts at ``entry`` with x0 = ``context_id``."""
+        cpu = self._by_mpidr(mpidr)
+        if cpu is None:
+            return INVALID_PARAMETERS
+        if cpu.powered_on:
+            return ALREADY_ON
+        if cpu.on_pending:
+            return ON_PENDING
+        cpu.power_on(entry, context_id)
+        return SUCCESS
+
+    def cpu_off(self, cpu: int) -> int:
+        """CPU_OFF (5.1.3) from CPU ``cpu`` itself: it does not return to the caller."""
+        self._cpus()[cpu].power_off()
+        return SUCCESS
+
+    def affinity_info(self, mpidr: int) -> int:
+        """AFFINITY_INFO (5.1.5) at affinity level 0."""
+        cpu = self._by_mpidr(mpidr)
+        if cpu is None:
+            return INVALID_PARAMETERS
+        if cpu.powered_on:
+            return AFF_ON
+        return AFF_ON_PENDING if cpu.on_pending else AFF_OFF

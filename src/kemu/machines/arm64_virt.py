@@ -10,6 +10,13 @@ and device trees written for it work unchanged:
 0x0a000000     32 x 0x200    virtio-mmio slots (SPI 16 + n)
 0x40000000     -m            RAM
 =============  ============  =================================
+
+``-smp N`` (up to 8, the GICv2 limit) gives N vCPUs, each on its own host
+thread running in parallel (see :mod:`kemu.accel.tcg.coherence`).  As on
+QEMU's virt: MPIDR Aff0 is the CPU index; CPU 0 starts at the kernel, the
+others are off until the guest's PSCI CPU_ON; each CPU has its own generic
+timers on its banked PPIs and sees its own bank of the GIC's registers;
+SGIs go through GICD_SGIR.
 """
 
 from __future__ import annotations
@@ -18,20 +25,21 @@ import threading
 from dataclasses import dataclass
 from typing import Callable
 
-from kemu.accel.base import Exit, InternalError, IoExit, SystemEvent, dispatch
+from kemu.accel.base import Exit, IoExit, dispatch
 from kemu.boot import fdt, linux_arm64
 from kemu.boot.fdt import Cells, Node, reg64
 from kemu.bus import Bus
 from kemu.devices.arm_timer import NS_PER_TICK, GenericTimer, host_counter
 from kemu.devices.base import IrqLine
-from kemu.devices.gic import GicV2
+from kemu.devices.gic import GicCpuInterface, GicDistributor, GicV2
 from kemu.devices.pl011 import Pl011
 from kemu.devices.psci import Psci
 from kemu.devices.psci import SystemEvent as PsciEvent
 from kemu.backends.serial import SerialBackend
 from kemu.errors import ConfigError
 from kemu.machines.config import MachineConfig, MiB
-from kemu.machines.runtime import DeadlineKicker, Outcome, RunState, VcpuThread
+from kemu.devices import psci as psci_fn
+from kemu.machines.runtime import DeadlineKicker, Outcome, RunState, VcpuGroup, VcpuThread
 from kemu.memory import GuestMemory, RamRegion
 
 GIC_DIST = (0x08000000, 0x10000)
@@ -52,11 +60,24 @@ PPI_SEC_PHYS, PPI_PHYS, PPI_VIRT, PPI_HYP = 13, 14, 11, 10
 
 PHANDLE_GIC = 1
 PHANDLE_CLK = 2
+PHANDLE_CPU0 = 0x10
+
+#: GICv2 has 8 CPU interfaces (IHI 0048B 1.3.1).
+MAX_CPUS = 8
 
 GIC_FDT_SPI, GIC_FDT_PPI = 0, 1
 IRQ_TYPE_LEVEL_HIGH = 4
 
 PANIC_MARK = b"Kernel panic - not syncing"
+
+
+#: MPIDR_EL1 bit 31 is RES1 (Arm ARM D17.2.101); U (bit 30) is 0: a multiprocessor.
+MPIDR_U_RES1 = 1 << 31
+
+
+def mpidr(index: int) -> int:
+    """The affinity of CPU ``index`` as on QEMU's virt with GICv2: Aff0 = index."""
+    return index
 
 
 @dataclass(frozen=True)
@@ -79,8 +100,8 @@ class VirtMachine:
     """One ``virt`` machine built from a :class:`MachineConfig`."""
 
     def __init__(self, config: MachineConfig, console: SerialBackend) -> None:
-        if config.smp != 1:
-            raise ConfigError("the virt board supports -smp 1 for now")
+        if not 1 <= config.smp <= MAX_CPUS:
+            raise ConfigError(f"-smp: the virt board takes 1 to {MAX_CPUS} CPUs (GICv2)")
         if config.memory < 16 * MiB or config.memory > RAM_MAX:
             raise ConfigError(f"-m: RAM must be between 16 MiB and {RAM_MAX >> 30} GiB")
         if config.memory % (2 * MiB):
@@ -95,19 +116,29 @@ class VirtMachine:
         self.mmio = Bus("mmio")
         self.virtio_slots: list[VirtioSlot] = []
 
-        self.cpu_irq = IrqLine(name="cpu0.irq")
-        self.gic = GicV2([self.cpu_irq], NUM_IRQS)
-        self.mmio.map(*GIC_DIST, self.gic.distributor())
-        self.mmio.map(GIC_CPU[0], 0x2000, self.gic.cpu_interface())
+        n = config.smp
+        self.cpu_irqs = [IrqLine(name=f"cpu{i}.irq") for i in range(n)]
+        self.gic = GicV2(self.cpu_irqs, NUM_IRQS)
+        # Each CPU reaches its own bank of the GIC's registers at the same
+        # addresses; the shared bus holds CPU 0's.
+        self._gic_views = [self.mmio] + [Bus(f"cpu{i}-gic") for i in range(1, n)]
+        for i, bus in enumerate(self._gic_views):
+            bus.map(*GIC_DIST, GicDistributor(self.gic, i))
+            bus.map(GIC_CPU[0], 0x2000, GicCpuInterface(self.gic, i))
 
         self.uart = Pl011(self.gic.spi_line(UART0_SPI), console.write,
                           on_rx_space=console.pump)
         console.device = self.uart
         self.mmio.map(*UART0, self.uart)
 
-        self.vtimer = GenericTimer(self.gic.ppi_line(0, PPI_VIRT), name="vtimer")
-        self.ptimer = GenericTimer(self.gic.ppi_line(0, PPI_PHYS), name="ptimer")
-        self.psci = Psci(self._on_psci)
+        # Per-CPU timers on the CPU's banked PPIs; a vCPU thread drives them
+        # from its MSR hooks, so their lines take the machine lock.
+        self.timers = [(GenericTimer(self._locked(self.gic.ppi_line(i, PPI_VIRT)),
+                                     name=f"cpu{i}.vtimer"),
+                        GenericTimer(self._locked(self.gic.ppi_line(i, PPI_PHYS)),
+                                     name=f"cpu{i}.ptimer")) for i in range(n)]
+        self.psci = Psci(self._on_psci, cpus=psci_fn.CpuPowerControl(lambda: self.cpus))
+        self._psci_caller = 0
 
         from kemu.devices.virtio.input import power_button
         from kemu.machines.virtio_devices import attach_devices, attach_transport
@@ -125,9 +156,9 @@ class VirtMachine:
         self.panic_message: str | None = None
         console.add_tap(self._watch_console)
         self.outcome: Outcome | None = None
-        self._vcpu_thread: VcpuThread | None = None
-        self._kicker: DeadlineKicker | None = None
-        self.cpu = None
+        self.vcpus = VcpuGroup()
+        self._kickers: list[DeadlineKicker] = []
+        self.cpus: list = []
         self.on_state: Callable[[RunState], None] = lambda s: None
         self._paused_at: int | None = None
         #: Called before a guest-initiated reset is carried out (the API's RESET event).
@@ -150,11 +181,22 @@ class VirtMachine:
         root.add(Node(f"memory@{RAM_BASE:x}", {
             "device_type": "memory", "reg": reg64((RAM_BASE, cfg.memory))}))
         cpus = root.add(Node("cpus", {"#address-cells": 1, "#size-cells": 0}))
+        if cfg.smp > 1:
+            # As QEMU's virt: one socket, one cluster, a core per CPU.
+            cluster = Node("cluster0", {})
+            for i in range(cfg.smp):
+                cluster.add(Node(f"core{i}", {"cpu": PHANDLE_CPU0 + i}))
+            cpus.add(Node("cpu-map", {})).add(Node("socket0", {})).add(cluster)
         for i in range(cfg.smp):
-            cpus.add(Node(f"cpu@{i}", {"device_type": "cpu", "compatible": f"arm,{cfg.cpu}",
-                                       "reg": i, "enable-method": "psci"}))
+            props = {"device_type": "cpu", "compatible": f"arm,{cfg.cpu}", "reg": mpidr(i),
+                     "phandle": PHANDLE_CPU0 + i}
+            if cfg.smp > 1:
+                props["enable-method"] = "psci"
+            cpus.add(Node(f"cpu@{i}", props))
         root.add(Node("psci", {"compatible": ["arm,psci-1.0", "arm,psci-0.2", "arm,psci"],
-                               "method": "hvc"}))
+                               "method": "hvc", "cpu_suspend": psci_fn.CPU_SUSPEND_64,
+                               "cpu_off": psci_fn.CPU_OFF, "cpu_on": psci_fn.CPU_ON_64,
+                               "migrate": 0xC4000005}))
         root.add(Node(f"intc@{GIC_DIST[0]:x}", {
             "compatible": "arm,cortex-a15-gic", "#interrupt-cells": 3,
             "interrupt-controller": None,
@@ -198,16 +240,31 @@ class VirtMachine:
         return self.gic.spi_line(VIRTIO_SPI_BASE + index)
 
     # -- I/O dispatch -------------------------------------------------------------------------
-    def _io(self, exit: IoExit) -> int | None:
-        with self.lock:
-            return dispatch(exit, self.mmio)
+    def _locked(self, line: IrqLine) -> IrqLine:
+        """``line`` driven under the machine lock (for sources outside MMIO dispatch)."""
+        def sink(level: bool) -> None:
+            with self.lock:
+                line.set(level)
+        return IrqLine(sink, name=line.name)
+
+    def _io_for(self, cpu: int) -> Callable[[IoExit], int | None]:
+        """The MMIO dispatch of one CPU: its own GIC bank, the shared bus otherwise."""
+        bus = self._gic_views[cpu]
+
+        def io(exit: IoExit) -> int | None:
+            with self.lock:
+                if GIC_DIST[0] <= exit.addr < GIC_CPU[0] + GIC_CPU[1]:
+                    return dispatch(exit, bus)
+                return dispatch(exit, self.mmio)
+        return io
 
     def _hypercall(self, cpu: int, args: list[int]) -> int:
         with self.lock:
+            self._psci_caller = cpu
             return self.psci.call(cpu, *args)
 
     def _on_psci(self, event: PsciEvent) -> None:
-        self.cpu.request_system_event(event.value)
+        self.cpus[self._psci_caller].request_system_event(event.value)
 
     def _watch_console(self, data: bytes) -> None:
         if self.panic_message is not None:
@@ -230,85 +287,105 @@ class VirtMachine:
             self._panic_tail = tail[-len(PANIC_MARK):]
 
     def _stop_for_panic(self) -> None:
-        if self._vcpu_thread is not None:
-            self._vcpu_thread.request(RunState.STOPPED, Outcome(
-                "panic", 1, f"guest kernel panic: {self.panic_message}"))
+        self.vcpus.end(Outcome("panic", 1, f"guest kernel panic: {self.panic_message}"))
 
     # -- lifecycle ---------------------------------------------------------------------------
-    def _next_deadline(self) -> float | None:
-        best = None
-        for timer in (self.vtimer, self.ptimer):
-            if timer.irq.level:
-                continue
-            d = timer.deadline_counter()
-            if d is not None and (best is None or d < best):
-                best = d
-        if best is None:
-            return None
-        return best * NS_PER_TICK / 1e9
+    def _deadline_of(self, index: int) -> Callable[[], float | None]:
+        """The next timer deadline (monotonic seconds) of CPU ``index``, or None."""
+        timers = self.timers[index]
 
-    def _create_cpu(self):
+        def next_deadline() -> float | None:
+            best = None
+            for timer in timers:
+                if timer.irq.level:
+                    continue
+                d = timer.deadline_counter()
+                if d is not None and (best is None or d < best):
+                    best = d
+            return None if best is None else best * NS_PER_TICK / 1e9
+        return next_deadline
+
+    def _create_cpus(self) -> list:
+        """Fresh vCPUs: CPU 0 at the kernel entry, the others off until CPU_ON."""
         from kemu.accel.tcg.aarch64 import Aarch64Cpu
-        cpu = Aarch64Cpu(0, self.memory, [MMIO_WINDOW], self._io, self._hypercall,
-                         self.vtimer, self.ptimer, model=self.config.cpu)
-        self.cpu_irq.connect(cpu.set_irq)
-        return cpu
+        from kemu.accel.tcg.coherence import CoherenceDomain
+        n = self.config.smp
+        domain = CoherenceDomain() if n > 1 else None
+        cpus = []
+        for i in range(n):
+            vtimer, ptimer = self.timers[i]
+            cpu = Aarch64Cpu(i, self.memory, [MMIO_WINDOW], self._io_for(i), self._hypercall,
+                             vtimer, ptimer, model=self.config.cpu,
+                             mpidr=MPIDR_U_RES1 | mpidr(i) if n > 1 else None,
+                             domain=domain, powered_on=i == 0)
+            self.cpu_irqs[i].connect(cpu.set_irq)
+            cpu.reset_for_linux(self.layout.kernel_addr, self.layout.dtb_addr)
+            cpus.append(cpu)
+        return cpus
 
     def load(self) -> None:
         dtb = self.device_tree()
         linux_arm64.load(self.memory, self.image, self.layout, self.initrd, dtb)
 
     def _on_exit(self, exit: Exit) -> Outcome | None:
-        if isinstance(exit, SystemEvent):
-            if exit.kind == "poweroff":
-                return Outcome("poweroff", 0)
-            if self.config.no_reboot:
-                return Outcome("reset", 0)
-            self.on_reset()
-            self._reset()
-            return None
-        if isinstance(exit, InternalError):
-            return Outcome("error", 1, f"guest stopped: {exit.message}")
-        return None
+        return self.vcpus.handle_exit(exit, self.config.no_reboot, self.on_reset, self._reset)
 
     def _reset(self) -> None:
+        """With every other vCPU stopped (guest or host reset): reset devices,
+        reload, fresh vCPUs."""
         with self.lock:
             self.gic.reset()
             self.uart.reset()
-            self.vtimer.ctl = self.ptimer.ctl = 0
+            for vtimer, ptimer in self.timers:
+                vtimer.ctl = ptimer.ctl = 0
         self.load()
-        new = self._create_cpu()
-        new.on_timer_change = self._kicker.changed
-        new.reset_for_linux(self.layout.kernel_addr, self.layout.dtb_addr)
-        self.cpu = new
-        self._vcpu_thread.cpu = new
-        self._kicker.cpu = new
+        self.cpus = self._create_cpus()
+        for t, k, cpu in zip(self.vcpus.threads, self._kickers, self.cpus):
+            cpu.on_timer_change = k.changed
+            t.cpu = k.cpu = cpu
 
     def start(self) -> None:
         self.load()
-        self.cpu = self._create_cpu()
-        self.cpu.reset_for_linux(self.layout.kernel_addr, self.layout.dtb_addr)
-        self._kicker = DeadlineKicker(self.cpu, self._next_deadline)
-        self.cpu.on_timer_change = self._kicker.changed
-        self._vcpu_thread = VcpuThread(self.cpu, self._next_deadline, self._on_exit)
-        self._vcpu_thread.on_state = self.on_state
-        self._kicker.start()
-        self._vcpu_thread.start(paused=self.config.start_paused)
+        self.cpus = self._create_cpus()
+        self.vcpus.on_state = lambda state: self.on_state(state)
+        for i, cpu in enumerate(self.cpus):
+            deadline = self._deadline_of(i)
+            kicker = DeadlineKicker(cpu, deadline, name=f"vcpu{i}-timer")
+            cpu.on_timer_change = kicker.changed
+            self._kickers.append(kicker)
+            self.vcpus.add(VcpuThread(cpu, deadline, self._on_exit, name=f"vcpu{i}"))
+        for k in self._kickers:
+            k.start()
+        self.vcpus.start(paused=self.config.start_paused)
+
+    @property
+    def cpu(self):
+        """The boot CPU (the API reads its registers)."""
+        return self.cpus[0] if self.cpus else None
+
+    @property
+    def _vcpu_thread(self) -> VcpuThread | None:
+        return self.vcpus.boot_thread
+
+    def vcpu_thread_ids(self) -> list[int]:
+        return self.vcpus.thread_ids()
 
     def pause(self, timeout: float | None = 10.0) -> bool:
-        """Stop the vCPU at its next safe point; the guest's clock stops too."""
-        self._vcpu_thread.request(RunState.PAUSED)
-        paused = self._vcpu_thread.wait_state(RunState.PAUSED, timeout)
+        """Stop every vCPU at its next block start; the guest's clock stops too."""
+        paused = self.vcpus.pause(timeout)
         if paused and self._paused_at is None:
             self._paused_at = host_counter()
         return paused
 
     def resume(self) -> None:
-        """Run again; the guest does not see the time spent paused (CNTVOFF grows)."""
-        if self._paused_at is not None and self.cpu is not None:
-            self.cpu.add_virtual_offset(host_counter() - self._paused_at)
+        """Run again; the guest does not see the time spent paused (CNTVOFF grows).
+        As QEMU's cont, the vCPUs run when it returns (query-status says so)."""
+        if self._paused_at is not None:
+            hidden = host_counter() - self._paused_at
+            for cpu in self.cpus:
+                cpu.add_virtual_offset(hidden)
             self._paused_at = None
-        self._vcpu_thread.request(RunState.RUNNING)
+        self.vcpus.resume(wait=True)
 
     def powerdown(self) -> bool:
         """Press the power button; False when the guest has no driver for it."""
@@ -319,23 +396,24 @@ class VirtMachine:
         """A hard reset from the host (QMP system_reset): reload and restart."""
         was_running = self.state == RunState.RUNNING
         if not self.pause():
-            raise ConfigError("the vCPU did not stop for the reset")
+            raise ConfigError("the vCPUs did not stop for the reset")
         self._paused_at = None
-        self._reset()
+        self.vcpus.host_reset(self._reset)
         if was_running:
             self.resume()
 
     def stop(self) -> None:
-        if self._vcpu_thread is not None:
-            self._vcpu_thread.request(RunState.STOPPED)
+        self.vcpus.stop()
 
     def wait(self, timeout: float | None = None) -> Outcome | None:
-        if not self._vcpu_thread.join(timeout):
+        outcome = self.vcpus.wait(timeout)
+        if outcome is None:
             return None
-        self._kicker.stop()
+        for k in self._kickers:
+            k.stop()
         self.close()
-        self.outcome = self._vcpu_thread.outcome
-        return self.outcome
+        self.outcome = outcome
+        return outcome
 
     def close(self) -> None:
         """Flush and close the disks (idempotent)."""
@@ -345,4 +423,4 @@ class VirtMachine:
 
     @property
     def state(self) -> RunState:
-        return self._vcpu_thread.state if self._vcpu_thread else RunState.CREATED
+        return self.vcpus.state

@@ -192,3 +192,143 @@ class DeadlineKicker:
             # spin on a deadline that stays in the past while it catches up.
             with self._cond:
                 self._cond.wait(0.001)
+
+
+class VcpuGroup:
+    """The vCPU threads of one machine, driven together.
+
+    QMP's ``stop``/``cont``/``quit`` and the API act on every vCPU; the state
+    reported (``on_state``) is the boot CPU's.  A guest reset stops the other
+    vCPUs, has the board rebuild its vCPUs (``rebuild``) and runs again; a
+    host reset does the same with every vCPU paused.  The first outcome that
+    ends the machine is the machine's.
+    """
+
+    def __init__(self) -> None:
+        self.threads: list[VcpuThread] = []
+        self.on_state: Callable[[RunState], None] = lambda s: None
+        self._end: Outcome | None = None
+        self._reset_lock = threading.Lock()
+        self._stopping = False
+        self._quiet = False             # no on_state during a reset's pause and resume
+
+    def add(self, thread: VcpuThread) -> None:
+        index = len(self.threads)
+        thread.on_state = lambda s: self._state_changed(index, s)
+        self.threads.append(thread)
+
+    def _state_changed(self, index: int, state: RunState) -> None:
+        if state == RunState.STOPPED and not self._stopping:
+            # A vCPU thread ended by itself (an internal error): the machine ends.
+            self.end(self.threads[index].outcome or Outcome("quit", 0))
+        if index == 0 and not self._quiet:
+            self.on_state(state)
+
+    @property
+    def state(self) -> RunState:
+        return self.threads[0].state if self.threads else RunState.CREATED
+
+    @property
+    def boot_thread(self) -> VcpuThread | None:
+        return self.threads[0] if self.threads else None
+
+    def thread_ids(self) -> list[int]:
+        return [t._thread.native_id for t in self.threads if t._thread.native_id]
+
+    # -- control ------------------------------------------------------------------------
+    def start(self, paused: bool = False) -> None:
+        # Secondaries first, so that the boot CPU's RUNNING is the last transition reported.
+        for t in reversed(self.threads):
+            t.start(paused=paused)
+
+    def pause(self, timeout: float | None = 10.0) -> bool:
+        for t in self.threads:
+            t.request(RunState.PAUSED)
+        return all(t.wait_state(RunState.PAUSED, timeout) for t in self.threads)
+
+    def resume(self, wait: bool = False) -> None:
+        for t in self.threads[1:]:
+            t.request(RunState.RUNNING)
+        if self.threads:
+            self.threads[0].request(RunState.RUNNING)
+        if wait:
+            for t in self.threads:
+                t.wait_state(RunState.RUNNING, 10)
+
+    def stop(self) -> None:
+        self._stopping = True
+        for t in self.threads:
+            t.request(RunState.STOPPED)
+
+    def end(self, outcome: Outcome) -> None:
+        """End the machine with ``outcome`` (the first one given counts)."""
+        self._stopping = True
+        if self._end is None:
+            self._end = outcome
+        for t in self.threads:
+            t.request(RunState.STOPPED, outcome)
+
+    def wait(self, timeout: float | None = None) -> Outcome | None:
+        """The machine's outcome once every thread has ended, or None at ``timeout``."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for t in self.threads:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not t.join(left):
+                return None
+        return self._end or self.threads[0].outcome
+
+    # -- exits and resets ------------------------------------------------------------------
+    def handle_exit(self, exit: Exit, no_reboot: bool, on_reset: Callable[[], None],
+                    rebuild: Callable[[], None]) -> Outcome | None:
+        """A vCPU thread's system event or error (on that thread): the outcome
+        that ends the machine, or None after a guest reset."""
+        outcome = None
+        if isinstance(exit, SystemEvent):
+            if exit.kind == "poweroff":
+                outcome = Outcome("poweroff", 0)
+            elif no_reboot:
+                outcome = Outcome("reset", 0)
+            else:
+                on_reset()
+                self.reboot(threading.current_thread(), rebuild)
+                return None
+        elif isinstance(exit, InternalError):
+            outcome = Outcome("error", 1, f"guest stopped: {exit.message}")
+        if outcome is not None:
+            self.end(outcome)
+            return self._end
+        return None
+
+    def reboot(self, current: threading.Thread | None, rebuild: Callable[[], None]) -> None:
+        """Stop the vCPUs other than ``current``, ``rebuild``, run again."""
+        with self._reset_lock:
+            others = [t for t in self.threads if t._thread is not current]
+            self._quiet = True
+            try:
+                running = [t for t in others if t.state == RunState.RUNNING]
+                for t in others:
+                    t.request(RunState.PAUSED)
+                for t in others:
+                    t.wait_state(RunState.PAUSED, 10)
+                if any(t.state == RunState.STOPPED for t in self.threads):
+                    return
+                rebuild()
+                if not self._stopping:
+                    for t in running:
+                        t.request(RunState.RUNNING)
+            finally:
+                if self._stopping:
+                    # stop() came during the reboot: a pause request may have replaced
+                    # its stop request; ask again.
+                    for t in self.threads:
+                        t.request(RunState.STOPPED)
+                self._quiet = False
+
+    def host_reset(self, rebuild: Callable[[], None]) -> None:
+        """With every vCPU paused: ``rebuild`` without reporting state changes."""
+        self._quiet = True
+        try:
+            with self._reset_lock:
+                rebuild()
+        finally:
+            self._quiet = False

@@ -42,11 +42,10 @@ status 1, as on the virt board.
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from kemu.accel.base import Exit, InternalError, SystemEvent
+from kemu.accel.base import Exit
 from kemu.accel.kvm.eventfds import (
     IoEventFd,
     ResampleIrqFd,
@@ -71,7 +70,7 @@ from kemu.machines.console_watch import (
     POWER_DOWN_MARK,
     ConsoleWatcher,
 )
-from kemu.machines.runtime import Outcome, RunState, VcpuThread
+from kemu.machines.runtime import Outcome, RunState, VcpuGroup, VcpuThread
 from kemu.memory import GuestMemory, RamRegion
 
 COM1 = (0x3F8, 8)
@@ -254,12 +253,8 @@ class MicroVm:
                                         POWER_DOWN_MARK: self._on_halt})
         console.add_tap(self._watcher.feed)
         self.outcome: Outcome | None = None
-        self._threads: list[VcpuThread] = []
-        self._end: Outcome | None = None
-        self._reset_lock = threading.Lock()
+        self.vcpus = VcpuGroup()
         self._close_lock = threading.Lock()
-        self._stopping = False
-        self._quiet = False             # no on_state during a reboot's pause/resume
         self.on_state: Callable[[RunState], None] = lambda s: None
         #: Called before a guest-initiated reset is carried out (the API's RESET event).
         self.on_reset: Callable[[], None] = lambda: None
@@ -410,63 +405,17 @@ class MicroVm:
     def _on_panic(self, line: str) -> None:
         if self.panic_message is None:
             self.panic_message = line
-            self._end_machine(Outcome("panic", 1, f"guest kernel panic: {line}"))
+            self.vcpus.end(Outcome("panic", 1, f"guest kernel panic: {line}"))
 
     def _on_halt(self, line: str) -> None:
-        self._end_machine(Outcome("poweroff", 0))
-
-    def _end_machine(self, outcome: Outcome) -> None:
-        self._stopping = True
-        if self._end is None:
-            self._end = outcome
-        for t in self._threads:
-            t.request(RunState.STOPPED, outcome)
+        self.vcpus.end(Outcome("poweroff", 0))
 
     def _on_exit(self, exit: Exit) -> Outcome | None:
         """A vCPU thread's system event or error (on that thread)."""
-        outcome = None
-        if isinstance(exit, SystemEvent):
-            if exit.kind == "poweroff":
-                outcome = Outcome("poweroff", 0)
-            elif self.config.no_reboot:
-                outcome = Outcome("reset", 0)
-            else:
-                self.on_reset()
-                self._reboot(threading.current_thread())
-                return None
-        elif isinstance(exit, InternalError):
-            outcome = Outcome("error", 1, f"guest stopped: {exit.message}")
-        if outcome is not None:
-            self._end_machine(outcome)
-            return self._end
-        return None
+        return self.vcpus.handle_exit(exit, self.config.no_reboot, self.on_reset,
+                                      self._rebuild_vm)
 
     # -- reset -------------------------------------------------------------------------------
-    def _reboot(self, current: threading.Thread | None) -> None:
-        """Stop the other vCPUs, build a fresh VM, reload, run again."""
-        with self._reset_lock:
-            others = [t for t in self._threads if t._thread is not current]
-            self._quiet = True
-            try:
-                running = [t for t in others if t.state == RunState.RUNNING]
-                for t in others:
-                    t.request(RunState.PAUSED)
-                for t in others:
-                    t.wait_state(RunState.PAUSED, 10)
-                if any(t.state == RunState.STOPPED for t in self._threads):
-                    return
-                self._rebuild_vm()
-                if not self._stopping:
-                    for t in running:
-                        t.request(RunState.RUNNING)
-            finally:
-                if self._stopping:
-                    # stop() came during the reboot: a pause request may have replaced
-                    # its stop request; ask again.
-                    for t in self._threads:
-                        t.request(RunState.STOPPED)
-                self._quiet = False
-
     def _rebuild_vm(self) -> None:
         """With every vCPU stopped: reset the devices, build a fresh VM, reload the
         kernel and hand the new vCPUs to the threads (reboot and host reset alike)."""
@@ -477,7 +426,7 @@ class MicroVm:
         self._close_vm()
         self._create_vm()
         self.load()
-        for t, cpu in zip(self._threads, self.cpus):
+        for t, cpu in zip(self.vcpus.threads, self.cpus):
             t.cpu = cpu
 
     def reset(self) -> None:
@@ -485,41 +434,24 @@ class MicroVm:
         was_running = self.state == RunState.RUNNING
         if not self.pause():
             raise ConfigError("the vCPUs did not stop for the reset")
-        self._quiet = True
-        try:
-            with self._reset_lock:
-                self._rebuild_vm()
-        finally:
-            self._quiet = False
+        self.vcpus.host_reset(self._rebuild_vm)
         if was_running:
             self.resume()
 
     # -- lifecycle --------------------------------------------------------------------------------
-    def _state_changed(self, index: int, state: RunState) -> None:
-        if index == 0 and not self._quiet:
-            self.on_state(state)
-
     def start(self) -> None:
         self.load()
+        self.vcpus.on_state = lambda state: self.on_state(state)
         for i, cpu in enumerate(self.cpus):
-            t = VcpuThread(cpu, lambda: None, self._on_exit, name=f"vcpu{i}")
-            t.on_state = lambda s, i=i: self._state_changed(i, s)
-            self._threads.append(t)
-        # APs first, so that the BSP's RUNNING is the last transition reported.
-        for t in reversed(self._threads):
-            t.start(paused=self.config.start_paused)
+            self.vcpus.add(VcpuThread(cpu, lambda: None, self._on_exit, name=f"vcpu{i}"))
+        self.vcpus.start(paused=self.config.start_paused)
 
     def pause(self, timeout: float | None = 10.0) -> bool:
         """Stop every vCPU at its next exit (a kick makes KVM_RUN return at once)."""
-        for t in self._threads:
-            t.request(RunState.PAUSED)
-        return all(t.wait_state(RunState.PAUSED, timeout) for t in self._threads)
+        return self.vcpus.pause(timeout)
 
     def resume(self) -> None:
-        for t in self._threads[1:]:
-            t.request(RunState.RUNNING)
-        if self._threads:
-            self._threads[0].request(RunState.RUNNING)
+        self.vcpus.resume()
 
     def powerdown(self) -> bool:
         """Press the ACPI power button (the GED); False without ACPI tables."""
@@ -530,19 +462,15 @@ class MicroVm:
         return True
 
     def stop(self) -> None:
-        self._stopping = True
-        for t in self._threads:
-            t.request(RunState.STOPPED)
+        self.vcpus.stop()
 
     def wait(self, timeout: float | None = None) -> Outcome | None:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        for t in self._threads:
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if not t.join(left):
-                return None
+        outcome = self.vcpus.wait(timeout)
+        if outcome is None:
+            return None
         self.close()
-        self.outcome = self._end or self._threads[0].outcome
-        return self.outcome
+        self.outcome = outcome
+        return outcome
 
     def close(self) -> None:
         """Flush and close the disks, release the VM (idempotent)."""
@@ -551,7 +479,7 @@ class MicroVm:
         try:
             flush_and_close(backends)
         finally:
-            if all(t.state == RunState.STOPPED for t in self._threads):
+            if all(t.state == RunState.STOPPED for t in self.vcpus.threads):
                 self._close_vm()
                 for fd in [*self.ioeventfds, *self.irqfds.values()]:
                     fd.close()
@@ -563,15 +491,15 @@ class MicroVm:
 
     @property
     def state(self) -> RunState:
-        return self._threads[0].state if self._threads else RunState.CREATED
+        return self.vcpus.state
 
     @property
     def _vcpu_thread(self) -> VcpuThread | None:
         """The boot CPU's thread (the API reports its host thread id)."""
-        return self._threads[0] if self._threads else None
+        return self.vcpus.boot_thread
 
     def vcpu_thread_ids(self) -> list[int]:
-        return [t._thread.native_id for t in self._threads if t._thread.native_id]
+        return self.vcpus.thread_ids()
 
 
 def apic_ids_from_mp_table(data: bytes) -> list[int]:

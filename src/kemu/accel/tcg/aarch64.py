@@ -17,6 +17,14 @@ PLATFORM.md and :mod:`kemu.accel.tcg.engine`):
   (CNTVCT) is Unicorn's CLOCK_MONOTONIC / 16 ns.
 * WFI makes ``emu_start`` return; the vCPU waits on the host until an
   interrupt is signalled.
+* SMP: every vCPU is its own engine instance on its own thread over the
+  same RAM, translating with the engine's parallel switch (host atomics for
+  LDXR/STXR and LSE, host barriers for DMB); the broadcast TLB and
+  instruction-cache maintenance reaches the other vCPUs through their
+  :class:`~kemu.accel.tcg.coherence.CoherenceDomain`.  MPIDR_EL1 as EL1 reads
+  it is VMPIDR_EL2 (EL2 is present and non-secure).  A secondary vCPU is off
+  until PSCI CPU_ON (:meth:`Aarch64Cpu.power_on`), and CPU_OFF turns it off
+  again; its thread waits, with no guest code, while it is off.
 
 Interrupts at any time.  The engine checks its exit request only at the
 start of each translation block, so ``emu_stop()`` from any thread stops
@@ -44,7 +52,7 @@ from unicorn.unicorn_py3.unicorn import HOOK_INTR_CFUNC, uclib
 
 from kemu.accel.base import Exit, Halted, InternalError, IoExit, Kicked, MmioRead, MmioWrite, \
     SystemEvent
-from kemu.accel.tcg import engine
+from kemu.accel.tcg import coherence, engine
 from kemu.devices.arm_timer import GenericTimer
 from kemu.errors import AccelError
 from kemu.memory import GuestMemory
@@ -69,6 +77,7 @@ CNTHCTL_EL2 = (3, 4, 14, 1, 0)
 CNTVOFF_EL2 = (3, 4, 14, 0, 3)
 SCTLR_EL1 = (3, 0, 1, 0, 0)
 MPIDR_EL1 = (3, 0, 0, 0, 5)
+VMPIDR_EL2 = (3, 4, 0, 0, 5)
 CNTV_CTL_EL0 = (3, 3, 14, 3, 1)
 CNTV_CVAL_EL0 = (3, 3, 14, 3, 2)
 CNTV_TVAL_EL0 = (3, 3, 14, 3, 0)
@@ -87,6 +96,12 @@ PSTATE_DAIF = 0xF << 6
 PSTATE_EL1H = 0b0101
 
 TARGET_PAGE_SIZE = 4096
+
+# Hook keys of the broadcast maintenance instructions (timer keys are 1-6).
+_KEY_TLBI = 0x100
+_KEY_IC_IVAU = 0x200
+_KEY_IC_IALLUIS = 0x201
+_KEY_IC_IALLU = 0x202
 
 CPU_MODELS = {
     "cortex-a53": A.UC_CPU_ARM64_A53,
@@ -147,7 +162,9 @@ class Aarch64Cpu:
     def __init__(self, index: int, memory: GuestMemory, mmio_windows: list[tuple[int, int]],
                  io: Callable[[IoExit], int | None], hypercall: Callable[[int, list[int]], int],
                  vtimer: GenericTimer, ptimer: GenericTimer, model: str = "cortex-a72",
-                 mpidr: int | None = None) -> None:
+                 mpidr: int | None = None,
+                 domain: coherence.CoherenceDomain | None = None,
+                 powered_on: bool = True) -> None:
         if model not in CPU_MODELS:
             raise AccelError(f"unsupported CPU model {model!r} for the tcg accelerator "
                              f"(have: {', '.join(sorted(CPU_MODELS))})")
@@ -197,6 +214,18 @@ class Aarch64Cpu:
         engine.add_sysreg_hook(uc, self._mrs_cb, A.UC_ARM64_INS_MRS, CNTP_CTL_EL0, 2)
         self._mrs_value = ctypes.c_uint64()
         self._timer_cval_reg = {id(vtimer): CNTV_CVAL_EL0, id(ptimer): CNTP_CVAL_EL0}
+        self._domain = domain
+        if domain is not None:
+            engine.set_parallel(uc)
+            self._maint_cb = HOOK_INSN_SYS_CFUNC(self._on_maintenance_raw)
+            for key, enc in enumerate(coherence.TLBI_IS, start=_KEY_TLBI):
+                engine.add_sysreg_hook(uc, self._maint_cb, A.UC_ARM64_INS_SYS, enc, key)
+            engine.add_sysreg_hook(uc, self._maint_cb, A.UC_ARM64_INS_SYS, coherence.IC_IVAU,
+                                   _KEY_IC_IVAU)
+            engine.add_sysreg_hook(uc, self._maint_cb, A.UC_ARM64_INS_SYS,
+                                   coherence.IC_IALLUIS, _KEY_IC_IALLUIS)
+            engine.add_sysreg_hook(uc, self._maint_cb, A.UC_ARM64_INS_SYS, coherence.IC_IALLU,
+                                   _KEY_IC_IALLU)
         # Cross-thread state, under _lock: _running (inside emu_start), and
         # _stop_requested (another thread stopped the engine for this run).
         self._lock = threading.Lock()
@@ -214,6 +243,14 @@ class Aarch64Cpu:
         #: Called (on the vCPU thread) when a timer deadline may have changed.
         self.on_timer_change: Callable[[], None] = lambda: None
         self._mpidr = mpidr
+        # PSCI power state (DEN0022 5.1.5 AFFINITY_INFO): off until CPU_ON for a
+        # secondary; on pending from CPU_ON until this vCPU's thread has reset
+        # the core (both flags change under _lock).
+        self._off = not powered_on
+        self._on_request: tuple[int, int] | None = None
+        self._on_pending = False
+        if domain is not None:
+            domain.join(self)
 
     # -- setup ----------------------------------------------------------------
     def _wsys(self, enc: tuple[int, int, int, int, int], value: int) -> None:
@@ -234,7 +271,8 @@ class Aarch64Cpu:
         self._wsys(CNTHCTL_EL2, 0x3)   # EL1 may use the physical counter and timer
         self._wsys(CNTVOFF_EL2, self.vtimer.offset)
         if self._mpidr is not None:
-            self._wsys(MPIDR_EL1, self._mpidr)
+            # EL1 reads of MPIDR_EL1 return VMPIDR_EL2 with EL2 enabled.
+            self._wsys(VMPIDR_EL2, self._mpidr)
         uc.reg_write(A.UC_ARM64_REG_PSTATE, PSTATE_DAIF | PSTATE_EL1H)
         self._wsys(SCTLR_EL1, self._rsys(SCTLR_EL1) & ~1)  # MMU off; rebuilds hflags
         for i in range(31):
@@ -245,6 +283,30 @@ class Aarch64Cpu:
     def reset_secondary(self, entry: int, context_id: int) -> None:
         """PSCI CPU_ON entry state: EL1h, MMU off, x0 = context_id."""
         self.reset_for_linux(entry, context_id)
+
+    # -- PSCI power state (any thread; the vCPU's thread acts on it) -----------------------
+    @property
+    def powered_on(self) -> bool:
+        return not self._off
+
+    @property
+    def on_pending(self) -> bool:
+        return self._on_pending
+
+    def power_on(self, entry: int, context_id: int) -> None:
+        """CPU_ON (DEN0022 5.6): the vCPU's thread resets it to ``entry`` and runs it."""
+        with self._lock:
+            self._on_request = (entry, context_id)
+            self._on_pending = True
+            self._work_pending = True
+            self._wake.notify_all()
+
+    def power_off(self) -> None:
+        """CPU_OFF (DEN0022 5.5), from the vCPU's own hypercall: it runs no more
+        guest code until the next CPU_ON."""
+        with self._lock:
+            self._off = True
+        self.uc.emu_stop()
 
     def add_virtual_offset(self, ticks: int) -> None:
         """Hide ``ticks`` of host time from the guest's virtual counter (CNTVOFF_EL2).
@@ -314,8 +376,13 @@ class Aarch64Cpu:
             self._wake.notify_all()
 
     def wait_for_interrupt(self, timeout: float | None) -> None:
-        """Block (WFI) until the IRQ input is high, a kick, or ``timeout`` seconds."""
+        """Block (WFI) until the IRQ input is high, a kick, or ``timeout`` seconds;
+        while powered off, until CPU_ON or a kick."""
         with self._lock:
+            if self._off:
+                if self._on_request is None and not self._kick_requested:
+                    self._wake.wait()
+                return
             if not (self._irq_level or self._kick_requested or self._work_pending):
                 self._wake.wait(timeout)
             self._work_pending = True     # a timer deadline may be why it woke
@@ -349,6 +416,14 @@ class Aarch64Cpu:
         with self._lock:
             kicked = self._kick_requested
             self._kick_requested = False
+            on_request = self._on_request if self._off else None
+            self._on_request = None
+        if on_request is not None:
+            self._power_up(*on_request)
+            with self._lock:
+                self._off = self._on_pending = False
+        if self._off:
+            return Kicked() if kicked else Halted()
         if self._work_pending:
             self._service()
         if kicked:
@@ -356,10 +431,15 @@ class Aarch64Cpu:
         with self._lock:
             self._running = True
         uc = self.uc
+        domain = self._domain
+        if domain is not None:
+            domain.enter(self)
         try:
             uc.emu_start(uc.reg_read(A.UC_ARM64_REG_PC), 0)
         except UcError as e:
             self._error = f"{e} at pc {uc.reg_read(A.UC_ARM64_REG_PC):#x}"
+        if domain is not None:
+            domain.leave(self)
         with self._lock:
             self._running = False
             stopped = self._stop_requested
@@ -376,6 +456,49 @@ class Aarch64Cpu:
         if stopped or stale:
             return Kicked()
         return Halted()   # nothing stopped the CPU: it executed WFI (EXCP_HLT)
+
+    def _power_up(self, entry: int, context_id: int) -> None:
+        """CPU_ON on the vCPU's own thread: a reset core (timers off, empty TLB)."""
+        self.vtimer.write_ctl(0)
+        self.ptimer.write_ctl(0)
+        engine.flush_tlb(self.uc)
+        self.reset_secondary(entry, context_id)
+        self._work_pending = True
+
+    # -- coherence-domain member (see kemu.accel.tcg.coherence) ------------------------------
+    def stop_for_maintenance(self) -> None:
+        with self._lock:
+            self._stop_engine_locked()
+
+    def flush_tlb(self) -> None:
+        engine.flush_tlb(self.uc)
+
+    def invalidate_code(self, pages: set[int] | None) -> None:
+        if pages is None:
+            engine.flush_translations(self.uc)
+            return
+        for page in pages:
+            engine.invalidate_phys(self.uc, page, page + coherence.PAGE)
+
+    def _on_maintenance_raw(self, _handle: int, _reg: int, cp: int, key: int) -> int:
+        """uc_cb_insn_sys_t for TLBI ...IS and IC IVAU/IALLUIS/IALLU: broadcast,
+        then let the instruction run (returns 0) for its local effect."""
+        try:
+            if key == _KEY_IC_IVAU:
+                va = ctypes.c_uint64.from_address(cp + 24).value
+                pa = engine.translate_read(self.uc, va)
+                if pa is not None:
+                    self._domain.broadcast_code_invalidation(self, pa & ~(coherence.PAGE - 1))
+            elif key == _KEY_IC_IALLUIS:
+                self._domain.broadcast_code_invalidation(self, coherence.ALL_CODE)
+            elif key == _KEY_IC_IALLU:
+                self._domain.broadcast_code_invalidation(self, coherence.ALL_CODE, local=True)
+            else:
+                self._domain.broadcast_tlb_flush(self)
+            return 0
+        except BaseException as e:  # a bug in kemu: stop the guest, report it
+            self._fail(f"internal error in the maintenance hook: {type(e).__name__}: {e}")
+            return 0
 
     # -- hooks (called on the vCPU thread, inside emu_start) ---------------------------------
     def _mmio_done(self) -> None:

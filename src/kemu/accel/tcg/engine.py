@@ -19,6 +19,11 @@ turns on:
   Python callback.
 * ``UC_ARM64_INS_SYSREG``: an MSR hook on one system register, so that only
   the generic-timer registers call into Python.
+* ``UC_CTL_TCG_PARALLEL`` (vCPUs of an SMP machine only): translation as
+  QEMU's multi-threaded TCG does it, so exclusives and atomics are host
+  atomics and barriers host barriers across vCPU threads; and
+  ``UC_CTL_TB_INVALIDATE_PHYS``, which drops the translations of guest
+  physical pages another vCPU wrote code into.
 
 kemu supports this engine only: with a stock Unicorn the TCG accelerator
 refuses to start and says how to build the engine (one interrupt-delivery
@@ -40,6 +45,11 @@ UNICORN_VERSION = "2.1.4"
 UC_CTL_TCG_EXACT_STOP = 15
 UC_CTL_TCG_TRACK_CODE_PAGES = 16
 UC_CTL_CPU_NATIVE_EXCEPTIONS = 17
+UC_CTL_TCG_PARALLEL = 18
+UC_CTL_TB_INVALIDATE_PHYS = 19
+_UC_CTL_TB_FLUSH = 10
+_UC_CTL_TLB_FLUSH = 11
+_UC_PROT_READ = 1
 _UC_CTL_IO_WRITE = 1
 _UC_CTL_IO_READ = 2
 _UC_ERR_ARG = 15
@@ -63,6 +73,41 @@ def uc_ctl_read(uc: Uc, ctl: int, ctype=ctypes.c_int) -> int:
     out = ctype()
     if uclib.uc_ctl(uc._uch, _ctl(1, _UC_CTL_IO_READ, ctl), ctypes.byref(out)):
         raise AccelError("Unicorn refused a control read")
+    return out.value
+
+
+def set_parallel(uc: Uc) -> None:
+    """Translate for several vCPU threads over the same RAM (patch 0007), or refuse."""
+    if uc_ctl_write(uc, UC_CTL_TCG_PARALLEL, 1):
+        raise AccelError("the engine has no parallel translation (UC_CTL_TCG_PARALLEL): "
+                         "-smp needs kemu's current engine; scripts/bootstrap.sh rebuilds it")
+
+
+def flush_tlb(uc: Uc) -> None:
+    """Flush the whole TLB of ``uc`` (its own thread; also from inside its hooks)."""
+    if uclib.uc_ctl(uc._uch, _ctl(0, _UC_CTL_IO_WRITE, _UC_CTL_TLB_FLUSH)):
+        raise AccelError("Unicorn refused a TLB flush")
+
+
+def flush_translations(uc: Uc) -> None:
+    """Drop every translated block of ``uc`` (its own thread, outside emu_start)."""
+    if uclib.uc_ctl(uc._uch, _ctl(0, _UC_CTL_IO_WRITE, _UC_CTL_TB_FLUSH)):
+        raise AccelError("Unicorn refused a translation cache flush")
+
+
+def invalidate_phys(uc: Uc, start: int, end: int) -> None:
+    """Drop the translations of guest physical pages [start, end) (outside emu_start)."""
+    if uclib.uc_ctl(uc._uch, _ctl(2, _UC_CTL_IO_WRITE, UC_CTL_TB_INVALIDATE_PHYS),
+                    ctypes.c_uint64(start), ctypes.c_uint64(end)):
+        raise AccelError("Unicorn refused a translation invalidation")
+
+
+def translate_read(uc: Uc, va: int) -> int | None:
+    """The guest physical address of ``va`` for a read by the current context, or None."""
+    out = ctypes.c_uint64()
+    if uclib.uc_vmem_translate(uc._uch, ctypes.c_uint64(va), ctypes.c_int(_UC_PROT_READ),
+                               ctypes.byref(out)):
+        return None
     return out.value
 
 
