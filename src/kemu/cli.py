@@ -45,6 +45,7 @@ QEMU-style options: -M/-machine virt|microvm  -accel tcg|kvm  -enable-kvm  -cpu 
   -no-reboot  -S  -name NAME  -display none  -nodefaults
   -monitor stdio|none|unix:PATH,server=on[,wait=off]|tcp:HOST:PORT,server=on[,wait=off]
   -drive file=IMG[,format=raw|qcow2][,if=virtio|none,id=ID][,readonly=on][,cache=MODE]
+  -rtc [base=utc|localtime|YYYY-MM-DD[THH:MM:SS]][,clock=host|rt|vm][,driftfix=none|slew]
   -device virtio-blk-device,drive=ID | virtio-rng-device | virtio-net-device,netdev=ID[,mac=M]
   -netdev user,id=ID[,hostfwd=tcp::HOSTPORT-:GUESTPORT]  (user-mode networking by passt)
   -netdev tap,id=ID,ifname=NAME,script=no,downscript=no
@@ -60,7 +61,7 @@ In the console: Ctrl-A x quits, Ctrl-A c switches to the monitor and back, Ctrl-
 #: Options that take an argument / that do not, in QEMU's spelling.
 WITH_ARG = {"-M", "-machine", "-cpu", "-m", "-smp", "-kernel", "-initrd", "-append",
             "-serial", "-accel", "-name", "-display", "-monitor", "-drive", "-device", "-disk",
-            "-qmp", "-pidfile", "-netdev", "-nic", "-net"}
+            "-qmp", "-pidfile", "-netdev", "-nic", "-net", "-rtc"}
 FLAGS = {"-nographic", "-no-reboot", "-S", "-enable-kvm", "-nodefaults", "-daemonize"}
 #: QEMU options kemu knows of but does not offer (yet).
 NOT_YET = {"-chardev",
@@ -208,6 +209,9 @@ def parse_qemu_options(argv: list[str], config: MachineConfig) -> MachineConfig:
             config.extra["pidfile"] = Path(value)
         elif opt == "-daemonize":
             config.extra["daemonize"] = True
+        elif opt == "-rtc":
+            from kemu.machines.rtc import parse_rtc_option
+            config.rtc = parse_rtc_option(value)
     _legacy_net(legacy_net, config)
     if accel_given and machine_given and config.accel not in ACCELS.get(config.machine,
                                                                         (config.accel,)):

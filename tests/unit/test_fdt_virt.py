@@ -74,3 +74,57 @@ def test_smp_cpus_node_is_qemus(tmp_path, need):
 
     assert node("cpus", "kemu.dtb") == node("cpus", "qemu.dtb")
     assert node("timer", "kemu.dtb") == node("timer", "qemu.dtb")
+
+
+def _dts(dtc: str, path) -> str:
+    return subprocess.run([dtc, "-I", "dtb", "-O", "dts", str(path)],
+                          capture_output=True, text=True, check=True).stdout
+
+
+def _node(dts: str, name: str) -> list[str]:
+    import re
+    start = dts.index(f"\t{name} {{")
+    lines = dts[start:dts.index("\n\t};", start)].splitlines()
+    return sorted(re.sub(r"<0x[0-9a-f]+>", "<phandle>", line.strip())
+                  if "clocks = " in line else line.strip() for line in lines)
+
+
+def test_rtc_node_and_root_compatible_are_qemus(tmp_path, need):
+    """The PL031 node (address, SPI 2, compatible, clocks) and the root's
+    compatible string are what QEMU's virt writes, phandle values aside."""
+    dtc = need("dtc")
+    qemu = need("qemu-system-aarch64")
+    subprocess.run([qemu, "-M", f"virt,dumpdtb={tmp_path / 'qemu.dtb'}", "-cpu", "cortex-a57",
+                    "-nographic"], capture_output=True, check=True)
+    cfg = MachineConfig(kernel=fake_kernel(tmp_path / "Image"), memory=256 << 20)
+    (tmp_path / "kemu.dtb").write_bytes(
+        VirtMachine(cfg, SerialBackend(lambda b: None)).device_tree())
+    kemu, qemu_dts = _dts(dtc, tmp_path / "kemu.dtb"), _dts(dtc, tmp_path / "qemu.dtb")
+    assert _node(kemu, "pl031@9010000") == _node(qemu_dts, "pl031@9010000")
+    assert "interrupts = <0x00 0x02 0x04>;" in _node(kemu, "pl031@9010000")
+    # Root properties are the only ones indented by one tab.
+    assert '\tcompatible = "linux,dummy-virt";' in qemu_dts.splitlines()
+    assert '\tcompatible = "linux,dummy-virt";' in kemu.splitlines()
+
+
+def test_chosen_has_kaslr_and_rng_seeds_from_the_host(tmp_path, need):
+    """/chosen/kaslr-seed (8 bytes) and /chosen/rng-seed (32 bytes), as QEMU's
+    create_randomness; a new device tree has new seeds."""
+    import re
+    dtc = need("dtc")
+    cfg = MachineConfig(kernel=fake_kernel(tmp_path / "Image"), memory=256 << 20)
+    machine = VirtMachine(cfg, SerialBackend(lambda b: None))
+    seeds = []
+    for i in range(2):
+        (tmp_path / f"{i}.dtb").write_bytes(machine.device_tree())
+        chosen = _node(_dts(dtc, tmp_path / f"{i}.dtb"), "chosen")
+        kaslr = next(line for line in chosen if line.startswith("kaslr-seed = "))
+        rng = next(line for line in chosen if line.startswith("rng-seed = "))
+        assert re.fullmatch(r"kaslr-seed = <0x[0-9a-f]+ 0x[0-9a-f]+>;", kaslr)
+        assert len(re.findall(r"0x[0-9a-f]+", rng)) == 8        # 32 bytes as cells
+        seeds.append((kaslr, rng))
+    assert seeds[0] != seeds[1]
+    machine.random = lambda n: bytes(range(n))
+    (tmp_path / "fixed.dtb").write_bytes(machine.device_tree())
+    chosen = _node(_dts(dtc, tmp_path / "fixed.dtb"), "chosen")
+    assert "kaslr-seed = <0x10203 0x4050607>;" in chosen

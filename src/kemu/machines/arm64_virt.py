@@ -7,6 +7,7 @@ and device trees written for it work unchanged:
 0x08000000     64 KiB        GICv2 distributor
 0x08010000     64 KiB        GICv2 CPU interface
 0x09000000     4 KiB         PL011 UART (SPI 1)
+0x09010000     4 KiB         PL031 RTC (SPI 2)
 0x0a000000     32 x 0x200    virtio-mmio slots (SPI 16 + n)
 0x40000000     -m            RAM
 =============  ============  =================================
@@ -21,6 +22,7 @@ SGIs go through GICD_SGIR.
 
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass
 from typing import Callable
@@ -33,11 +35,13 @@ from kemu.devices.arm_timer import NS_PER_TICK, GenericTimer, host_counter
 from kemu.devices.base import IrqLine
 from kemu.devices.gic import GicCpuInterface, GicDistributor, GicV2
 from kemu.devices.pl011 import Pl011
+from kemu.devices.pl031 import Pl031
 from kemu.devices.psci import Psci
 from kemu.devices.psci import SystemEvent as PsciEvent
 from kemu.backends.serial import SerialBackend
 from kemu.errors import ConfigError
 from kemu.machines.config import MachineConfig, MiB
+from kemu.machines.rtc import AlarmTimer, RtcClock
 from kemu.devices import psci as psci_fn
 from kemu.machines.runtime import DeadlineKicker, Outcome, RunState, VcpuGroup, VcpuThread
 from kemu.memory import GuestMemory, RamRegion
@@ -45,6 +49,7 @@ from kemu.memory import GuestMemory, RamRegion
 GIC_DIST = (0x08000000, 0x10000)
 GIC_CPU = (0x08010000, 0x10000)
 UART0 = (0x09000000, 0x1000)
+RTC = (0x09010000, 0x1000)
 VIRTIO_MMIO = (0x0A000000, 0x200)
 VIRTIO_MMIO_SLOTS = 32
 RAM_BASE = 0x40000000
@@ -52,6 +57,7 @@ RAM_MAX = 255 << 30
 MMIO_WINDOW = (0x08000000, 0x38000000)  # everything the board maps below RAM
 
 UART0_SPI = 1
+RTC_SPI = 2
 VIRTIO_SPI_BASE = 16
 NUM_IRQS = 128
 
@@ -67,6 +73,10 @@ MAX_CPUS = 8
 
 GIC_FDT_SPI, GIC_FDT_PPI = 0, 1
 IRQ_TYPE_LEVEL_HIGH = 4
+
+#: /chosen/kaslr-seed (a u64) and /chosen/rng-seed sizes, as QEMU's virt writes them.
+KASLR_SEED_BYTES = 8
+RNG_SEED_BYTES = 32
 
 PANIC_MARK = b"Kernel panic - not syncing"
 
@@ -110,6 +120,8 @@ class VirtMachine:
             raise ConfigError("no kernel given (-kernel)")
         self.config = config
         self.console = console
+        #: The host's random source (the device tree's seeds).
+        self.random: Callable[[int], bytes] = os.urandom
         #: The big machine lock: device state is touched under it only.
         self.lock = threading.RLock()
         self.memory = GuestMemory([RamRegion(RAM_BASE, config.memory)])
@@ -130,6 +142,14 @@ class VirtMachine:
                           on_rx_space=console.pump)
         console.device = self.uart
         self.mmio.map(*UART0, self.uart)
+
+        # The PL031 RTC, counting from the host's clock as -rtc says; its
+        # match alarm fires on a host timer under the machine lock.
+        self.rtc_clock = RtcClock(config.rtc)
+        self._rtc_alarm = AlarmTimer(lambda: self.rtc.alarm(), self.lock, name="pl031-alarm")
+        self.rtc = Pl031(self.gic.spi_line(RTC_SPI), self.rtc_clock.now,
+                         self.rtc_clock.start_time, set_alarm=self._rtc_alarm.set)
+        self.mmio.map(*RTC, self.rtc)
 
         # Per-CPU timers on the CPU's banked PPIs; a vCPU thread drives them
         # from its MSR hooks, so their lines take the machine lock.
@@ -173,6 +193,11 @@ class VirtMachine:
             "interrupt-parent": PHANDLE_GIC,
         })
         chosen = {"bootargs": cfg.append, "stdout-path": f"/pl011@{UART0[0]:x}"}
+        # As QEMU's virt (create_randomness): a 64-bit KASLR seed and 32 bytes
+        # for the guest's RNG, fresh from the host's random source at each load.
+        seed = self.random(KASLR_SEED_BYTES + RNG_SEED_BYTES)
+        chosen["kaslr-seed"] = seed[:KASLR_SEED_BYTES]
+        chosen["rng-seed"] = seed[KASLR_SEED_BYTES:]
         if self.initrd:
             start = self.layout.initrd_addr
             chosen["linux,initrd-start"] = Cells(*fdt.u64_cells(start))
@@ -218,6 +243,11 @@ class VirtMachine:
             "interrupts": Cells(GIC_FDT_SPI, UART0_SPI, IRQ_TYPE_LEVEL_HIGH),
             "clocks": Cells(PHANDLE_CLK, PHANDLE_CLK),
             "clock-names": ["uartclk", "apb_pclk"]}))
+        root.add(Node(f"pl031@{RTC[0]:x}", {
+            "compatible": ["arm,pl031", "arm,primecell"],
+            "reg": reg64(RTC),
+            "interrupts": Cells(GIC_FDT_SPI, RTC_SPI, IRQ_TYPE_LEVEL_HIGH),
+            "clocks": PHANDLE_CLK, "clock-names": "apb_pclk"}))
         for slot in self.virtio_slots:
             # The transport holds its interrupt high while InterruptStatus is
             # non-zero, so the slot is described as level-triggered.
@@ -336,6 +366,7 @@ class VirtMachine:
         with self.lock:
             self.gic.reset()
             self.uart.reset()
+            self.rtc.reset()
             for vtimer, ptimer in self.timers:
                 vtimer.ctl = ptimer.ctl = 0
         self.load()
@@ -375,6 +406,7 @@ class VirtMachine:
         paused = self.vcpus.pause(timeout)
         if paused and self._paused_at is None:
             self._paused_at = host_counter()
+            self.rtc_clock.pause()
         return paused
 
     def resume(self) -> None:
@@ -385,6 +417,7 @@ class VirtMachine:
             for cpu in self.cpus:
                 cpu.add_virtual_offset(hidden)
             self._paused_at = None
+        self.rtc_clock.resume()
         self.vcpus.resume(wait=True)
 
     def powerdown(self) -> bool:
@@ -411,6 +444,7 @@ class VirtMachine:
             return None
         for k in self._kickers:
             k.stop()
+        self._rtc_alarm.cancel()
         self.close()
         self.outcome = outcome
         return outcome

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kemu.machines.rtc import RtcConfig
+
 MiB = 1 << 20
 
 
@@ -64,4 +66,6 @@ class MachineConfig:
     drives: list[DriveConfig] = field(default_factory=list)
     devices: list[DeviceConfig] = field(default_factory=list)
     netdevs: list[NetdevConfig] = field(default_factory=list)
+    #: -rtc: where the real-time clock starts and what clock it follows.
+    rtc: RtcConfig = field(default_factory=RtcConfig)
     extra: dict = field(default_factory=dict)

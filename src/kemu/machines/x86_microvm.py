@@ -60,6 +60,7 @@ from kemu.devices.acpi_ged import AcpiGed
 from kemu.devices.acpi_sleep import AcpiSleep
 from kemu.devices.base import IrqLine
 from kemu.devices.cmos_rtc import CmosRtc
+from kemu.machines.rtc import RtcClock
 from kemu.devices.i8042 import I8042
 from kemu.devices.serial_16550 import Serial16550
 from kemu.errors import BootError, ConfigError
@@ -222,7 +223,9 @@ class MicroVm:
         self.i8042 = I8042(self._guest_reset, self.irq_line(I8042_IRQ, "i8042"))
         self.pio.map(I8042_DATA, 1, self.i8042.data_port())
         self.pio.map(I8042_COMMAND, 1, self.i8042.command_port())
-        self.rtc = CmosRtc()
+        #: -rtc: the CMOS RTC shows this clock's time (clock=vm stops while paused).
+        self.rtc_clock = RtcClock(config.rtc)
+        self.rtc = CmosRtc(now=self.rtc_clock.time)
         self.pio.map(*CMOS, self.rtc)
         self.acpi_sleep = AcpiSleep(self._guest_poweroff)
         self.pio.map(*ACPI_SLEEP, self.acpi_sleep)
@@ -448,9 +451,13 @@ class MicroVm:
 
     def pause(self, timeout: float | None = 10.0) -> bool:
         """Stop every vCPU at its next exit (a kick makes KVM_RUN return at once)."""
-        return self.vcpus.pause(timeout)
+        paused = self.vcpus.pause(timeout)
+        if paused:
+            self.rtc_clock.pause()
+        return paused
 
     def resume(self) -> None:
+        self.rtc_clock.resume()
         self.vcpus.resume()
 
     def powerdown(self) -> bool:
