@@ -45,6 +45,9 @@ QEMU-style options: -M/-machine virt|microvm  -accel tcg|kvm  -enable-kvm  -cpu 
   -no-reboot  -S  -name NAME  -display none  -nodefaults
   -monitor stdio|none|unix:PATH,server=on[,wait=off]|tcp:HOST:PORT,server=on[,wait=off]
   -drive file=IMG[,format=raw|qcow2][,if=virtio|none,id=ID][,readonly=on][,cache=MODE]
+         [,aio=threads|native|io_uring][,snapshot=on] (aio= is accepted; kemu's disk
+         I/O is synchronous pread/pwrite, in the thread that takes the queue notify)
+  -snapshot  (writes go to temporary qcow2 overlays, deleted at exit; images untouched)
   -rtc [base=utc|localtime|YYYY-MM-DD[THH:MM:SS]][,clock=host|rt|vm][,driftfix=none|slew]
   -device virtio-blk-device,drive=ID | virtio-rng-device | virtio-net-device,netdev=ID[,mac=M]
   -netdev user,id=ID[,hostfwd=tcp::HOSTPORT-:GUESTPORT]  (user-mode networking by passt)
@@ -62,7 +65,8 @@ In the console: Ctrl-A x quits, Ctrl-A c switches to the monitor and back, Ctrl-
 WITH_ARG = {"-M", "-machine", "-cpu", "-m", "-smp", "-kernel", "-initrd", "-append",
             "-serial", "-accel", "-name", "-display", "-monitor", "-drive", "-device", "-disk",
             "-qmp", "-pidfile", "-netdev", "-nic", "-net", "-rtc"}
-FLAGS = {"-nographic", "-no-reboot", "-S", "-enable-kvm", "-nodefaults", "-daemonize"}
+FLAGS = {"-nographic", "-no-reboot", "-S", "-enable-kvm", "-nodefaults", "-daemonize",
+         "-snapshot"}
 #: QEMU options kemu knows of but does not offer (yet).
 NOT_YET = {"-chardev",
            "-hda", "-cdrom", "-bios", "-dtb", "-object", "-vnc", "-gdb", "-s"}
@@ -212,6 +216,8 @@ def parse_qemu_options(argv: list[str], config: MachineConfig) -> MachineConfig:
         elif opt == "-rtc":
             from kemu.machines.rtc import parse_rtc_option
             config.rtc = parse_rtc_option(value)
+        elif opt == "-snapshot":
+            config.snapshot = True
     _legacy_net(legacy_net, config)
     if accel_given and machine_given and config.accel not in ACCELS.get(config.machine,
                                                                         (config.accel,)):

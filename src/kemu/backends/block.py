@@ -187,7 +187,8 @@ def open_image(path: str | Path, format: str | None = None,
                read_only: bool = False, *,
                on_warning: Callable[[str], None] | None = None,
                chain: tuple[tuple[int, int], ...] = (), locking: str = "auto",
-               force_share: bool = False, backing: bool = False) -> "BlockBackend":
+               force_share: bool = False, backing: bool = False,
+               lock: "Permissions | None" = None) -> "BlockBackend":
     """Open a disk image as a :class:`BlockBackend`.
 
     ``format`` is ``"raw"``, ``"qcow2"`` or ``None`` to probe: a file with
@@ -201,7 +202,7 @@ def open_image(path: str | Path, format: str | None = None,
     ``locking`` is QEMU's ``file.locking`` (on, off, auto), ``force_share``
     its ``-U`` (read-only opens that tolerate writers), ``backing`` says the
     image is opened as another image's backing file (its chain inherits
-    ``locking``).
+    ``locking``); ``lock`` overrides the permissions taken on the file.
     """
     from kemu.backends.locking import image_permissions
     if force_share and not read_only:
@@ -220,13 +221,15 @@ def open_image(path: str | Path, format: str | None = None,
                        f"write operations on block 0 will be restricted. Specify the "
                        f"'raw' format explicitly to remove the restrictions.")
         return RawFile(path, read_only, probed=probed and not read_only,
-                       lock=image_permissions("raw", read_only, backing=backing,
-                                              force_share=force_share), locking=locking)
+                       lock=lock or image_permissions("raw", read_only, backing=backing,
+                                                      force_share=force_share),
+                       locking=locking)
     if fmt == "qcow2":
         from kemu.backends.qcow2 import Qcow2Image
         return Qcow2Image.open(path, read_only=read_only, chain=chain, locking=locking,
-                               lock=image_permissions("qcow2", read_only, backing=backing,
-                                                      force_share=force_share))
+                               lock=lock or image_permissions("qcow2", read_only,
+                                                              backing=backing,
+                                                              force_share=force_share))
     raise ImageError(f"{path}: unknown image format {fmt!r} (known: raw, qcow2)")
 
 

@@ -27,6 +27,11 @@ class DriveConfig:
     #: QEMU's werror= / rerror= (kemu.backends.block_error): what a failed host write / read does.
     werror: str = "enospc"
     rerror: str = "report"
+    #: QEMU's aio=: accepted (threads, native, io_uring); kemu's disk I/O is
+    #: synchronous pread/pwrite whichever is given.
+    aio: str = "threads"
+    #: Writes go to a temporary overlay (-snapshot, or -drive snapshot=on).
+    snapshot: bool = False
 
 
 @dataclass
@@ -68,4 +73,6 @@ class MachineConfig:
     netdevs: list[NetdevConfig] = field(default_factory=list)
     #: -rtc: where the real-time clock starts and what clock it follows.
     rtc: RtcConfig = field(default_factory=RtcConfig)
+    #: -snapshot: writes to the disks go to temporary overlays, deleted at exit.
+    snapshot: bool = False
     extra: dict = field(default_factory=dict)

@@ -37,11 +37,17 @@ def attach_transport(board, device):
     return transport
 
 
-def open_drive(drive: DriveConfig):
+def open_drive(drive: DriveConfig, snapshot: bool = False):
+    """The drive's backend; with ``snapshot`` (-snapshot) a writable drive gets a
+    temporary overlay (:mod:`kemu.backends.snapshot`)."""
     from kemu.backends.block import open_image
 
     def warn(message: str) -> None:
         log.warning("kemu: warning: %s", message)
+    if (snapshot or drive.snapshot) and not drive.read_only:
+        from kemu.backends.snapshot import open_snapshot
+        return open_snapshot(drive.path, drive.format, locking=drive.locking,
+                             on_warning=warn if drive.warn_probed_raw else None)
     return open_image(drive.path, drive.format, drive.read_only,
                       on_warning=warn if drive.warn_probed_raw else None,
                       locking=drive.locking)
@@ -85,7 +91,7 @@ def _attach(board, config: MachineConfig, backends: list) -> None:
     # as QEMU does; drives with an id wait for a -device virtio-blk-device,drive=ID.
     for index, drive in enumerate(config.drives):
         if drive.id is None:
-            backend = open_drive(drive)
+            backend = open_drive(drive, config.snapshot)
             backends.append(backend)
             attach_transport(board, VirtioBlk(backend, serial=f"kemu-disk{index}",
                                           read_only=drive.read_only,
@@ -103,7 +109,7 @@ def _attach(board, config: MachineConfig, backends: list) -> None:
                 raise ConfigError(f"-device {dev.driver}: drive {drive_id!r} is already in use")
             claimed.add(drive_id)
             drive = by_id[drive_id]
-            backend = open_drive(drive)
+            backend = open_drive(drive, config.snapshot)
             backends.append(backend)
             attach_transport(board, VirtioBlk(backend, serial=dev.props.get("serial", drive_id),
                                           read_only=drive.read_only, name=f"virtio-blk-{drive_id}",
@@ -255,6 +261,10 @@ class _NetWiring:
             self.backends.append(self._loop)   # closed after the backends using it
 
 
+#: QEMU's -drive aio= values; kemu does synchronous pread/pwrite with any of them.
+AIO_MODES = ("threads", "native", "io_uring")
+
+
 def parse_drive(text: str) -> DriveConfig:
     """QEMU's ``-drive file=...,format=...,if=virtio,readonly=on,id=...,cache=...``."""
     from pathlib import Path
@@ -293,9 +303,19 @@ def parse_drive(text: str) -> DriveConfig:
         if policies[key] not in ON_ERROR:
             raise ConfigError(f"-drive {key}={policies[key]}: expected one of "
                               f"{', '.join(ON_ERROR)}")
+    aio = props.pop("aio", "threads")
+    if aio not in AIO_MODES:
+        raise ConfigError(f"-drive aio={aio}: expected threads, native or io_uring")
+    if aio == "native" and cache not in ("none", "directsync"):
+        # as QEMU (raw_open_common): Linux AIO needs O_DIRECT
+        raise ConfigError("-drive aio=native was specified, but it requires cache.direct=on "
+                          "(cache=none or cache=directsync)")
+    snapshot = props.pop("snapshot", "off")
+    if snapshot not in ("on", "off"):
+        raise ConfigError(f"-drive snapshot={snapshot}: expected on or off")
     drive = DriveConfig(Path(props.pop("file")), fmt, ro == "on",
                         drive_id if iface == "none" else None, cache, locking=locking,
-                        **policies)
+                        aio=aio, snapshot=snapshot == "on", **policies)
     props.pop("media", None)
     if props:
         raise ConfigError(f"-drive: unsupported parameter {next(iter(props))}")

@@ -61,7 +61,8 @@ class Qcow2Image:
     format = "qcow2"
 
     def __init__(self, file: HostFile, header: Header, *, chain=(),
-                 open_backing: bool = True, locking: str = "auto") -> None:
+                 open_backing: bool = True, locking: str = "auto",
+                 backing_image=None) -> None:
         self.file = file
         self.path = file.path
         self.header = header
@@ -88,9 +89,12 @@ class Qcow2Image:
             self.map.refcounts = self.refcounts
         self.compressed = CompressedClusters(file, cb)
         self.compressed.refcounts = self.refcounts
-        if not open_backing and not self.read_only:
+        if backing_image is not None:
+            # Already open, locked by the caller (-snapshot's overlays).
+            self.backing = backing_image
+        elif not open_backing and not self.read_only:
             raise ImageError("an image opened without its backing file must be read-only")
-        if h.backing_file is not None and open_backing:
+        elif h.backing_file is not None and open_backing:
             self.backing = self._open_backing(chain, locking)
 
     # -- opening ----------------------------------------------------------------
@@ -98,13 +102,15 @@ class Qcow2Image:
     @classmethod
     def open(cls, path: str | Path, read_only: bool = False, *, chain=(),
              backing: bool = True, lock: Permissions | None = None,
-             locking: str = "auto") -> "Qcow2Image":
+             locking: str = "auto", backing_image=None) -> "Qcow2Image":
         """Open the image at ``path`` and its backing chain (read-only).
         ``backing=False`` skips the backing file (reads of unallocated
         clusters then return zeros): for inspecting an image alone.
         ``lock``/``locking``: QEMU's lock bytes to take on the file
         (:mod:`kemu.backends.locking`); the backing chain is locked as
-        QEMU locks backing files."""
+        QEMU locks backing files.  ``backing_image``: an open backend to use
+        as the backing file instead of opening the header's (closed with
+        this image)."""
         file = HostFile(path, read_only, lock, locking)
         try:
             try:
@@ -118,7 +124,7 @@ class Qcow2Image:
                     raise ImageError("image is marked corrupt; it can only be opened read-only")
                 identity = file_identity(path)
                 image = cls(file, header, chain=chain + (identity,), open_backing=backing,
-                            locking=locking)
+                            locking=locking, backing_image=backing_image)
             except ImageError as e:
                 msg = str(e)
                 raise ImageError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from None
