@@ -148,3 +148,23 @@ def test_vm_clock_stops_while_paused_and_others_do_not():
     assert clocks["vm"].time() == 1_700_000_000.0
     mono.t += 2
     assert clocks["vm"].time() == 1_700_000_002.0
+
+
+def test_microvm_cmos_rtc_shows_the_rtc_clock():
+    """-rtc base=DATE on microvm: the CMOS RTC reads that date (BCD), and clock=vm
+    stops it while paused."""
+    from kemu.devices.cmos_rtc import CmosRtc, RTC_YEAR, RTC_MONTH, RTC_SECONDS
+    mono = Clock(10.0)
+    clock = RtcClock(RtcConfig("2006-06-17T16:01:21", "vm"), monotonic=mono)
+    cmos = CmosRtc(now=clock.time)
+
+    def reg(index):
+        cmos.write(0, 1, index)
+        return cmos.read(1, 1)
+    assert (reg(RTC_YEAR), reg(RTC_MONTH), reg(RTC_SECONDS)) == (0x06, 0x06, 0x21)
+    clock.pause()
+    mono.t += 5
+    clock.resume()
+    assert reg(RTC_SECONDS) == 0x21
+    mono.t += 5
+    assert reg(RTC_SECONDS) == 0x26
