@@ -85,3 +85,34 @@ def test_clock_kaslr_and_snapshot(guest, console_factory, disks, tmp_path, monke
     vm.send("poweroff -f\n")
     assert vm.wait(60) == 0
     assert (digest(raw), digest(qcow2)) == before
+
+
+def test_rtc_clock_vm_stops_while_paused(guest):
+    """-rtc clock=vm: the PL031 does not count the time the machine spent paused
+    (the default clock=host would: it shows the host's time)."""
+    from pathlib import Path
+
+    from kemu import Machine
+    from kemu.machines.config import MachineConfig
+    from kemu.machines.rtc import RtcConfig
+
+    config = MachineConfig(kernel=Path(guest.kernel), initrd=Path(guest.initrd),
+                           append=guest.append, memory=256 << 20, rtc=RtcConfig(clock="vm"))
+
+    def lag(vm) -> float:
+        """Host time minus the guest's RTC (whole seconds)."""
+        rtc = int(vm.console.run("cat /sys/class/rtc/rtc0/since_epoch").split()[-1])
+        return time.time() - rtc
+
+    with Machine.from_config(config) as vm:
+        vm.start()
+        vm.console.expect("# ", timeout=120)
+        before = lag(vm)
+        assert abs(before) <= 5
+        vm.pause()
+        time.sleep(3)
+        vm.resume()
+        after = lag(vm)
+        assert 2 <= after - before <= 5, (before, after)
+        vm.console.write("poweroff -f\n")
+        assert vm.wait(60) == 0
