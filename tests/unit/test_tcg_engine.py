@@ -66,6 +66,53 @@ def test_exact_stop_requested_while_idle_is_kept():
     uc.emu_start(RAM, 0)
 
 
+def test_exact_stop_is_never_lost_around_the_start_of_a_run():
+    """Stops landing just before, during and just after uc_emu_start begins
+    all end the run (a lost one would leave ``b .`` spinning forever)."""
+    import random
+    import time
+
+    uc = Uc(UC_ARCH_ARM64, UC_MODE_ARM)
+    assert engine.uc_ctl_write(uc, engine.UC_CTL_TCG_EXACT_STOP, 1) == 0
+    uc.mem_map(RAM, 0x1000)
+    uc.mem_write(RAM, struct.pack("<I", 0x14000000))      # b . (forever)
+    go, done = threading.Semaphore(0), threading.Event()
+    lost = []
+
+    def stopper():
+        rng = random.Random(1)
+        while not done.is_set():
+            if not go.acquire(timeout=0.1):
+                continue
+            end = time.perf_counter() + rng.random() * 100e-6
+            while time.perf_counter() < end:
+                pass
+            uc.emu_stop()
+
+    def watchdog(run):
+        if not run.wait(10):                               # not stopped within 10 s
+            lost.append(True)
+            while not run.is_set():
+                uc.emu_stop()
+                time.sleep(0.01)
+
+    thread = threading.Thread(target=stopper, daemon=True)
+    thread.start()
+    try:
+        for _ in range(1000):
+            run = threading.Event()
+            dog = threading.Thread(target=watchdog, args=(run,), daemon=True)
+            dog.start()
+            go.release()
+            uc.emu_start(RAM, 0)
+            run.set()
+            dog.join()
+            assert not lost
+    finally:
+        done.set()
+        thread.join()
+
+
 def test_sysreg_hook_sees_only_its_register():
     """UC_ARM64_INS_SYSREG: an MSR hook on CNTV_CTL_EL0 only."""
     uc = Uc(UC_ARCH_ARM64, UC_MODE_ARM)
