@@ -70,10 +70,10 @@ def test_unreadable_initrd(tmp_path):
     assert "initrd" in one_line_error(run("-kernel", str(kernel), "-initrd", str(initrd)))
 
 
-def test_not_an_arm64_image(tmp_path):
-    bad = tmp_path / "bzImage"
-    bad.write_bytes(b"MZ" + b"\0" * 4096)
-    assert "not an arm64 Linux Image" in one_line_error(run("-kernel", str(bad)))
+def test_not_an_aarch64_elf(tmp_path):
+    bad = tmp_path / "vmlinux"
+    bad.write_bytes(b"\x7fELF\x02\x01\x01" + b"\0" * 9 + b"\x02\x00\x3e\x00" + b"\0" * 4096)
+    assert "not aarch64" in one_line_error(run("-kernel", str(bad)))
 
 
 def test_too_little_memory(tmp_path):

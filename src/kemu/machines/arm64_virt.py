@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from kemu.accel.base import Exit, IoExit, dispatch
-from kemu.boot import fdt, linux_arm64
+from kemu.boot import arm64_boot, fdt, linux_arm64
 from kemu.boot.fdt import Cells, Node, reg64
 from kemu.bus import Bus
 from kemu.devices.arm_timer import NS_PER_TICK, GenericTimer, host_counter
@@ -147,11 +147,11 @@ class VirtMachine:
         self.power_button = power_button()
         attach_transport(self, self.power_button)
 
-        self.image = linux_arm64.Arm64Image.load_file(config.kernel)
+        self.kernel = arm64_boot.load_kernel_file(config.kernel, RAM_BASE)
         self.initrd = (linux_arm64.read_boot_file(config.initrd, "initrd")
-                       if config.initrd else None)
-        self.layout = linux_arm64.plan_layout(self.image, RAM_BASE, config.memory,
-                                              len(self.initrd or b""))
+                       if config.initrd and self.kernel.is_linux else None)
+        self.layout = arm64_boot.plan_layout(self.kernel, RAM_BASE, config.memory,
+                                             len(self.initrd or b""))
         self._panic_tail = b""
         self.panic_message: str | None = None
         console.add_tap(self._watch_console)
@@ -319,13 +319,13 @@ class VirtMachine:
                              mpidr=MPIDR_U_RES1 | mpidr(i) if n > 1 else None,
                              domain=domain, powered_on=i == 0)
             self.cpu_irqs[i].connect(cpu.set_irq)
-            cpu.reset_for_linux(self.layout.kernel_addr, self.layout.dtb_addr)
+            cpu.reset_for_linux(self.layout.entry, self.layout.x0)
             cpus.append(cpu)
         return cpus
 
     def load(self) -> None:
         dtb = self.device_tree()
-        linux_arm64.load(self.memory, self.image, self.layout, self.initrd, dtb)
+        arm64_boot.load(self.memory, self.layout, self.initrd, dtb)
 
     def _on_exit(self, exit: Exit) -> Outcome | None:
         return self.vcpus.handle_exit(exit, self.config.no_reboot, self.on_reset, self._reset)
