@@ -60,11 +60,11 @@ In the console: Ctrl-A x quits, Ctrl-A c switches to the monitor and back, Ctrl-
 #: Options that take an argument / that do not, in QEMU's spelling.
 WITH_ARG = {"-M", "-machine", "-cpu", "-m", "-smp", "-kernel", "-initrd", "-append",
             "-serial", "-accel", "-name", "-display", "-monitor", "-drive", "-device", "-disk",
-            "-qmp", "-pidfile", "-netdev", "-nic", "-net"}
+            "-qmp", "-pidfile", "-netdev", "-nic", "-net", "-dtb", "-global"}
 FLAGS = {"-nographic", "-no-reboot", "-S", "-enable-kvm", "-nodefaults", "-daemonize"}
 #: QEMU options kemu knows of but does not offer (yet).
 NOT_YET = {"-chardev",
-           "-hda", "-cdrom", "-bios", "-dtb", "-object", "-vnc", "-gdb", "-s"}
+           "-hda", "-cdrom", "-bios", "-object", "-vnc", "-gdb", "-s"}
 
 SIZE = re.compile(r"^(\d+)([KMGT]?)(i?B?)$", re.IGNORECASE)
 
@@ -75,6 +75,21 @@ def parse_size(text: str, default_unit: str = "M") -> int:
         raise ConfigError(f"invalid size {text!r}")
     unit = (m.group(2) or default_unit).upper()
     return int(m.group(1)) << {"K": 10, "M": 20, "G": 30, "T": 40}[unit]
+
+
+def parse_global(text: str) -> dict[tuple[str, str], str]:
+    """QEMU's ``-global DRIVER.PROP=VALUE`` (or ``driver=D,property=P,value=V``)."""
+    if text.startswith("driver="):
+        _, props = _kv("," + text, "-global", "driver")
+        try:
+            return {(props["driver"], props["property"]): props["value"]}
+        except KeyError as e:
+            raise ConfigError(f"-global {text}: {e.args[0]}= is missing") from None
+    target, eq, value = text.partition("=")
+    driver, dot, prop = target.rpartition(".")
+    if not (eq and dot and driver and prop):
+        raise ConfigError(f"-global {text}: expected DRIVER.PROPERTY=VALUE")
+    return {(driver, prop): value}
 
 
 def _kv(text: str, option: str, first_key: str) -> tuple[str, dict[str, str]]:
@@ -125,14 +140,25 @@ def parse_qemu_options(argv: list[str], config: MachineConfig) -> MachineConfig:
             raise ConfigError(f"unexpected argument {arg!r} (QEMU-style options start with -)")
 
         if opt in ("-M", "-machine"):
-            name, extra = _kv(value, opt, "type")
-            for k, v in extra.items():
-                if (k, v) not in (("gic-version", "2"), ("accel", "tcg")):
+            # Like QEMU, several -machine options merge: -M virt -machine dumpdtb=F.
+            parts = split_opts(value)
+            name = "" if "=" in parts[0] else parts.pop(0)
+            props = dict(_kv("," + ",".join(parts), opt, "type")[1]) if parts else {}
+            name = props.pop("type", name)
+            for k, v in props.items():
+                if k == "dumpdtb":
+                    config.dumpdtb = Path(v)
+                elif (k, v) not in (("gic-version", "2"), ("accel", "tcg")):
                     raise ConfigError(f"{opt}: unsupported machine option {k}={v}")
-            config.machine = name
-            machine_given = True
+            if name:
+                config.machine = name
+                machine_given = True
         elif opt == "-cpu":
             config.cpu = value
+        elif opt == "-dtb":
+            config.dtb = Path(value)
+        elif opt == "-global":
+            config.globals.update(parse_global(value))
         elif opt == "-m":
             size, extra = _kv(value, opt, "size")
             if extra:
@@ -259,6 +285,12 @@ def run_machine(config: MachineConfig) -> int:
     """
     from kemu.api import Machine
     from kemu.backends.unix_socket import write_pidfile
+
+    if config.dumpdtb is not None:
+        from kemu.machines.arm64_virt import dump_device_tree
+        dump_device_tree(config)
+        print(f"kemu: info: dtb dumped to {config.dumpdtb}. Exiting.", file=sys.stderr)
+        return 0
     from kemu.console import ConsoleOutput, write_stdout
     from kemu.host_signals import HostSignals
 
@@ -543,7 +575,7 @@ def main(argv: list[str] | None = None) -> int:
         if argv[0] == "img":
             return cmd_img(argv[1:])
         config = parse_qemu_options(argv, MachineConfig())
-        if config.kernel is None:
+        if config.kernel is None and config.dumpdtb is None:
             raise ConfigError("no kernel given: use -kernel FILE (or 'kemu run' for the "
                               "default guest)")
         return run_machine(config)

@@ -161,3 +161,58 @@ def test_elf_errors(tmp_path):
     x86 = bytearray(b"\x7fELF\x02\x01\x01" + b"\0" * 9 + b"\x02\x00\x3e\x00" + b"\0" * 44)
     with pytest.raises(BootError, match="not aarch64"):
         arm64_boot.parse_kernel(bytes(x86), 0x40000000)
+
+
+def dts_of(dtc, path) -> str:
+    return subprocess.run([dtc, "-I", "dtb", "-O", "dts", str(path)], capture_output=True,
+                          text=True, check=True).stdout
+
+
+def kemu_cli(*argv):
+    from kemu.cli import main
+    return main(list(argv))
+
+
+@pytest.mark.parametrize("spelling", [["-M", "virt,dumpdtb={}"],
+                                      ["-M", "virt", "-machine", "dumpdtb={}"]])
+def test_dumpdtb_writes_the_device_tree_and_exits_0(tmp_path, need, capfd, spelling):
+    dtc = need("dtc")
+    qemu = need("qemu-system-aarch64")
+    argv = [a.format(tmp_path / "kemu.dtb") for a in spelling] + ["-m", "256"]
+    assert kemu_cli(*argv) == 0
+    assert "dtb dumped to" in capfd.readouterr().err
+    subprocess.run([qemu, *[a.format(tmp_path / "qemu.dtb") for a in spelling], "-m", "256",
+                    "-nographic"], capture_output=True, check=True)
+    ours, theirs = dts_of(dtc, tmp_path / "kemu.dtb"), dts_of(dtc, tmp_path / "qemu.dtb")
+    for line in ("memory@40000000 {", "reg = <0x00 0x40000000 0x00 0x10000000>;",
+                 'stdout-path = "/pl011@9000000";', "pl011@9000000 {",
+                 'compatible = "linux,dummy-virt";'):
+        assert line in ours and line in theirs, line
+
+
+def test_dumpdtb_with_a_kernel_has_its_chosen_node(tmp_path, need):
+    dtc = need("dtc")
+    kernel = raw_guest(tmp_path)
+    (tmp_path / "rd").write_bytes(b"r" * 1000)
+    assert kemu_cli("-M", f"virt,dumpdtb={tmp_path / 'd.dtb'}", "-kernel", str(kernel),
+                    "-initrd", str(tmp_path / "rd"), "-append", "hello") == 0
+    dts = dts_of(dtc, tmp_path / "d.dtb")
+    assert 'bootargs = "hello";' in dts
+    assert "linux,initrd-start = <0x00 0x44000000>;" in dts   # QEMU's place for -m 128
+
+
+def test_dtb_file_replaces_the_generated_one(tmp_path, need):
+    dtc = need("dtc")
+    (tmp_path / "my.dts").write_text('/dts-v1/;\n/ { model = "mine"; chosen { }; };\n')
+    subprocess.run([dtc, "-I", "dts", "-O", "dtb", "-o", str(tmp_path / "my.dtb"),
+                    str(tmp_path / "my.dts")], check=True)
+    mine = (tmp_path / "my.dtb").read_bytes()
+    kernel = raw_guest(tmp_path)
+    out = bytearray()
+    machine = VirtMachine(MachineConfig(kernel=kernel, dtb=tmp_path / "my.dtb"),
+                          SerialBackend(out.extend))
+    machine.start()
+    assert machine.wait(60).reason == "poweroff"
+    x0 = int(out.decode().split()[1], 16)
+    assert machine.memory.read(x0, len(mine)) == mine
+    assert kemu_cli("-kernel", str(kernel), "-dtb", str(kernel)) == 2   # not a DTB

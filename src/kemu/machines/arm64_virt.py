@@ -42,6 +42,7 @@ from kemu.devices import psci as psci_fn
 from kemu.machines.runtime import DeadlineKicker, Outcome, RunState, VcpuGroup, VcpuThread
 from kemu.memory import GuestMemory, RamRegion
 
+FDT_MAGIC = b"\xd0\x0d\xfe\xed"
 GIC_DIST = (0x08000000, 0x10000)
 GIC_CPU = (0x08010000, 0x10000)
 UART0 = (0x09000000, 0x1000)
@@ -106,7 +107,7 @@ class VirtMachine:
             raise ConfigError(f"-m: RAM must be between 16 MiB and {RAM_MAX >> 30} GiB")
         if config.memory % (2 * MiB):
             raise ConfigError("-m: RAM size must be a multiple of 2 MiB")
-        if config.kernel is None:
+        if config.kernel is None and config.dumpdtb is None:
             raise ConfigError("no kernel given (-kernel)")
         self.config = config
         self.console = console
@@ -147,11 +148,18 @@ class VirtMachine:
         self.power_button = power_button()
         attach_transport(self, self.power_button)
 
-        self.kernel = arm64_boot.load_kernel_file(config.kernel, RAM_BASE)
-        self.initrd = (linux_arm64.read_boot_file(config.initrd, "initrd")
-                       if config.initrd and self.kernel.is_linux else None)
-        self.layout = arm64_boot.plan_layout(self.kernel, RAM_BASE, config.memory,
-                                             len(self.initrd or b""))
+        self.dtb_file = (linux_arm64.read_boot_file(config.dtb, "dtb", linux_arm64.DTB_MAX)
+                         if config.dtb else None)
+        if self.dtb_file is not None and self.dtb_file[:4] != FDT_MAGIC:
+            raise ConfigError(f"-dtb {config.dtb}: not a flattened device tree (no d00dfeed magic)")
+        self.initrd = None
+        self.layout: arm64_boot.BootLayout | None = None
+        if config.kernel is not None:
+            kernel = arm64_boot.load_kernel_file(config.kernel, RAM_BASE)
+            if config.initrd and kernel.is_linux:   # QEMU passes an initrd to Linux only
+                self.initrd = linux_arm64.read_boot_file(config.initrd, "initrd")
+            self.layout = arm64_boot.plan_layout(kernel, RAM_BASE, config.memory,
+                                                 len(self.initrd or b""))
         self._panic_tail = b""
         self.panic_message: str | None = None
         console.add_tap(self._watch_console)
@@ -166,6 +174,12 @@ class VirtMachine:
 
     # -- device tree -------------------------------------------------------------------------
     def device_tree(self) -> bytes:
+        """The device tree the guest gets: -dtb FILE as given, else the board's own."""
+        if self.dtb_file is not None:
+            return self.dtb_file
+        return self.generated_device_tree()
+
+    def generated_device_tree(self) -> bytes:
         cfg = self.config
         root = Node("", {
             "#address-cells": 2, "#size-cells": 2,
@@ -173,7 +187,7 @@ class VirtMachine:
             "interrupt-parent": PHANDLE_GIC,
         })
         chosen = {"bootargs": cfg.append, "stdout-path": f"/pl011@{UART0[0]:x}"}
-        if self.initrd:
+        if self.initrd and self.layout is not None:
             start = self.layout.initrd_addr
             chosen["linux,initrd-start"] = Cells(*fdt.u64_cells(start))
             chosen["linux,initrd-end"] = Cells(*fdt.u64_cells(start + len(self.initrd)))
@@ -309,6 +323,7 @@ class VirtMachine:
         """Fresh vCPUs: CPU 0 at the kernel entry, the others off until CPU_ON."""
         from kemu.accel.tcg.aarch64 import Aarch64Cpu
         from kemu.accel.tcg.coherence import CoherenceDomain
+        assert self.layout is not None, "a machine made for dumpdtb does not run"
         n = self.config.smp
         domain = CoherenceDomain() if n > 1 else None
         cpus = []
@@ -324,6 +339,7 @@ class VirtMachine:
         return cpus
 
     def load(self) -> None:
+        assert self.layout is not None, "a machine made for dumpdtb does not run"
         dtb = self.device_tree()
         arm64_boot.load(self.memory, self.layout, self.initrd, dtb)
 
@@ -424,3 +440,19 @@ class VirtMachine:
     @property
     def state(self) -> RunState:
         return self.vcpus.state
+
+
+def dump_device_tree(config: MachineConfig) -> None:
+    """QEMU's ``-machine dumpdtb=FILE``: the device tree the guest would get, to a file."""
+    from kemu.backends.serial import SerialBackend
+    if config.machine != "virt":
+        raise ConfigError(f"dumpdtb: the {config.machine} board has no device tree")
+    machine = VirtMachine(config, SerialBackend(lambda data: None))
+    try:
+        dtb = machine.device_tree()
+    finally:
+        machine.close()
+    try:
+        config.dumpdtb.write_bytes(dtb)
+    except OSError as e:
+        raise ConfigError(f"dumpdtb: cannot write {config.dumpdtb}: {e.strerror}") from None

@@ -64,4 +64,10 @@ class MachineConfig:
     drives: list[DriveConfig] = field(default_factory=list)
     devices: list[DeviceConfig] = field(default_factory=list)
     netdevs: list[NetdevConfig] = field(default_factory=list)
+    #: -dtb FILE: this device tree instead of the board's own (virt).
+    dtb: Path | None = None
+    #: -machine dumpdtb=FILE: write the board's device tree there and exit (virt).
+    dumpdtb: Path | None = None
+    #: -global DRIVER.PROP=VALUE, as ``{(driver, prop): value}``.
+    globals: dict[tuple[str, str], str] = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
