@@ -103,3 +103,39 @@ def test_save_restore_keeps_the_legacy_registers():
     t2.restore(state)
     assert t2.read(QUEUE_PFN, 4) == q.desc // PAGE and t2.queues[0].ready
     assert struct.pack("<I", t2.guest_page_size) == struct.pack("<I", PAGE)
+
+
+@pytest.mark.parametrize("mrg,hdr_len", [(False, 10), (True, 12)])
+def test_legacy_net_header_is_10_bytes_without_mrg_rxbuf(mrg, hdr_len):
+    """5.1.6 legacy note: num_buffers is there only with VIRTIO_NET_F_MRG_RXBUF."""
+    from test_virtio_net import FakeBackend
+    from kemu.devices.virtio.net import VirtioNet, default_mac
+    mem = make_memory(4 << 20)
+    backend = FakeBackend()
+    t = VirtioMmioTransport(VirtioNet(backend, default_mac(0), mrg_rxbuf=mrg), mem, IrqLine(),
+                            legacy=True)
+    drv = VirtioMmioDriver(t, mem, legacy=True)
+    rx, tx = drv.init(2)
+    frame = bytes(range(60))
+    tx.add([drv.buffer(bytes(hdr_len) + frame)])
+    assert backend.sent == [frame]
+    buf = drv.buffer(2048, writable=True)
+    head = rx.add([buf])
+    backend.receive(frame)
+    assert rx.get_used() == [(head, hdr_len + 60)]
+    assert mem.read(buf.addr + hdr_len, 60) == frame
+
+
+def test_virt_board_slots_are_legacy_unless_forced_off(tmp_path):
+    from kemu.backends.serial import SerialBackend
+    from kemu.machines.arm64_virt import VirtMachine
+    from kemu.machines.config import DeviceConfig, MachineConfig
+    kernel = tmp_path / "k"
+    kernel.write_bytes(b"\0" * 64)
+    for globals_, version in (({}, 1), ({("virtio-mmio", "force-legacy"): "off"}, 2)):
+        m = VirtMachine(MachineConfig(kernel=kernel, globals=globals_,
+                                      devices=[DeviceConfig("virtio-rng-device")]),
+                        SerialBackend(lambda b: None))
+        versions = {s.device.device.name: s.device.read(r.VERSION, 4) for s in m.virtio_slots}
+        assert versions["virtio-rng"] == version
+        assert versions["virtio-power-button"] == 2     # virtio-input: modern only

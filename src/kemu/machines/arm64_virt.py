@@ -100,6 +100,9 @@ class VirtioSlot:
 class VirtMachine:
     """One ``virt`` machine built from a :class:`MachineConfig`."""
 
+    #: virtio-mmio.force-legacy's default here: on, as QEMU 7.2's virt (Version reads 1).
+    virtio_legacy_default = True
+
     def __init__(self, config: MachineConfig, console: SerialBackend) -> None:
         if not 1 <= config.smp <= MAX_CPUS:
             raise ConfigError(f"-smp: the virt board takes 1 to {MAX_CPUS} CPUs (GICv2)")
