@@ -48,6 +48,20 @@ def test_legacy_round_trip_through_queue_pfn(align):
     assert irq.level and drv.ack() == 1 and not irq.level
 
 
+def test_guest_page_size_survives_the_drivers_reset():
+    """Linux's virtio_mmio writes GuestPageSize at probe, then the virtio core resets."""
+    _mem, _irq, t, drv = make()
+    drv.w32(GUEST_PAGE_SIZE, PAGE)
+    drv.w32(r.STATUS, 0)
+    drv.w32(r.STATUS, 1)
+    drv.w32(r.STATUS, 3)
+    drv.w32(r.DRIVER_FEATURES, 0)
+    q = drv.setup_legacy_queue(0)
+    drv.driver_ok()
+    assert not drv.status & STATUS_DEVICE_NEEDS_RESET, t.error
+    assert t.queues[0].desc_addr == q.desc
+
+
 def test_legacy_features_are_32_bits_without_version_1():
     _mem, _irq, t, drv = make()
     drv.w32(r.DEVICE_FEATURES_SEL, 1)

@@ -164,6 +164,9 @@ class VirtioMmioTransport:
         #: Register accesses of the wrong width or alignment, ignored.
         self.bad_accesses = 0
         self._session: _Session | None = None
+        #: Legacy GuestPageSize: Linux writes it once at probe, before the driver's
+        #: reset (Status 0), so a reset leaves it as QEMU does.
+        self.guest_page_size = 0
         self._reset_registers()
 
     # -- state ---------------------------------------------------------------------------
@@ -175,7 +178,6 @@ class VirtioMmioTransport:
         self.queue_sel = 0
         self.shm_sel = 0
         self.interrupt_status = 0
-        self.guest_page_size = 0
         self.queue_align = [legacy_if.DEFAULT_QUEUE_ALIGN] * len(self.queues)
         self.queue_pfn = [0] * len(self.queues)
         for q in self.queues:
