@@ -201,18 +201,39 @@ def test_dumpdtb_with_a_kernel_has_its_chosen_node(tmp_path, need):
     assert "linux,initrd-start = <0x00 0x44000000>;" in dts   # QEMU's place for -m 128
 
 
-def test_dtb_file_replaces_the_generated_one(tmp_path, need):
+MY_DTS = """/dts-v1/;
+/ { model = "mine"; #address-cells = <2>; #size-cells = <2>;
+    memory@80000000 { device_type = "memory"; reg = <0 0x80000000 0 0x1000>; };
+    chosen { }; };
+"""
+
+
+def test_dtb_file_replaces_the_generated_one_as_under_qemu(tmp_path, need):
+    """QEMU keeps the file's nodes and sets RAM, /chosen and psci in it."""
     dtc = need("dtc")
-    (tmp_path / "my.dts").write_text('/dts-v1/;\n/ { model = "mine"; chosen { }; };\n')
+    qemu = need("qemu-system-aarch64")
+    (tmp_path / "my.dts").write_text(MY_DTS)
     subprocess.run([dtc, "-I", "dts", "-O", "dtb", "-o", str(tmp_path / "my.dtb"),
-                    str(tmp_path / "my.dts")], check=True)
-    mine = (tmp_path / "my.dtb").read_bytes()
+                    str(tmp_path / "my.dts")], check=True, capture_output=True)
     kernel = raw_guest(tmp_path)
+    (tmp_path / "rd").write_bytes(b"r" * 5000)
+    common = ["-cpu", "cortex-a57", "-m", "128", "-kernel", str(kernel), "-initrd", str(tmp_path / "rd"),
+              "-append", "hello", "-dtb", str(tmp_path / "my.dtb")]
+    assert kemu_cli("-M", f"virt,dumpdtb={tmp_path / 'k.dtb'}", *common) == 0
+    subprocess.run([qemu, "-M", f"virt,dumpdtb={tmp_path / 'q.dtb'}", "-nographic", *common],
+                   check=True, capture_output=True)
+
+    def tree(name):
+        dts = dts_of(dtc, tmp_path / name)
+        return sorted(line.strip() for line in dts.splitlines()
+                      if "seed" not in line and line.strip())
+    assert tree("k.dtb") == tree("q.dtb")
+    assert 'model = "mine";' in tree("k.dtb")
+    # The guest gets it in x0.
     out = bytearray()
     machine = VirtMachine(MachineConfig(kernel=kernel, dtb=tmp_path / "my.dtb"),
                           SerialBackend(out.extend))
     machine.start()
     assert machine.wait(60).reason == "poweroff"
-    x0 = int(out.decode().split()[1], 16)
-    assert machine.memory.read(x0, len(mine)) == mine
+    assert int(out.decode().split()[2], 16) == FDT_MAGIC_LE
     assert kemu_cli("-kernel", str(kernel), "-dtb", str(kernel)) == 2   # not a DTB

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from kemu.accel.base import Exit, IoExit, dispatch
-from kemu.boot import arm64_boot, fdt, linux_arm64
+from kemu.boot import arm64_boot, dtb_file, fdt, linux_arm64
 from kemu.boot.fdt import Cells, Node, reg64
 from kemu.bus import Bus
 from kemu.devices.arm_timer import NS_PER_TICK, GenericTimer, host_counter
@@ -74,6 +74,14 @@ PANIC_MARK = b"Kernel panic - not syncing"
 
 #: MPIDR_EL1 bit 31 is RES1 (Arm ARM D17.2.101); U (bit 30) is 0: a multiprocessor.
 MPIDR_U_RES1 = 1 << 31
+
+
+def psci_node() -> Node:
+    """The psci node QEMU's virt writes (and adds to a -dtb file)."""
+    return Node("psci", {"compatible": ["arm,psci-1.0", "arm,psci-0.2", "arm,psci"],
+                         "method": "hvc", "cpu_suspend": psci_fn.CPU_SUSPEND_64,
+                         "cpu_off": psci_fn.CPU_OFF, "cpu_on": psci_fn.CPU_ON_64,
+                         "migrate": 0xC4000005})
 
 
 def mpidr(index: int) -> int:
@@ -178,9 +186,14 @@ class VirtMachine:
     # -- device tree -------------------------------------------------------------------------
     def device_tree(self) -> bytes:
         """The device tree the guest gets: -dtb FILE as given, else the board's own."""
-        if self.dtb_file is not None:
-            return self.dtb_file
-        return self.generated_device_tree()
+        if self.dtb_file is None:
+            return self.generated_device_tree()
+        initrd = None
+        if self.initrd and self.layout is not None:
+            initrd = (self.layout.initrd_addr, self.layout.initrd_addr + len(self.initrd))
+        return dtb_file.apply_boot_fixups(self.dtb_file, f"-dtb {self.config.dtb}", RAM_BASE,
+                                          self.config.memory, self.config.append, initrd,
+                                          [psci_node()])
 
     def generated_device_tree(self) -> bytes:
         cfg = self.config
@@ -210,10 +223,7 @@ class VirtMachine:
             if cfg.smp > 1:
                 props["enable-method"] = "psci"
             cpus.add(Node(f"cpu@{i}", props))
-        root.add(Node("psci", {"compatible": ["arm,psci-1.0", "arm,psci-0.2", "arm,psci"],
-                               "method": "hvc", "cpu_suspend": psci_fn.CPU_SUSPEND_64,
-                               "cpu_off": psci_fn.CPU_OFF, "cpu_on": psci_fn.CPU_ON_64,
-                               "migrate": 0xC4000005}))
+        root.add(psci_node())
         root.add(Node(f"intc@{GIC_DIST[0]:x}", {
             "compatible": "arm,cortex-a15-gic", "#interrupt-cells": 3,
             "interrupt-controller": None,
