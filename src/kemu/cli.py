@@ -41,7 +41,9 @@ usage: kemu [QEMU-style options]
 
 QEMU-style options: -M/-machine virt|microvm  -accel tcg|kvm  -enable-kvm  -cpu MODEL
   -m SIZE  -smp N (microvm; 1 on virt)
-  -kernel FILE  -initrd FILE  -append CMDLINE  -nographic  -serial stdio|mon:stdio|none
+  -kernel FILE (virt: arm64 Image, ELF or raw binary)  -initrd FILE  -append CMDLINE
+  -dtb FILE  -machine dumpdtb=FILE (virt)  -global virtio-mmio.force-legacy=on|off
+  -nographic  -serial stdio|mon:stdio|none
   -no-reboot  -S  -name NAME  -display none  -nodefaults
   -monitor stdio|none|unix:PATH,server=on[,wait=off]|tcp:HOST:PORT,server=on[,wait=off]
   -drive file=IMG[,format=raw|qcow2][,if=virtio|none,id=ID][,readonly=on][,cache=MODE]
