@@ -79,6 +79,10 @@ def parse_size(text: str, default_unit: str = "M") -> int:
     return int(m.group(1)) << {"K": 10, "M": 20, "G": 30, "T": 40}[unit]
 
 
+#: The -global DRIVER.PROPERTY pairs kemu acts on.
+KNOWN_GLOBALS = {("virtio-mmio", "force-legacy")}
+
+
 def parse_global(text: str) -> dict[tuple[str, str], str]:
     """QEMU's ``-global DRIVER.PROP=VALUE`` (or ``driver=D,property=P,value=V``)."""
     if text.startswith("driver="):
@@ -160,6 +164,10 @@ def parse_qemu_options(argv: list[str], config: MachineConfig) -> MachineConfig:
         elif opt == "-dtb":
             config.dtb = Path(value)
         elif opt == "-global":
+            for key in parse_global(value):
+                if key not in KNOWN_GLOBALS:
+                    raise ConfigError(f"-global {value}: unsupported property "
+                                      f"(kemu knows {', '.join('.'.join(k) for k in KNOWN_GLOBALS)})")
             config.globals.update(parse_global(value))
         elif opt == "-m":
             size, extra = _kv(value, opt, "size")
