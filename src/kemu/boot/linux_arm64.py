@@ -1,4 +1,4 @@
-"""Loading an arm64 Linux kernel Image, initrd and device tree.
+"""Reading an arm64 Linux kernel Image (and boot files in general).
 
 The Image header and placement rules come from the Linux documentation
 "Booting AArch64 Linux" (Documentation/arm64/booting.rst): a 64-byte header
@@ -6,7 +6,9 @@ with ``text_offset``, ``image_size`` and ``flags``, magic ``ARM\\x64`` at
 offset 56; the Image is placed at ``text_offset`` from a 2 MiB aligned base
 (any 2 MiB aligned address when flags bit 3 is set), x0 holds the physical
 address of the device tree and x1-x3 are zero.  Debian ships the Image
-gzip-compressed on some releases; that is accepted too.
+gzip-compressed on some releases; that is accepted too.  Where the Image,
+initrd and device tree go on the virt board (as QEMU puts them), and the
+other kernel formats, are :mod:`kemu.boot.arm64_boot`'s.
 """
 
 from __future__ import annotations

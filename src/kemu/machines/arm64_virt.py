@@ -16,7 +16,10 @@ thread running in parallel (see :mod:`kemu.accel.tcg.coherence`).  As on
 QEMU's virt: MPIDR Aff0 is the CPU index; CPU 0 starts at the kernel, the
 others are off until the guest's PSCI CPU_ON; each CPU has its own generic
 timers on its banked PPIs and sees its own bank of the GIC's registers;
-SGIs go through GICD_SGIR.
+SGIs go through GICD_SGIR.  Kernels (Image, ELF, raw) and the device tree
+are placed as QEMU places them (:mod:`kemu.boot.arm64_boot`); ``-dtb FILE``
+replaces the generated tree (:mod:`kemu.boot.dtb_file`).  The virtio-mmio
+slots speak version 1 (legacy) by default, as QEMU 7.2's do.
 """
 
 from __future__ import annotations
