@@ -51,7 +51,7 @@ class Kernel:
 
     @property
     def start(self) -> int:
-        return min(s.addr for s in self.segments)
+        return min(s.paddr for s in self.segments)
 
 
 def parse_kernel(data: bytes, ram_base: int, what: str = "kernel") -> Kernel:
@@ -107,12 +107,12 @@ def plan_layout(kernel: Kernel, ram_base: int, ram_size: int, initrd_size: int) 
     """Place kernel, initrd and device tree as QEMU does, or say in one line why not."""
     ram_end = ram_base + ram_size
     for seg in kernel.segments:
-        if seg.addr < ram_base or seg.addr + seg.memsz > ram_end:
+        if seg.paddr < ram_base or seg.paddr + seg.memsz > ram_end:
             if kernel.kind == "ELF":
-                raise BootError(f"kernel: ELF segment at {seg.addr:#x}+{seg.memsz:#x} lies "
+                raise BootError(f"kernel: ELF segment at {seg.paddr:#x}+{seg.memsz:#x} lies "
                                 f"outside RAM ({ram_base:#x}-{ram_end:#x})")
             raise BootError(f"too little memory: the {kernel.kind} kernel needs "
-                            f"{(seg.addr + seg.memsz - ram_base + MiB - 1) >> 20} MiB of RAM, "
+                            f"{(seg.paddr + seg.memsz - ram_base + MiB - 1) >> 20} MiB of RAM, "
                             f"the machine has {ram_size >> 20} MiB")
     if not kernel.is_linux:
         room = kernel.start - ram_base if kernel.start > ram_base else 0
@@ -140,9 +140,9 @@ def plan_layout(kernel: Kernel, ram_base: int, ram_size: int, initrd_size: int) 
 def load(memory: GuestMemory, layout: BootLayout, initrd: bytes | None, dtb: bytes) -> None:
     """Write kernel, initrd and device tree into guest RAM (again at every reset)."""
     for seg in layout.kernel.segments:
-        memory.write(seg.addr, seg.data)
+        memory.write(seg.paddr, seg.data)
         if seg.memsz > len(seg.data):
-            memory.write(seg.addr + len(seg.data), bytes(seg.memsz - len(seg.data)))
+            memory.write(seg.paddr + len(seg.data), bytes(seg.memsz - len(seg.data)))
     if initrd:
         memory.write(layout.initrd_addr, initrd)
     if layout.dtb_addr is not None:

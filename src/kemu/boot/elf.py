@@ -28,7 +28,7 @@ MAX_SEGMENTS = 64
 
 @dataclass(frozen=True)
 class Segment:
-    addr: int
+    paddr: int
     data: bytes
     memsz: int
 
@@ -40,11 +40,11 @@ class ElfImage:
 
     @property
     def low(self) -> int:
-        return min(s.addr for s in self.segments)
+        return min(s.paddr for s in self.segments)
 
     @property
     def high(self) -> int:
-        return max(s.addr + s.memsz for s in self.segments)
+        return max(s.paddr + s.memsz for s in self.segments)
 
 
 def is_elf(data: bytes) -> bool:

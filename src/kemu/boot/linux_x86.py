@@ -357,11 +357,7 @@ def load_bzimage(memory: GuestMemory, image: BzImage, cmdline: str | bytes = "",
 
 
 # -- PVH ------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ElfSegment:
-    paddr: int
-    data: bytes
-    memsz: int
+ElfSegment = elf.Segment
 
 
 @dataclass(frozen=True)
