@@ -41,7 +41,9 @@ usage: kemu [QEMU-style options]
 
 QEMU-style options: -M/-machine virt|microvm  -accel tcg|kvm  -enable-kvm  -cpu MODEL
   -m SIZE  -smp N (microvm; 1 on virt)
-  -kernel FILE  -initrd FILE  -append CMDLINE  -nographic  -serial stdio|mon:stdio|none
+  -kernel FILE (virt: arm64 Image, ELF or raw binary)  -initrd FILE  -append CMDLINE
+  -dtb FILE  -machine dumpdtb=FILE (virt)  -global virtio-mmio.force-legacy=on|off
+  -nographic  -serial stdio|mon:stdio|none
   -no-reboot  -S  -name NAME  -display none  -nodefaults
   -monitor stdio|none|unix:PATH,server=on[,wait=off]|tcp:HOST:PORT,server=on[,wait=off]
   -drive file=IMG[,format=raw|qcow2][,if=virtio|none,id=ID][,readonly=on][,cache=MODE]
@@ -64,12 +66,12 @@ In the console: Ctrl-A x quits, Ctrl-A c switches to the monitor and back, Ctrl-
 #: Options that take an argument / that do not, in QEMU's spelling.
 WITH_ARG = {"-M", "-machine", "-cpu", "-m", "-smp", "-kernel", "-initrd", "-append",
             "-serial", "-accel", "-name", "-display", "-monitor", "-drive", "-device", "-disk",
-            "-qmp", "-pidfile", "-netdev", "-nic", "-net", "-rtc"}
+            "-qmp", "-pidfile", "-netdev", "-nic", "-net", "-rtc", "-dtb", "-global"}
 FLAGS = {"-nographic", "-no-reboot", "-S", "-enable-kvm", "-nodefaults", "-daemonize",
          "-snapshot"}
 #: QEMU options kemu knows of but does not offer (yet).
 NOT_YET = {"-chardev",
-           "-hda", "-cdrom", "-bios", "-dtb", "-object", "-vnc", "-gdb", "-s"}
+           "-hda", "-cdrom", "-bios", "-object", "-vnc", "-gdb", "-s"}
 
 SIZE = re.compile(r"^(\d+)([KMGT]?)(i?B?)$", re.IGNORECASE)
 
@@ -80,6 +82,25 @@ def parse_size(text: str, default_unit: str = "M") -> int:
         raise ConfigError(f"invalid size {text!r}")
     unit = (m.group(2) or default_unit).upper()
     return int(m.group(1)) << {"K": 10, "M": 20, "G": 30, "T": 40}[unit]
+
+
+#: The -global DRIVER.PROPERTY pairs kemu acts on.
+KNOWN_GLOBALS = {("virtio-mmio", "force-legacy")}
+
+
+def parse_global(text: str) -> dict[tuple[str, str], str]:
+    """QEMU's ``-global DRIVER.PROP=VALUE`` (or ``driver=D,property=P,value=V``)."""
+    if text.startswith("driver="):
+        _, props = _kv("," + text, "-global", "driver")
+        try:
+            return {(props["driver"], props["property"]): props["value"]}
+        except KeyError as e:
+            raise ConfigError(f"-global {text}: {e.args[0]}= is missing") from None
+    target, eq, value = text.partition("=")
+    driver, dot, prop = target.rpartition(".")
+    if not (eq and dot and driver and prop):
+        raise ConfigError(f"-global {text}: expected DRIVER.PROPERTY=VALUE")
+    return {(driver, prop): value}
 
 
 def _kv(text: str, option: str, first_key: str) -> tuple[str, dict[str, str]]:
@@ -130,14 +151,29 @@ def parse_qemu_options(argv: list[str], config: MachineConfig) -> MachineConfig:
             raise ConfigError(f"unexpected argument {arg!r} (QEMU-style options start with -)")
 
         if opt in ("-M", "-machine"):
-            name, extra = _kv(value, opt, "type")
-            for k, v in extra.items():
-                if (k, v) not in (("gic-version", "2"), ("accel", "tcg")):
+            # Like QEMU, several -machine options merge: -M virt -machine dumpdtb=F.
+            parts = split_opts(value)
+            name = "" if "=" in parts[0] else parts.pop(0)
+            props = dict(_kv("," + ",".join(parts), opt, "type")[1]) if parts else {}
+            name = props.pop("type", name)
+            for k, v in props.items():
+                if k == "dumpdtb":
+                    config.dumpdtb = Path(v)
+                elif (k, v) not in (("gic-version", "2"), ("accel", "tcg")):
                     raise ConfigError(f"{opt}: unsupported machine option {k}={v}")
-            config.machine = name
-            machine_given = True
+            if name:
+                config.machine = name
+                machine_given = True
         elif opt == "-cpu":
             config.cpu = value
+        elif opt == "-dtb":
+            config.dtb = Path(value)
+        elif opt == "-global":
+            for key in parse_global(value):
+                if key not in KNOWN_GLOBALS:
+                    raise ConfigError(f"-global {value}: unsupported property "
+                                      f"(kemu knows {', '.join('.'.join(k) for k in KNOWN_GLOBALS)})")
+            config.globals.update(parse_global(value))
         elif opt == "-m":
             size, extra = _kv(value, opt, "size")
             if extra:
@@ -269,6 +305,12 @@ def run_machine(config: MachineConfig) -> int:
     """
     from kemu.api import Machine
     from kemu.backends.unix_socket import write_pidfile
+
+    if config.dumpdtb is not None:
+        from kemu.machines.arm64_virt import dump_device_tree
+        dump_device_tree(config)
+        print(f"kemu: info: dtb dumped to {config.dumpdtb}. Exiting.", file=sys.stderr)
+        return 0
     from kemu.console import ConsoleOutput, write_stdout
     from kemu.host_signals import HostSignals
 
@@ -553,7 +595,7 @@ def main(argv: list[str] | None = None) -> int:
         if argv[0] == "img":
             return cmd_img(argv[1:])
         config = parse_qemu_options(argv, MachineConfig())
-        if config.kernel is None:
+        if config.kernel is None and config.dumpdtb is None:
             raise ConfigError("no kernel given: use -kernel FILE (or 'kemu run' for the "
                               "default guest)")
         return run_machine(config)

@@ -70,10 +70,10 @@ def test_unreadable_initrd(tmp_path):
     assert "initrd" in one_line_error(run("-kernel", str(kernel), "-initrd", str(initrd)))
 
 
-def test_not_an_arm64_image(tmp_path):
-    bad = tmp_path / "bzImage"
-    bad.write_bytes(b"MZ" + b"\0" * 4096)
-    assert "not an arm64 Linux Image" in one_line_error(run("-kernel", str(bad)))
+def test_not_an_aarch64_elf(tmp_path):
+    bad = tmp_path / "vmlinux"
+    bad.write_bytes(b"\x7fELF\x02\x01\x01" + b"\0" * 9 + b"\x02\x00\x3e\x00" + b"\0" * 4096)
+    assert "not aarch64" in one_line_error(run("-kernel", str(bad)))
 
 
 def test_too_little_memory(tmp_path):
@@ -202,3 +202,14 @@ def test_doubled_commas_are_literal_in_option_values(tmp_path):
     cfg = parse_qemu_options(["-drive", "file=/d/a,,b.img,format=raw,if=virtio"], MachineConfig())
     assert str(cfg.drives[0].path) == "/d/a,b.img" and cfg.drives[0].format == "raw"
     assert parse_qmp_option("unix:/tmp/q,,1.sock,server=on,wait=off").path == "/tmp/q,1.sock"
+
+
+def test_global_options():
+    cfg = parse_qemu_options(["-global", "virtio-mmio.force-legacy=off"], MachineConfig())
+    assert cfg.globals == {("virtio-mmio", "force-legacy"): "off"}
+    cfg = parse_qemu_options(["-global", "driver=virtio-mmio,property=force-legacy,value=on"],
+                             MachineConfig())
+    assert cfg.globals == {("virtio-mmio", "force-legacy"): "on"}
+    for bad in ("virtio-mmio.nope=1", "nodot=1", "virtio-mmio.force-legacy"):
+        with pytest.raises(ConfigError):
+            parse_qemu_options(["-global", bad], MachineConfig())

@@ -3,7 +3,8 @@ import struct
 
 import pytest
 
-from kemu.boot.linux_arm64 import ARM64_MAGIC, HEADER, Arm64Image, load, plan_layout
+from kemu.boot.arm64_boot import load, parse_kernel, plan_layout
+from kemu.boot.linux_arm64 import ARM64_MAGIC, HEADER, Arm64Image
 from kemu.errors import BootError
 from kemu.memory import GuestMemory, RamRegion
 
@@ -29,7 +30,7 @@ def test_gzip_image_accepted():
 
 
 @pytest.mark.parametrize("data,msg", [
-    (b"\x7fELF" + b"\0" * 100, "not an arm64 Linux Image"),
+    (b"MZ" + b"\0" * 100, "not an arm64 Linux Image"),
     (b"short", "too short"),
     (b"\x1f\x8bnot really gzip", "corrupt gzip"),
 ])
@@ -49,20 +50,20 @@ def test_missing_file(tmp_path):
 
 
 def test_layout_and_load():
-    img = Arm64Image.parse(image_bytes())
     base = 0x40000000
+    img = parse_kernel(image_bytes(), base)
     layout = plan_layout(img, base, 128 * MiB, initrd_size=1000)
-    assert layout.kernel_addr % (2 * MiB) == 0 and layout.kernel_addr > base
-    assert layout.initrd_addr >= layout.kernel_end
-    assert layout.dtb_addr == base
+    assert layout.entry == base + 2 * MiB and img.end == layout.entry + 4 * MiB
+    assert layout.initrd_addr == base + 64 * MiB      # QEMU: min(RAM / 2, 128 MiB)
+    assert layout.dtb_addr == layout.x0 == base + 66 * MiB
     mem = GuestMemory([RamRegion(base, 128 * MiB)])
-    load(mem, img, layout, b"I" * 1000, b"D" * 100)
-    assert mem.read(layout.kernel_addr + 56, 4) == struct.pack("<I", ARM64_MAGIC)
+    load(mem, layout, b"I" * 1000, b"D" * 100)
+    assert mem.read(layout.entry + 56, 4) == struct.pack("<I", ARM64_MAGIC)
     assert mem.read(layout.initrd_addr, 4) == b"IIII"
     assert mem.read(layout.dtb_addr, 2) == b"DD"
 
 
 def test_too_little_memory():
-    img = Arm64Image.parse(image_bytes(image_size=40 * MiB))
+    img = parse_kernel(image_bytes(image_size=40 * MiB), 0x40000000)
     with pytest.raises(BootError, match="too little memory"):
         plan_layout(img, 0x40000000, 32 * MiB, initrd_size=0)

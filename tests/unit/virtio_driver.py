@@ -175,10 +175,17 @@ class DriverQueue:
         return out
 
 
+PAGE = 4096
+LEGACY_GUEST_PAGE_SIZE, LEGACY_QUEUE_ALIGN, LEGACY_QUEUE_PFN = 0x028, 0x03C, 0x040
+
+
 class VirtioMmioDriver:
     """Drives a :class:`~kemu.devices.virtio.mmio.VirtioMmioTransport` like a guest."""
 
-    def __init__(self, transport, memory: GuestMemory, alloc: Allocator | None = None) -> None:
+    def __init__(self, transport, memory: GuestMemory, alloc: Allocator | None = None,
+                 legacy: bool = False) -> None:
+        #: Speak the legacy interface (4.2.4): Version 1, QueuePFN, no FEATURES_OK.
+        self.legacy = legacy
         self.t = transport
         self.memory = memory
         self.alloc = alloc or Allocator(memory)
@@ -206,11 +213,17 @@ class VirtioMmioDriver:
     def negotiate(self, features: int | None = None, mask: int = ~0) -> bool:
         """Reset, ACKNOWLEDGE, DRIVER, write features, FEATURES_OK; True if accepted."""
         self.w32(r.STATUS, 0)
-        assert self.r32(r.MAGIC_VALUE) == r.MAGIC and self.r32(r.VERSION) == 2
+        assert self.r32(r.MAGIC_VALUE) == r.MAGIC
+        assert self.r32(r.VERSION) == (1 if self.legacy else 2)
         self.set_status(STATUS_ACKNOWLEDGE)
         self.set_status(STATUS_DRIVER)
         if features is None:
             features = self.device_features() & mask
+        if self.legacy:     # 32 feature bits, no FEATURES_OK; the page size once
+            self.w32(r.DRIVER_FEATURES_SEL, 0)
+            self.w32(r.DRIVER_FEATURES, features & 0xFFFFFFFF)
+            self.w32(LEGACY_GUEST_PAGE_SIZE, PAGE)
+            return True
         for sel in (0, 1):
             self.w32(r.DRIVER_FEATURES_SEL, sel)
             self.w32(r.DRIVER_FEATURES, (features >> (32 * sel)) & 0xFFFFFFFF)
@@ -218,6 +231,8 @@ class VirtioMmioDriver:
         return bool(self.status & STATUS_FEATURES_OK)
 
     def setup_queue(self, index: int, size: int | None = None) -> DriverQueue:
+        if self.legacy:
+            return self.setup_legacy_queue(index, size)
         self.w32(r.QUEUE_SEL, index)
         assert self.r32(r.QUEUE_READY) == 0
         qmax = self.r32(r.QUEUE_NUM_MAX)
@@ -233,6 +248,24 @@ class VirtioMmioDriver:
             self.w32(lo + 4, addr >> 32)
         self.w32(r.QUEUE_READY, 1)
         q = DriverQueue(self, index, size, desc, avail, used)
+        self.queues[index] = q
+        return q
+
+    def setup_legacy_queue(self, index: int, size: int | None = None,
+                           align: int = PAGE) -> DriverQueue:
+        """QueueNum, QueueAlign, QueuePFN: the ring in contiguous pages (2.7.2)."""
+        self.w32(r.QUEUE_SEL, index)
+        assert self.r32(LEGACY_QUEUE_PFN) == 0
+        qmax = self.r32(r.QUEUE_NUM_MAX)
+        assert qmax, f"queue {index} not available"
+        size = size or qmax
+        avail_off = 16 * size
+        used_off = (avail_off + 6 + 2 * size + align - 1) & ~(align - 1)
+        base = self.alloc.alloc(used_off + 6 + 8 * size, PAGE)
+        self.w32(r.QUEUE_NUM, size)
+        self.w32(LEGACY_QUEUE_ALIGN, align)
+        self.w32(LEGACY_QUEUE_PFN, base // PAGE)
+        q = DriverQueue(self, index, size, base, base + avail_off, base + used_off)
         self.queues[index] = q
         return q
 

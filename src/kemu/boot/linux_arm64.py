@@ -1,4 +1,4 @@
-"""Loading an arm64 Linux kernel Image, initrd and device tree.
+"""Reading an arm64 Linux kernel Image (and boot files in general).
 
 The Image header and placement rules come from the Linux documentation
 "Booting AArch64 Linux" (Documentation/arm64/booting.rst): a 64-byte header
@@ -6,7 +6,9 @@ with ``text_offset``, ``image_size`` and ``flags``, magic ``ARM\\x64`` at
 offset 56; the Image is placed at ``text_offset`` from a 2 MiB aligned base
 (any 2 MiB aligned address when flags bit 3 is set), x0 holds the physical
 address of the device tree and x1-x3 are zero.  Debian ships the Image
-gzip-compressed on some releases; that is accepted too.
+gzip-compressed on some releases; that is accepted too.  Where the Image,
+initrd and device tree go on the virt board (as QEMU puts them), and the
+other kernel formats, are :mod:`kemu.boot.arm64_boot`'s.
 """
 
 from __future__ import annotations
@@ -37,17 +39,14 @@ class Arm64Image:
     image_size: int
     flags: int
 
+    @staticmethod
+    def has_magic(data: bytes) -> bool:
+        """The Image header's magic is there (an uncompressed Image)."""
+        return len(data) >= HEADER.size and HEADER.unpack_from(data)[8] == ARM64_MAGIC
+
     @classmethod
     def parse(cls, data: bytes, what: str = "kernel") -> "Arm64Image":
-        if data[:2] == b"\x1f\x8b":
-            try:
-                d = zlib.decompressobj(16 + zlib.MAX_WBITS)
-                data = d.decompress(data, MAX_IMAGE_SIZE)
-                if d.unconsumed_tail:
-                    raise BootError(f"{what}: compressed Image inflates beyond "
-                                    f"{MAX_IMAGE_SIZE >> 20} MiB")
-            except (zlib.error, EOFError, gzip.BadGzipFile) as e:
-                raise BootError(f"{what}: corrupt gzip data: {e}") from None
+        data = inflate(data, what)
         if len(data) < HEADER.size:
             raise BootError(f"{what}: too short to be an arm64 Image")
         (_c0, _c1, text_offset, image_size, flags, _r2, _r3, _r4, magic,
@@ -68,6 +67,21 @@ class Arm64Image:
     @classmethod
     def load_file(cls, path: str | Path) -> "Arm64Image":
         return cls.parse(read_boot_file(path, "kernel"), f"kernel {path}")
+
+
+def inflate(data: bytes, what: str) -> bytes:
+    """``data`` gunzipped when it is gzip data (as QEMU's loader tries first), else as is."""
+    if data[:2] != b"\x1f\x8b":
+        return data
+    try:
+        d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        out = d.decompress(data, MAX_IMAGE_SIZE)
+        if d.unconsumed_tail:
+            raise BootError(f"{what}: compressed Image inflates beyond "
+                            f"{MAX_IMAGE_SIZE >> 20} MiB")
+    except (zlib.error, EOFError, gzip.BadGzipFile) as e:
+        raise BootError(f"{what}: corrupt gzip data: {e}") from None
+    return out
 
 
 #: The largest kernel or initrd kemu reads (QEMU's virt takes up to 128 MiB of
@@ -107,41 +121,3 @@ def read_boot_file(path: str | Path, what: str, limit: int = MAX_BOOT_FILE) -> b
     if len(data) > limit:
         raise BootError(f"{what} {path}: too large (more than {limit >> 20} MiB)")
     return data
-
-
-@dataclass(frozen=True)
-class BootLayout:
-    kernel_addr: int
-    kernel_end: int
-    initrd_addr: int
-    initrd_size: int
-    dtb_addr: int
-
-
-def plan_layout(image: Arm64Image, ram_base: int, ram_size: int, initrd_size: int,
-                dtb_size: int = DTB_MAX) -> BootLayout:
-    """Place kernel, initrd and device tree in RAM, or explain why they don't fit."""
-    kernel_addr = ram_base + SZ_2M + image.text_offset if ram_base % SZ_2M == 0 else None
-    if kernel_addr is None:
-        raise BootError("RAM base must be 2 MiB aligned")
-    kernel_end = kernel_addr + image.image_size
-    initrd_addr = (kernel_end + SZ_2M - 1) & ~(SZ_2M - 1)
-    dtb_addr = ram_base  # first 2 MiB below the kernel, as QEMU does
-    end = initrd_addr + initrd_size
-    # Leave the kernel room to run: at least 32 MiB beyond what is loaded.
-    need = end - ram_base + (32 << 20)
-    if dtb_size > SZ_2M:
-        raise BootError("device tree larger than 2 MiB")
-    if need > ram_size:
-        raise BootError(
-            f"too little memory: kernel and initrd need at least {(need + (1 << 20) - 1) >> 20} MiB "
-            f"of RAM, the machine has {ram_size >> 20} MiB")
-    return BootLayout(kernel_addr, kernel_end, initrd_addr, initrd_size, dtb_addr)
-
-
-def load(memory: GuestMemory, image: Arm64Image, layout: BootLayout, initrd: bytes | None,
-         dtb: bytes) -> None:
-    memory.write(layout.kernel_addr, image.data)
-    if initrd:
-        memory.write(layout.initrd_addr, initrd)
-    memory.write(layout.dtb_addr, dtb)

@@ -35,6 +35,7 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kemu.boot import elf
 from kemu.boot.linux_arm64 import read_boot_file
 from kemu.errors import BootError
 from kemu.memory import GuestMemory
@@ -104,9 +105,9 @@ HVM_START_MAGIC_VALUE = 0x336EC578
 HVM_START_INFO = struct.Struct("<IIIIQQQQII")        # version 1, 56 bytes
 HVM_MODLIST_ENTRY = struct.Struct("<QQQQ")
 HVM_MEMMAP_ENTRY = struct.Struct("<QQII")
-ELF64_EHDR = struct.Struct("<16sHHIQQQIHHHHHH")
-ELF64_PHDR = struct.Struct("<IIQQQQQQ")
-PT_LOAD = 1
+ELF64_EHDR = elf.EHDR
+ELF64_PHDR = elf.PHDR
+PT_LOAD = elf.PT_LOAD
 PT_NOTE = 4
 EM_X86_64 = 62
 #: Refuse kernels whose segments or payload exceed this.
@@ -356,11 +357,7 @@ def load_bzimage(memory: GuestMemory, image: BzImage, cmdline: str | bytes = "",
 
 
 # -- PVH ------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ElfSegment:
-    paddr: int
-    data: bytes
-    memsz: int
+ElfSegment = elf.Segment
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,10 @@ thread running in parallel (see :mod:`kemu.accel.tcg.coherence`).  As on
 QEMU's virt: MPIDR Aff0 is the CPU index; CPU 0 starts at the kernel, the
 others are off until the guest's PSCI CPU_ON; each CPU has its own generic
 timers on its banked PPIs and sees its own bank of the GIC's registers;
-SGIs go through GICD_SGIR.
+SGIs go through GICD_SGIR.  Kernels (Image, ELF, raw) and the device tree
+are placed as QEMU places them (:mod:`kemu.boot.arm64_boot`); ``-dtb FILE``
+replaces the generated tree (:mod:`kemu.boot.dtb_file`).  The virtio-mmio
+slots speak version 1 (legacy) by default, as QEMU 7.2's do.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from kemu.accel.base import Exit, IoExit, dispatch
-from kemu.boot import fdt, linux_arm64
+from kemu.boot import arm64_boot, dtb_file, fdt, linux_arm64
 from kemu.boot.fdt import Cells, Node, reg64
 from kemu.bus import Bus
 from kemu.devices.arm_timer import NS_PER_TICK, GenericTimer, host_counter
@@ -46,6 +49,7 @@ from kemu.devices import psci as psci_fn
 from kemu.machines.runtime import DeadlineKicker, Outcome, RunState, VcpuGroup, VcpuThread
 from kemu.memory import GuestMemory, RamRegion
 
+FDT_MAGIC = b"\xd0\x0d\xfe\xed"
 GIC_DIST = (0x08000000, 0x10000)
 GIC_CPU = (0x08010000, 0x10000)
 UART0 = (0x09000000, 0x1000)
@@ -85,6 +89,14 @@ PANIC_MARK = b"Kernel panic - not syncing"
 MPIDR_U_RES1 = 1 << 31
 
 
+def psci_node() -> Node:
+    """The psci node QEMU's virt writes (and adds to a -dtb file)."""
+    return Node("psci", {"compatible": ["arm,psci-1.0", "arm,psci-0.2", "arm,psci"],
+                         "method": "hvc", "cpu_suspend": psci_fn.CPU_SUSPEND_64,
+                         "cpu_off": psci_fn.CPU_OFF, "cpu_on": psci_fn.CPU_ON_64,
+                         "migrate": 0xC4000005})
+
+
 def mpidr(index: int) -> int:
     """The affinity of CPU ``index`` as on QEMU's virt with GICv2: Aff0 = index."""
     return index
@@ -109,6 +121,9 @@ class VirtioSlot:
 class VirtMachine:
     """One ``virt`` machine built from a :class:`MachineConfig`."""
 
+    #: virtio-mmio.force-legacy's default here: on, as QEMU 7.2's virt (Version reads 1).
+    virtio_legacy_default = True
+
     def __init__(self, config: MachineConfig, console: SerialBackend) -> None:
         if not 1 <= config.smp <= MAX_CPUS:
             raise ConfigError(f"-smp: the virt board takes 1 to {MAX_CPUS} CPUs (GICv2)")
@@ -116,7 +131,7 @@ class VirtMachine:
             raise ConfigError(f"-m: RAM must be between 16 MiB and {RAM_MAX >> 30} GiB")
         if config.memory % (2 * MiB):
             raise ConfigError("-m: RAM size must be a multiple of 2 MiB")
-        if config.kernel is None:
+        if config.kernel is None and config.dumpdtb is None:
             raise ConfigError("no kernel given (-kernel)")
         self.config = config
         self.console = console
@@ -167,11 +182,18 @@ class VirtMachine:
         self.power_button = power_button()
         attach_transport(self, self.power_button)
 
-        self.image = linux_arm64.Arm64Image.load_file(config.kernel)
-        self.initrd = (linux_arm64.read_boot_file(config.initrd, "initrd")
-                       if config.initrd else None)
-        self.layout = linux_arm64.plan_layout(self.image, RAM_BASE, config.memory,
-                                              len(self.initrd or b""))
+        self.dtb_file = (linux_arm64.read_boot_file(config.dtb, "dtb", linux_arm64.DTB_MAX)
+                         if config.dtb else None)
+        if self.dtb_file is not None and self.dtb_file[:4] != FDT_MAGIC:
+            raise ConfigError(f"-dtb {config.dtb}: not a flattened device tree (no d00dfeed magic)")
+        self.initrd = None
+        self.layout: arm64_boot.BootLayout | None = None
+        if config.kernel is not None:
+            kernel = arm64_boot.load_kernel_file(config.kernel, RAM_BASE)
+            if config.initrd and kernel.is_linux:   # QEMU passes an initrd to Linux only
+                self.initrd = linux_arm64.read_boot_file(config.initrd, "initrd")
+            self.layout = arm64_boot.plan_layout(kernel, RAM_BASE, config.memory,
+                                                 len(self.initrd or b""))
         self._panic_tail = b""
         self.panic_message: str | None = None
         console.add_tap(self._watch_console)
@@ -186,6 +208,17 @@ class VirtMachine:
 
     # -- device tree -------------------------------------------------------------------------
     def device_tree(self) -> bytes:
+        """The device tree the guest gets: -dtb FILE as given, else the board's own."""
+        if self.dtb_file is None:
+            return self.generated_device_tree()
+        initrd = None
+        if self.initrd and self.layout is not None:
+            initrd = (self.layout.initrd_addr, self.layout.initrd_addr + len(self.initrd))
+        return dtb_file.apply_boot_fixups(self.dtb_file, f"-dtb {self.config.dtb}", RAM_BASE,
+                                          self.config.memory, self.config.append, initrd,
+                                          [psci_node()])
+
+    def generated_device_tree(self) -> bytes:
         cfg = self.config
         root = Node("", {
             "#address-cells": 2, "#size-cells": 2,
@@ -198,7 +231,7 @@ class VirtMachine:
         seed = self.random(KASLR_SEED_BYTES + RNG_SEED_BYTES)
         chosen["kaslr-seed"] = seed[:KASLR_SEED_BYTES]
         chosen["rng-seed"] = seed[KASLR_SEED_BYTES:]
-        if self.initrd:
+        if self.initrd and self.layout is not None:
             start = self.layout.initrd_addr
             chosen["linux,initrd-start"] = Cells(*fdt.u64_cells(start))
             chosen["linux,initrd-end"] = Cells(*fdt.u64_cells(start + len(self.initrd)))
@@ -218,10 +251,7 @@ class VirtMachine:
             if cfg.smp > 1:
                 props["enable-method"] = "psci"
             cpus.add(Node(f"cpu@{i}", props))
-        root.add(Node("psci", {"compatible": ["arm,psci-1.0", "arm,psci-0.2", "arm,psci"],
-                               "method": "hvc", "cpu_suspend": psci_fn.CPU_SUSPEND_64,
-                               "cpu_off": psci_fn.CPU_OFF, "cpu_on": psci_fn.CPU_ON_64,
-                               "migrate": 0xC4000005}))
+        root.add(psci_node())
         root.add(Node(f"intc@{GIC_DIST[0]:x}", {
             "compatible": "arm,cortex-a15-gic", "#interrupt-cells": 3,
             "interrupt-controller": None,
@@ -339,6 +369,7 @@ class VirtMachine:
         """Fresh vCPUs: CPU 0 at the kernel entry, the others off until CPU_ON."""
         from kemu.accel.tcg.aarch64 import Aarch64Cpu
         from kemu.accel.tcg.coherence import CoherenceDomain
+        assert self.layout is not None, "a machine made for dumpdtb does not run"
         n = self.config.smp
         domain = CoherenceDomain() if n > 1 else None
         cpus = []
@@ -349,13 +380,14 @@ class VirtMachine:
                              mpidr=MPIDR_U_RES1 | mpidr(i) if n > 1 else None,
                              domain=domain, powered_on=i == 0)
             self.cpu_irqs[i].connect(cpu.set_irq)
-            cpu.reset_for_linux(self.layout.kernel_addr, self.layout.dtb_addr)
+            cpu.reset_for_linux(self.layout.entry, self.layout.x0)
             cpus.append(cpu)
         return cpus
 
     def load(self) -> None:
+        assert self.layout is not None, "a machine made for dumpdtb does not run"
         dtb = self.device_tree()
-        linux_arm64.load(self.memory, self.image, self.layout, self.initrd, dtb)
+        arm64_boot.load(self.memory, self.layout, self.initrd, dtb)
 
     def _on_exit(self, exit: Exit) -> Outcome | None:
         return self.vcpus.handle_exit(exit, self.config.no_reboot, self.on_reset, self._reset)
@@ -458,3 +490,19 @@ class VirtMachine:
     @property
     def state(self) -> RunState:
         return self.vcpus.state
+
+
+def dump_device_tree(config: MachineConfig) -> None:
+    """QEMU's ``-machine dumpdtb=FILE``: the device tree the guest would get, to a file."""
+    from kemu.backends.serial import SerialBackend
+    if config.machine != "virt":
+        raise ConfigError(f"dumpdtb: the {config.machine} board has no device tree")
+    machine = VirtMachine(config, SerialBackend(lambda data: None))
+    try:
+        dtb = machine.device_tree()
+    finally:
+        machine.close()
+    try:
+        config.dumpdtb.write_bytes(dtb)
+    except OSError as e:
+        raise ConfigError(f"dumpdtb: cannot write {config.dumpdtb}: {e.strerror}") from None

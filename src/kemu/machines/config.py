@@ -75,4 +75,10 @@ class MachineConfig:
     rtc: RtcConfig = field(default_factory=RtcConfig)
     #: -snapshot: writes to the disks go to temporary overlays, deleted at exit.
     snapshot: bool = False
+    #: -dtb FILE: this device tree instead of the board's own (virt).
+    dtb: Path | None = None
+    #: -machine dumpdtb=FILE: write the board's device tree there and exit (virt).
+    dumpdtb: Path | None = None
+    #: -global DRIVER.PROP=VALUE, as ``{(driver, prop): value}``.
+    globals: dict[tuple[str, str], str] = field(default_factory=dict)
     extra: dict = field(default_factory=dict)

@@ -27,12 +27,28 @@ VIRTIO_DRIVERS = {
 }
 
 
+def force_legacy(config: MachineConfig, default: bool) -> bool:
+    """``-global virtio-mmio.force-legacy=on|off``: the legacy interface (version 1).
+
+    QEMU 7.2's virtio-mmio defaults to on (its virt board's slots read Version
+    1); a board passes its own default (``virtio_legacy_default``).
+    """
+    value = config.globals.get(("virtio-mmio", "force-legacy"))
+    if value is None:
+        return default
+    if value not in ("on", "off", "true", "false"):
+        raise ConfigError(f"-global virtio-mmio.force-legacy={value}: expected on or off")
+    return value in ("on", "true")
+
+
 def attach_transport(board, device):
     """Put a virtio device behind a virtio-mmio transport in the board's next free slot
     (the board offers ``memory``, ``virtio_slots``, ``virtio_irq(i)``, ``add_virtio``)."""
     from kemu.devices.virtio.mmio import VirtioMmioTransport
     transport = VirtioMmioTransport(device, board.memory,
-                                    board.virtio_irq(len(board.virtio_slots)))
+                                    board.virtio_irq(len(board.virtio_slots)),
+                                    legacy=force_legacy(board.config,
+                                                        board.virtio_legacy_default))
     board.add_virtio(transport)
     return transport
 

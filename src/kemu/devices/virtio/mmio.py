@@ -12,10 +12,12 @@ Interrupts: the transport drives its :class:`IrqLine` high while
 InterruptStatus is non-zero (bit 0 used buffer, bit 1 configuration change)
 and low once the driver has acknowledged every bit (4.2.3.4).
 
-Only the modern interface is offered: Version reads 2, VIRTIO_F_VERSION_1
-is required at FEATURES_OK, and a legacy (version 1) driver that pokes the
-legacy-only registers (GuestPageSize, QueueAlign, QueuePFN) or sets
-DRIVER_OK without FEATURES_OK is refused with DEVICE_NEEDS_RESET.
+A transport is modern (Version 2: VIRTIO_F_VERSION_1 is required at
+FEATURES_OK, and the legacy-only registers GuestPageSize, QueueAlign and
+QueuePFN or DRIVER_OK without FEATURES_OK put the device in
+DEVICE_NEEDS_RESET) or, with ``legacy=True`` (QEMU's
+``virtio-mmio.force-legacy=on``), legacy: Version 1 and the registers of
+4.2.4 (see :mod:`.mmio_legacy`).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from kemu.devices.virtio import (
     VirtioDevice,
     VirtioError,
 )
+from kemu.devices.virtio import mmio_legacy as legacy_if
 from kemu.devices.virtio.queue import (
     VIRTIO_F_EVENT_IDX,
     VIRTIO_F_INDIRECT_DESC,
@@ -112,6 +115,10 @@ class VirtioMmioState:
     config_generation: int
     shm_sel: int
     queues: list[QueueState] = field(default_factory=list)
+    #: Legacy interface (4.2.4): GuestPageSize, and QueueAlign / QueuePFN per queue.
+    guest_page_size: int = 0
+    queue_align: list[int] = field(default_factory=list)
+    queue_pfn: list[int] = field(default_factory=list)
 
 
 class _Session:
@@ -141,8 +148,11 @@ class VirtioMmioTransport:
     """virtio-mmio registers for ``device`` (``None``: an empty slot)."""
 
     def __init__(self, device: VirtioDevice | None, memory: GuestMemory, irq: IrqLine,
-                 name: str | None = None) -> None:
+                 name: str | None = None, legacy: bool = False) -> None:
         self.device = device
+        #: Version 1 (4.2.4) rather than 2: asked for, and the device type has one.
+        self.legacy = legacy and legacy_if.has_legacy_interface(
+            device.device_id if device else None)
         self.memory = memory
         self.irq = irq
         self.name = name or f"virtio-mmio-{device.name if device else 'empty'}"
@@ -154,6 +164,9 @@ class VirtioMmioTransport:
         #: Register accesses of the wrong width or alignment, ignored.
         self.bad_accesses = 0
         self._session: _Session | None = None
+        #: Legacy GuestPageSize: Linux writes it once at probe, before the driver's
+        #: reset (Status 0), so a reset leaves it as QEMU does.
+        self.guest_page_size = 0
         self._reset_registers()
 
     # -- state ---------------------------------------------------------------------------
@@ -165,6 +178,8 @@ class VirtioMmioTransport:
         self.queue_sel = 0
         self.shm_sel = 0
         self.interrupt_status = 0
+        self.queue_align = [legacy_if.DEFAULT_QUEUE_ALIGN] * len(self.queues)
+        self.queue_pfn = [0] * len(self.queues)
         for q in self.queues:
             q.reset()
             q.set_features(0)
@@ -237,7 +252,7 @@ class VirtioMmioTransport:
         extra = self.driver_features & ~self.device_features
         if extra:
             return f"driver accepted features {extra:#x} that were not offered"
-        if not self.driver_features >> VIRTIO_F_VERSION_1 & 1:
+        if not self.legacy and not self.driver_features >> VIRTIO_F_VERSION_1 & 1:
             return "driver did not accept VIRTIO_F_VERSION_1 (legacy driver?)"
         if not self.device.check_features(self.driver_features):
             return f"device refused feature set {self.driver_features:#x}"
@@ -258,11 +273,19 @@ class VirtioMmioTransport:
             else:
                 for q in self.queues:
                     q.set_features(self.driver_features)
-        if added & STATUS_DRIVER_OK:
-            if not new & STATUS_FEATURES_OK:
+        if added & STATUS_DRIVER_OK and self.legacy and not new & STATUS_FEATURES_OK:
+            why = self._features_ok()    # a legacy driver never sets FEATURES_OK
+            if why is not None:
                 self.status = new & ~STATUS_DRIVER_OK
-                self.device_error("DRIVER_OK without FEATURES_OK: legacy virtio drivers are not supported")
+                self.device_error(why)
                 return
+            for q in self.queues:
+                q.set_features(self.driver_features)
+        elif added & STATUS_DRIVER_OK and not new & STATUS_FEATURES_OK:
+            self.status = new & ~STATUS_DRIVER_OK
+            self.device_error("DRIVER_OK without FEATURES_OK: legacy virtio drivers are not supported")
+            return
+        if added & STATUS_DRIVER_OK:
             if old & STATUS_DEVICE_NEEDS_RESET:
                 self.status = new & ~STATUS_DRIVER_OK
                 return
@@ -299,7 +322,7 @@ class VirtioMmioTransport:
         if offset == MAGIC_VALUE:
             return MAGIC
         if offset == VERSION:
-            return MMIO_VERSION
+            return legacy_if.LEGACY_VERSION if self.legacy else MMIO_VERSION
         if offset == DEVICE_ID:
             return self.device.device_id if self.device else 0
         if offset == VENDOR_ID:
@@ -307,15 +330,17 @@ class VirtioMmioTransport:
         if self.device is None:
             return 0
         if offset == DEVICE_FEATURES:
-            if self.device_features_sel > 1:
+            if self.device_features_sel > (0 if self.legacy else 1):
                 return 0
             return (self.device_features >> (32 * self.device_features_sel)) & 0xFFFFFFFF
         if offset == QUEUE_NUM_MAX:
             q = self._queue()
             return q.max_size if q else 0
-        if offset == QUEUE_READY:
+        if offset == QUEUE_READY and not self.legacy:
             q = self._queue()
             return int(q.ready) if q else 0
+        if offset == LEGACY_QUEUE_PFN and self.legacy:
+            return self.queue_pfn[self.queue_sel] if self._queue() else 0
         if offset == INTERRUPT_STATUS:
             return self.interrupt_status
         if offset == STATUS:
@@ -339,8 +364,14 @@ class VirtioMmioTransport:
         q = self._queue()
         if offset == DEVICE_FEATURES_SEL:
             self.device_features_sel = value
+        elif self.legacy and offset in (LEGACY_GUEST_PAGE_SIZE, LEGACY_QUEUE_ALIGN,
+                                        LEGACY_QUEUE_PFN):
+            self._write_legacy(offset, value)
+        elif self.legacy and (offset == QUEUE_READY or offset in _QUEUE_ADDR_REGS):
+            pass    # not registers of the legacy layout (4.2.4): ignored
         elif offset == DRIVER_FEATURES:
-            if self.driver_features_sel <= 1 and not self.status & STATUS_FEATURES_OK:
+            if (self.driver_features_sel <= (0 if self.legacy else 1)
+                    and not self.status & (STATUS_FEATURES_OK | STATUS_DRIVER_OK)):
                 shift = 32 * self.driver_features_sel
                 self.driver_features = (self.driver_features & ~(0xFFFFFFFF << shift)) | (value << shift)
         elif offset == DRIVER_FEATURES_SEL:
@@ -370,6 +401,38 @@ class VirtioMmioTransport:
             self.device_error(f"legacy virtio-mmio register {offset:#x} written: "
                               "this device only speaks virtio-mmio version 2")
         # Read-only and reserved registers: writes are ignored.
+
+    def _write_legacy(self, offset: int, value: int) -> None:
+        """GuestPageSize, QueueAlign, QueuePFN (4.2.4)."""
+        if offset == LEGACY_GUEST_PAGE_SIZE:
+            if not legacy_if.valid_power_of_two(value):
+                self.device_error(f"GuestPageSize {value:#x} is not a power of two up to 64 KiB")
+                return
+            self.guest_page_size = value
+            return
+        q = self._queue()
+        if q is None:
+            return
+        if offset == LEGACY_QUEUE_ALIGN:
+            if not legacy_if.valid_power_of_two(value):
+                self.device_error(f"QueueAlign {value:#x} is not a power of two up to 64 KiB")
+                return
+            self.queue_align[self.queue_sel] = value
+            return
+        self.queue_pfn[self.queue_sel] = value
+        if value == 0:
+            q.disable()     # "stop using the queue"
+            return
+        if self.status & STATUS_DEVICE_NEEDS_RESET:
+            return
+        ring = legacy_if.LegacyRing.at(value, self.guest_page_size,
+                                       self.queue_align[self.queue_sel], q.size)
+        q.desc_addr, q.driver_addr, q.device_addr = ring.desc, ring.avail, ring.used
+        q.set_features(self.driver_features)
+        try:
+            q.enable()
+        except VirtioError as exc:
+            self.device_error(str(exc))
 
     def _write_queue_ready(self, q: Virtqueue | None, value: int) -> None:
         if q is None:
@@ -405,7 +468,8 @@ class VirtioMmioTransport:
         return VirtioMmioState(1, self.status, self.driver_features, self.device_features_sel,
                                self.driver_features_sel, self.queue_sel, self.interrupt_status,
                                self.config_generation, self.shm_sel,
-                               [q.save() for q in self.queues])
+                               [q.save() for q in self.queues], self.guest_page_size,
+                               list(self.queue_align), list(self.queue_pfn))
 
     def restore(self, state: VirtioMmioState) -> None:
         """Restore registers and queues; re-activates the device if DRIVER_OK was set.
@@ -421,6 +485,10 @@ class VirtioMmioTransport:
         self.queue_sel = state.queue_sel
         self.config_generation = state.config_generation
         self.shm_sel = state.shm_sel
+        self.guest_page_size = state.guest_page_size
+        if len(state.queue_align) == len(self.queues):
+            self.queue_align = list(state.queue_align)
+            self.queue_pfn = list(state.queue_pfn)
         for q, qs in zip(self.queues, state.queues):
             q.restore(qs)
         self.status = state.status

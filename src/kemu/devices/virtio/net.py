@@ -66,6 +66,9 @@ TX_QUEUE = 1
 
 NET_HDR = struct.Struct("<BBHHHHH")   # flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, num_buffers
 NET_HDR_SIZE = NET_HDR.size           # 12
+#: A legacy driver (no VIRTIO_F_VERSION_1) without MRG_RXBUF leaves num_buffers out (5.1.6.1).
+LEGACY_NET_HDR_SIZE = 10
+VIRTIO_F_VERSION_1 = 32
 CONFIG = struct.Struct("<6sHH")       # mac, status, max_virtqueue_pairs
 
 ETH_HLEN = 14
@@ -184,6 +187,14 @@ class VirtioNet(VirtioDevice):
                 self.session.signal_config()
 
     @property
+    def _hdr_size(self) -> int:
+        """The virtio_net_hdr length the driver uses (5.1.6, its legacy note)."""
+        s = self.session
+        if s is None or s.features >> VIRTIO_F_VERSION_1 & 1 or self._mergeable:
+            return NET_HDR_SIZE
+        return LEGACY_NET_HDR_SIZE
+
+    @property
     def _mergeable(self) -> bool:
         s = self.session
         return s is not None and bool(s.features >> VIRTIO_NET_F_MRG_RXBUF & 1)
@@ -220,17 +231,18 @@ class VirtioNet(VirtioDevice):
         sent = False
         while (chain := queue.pop()) is not None:
             length = chain.readable_len
-            if length < NET_HDR_SIZE:
+            hdr = self._hdr_size
+            if length < hdr:
                 raise VirtqueueError(f"{self.name}: transmit chain of {length} bytes has no "
                                      "virtio_net_hdr")
-            frame_len = length - NET_HDR_SIZE
+            frame_len = length - hdr
             if ETH_HLEN <= frame_len <= MAX_FRAME:
                 data = chain.read(session.memory, 0, length)
                 _flags, gso_type = data[0], data[1]
                 if gso_type != VIRTIO_NET_HDR_GSO_NONE:   # no HOST_TSO/UFO offered (5.1.6.2)
                     self.stats.tx_dropped += 1
                 else:
-                    self._send(data[NET_HDR_SIZE:])
+                    self._send(data[hdr:])
             else:
                 self.stats.tx_dropped += 1
             queue.push(chain, 0)
@@ -284,7 +296,7 @@ class VirtioNet(VirtioDevice):
         delivered = False
         while self._rx_pending:
             frame = self._rx_pending[0]
-            chains = self._take_buffers(queue, NET_HDR_SIZE + len(frame))
+            chains = self._take_buffers(queue, self._hdr_size + len(frame))
             if chains is None:
                 break
             self._rx_pending.popleft()
@@ -302,7 +314,7 @@ class VirtioNet(VirtioDevice):
 
     def _pop_rx(self, queue: Virtqueue) -> DescriptorChain | None:
         chain = self._rx_chains.popleft() if self._rx_chains else queue.pop()
-        if chain is not None and chain.writable_len < NET_HDR_SIZE:
+        if chain is not None and chain.writable_len < self._hdr_size:
             raise VirtqueueError(f"{self.name}: receive buffer of {chain.writable_len} bytes "
                                  "cannot hold a virtio_net_hdr")
         return chain
@@ -335,7 +347,8 @@ class VirtioNet(VirtioDevice):
                      chains: list[DescriptorChain], frame: bytes) -> None:
         flags = (VIRTIO_NET_HDR_F_DATA_VALID
                  if session.features >> VIRTIO_NET_F_GUEST_CSUM & 1 else 0)
-        data = NET_HDR.pack(flags, VIRTIO_NET_HDR_GSO_NONE, 0, 0, 0, 0, len(chains)) + frame
+        header = NET_HDR.pack(flags, VIRTIO_NET_HDR_GSO_NONE, 0, 0, 0, 0, len(chains))
+        data = header[:self._hdr_size] + frame
         offset = 0
         for chain in chains:
             take = min(chain.writable_len, len(data) - offset)
