@@ -7,7 +7,8 @@ builder.  Every error becomes one line on stderr and exit status 2
 
     kemu [QEMU options]            boot what the options say
     kemu run [QEMU options]        boot the default guest (options on top)
-    kemu guest build [--arch A]    build the default guest ahead of time
+    kemu guest build [--arch A]    build the default guest ahead of time (reuses a
+                                   complete cache; --rebuild to build it again)
     kemu img SUBCOMMAND ...        disk image tool (qemu-img's everyday subset)
 """
 
@@ -36,7 +37,9 @@ usage: kemu [QEMU-style options]
                                          boot the default guest on its serial console
                                          (x86-64 on KVM where /dev/kvm is hardware-backed,
                                          else aarch64 on TCG)
-       kemu guest build [--arch aarch64] build the default guest and print its paths
+       kemu guest build [--arch aarch64] [--rebuild]
+                                         build the default guest (or reuse a complete
+                                         cache) and print its paths
        kemu img create|info|check|convert ...
 
 QEMU-style options: -M/-machine virt|microvm  -accel tcg|kvm  -enable-kvm  -cpu MODEL
@@ -495,14 +498,21 @@ def cmd_run(argv: list[str]) -> int:
 def cmd_guest(argv: list[str]) -> int:
     import argparse
 
-    from kemu.guest.debian import build_guest
+    from kemu.guest.debian import build_guest, cached_guest, guest_dir
 
     parser = argparse.ArgumentParser(prog="kemu guest")
     sub = parser.add_subparsers(dest="action", required=True)
     b = sub.add_parser("build", help="build the default guest from distribution packages")
     b.add_argument("--arch", default="aarch64", choices=("aarch64", "x86_64"))
+    b.add_argument("--rebuild", action="store_true",
+                   help="fetch the packages again and rebuild even if the cache is complete")
     args = parser.parse_args(argv)
-    image = build_guest(args.arch, show_progress=sys.stderr.isatty())
+    image = None if args.rebuild else cached_guest(args.arch, check_packages=True)
+    if image is None:
+        image = build_guest(args.arch, show_progress=sys.stderr.isatty())
+    else:
+        print(f"kemu: reusing the complete cached guest in {guest_dir(args.arch)} "
+              "(--rebuild to build it again)", file=sys.stderr)
     print(f"kernel:  {image.kernel}\ninitrd:  {image.initrd}\nappend:  {image.append}")
     return 0
 

@@ -45,7 +45,7 @@ ARCHES = {
 }
 
 #: Bumped when the initramfs layout changes, so old caches are rebuilt.
-LAYOUT_VERSION = 10
+LAYOUT_VERSION = 11
 
 
 def cache_dir() -> Path:
@@ -70,17 +70,27 @@ def guest_dir(arch: str) -> Path:
     return cache_dir() / "guests" / arch
 
 
-def cached_guest(arch: str = "aarch64") -> GuestImage | None:
+def cached_guest(arch: str = "aarch64", check_packages: bool = False) -> GuestImage | None:
+    """The guest in the cache if it is complete: a manifest of the current layout
+    whose kernel and initramfs are there with the SHA-256 recorded when they were
+    built (and, with ``check_packages``, the packages they were built from are
+    there with the SHA-256 apt's signed lists gave); else None."""
     manifest = guest_dir(arch) / "manifest.json"
     try:
         data = json.loads(manifest.read_text())
-    except (OSError, ValueError):
+        if data.get("layout") != LAYOUT_VERSION:
+            return None
+        image = GuestImage(arch, Path(data["kernel"]), Path(data["initrd"]), data["append"],
+                           data["kernel_version"])
+        made = [(image.kernel, *data["files"]["kernel"]), (image.initrd, *data["files"]["initrd"])]
+        debs = [(guest_dir(arch) / "debs" / name, size, sha) for name, size, sha in data["debs"]]
+    except (OSError, ValueError, KeyError, TypeError):
         return None
-    if data.get("layout") != LAYOUT_VERSION:
+    if not all(is_verified(path, size, sha) for path, size, sha in made):
         return None
-    image = GuestImage(arch, Path(data["kernel"]), Path(data["initrd"]), data["append"],
-                       data["kernel_version"])
-    return image if image.ready else None
+    if check_packages and not all(is_verified(path, size, sha) for path, size, sha in debs):
+        return None
+    return image
 
 
 def init_script(console: str, modules: list[str]) -> bytes:
@@ -338,6 +348,10 @@ def build_guest(arch: str = "aarch64", show_progress: bool = True) -> GuestImage
         write_atomically(kernel_path, source=kernel)
         initrd_path = out_dir / "initramfs.cpio.gz"
         write_atomically(initrd_path, initrd)
+        # Hashed from what was written, not from the files (a concurrent build may
+        # have replaced them since).
+        files = {"kernel": [kernel.stat().st_size, sha256_of(kernel)],
+                 "initrd": [len(initrd), hashlib.sha256(initrd).hexdigest()]}
     steps.update()
     steps.close()
     append = f"console={spec['console']} rdinit=/init quiet cryptomgr.notests"
@@ -346,9 +360,11 @@ def build_guest(arch: str = "aarch64", show_progress: bool = True) -> GuestImage
     image = GuestImage(arch, kernel_path, initrd_path, append, version)
     write_atomically(out_dir / "manifest.json", json.dumps({
         "layout": LAYOUT_VERSION, "kernel": str(image.kernel), "initrd": str(image.initrd),
-        "append": image.append, "kernel_version": version}, indent=1).encode())
+        "append": image.append, "kernel_version": version, "files": files,
+        "debs": [[name, size, sha] for _url, name, size, sha in uris]}, indent=1).encode())
     return image
 
 
 def default_guest(arch: str = "aarch64", show_progress: bool = True) -> GuestImage:
+    """The cached guest when it is complete, else a freshly built one."""
     return cached_guest(arch) or build_guest(arch, show_progress)
