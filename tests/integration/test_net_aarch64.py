@@ -1,6 +1,6 @@
 """virtio-net on the aarch64 virt board: user-mode networking through passt.
 
-The guest gets a DHCP lease from passt, fetches a file from an HTTP server
+The guest gets a DHCP lease from passt at boot, fetches a file from an HTTP server
 the test runs on the host's loopback (passt maps the gateway address to the
 host's 127.0.0.1), and answers a host connection forwarded with hostfwd.
 """
@@ -18,22 +18,6 @@ import pytest
 
 pytestmark = pytest.mark.skipif(shutil.which("passt") is None, reason="passt is not installed")
 
-#: A udhcpc script for guests without /usr/share/udhcpc/default.script.
-DHCP_SCRIPT = r"""#!/bin/sh
-case "$1" in
-deconfig) ip -4 addr flush dev "$interface"; ip link set dev "$interface" up ;;
-bound|renew)
-  ip -4 addr flush dev "$interface"
-  ip addr add "$ip/${subnet:-24}" dev "$interface"
-  [ -n "$mtu" ] && ip link set dev "$interface" mtu "$mtu"
-  for r in $router; do ip route add default via "$r" dev "$interface"; break; done
-  : > /etc/resolv.conf
-  for d in $dns; do echo "nameserver $d" >> /etc/resolv.conf; done ;;
-esac
-exit 0
-"""
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -41,15 +25,10 @@ def free_port() -> int:
 
 
 def dhcp(console) -> str:
-    """Configure eth0 by DHCP in the guest; returns the gateway address."""
-    console.expect(rb"# ", 180)
-    console.run("[ -x /usr/share/udhcpc/default.script ] && S=/usr/share/udhcpc/default.script"
-                " || { printf '%s' '" + DHCP_SCRIPT.replace("'", "'\\''") + "' > /tmp/dhcp.sh;"
-                " chmod +x /tmp/dhcp.sh; S=/tmp/dhcp.sh; }")
-    out = console.run("udhcpc -i eth0 -n -q -s $S 2>&1", 60)
-    assert "lease of" in out, out
-    route = console.run("ip route show default")
-    return route.split("via", 1)[1].split()[0]
+    """Wait for the lease the guest takes at boot on eth0; returns the gateway address."""
+    m = console.expect(rb"kemu: eth0: [0-9.]+/\d+ from DHCP, gateway ([0-9.]+)", 300)
+    console.expect(rb"# ", 60)
+    return m.group(1).decode()
 
 
 @pytest.fixture

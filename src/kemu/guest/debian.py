@@ -93,17 +93,52 @@ def cached_guest(arch: str = "aarch64", check_packages: bool = False) -> GuestIm
     return image
 
 
-def init_script(console: str, modules: list[str]) -> bytes:
-    loads = "\n".join(f"insmod /lib/modules/{m} 2>/dev/null" for m in modules)
-    acpid = """# The power button (virtio-input or ACPI, KEY_POWER) runs /etc/acpi/PWRF/00000080;
+#: udhcpc's script: address, route and DNS from the lease, and one line saying so.
+DHCP_SCRIPT = rb"""#!/bin/sh
+case "$1" in
+deconfig) ip -4 addr flush dev "$interface"; ip link set dev "$interface" up ;;
+bound|renew)
+  ip -4 addr flush dev "$interface"
+  ip addr add "$ip/${mask:-24}" dev "$interface"
+  [ -n "$mtu" ] && ip link set dev "$interface" mtu "$mtu"
+  for r in $router; do ip route replace default via "$r" dev "$interface"; break; done
+  : > /etc/resolv.conf
+  for d in $dns; do echo "nameserver $d" >> /etc/resolv.conf; done
+  [ "$1" = bound ] && echo "kemu: $interface: $ip/${mask:-24} from DHCP, gateway ${router%% *}, DNS ${dns:-none}" > /dev/console ;;
+esac
+exit 0
+"""
+
+#: The boot's part for devices: a DHCP lease on each NIC (up to 3 s in the
+#: foreground, then in the background until one comes), one line per disk saying
+#: how to mount it, and acpid only where there is an input device to read.
+CONFIGURE = """for n in /sys/class/net/*; do
+  i=${n##*/}
+  [ "$i" = lo ] && continue
+  ip link set "$i" up
+  udhcpc -i "$i" -s /etc/udhcpc.script -q -b -t 3 -T 1 >/dev/null 2>&1
+done
+for b in /sys/block/vd*; do
+  [ -e "$b" ] || continue
+  d=${b##*/}
+  p=$(cd "$b" && ls -d "$d"* 2>/dev/null | head -n 1)
+  echo "kemu: disk /dev/$d ($(( $(cat "$b/size") / 2048 )) MiB): mount /dev/${p:-$d} /mnt to use it (mke2fs /dev/$d first if it is blank)"
+done
+# The power button (virtio-input or ACPI, KEY_POWER) runs /etc/acpi/PWRF/00000080;
 # acpid opens the event devices there are when it starts, which devtmpfs creates
 # a moment after their drivers load: wait until every input has its node.
-for i in 1 2 3 4 5 6 7 8 9 10; do
-  [ -e /dev/input/event0 ] && [ $(ls /sys/class/input | grep -c event) = $(ls /dev/input | grep -c event) ] && break
-  sleep 0.1
-done
-acpid -f -d &
+if ls /sys/class/input | grep -q event; then
+  for i in 1 2 3 4 5 6 7 8 9 10; do
+    [ $(ls /sys/class/input | grep -c event) = $(ls /dev/input 2>/dev/null | grep -c event) ] && break
+    sleep 0.1
+  done
+  acpid -f -d &
+fi
 """
+
+
+def init_script(console: str, modules: list[str]) -> bytes:
+    loads = "\n".join(f"insmod /lib/modules/{m} 2>/dev/null" for m in modules)
     return f"""#!/bin/busybox sh
 /bin/busybox --install -s /bin
 export PATH=/bin:/sbin
@@ -115,7 +150,7 @@ mkdir -p /dev/pts && mount -t devpts devpts /dev/pts
 {loads}
 hostname kemu
 ip link set lo up 2>/dev/null
-{acpid}echo "kemu guest ready: $(uname -sr) on $(uname -m)"
+{CONFIGURE}echo "kemu guest ready: $(uname -sr) on $(uname -m)"
 setsid cttyhack sh -l
 poweroff -f
 """.encode()
@@ -129,6 +164,7 @@ def build_initramfs(busybox: bytes, modules: list[Path], console: str) -> bytes:
                 cpio.file("etc/profile", b"export PS1='# '\nexport HOME=/root\ncd /root\n"),
                 cpio.file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n"),
                 cpio.file("etc/group", b"root:x:0:\n"),
+                cpio.file("etc/udhcpc.script", DHCP_SCRIPT, 0o755),
                 cpio.directory("etc/acpi"), cpio.directory("etc/acpi/PWRF"),
                 cpio.file("etc/acpi/PWRF/00000080",
                           b"#!/bin/sh\necho 'kemu: power button pressed, powering off'"
