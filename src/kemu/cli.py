@@ -30,6 +30,7 @@ from kemu.machines.virtio_devices import (
     parse_netdev,
     parse_nic,
 )
+from kemu.pvm_notice import SilenceReporter, prepare_for_pvm
 
 USAGE = """\
 usage: kemu [QEMU-style options]
@@ -278,10 +279,16 @@ def run_machine(config: MachineConfig) -> int:
     output = ConsoleOutput(sys.stdout.fileno()) if stdio else None
     try:
         on_stdio = output is not None and serial in ("stdio", "mon:stdio")
-        vm = Machine.from_config(config, output.write if on_stdio else None)
-        if config.extra.get("note"):
+        pvm_note = prepare_for_pvm(config)
+        sink = output.write if on_stdio else None
+        silence = SilenceReporter(sink) if pvm_note and sink else None
+        vm = Machine.from_config(config, silence.write if silence else sink)
+        for note in (config.extra.get("note"), pvm_note):
             # After set-up, so that a bad option or file is still exactly one line.
-            print(config.extra["note"], file=sys.stderr)
+            if note:
+                print(note, file=sys.stderr)
+        if silence:
+            silence.start()
         ready_fd = _daemonize() if config.extra.get("daemonize") else None
         # Threads started from here on (vCPUs, QMP, console output) leave these
         # signals to the "signals" thread, which learns who sent them.
@@ -449,9 +456,10 @@ def choose_default_guest(arch: str | None, accel: str | None) -> tuple[str, str,
     from kemu.accel.kvm import is_pvm, kvm_is_hardware_backed, kvm_unavailable_reason
     if kvm_is_hardware_backed():
         return "x86_64", "kvm", "kemu: x86-64 guest on KVM (/dev/kvm is hardware-backed)"
-    why = ("/dev/kvm is PVM, where Linux does not boot" if is_pvm()
+    why = ("/dev/kvm is PVM, where KVM emulates the guest kernel's code in software"
+           if is_pvm()
            else (kvm_unavailable_reason() or "no usable /dev/kvm").split(" (")[0].split(":")[0])
-    return "aarch64", "tcg", f"kemu: aarch64 guest on TCG ({why}; --accel kvm to override)"
+    return "aarch64", "tcg", f"kemu: aarch64 guest on TCG ({why})"
 
 
 def cmd_run(argv: list[str]) -> int:
