@@ -44,7 +44,7 @@ ARCHES = {
                "modules": ["button"]},
 }
 
-#: Bumped when the initramfs layout changes, so old caches are rebuilt.
+#: Bumped when the initramfs layout changes in a way the code below does not show.
 LAYOUT_VERSION = 11
 
 
@@ -70,16 +70,28 @@ def guest_dir(arch: str) -> Path:
     return cache_dir() / "guests" / arch
 
 
+def recipe_id() -> str:
+    """Names this version of the recipe (the code that builds the guest): guests of
+    different kemu versions (say, two checkouts sharing one cache) live side by
+    side, each under its own manifest and initramfs, instead of each replacing the
+    other's and rebuilding at every run."""
+    digest = hashlib.sha256(str(LAYOUT_VERSION).encode())
+    for module in (__file__, cpio.__file__, kmod.__file__):
+        digest.update(Path(module).read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def manifest_path(arch: str) -> Path:
+    return guest_dir(arch) / f"manifest-{recipe_id()}.json"
+
+
 def cached_guest(arch: str = "aarch64", check_packages: bool = False) -> GuestImage | None:
-    """The guest in the cache if it is complete: a manifest of the current layout
-    whose kernel and initramfs are there with the SHA-256 recorded when they were
+    """The guest in the cache if it is complete: a manifest of this recipe whose
+    kernel and initramfs are there with the SHA-256 recorded when they were
     built (and, with ``check_packages``, the packages they were built from are
     there with the SHA-256 apt's signed lists gave); else None."""
-    manifest = guest_dir(arch) / "manifest.json"
     try:
-        data = json.loads(manifest.read_text())
-        if data.get("layout") != LAYOUT_VERSION:
-            return None
+        data = json.loads(manifest_path(arch).read_text())
         image = GuestImage(arch, Path(data["kernel"]), Path(data["initrd"]), data["append"],
                            data["kernel_version"])
         made = [(image.kernel, *data["files"]["kernel"]), (image.initrd, *data["files"]["initrd"])]
@@ -382,7 +394,7 @@ def build_guest(arch: str = "aarch64", show_progress: bool = True) -> GuestImage
         initrd = build_initramfs(busybox.read_bytes(), modules, spec["console"])
         kernel_path = out_dir / f"vmlinuz-{version}"
         write_atomically(kernel_path, source=kernel)
-        initrd_path = out_dir / "initramfs.cpio.gz"
+        initrd_path = out_dir / f"initramfs-{recipe_id()}.cpio.gz"
         write_atomically(initrd_path, initrd)
         # Hashed from what was written, not from the files (a concurrent build may
         # have replaced them since).
@@ -394,8 +406,8 @@ def build_guest(arch: str = "aarch64", show_progress: bool = True) -> GuestImage
     if spec.get("append"):
         append = f"{append} {spec['append']}"
     image = GuestImage(arch, kernel_path, initrd_path, append, version)
-    write_atomically(out_dir / "manifest.json", json.dumps({
-        "layout": LAYOUT_VERSION, "kernel": str(image.kernel), "initrd": str(image.initrd),
+    write_atomically(manifest_path(arch), json.dumps({
+        "recipe": recipe_id(), "kernel": str(image.kernel), "initrd": str(image.initrd),
         "append": image.append, "kernel_version": version, "files": files,
         "debs": [[name, size, sha] for _url, name, size, sha in uris]}, indent=1).encode())
     return image
