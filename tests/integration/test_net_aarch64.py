@@ -61,7 +61,7 @@ def test_hostfwd_reaches_guest_listener(guest, console_factory):
                         "-device", "virtio-net-device,netdev=n0,mac=52:54:00:aa:bb:cc")
     dhcp(c)
     assert "52:54:00:aa:bb:cc" in c.run("cat /sys/class/net/eth0/address")
-    c.run("(echo hello-from-guest | nc -l -p 7777 > /tmp/got &); sleep 1")
+    c.run("(echo hello-from-guest | nc -l -p 7777 > /tmp/got &)")    # the host retries
     deadline = time.monotonic() + 60
     while True:
         try:
@@ -78,7 +78,9 @@ def test_hostfwd_reaches_guest_listener(guest, console_factory):
         assert time.monotonic() < deadline, "no answer through hostfwd"
         time.sleep(0.5)
     assert data == b"hello-from-guest\n"
-    assert "hello-from-host" in c.run("sleep 1; cat /tmp/got")
+    # nc writes what it got as it gets it: wait for it, not for a time.
+    assert "hello-from-host" in c.run(
+        "until grep -q hello-from-host /tmp/got; do sleep 0.1; done; cat /tmp/got", 120)
     c.send("poweroff -f\n")
     assert c.wait(60) == 0
 
@@ -91,9 +93,11 @@ def test_passt_is_gone_after_the_machine_ends(guest, console_factory):
     assert any(_comm(p).startswith("passt") for p in children)
     c.send("poweroff -f\n")
     assert c.wait(60) == 0
-    time.sleep(0.5)
-    assert not any(os.path.exists(f"/proc/{p}") and _comm(p).startswith("passt")
-                   for p in children)
+    # passt quits when kemu's end of its socket closes: wait for that, not a time.
+    deadline = time.monotonic() + 60
+    while any(os.path.exists(f"/proc/{p}") and _comm(p).startswith("passt") for p in children):
+        assert time.monotonic() < deadline, "passt outlived the machine"
+        time.sleep(0.05)
 
 
 def _ppid(pid: str) -> int:
