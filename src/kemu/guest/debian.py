@@ -121,31 +121,35 @@ esac
 exit 0
 """
 
-#: The boot's part for devices: a DHCP lease on each NIC (up to 3 s in the
-#: foreground, then in the background until one comes), one line per disk saying
-#: how to mount it, and acpid only where there is an input device to read.
-CONFIGURE = """for n in /sys/class/net/*; do
+#: A DHCP lease on each NIC (up to 3 s in the foreground, then in the background
+#: until one comes).
+CONFIGURE_NICS = """for n in /sys/class/net/*; do
   i=${n##*/}
   [ "$i" = lo ] && continue
   ip link set "$i" up
   udhcpc -i "$i" -s /etc/udhcpc.script -q -b -t 3 -T 1 >/dev/null 2>&1
 done
-for b in /sys/block/vd*; do
+"""
+
+#: One line per disk saying how to mount it.
+DESCRIBE_DISKS = """for b in /sys/block/vd*; do
   [ -e "$b" ] || continue
   d=${b##*/}
   p=$(cd "$b" && ls -d "$d"* 2>/dev/null | head -n 1)
   echo "kemu: disk /dev/$d ($(( $(cat "$b/size") / 2048 )) MiB): mount /dev/${p:-$d} /mnt to use it (mke2fs /dev/$d first if it is blank)"
 done
-# The power button (virtio-input or ACPI, KEY_POWER) runs /etc/acpi/PWRF/00000080;
-# acpid opens the event devices there are when it starts, which devtmpfs creates
-# a moment after their drivers load: wait until every input has its node.
-if ls /sys/class/input | grep -q event; then
-  for i in 1 2 3 4 5 6 7 8 9 10; do
-    [ $(ls /sys/class/input | grep -c event) = $(ls /dev/input 2>/dev/null | grep -c event) ] && break
-    sleep 0.1
-  done
-  acpid -f -d &
-fi
+"""
+
+#: The power button (virtio-input or ACPI, KEY_POWER) runs /etc/acpi/PWRF/00000080.
+#: acpid opens the event devices there are when it starts, which devtmpfs creates a
+#: moment after their drivers load: wait until every input has its node.  With no
+#: input device at all there is nothing for acpid to read: it is not started.
+START_ACPID = """for i in 1 2 3 4 5 6 7 8 9 10; do
+  n=$(ls /sys/class/input 2>/dev/null | grep -c event)
+  [ "$n" != 0 ] && [ "$n" = $(ls /dev/input 2>/dev/null | grep -c event) ] && break
+  sleep 0.1
+done
+[ "$n" != 0 ] && acpid -f -d &
 """
 
 
@@ -162,7 +166,7 @@ mkdir -p /dev/pts && mount -t devpts devpts /dev/pts
 {loads}
 hostname kemu
 ip link set lo up 2>/dev/null
-{CONFIGURE}echo "kemu guest ready: $(uname -sr) on $(uname -m)"
+{CONFIGURE_NICS}{DESCRIBE_DISKS}{START_ACPID}echo "kemu guest ready: $(uname -sr) on $(uname -m)"
 setsid cttyhack sh -l
 poweroff -f
 """.encode()
