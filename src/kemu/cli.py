@@ -513,7 +513,8 @@ def cmd_guest(argv: list[str]) -> int:
     b = sub.add_parser("build", help="build the default guest from distribution packages")
     b.add_argument("--arch", default="aarch64", choices=("aarch64", "x86_64"))
     b.add_argument("--rebuild", action="store_true",
-                   help="fetch the packages again and rebuild even if the cache is complete")
+                   help="build again even if the cache is complete (packages still "
+                        "matching apt's hashes are not downloaded again)")
     args = parser.parse_args(argv)
     image = None if args.rebuild else cached_guest(args.arch, check_packages=True)
     if image is None:
