@@ -7,7 +7,8 @@ builder.  Every error becomes one line on stderr and exit status 2
 
     kemu [QEMU options]            boot what the options say
     kemu run [QEMU options]        boot the default guest (options on top)
-    kemu guest build [--arch A]    build the default guest ahead of time
+    kemu guest build [--arch A]    build the default guest ahead of time (reuses a
+                                   complete cache; --rebuild to build it again)
     kemu img SUBCOMMAND ...        disk image tool (qemu-img's everyday subset)
 """
 
@@ -29,6 +30,7 @@ from kemu.machines.virtio_devices import (
     parse_netdev,
     parse_nic,
 )
+from kemu.pvm_notice import SilenceReporter, prepare_for_pvm
 
 USAGE = """\
 usage: kemu [QEMU-style options]
@@ -36,7 +38,9 @@ usage: kemu [QEMU-style options]
                                          boot the default guest on its serial console
                                          (x86-64 on KVM where /dev/kvm is hardware-backed,
                                          else aarch64 on TCG)
-       kemu guest build [--arch aarch64] build the default guest and print its paths
+       kemu guest build [--arch aarch64] [--rebuild]
+                                         build the default guest (or reuse a complete
+                                         cache) and print its paths
        kemu img create|info|check|convert ...
 
 QEMU-style options: -M/-machine virt|microvm  -accel tcg|kvm  -enable-kvm  -cpu MODEL
@@ -327,10 +331,16 @@ def run_machine(config: MachineConfig) -> int:
     output = ConsoleOutput(sys.stdout.fileno()) if stdio else None
     try:
         on_stdio = output is not None and serial in ("stdio", "mon:stdio")
-        vm = Machine.from_config(config, output.write if on_stdio else None)
-        if config.extra.get("note"):
+        pvm_note = prepare_for_pvm(config)
+        sink = output.write if on_stdio else None
+        silence = SilenceReporter(sink) if pvm_note and sink else None
+        vm = Machine.from_config(config, silence.write if silence else sink)
+        for note in (config.extra.get("note"), pvm_note):
             # After set-up, so that a bad option or file is still exactly one line.
-            print(config.extra["note"], file=sys.stderr)
+            if note:
+                print(note, file=sys.stderr)
+        if silence:
+            silence.start()
         ready_fd = _daemonize() if config.extra.get("daemonize") else None
         # Threads started from here on (vCPUs, QMP, console output) leave these
         # signals to the "signals" thread, which learns who sent them.
@@ -498,9 +508,10 @@ def choose_default_guest(arch: str | None, accel: str | None) -> tuple[str, str,
     from kemu.accel.kvm import is_pvm, kvm_is_hardware_backed, kvm_unavailable_reason
     if kvm_is_hardware_backed():
         return "x86_64", "kvm", "kemu: x86-64 guest on KVM (/dev/kvm is hardware-backed)"
-    why = ("/dev/kvm is PVM, where Linux does not boot" if is_pvm()
+    why = ("/dev/kvm is PVM, where KVM emulates the guest kernel's code in software"
+           if is_pvm()
            else (kvm_unavailable_reason() or "no usable /dev/kvm").split(" (")[0].split(":")[0])
-    return "aarch64", "tcg", f"kemu: aarch64 guest on TCG ({why}; --accel kvm to override)"
+    return "aarch64", "tcg", f"kemu: aarch64 guest on TCG ({why})"
 
 
 def cmd_run(argv: list[str]) -> int:
@@ -547,14 +558,22 @@ def cmd_run(argv: list[str]) -> int:
 def cmd_guest(argv: list[str]) -> int:
     import argparse
 
-    from kemu.guest.debian import build_guest
+    from kemu.guest.debian import build_guest, cached_guest, guest_dir
 
     parser = argparse.ArgumentParser(prog="kemu guest")
     sub = parser.add_subparsers(dest="action", required=True)
     b = sub.add_parser("build", help="build the default guest from distribution packages")
     b.add_argument("--arch", default="aarch64", choices=("aarch64", "x86_64"))
+    b.add_argument("--rebuild", action="store_true",
+                   help="build again even if the cache is complete (packages still "
+                        "matching apt's hashes are not downloaded again)")
     args = parser.parse_args(argv)
-    image = build_guest(args.arch, show_progress=sys.stderr.isatty())
+    image = None if args.rebuild else cached_guest(args.arch, check_packages=True)
+    if image is None:
+        image = build_guest(args.arch, show_progress=sys.stderr.isatty())
+    else:
+        print(f"kemu: reusing the complete cached guest in {guest_dir(args.arch)} "
+              "(--rebuild to build it again)", file=sys.stderr)
     print(f"kernel:  {image.kernel}\ninitrd:  {image.initrd}\nappend:  {image.append}")
     return 0
 

@@ -1,10 +1,18 @@
 """The console's output buffer (issue 16, item 5): a stdout nobody reads never
 blocks the writer; what does not fit is dropped and counted."""
 
+import fcntl
 import os
+import struct
+import termios
 import time
 
 from kemu.console import ConsoleOutput
+
+
+def queued(fd: int) -> int:
+    """Bytes waiting in the pipe ``fd`` reads from."""
+    return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0" * 4))[0]
 
 
 def test_unread_pipe_never_blocks_and_drops_beyond_the_bound():
@@ -15,6 +23,12 @@ def test_unread_pipe_never_blocks_and_drops_beyond_the_bound():
         for _ in range(64):
             out.write(b"x" * 32 * 1024)          # 2 MiB into a pipe nobody reads
         assert time.monotonic() - start < 5
+        # The writer fills the pipe on its own thread: wait for that (it takes
+        # longer on a loaded host), not for a time.
+        deadline = time.monotonic() + 60
+        while queued(r) < 60000:
+            assert time.monotonic() < deadline, f"the pipe holds only {queued(r)} bytes"
+            time.sleep(0.01)
         dropped = out.close(patience=0.2)
         # The pipe took at most 64 KiB; the rest was buffered, then dropped.
         assert 2 * 1024 * 1024 - 65536 - 4096 <= dropped <= 2 * 1024 * 1024 - 60000

@@ -125,13 +125,63 @@ def test_an_interrupted_build_leaves_the_previous_guest_whole(tmp_path):
                            capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stdout + first.stderr
     guest_dir = tmp_path / "kemu" / "guests" / "aarch64"
-    manifest = json.loads((guest_dir / "manifest.json").read_text())
+    manifest = json.loads((guest_dir / debian.manifest_path("aarch64").name).read_text())
     before = {p: hashlib.sha256(Path(p).read_bytes()).hexdigest()
               for p in (manifest["kernel"], manifest["initrd"])}
     second = subprocess.run([sys.executable, "-c", script, "limit"], env=env,
                             capture_output=True, text=True, timeout=300)
     assert second.returncode == 3, second.stdout + second.stderr
-    assert json.loads((guest_dir / "manifest.json").read_text()) == manifest
+    assert json.loads((guest_dir / debian.manifest_path("aarch64").name).read_text()) == manifest
     after = {p: hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in before}
     assert after == before
     assert not [p.name for p in guest_dir.iterdir() if p.name.startswith(".")]
+
+
+class NoApt:
+    """apt that must not be asked: the cache is complete."""
+
+    def __init__(self, arch, state):
+        raise AssertionError("apt was asked although the cache is complete")
+
+
+def test_guest_build_reuses_a_complete_cache_and_rebuilds_an_incomplete_one(
+        tmp_path, monkeypatch, capsys):
+    from kemu import cli
+
+    debs = genuine_debs()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(debian, "Apt", fake_apt(debs))
+    assert cli.main(["guest", "build"]) == 0
+    first = capsys.readouterr()
+    assert "reusing" not in first.err
+    guest_dir = tmp_path / "kemu" / "guests" / "aarch64"
+    manifest = (guest_dir / debian.manifest_path("aarch64").name).read_text()
+
+    # Another kemu version sharing the cache builds its own guest beside this one.
+    with monkeypatch.context() as other:
+        other.setattr(debian, "recipe_id", lambda: "another0kemu")
+        assert debian.cached_guest("aarch64") is None
+        debian.build_guest("aarch64", show_progress=False)
+        assert debian.cached_guest("aarch64") is not None
+
+    monkeypatch.setattr(debian, "Apt", NoApt)
+    assert cli.main(["guest", "build"]) == 0
+    again = capsys.readouterr()
+    assert again.out == first.out
+    assert "kemu: reusing the complete cached guest" in again.err
+    assert (guest_dir / debian.manifest_path("aarch64").name).read_text() == manifest
+    assert debian.default_guest("aarch64", show_progress=False).initrd == \
+        Path(json.loads(manifest)["initrd"])
+
+    # Anything altered is rebuilt: a package apt's hash no longer matches, the
+    # initramfs; and everything on request.
+    monkeypatch.setattr(debian, "Apt", fake_apt(debs))
+    for spoiled, args in ((guest_dir / "debs" / debs[0].name, []),
+                          (guest_dir / f"initramfs-{debian.recipe_id()}.cpio.gz", []),
+                          (None, ["--rebuild"])):
+        if spoiled is not None:
+            spoiled.write_bytes(b"junk")
+            assert debian.cached_guest("aarch64", check_packages=True) is None
+        assert cli.main(["guest", "build", *args]) == 0
+        assert "reusing" not in capsys.readouterr().err
+        assert debian.cached_guest("aarch64", check_packages=True) is not None

@@ -6,12 +6,15 @@ passt one end of a private socket pair (``--fd``, the same stream
 protocol), so no file is left behind and passt quits as soon as kemu's end
 closes, even when kemu is killed::
 
-    passt --foreground --quiet --fd FD [-t [ADDR/]HOSTPORT:GUESTPORT ...] [-t none] [-u none]
+    passt --foreground --quiet --fd FD -a 10.0.2.15 -n 24 -g 10.0.2.2 -D 10.0.2.3 \\
+          --dns-forward 10.0.2.3 [-t [ADDR/]HOSTPORT:GUESTPORT ...] [-t none] [-u none]
 
-passt answers DHCP, ARP, NDP and DNS itself, gives the guest
-the host's address and maps the default gateway's address to the host's
-loopback (so a guest reaches a server on the host's 127.0.0.1 at the
-gateway address, passt's default without ``--no-map-gw``).
+passt answers DHCP, ARP, NDP and DNS itself.  kemu gives the guest QEMU's
+user-mode network (:data:`QEMU_USER_NET`): address 10.0.2.15/24, gateway
+10.0.2.2, which passt maps to the host's loopback (so a guest reaches a
+server on the host's 127.0.0.1 at 10.0.2.2, as under QEMU; passt's default
+without ``--no-map-gw``), and DNS at 10.0.2.3, forwarded to the host's
+resolver.
 
 QEMU's ``hostfwd=tcp:[ADDR]:HOSTPORT-[GUESTADDR]:GUESTPORT`` becomes passt's
 ``-t [ADDR/]HOSTPORT:GUESTPORT`` (``-u`` for udp); the guest address is
@@ -253,6 +256,11 @@ class StreamBackend:
         self.sock.close()
 
 
+#: QEMU's ``-netdev user`` addresses (guest, prefix, host/gateway, DNS) as passt options.
+QEMU_USER_NET = ["-a", "10.0.2.15", "-n", "24", "-g", "10.0.2.2", "-D", "10.0.2.3",
+                 "--dns-forward", "10.0.2.3"]
+
+
 class PasstBackend(StreamBackend):
     """A NIC's host side: a ``passt`` process kemu owns, on a private socket pair."""
 
@@ -261,7 +269,7 @@ class PasstBackend(StreamBackend):
         exe = find_passt()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self._log = tempfile.TemporaryFile(prefix="kemu-passt-")  # noqa: SIM115 (lives with passt)
-        args = [exe, "--foreground", "--quiet", "--fd", str(theirs.fileno())]
+        args = [exe, "--foreground", "--quiet", "--fd", str(theirs.fileno()), *QEMU_USER_NET]
         for fwd in forwards:
             args += fwd.passt_args()
         for proto, flag in (("tcp", "-t"), ("udp", "-u")):

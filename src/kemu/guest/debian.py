@@ -44,8 +44,8 @@ ARCHES = {
                "modules": ["button"]},
 }
 
-#: Bumped when the initramfs layout changes, so old caches are rebuilt.
-LAYOUT_VERSION = 10
+#: Bumped when the initramfs layout changes in a way the code below does not show.
+LAYOUT_VERSION = 11
 
 
 def cache_dir() -> Path:
@@ -70,30 +70,91 @@ def guest_dir(arch: str) -> Path:
     return cache_dir() / "guests" / arch
 
 
-def cached_guest(arch: str = "aarch64") -> GuestImage | None:
-    manifest = guest_dir(arch) / "manifest.json"
+def recipe_id() -> str:
+    """Names this version of the recipe (the code that builds the guest): guests of
+    different kemu versions (say, two checkouts sharing one cache) live side by
+    side, each under its own manifest and initramfs, instead of each replacing the
+    other's and rebuilding at every run."""
+    digest = hashlib.sha256(str(LAYOUT_VERSION).encode())
+    for module in (__file__, cpio.__file__, kmod.__file__):
+        digest.update(Path(module).read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def manifest_path(arch: str) -> Path:
+    return guest_dir(arch) / f"manifest-{recipe_id()}.json"
+
+
+def cached_guest(arch: str = "aarch64", check_packages: bool = False) -> GuestImage | None:
+    """The guest in the cache if it is complete: a manifest of this recipe whose
+    kernel and initramfs are there with the SHA-256 recorded when they were
+    built (and, with ``check_packages``, the packages they were built from are
+    there with the SHA-256 apt's signed lists gave); else None."""
     try:
-        data = json.loads(manifest.read_text())
-    except (OSError, ValueError):
+        data = json.loads(manifest_path(arch).read_text())
+        image = GuestImage(arch, Path(data["kernel"]), Path(data["initrd"]), data["append"],
+                           data["kernel_version"])
+        made = [(image.kernel, *data["files"]["kernel"]), (image.initrd, *data["files"]["initrd"])]
+        debs = [(guest_dir(arch) / "debs" / name, size, sha) for name, size, sha in data["debs"]]
+    except (OSError, ValueError, KeyError, TypeError):
         return None
-    if data.get("layout") != LAYOUT_VERSION:
+    if not all(is_verified(path, size, sha) for path, size, sha in made):
         return None
-    image = GuestImage(arch, Path(data["kernel"]), Path(data["initrd"]), data["append"],
-                       data["kernel_version"])
-    return image if image.ready else None
+    if check_packages and not all(is_verified(path, size, sha) for path, size, sha in debs):
+        return None
+    return image
+
+
+#: udhcpc's script: address, route and DNS from the lease, and one line saying so.
+DHCP_SCRIPT = rb"""#!/bin/sh
+case "$1" in
+deconfig) ip -4 addr flush dev "$interface"; ip link set dev "$interface" up ;;
+bound|renew)
+  ip -4 addr flush dev "$interface"
+  ip addr add "$ip/${mask:-24}" dev "$interface"
+  [ -n "$mtu" ] && ip link set dev "$interface" mtu "$mtu"
+  for r in $router; do ip route replace default via "$r" dev "$interface"; break; done
+  : > /etc/resolv.conf
+  for d in $dns; do echo "nameserver $d" >> /etc/resolv.conf; done
+  [ "$1" = bound ] && echo "kemu: $interface: $ip/${mask:-24} from DHCP, gateway ${router%% *}, DNS ${dns:-none}" > /dev/console ;;
+esac
+exit 0
+"""
+
+#: A DHCP lease on each NIC (up to 3 s in the foreground, then in the background
+#: until one comes).
+CONFIGURE_NICS = """for n in /sys/class/net/*; do
+  i=${n##*/}
+  [ "$i" = lo ] && continue
+  ip link set "$i" up
+  udhcpc -i "$i" -s /etc/udhcpc.script -q -b -t 3 -T 1 >/dev/null 2>&1
+done
+"""
+
+#: One line per disk saying how to mount it.
+DESCRIBE_DISKS = """for b in /sys/block/vd*; do
+  [ -e "$b" ] || continue
+  d=${b##*/}
+  p=$(cd "$b" && ls -d "$d"* 2>/dev/null | head -n 1)
+  echo "kemu: disk /dev/$d ($(( $(cat "$b/size") / 2048 )) MiB): mount /dev/${p:-$d} /mnt to use it (mke2fs /dev/$d first if it is blank)"
+done
+"""
+
+#: The power button (virtio-input or ACPI, KEY_POWER) runs /etc/acpi/PWRF/00000080.
+#: acpid opens the event devices there are when it starts, which devtmpfs creates a
+#: moment after their drivers load: wait until every input has its node.  With no
+#: input device at all there is nothing for acpid to read: it is not started.
+START_ACPID = """for i in 1 2 3 4 5 6 7 8 9 10; do
+  n=$(ls /sys/class/input 2>/dev/null | grep -c event)
+  [ "$n" != 0 ] && [ "$n" = $(ls /dev/input 2>/dev/null | grep -c event) ] && break
+  sleep 0.1
+done
+[ "$n" != 0 ] && acpid -f -d &
+"""
 
 
 def init_script(console: str, modules: list[str]) -> bytes:
     loads = "\n".join(f"insmod /lib/modules/{m} 2>/dev/null" for m in modules)
-    acpid = """# The power button (virtio-input or ACPI, KEY_POWER) runs /etc/acpi/PWRF/00000080;
-# acpid opens the event devices there are when it starts, which devtmpfs creates
-# a moment after their drivers load: wait until every input has its node.
-for i in 1 2 3 4 5 6 7 8 9 10; do
-  [ -e /dev/input/event0 ] && [ $(ls /sys/class/input | grep -c event) = $(ls /dev/input | grep -c event) ] && break
-  sleep 0.1
-done
-acpid -f -d &
-"""
     return f"""#!/bin/busybox sh
 /bin/busybox --install -s /bin
 export PATH=/bin:/sbin
@@ -105,7 +166,7 @@ mkdir -p /dev/pts && mount -t devpts devpts /dev/pts
 {loads}
 hostname kemu
 ip link set lo up 2>/dev/null
-{acpid}echo "kemu guest ready: $(uname -sr) on $(uname -m)"
+{CONFIGURE_NICS}{DESCRIBE_DISKS}{START_ACPID}echo "kemu guest ready: $(uname -sr) on $(uname -m)"
 setsid cttyhack sh -l
 poweroff -f
 """.encode()
@@ -119,6 +180,7 @@ def build_initramfs(busybox: bytes, modules: list[Path], console: str) -> bytes:
                 cpio.file("etc/profile", b"export PS1='# '\nexport HOME=/root\ncd /root\n"),
                 cpio.file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n"),
                 cpio.file("etc/group", b"root:x:0:\n"),
+                cpio.file("etc/udhcpc.script", DHCP_SCRIPT, 0o755),
                 cpio.directory("etc/acpi"), cpio.directory("etc/acpi/PWRF"),
                 cpio.file("etc/acpi/PWRF/00000080",
                           b"#!/bin/sh\necho 'kemu: power button pressed, powering off'"
@@ -336,19 +398,25 @@ def build_guest(arch: str = "aarch64", show_progress: bool = True) -> GuestImage
         initrd = build_initramfs(busybox.read_bytes(), modules, spec["console"])
         kernel_path = out_dir / f"vmlinuz-{version}"
         write_atomically(kernel_path, source=kernel)
-        initrd_path = out_dir / "initramfs.cpio.gz"
+        initrd_path = out_dir / f"initramfs-{recipe_id()}.cpio.gz"
         write_atomically(initrd_path, initrd)
+        # Hashed from what was written, not from the files (a concurrent build may
+        # have replaced them since).
+        files = {"kernel": [kernel.stat().st_size, sha256_of(kernel)],
+                 "initrd": [len(initrd), hashlib.sha256(initrd).hexdigest()]}
     steps.update()
     steps.close()
     append = f"console={spec['console']} rdinit=/init quiet cryptomgr.notests"
     if spec.get("append"):
         append = f"{append} {spec['append']}"
     image = GuestImage(arch, kernel_path, initrd_path, append, version)
-    write_atomically(out_dir / "manifest.json", json.dumps({
-        "layout": LAYOUT_VERSION, "kernel": str(image.kernel), "initrd": str(image.initrd),
-        "append": image.append, "kernel_version": version}, indent=1).encode())
+    write_atomically(manifest_path(arch), json.dumps({
+        "recipe": recipe_id(), "kernel": str(image.kernel), "initrd": str(image.initrd),
+        "append": image.append, "kernel_version": version, "files": files,
+        "debs": [[name, size, sha] for _url, name, size, sha in uris]}, indent=1).encode())
     return image
 
 
 def default_guest(arch: str = "aarch64", show_progress: bool = True) -> GuestImage:
+    """The cached guest when it is complete, else a freshly built one."""
     return cached_guest(arch) or build_guest(arch, show_progress)
