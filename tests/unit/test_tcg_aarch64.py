@@ -174,17 +174,19 @@ def test_mmio_reads_and_writes_reach_the_board(tmp_path):
     assert b.x(3) == 0xAB14
 
 
-def test_virtual_timer_interrupt_wakes_wfi(tmp_path):
-    b = Board(assemble(tmp_path, f"""
+def timer_guest(ticks: int, wait: str) -> str:
+    """Arm the virtual timer ``ticks`` ahead (62.5 MHz), unmask IRQs, then ``wait``
+    in a loop; the IRQ handler records CNTVCT (x8) and CNTV_CTL (x9) and powers off."""
+    return f"""
         adr x1, vectors
         msr vbar_el1, x1
         mrs x7, cntvct_el0
-        ldr x1, =3125000      // 50 ms at 62.5 MHz
+        ldr x1, ={ticks}
         msr cntv_tval_el0, x1
         mov x1, #1
         msr cntv_ctl_el0, x1  // enable, unmasked
         msr daifclr, #2
-    1:  wfi
+    1:  {wait}
         b 1b
         .ltorg
         .balign 2048
@@ -193,7 +195,11 @@ def test_virtual_timer_interrupt_wakes_wfi(tmp_path):
         mrs x8, cntvct_el0
         mrs x9, cntv_ctl_el0
         {POWEROFF}
-        .ltorg"""))
+        .ltorg"""
+
+
+def test_virtual_timer_interrupt_wakes_wfi(tmp_path):
+    b = Board(assemble(tmp_path, timer_guest(3125000, "wfi")))   # 50 ms
     t0 = time.monotonic()
     assert b.run() == SystemEvent("poweroff")
     elapsed = time.monotonic() - t0
@@ -203,26 +209,8 @@ def test_virtual_timer_interrupt_wakes_wfi(tmp_path):
     assert elapsed >= 0.05
 
 
-SPIN_UNTIL_IRQ = """
-        adr x1, vectors
-        msr vbar_el1, x1
-        mrs x7, cntvct_el0
-        ldr x1, =625000       // 10 ms at 62.5 MHz
-        msr cntv_tval_el0, x1
-        mov x1, #1
-        msr cntv_ctl_el0, x1  // enable, unmasked
-        msr daifclr, #2
-    1:  add x3, x3, #1        // no exception, no MSR, no MMIO: only the interrupt ends it
-        b 1b
-        .ltorg
-        .balign 2048
-    vectors:
-        .skip 0x280           // current EL with SP_ELx, IRQ
-        mrs x8, cntvct_el0
-        mrs x9, cntv_ctl_el0
-        ldr x0, =0x84000008
-        hvc #0
-        .ltorg"""
+#: 10 ms ahead, then a loop with no exception, no MSR, no MMIO: only the interrupt ends it.
+SPIN_UNTIL_IRQ = timer_guest(625000, "add x3, x3, #1")
 
 
 def run_with_kicker(b, limit=20.0):
