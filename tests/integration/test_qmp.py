@@ -20,6 +20,13 @@ qmp = pytest.importorskip("qemu.qmp", reason="qemu.qmp is not installed "
 KEMU = [sys.executable, "-m", "kemu.cli"]
 
 
+async def quit_and_disconnect(client) -> None:
+    """QMP quit, then close our side (kemu may already have closed the connection)."""
+    await client.execute("quit")
+    with contextlib.suppress(EOFError):
+        await client.disconnect()
+
+
 @pytest.fixture
 def vm(guest, tmp_path):
     sock = tmp_path / "qmp.sock"
@@ -187,9 +194,7 @@ def test_start_paused_tcp_and_pidfile(guest, tmp_path):
             assert (await client.execute("query-status"))["status"] == "prelaunch"
             await client.execute("cont")
             assert (await client.execute("query-status"))["status"] in ("prelaunch", "running")
-            await client.execute("quit")
-            with contextlib.suppress(EOFError):
-                await client.disconnect()
+            await quit_and_disconnect(client)
 
         asyncio.run(session())
         assert proc.wait(30) == 0
@@ -249,9 +254,7 @@ def test_daemonize(guest, tmp_path):
         client = qmp.QMPClient("kemu-test")
         await client.connect(str(sock))
         assert (await client.execute("query-status"))["running"]
-        await client.execute("quit")
-        with contextlib.suppress(EOFError):
-            await client.disconnect()
+        await quit_and_disconnect(client)
 
     asyncio.run(session())
     for _ in range(200):
@@ -290,9 +293,7 @@ def test_qmp_server_waits_with_qemus_message(guest, tmp_path):
             client = qmp.QMPClient("kemu-test")
             await client.connect(str(sock))
             assert (await client.execute("query-status"))["status"] in ("prelaunch", "running")
-            await client.execute("quit")
-            with contextlib.suppress(EOFError):
-                await client.disconnect()
+            await quit_and_disconnect(client)
         asyncio.run(session())
         assert proc.wait(30) == 0
     finally:
@@ -317,9 +318,7 @@ def test_qmp_client_connection(guest, tmp_path):
             await asyncio.wait_for(client.accept(), 60)
             assert client.greeting.QMP.version["qemu"]["major"] == 7
             assert (await client.execute("query-status"))["running"]
-            await client.execute("quit")
-            with contextlib.suppress(EOFError):
-                await client.disconnect()
+            await quit_and_disconnect(client)
             assert proc.wait(30) == 0
         finally:
             if proc.poll() is None:

@@ -150,7 +150,7 @@ class GicV2:
             irq.pending = True
         irq.level = level
         if level:
-            self._asserted_spis.add(spi)
+            self._assert(0, GIC_INTERNAL + spi)
         self.update()
 
     def set_ppi(self, cpu: int, ppi: int, level: bool) -> None:
@@ -160,7 +160,7 @@ class GicV2:
             irq.pending = True
         irq.level = level
         if level:
-            self._asserted[cpu].add(16 + ppi)
+            self._assert(cpu, 16 + ppi)
         self.update()
 
     def spi_line(self, spi: int) -> IrqLine:
@@ -263,7 +263,7 @@ class GicV2:
                 irq = self._banks[cpu][intid]
                 irq.sgi_sources |= 1 << source
                 irq.pending = True
-                self._asserted[cpu].add(intid)
+                self._assert(cpu, intid)
         self.update()
 
     # -- bitmap register helpers ----------------------------------------------------

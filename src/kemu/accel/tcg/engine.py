@@ -148,11 +148,3 @@ def configure(uc: Uc, native_exceptions: int) -> None:
                             ctypes.c_uint64)):
         raise AccelError("Unicorn refused kemu's engine settings (a partial build of the "
                          "patch series? scripts/build-unicorn.sh rebuilds it)")
-
-
-def is_kemu_engine() -> bool:
-    """Whether the installed Unicorn has kemu's patch series."""
-    import unicorn
-
-    uc = Uc(unicorn.UC_ARCH_ARM64, unicorn.UC_MODE_ARM)
-    return uc_ctl_write(uc, UC_CTL_TCG_EXACT_STOP, 0) == 0
