@@ -5,6 +5,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import stat
 import subprocess
@@ -256,12 +257,17 @@ def test_daemonize(guest, tmp_path):
         assert (await client.execute("query-status"))["running"]
         await quit_and_disconnect(client)
 
-    asyncio.run(session())
-    for _ in range(200):
-        if not pidfile.exists():
-            break
-        time.sleep(0.05)
-    assert not pidfile.exists()
+    try:
+        asyncio.run(session())
+        for _ in range(200):
+            if not pidfile.exists():
+                break
+            time.sleep(0.05)
+        assert not pidfile.exists()
+    finally:
+        if pidfile.exists():                    # a failed test leaves no daemon behind
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_daemonize_failure_reaches_the_parent(guest, tmp_path):
