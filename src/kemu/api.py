@@ -299,8 +299,7 @@ class Machine:
                  disks: list[str | Path] = (), devices: list[str] = (),
                  no_reboot: bool = False, name: str | None = None,
                  machine: str = "virt", accel: str = "tcg", smp: int = 1) -> None:
-        from kemu.cli import parse_size
-        from kemu.machines.virtio_devices import parse_device
+        from kemu.options import parse_device, parse_size
 
         config = MachineConfig(
             machine=machine, accel=accel, cpu=cpu,

@@ -5,7 +5,7 @@ printed as QEMU prints them, for what kemu offers."""
 from __future__ import annotations
 
 from kemu.errors import ConfigError
-from kemu.machines.opts import split_opts
+from kemu.options.keyval import split_opts
 
 #: -M help: the boards, with QEMU's description column.
 MACHINES = {

@@ -16,18 +16,13 @@ import threading
 
 from kemu.backends.unix_socket import OwnedPath, listen_unix
 from kemu.errors import ConfigError
-from kemu.machines.opts import SocketAddress, parse_socket_option
+from kemu.options.sockets import SocketAddress, parse_qmp_option  # noqa: F401 (re-exported)
 from kemu.qmp.commands import QEMU_VERSION, Commands, package
 from kemu.qmp.protocol import QmpSession, encode, greeting
 
 
-#: ``-qmp``'s address: a socket chardev (kemu.machines.opts).
+#: ``-qmp``'s address: a socket chardev (kemu.options.sockets).
 QmpAddress = SocketAddress
-
-
-def parse_qmp_option(text: str) -> SocketAddress:
-    """QEMU's ``-qmp`` argument (see :func:`kemu.machines.opts.parse_socket_option`)."""
-    return parse_socket_option(text, "-qmp")
 
 
 #: Event bytes a client may leave unread before it is disconnected.

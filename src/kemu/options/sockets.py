@@ -1,29 +1,11 @@
-"""QEMU's option-list syntax: ``value,key=value,...``, where ``,,`` is a literal comma
-(so ``file=a,,b.img`` names the file ``a,b.img``)."""
+"""Socket chardev addresses as ``-qmp`` and ``-monitor`` take them."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from kemu.errors import ConfigError
-
-
-def split_opts(text: str) -> list[str]:
-    """Split at single commas; each ``,,`` becomes one comma inside its part."""
-    parts = [""]
-    i = 0
-    while i < len(text):
-        c = text[i]
-        if c == ",":
-            if text.startswith(",,", i):
-                parts[-1] += ","
-                i += 2
-                continue
-            parts.append("")
-        else:
-            parts[-1] += c
-        i += 1
-    return parts
+from kemu.options.keyval import split_opts
 
 
 @dataclass(frozen=True)
@@ -83,3 +65,8 @@ def parse_socket_option(text: str, option: str) -> SocketAddress:
         return SocketAddress("tcp", host=host or "127.0.0.1", port=port_number, wait=wait,
                              server=server)
     raise ConfigError(f"{option} {text}: expected unix:PATH or tcp:HOST:PORT")
+
+
+def parse_qmp_option(text: str) -> SocketAddress:
+    """QEMU's ``-qmp`` argument (see :func:`parse_socket_option`)."""
+    return parse_socket_option(text, "-qmp")
