@@ -586,6 +586,11 @@ class Machine:
         """The host thread id of each vCPU (QMP's ``query-cpus-fast`` ``thread-id``)."""
         return self._board.vcpu_thread_ids()
 
+    def virtio_devices(self) -> list:
+        """The virtio devices behind the board's transports, in slot order."""
+        return [slot.device.device for slot in getattr(self._board, "virtio_slots", ())
+                if getattr(slot.device, "device", None) is not None]
+
     def memory_map(self) -> list[tuple[int, int, str]]:
         """(base, size, name) of RAM and every device mapping."""
         ram = [(r.base, r.size, "ram") for r in self._board.memory.regions]

@@ -94,10 +94,14 @@ def run_machine(config: MachineConfig) -> int:
     serial = config.extra.get("serial", "mon:stdio")
     stdio = serial in ("stdio", "mon:stdio") or config.extra.get("monitor_stdio")
     output = ConsoleOutput(sys.stdout.fileno()) if stdio else None
+    chardev = None
     try:
         on_stdio = output is not None and serial in ("stdio", "mon:stdio")
         pvm_note = prepare_for_pvm(config)
         sink = output.write if on_stdio else None
+        chardev = _serial_chardev(config)
+        if chardev is not None:
+            sink = chardev.write
         silence = SilenceReporter(sink) if pvm_note and sink else None
         vm = Machine.from_config(config, silence.write if silence else sink)
         for note in (config.extra.get("note"), pvm_note):
@@ -111,6 +115,8 @@ def run_machine(config: MachineConfig) -> int:
         # signals to the "signals" thread, which learns who sent them.
         signals.block()
         holder.append(vm)
+        if chardev is not None:
+            chardev.start(vm.console.write)
         servers = []
         if config.extra.get("qmp"):
             from kemu.qmp.server import QmpServer   # asyncio: imported only when needed
@@ -149,6 +155,8 @@ def run_machine(config: MachineConfig) -> int:
                 path.remove()
     finally:
         signals.uninstall()
+        if chardev is not None:
+            chardev.close()
         dropped = output.close() if output is not None else 0
     if dropped:
         print(f"kemu: {dropped} bytes of console output dropped (stdout was not read)",
@@ -157,6 +165,21 @@ def run_machine(config: MachineConfig) -> int:
         print(f"kemu: {signals.received.describe()}", file=sys.stderr)
         return 0        # as QEMU 7.2: a clean shutdown on a signal exits 0
     return status
+
+
+def _serial_chardev(config: MachineConfig):
+    """The serial port's pty or file chardev (``-serial chardev:ID``), opened; None
+    when the console is elsewhere.  Its path is what query-chardev reports."""
+    cd_id = config.extra.get("serial_chardev")
+    if cd_id is None:
+        return None
+    from kemu.backends.chardev import open_chardev
+    chardev = open_chardev(config.chardevs[cd_id])
+    config.extra.setdefault("chardev_filenames", {})[cd_id] = chardev.filename
+    if config.chardevs[cd_id].backend == "pty":
+        # As QEMU, on stderr (libvirt reads the path from query-chardev).
+        print(f"char device redirected to {chardev.path} (label {cd_id})", file=sys.stderr)
+    return chardev
 
 
 def _daemonize() -> int:
@@ -379,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
         if argv[0] == "img":
             return cmd_img(argv[1:])
         config = parse_qemu_options(argv, MachineConfig())
-        if config.kernel is None and config.dumpdtb is None:
+        if config.kernel is None and config.dumpdtb is None and config.machine != "none":
             raise ConfigError("no kernel given: use -kernel FILE (or 'kemu run' for the "
                               "default guest)")
         return run_machine(config)

@@ -13,7 +13,12 @@ from pathlib import Path
 from kemu.errors import ConfigError
 from kemu.machines.builder import ACCELS
 from kemu.machines.config import DriveConfig, MachineConfig
+from kemu.options.accepted import ACCEPTED, check_no_acpi
+from kemu.options.blockdev import parse_blockdev, resolve_device_drives
+from kemu.options.chardev import add_chardev, parse_chardev, parse_mon, serial_chardev
 from kemu.options.device import parse_device
+from kemu.options.machine import apply_machine_option
+from kemu.options.objects import add_object, apply_memory_backend, parse_object
 from kemu.options.drive import parse_drive
 from kemu.options.keyval import head_and_props, parse_keyval, parse_size
 from kemu.options.netdev import legacy_net, parse_netdev, parse_nic
@@ -22,12 +27,14 @@ from kemu.options.sockets import parse_qmp_option, parse_socket_option
 #: Options that take an argument / that do not, in QEMU's spelling.
 WITH_ARG = {"-M", "-machine", "-cpu", "-m", "-smp", "-kernel", "-initrd", "-append",
             "-serial", "-accel", "-name", "-display", "-monitor", "-drive", "-device", "-disk",
-            "-qmp", "-pidfile", "-netdev", "-nic", "-net", "-rtc", "-dtb", "-global"}
+            "-qmp", "-pidfile", "-netdev", "-nic", "-net", "-rtc", "-dtb", "-global",
+            "-object", "-chardev", "-mon", "-blockdev"} | {
+                name for name, (takes_arg, _) in ACCEPTED.items() if takes_arg}
 FLAGS = {"-nographic", "-no-reboot", "-S", "-enable-kvm", "-nodefaults", "-daemonize",
-         "-snapshot"}
+         "-snapshot", "-no-shutdown"} | {
+             name for name, (takes_arg, _) in ACCEPTED.items() if not takes_arg}
 #: QEMU options kemu knows of but does not offer (yet).
-NOT_YET = {"-chardev",
-           "-hda", "-cdrom", "-bios", "-object", "-vnc", "-gdb", "-s"}
+NOT_YET = {"-hda", "-cdrom", "-bios", "-vnc", "-gdb", "-s"}
 
 #: The -global DRIVER.PROPERTY pairs kemu acts on.
 KNOWN_GLOBALS = {("virtio-mmio", "force-legacy")}
@@ -51,12 +58,15 @@ def parse_global(text: str) -> dict[tuple[str, str], str]:
 #: The accelerator each board implies when -accel is not given, and the reverse
 #: (from the builder's table of which board runs on which accelerator).
 ACCEL_FOR_MACHINE = {machine: accels[0] for machine, accels in ACCELS.items()}
-MACHINE_FOR_ACCEL = {accel: machine for machine, accel in ACCEL_FOR_MACHINE.items()}
+MACHINE_FOR_ACCEL = {accel: machine for machine, accel in ACCEL_FOR_MACHINE.items()
+                     if machine != "none"}
 
 
 def parse_qemu_options(argv: list[str], config: MachineConfig) -> MachineConfig:
     serial = None
-    machine_given = accel_given = False
+    machine_given = accel_given = memory_given = False
+    mons: list[str] = []                  # -mon, resolved after every -chardev
+    nographic = nodefaults = False
     legacy_net_values: list[str] = []     # -net user/tap/nic, paired at the end
     i = 0
     while i < len(argv):
@@ -79,15 +89,7 @@ def parse_qemu_options(argv: list[str], config: MachineConfig) -> MachineConfig:
 
         if opt in ("-M", "-machine"):
             # Like QEMU, several -machine options merge: -M virt -machine dumpdtb=F.
-            props = parse_keyval(value, opt, "type")
-            name = props.pop("type", "")
-            for k, v in props.items():
-                if k == "dumpdtb":
-                    config.dumpdtb = Path(v)
-                elif (k, v) not in (("gic-version", "2"), ("accel", "tcg")):
-                    raise ConfigError(f"{opt}: unsupported machine option {k}={v}")
-            if name:
-                config.machine = name
+            if apply_machine_option(value, opt, config):
                 machine_given = True
         elif opt == "-cpu":
             config.cpu = value
@@ -104,14 +106,9 @@ def parse_qemu_options(argv: list[str], config: MachineConfig) -> MachineConfig:
             if extra:
                 raise ConfigError(f"-m: unsupported parameter {next(iter(extra))}")
             config.memory = parse_size(size)
+            memory_given = True
         elif opt == "-smp":
-            head, extra = head_and_props(value, opt, "cpus")
-            try:
-                config.smp = int(head or extra.get("cpus", "1"))
-            except ValueError:
-                raise ConfigError(f"-smp: invalid CPU count {value!r}") from None
-            if config.smp < 1:
-                raise ConfigError("-smp: need at least one CPU")
+            config.smp = parse_smp(value)
         elif opt == "-kernel":
             config.kernel = Path(value)
         elif opt == "-initrd":
@@ -119,11 +116,17 @@ def parse_qemu_options(argv: list[str], config: MachineConfig) -> MachineConfig:
         elif opt == "-append":
             config.append = f"{config.extra.get('append_base', '')} {value}".strip()
         elif opt == "-nographic":
-            serial = serial or "mon:stdio"
+            nographic = True
+        elif opt == "-nodefaults":
+            nodefaults = True
         elif opt == "-serial":
-            if value not in ("stdio", "mon:stdio", "none", "null"):
-                raise ConfigError(f"-serial {value}: only stdio, mon:stdio and none are supported")
-            serial = value
+            if value.startswith("chardev:"):
+                serial = value          # resolved once every -chardev is known
+            elif value not in ("stdio", "mon:stdio", "none", "null"):
+                raise ConfigError(f"-serial {value}: kemu takes stdio, mon:stdio, none and "
+                                  "chardev:ID")
+            else:
+                serial = value
         elif opt == "-no-reboot":
             config.no_reboot = True
         elif opt == "-S":
@@ -136,7 +139,22 @@ def parse_qemu_options(argv: list[str], config: MachineConfig) -> MachineConfig:
             config.accel = "kvm"
             accel_given = True
         elif opt == "-name":
-            config.name, _extra = head_and_props(value, opt, "guest")
+            config.name, extra = head_and_props(value, opt, "guest")
+            for key in extra:
+                if key not in ("debug-threads", "process"):
+                    raise ConfigError(f"-name: Invalid parameter '{key}'")
+        elif opt == "-object":
+            add_object(config, parse_object(value), f"-object {value}")
+        elif opt == "-chardev":
+            add_chardev(config, parse_chardev(value), f"-chardev {value}")
+        elif opt == "-mon":
+            mons.append(value)          # resolved once every -chardev is known
+        elif opt == "-blockdev":
+            parse_blockdev(value, config)
+        elif opt == "-no-shutdown":
+            config.no_shutdown = True
+        elif opt in ACCEPTED:
+            ACCEPTED[opt][1](value, config)
         elif opt == "-display":
             if value.split(",")[0] != "none":
                 raise ConfigError(f"-display {value}: kemu has no graphical display; "
@@ -156,7 +174,7 @@ def parse_qemu_options(argv: list[str], config: MachineConfig) -> MachineConfig:
         elif opt == "-device":
             config.devices.append(parse_device(value))
         elif opt == "-netdev":
-            netdev = parse_netdev(value)
+            netdev = parse_netdev(netdev_keyval(value))
             if not netdev.id:
                 raise ConfigError(f"-netdev {netdev.type}: id= is required")
             config.netdevs.append(netdev)
@@ -179,6 +197,15 @@ def parse_qemu_options(argv: list[str], config: MachineConfig) -> MachineConfig:
         elif opt == "-snapshot":
             config.snapshot = True
     legacy_net(legacy_net_values, config)
+    for value in mons:
+        parse_mon(value, config)
+    if serial is not None and serial.startswith("chardev:"):
+        serial = serial_chardev(serial, config)
+    apply_memory_backend(config, memory_given)
+    resolve_device_drives(config)
+    if _choose_machine_accel(config):
+        accel_given = True
+    check_no_acpi(config)
     if accel_given and machine_given and config.accel not in ACCELS.get(config.machine,
                                                                         (config.accel,)):
         raise ConfigError(board_accel_mismatch(config.machine, config.accel))
@@ -186,6 +213,10 @@ def parse_qemu_options(argv: list[str], config: MachineConfig) -> MachineConfig:
         config.machine = MACHINE_FOR_ACCEL.get(config.accel, config.machine)
     elif machine_given and not accel_given:
         config.accel = ACCEL_FOR_MACHINE.get(config.machine, config.accel)
+    # As QEMU: -nodefaults leaves the board without a serial console unless -serial
+    # gives one (-nographic then changes nothing); else the console is on stdio.
+    if serial is None and nodefaults:
+        serial = "none"
     if config.extra.get("monitor_stdio"):
         if serial in (None, "stdio", "mon:stdio"):
             raise ConfigError("cannot use stdio by multiple character devices "
@@ -204,3 +235,52 @@ def board_accel_mismatch(machine: str, accel: str) -> str:
     return (f"the {machine} board runs on {runs_on.upper()} here, not {accel.upper()} "
             f"(use -accel {runs_on}, or -M {MACHINE_FOR_ACCEL.get(accel, machine)} "
             f"for {accel})")
+
+
+def parse_smp(value: str) -> int:
+    """``-smp N[,cpus=N][,sockets=S][,dies=D][,cores=C][,threads=T][,maxcpus=M]``: the
+    topology must multiply out to the CPU count; kemu plugs no CPUs later (maxcpus=N)."""
+    props = parse_keyval(value, "-smp", "cpus")
+    try:
+        numbers = {k: int(v) for k, v in props.items()}
+    except ValueError:
+        raise ConfigError(f"-smp: invalid CPU count {value!r}") from None
+    for key in numbers:
+        if key not in ("cpus", "sockets", "dies", "clusters", "cores", "threads", "maxcpus"):
+            raise ConfigError(f"-smp: Invalid parameter '{key}'")
+    topology = 1
+    for key in ("sockets", "dies", "clusters", "cores", "threads"):
+        topology *= numbers.get(key, 1)
+    cpus = numbers.get("cpus", topology)
+    if cpus < 1:
+        raise ConfigError("-smp: need at least one CPU")
+    if any(k in numbers for k in ("sockets", "cores", "threads")) and topology != cpus:
+        raise ConfigError(f"-smp {value}: Invalid CPU topology: product of the hierarchy "
+                          f"must match maxcpus: {topology} != {cpus}")
+    if numbers.get("maxcpus", cpus) != cpus:
+        raise ConfigError(f"-smp {value}: kemu does not hot-plug CPUs (maxcpus=cpus)")
+    return cpus
+
+
+def netdev_keyval(value: str) -> str:
+    """A JSON -netdev (``{"type":"user","id":"n0"}``) in keyval form."""
+    if not value.lstrip().startswith("{"):
+        return value
+    from kemu.options.keyval import parse_json
+    props = parse_json(value, "-netdev")
+    kind = props.pop("type", "")
+    return ",".join([kind] + [f"{k}={v.replace(',', ',,')}" for k, v in props.items()])
+
+
+def _choose_machine_accel(config: MachineConfig) -> bool:
+    """``-machine accel=kvm:tcg``: the first listed accelerator the board runs on."""
+    wanted = config.extra.pop("machine_accels", None)
+    if wanted is None:
+        return False
+    runs_on = ACCELS.get(config.machine, ())
+    for accel in wanted:
+        if accel in runs_on:
+            config.accel = accel
+            return True
+    raise ConfigError(f"-machine accel={':'.join(wanted)}: the {config.machine} board runs "
+                      f"on {'/'.join(runs_on)}")

@@ -13,17 +13,19 @@ class SocketAddress:
     """A socket chardev as ``-qmp`` and ``-monitor`` take it: ``unix:PATH`` or
     ``tcp:HOST:PORT`` with ``server=on|off`` and ``wait=on|off``."""
 
-    kind: str            # "unix" or "tcp"
+    kind: str            # "unix", "tcp", or "fd" (a socket the parent passed, QEMU's fd=N)
     path: str = ""
     host: str = "127.0.0.1"
     port: int = 0
     wait: bool = False
     #: Listen (server=on); else connect out to the address, as QEMU does.
     server: bool = True
+    fd: int = -1
 
     def describe(self) -> str:
         """QEMU's chardev filename (``info chardev``, the waiting message)."""
-        where = f"unix:{self.path}" if self.kind == "unix" else f"tcp:{self.host}:{self.port}"
+        where = {"unix": f"unix:{self.path}", "fd": f"fd:{self.fd}"}.get(
+            self.kind, f"tcp:{self.host}:{self.port}")
         return f"disconnected:{where}{',server=on' if self.server else ''}"
 
 

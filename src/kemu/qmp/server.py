@@ -11,6 +11,7 @@ listens on 127.0.0.1 unless an address is given.
 from __future__ import annotations
 
 import asyncio
+import socket
 import sys
 import threading
 
@@ -91,7 +92,12 @@ class QmpServer:
                                                                self.address.port)
             self._loop.create_task(self._client(reader, writer))
             return
-        if self.address.kind == "unix":
+        if self.address.kind == "fd":
+            # A listening socket the parent opened and passed (-chardev socket,fd=N).
+            sock = socket.socket(fileno=self.address.fd)
+            sock.setblocking(False)
+            self._server = await asyncio.start_server(self._client, sock=sock)
+        elif self.address.kind == "unix":
             sock, self._owned = listen_unix(self.address.path,
                                             f"-qmp unix:{self.address.path}")
             try:
