@@ -349,6 +349,13 @@ class Machine:
         self._board.on_block_io_error = self._block_io_error
         #: Paused by a disk error (QMP's run state io-error) until resumed.
         self.io_error = False
+        #: Stopped by the guest's power-off under -no-shutdown (QMP's run state
+        #: shutdown) until a reset.
+        self.guest_shut_down = False
+        vcpus = getattr(self._board, "vcpus", None)
+        if config.no_shutdown and vcpus is not None:
+            vcpus.no_shutdown = True
+            vcpus.on_guest_shutdown = self._guest_shutdown
         self._started = False
         self._outcome: Outcome | None = None
         self._stop_reason: str | None = None     # why the host ended it, if it did
@@ -395,6 +402,13 @@ class Machine:
         elif state == RunState.STOPPED:
             self.console._close()
             threading.Thread(target=self.wait, daemon=True).start()
+
+    def _guest_shutdown(self, reason: str) -> None:
+        """-no-shutdown: the guest powered off (on its vCPU thread); the vCPUs pause,
+        SHUTDOWN is reported now and kemu stays up until quit or a signal."""
+        with self._lock:
+            self.guest_shut_down = True
+        self._emit(Shutdown(guest=True, reason=reason, status=0))
 
     def _block_io_error(self, info) -> None:
         """A disk request failed (any thread): BLOCK_IO_ERROR, and with the
@@ -482,6 +496,8 @@ class Machine:
     def resume(self, timeout: float = 10.0) -> None:
         """Run the vCPUs again (as QMP's ``cont``), after :meth:`pause` or ``start(paused=True)``."""
         self._require_running("resume")
+        if self.guest_shut_down:
+            raise MachineStateError("Resetting the Virtual Machine is required")
         with self._lock:
             self.io_error = False
             # Resume is reported before resume() returns (as QEMU's cont emits
@@ -568,6 +584,11 @@ class Machine:
         with self._lock:
             if self._board.state == RunState.RUNNING:
                 self._unreported = {RunState.PAUSED, RunState.RUNNING}
+            if self.guest_shut_down:
+                # As QEMU: a reset after the guest's power-off leaves the machine
+                # in prelaunch, to be started again with cont.
+                self.guest_shut_down = False
+                self.has_run = False
         try:
             self._board.reset()
         except BaseException:

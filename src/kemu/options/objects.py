@@ -149,3 +149,19 @@ def apply_memory_backend(config: MachineConfig, memory_given: bool) -> None:
     if path is not None and os.path.isdir(path):
         raise StartupError(f"-object {obj.qom_type},id={obj.id}: mem-path={path}: kemu "
                            "maps a file, not a directory of temporary files")
+
+
+def ram_regions(config: MachineConfig, layout: list[tuple[int, int]]):
+    """Guest RAM for a board's ``(base, size)`` layout, from -machine memory-backend=
+    when given (the file's pages in layout order; shared with share=on)."""
+    from kemu.memory import RamRegion
+    obj = memory_backend(config)
+    if obj is None:
+        return [RamRegion(base, size) for base, size in layout]
+    shared = parse_bool(obj.props.get("share", "off"), "share")
+    path = obj.props.get("mem-path")
+    regions, offset = [], 0
+    for base, size in layout:
+        regions.append(RamRegion(base, size, obj.id, path=path, offset=offset, shared=shared))
+        offset += size
+    return regions

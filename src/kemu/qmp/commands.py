@@ -43,6 +43,7 @@ class Commands:
         self.vm = vm
         self.on_quit = on_quit or vm.stop
         self._hmp = None
+        self.migrate_capabilities = {"events": False}
         self.table: dict[str, tuple[Callable[[dict], Any], dict[str, type]]] = {
             "query-version": (self.query_version, {}),
             "query-status": (self.query_status, {}),
@@ -81,8 +82,11 @@ class Commands:
                 config, _required(a, "typename")), {"typename": str}),
             "query-command-line-options": (lambda a: i.command_line_options(a.get("option")),
                                            {"option": str}),
-            # kemu has no live migration yet: no capabilities, and setting one fails.
-            "query-migrate-capabilities": (lambda a: [], {}),
+            # kemu has no live migration yet: of QEMU's capabilities only "events"
+            # (MIGRATION events on; there is no migration to report).
+            "query-migrate-capabilities": (lambda a: [
+                {"capability": name, "state": on}
+                for name, on in self.migrate_capabilities.items()], {}),
             "migrate-set-capabilities": (self.migrate_set_capabilities,
                                          {"capabilities": list}),
             "query-gic-capabilities": (lambda a: [{"version": 2, "emulated": True,
@@ -112,9 +116,16 @@ class Commands:
         }
 
     def migrate_set_capabilities(self, args: dict) -> None:
+        wanted = {}
         for cap in args.get("capabilities", []):
-            name = cap.get("capability") if isinstance(cap, dict) else cap
-            raise QmpError(f"Parameter 'capability' does not accept value '{name}'")
+            if not isinstance(cap, dict) or not isinstance(cap.get("state"), bool):
+                raise QmpError("Invalid parameter type for 'capabilities', expected: "
+                               "MigrationCapabilityStatus")
+            name = cap.get("capability")
+            if name not in self.migrate_capabilities:
+                raise QmpError(f"Parameter 'capability' does not accept value '{name}'")
+            wanted[name] = cap["state"]
+        self.migrate_capabilities.update(wanted)
 
     def names(self) -> set[str]:
         return set(self.table) | {"qmp_capabilities"}
@@ -146,6 +157,8 @@ class Commands:
             state = "prelaunch"        # -S and never continued, as QEMU says
         elif state == "paused" and getattr(self.vm, "io_error", False):
             state = "io-error"         # a disk's werror/rerror policy paused it
+        elif state == "paused" and getattr(self.vm, "guest_shut_down", False):
+            state = "shutdown"         # the guest powered off under -no-shutdown
         return {"running": state == "running", "singlestep": False, "status": state}
 
     def query_commands(self, _args: dict) -> list:
