@@ -581,6 +581,10 @@ class Machine:
         :class:`Reset` event is reported, as QEMU does.
         """
         self._require_running("reset")
+        if self.guest_shut_down:
+            # The vCPUs were asked to pause at the power-off; let them get there
+            # first, so that the reset leaves the machine stopped (prelaunch).
+            self._board.pause()
         with self._lock:
             if self._board.state == RunState.RUNNING:
                 self._unreported = {RunState.PAUSED, RunState.RUNNING}

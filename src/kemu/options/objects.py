@@ -57,7 +57,7 @@ def object_from_props(props: dict[str, str], where: str) -> ObjectConfig:
     if not qom_type:
         raise ConfigError(f"{where}: Parameter 'qom-type' is missing")
     if qom_type not in OBJECT_TYPES:
-        raise StartupError(f"{where}: invalid object type: {qom_type}")
+        raise StartupError(f"{where}: Parameter 'qom-type' does not accept value '{qom_type}'")
     obj_id = props.pop("id", "")
     if not obj_id:
         raise StartupError(f"{where}: Parameter 'id' is missing")

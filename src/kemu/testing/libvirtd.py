@@ -4,7 +4,8 @@ CI runs as root without systemd, so the daemon is started by hand.  As root,
 libvirtd's QEMU driver reads ``/etc/libvirt/qemu.conf`` and keeps its state
 in ``/run/libvirt`` and ``/var/lib/libvirt`` whatever its command line says;
 the daemon therefore runs in its own mount namespace (``unshare -m``) where
-those directories are the scratch directory's.  Clients outside reach it at
+those directories are the scratch directory's, with its pidfile among them
+(so that it runs beside the host's own libvirtd, if any).  Clients outside reach it at
 ``qemu:///system?socket=SCRATCH/run/libvirt-sock``.
 
 The configuration: guests run as root with no security driver, no cgroups
@@ -104,7 +105,7 @@ class PrivateLibvirtd:
         self._configure()
         mounts = " && ".join(f"mkdir -p {target} && mount --bind {self.scratch / sub} {target}"
                              for target, sub in PRIVATE_DIRS.items())
-        script = f"mount --make-rprivate / && {mounts} && exec libvirtd -f /etc/libvirt/libvirtd.conf"
+        script = f"mount --make-rprivate / && {mounts} && exec libvirtd -f /etc/libvirt/libvirtd.conf -p /run/libvirt/libvirtd.pid"
         self.proc = subprocess.Popen(["unshare", "-m", "sh", "-c", script],
                                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=open(self.scratch / "libvirtd.stderr", "wb"),
@@ -112,8 +113,9 @@ class PrivateLibvirtd:
         deadline = time.monotonic() + timeout
         while not self.socket.exists():
             if self.proc.poll() is not None:
-                raise RuntimeError("libvirtd exited: "
-                                   + (self.scratch / "libvirtd.stderr").read_text()[-500:])
+                log = self.log.read_text()[-500:] if self.log.exists() else ""
+                raise RuntimeError("libvirtd exited: " + (
+                    (self.scratch / "libvirtd.stderr").read_text()[-500:] + log).strip())
             if time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError(f"libvirtd made no socket within {timeout:g} s")
