@@ -15,12 +15,12 @@ from kemu.machines.builder import ACCELS
 from kemu.machines.config import DriveConfig, MachineConfig
 from kemu.options.accepted import ACCEPTED, check_no_acpi
 from kemu.options.blockdev import parse_blockdev, resolve_device_drives
-from kemu.options.chardev import add_chardev, parse_chardev, parse_mon, serial_chardev
+from kemu.options.chardev import parse_chardev, parse_mon, serial_chardev
 from kemu.options.device import parse_device
 from kemu.options.machine import apply_machine_option
-from kemu.options.objects import add_object, apply_memory_backend, parse_object
+from kemu.options.objects import apply_memory_backend, parse_object
 from kemu.options.drive import parse_drive
-from kemu.options.keyval import head_and_props, parse_keyval, parse_size
+from kemu.options.keyval import add_by_id, head_and_props, parse_keyval, parse_size
 from kemu.options.netdev import legacy_net, parse_netdev, parse_nic
 from kemu.options.sockets import parse_qmp_option, parse_socket_option
 
@@ -144,9 +144,11 @@ def parse_qemu_options(argv: list[str], config: MachineConfig) -> MachineConfig:
                 if key not in ("debug-threads", "process"):
                     raise ConfigError(f"-name: Invalid parameter '{key}'")
         elif opt == "-object":
-            add_object(config, parse_object(value), f"-object {value}")
+            obj = parse_object(value)
+            add_by_id(config.objects, obj.id, obj, f"-object {value}")
         elif opt == "-chardev":
-            add_chardev(config, parse_chardev(value), f"-chardev {value}")
+            cd = parse_chardev(value)
+            add_by_id(config.chardevs, cd.id, cd, f"-chardev {value}")
         elif opt == "-mon":
             mons.append(value)          # resolved once every -chardev is known
         elif opt == "-blockdev":

@@ -56,12 +56,6 @@ def parse_chardev(text: str, option: str = "-chardev") -> ChardevConfig:
     return cd
 
 
-def add_chardev(config: MachineConfig, cd: ChardevConfig, where: str) -> None:
-    if cd.id in config.chardevs:
-        raise ConfigError(f"{where}: attempt to add duplicate property '{cd.id}' to object "
-                          "(type 'container')")
-    config.chardevs[cd.id] = cd
-
 
 def socket_address(cd: ChardevConfig, where: str = "-chardev") -> SocketAddress:
     """A socket chardev's address, in the form -qmp and -monitor use."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from kemu.errors import ConfigError
 from kemu.machines.config import DeviceConfig
-from kemu.options.keyval import parse_json, parse_option
+from kemu.options.keyval import parse_option, qmp_arguments
 
 
 def parse_device(text: str, option: str = "-device") -> DeviceConfig:
@@ -20,8 +20,7 @@ def parse_device(text: str, option: str = "-device") -> DeviceConfig:
 
 def device_from_qmp(args: dict) -> DeviceConfig:
     """QMP ``device_add``'s arguments (the JSON form's object)."""
-    import json
-    return device_from_props(parse_json(json.dumps(args), "device_add"), "device_add")
+    return device_from_props(qmp_arguments(args, "device_add"), "device_add")
 
 
 def device_from_props(props: dict[str, str], option: str) -> DeviceConfig:

@@ -112,6 +112,14 @@ def parse_json(text: str, option: str) -> dict[str, str]:
     return out
 
 
+def qmp_arguments(args: dict, command: str) -> dict[str, str]:
+    """A QMP command's arguments (device_add, object-add, blockdev-add) in the same
+    flat form as the command line's JSON argument."""
+    out: dict[str, str] = {}
+    _flatten(args, "", out, command)
+    return out
+
+
 def parse_option(text: str, option: str, implied: str | None = None) -> dict[str, str]:
     """An option's argument in either form: JSON if it starts with ``{``, else keyval."""
     if text.lstrip().startswith("{"):
@@ -141,3 +149,12 @@ def head_and_props(text: str, option: str, first_key: str) -> tuple[str, dict[st
     """``value,key=value,...`` split into the implied key's value and the rest."""
     props = parse_keyval(text, option, first_key)
     return props.pop(first_key, ""), props
+
+
+def add_by_id(table: dict, item_id: str, item, where: str) -> None:
+    """Add an -object / -chardev to its table; an id used twice is QEMU's error."""
+    from kemu.errors import StartupError
+    if item_id in table:
+        raise StartupError(f"{where}: attempt to add duplicate property '{item_id}' to "
+                           "object (type 'container')")
+    table[item_id] = item

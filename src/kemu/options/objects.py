@@ -115,12 +115,6 @@ def secret_value(obj: ObjectConfig) -> bytes:
     return data
 
 
-def add_object(config: MachineConfig, obj: ObjectConfig, where: str) -> None:
-    if obj.id in config.objects:
-        raise StartupError(f"{where}: attempt to add duplicate property '{obj.id}' "
-                           "to object (type 'container')")
-    config.objects[obj.id] = obj
-
 
 def memory_backend(config: MachineConfig) -> ObjectConfig | None:
     """The -object that -machine memory-backend= names (checked), or None."""

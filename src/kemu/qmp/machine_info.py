@@ -157,16 +157,14 @@ def device_del(config, args: dict) -> None:
 
 
 def object_add(config, args: dict) -> None:
-    import json
-
-    from kemu.options.keyval import parse_json
-    from kemu.options.objects import add_object, object_from_props
+    from kemu.options.keyval import add_by_id, qmp_arguments
+    from kemu.options.objects import object_from_props
     try:
-        obj = object_from_props(parse_json(json.dumps(args), "object-add"), "object-add")
+        obj = object_from_props(qmp_arguments(args, "object-add"), "object-add")
         if obj.qom_type != "secret":
             raise QmpError(f"object-add {obj.qom_type}: kemu cannot add memory to a "
                            "machine that exists")
-        add_object(config, obj, "object-add")
+        add_by_id(config.objects, obj.id, obj, "object-add")
     except KemuError as e:
         raise QmpError(str(e).removeprefix("object-add: ")) from None
 
@@ -182,12 +180,10 @@ def object_del(config, args: dict) -> None:
 
 
 def blockdev_add(config, args: dict) -> None:
-    import json
-
     from kemu.options.blockdev import add_blockdev
-    from kemu.options.keyval import parse_json
+    from kemu.options.keyval import qmp_arguments
     try:
-        add_blockdev(parse_json(json.dumps(args), "blockdev-add"), config, "blockdev-add")
+        add_blockdev(qmp_arguments(args, "blockdev-add"), config, "blockdev-add")
     except KemuError as e:
         raise QmpError(str(e).removeprefix("blockdev-add: ")) from None
 

@@ -53,6 +53,14 @@ log_filters = "{filters}"
 """
 
 
+def _end_with_parent() -> None:
+    """In the child before exec: SIGTERM when the test process dies, however it dies
+    (Linux's PR_SET_PDEATHSIG; it survives the exec of unshare, sh and libvirtd)."""
+    import ctypes
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def missing_tools() -> str | None:
     """Why a private libvirtd cannot run here, or None."""
     for tool in ("libvirtd", "virsh", "unshare", "mount"):
@@ -109,7 +117,7 @@ class PrivateLibvirtd:
         self.proc = subprocess.Popen(["unshare", "-m", "sh", "-c", script],
                                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=open(self.scratch / "libvirtd.stderr", "wb"),
-                                     start_new_session=True)
+                                     start_new_session=True, preexec_fn=_end_with_parent)
         deadline = time.monotonic() + timeout
         while not self.socket.exists():
             if self.proc.poll() is not None:
@@ -126,9 +134,16 @@ class PrivateLibvirtd:
                               timeout=timeout, stdin=subprocess.DEVNULL)
 
     def stop(self) -> None:
-        """End the daemon (SIGTERM, SIGKILL after 15 s); domains it left are its to end."""
+        """Destroy the domains still running (libvirtd leaves them running when it
+        ends), then end the daemon (SIGTERM, SIGKILL after 15 s)."""
         if self.proc is None or self.proc.poll() is not None:
             return
+        try:
+            names = self.virsh("list", "--name", timeout=30).stdout.split()
+            for name in names:
+                self.virsh("destroy", name, timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
         self.proc.send_signal(signal.SIGTERM)
         try:
             self.proc.wait(15)
