@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from kemu.boot.linux_arm64 import ARM64_MAGIC, HEADER
-from kemu.cli import parse_qemu_options, parse_size
+from kemu.options import parse_qemu_options, parse_size
 from kemu.errors import ConfigError
 from kemu.machines.config import MachineConfig
 
@@ -199,7 +199,7 @@ def test_tap_that_cannot_be_opened_is_one_line(tmp_path):
 
 
 def test_doubled_commas_are_literal_in_option_values(tmp_path):
-    from kemu.machines.opts import split_opts
+    from kemu.options import split_opts
     from kemu.qmp.server import parse_qmp_option
     assert split_opts("file=a,,b.img,format=raw") == ["file=a,b.img", "format=raw"]
     assert split_opts("x,,,,y,z") == ["x,,y", "z"]

@@ -47,7 +47,8 @@ from kemu.machines.config import MachineConfig, MiB
 from kemu.machines.rtc import AlarmTimer, RtcClock
 from kemu.devices import psci as psci_fn
 from kemu.machines.runtime import DeadlineKicker, Outcome, RunState, VcpuGroup, VcpuThread
-from kemu.memory import GuestMemory, RamRegion
+from kemu.memory import GuestMemory
+from kemu.options.objects import ram_regions
 
 FDT_MAGIC = b"\xd0\x0d\xfe\xed"
 GIC_DIST = (0x08000000, 0x10000)
@@ -139,7 +140,7 @@ class VirtMachine:
         self.random: Callable[[int], bytes] = os.urandom
         #: The big machine lock: device state is touched under it only.
         self.lock = threading.RLock()
-        self.memory = GuestMemory([RamRegion(RAM_BASE, config.memory)])
+        self.memory = GuestMemory(ram_regions(config, [(RAM_BASE, config.memory)]))
         self.mmio = Bus("mmio")
         self.virtio_slots: list[VirtioSlot] = []
 

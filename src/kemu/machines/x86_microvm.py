@@ -72,7 +72,8 @@ from kemu.machines.console_watch import (
     ConsoleWatcher,
 )
 from kemu.machines.runtime import Outcome, RunState, VcpuGroup, VcpuThread
-from kemu.memory import GuestMemory, RamRegion
+from kemu.memory import GuestMemory
+from kemu.options.objects import ram_regions
 
 COM1 = (0x3F8, 8)
 COM1_IRQ = 4
@@ -209,8 +210,7 @@ class MicroVm:
                        if config.initrd else None)
         #: The big machine lock: device state is touched under it only.
         self.lock = threading.RLock()
-        self.memory = GuestMemory([RamRegion(b, s)
-                                   for b, s in linux_x86.ram_layout(config.memory)])
+        self.memory = GuestMemory(ram_regions(config, linux_x86.ram_layout(config.memory)))
         self.mmio = Bus("mmio")
         self.pio = Bus("pio", 1 << 16)
         self.virtio_slots: list[VirtioSlot] = []
