@@ -55,6 +55,7 @@ QEMU-style options: -M/-machine virt|microvm  -accel tcg|kvm  -enable-kvm  -cpu 
          I/O is synchronous pread/pwrite, in the thread that takes the queue notify)
   -snapshot  (writes go to temporary qcow2 overlays, deleted at exit; images untouched)
   -rtc [base=utc|localtime|YYYY-MM-DD[THH:MM:SS]][,clock=host|rt|vm][,driftfix=none|slew]
+  -fw_cfg [name=]opt/NAME,file=PATH|string=STR  (virt: an item in QEMU's fw_cfg device)
   -device virtio-blk-device,drive=ID | virtio-rng-device | virtio-net-device,netdev=ID[,mac=M]
   -netdev user,id=ID[,hostfwd=tcp::HOSTPORT-:GUESTPORT]  (user-mode networking by passt)
   -netdev tap,id=ID,ifname=NAME,script=no,downscript=no
@@ -70,7 +71,8 @@ In the console: Ctrl-A x quits, Ctrl-A c switches to the monitor and back, Ctrl-
 #: Options that take an argument / that do not, in QEMU's spelling.
 WITH_ARG = {"-M", "-machine", "-cpu", "-m", "-smp", "-kernel", "-initrd", "-append",
             "-serial", "-accel", "-name", "-display", "-monitor", "-drive", "-device", "-disk",
-            "-qmp", "-pidfile", "-netdev", "-nic", "-net", "-rtc", "-dtb", "-global"}
+            "-qmp", "-pidfile", "-netdev", "-nic", "-net", "-rtc", "-dtb", "-global",
+            "-fw_cfg"}
 FLAGS = {"-nographic", "-no-reboot", "-S", "-enable-kvm", "-nodefaults", "-daemonize",
          "-snapshot"}
 #: QEMU options kemu knows of but does not offer (yet).
@@ -258,7 +260,13 @@ def parse_qemu_options(argv: list[str], config: MachineConfig) -> MachineConfig:
             config.rtc = parse_rtc_option(value)
         elif opt == "-snapshot":
             config.snapshot = True
+        elif opt == "-fw_cfg":
+            from kemu.machines.fw_cfg_option import parse_fw_cfg_option
+            config.fw_cfg.append(parse_fw_cfg_option(value))
     _legacy_net(legacy_net, config)
+    if config.fw_cfg and config.machine != "virt":
+        raise ConfigError(f"-fw_cfg: kemu's {config.machine} board has no fw_cfg device "
+                          "(virt has)")
     if accel_given and machine_given and config.accel not in ACCELS.get(config.machine,
                                                                         (config.accel,)):
         raise ConfigError(_board_accel_mismatch(config.machine, config.accel))
