@@ -59,6 +59,8 @@ def inspect(vm: Console) -> dict:
                               if d.startswith("armv8")),
         "perfevents": re.findall(r"hw perfevents: .*", vm.run("dmesg | grep 'hw perfevents'")),
         "model": last_line(vm, "cat /proc/device-tree/model; echo").strip("\0"),
+        # systemd-detect-virt names QEMU on a device tree with a fw-cfg node
+        "fw_cfg_node": [d for d in vm.run("ls /proc/device-tree").split() if "fw-cfg" in d],
     }
     vm.run(f"cat {BY_NAME}/perf_probe/raw > /tmp/perf_probe; chmod +x /tmp/perf_probe")
     out = vm.run("/tmp/perf_probe", timeout=120)
@@ -88,7 +90,8 @@ def test_pmu_and_fw_cfg_in_linux_as_under_qemu(guest, probe, console_factory):
                                   "7 counters available"], ours     # 6 + the cycle counter
     assert ours["model"] == "linux,dummy-virt"
     assert ours["counts"]["cycles"] > 1_000_000, ours     # 20M loop iterations counted
-    for key in ("files", "greeting", "pmu_devices", "perfevents", "model"):
+    assert ours["fw_cfg_node"] == ["fw-cfg@9020000"]
+    for key in ("files", "greeting", "pmu_devices", "perfevents", "model", "fw_cfg_node"):
         assert ours[key] == theirs[key], (key, ours[key], theirs[key])
     # Counted on both, refused alike where QEMU does not count (a negative errno).
     assert theirs["counts"]["cycles"] > 1_000_000, theirs
