@@ -7,18 +7,12 @@ on both: with -kernel and no firmware the kernel is loaded directly), finds
 read in one descriptor).  Both print the same lines.
 """
 
-import subprocess
-
 import pytest
 
-from kemu.backends.serial import SerialBackend
-from kemu.machines.arm64_virt import VirtMachine
-from kemu.machines.config import MachineConfig
+from bare_metal import HEX, run_kemu, run_qemu
 from kemu.machines.fw_cfg_option import parse_fw_cfg_option
-
 from test_tcg_aarch64 import assemble
 
-MiB = 1 << 20
 FILE = "kemu+qemu"   # 9 bytes: DMA reads 16, the rest zero past the end
 
 GUEST = r"""
@@ -96,22 +90,7 @@ select:                         // w0: the selector, stored big-endian
     strh w0, [x19, #8]
     ret
 
-hex:                            // x0 as 16 hex digits and a newline
-    ldr x9, =0x09000000
-    mov x10, #60
-1:  lsr x11, x0, x10
-    and x11, x11, #15
-    cmp x11, #10
-    add x12, x11, #'0'
-    add x13, x11, #('a' - 10)
-    csel x11, x12, x13, lt
-    str w11, [x9]
-    subs x10, x10, #4
-    b.ge 1b
-    mov x11, #10
-    str w11, [x9]
-    ret
-
+""" + HEX + r"""
     .ltorg
     .balign 16
 desc: .fill 16, 1, 0
@@ -135,21 +114,7 @@ def guest(tmp_path_factory):
 
 def test_fw_cfg_registers_and_dma_as_under_qemu(guest, need):
     qemu = need("qemu-system-aarch64")
-    r = subprocess.run([qemu, "-M", "virt", "-cpu", "cortex-a57", "-m", "128", "-nographic",
-                        "-nodefaults", "-serial", "stdio", "-kernel", str(guest),
-                        "-fw_cfg", f"name=opt/t,string={FILE}"],
-                       capture_output=True, text=True, timeout=60, check=True)
-    theirs = [int(line, 16) for line in r.stdout.split()]
-    out = bytearray()
-    cfg = MachineConfig(kernel=guest, memory=128 * MiB,
-                        fw_cfg=[parse_fw_cfg_option(f"name=opt/t,string={FILE}")])
-    machine = VirtMachine(cfg, SerialBackend(out.extend))
-    machine.start()
-    outcome = machine.wait(60)
-    if outcome is None:
-        machine.stop()
-        machine.wait(10)
-        pytest.fail(f"the guest did not power off: {out.decode()!r}")
-    ours = [int(line, 16) for line in out.decode().split()]
+    theirs = run_qemu(qemu, guest, "-fw_cfg", f"name=opt/t,string={FILE}")
+    ours = run_kemu(guest, fw_cfg=[parse_fw_cfg_option(f"name=opt/t,string={FILE}")])
     assert theirs == EXPECTED, [hex(v) for v in theirs]
     assert ours == theirs, [hex(v) for v in ours]

@@ -9,17 +9,10 @@ interrupt (INTID) was taken with which overflow flags when an event counter
 and while it waits in WFI) overflow.  The two outputs must be equal.
 """
 
-import subprocess
-
 import pytest
 
-from kemu.backends.serial import SerialBackend
-from kemu.machines.arm64_virt import VirtMachine
-from kemu.machines.config import MachineConfig
-
+from bare_metal import HEX, run_kemu, run_qemu
 from test_tcg_aarch64 import assemble
-
-MiB = 1 << 20
 
 GUEST = r"""
     .text
@@ -190,22 +183,6 @@ _start:
     hvc #0
     b .
 
-hex:                            // x0 as 16 hex digits and a newline
-    ldr x9, =0x09000000
-    mov x10, #60
-1:  lsr x11, x0, x10
-    and x11, x11, #15
-    cmp x11, #10
-    add x12, x11, #'0'
-    add x13, x11, #('a' - 10)
-    csel x11, x12, x13, lt
-    str w11, [x9]
-    subs x10, x10, #4
-    b.ge 1b
-    mov x11, #10
-    str w11, [x9]
-    ret
-
 irq:                            // acknowledge, note INTID and overflows, clear, EOI
     ldr x14, =0x08010000
     ldr w15, [x14, #0x0c]       // GICC_IAR
@@ -220,6 +197,7 @@ irq:                            // acknowledge, note INTID and overflows, clear,
 sync:                           // the SVC of part 2: return past it
     eret
 
+""" + HEX + r"""
     .ltorg
     .balign 8
 scratch:
@@ -248,27 +226,6 @@ EXPECTED = [
 ]
 
 
-def run_kemu(kernel, cpu) -> list[int]:
-    out = bytearray()
-    machine = VirtMachine(MachineConfig(kernel=kernel, memory=128 * MiB, cpu=cpu),
-                          SerialBackend(out.extend))
-    machine.start()
-    outcome = machine.wait(60)
-    if outcome is None:
-        machine.stop()
-        machine.wait(10)
-        pytest.fail(f"the guest did not power off; it printed {out.decode()!r}")
-    assert outcome.reason == "poweroff", outcome
-    return [int(line, 16) for line in out.decode().split()]
-
-
-def run_qemu(qemu, kernel, cpu) -> list[int]:
-    r = subprocess.run([qemu, "-M", "virt", "-cpu", cpu, "-m", "128", "-nographic",
-                        "-nodefaults", "-serial", "stdio", "-kernel", str(kernel)],
-                       capture_output=True, text=True, timeout=60, check=True)
-    return [int(line, 16) for line in r.stdout.split()]
-
-
 @pytest.fixture(scope="module")
 def guest(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pmu")
@@ -280,7 +237,7 @@ def guest(tmp_path_factory):
 @pytest.mark.parametrize("cpu", ["cortex-a57", "max"])
 def test_pmu_as_under_qemu(guest, need, cpu):
     qemu = need("qemu-system-aarch64")
-    theirs = run_qemu(qemu, guest, cpu)
-    ours = run_kemu(guest, cpu)
+    theirs = run_qemu(qemu, guest, cpu=cpu)
+    ours = run_kemu(guest, cpu=cpu)
     assert theirs == EXPECTED, f"QEMU printed {[hex(v) for v in theirs]}"
     assert ours == theirs, f"kemu printed {[hex(v) for v in ours]}"
