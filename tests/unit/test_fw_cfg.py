@@ -160,3 +160,45 @@ def test_duplicates_and_slots_are_refused():
         dev.add_file(f"opt/f{i}", b"")
     with pytest.raises(ConfigError, match="no more than"):
         dev.add_file("opt/one-more", b"")
+
+
+# -- -fw_cfg as QEMU spells it --------------------------------------------------------------
+
+def test_fw_cfg_option_spellings(tmp_path):
+    from kemu.machines.fw_cfg_option import parse_fw_cfg_option
+    opt = parse_fw_cfg_option("opt/greeting,string=a,,b")      # implied name=, ",," escapes
+    assert (opt.name, opt.data()) == ("opt/greeting", b"a,b")   # no NUL, as QEMU
+    f = tmp_path / "blob"
+    f.write_bytes(b"\x00\x01binary")
+    assert parse_fw_cfg_option(f"name=opt/blob,file={f}").data() == b"\x00\x01binary"
+
+
+@pytest.mark.parametrize("text,message", [
+    ("opt/x", "exactly one of file, string"),
+    ("name=opt/x,file=a,string=b", "exactly one of file, string"),
+    ("string=b", "exactly one of file, string"),
+    ("opt/" + "x" * 60 + ",string=b", "name too long"),
+    ("opt/x,gen_id=g", "not supported"),
+    ("opt/x,colour=red", "invalid parameter"),
+])
+def test_fw_cfg_option_errors(text, message):
+    from kemu.machines.fw_cfg_option import parse_fw_cfg_option
+    with pytest.raises(ConfigError, match=message):
+        parse_fw_cfg_option(text)
+
+
+def test_fw_cfg_file_errors_are_one_line(tmp_path):
+    from kemu.machines.fw_cfg_option import parse_fw_cfg_option
+    with pytest.raises(ConfigError, match="can't load"):
+        parse_fw_cfg_option(f"name=opt/x,file={tmp_path / 'missing'}").data()
+
+
+def test_fw_cfg_on_the_command_line(tmp_path, capsys):
+    from kemu.cli import parse_qemu_options
+    from kemu.machines.config import MachineConfig
+    cfg = parse_qemu_options(["-fw_cfg", "name=etc/x,string=1", "-fw_cfg", "opt/y,string=2"],
+                             MachineConfig())
+    assert [o.name for o in cfg.fw_cfg] == ["etc/x", "opt/y"]
+    assert 'should be prefixed with "opt/"' in capsys.readouterr().err   # QEMU's warning
+    with pytest.raises(ConfigError, match="microvm board has no fw_cfg"):
+        parse_qemu_options(["-M", "microvm", "-fw_cfg", "opt/y,string=2"], MachineConfig())
