@@ -202,3 +202,16 @@ def test_fw_cfg_on_the_command_line(tmp_path, capsys):
     assert 'should be prefixed with "opt/"' in capsys.readouterr().err   # QEMU's warning
     with pytest.raises(ConfigError, match="microvm board has no fw_cfg"):
         parse_qemu_options(["-M", "microvm", "-fw_cfg", "opt/y,string=2"], MachineConfig())
+
+
+def test_save_restore_keeps_the_read_position():
+    dev, _ = make()
+    dev.add_file("opt/a", b"abcdef")
+    select(dev, 0x20)
+    assert read_bytes(dev, 2) == b"ab"
+    other, _ = make()
+    other.add_file("opt/a", b"abcdef")
+    other.restore(dev.save())
+    assert read_bytes(other, 4) == b"cdef"
+    dev.reset()
+    assert read_bytes(dev, 4) == b"QEMU"

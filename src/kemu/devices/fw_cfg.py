@@ -90,6 +90,17 @@ def _swap(value: int, size: int) -> int:
 
 
 @dataclass(frozen=True)
+class FwCfgState:
+    """What a guest changed: the selected item, where it is in it, the DMA address.
+    The items themselves are configuration (the command line), not state."""
+
+    version: int
+    selected: int | None
+    offset: int
+    dma_address: int
+
+
+@dataclass(frozen=True)
 class FwCfgFile:
     """One entry of the file directory."""
 
@@ -178,6 +189,16 @@ class FwCfg:
         """QEMU's fw_cfg_reset: the signature selected, no DMA address."""
         self.select(FW_CFG_SIGNATURE)
         self._dma_address = 0
+
+    def save(self) -> FwCfgState:
+        return FwCfgState(1, self._selected, self._offset, self._dma_address)
+
+    def restore(self, state: FwCfgState) -> None:
+        self.select(FW_CFG_SIGNATURE if state.selected is None else state.selected)
+        if state.selected is None:
+            self._selected = None
+        self._offset = max(0, state.offset)
+        self._dma_address = state.dma_address & ((1 << 64) - 1)
 
     # -- selector and data -------------------------------------------------------------------
     def select(self, key: int) -> None:
