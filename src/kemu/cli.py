@@ -53,6 +53,7 @@ QEMU-style options: -M/-machine virt|microvm  -accel tcg|kvm  -enable-kvm  -cpu 
          I/O is synchronous pread/pwrite, in the thread that takes the queue notify)
   -snapshot  (writes go to temporary qcow2 overlays, deleted at exit; images untouched)
   -rtc [base=utc|localtime|YYYY-MM-DD[THH:MM:SS]][,clock=host|rt|vm][,driftfix=none|slew]
+  -fw_cfg [name=]opt/NAME,file=PATH|string=STR  (virt: an item in QEMU's fw_cfg device)
   -device virtio-blk-device,drive=ID | virtio-rng-device | virtio-net-device,netdev=ID[,mac=M]
   -netdev user,id=ID[,hostfwd=tcp::HOSTPORT-:GUESTPORT]  (user-mode networking by passt)
   -netdev tap,id=ID,ifname=NAME,script=no,downscript=no

@@ -28,7 +28,7 @@ from kemu.options.sockets import parse_qmp_option, parse_socket_option
 WITH_ARG = {"-M", "-machine", "-cpu", "-m", "-smp", "-kernel", "-initrd", "-append",
             "-serial", "-accel", "-name", "-display", "-monitor", "-drive", "-device", "-disk",
             "-qmp", "-pidfile", "-netdev", "-nic", "-net", "-rtc", "-dtb", "-global",
-            "-object", "-chardev", "-mon", "-blockdev"} | {
+            "-fw_cfg", "-object", "-chardev", "-mon", "-blockdev"} | {
                 name for name, (takes_arg, _) in ACCEPTED.items() if takes_arg}
 FLAGS = {"-nographic", "-no-reboot", "-S", "-enable-kvm", "-nodefaults", "-daemonize",
          "-snapshot", "-no-shutdown"} | {
@@ -198,6 +198,9 @@ def parse_qemu_options(argv: list[str], config: MachineConfig) -> MachineConfig:
             config.rtc = parse_rtc_option(value)
         elif opt == "-snapshot":
             config.snapshot = True
+        elif opt == "-fw_cfg":
+            from kemu.options.fw_cfg import parse_fw_cfg_option
+            config.fw_cfg.append(parse_fw_cfg_option(value))
     legacy_net(legacy_net_values, config)
     for value in mons:
         parse_mon(value, config)
@@ -208,6 +211,9 @@ def parse_qemu_options(argv: list[str], config: MachineConfig) -> MachineConfig:
     if _choose_machine_accel(config):
         accel_given = True
     check_no_acpi(config)
+    if config.fw_cfg and config.machine != "virt":
+        raise ConfigError(f"-fw_cfg: kemu's {config.machine} board has no fw_cfg device "
+                          "(virt has)")
     if accel_given and machine_given and config.accel not in ACCELS.get(config.machine,
                                                                         (config.accel,)):
         raise ConfigError(board_accel_mismatch(config.machine, config.accel))
