@@ -178,6 +178,8 @@ class VirtMachine:
 
         from kemu.devices.virtio.input import power_button
         from kemu.machines.virtio_devices import attach_devices, attach_transport
+        #: close() runs in two threads at once (the API's watcher and its caller's wait()).
+        self._teardown_lock = threading.Lock()
         self.block_backends = attach_devices(self, config)
         # The power button (QMP system_powerdown), as QEMU's virt has one.
         self.power_button = power_button()
@@ -483,10 +485,11 @@ class VirtMachine:
         return outcome
 
     def close(self) -> None:
-        """Flush and close the disks (idempotent)."""
+        """Flush and close the disks (idempotent, from any thread)."""
         from kemu.backends.block import flush_and_close
-        backends, self.block_backends = self.block_backends, []
-        flush_and_close(backends)
+        with self._teardown_lock:
+            backends, self.block_backends = self.block_backends, []
+            flush_and_close(backends)
 
     @property
     def state(self) -> RunState:

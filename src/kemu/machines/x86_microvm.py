@@ -262,6 +262,8 @@ class MicroVm:
         self.outcome: Outcome | None = None
         self.vcpus = VcpuGroup()
         self._close_lock = threading.Lock()
+        #: close() runs in two threads at once (the API's watcher and its caller's wait()).
+        self._teardown_lock = threading.Lock()
         self.on_state: Callable[[RunState], None] = lambda s: None
         #: Called before a guest-initiated reset is carried out (the API's RESET event).
         self.on_reset: Callable[[], None] = lambda: None
@@ -484,21 +486,22 @@ class MicroVm:
         return outcome
 
     def close(self) -> None:
-        """Flush and close the disks, release the VM (idempotent)."""
+        """Flush and close the disks, release the VM (idempotent, from any thread)."""
         from kemu.backends.block import flush_and_close
-        backends, self.block_backends = self.block_backends, []
-        try:
-            flush_and_close(backends)
-        finally:
-            if all(t.state == RunState.STOPPED for t in self.vcpus.threads):
-                self._close_vm()
-                for fd in [*self.ioeventfds, *self.irqfds.values()]:
-                    fd.close()
-                self.ioeventfds, self.irqfds = [], {}
-                self.io_loop.close()
-                with self._close_lock:
-                    if self.kvm.fd >= 0:
-                        self.kvm.close()
+        with self._teardown_lock:
+            backends, self.block_backends = self.block_backends, []
+            try:
+                flush_and_close(backends)
+            finally:
+                if all(t.state == RunState.STOPPED for t in self.vcpus.threads):
+                    self._close_vm()
+                    for fd in [*self.ioeventfds, *self.irqfds.values()]:
+                        fd.close()
+                    self.ioeventfds, self.irqfds = [], {}
+                    self.io_loop.close()
+                    with self._close_lock:
+                        if self.kvm.fd >= 0:
+                            self.kvm.close()
 
     @property
     def state(self) -> RunState:
