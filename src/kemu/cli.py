@@ -41,7 +41,7 @@ usage: kemu [QEMU-style options]
                                          cache) and print its paths
        kemu img create|info|check|convert ...
 
-QEMU-style options: -M/-machine virt|microvm  -accel tcg|kvm  -enable-kvm  -cpu MODEL
+QEMU-style options: -M/-machine virt|virt-7.2|microvm|none[,PROP=V]  -accel tcg|kvm  -enable-kvm  -cpu MODEL
   -m SIZE  -smp N (microvm; 1 on virt)
   -kernel FILE (virt: arm64 Image, ELF or raw binary)  -initrd FILE  -append CMDLINE
   -dtb FILE  -machine dumpdtb=FILE (virt)  -global virtio-mmio.force-legacy=on|off
