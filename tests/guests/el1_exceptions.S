@@ -219,7 +219,15 @@ scenario:
     bl hex
     ldr w0, [x6, #0xfe0]
     bl hex
-    print_imm MARK
+    ldr x6, =0x08000000             // GIC distributor
+    resume_at 1f
+    ldr w0, [x6, #0x1000]           // past QEMU's 4 KiB distributor
+    bl hex
+1:  ldr x6, =0x08010000             // GIC CPU interface
+    resume_at 1f
+    ldr w0, [x6, #0x2000]           // past its 8 KiB
+    bl hex
+1:  print_imm MARK
 .endif
 
 .if SCENARIO == 3       // alignment: SCTLR_EL1.A, exclusives, Device memory (MMU off)

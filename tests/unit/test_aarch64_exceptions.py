@@ -92,7 +92,11 @@ def test_nothing_behind_an_address_is_an_external_abort_as_under_qemu(tmp_path, 
 def test_device_registers_nothing_decodes_as_under_qemu(tmp_path, need):
     ours, qemu, _ = both(tmp_path, need, 2)
     assert ours == qemu
-    assert ours[2] == 0 and ours[-1] == MARK     # PL011 offset 0x100 reads as zero
+    # PL011 offset 0x100 reads as zero, its ID registers and the PL031's as QEMU's
+    assert ours[2:7] == [0, 0x11, 0x0D, 0, 0x31]
+    # Past the GIC distributor's 4 KiB and CPU interface's 8 KiB: nothing.
+    assert [(e, f) for e, f, _ in exceptions(ours[:2] + ours[7:])] == [
+        (DABT_SEA, 0x08001000), (DABT_SEA, 0x08012000)]
 
 
 def test_alignment_faults_mmu_off(tmp_path, need):

@@ -152,7 +152,7 @@ class VirtMachine:
         self._gic_views = [self.mmio] + [Bus(f"cpu{i}-gic", decode_errors=True)
                                           for i in range(1, n)]
         for i, bus in enumerate(self._gic_views):
-            bus.map(*GIC_DIST, GicDistributor(self.gic, i))
+            bus.map(GIC_DIST[0], 0x1000, GicDistributor(self.gic, i))  # as QEMU's
             bus.map(GIC_CPU[0], 0x2000, GicCpuInterface(self.gic, i))
 
         self.uart = Pl011(self.gic.spi_line(UART0_SPI), console.write,
