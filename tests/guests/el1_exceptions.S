@@ -61,22 +61,7 @@ load_base:                          // (adr to a global symbol needs a linker)
     hvc #0
     b .
 
-// x0 as 16 hex digits and a newline on the PL011 (clobbers x1-x5)
-hex:
-    ldr x1, =UART
-    mov x2, #60
-1:  lsr x3, x0, x2
-    and x3, x3, #15
-    cmp x3, #10
-    add x4, x3, #'0'
-    add x5, x3, #('a' - 10)
-    csel x3, x4, x5, lt
-    str w3, [x1]
-    subs x2, x2, #4
-    b.ge 1b
-    mov x3, #10
-    str w3, [x1]
-    ret
+    .include "pl011_hex.S"
 
 // Synchronous exception from the current EL with SP_EL1
 sync:

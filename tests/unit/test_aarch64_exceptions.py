@@ -42,8 +42,8 @@ def build(tmp_path: Path, scenario: int) -> tuple[Path, dict[str, int]]:
         pytest.skip("binutils-aarch64-linux-gnu is not installed "
                     "(scripts/bootstrap.sh --test installs it)")
     obj, out = tmp_path / f"s{scenario}.o", tmp_path / f"s{scenario}.bin"
-    subprocess.run([tools["as"], "--defsym", f"SCENARIO={scenario}", "-o", str(obj),
-                    str(GUEST)], check=True)
+    subprocess.run([tools["as"], "--defsym", f"SCENARIO={scenario}", "-I", str(GUEST.parent),
+                    "-o", str(obj), str(GUEST)], check=True)
     subprocess.run([tools["objcopy"], "-O", "binary", str(obj), str(out)], check=True)
     nm = subprocess.run([tools["nm"], str(obj)], capture_output=True, text=True,
                         check=True).stdout
