@@ -204,6 +204,12 @@ scenario:
     bl hex
     ldr w0, [x6, #0xfe0]
     bl hex
+    ldr x6, =0x0a003e00             // virtio-mmio slot 31
+    ldr w0, [x6]                    // MagicValue
+    bl hex
+    ldr w0, [x6, #0xc0]             // no register there
+    bl hex
+    str w0, [x6, #0xc0]
     ldr x6, =0x08000000             // GIC distributor
     resume_at 1f
     ldr w0, [x6, #0x1000]           // past QEMU's 4 KiB distributor
@@ -254,6 +260,9 @@ s3_device:
 1:  alias x6, pxn_code, 0xc0000000
     resume_at 1f
     blr x6                          // PXN: instruction permission fault
+1:  mov x6, #0
+    resume_at 1f
+    blr x6                          // PXN at address 0 (a null pointer call)
 1:  ldr x6, =0x100000000
     resume_at 1f
     ldr x0, [x6, #0x18]             // translation fault, level 1

@@ -92,10 +92,11 @@ def test_nothing_behind_an_address_is_an_external_abort_as_under_qemu(tmp_path, 
 def test_device_registers_nothing_decodes_as_under_qemu(tmp_path, need):
     ours, qemu, _ = both(tmp_path, need, 2)
     assert ours == qemu
-    # PL011 offset 0x100 reads as zero, its ID registers and the PL031's as QEMU's
-    assert ours[2:7] == [0, 0x11, 0x0D, 0, 0x31]
+    # PL011 offset 0x100 reads as zero, its ID registers and the PL031's as
+    # QEMU's; a virtio-mmio transport's magic, and zero where it has no register.
+    assert ours[2:9] == [0, 0x11, 0x0D, 0, 0x31, 0x74726976, 0]
     # Past the GIC distributor's 4 KiB and CPU interface's 8 KiB: nothing.
-    assert [(e, f) for e, f, _ in exceptions(ours[:2] + ours[7:])] == [
+    assert [(e, f) for e, f, _ in exceptions(ours[:2] + ours[9:])] == [
         (DABT_SEA, 0x08001000), (DABT_SEA, 0x08012000)]
 
 
@@ -124,7 +125,7 @@ def test_mmu_faults(tmp_path, need):
     assert tuple(ours[-4:-1]) == device
     assert ours[-1] == qemu[-1] == MARK
     assert [e for e, _, _ in exceptions(ours, (0x8877665544332211, 0x55443322))] == [
-        0x9600004D, 0x8600000D,             # permission, level 1 (write; PXN)
+        0x9600004D, 0x8600000D, 0x8600000D,  # permission, level 1 (write; PXN twice)
         0x96000005, 0x86000005,             # translation, level 1
         0x96000009,                         # access flag, level 1
         DABT_SEA, IABT_SEA, DABT_ALIGN]
@@ -180,3 +181,25 @@ def test_software_step_as_under_qemu(tmp_path, need):
     assert second == [(STEP, 0, start2), (STEP | STEP_ISV, 0, start2 + 4),
                       (STEP | STEP_ISV, 0, start2 + 8)]
     assert ours[ours.index(MARK + 2) - 1] == 3
+
+
+def test_guest_code_at_address_zero_runs(tmp_path):
+    """Address 0 is no exit: a guest entered (or jumping) there runs, or takes its abort."""
+    from kemu.accel.base import SystemEvent
+    from kemu.accel.tcg.aarch64 import Aarch64Cpu
+    from kemu.devices import psci
+    from kemu.devices.arm_timer import GenericTimer
+    from kemu.devices.base import IrqLine
+    from kemu.memory import GuestMemory, RamRegion
+    from test_tcg_aarch64 import assemble
+
+    memory = GuestMemory([RamRegion(0, 1 << 20)])
+    memory.write(0, assemble(tmp_path, "ldr x0, =0x84000008\nhvc #0\n.ltorg"))
+    calls = psci.Psci(lambda e: cpu.request_system_event(e.value))
+    cpu = Aarch64Cpu(0, memory, [], lambda exit: None, lambda i, args: calls.call(i, *args),
+                     GenericTimer(IrqLine()), GenericTimer(IrqLine()))
+    cpu.reset_for_linux(0, 0)
+    outcomes = [cpu.run()]
+    while outcomes[-1] != SystemEvent("poweroff") and len(outcomes) < 3:
+        outcomes.append(cpu.run())      # (the CPU stopped at 0 as if by WFI: Halted)
+    assert outcomes[-1] == SystemEvent("poweroff"), outcomes

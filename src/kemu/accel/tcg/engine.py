@@ -170,3 +170,7 @@ def configure(uc: Uc, native_exceptions: int) -> None:
             or uc_ctl_write(uc, UC_CTL_CPU_ARCH_CHECKS, ARCH_CHECKS_ALL, ctypes.c_uint32)):
         raise AccelError("Unicorn refused kemu's engine settings (a partial build of the "
                          "patch series? scripts/build-unicorn.sh rebuilds it)")
+    # No exit address: emu_start's ``until`` (0) would otherwise stop the CPU
+    # when the guest jumps to address 0, as if it had executed WFI, where the
+    # guest must take its abort.
+    uc.ctl_exits_enabled(True)
