@@ -204,12 +204,6 @@ scenario:
     bl hex
     ldr w0, [x6, #0xfe0]
     bl hex
-    ldr x6, =0x0a003e00             // virtio-mmio slot 31
-    ldr w0, [x6]                    // MagicValue
-    bl hex
-    ldr w0, [x6, #0xc0]             // no register there
-    bl hex
-    str w0, [x6, #0xc0]
     ldr x6, =0x08000000             // GIC distributor
     resume_at 1f
     ldr w0, [x6, #0x1000]           // past QEMU's 4 KiB distributor
