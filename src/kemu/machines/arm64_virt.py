@@ -146,7 +146,8 @@ class VirtMachine:
         #: The big machine lock: device state is touched under it only.
         self.lock = threading.RLock()
         self.memory = GuestMemory(ram_regions(config, [(RAM_BASE, config.memory)]))
-        self.mmio = Bus("mmio")
+        # Nothing at an address is a bus error for the CPU (an external abort), as on QEMU's virt.
+        self.mmio = Bus("mmio", decode_errors=True)
         self.virtio_slots: list[VirtioSlot] = []
 
         n = config.smp
@@ -154,9 +155,10 @@ class VirtMachine:
         self.gic = GicV2(self.cpu_irqs, NUM_IRQS)
         # Each CPU reaches its own bank of the GIC's registers at the same
         # addresses; the shared bus holds CPU 0's.
-        self._gic_views = [self.mmio] + [Bus(f"cpu{i}-gic") for i in range(1, n)]
+        self._gic_views = [self.mmio] + [Bus(f"cpu{i}-gic", decode_errors=True)
+                                          for i in range(1, n)]
         for i, bus in enumerate(self._gic_views):
-            bus.map(*GIC_DIST, GicDistributor(self.gic, i))
+            bus.map(GIC_DIST[0], 0x1000, GicDistributor(self.gic, i))  # as QEMU's
             bus.map(GIC_CPU[0], 0x2000, GicCpuInterface(self.gic, i))
 
         self.uart = Pl011(self.gic.spi_line(UART0_SPI), console.write,

@@ -5,9 +5,13 @@ PLATFORM.md and :mod:`kemu.accel.tcg.engine`):
 
 * Unicorn starts in EL1 with EL2/EL3 present but configured for AArch32 and
   secure state: SCR_EL3 gets NS, HCE and RW, HCR_EL2 gets RW and IMO.
-* Synchronous exceptions (SVC, aborts, undefined instructions, BRK) are
-  taken by the CPU itself, as QEMU takes them (the engine's native
-  exceptions).  HVC and SMC still come to ``UC_HOOK_INTR``: they are the
+* Synchronous exceptions (SVC, aborts, undefined instructions, BRK, the
+  debug exceptions: breakpoints, watchpoints, software step) are taken by
+  the CPU itself, as QEMU takes them (the engine's native exceptions).  An
+  access with nothing behind its physical address (outside RAM and the
+  MMIO windows, or an MMIO access the board's bus decodes to no device:
+  :class:`~kemu.bus.DecodeError`) is a synchronous external abort, as QEMU
+  raises it on virt, not the end of the VM.  HVC and SMC still come to ``UC_HOOK_INTR``: they are the
   PSCI conduit, answered in Python.
 * IRQs are injected through HCR_EL2.VI (with IMO set) and taken natively.
 * Unicorn stubs out the generic timer: writes to the six EL1 timer registers
@@ -57,6 +61,7 @@ from kemu.accel.base import Exit, Halted, InternalError, IoExit, Kicked, MmioRea
     SystemEvent
 from kemu.accel.tcg import coherence, engine
 from kemu.accel.tcg.pmu import Pmu, set_counters
+from kemu.bus import DecodeError
 from kemu.devices.arm_timer import GenericTimer
 from kemu.devices.base import IrqLine
 from kemu.errors import AccelError
@@ -516,12 +521,19 @@ class Aarch64Cpu:
             self._service()
 
     def _mmio_read(self, uc: Uc, offset: int, size: int, base: int) -> int:
-        value = self._io(MmioRead(base + offset, size))
+        try:
+            value = self._io(MmioRead(base + offset, size))
+        except DecodeError:     # nothing there: an external abort for the guest
+            engine.mmio_bus_error(uc)
+            value = 0
         self._mmio_done()
         return value or 0
 
     def _mmio_write(self, uc: Uc, offset: int, size: int, value: int, base: int) -> None:
-        self._io(MmioWrite(base + offset, size, value))
+        try:
+            self._io(MmioWrite(base + offset, size, value))
+        except DecodeError:
+            engine.mmio_bus_error(uc)
         self._mmio_done()
 
     def _on_msr_raw(self, _handle: int, _reg: int, cp: int, key: int) -> int:
