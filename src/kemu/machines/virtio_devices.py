@@ -24,6 +24,10 @@ VIRTIO_DRIVERS = {
     "virtio-serial-device": "serial", "virtio-serial-pci": "serial", "virtconsole": "virtconsole",
     "vhost-vsock-device": "vsock", "vhost-vsock-pci": "vsock",
     "virtio-vsock-device": "vsock", "virtio-vsock-pci": "vsock",
+    "virtio-gpu-device": "gpu", "virtio-gpu-pci": "gpu",
+    "virtio-keyboard-device": "keyboard", "virtio-keyboard-pci": "keyboard",
+    "virtio-tablet-device": "tablet", "virtio-tablet-pci": "tablet",
+    "virtio-mouse-device": "mouse", "virtio-mouse-pci": "mouse",
 }
 
 
@@ -135,6 +139,9 @@ def _attach(board, config: MachineConfig, backends: list) -> None:
             attach_transport(board, net.nic(dev))
         elif kind == "vsock":
             attach_transport(board, net.vsock(dev))
+        elif kind in ("gpu", "keyboard", "tablet", "mouse"):
+            from kemu.machines.display import display_device
+            attach_transport(board, display_device(board, dev, kind))
         elif kind == "serial":
             consoles.append(_console(board, dev, len(consoles)))
         elif kind == "virtconsole":

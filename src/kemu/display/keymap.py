@@ -1,0 +1,53 @@
+"""X keysyms (what RFB KeyEvent messages carry, RFC 6143 7.5.4) to Linux key codes.
+
+A US keyboard layout, as QEMU's default ``en-us`` keymap: each keysym maps to
+the key that produces it and whether Shift must be down for it.  Linux key
+codes are those of ``include/uapi/linux/input-event-codes.h``.  Keysyms
+outside the table are ignored (one log line at debug level).
+"""
+
+from __future__ import annotations
+
+KEY_LEFTSHIFT = 42
+
+_ROWS = [
+    # (first key code, unshifted characters, shifted characters)
+    (2, "1234567890-=", "!@#$%^&*()_+"),
+    (16, "qwertyuiop[]", "QWERTYUIOP{}"),
+    (30, "asdfghjkl;'`", 'ASDFGHJKL:"~'),
+    (43, "\\zxcvbnm,./", "|ZXCVBNM<>?"),
+]
+
+#: Keysyms of the function and modifier keys (X11 keysymdef.h) -> Linux key codes.
+SPECIAL = {
+    0xFF08: 14, 0xFF09: 15, 0xFF0D: 28, 0xFF1B: 1, 0xFFFF: 111,           # BackSpace Tab Return Escape Delete
+    0xFF50: 102, 0xFF51: 105, 0xFF52: 103, 0xFF53: 106, 0xFF54: 108,       # Home Left Up Right Down
+    0xFF55: 104, 0xFF56: 109, 0xFF57: 107, 0xFF63: 110,                    # Prior Next End Insert
+    0xFFE1: 42, 0xFFE2: 54, 0xFFE3: 29, 0xFFE4: 97, 0xFFE5: 58,            # Shift Control Caps_Lock
+    0xFFE7: 125, 0xFFE8: 126, 0xFFE9: 56, 0xFFEA: 100,                     # Meta Alt
+    0xFFEB: 125, 0xFFEC: 126, 0xFF67: 127,                                 # Super Menu
+    0xFF7F: 69, 0xFF14: 70, 0xFF61: 99, 0xFF13: 119,                       # Num/Scroll Lock Print Pause
+    0xFF8D: 96, 0xFFAA: 55, 0xFFAB: 78, 0xFFAD: 74, 0xFFAF: 98,            # keypad Enter * + - /
+    0x0020: 57,                                                            # space
+    **{0xFFBE + i: 59 + i for i in range(10)},                             # F1-F10
+    0xFFC8: 87, 0xFFC9: 88,                                                # F11 F12
+    **{0xFFB0 + d: c for d, c in enumerate((82, 79, 80, 81, 75, 76, 77, 71, 72, 73))},  # KP_0-9
+}
+
+
+def _build() -> dict[int, tuple[int, bool]]:
+    table: dict[int, tuple[int, bool]] = {k: (v, False) for k, v in SPECIAL.items()}
+    for first, plain, shifted in _ROWS:
+        for i, (lo, hi) in enumerate(zip(plain, shifted)):
+            table[ord(lo)] = (first + i, False)
+            table[ord(hi)] = (first + i, True)
+    table[0xFE20] = (15, True)            # ISO_Left_Tab: Shift+Tab
+    return table
+
+
+KEYSYMS = _build()
+
+
+def keysym_to_key(keysym: int) -> tuple[int, bool] | None:
+    """(Linux key code, needs Shift) for ``keysym``, or None if the layout has no such key."""
+    return KEYSYMS.get(keysym)
