@@ -169,7 +169,17 @@ class GuestPanicked(Event):
     message: str = ""
 
 
-MachineEvent = Union[Stop, Resume, Powerdown, Reset, GuestPanicked, Shutdown, BlockIOError]
+@dataclass(frozen=True)
+class VncEvent(Event):
+    """A VNC client connected, finished its handshake or left (QMP's VNC_CONNECTED,
+    VNC_INITIALIZED, VNC_DISCONNECTED: ``kind``), with QMP's ``server`` and ``client``."""
+
+    kind: str = ""
+    data: dict = field(default_factory=dict)
+
+
+MachineEvent = Union[Stop, Resume, Powerdown, Reset, GuestPanicked, Shutdown, BlockIOError,
+                     VncEvent]
 
 #: QMP event names that are not the class name in capitals.
 _QMP_NAMES = {GuestPanicked: "GUEST_PANICKED", BlockIOError: "BLOCK_IO_ERROR"}
@@ -348,6 +358,8 @@ class Machine:
         self._board.on_reset = lambda: self._emit(Reset(guest=True))
         # a disk's werror/rerror policy reports here (kemu.machines.virtio_devices)
         self._board.on_block_io_error = self._block_io_error
+        # the VNC server (kemu.display.vnc) reports its clients here
+        self._board.on_vnc_event = lambda kind, data: self._emit(VncEvent(kind=kind, data=data))
         #: Paused by a disk error (QMP's run state io-error) until resumed.
         self.io_error = False
         self._started = False
@@ -373,6 +385,8 @@ class Machine:
         if isinstance(event, BlockIOError):
             data = event.qmp_data()
         name = _QMP_NAMES.get(type(event), type(event).__name__.upper())
+        if isinstance(event, VncEvent):
+            name, data = event.kind, event.data
         message = qmp_event(name, data, event.timestamp)
         for listener in list(self._listeners):
             listener(message)
@@ -591,6 +605,33 @@ class Machine:
         """(base, size, name) of RAM and every device mapping."""
         ram = [(r.base, r.size, "ram") for r in self._board.memory.regions]
         return ram + [(m.base, m.size, m.device.name) for m in self._board.mmio.mappings]
+
+    # -- display ------------------------------------------------------------------------
+    @property
+    def display(self):
+        """The graphical console (:class:`kemu.display.console.DisplayConsole`), or None
+        without a graphics adapter or a VNC display."""
+        return getattr(self._board, "display", None)
+
+    @property
+    def vnc(self):
+        """The VNC server (:class:`kemu.display.vnc.VncServer`), or None."""
+        return getattr(self._board, "vnc", None)
+
+    def screenshot(self):
+        """What the screen shows now, as a Pillow ``Image`` (RGB)."""
+        from kemu.display.screendump import surface_image
+        if self.display is None:
+            raise MachineStateError("screenshot: the machine has no display "
+                                    "(-device virtio-gpu-device or -vnc)")
+        return surface_image(self.display.surface)
+
+    def screendump(self, filename: str | Path, format: str = "ppm") -> None:
+        """Write the screen to ``filename`` as PPM (default, as QEMU) or PNG."""
+        from kemu.display.screendump import write_screendump
+        if self.display is None:
+            raise MachineStateError("screendump: the machine has no display")
+        write_screendump(self.display.surface, filename, format)
 
     @property
     def outcome(self) -> Outcome | None:

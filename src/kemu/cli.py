@@ -48,7 +48,8 @@ QEMU-style options: -M/-machine virt|microvm  -accel tcg|kvm  -enable-kvm  -cpu 
   -kernel FILE (virt: arm64 Image, ELF or raw binary)  -initrd FILE  -append CMDLINE
   -dtb FILE  -machine dumpdtb=FILE (virt)  -global virtio-mmio.force-legacy=on|off
   -nographic  -serial stdio|mon:stdio|none
-  -no-reboot  -S  -name NAME  -display none  -nodefaults
+  -no-reboot  -S  -name NAME  -display none|vnc=[HOST]:N  -nodefaults
+  -vnc [HOST]:N|unix:PATH|none[,password=on][,share=allow-exclusive|force-shared|ignore]
   -monitor stdio|none|unix:PATH,server=on[,wait=off]|tcp:HOST:PORT,server=on[,wait=off]
   -drive file=IMG[,format=raw|qcow2][,if=virtio|none,id=ID][,readonly=on][,cache=MODE]
          [,aio=threads|native|io_uring][,snapshot=on] (aio= is accepted; kemu's disk
@@ -70,12 +71,12 @@ In the console: Ctrl-A x quits, Ctrl-A c switches to the monitor and back, Ctrl-
 #: Options that take an argument / that do not, in QEMU's spelling.
 WITH_ARG = {"-M", "-machine", "-cpu", "-m", "-smp", "-kernel", "-initrd", "-append",
             "-serial", "-accel", "-name", "-display", "-monitor", "-drive", "-device", "-disk",
-            "-qmp", "-pidfile", "-netdev", "-nic", "-net", "-rtc", "-dtb", "-global"}
+            "-qmp", "-pidfile", "-netdev", "-nic", "-net", "-rtc", "-dtb", "-global", "-vnc"}
 FLAGS = {"-nographic", "-no-reboot", "-S", "-enable-kvm", "-nodefaults", "-daemonize",
          "-snapshot"}
 #: QEMU options kemu knows of but does not offer (yet).
 NOT_YET = {"-chardev",
-           "-hda", "-cdrom", "-bios", "-object", "-vnc", "-gdb", "-s"}
+           "-hda", "-cdrom", "-bios", "-object", "-gdb", "-s"}
 
 SIZE = re.compile(r"^(\d+)([KMGT]?)(i?B?)$", re.IGNORECASE)
 
@@ -216,10 +217,14 @@ def parse_qemu_options(argv: list[str], config: MachineConfig) -> MachineConfig:
             accel_given = True
         elif opt == "-name":
             config.name, _extra = _kv(value, opt, "guest")
-        elif opt == "-display":
-            if value.split(",")[0] != "none":
-                raise ConfigError(f"-display {value}: kemu has no graphical display; "
-                                  "use -display none")
+        elif opt in ("-display", "-vnc"):
+            from kemu.display.vnc import parse_display_option, parse_vnc_option
+            if opt == "-vnc":
+                config.extra["vnc"] = parse_vnc_option(value)
+            else:
+                config.extra["display"], vnc = parse_display_option(value)
+                if vnc is not None:
+                    config.extra["vnc"] = vnc
         elif opt == "-monitor":
             if value == "stdio":
                 config.extra["monitor_stdio"] = True

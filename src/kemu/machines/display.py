@@ -81,3 +81,23 @@ def display_device(board, dev: DeviceConfig, kind: str):
         device = input_hid.VirtioMouse(name=f"virtio-mouse{n}")
         console.mice.append(device)
     return device
+
+
+def start_vnc(board, config, loop) -> object | None:
+    """The VNC server ``-vnc`` / ``-display vnc=`` asked for, on the I/O loop ``loop``;
+    events go to the board's ``on_vnc_event(name, data)`` (set by :class:`kemu.Machine`)."""
+    options = config.extra.get("vnc")
+    if options is None or not options.enabled:
+        return None
+    from kemu.display.vnc import VncServer
+    console = display_console(board)
+    if not console.has_adapter:
+        console.surface.resize(640, 480)      # blank: no adapter draws it, as in QEMU
+
+    def event(name: str, data: dict) -> None:
+        hook = getattr(board, "on_vnc_event", None)
+        if hook is not None:
+            hook(name, data)
+    server = VncServer(console, loop, options, name=config.name or "kemu", on_event=event)
+    board.vnc = server
+    return server

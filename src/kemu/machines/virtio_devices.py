@@ -153,6 +153,11 @@ def _attach(board, config: MachineConfig, backends: list) -> None:
     unclaimed = set(by_id) - claimed
     if unclaimed:
         raise ConfigError(f"-drive id={min(unclaimed)}: no -device uses this drive")
+    if config.extra.get("vnc") is not None:
+        from kemu.machines.display import start_vnc
+        server = start_vnc(board, config, net.loop)
+        if server is not None:
+            backends.append(server)        # closed before the loop it runs on
     net.finish()
 
 
