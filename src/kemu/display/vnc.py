@@ -221,8 +221,8 @@ class VncServer:
             check_auth=self._check_auth if self.options.password else None,
             client_init=lambda shared, c=client: self._client_init(c, shared),
             initialized=lambda c=client: self._emit("VNC_INITIALIZED", c),
-            key=self.console.key_event,
-            pointer=self.console.pointer_event,
+            key=lambda keysym, down: self.console.key_event(keysym, down),
+            pointer=lambda x, y, mask: self.console.pointer_event(x, y, mask),
             wake=lambda c=client: self._schedule(c))
         client.session = RfbSession(self.console.surface, hooks, auth=self.options.password,
                                     name=self.name)
