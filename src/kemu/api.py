@@ -308,7 +308,8 @@ class Machine:
                  memory: str | int = "256M", cpu: str = "cortex-a57",
                  disks: list[str | Path] = (), devices: list[str] = (),
                  no_reboot: bool = False, name: str | None = None,
-                 machine: str = "virt", accel: str = "tcg", smp: int = 1) -> None:
+                 machine: str = "virt", accel: str = "tcg", smp: int = 1,
+                 vnc: str | None = None) -> None:
         from kemu.cli import parse_size
         from kemu.machines.virtio_devices import parse_device
 
@@ -320,6 +321,9 @@ class Machine:
             drives=[DriveConfig(Path(d)) for d in disks],
             devices=[parse_device(d) if isinstance(d, str) else DeviceConfig(*d)
                      for d in devices])
+        if vnc is not None:           # QEMU's -vnc argument: ":1", "unix:/path,password=on"
+            from kemu.display.vnc import parse_vnc_option
+            config.extra["vnc"] = parse_vnc_option(vnc, "vnc=")
         self.__init_from_config(config)
 
     @classmethod
@@ -331,14 +335,21 @@ class Machine:
         return self
 
     @classmethod
-    def default_guest(cls, arch: str = "aarch64", append: str = "", **kwargs) -> "Machine":
+    def default_guest(cls, arch: str = "aarch64", append: str = "", screen: bool = False,
+                      **kwargs) -> "Machine":
         """The default guest (built from Debian's packages on first use); the x86-64
-        one runs on the microvm board under KVM."""
+        one runs on the microvm board under KVM.  ``screen``: its display flavour
+        (a kernel with DRM) with a graphics adapter, a keyboard and a tablet."""
         from kemu.guest.debian import default_guest
         if arch == "x86_64":
             kwargs.setdefault("machine", "microvm")
             kwargs.setdefault("accel", "kvm")
-        image = default_guest(arch, show_progress=False)
+        if screen:
+            given = {d if isinstance(d, str) else d[0] for d in kwargs.get("devices", ())}
+            kwargs["devices"] = list(kwargs.get("devices", ())) + [
+                d for d in ("virtio-gpu-device", "virtio-keyboard-device",
+                            "virtio-tablet-device") if not any(g.startswith(d) for g in given)]
+        image = default_guest(f"{arch}-display" if screen else arch, show_progress=False)
         return cls(kernel=image.kernel, initrd=image.initrd,
                    append=f"{image.append} {append}".strip(), **kwargs)
 

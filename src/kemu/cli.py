@@ -549,7 +549,11 @@ def cmd_run(argv: list[str]) -> int:
             raise ConfigError(_board_accel_mismatch(machine, accel))
         accel = accel or ACCEL_FOR_MACHINE[machine]
     arch, accel, note = choose_default_guest(arch, accel)
-    image = default_guest(arch, show_progress=sys.stderr.isatty())
+    from kemu.machines.display import wants_display
+    screen = wants_display(rest)
+    # A screen needs a kernel with DRM: the guest's display flavour (built on first use).
+    image = default_guest(f"{arch}-display" if screen else arch,
+                          show_progress=sys.stderr.isatty())
     config = MachineConfig(kernel=image.kernel, initrd=image.initrd, append=image.append,
                            memory=256 * MiB, cpu="cortex-a57" if arch == "aarch64" else "host",
                            accel=accel, machine=MACHINE_FOR_ACCEL[accel])
@@ -557,6 +561,9 @@ def cmd_run(argv: list[str]) -> int:
     if note:
         config.extra["note"] = note     # printed once the machine is set up
     parse_qemu_options(rest, config)
+    if screen:
+        from kemu.machines.display import add_default_display_devices
+        add_default_display_devices(config)
     return run_machine(config)
 
 

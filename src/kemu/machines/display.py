@@ -15,6 +15,29 @@ GPU_PROPS = {"id", "xres", "yres", "max_outputs", "max_hostmem", "edid"}
 INPUT_PROPS = {"id", "serial"}
 
 
+def wants_display(argv: list[str]) -> bool:
+    """Whether a ``kemu run`` command line asks for a screen (``-vnc`` other than
+    ``none``, ``-display vnc=...``, or a graphics adapter)."""
+    for opt, value in zip(argv, argv[1:]):
+        opt = opt[1:] if opt.startswith("--") else opt
+        if opt == "-vnc" and not value.startswith("none"):
+            return True
+        if opt == "-display" and value.startswith("vnc="):
+            return True
+        if opt == "-device" and value.split(",")[0] in ("virtio-gpu-device", "virtio-gpu-pci"):
+            return True
+    return False
+
+
+def add_default_display_devices(config) -> None:
+    """The default guest with a screen: an adapter, a keyboard and a tablet, unless given."""
+    from kemu.machines.config import DeviceConfig
+    have = {dev.driver.replace("-pci", "-device") for dev in config.devices}
+    for driver in ("virtio-gpu-device", "virtio-keyboard-device", "virtio-tablet-device"):
+        if driver not in have:
+            config.devices.append(DeviceConfig(driver))
+
+
 def display_console(board):
     """The board's graphical console (created on first use)."""
     console = getattr(board, "display", None)

@@ -1,0 +1,146 @@
+"""The screen of the default guest: Linux's virtio_gpu DRM driver runs fbcon on kemu's
+virtio-gpu; QMP screendump (qemu.qmp), a VNC client from PyPI (vncdotool) and the serial
+console all see the same guest.  ``kemu run -vnc`` picks the guest's display flavour."""
+
+import asyncio
+import socket
+import threading
+import time
+
+import pytest
+
+qmp = pytest.importorskip("qemu.qmp", reason="qemu.qmp is not installed (bootstrap --test)")
+vncapi = pytest.importorskip("vncdotool.api", reason="vncdotool is not installed (bootstrap --test)")
+Image = pytest.importorskip("PIL.Image")
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def display_guest():
+    from kemu.errors import GuestBuildError
+    from kemu.guest.debian import default_guest
+    try:
+        return default_guest("aarch64-display", show_progress=False)
+    except GuestBuildError as e:
+        pytest.skip(f"cannot build the display guest here: {e}")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _reactor():
+    yield
+    vncapi.shutdown()
+
+
+def free_display() -> int:
+    for n in range(200, 1000):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", 5900 + n))
+                return n
+            except OSError:
+                continue
+    pytest.skip("no free VNC port")
+
+
+def read_ppm(path) -> "Image.Image":
+    img = Image.open(path)
+    assert img.format == "PPM"
+    return img.convert("RGB")
+
+
+class Qmp:
+    """qemu.qmp's client on its own event loop thread, called synchronously."""
+
+    def __init__(self, path):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.client = qmp.QMPClient("kemu-display-test")
+        self.events = []
+        self.call(self.client.connect(str(path)))
+        self.listener = qmp.EventListener()
+        self.client.register_listener(self.listener)
+
+    def call(self, coro, timeout=60):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def execute(self, cmd, args=None):
+        return self.call(self.client.execute(cmd, args or {}))
+
+    def event_names(self):
+        async def drain():
+            names = []
+            while not self.listener.empty():
+                names.append((await self.listener.get())["event"])
+            return names
+        self.events += self.call(drain())
+        return self.events
+
+    def close(self):
+        self.call(self.client.disconnect())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+def wait_for(cond, timeout=30.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = cond()
+        if value:
+            return value
+        time.sleep(0.05)
+    return cond()
+
+
+def test_vnc_screendump_and_typing_into_the_guest(display_guest, console_factory, tmp_path):
+    n = free_display()
+    sock = tmp_path / "qmp.sock"
+    con = console_factory("run", "-vnc", f"127.0.0.1:{n}",
+                          "-qmp", f"unix:{sock},server=on,wait=off")
+    con.expect(rb"# ", timeout=180)
+    assert con.run("cat /sys/class/drm/card0-Virtual-1/status").strip() == "connected"
+    assert "fb0" in con.run("ls /sys/class/graphics")
+    # the console's cursor blinks: stop it, so two captures of an idle screen agree
+    con.run("echo 0 > /sys/class/graphics/fbcon/cursor_blink")
+    q = Qmp(sock)
+    try:
+        vnc = q.execute("query-vnc")
+        assert vnc["enabled"] and vnc["service"] == str(5900 + n) and vnc["auth"] == "none"
+
+        def screendump(name, fmt=None):
+            path = tmp_path / name
+            q.execute("screendump", {"filename": str(path), **({"format": fmt} if fmt else {})})
+            return read_ppm(path) if fmt is None else Image.open(path).convert("RGB")
+
+        before = screendump("before.ppm")
+        assert before.size == (1280, 800)
+        assert before.getbbox() is not None, "the screen is blank"       # fbcon drew text
+        assert screendump("before.png", "png").tobytes() == before.tobytes()
+
+        client = vncapi.connect(f"127.0.0.1:{n}", timeout=60)      # display number
+        try:
+            client.refreshScreen()
+            assert client.screen.convert("RGB").tobytes() == before.tobytes()
+            assert wait_for(lambda: "VNC_INITIALIZED" in q.event_names())
+            assert len(q.execute("query-vnc")["clients"]) == 1
+            # A command typed over VNC runs on tty1; its output also goes to the serial port.
+            for ch in "echo vnc-typed-$((6*7)) | tee /dev/ttyAMA0":
+                client.keyPress(ch)            # X keysyms; shifted ones get a Shift
+            client.keyPress("enter")
+            con.expect(rb"vnc-typed-42", timeout=60)
+            after = wait_for(lambda: (lambda img: img if img.tobytes() != before.tobytes()
+                                      else None)(screendump("after.ppm")))
+            assert after is not None, "typing changed nothing on the screen"
+            # what the VNC client sees now is what screendump gives
+            wait_for(lambda: client.refreshScreen() or
+                     client.screen.convert("RGB").tobytes() == screendump("now.ppm").tobytes())
+            assert client.screen.convert("RGB").tobytes() == screendump("now.ppm").tobytes()
+        finally:
+            client.disconnect()
+        assert wait_for(lambda: "VNC_DISCONNECTED" in q.event_names())
+        assert q.event_names()[:3] == ["VNC_CONNECTED", "VNC_INITIALIZED", "VNC_DISCONNECTED"]
+    finally:
+        q.close()
+    con.send("poweroff -f\n")
+    assert con.wait(60) == 0
+    assert "Traceback" not in con.stderr
