@@ -629,6 +629,26 @@ class Machine:
         """The VNC server (:class:`kemu.display.vnc.VncServer`), or None."""
         return getattr(self._board, "vnc", None)
 
+    def send_keys(self, names: list[str]) -> None:
+        """Press ``names`` (QEMU's key names, as HMP ``sendkey ctrl-alt-f1``) together,
+        then release them in reverse order, on the virtio keyboards."""
+        from kemu.display.keymap import QCODES
+        codes = []
+        for name in names:
+            if name not in QCODES:
+                raise KemuError(f"unknown key '{name}'")
+            codes.append(QCODES[name])
+        console = self.display
+        if console is None or not console.keyboards:
+            raise MachineStateError(f"the {self.config.machine} board has no keyboard "
+                                    "(add -device virtio-keyboard-device)")
+        with self._board.lock:
+            for kbd in console.keyboards:
+                for code in codes:
+                    kbd.key(code, True)
+                for code in reversed(codes):
+                    kbd.key(code, False)
+
     def screenshot(self):
         """What the screen shows now, as a Pillow ``Image`` (RGB)."""
         from kemu.display.screendump import surface_image

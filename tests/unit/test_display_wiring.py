@@ -139,3 +139,20 @@ def test_vnc_without_adapter_is_blank_640x480(kernel):
             Commands(vm)("set_password", {"protocol": "vnc", "password": "x"})
     finally:
         vm._board.close()
+
+
+def test_hmp_sendkey_and_info_vnc(kernel):
+    from kemu.monitor.hmp import Hmp
+    n = free_display()
+    vm = Machine(kernel=kernel, devices=["virtio-keyboard-device"], vnc=f"127.0.0.1:{n}")
+    try:
+        sent = []
+        vm.display.keyboards[0].key = lambda code, down: sent.append((code, down))
+        hmp = Hmp(Commands(vm))
+        assert hmp.execute("sendkey ctrl-alt-f1") == ""
+        assert sent == [(29, True), (56, True), (59, True), (59, False), (56, False),
+                        (29, False)]
+        assert hmp.execute("sendkey ctrl-bogus").startswith("Error: unknown key 'bogus'")
+        assert f"Server: 127.0.0.1:{5900 + n} (ipv4)" in hmp.execute("info vnc")
+    finally:
+        vm._board.close()

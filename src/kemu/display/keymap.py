@@ -51,3 +51,17 @@ KEYSYMS = _build()
 def keysym_to_key(keysym: int) -> tuple[int, bool] | None:
     """(Linux key code, needs Shift) for ``keysym``, or None if the layout has no such key."""
     return KEYSYMS.get(keysym)
+
+
+#: QEMU's key names (QKeyCode, as HMP sendkey and QMP send-key take them) -> Linux codes.
+QCODES: dict[str, int] = {
+    **{c: KEYSYMS[ord(c)][0] for c in "abcdefghijklmnopqrstuvwxyz0123456789"},
+    "shift": 42, "shift_r": 54, "ctrl": 29, "ctrl_r": 97, "alt": 56, "alt_r": 100,
+    "meta_l": 125, "meta_r": 126, "menu": 127, "esc": 1, "minus": 12, "equal": 13,
+    "backspace": 14, "tab": 15, "bracket_left": 26, "bracket_right": 27, "ret": 28,
+    "semicolon": 39, "apostrophe": 40, "grave_accent": 41, "backslash": 43, "comma": 51,
+    "dot": 52, "slash": 53, "spc": 57, "caps_lock": 58, "num_lock": 69, "scroll_lock": 70,
+    "print": 99, "sysrq": 99, "home": 102, "up": 103, "pgup": 104, "left": 105, "right": 106,
+    "end": 107, "down": 108, "pgdn": 109, "insert": 110, "delete": 111, "pause": 119,
+    **{f"f{i}": 58 + i for i in range(1, 11)}, "f11": 87, "f12": 88,
+}
