@@ -20,6 +20,8 @@ if [ $test_deps = 1 ]; then
   # the nested-KVM harness (lz4 unpacks the PVH vmlinux), iasl (acpica-tools)
   # reads back the microvm's ACPI tables.
   pkgs="$pkgs device-tree-compiler qemu-utils qemu-system-arm qemu-system-x86 binutils-aarch64-linux-gnu cpio linux-libc-dev passt acpica-tools lz4"
+  # A browser for the noVNC test (tests/integration/test_novnc_browser.py), npm to fetch noVNC.
+  pkgs="$pkgs chromium npm"
 fi
 missing=""
 for p in $pkgs; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
@@ -51,6 +53,13 @@ if [ $test_deps = 1 ]; then
   .venv/bin/python -m pip install -q -e '.[test]'
 else
   .venv/bin/python -m pip install -q -e .
+fi
+if [ $test_deps = 1 ]; then
+  # noVNC (the browser VNC client the display test runs in Chromium), from the npm registry.
+  novnc="${XDG_CACHE_HOME:-$HOME/.cache}/kemu/novnc"
+  if [ ! -f "$novnc/node_modules/@novnc/novnc/core/rfb.js" ]; then
+    mkdir -p "$novnc" && (cd "$novnc" && npm install --silent --no-audit --no-fund @novnc/novnc@1.7.0 >/dev/null)
+  fi
 fi
 # Byte-compile kemu once, so that start-up does not compile it on every run
 # where PYTHONDONTWRITEBYTECODE is set.
