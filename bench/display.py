@@ -229,8 +229,10 @@ def main() -> None:
     med = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0] if k != "name"}
            for name, rs in results.items()}
     k, q = med["kemu"], med["qemu"]
-    print(f"median kemu: {k['fps']:.1f} frames/s, CPU {k['cpu']:.2f}; "
-          f"QEMU: {q['fps']:.1f} frames/s, CPU {q['cpu']:.2f}")
+    print(f"median kemu: {k['fps']:.1f} frames/s, CPU {k['cpu']:.2f} s/s "
+          f"({1000 * k['cpu'] / k['fps']:.0f} ms/frame); QEMU: {q['fps']:.1f} frames/s, "
+          f"CPU {q['cpu']:.2f} s/s ({1000 * q['cpu'] / q['fps']:.0f} ms/frame); "
+          f"load average {os.getloadavg()[0]:.1f}")
     print(f"kemu/QEMU: frames/s {k['fps'] / q['fps']:.2f}x, CPU {k['cpu'] / q['cpu']:.2f}x, "
           f"bytes/frame {k['bytes_per_frame'] / max(q['bytes_per_frame'], 1):.2f}x; "
           f"idle bytes/s kemu {k['idle_bytes_per_s']:.0f}, QEMU {q['idle_bytes_per_s']:.0f}")
