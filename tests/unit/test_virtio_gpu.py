@@ -163,14 +163,30 @@ def test_unref_detach_and_unknown_ids():
 
 
 def test_hostile_sizes_are_refused_without_allocating():
-    gpu = Gpu(max_hostmem=1 << 20)
+    gpu = Gpu(max_hostmem=(1 << 20) + g.RESOURCE_COST)
     assert gpu.create(1, 65536, 65536) == g.RESP_ERR_INVALID_PARAMETER
     assert gpu.create(1, 0, 10) == g.RESP_ERR_INVALID_PARAMETER
     assert gpu.create(1, 10, 10, fmt=999) == g.RESP_ERR_INVALID_PARAMETER
     assert gpu.create(1, 16384, 16384) == g.RESP_ERR_OUT_OF_MEMORY       # 1 GiB > bound
-    assert gpu.create(1, 512, 512) == g.RESP_OK_NODATA                   # exactly 1 MiB
+    assert gpu.create(1, 512, 512) == g.RESP_OK_NODATA                   # exactly the bound
     assert gpu.create(2, 1, 1) == g.RESP_ERR_OUT_OF_MEMORY               # bound reached
-    assert gpu.dev.hostmem == 1 << 20 and len(gpu.dev.resources) == 1
+    assert gpu.dev.hostmem == gpu.dev.max_hostmem and len(gpu.dev.resources) == 1
+
+
+def test_many_small_resources_and_entries_are_bounded_too():
+    gpu = Gpu(max_hostmem=64 * g.RESOURCE_COST)
+    codes = [gpu.create(rid, 1, 1) for rid in range(1, 80)]
+    assert codes.count(g.RESP_OK_NODATA) < 64 and codes[-1] == g.RESP_ERR_OUT_OF_MEMORY
+    # backing entries are charged as well, and given back on detach and unref
+    gpu = Gpu(max_hostmem=g.RESOURCE_COST + 4 + 8 * g.BACKING_ENTRY_COST)
+    fb = gpu.drv.alloc.alloc(64, 64)
+    assert gpu.create(1, 1, 1) == g.RESP_OK_NODATA
+    assert gpu.attach(1, [(fb, 1)] * 9) == g.RESP_ERR_OUT_OF_MEMORY
+    assert gpu.attach(1, [(fb, 1)] * 8) == g.RESP_OK_NODATA
+    assert gpu.code(g.CMD_RESOURCE_DETACH_BACKING, g.RESOURCE_ID.pack(1)) == g.RESP_OK_NODATA
+    assert gpu.attach(1, [(fb, 4)] * 8) == g.RESP_OK_NODATA
+    assert gpu.code(g.CMD_RESOURCE_UNREF, g.RESOURCE_ID.pack(1)) == g.RESP_OK_NODATA
+    assert gpu.dev.hostmem == 0
 
 
 def test_hostile_rectangles_offsets_and_backing():

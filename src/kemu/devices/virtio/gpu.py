@@ -23,8 +23,11 @@ VIRTIO_GPU_RESP_ERR_* response (never a device error):
 * resource ids non-zero and unique, formats one of the eight 32-bit ones of
   5.7.6.8, widths and heights in 1..:data:`MAX_DIMENSION`;
 * all resources together at most ``max_hostmem`` bytes of host memory
-  (QEMU's property of that name, 256 MiB by default): beyond it
-  ERR_OUT_OF_MEMORY, and no host memory is allocated;
+  (QEMU's property of that name, 256 MiB by default), counting each
+  resource's pixels plus :data:`RESOURCE_COST` bytes for the resource and
+  :data:`BACKING_ENTRY_COST` per backing entry (so a million 1x1 resources
+  cannot eat the host either): beyond it ERR_OUT_OF_MEMORY, and no host
+  memory is allocated;
 * backing: at most :data:`MAX_BACKING_ENTRIES` entries, each wholly inside
   guest RAM, their total no larger than ``max_hostmem``; a transfer reads
   only inside the backing and rejects offsets that would overflow it;
@@ -119,6 +122,10 @@ MAX_BACKING_ENTRIES = 16384
 DEFAULT_MAX_HOSTMEM = 256 << 20
 DEFAULT_QUEUE_SIZE = 256
 CURSOR_QUEUE_SIZE = 16
+#: Host bytes charged against max_hostmem per resource and per backing entry
+#: (Python's bookkeeping for them, rounded up).
+RESOURCE_COST = 1024
+BACKING_ENTRY_COST = 128
 
 
 class GpuError(Exception):
@@ -147,6 +154,11 @@ class Resource:
     @property
     def backing_len(self) -> int:
         return sum(length for _addr, length in self.backing)
+
+    @property
+    def host_cost(self) -> int:
+        """Host memory charged for this resource against max_hostmem."""
+        return len(self.data) + RESOURCE_COST + BACKING_ENTRY_COST * len(self.backing)
 
 
 @dataclass
@@ -322,7 +334,9 @@ class VirtioGpu(VirtioDevice):
             self._attach_backing(session, chain, rid, n)
         elif cmd == CMD_RESOURCE_DETACH_BACKING:
             (rid,) = self._args(session, chain, RESOURCE_ID)
-            self._resource(rid).backing = []
+            res = self._resource(rid)
+            self.hostmem -= BACKING_ENTRY_COST * len(res.backing)
+            res.backing = []
         else:
             # capsets (no virgl: num_capsets is 0), 3D and blob commands.
             raise GpuError(RESP_ERR_UNSPEC, f"unsupported command {cmd:#x}")
@@ -348,11 +362,11 @@ class VirtioGpu(VirtioDevice):
         if not (1 <= width <= MAX_DIMENSION and 1 <= height <= MAX_DIMENSION):
             raise GpuError(RESP_ERR_INVALID_PARAMETER, f"size {width}x{height}")
         size = width * height * BPP
-        if self.hostmem + size > self.max_hostmem:
+        if self.hostmem + size + RESOURCE_COST > self.max_hostmem:
             raise GpuError(RESP_ERR_OUT_OF_MEMORY,
                            f"{size} bytes over the {self.max_hostmem}-byte bound")
         self.resources[rid] = Resource(rid, fmt, width, height, bytearray(size))
-        self.hostmem += size
+        self.hostmem += size + RESOURCE_COST
 
     def _unref(self, rid: int) -> None:
         res = self._resource(rid)
@@ -360,7 +374,7 @@ class VirtioGpu(VirtioDevice):
             if scanout.resource_id == rid:
                 scanout.resource_id = 0
         del self.resources[rid]
-        self.hostmem -= len(res.data)
+        self.hostmem -= res.host_cost
 
     @staticmethod
     def _check_rect(res: Resource, x: int, y: int, w: int, h: int) -> None:
@@ -453,6 +467,8 @@ class VirtioGpu(VirtioDevice):
             raise GpuError(RESP_ERR_UNSPEC, f"resource {rid} already has a backing")
         if not 1 <= n <= MAX_BACKING_ENTRIES:
             raise GpuError(RESP_ERR_INVALID_PARAMETER, f"{n} backing entries")
+        if self.hostmem + BACKING_ENTRY_COST * n > self.max_hostmem:
+            raise GpuError(RESP_ERR_OUT_OF_MEMORY, f"{n} backing entries over max_hostmem")
         start = CTRL_HDR.size + ATTACH_BACKING.size
         raw = chain.read(session.memory, start, n * MEM_ENTRY.size)
         if len(raw) < n * MEM_ENTRY.size:
@@ -468,6 +484,7 @@ class VirtioGpu(VirtioDevice):
                 raise GpuError(RESP_ERR_INVALID_PARAMETER, "backing larger than max_hostmem")
             entries.append((addr, length))
         res.backing = entries
+        self.hostmem += BACKING_ENTRY_COST * n
 
     def _cursor(self, session: VirtioSession, chain: DescriptorChain) -> None:
         raw = chain.read(session.memory, 0, CTRL_HDR.size + CURSOR.size)
