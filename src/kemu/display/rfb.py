@@ -356,12 +356,11 @@ def _find_shift(new_rows: list[bytes], old_rows: list[bytes]) -> int:
     where: dict[bytes, int] = {}
     for i, row in enumerate(old_rows):
         where.setdefault(row, i)
-    blank = {row for row in new_rows if row.count(row[:4]) * 4 == len(row)}
     votes: dict[int, int] = {}
     for i in range(0, n, max(1, n // 64)):
         row = new_rows[i]
         j = where.get(row)
-        if j is not None and j != i and row not in blank:
+        if j is not None and j != i and row.count(row[:4]) * 4 != len(row):
             votes[j - i] = votes.get(j - i, 0) + 1
     if not votes:
         return 0
