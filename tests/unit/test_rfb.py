@@ -78,6 +78,10 @@ def read_update(s, zrle=None):
             length, = struct.unpack_from(">I", data, off)
             payload = decode_zrle(zrle.decompress(data[off + 4:off + 4 + length]), w, h)
             off += 4 + length
+        elif e == enc.ENC_EXTENDED_DESKTOP_SIZE:
+            screens = data[off]
+            payload = data[off:off + 4 + 16 * screens]
+            off += 4 + 16 * screens
         else:
             payload = None
         rects.append((x, y, w, h, e, payload))
@@ -268,3 +272,37 @@ def test_exclusive_refused_by_hook():
     s = RfbSession(surface, SessionHooks(client_init=lambda shared: None if shared else "no"))
     s.receive(b"RFB 003.008\n\x01\x00")
     assert s.closed == "no"
+
+
+def test_set_desktop_size_asks_the_adapter_and_answers():
+    surface = DisplaySurface(16, 8)
+    asked = []
+    s, _ = connect(surface, encodings=[enc.ENC_RAW, enc.ENC_EXTENDED_DESKTOP_SIZE],
+                   resize=lambda w, h: asked.append((w, h)) or True)
+    request(s, 0)
+    rects = read_update(s)
+    assert rects[0][:5] == (0, 0, 16, 8, enc.ENC_EXTENDED_DESKTOP_SIZE)   # the layout, once
+    screen = struct.pack(">IHHHHI", 0, 0, 0, 64, 32, 0)
+    s.receive(struct.pack(">BxHHBx", 251, 64, 32, 1) + screen)
+    assert asked == [(64, 32)]
+    assert request(s, 1)
+    rects = read_update(s)
+    assert rects[0][:5] == (1, 0, 16, 8, enc.ENC_EXTENDED_DESKTOP_SIZE)   # reply: done
+    # the guest follows: the surface changes size, the client is told (reason 0)
+    surface.resize(64, 32)
+    assert request(s, 1)
+    rects = read_update(s)
+    assert rects[0][:5] == (0, 0, 64, 32, enc.ENC_EXTENDED_DESKTOP_SIZE)
+    # an empty layout is invalid (status 3); no adapter means prohibited (status 1)
+    s.receive(struct.pack(">BxHHBx", 251, 64, 32, 0))
+    assert request(s, 1) and read_update(s)[0][:2] == (1, 3)
+    s.hooks.resize = lambda w, h: False
+    s.receive(struct.pack(">BxHHBx", 251, 10, 10, 1) + screen)
+    assert request(s, 1) and read_update(s)[0][:2] == (1, 1)
+
+
+def test_set_desktop_size_without_the_extension_closes():
+    surface = DisplaySurface(16, 8)
+    s, _ = connect(surface)
+    s.receive(struct.pack(">BxHHBx", 251, 64, 32, 0))
+    assert s.closed

@@ -39,6 +39,7 @@ MSG_FRAMEBUFFER_UPDATE_REQUEST = 3
 MSG_KEY_EVENT = 4
 MSG_POINTER_EVENT = 5
 MSG_CLIENT_CUT_TEXT = 6
+MSG_SET_DESKTOP_SIZE = 251          # ExtendedDesktopSize extension
 #: Cut text longer than this ends the connection (as QEMU's bound).
 MAX_CUT_TEXT = 1 << 20
 #: Bytes queued for a client beyond which no new update is made for it.
@@ -60,6 +61,8 @@ class SessionHooks:
     pointer: Callable[[int, int, int], None] = lambda x, y, mask: None
     #: the surface changed and an update may be due (the glue schedules one).
     wake: Callable[[], None] = lambda: None
+    #: the client asks for another desktop size (SetDesktopSize) -> whether it may.
+    resize: Callable[[int, int], bool] = lambda width, height: False
 
 
 class RfbSession:
@@ -85,6 +88,10 @@ class RfbSession:
         self._shadow: bytearray | None = None      # XRGB of what the client has
         self._shadow_size = (0, 0)
         self._zrle: enc.ZrleEncoder | None = None
+        #: Answers to SetDesktopSize owed to the client (status codes), and whether it
+        #: has been told the layout once (ExtendedDesktopSize).
+        self._resize_replies: list[int] = []
+        self._layout_sent = False
         #: FramebufferUpdate messages and payload bytes sent (for the benchmark).
         self.updates_sent = 0
         self.bytes_sent = 0
@@ -218,6 +225,7 @@ class RfbSession:
             if data is None:
                 return False
             self.encodings = list(struct.unpack_from(f">{n}i", data, 4))
+            self._layout_sent = False
         elif kind == MSG_FRAMEBUFFER_UPDATE_REQUEST:
             data = self._take(10)
             if data is None:
@@ -248,6 +256,17 @@ class RfbSession:
                 return True
             if self._take(8 + length) is None:
                 return False
+        elif kind == MSG_SET_DESKTOP_SIZE and enc.ENC_EXTENDED_DESKTOP_SIZE in self.encodings:
+            if len(self._in) < 8:
+                return False
+            w, h, n = struct.unpack_from(">HHB", self._in, 2)
+            if self._take(8 + 16 * n) is None:
+                return False
+            if n == 0 or w == 0 or h == 0:
+                self._resize_replies.append(3)           # invalid screen layout
+            else:
+                self._resize_replies.append(0 if self.hooks.resize(w, h) else 1)
+            self.hooks.wake()
         else:
             self.close(f"unknown client message type {kind}")
         return True
@@ -262,7 +281,7 @@ class RfbSession:
             return False
         with self.surface.lock:
             return (not self._request[0] or self._shadow is None or self._tracker.resized
-                    or bool(self._tracker.rects))
+                    or bool(self._tracker.rects) or bool(self._resize_replies))
 
     def update(self) -> bool:
         """Append one FramebufferUpdate to :attr:`outbox` if one is due; True if so."""
@@ -274,10 +293,17 @@ class RfbSession:
             frame = bytes(self.surface.data)
         full = Rect(0, 0, w, h)
         out: list[bytes] = []
-        if resized or (w, h) != self._shadow_size:
+        extended = enc.ENC_EXTENDED_DESKTOP_SIZE in self.encodings
+        for status in self._resize_replies:
+            out.append(enc.extended_desktop_size_rect(w, h, 1, status))
+        self._resize_replies.clear()
+        if resized or (w, h) != self._shadow_size or (extended and not self._layout_sent):
             self._shadow = None
-            if enc.ENC_DESKTOP_SIZE in self.encodings:
+            if extended:
+                out.append(enc.extended_desktop_size_rect(w, h))
+            elif enc.ENC_DESKTOP_SIZE in self.encodings:
                 out.append(enc.desktop_size_rect(w, h))
+            self._layout_sent = True
             self._shadow_size = (w, h)
         if self._shadow is None or len(self._shadow) != len(frame):
             rects = [full]

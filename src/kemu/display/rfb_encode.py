@@ -174,3 +174,11 @@ class ZrleEncoder:
 
 def desktop_size_rect(width: int, height: int) -> bytes:
     return RECT_HEADER.pack(0, 0, width, height, ENC_DESKTOP_SIZE)
+
+
+def extended_desktop_size_rect(width: int, height: int, reason: int = 0, status: int = 0) -> bytes:
+    """ExtendedDesktopSize (RFB community extension): one screen covering the desktop;
+    ``reason`` 0 for a server-side change, 1 for the answer to the client's request,
+    ``status`` 0 (done), 1 (prohibited) or 3 (invalid layout)."""
+    return (RECT_HEADER.pack(reason, status, width, height, ENC_EXTENDED_DESKTOP_SIZE)
+            + struct.pack(">B3xIHHHHI", 1, 0, 0, 0, width, height, 0))

@@ -223,7 +223,8 @@ class VncServer:
             initialized=lambda c=client: self._emit("VNC_INITIALIZED", c),
             key=lambda keysym, down: self.console.key_event(keysym, down),
             pointer=lambda x, y, mask: self.console.pointer_event(x, y, mask),
-            wake=lambda c=client: self._schedule(c))
+            wake=lambda c=client: self._schedule(c),
+            resize=lambda w, h: self.console.surface.request_size(w, h))
         client.session = RfbSession(self.console.surface, hooks, auth=self.options.password,
                                     name=self.name)
         self.clients.append(client)
