@@ -82,6 +82,35 @@ class Qmp:
         self.loop.call_soon_threadsafe(self.loop.stop)
 
 
+def set_desktop_size(port: int, width: int, height: int) -> int:
+    """SetDesktopSize from a bare RFB 3.8 client; the status of the server's answer."""
+    import struct
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        f = s.makefile("rb")
+        f.read(12)
+        s.sendall(b"RFB 003.008\n")
+        f.read(f.read(1)[0])
+        s.sendall(b"\x01")
+        f.read(4)
+        s.sendall(b"\x01")
+        f.read(20)
+        f.read(struct.unpack(">I", f.read(4))[0])
+        s.sendall(struct.pack(">BxHi", 2, 1, -308))                  # ExtendedDesktopSize
+        s.sendall(struct.pack(">BxHHBx", 251, width, height, 1)
+                  + struct.pack(">IHHHHI", 0, 0, 0, width, height, 0))
+        s.sendall(struct.pack(">BBHHHH", 3, 1, 0, 0, width, height))
+        while True:                                                  # the answer (reason 1)
+            assert f.read(1) == b"\x00"
+            f.read(1)
+            for _ in range(struct.unpack(">H", f.read(2))[0]):
+                x, y, w, h, e = struct.unpack(">HHHHi", f.read(12))
+                assert e == -308, e
+                f.read(4 + 16 * f.peek(1)[0])
+                if x == 1:
+                    return y
+            s.sendall(struct.pack(">BBHHHH", 3, 1, 0, 0, width, height))
+
+
 def wait_for(cond, timeout=30.0):
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -139,6 +168,11 @@ def test_vnc_screendump_and_typing_into_the_guest(display_guest, console_factory
             client.disconnect()
         assert wait_for(lambda: "VNC_DISCONNECTED" in q.event_names())
         assert q.event_names()[:3] == ["VNC_CONNECTED", "VNC_INITIALIZED", "VNC_DISCONNECTED"]
+        # A client resizes the desktop (ExtendedDesktopSize): the guest's driver gets the
+        # display event, reads the new mode and sets it; screendump follows.
+        assert set_desktop_size(5900 + n, 1024, 768) == 0
+        assert wait_for(lambda: screendump("resized.ppm").size == (1024, 768))
+        assert "1024x768" in con.run("cat /sys/class/drm/card0-Virtual-1/modes")
     finally:
         q.close()
     con.send("poweroff -f\n")

@@ -211,3 +211,18 @@ def test_mouse_reports_relative_motion():
     console.pointer_event(13, 8, 0)
     got = [e for e in events(mem, eventq, bufs) if e[0] == EV_REL]
     assert got == [(EV_REL, 0, 3), (EV_REL, 1, (-2) & 0xFFFFFFFF)]
+
+
+def test_keyboard_keeps_a_typed_line_while_the_driver_is_behind():
+    mem, kbd, _irq, drv, (eventq, _statusq) = make(VirtioKeyboard())
+    bufs = post(drv, eventq, 4)               # the driver has posted only 4 buffers
+    for _ in range(100):                      # 100 key strokes: 400 events
+        kbd.key(30, True)
+        kbd.key(30, False)
+    assert kbd.dropped == 0
+    got = events(mem, eventq, bufs)
+    while len(got) < 400:                     # the driver catches up
+        bufs = post(drv, eventq, 16)
+        got += events(mem, eventq, bufs)
+    assert got[:4] == [(EV_KEY, 30, 1), (EV_SYN, 0, 0), (EV_KEY, 30, 0), (EV_SYN, 0, 0)]
+    assert len(got) == 400

@@ -119,8 +119,11 @@ class VirtioInput(VirtioDevice):
                  queue_size: int = DEFAULT_QUEUE_SIZE, executor: Executor | None = None,
                  name: str = "virtio-input",
                  events: dict[int, Iterable[int]] | None = None,
-                 abs_info: dict[int, tuple[int, int, int, int, int]] | None = None) -> None:
+                 abs_info: dict[int, tuple[int, int, int, int, int]] | None = None,
+                 max_pending: int = MAX_PENDING) -> None:
         self.name = name
+        #: Events kept while the driver has no free buffers (then the oldest batches go).
+        self.max_pending = max_pending
         super().__init__([queue_size, queue_size], executor)
         self.keys = frozenset(keys)
         #: Event codes reported, by event type (CFG_EV_BITS): EV_KEY is ``keys``.
@@ -190,10 +193,10 @@ class VirtioInput(VirtioDevice):
         if not self.ready:
             self.dropped += 1
             return False
-        if len(batch) > MAX_PENDING:
+        if len(batch) > self.max_pending:
             raise ValueError(f"{self.name}: {len(batch)} events exceed one batch")
         self._pending.extend(batch)
-        while len(self._pending) > MAX_PENDING:
+        while len(self._pending) > self.max_pending:
             # Drop the oldest whole batch, so the driver never sees half of one.
             end = next(i for i, e in enumerate(self._pending) if e == SYN) + 1
             del self._pending[:end]
@@ -266,7 +269,7 @@ class VirtioInput(VirtioDevice):
         if state.version != 1:
             raise VirtioError(f"{self.name}: incompatible virtio-input state")
         self.select, self.subsel = state.select, state.subsel
-        self._pending = [InputEvent(*e) for e in state.pending[-MAX_PENDING:]]
+        self._pending = [InputEvent(*e) for e in state.pending[-self.max_pending:]]
 
 
 class PowerButton(VirtioInput):

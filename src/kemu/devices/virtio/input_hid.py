@@ -40,11 +40,14 @@ ABS_MAX = 0x7FFF
 BUTTONS = ((1 << 0, BTN_LEFT), (1 << 1, BTN_MIDDLE), (1 << 2, BTN_RIGHT))
 WHEEL_UP, WHEEL_DOWN = 1 << 3, 1 << 4
 QEMU_VENDOR = 0x0627            # as QEMU's virtio-input-hid ids
+#: Events a keyboard or pointer keeps while the guest's driver is behind: a VNC
+#: client types a whole line at once, faster than a busy guest takes it.
+MAX_PENDING_HID = 4096
 
 
 class _Pointer(VirtioInput):
     def __init__(self, **kwargs) -> None:
-        super().__init__([code for _bit, code in BUTTONS], **kwargs)
+        super().__init__([code for _bit, code in BUTTONS], max_pending=MAX_PENDING_HID, **kwargs)
         self.buttons = 0
 
     def _button_events(self, mask: int) -> list[InputEvent]:
@@ -96,6 +99,7 @@ class VirtioKeyboard(VirtioInput):
     def __init__(self, name: str = "virtio-keyboard") -> None:
         super().__init__(range(1, 256), device_name="QEMU Virtio Keyboard", serial="",
                          ids=(BUS_VIRTUAL, QEMU_VENDOR, 0x0001, 1), name=name,
+                         max_pending=MAX_PENDING_HID,
                          # EV_REP has no codes: its presence asks for the driver's autorepeat
                          events={EV_REP: [], EV_LED: [LED_NUML, LED_CAPSL, LED_SCROLLL]})
 
