@@ -22,7 +22,7 @@ but Debian's arm64 cloud kernel has no gpio-keys driver
 
 Events are sent in batches ending with ``EV_SYN``/``SYN_REPORT``.  While
 the driver has not posted enough buffers, batches wait in a bounded list
-(:data:`MAX_PENDING` events); when it is full the oldest batches are
+(:data:`MAX_PENDING` events by default, ``max_pending``); when it is full the oldest batches are
 dropped, as QEMU drops events on a full queue.  Events sent before the
 driver is ready (DRIVER_OK) are dropped: no driver, nobody to tell.
 """
