@@ -268,3 +268,24 @@ def test_reset_frees_resources():
 def test_bad_xres_yres(bad):
     with pytest.raises(ValueError):
         g.VirtioGpu(DisplaySurface(), xres=bad[0], yres=bad[1])
+
+
+def test_save_and_restore_redraw_the_same_screen():
+    gpu = Gpu()
+    fb = gpu.drv.alloc.alloc(8 * 4 * 4, 64)
+    gpu.mem.write(fb, bytes(range(128)))
+    assert gpu.create(7, 8, 4) == g.RESP_OK_NODATA
+    assert gpu.attach(7, [(fb, 128)]) == g.RESP_OK_NODATA
+    assert gpu.transfer(7, 0, 0, 8, 4) == g.RESP_OK_NODATA
+    assert gpu.scanout(7, 0, 0, 8, 4) == g.RESP_OK_NODATA
+    state = gpu.dev.save()
+    screen = gpu.surface.snapshot()
+    other = Gpu()
+    other.dev.restore(state)
+    assert other.surface.snapshot() == screen
+    assert other.dev.hostmem == gpu.dev.hostmem
+    assert other.flush(7, 0, 0, 8, 4) == g.RESP_OK_NODATA        # the resource is live
+    bad = g.VirtioGpuState(1, 64, 48, 0, [(1, 999, 4, 4, b"", [])], [(0, 0, 0, 0, 0)])
+    with pytest.raises(ValueError):
+        other.dev.restore(bad)
+    assert other.dev.resources == {}

@@ -170,6 +170,21 @@ class Scanout:
     height: int = 0
 
 
+@dataclass
+class VirtioGpuState:
+    """What :meth:`VirtioGpu.save` returns (version 1): plain data."""
+
+    version: int
+    xres: int
+    yres: int
+    events_read: int
+    #: (id, format, width, height, pixels, backing entries)
+    resources: list[tuple[int, int, int, int, bytes, list[tuple[int, int]]]]
+    #: per scanout: (resource_id, x, y, width, height)
+    scanouts: list[tuple[int, int, int, int, int]]
+    cursor: tuple[int, int, int] = (0, 0, 0)
+
+
 def edid(width: int, height: int, refresh: int = 60) -> bytes:
     """A 128-byte EDID 1.4 block whose preferred mode is ``width`` x ``height``
     (VESA E-EDID: header, vendor "KEM", one detailed timing descriptor, a name)."""
@@ -499,9 +514,44 @@ class VirtioGpu(VirtioDevice):
         elif cmd == CMD_MOVE_CURSOR:
             self.cursor = (self.cursor[0], x, y)
 
+    # -- snapshots ------------------------------------------------------------------------
+    def save(self) -> VirtioGpuState:
+        return VirtioGpuState(
+            1, self.xres, self.yres, self.events_read,
+            [(r.id, r.format, r.width, r.height, bytes(r.data), list(r.backing))
+             for r in self.resources.values()],
+            [(sc.resource_id, sc.x, sc.y, sc.width, sc.height) for sc in self.scanouts],
+            self.cursor)
+
+    def restore(self, state: VirtioGpuState) -> None:
+        """Load ``state`` (checked as a guest request would be) and redraw the surface."""
+        if state.version != 1 or len(state.scanouts) != self.num_scanouts:
+            raise ValueError(f"{self.name}: incompatible virtio-gpu state")
+        self._clear()
+        self.xres, self.yres, self.events_read = state.xres, state.yres, state.events_read
+        try:
+            for rid, fmt, width, height, pixels, backing in state.resources:
+                self._create_2d(rid, fmt, width, height)
+                res = self.resources[rid]
+                if len(pixels) != len(res.data):
+                    raise GpuError(RESP_ERR_INVALID_PARAMETER, f"resource {rid}: pixel data")
+                res.data[:] = pixels
+                res.backing = [(int(a), int(n)) for a, n in backing]
+                self.hostmem += BACKING_ENTRY_COST * len(res.backing)
+            for scanout_id, (rid, x, y, w, h) in enumerate(state.scanouts):
+                if rid:
+                    self._set_scanout(scanout_id, rid, x, y, w, h)
+        except GpuError as exc:
+            self._clear()
+            raise ValueError(f"{self.name}: bad virtio-gpu state: {exc}") from None
+        self.cursor = tuple(state.cursor)
+
     # -- lifecycle ------------------------------------------------------------------------
     def reset(self) -> None:
         super().reset()
+        self._clear()
+
+    def _clear(self) -> None:
         self.resources.clear()
         self.hostmem = 0
         self.scanouts = [Scanout() for _ in range(self.num_scanouts)]
