@@ -65,9 +65,8 @@ class DirtyTracker:
         self.resized = False
 
     def add(self, rect: Rect) -> None:
-        for i, old in enumerate(self.rects):
-            if old.intersect(rect) == rect:
-                return
+        if any(old.intersect(rect) == rect for old in self.rects):
+            return                    # already inside a dirty rectangle
         self.rects.append(rect)
         if len(self.rects) > MAX_RECTS:
             box = self.rects[0]

@@ -26,7 +26,7 @@ import logging
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from kemu.backends.ioloop import EVENT_READ, EVENT_WRITE, IoLoop
 from kemu.display.console import DisplayConsole
@@ -132,8 +132,6 @@ class _Client:
     shared: bool = True
     watching: int = 0
     update_scheduled: bool = False
-    announced: bool = False
-    extra: dict = field(default_factory=dict)
 
 
 class VncServer:
