@@ -3,6 +3,7 @@ virtio-gpu; QMP screendump (qemu.qmp), a VNC client from PyPI (vncdotool) and th
 console all see the same guest.  ``kemu run -vnc`` picks the guest's display flavour."""
 
 import asyncio
+import re
 import socket
 import threading
 import time
@@ -160,6 +161,26 @@ def test_vnc_screendump_and_typing_into_the_guest(display_guest, console_factory
             after = wait_for(lambda: (lambda img: img if img.tobytes() != before.tobytes()
                                       else None)(screendump("after.ppm")))
             assert after is not None, "typing changed nothing on the screen"
+            # The pointer: the tablet's evdev node gets the absolute position.
+            found = con.run("grep -l Tablet /sys/class/input/event*/device/name")
+            node = re.search(r"(event\d+)/device/name", found).group(1)
+            # three struct input_event records (ABS_X, ABS_Y, SYN), once dd has the node open
+            con.run(f"(dd if=/dev/input/{node} of=/tmp/p bs=24 count=3 2>/dev/null &)")
+            con.run(f"until ls -l /proc/*/fd 2>&- | grep -q {node}; do sleep 0.05; done")
+            client.mouseMove(640, 400)
+
+            def abs_events():
+                """(code, value) of the EV_ABS events in struct input_event records."""
+                out = []
+                for line in con.run("hexdump -v -e '24/1 \"%02x\" \"\\n\"' /tmp/p").split():
+                    rec = bytes.fromhex(line)[16:] if len(line) == 48 else b""
+                    if rec[:2] == b"\x03\x00":
+                        out.append((int.from_bytes(rec[2:4], "little"),
+                                    int.from_bytes(rec[4:8], "little")))
+                return out
+            # pixel (640, 400) of 1280x800 on the 0..32767 axes (ABS_X 0, ABS_Y 1)
+            want = [(0, 640 * 32767 // 1279), (1, 400 * 32767 // 799)]
+            assert wait_for(lambda: all(w in abs_events() for w in want)), abs_events()
             # what the VNC client sees now is what screendump gives
             wait_for(lambda: client.refreshScreen() or
                      client.screen.convert("RGB").tobytes() == screendump("now.ppm").tobytes())
