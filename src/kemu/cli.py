@@ -562,8 +562,10 @@ def cmd_run(argv: list[str]) -> int:
         config.extra["note"] = note     # printed once the machine is set up
     parse_qemu_options(rest, config)
     if screen:
-        from kemu.machines.display import add_default_display_devices
+        from kemu.machines.display import add_default_display_devices, display_note
         add_default_display_devices(config)
+        config.extra["note"] = "\n".join(filter(None, (config.extra.get("note"),
+                                                        display_note(config))))
     return run_machine(config)
 
 

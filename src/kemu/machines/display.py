@@ -38,6 +38,16 @@ def add_default_display_devices(config) -> None:
             config.devices.append(DeviceConfig(driver))
 
 
+def display_note(config) -> str | None:
+    """The line ``kemu run`` prints saying where the screen is."""
+    vnc = config.extra.get("vnc")
+    if vnc is None or not vnc.enabled:
+        return None
+    return (f"kemu: the screen is on VNC at {vnc.describe()}"
+            + (" (password: QMP set_password)" if vnc.password else "")
+            + "; the console's shell is on tty1 there")
+
+
 def display_console(board):
     """The board's graphical console (created on first use)."""
     console = getattr(board, "display", None)
