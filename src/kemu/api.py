@@ -471,6 +471,8 @@ class Machine:
         self._started = True
         self.config.start_paused = paused
         self._board.start()
+        if self.vnc is not None:
+            self.vnc.start()          # its I/O thread (after -daemonize's fork, if any)
         _live.add(self)
         if self._stop_reason is not None:
             # stop() came first (a QMP quit while -qmp ...,wait=on held the start)

@@ -95,7 +95,9 @@ def test_machine_display_and_qmp_commands(kernel, tmp_path):
         info = cmds("query-vnc", {})
         assert info["enabled"] and info["service"] == str(5900 + n) and info["auth"] == "vnc"
         assert cmds("query-display-options", {}) == {"type": "default"}
-        # the password, then a client logging in with it
+        # the password, then a client logging in with it (the server's thread starts
+        # with the machine, which this test does not run)
+        vm.vnc.start()
         cmds("set_password", {"protocol": "vnc", "password": "pw"})
         with pytest.raises(QmpError, match="protocol"):
             cmds("set_password", {"protocol": "spice", "password": "pw"})
@@ -156,3 +158,24 @@ def test_hmp_sendkey_and_info_vnc(kernel):
         assert f"Server: 127.0.0.1:{5900 + n} (ipv4)" in hmp.execute("info vnc")
     finally:
         vm._board.close()
+
+
+def test_vnc_serves_after_daemonize(kernel, tmp_path):
+    """The VNC socket is bound before -daemonize forks; its thread runs in the daemon."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    n = free_display()
+    pidfile = tmp_path / "kemu.pid"
+    proc = subprocess.run([sys.executable, "-m", "kemu.cli", "-M", "virt", "-kernel", str(kernel),
+                           "-vnc", f"127.0.0.1:{n}", "-daemonize", "-serial", "none",
+                           "-display", "none", "-pidfile", str(pidfile)],
+                          capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr
+    pid = int(pidfile.read_text())
+    try:
+        with socket.create_connection(("127.0.0.1", 5900 + n), timeout=20) as sock:
+            assert sock.recv(12) == b"RFB 003.008\n"
+    finally:
+        os.kill(pid, signal.SIGTERM)

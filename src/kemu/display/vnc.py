@@ -139,7 +139,8 @@ class VncServer:
 
     def __init__(self, console: DisplayConsole, loop: IoLoop, options: VncOptions, *,
                  name: str = "kemu",
-                 on_event: Callable[[str, dict], None] = lambda name, data: None) -> None:
+                 on_event: Callable[[str, dict], None] = lambda name, data: None,
+                 start: bool = True) -> None:
         self.console = console
         self.loop = loop
         self.options = options
@@ -152,7 +153,13 @@ class VncServer:
         self._listener = self._listen()
         self.address = self._listener.getsockname()
         loop.watch(self._listener.fileno(), EVENT_READ, self._accept)
-        loop.start()
+        if start:
+            self.start()
+
+    def start(self) -> None:
+        """Serve clients (the socket listens from construction on: a port in use is an
+        error before the machine runs, or daemonizes; the I/O thread starts here)."""
+        self.loop.start()
 
     # -- listening -------------------------------------------------------------------------
     def _listen(self) -> socket.socket:

@@ -131,6 +131,8 @@ def start_vnc(board, config, loop) -> object | None:
         hook = getattr(board, "on_vnc_event", None)
         if hook is not None:
             hook(name, data)
-    server = VncServer(console, loop, options, name=config.name or "kemu", on_event=event)
+    # The thread starts with the machine (kemu.Machine.start), after -daemonize's fork.
+    server = VncServer(console, loop, options, name=config.name or "kemu", on_event=event,
+                       start=False)
     board.vnc = server
     return server
