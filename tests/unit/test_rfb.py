@@ -306,3 +306,19 @@ def test_set_desktop_size_without_the_extension_closes():
     s, _ = connect(surface)
     s.receive(struct.pack(">BxHHBx", 251, 64, 32, 0))
     assert s.closed
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.binary(max_size=40), max_size=20))
+def test_any_bytes_from_a_client_never_raise(chunks):
+    surface = DisplaySurface(16, 8)
+    s, _ = connect(surface, encodings=[enc.ENC_ZRLE, enc.ENC_COPYRECT,
+                                       enc.ENC_EXTENDED_DESKTOP_SIZE])
+    for chunk in chunks:
+        s.receive(chunk)
+        s.update()
+    assert len(s._in) <= 8 + MAX_CUT_TEXT

@@ -289,3 +289,47 @@ def test_save_and_restore_redraw_the_same_screen():
     with pytest.raises(ValueError):
         other.dev.restore(bad)
     assert other.dev.resources == {}
+
+
+# -- any request a guest can write ---------------------------------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+COMMANDS = [g.CMD_GET_DISPLAY_INFO, g.CMD_RESOURCE_CREATE_2D, g.CMD_RESOURCE_UNREF,
+            g.CMD_SET_SCANOUT, g.CMD_RESOURCE_FLUSH, g.CMD_TRANSFER_TO_HOST_2D,
+            g.CMD_RESOURCE_ATTACH_BACKING, g.CMD_RESOURCE_DETACH_BACKING, g.CMD_GET_EDID,
+            g.CMD_GET_CAPSET_INFO, 0x0200, 0xFFFFFFFF]
+small = st.integers(0, 70)
+field32 = st.one_of(small, st.integers(0, 2**32 - 1), st.sampled_from([2**31, 2**32 - 1]))
+field64 = st.one_of(small, st.integers(0, 2**64 - 1),
+                    st.integers(RAM_BASE, RAM_BASE + RAM + 64))
+
+
+@st.composite
+def request(draw):
+    cmd = draw(st.sampled_from(COMMANDS))
+    words = draw(st.lists(field32, min_size=0, max_size=8))
+    body = b"".join(w.to_bytes(4, "little") for w in words)
+    if cmd == g.CMD_RESOURCE_ATTACH_BACKING and draw(st.booleans()):
+        entries = draw(st.lists(st.tuples(field64, field32), max_size=4))
+        body = g.ATTACH_BACKING.pack(draw(small), len(entries)) + b"".join(
+            g.MEM_ENTRY.pack(a, n) for a, n in entries)
+    if cmd == g.CMD_TRANSFER_TO_HOST_2D and draw(st.booleans()):
+        body = g.TRANSFER_TO_HOST_2D.pack(*(draw(field32) for _ in range(4)), draw(field64),
+                                          draw(small))
+    return cmd, body
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(request(), max_size=25))
+def test_random_requests_get_answers_and_stay_bounded(requests):
+    gpu = Gpu(max_hostmem=1 << 20)
+    valid = {g.RESP_OK_NODATA, g.RESP_OK_DISPLAY_INFO, g.RESP_OK_EDID, g.RESP_ERR_UNSPEC,
+             g.RESP_ERR_OUT_OF_MEMORY, g.RESP_ERR_INVALID_SCANOUT_ID,
+             g.RESP_ERR_INVALID_RESOURCE_ID, g.RESP_ERR_INVALID_PARAMETER}
+    for cmd, body in requests:
+        assert gpu.code(cmd, body) in valid
+        assert gpu.dev.hostmem <= gpu.dev.max_hostmem
+    assert gpu.drv.status & 64 == 0            # never DEVICE_NEEDS_RESET
+    assert gpu.mem.violations == []            # nothing touched outside guest RAM
