@@ -195,6 +195,12 @@ def test_zrle_round_trip():
     assert request(s, 1)
     (x, y, w, h, e, pixels), = read_update(s, z)
     assert (x, y, w, h, e) == (1, 1, 2, 2, enc.ENC_ZRLE) and pixels == RED * 4
+    # ... and across a change of pixel format (same 3-byte CPIXELs, bytes reordered)
+    s.receive(b"\x00\x00\x00\x00" + enc.PixelFormat(32, 24, False, True, 255, 255, 255,
+                                                       0, 8, 16).pack())
+    request(s, 0)
+    (_x, _y, w, h, e, pixels), = read_update(s, z)
+    assert e == enc.ENC_ZRLE and pixels[60 * 4 + 30 * 130 * 4:][:4] == b"\xff\x00\x00\x00"
 
 
 def test_scroll_goes_out_as_copyrect():

@@ -216,7 +216,7 @@ class RfbSession:
                 self.close(f"SetPixelFormat: {exc}")
                 return True
             self._shadow = None                       # resend everything in the new format
-            self._zrle = None
+            # (the ZRLE zlib stream goes on: it lasts as long as the connection, 7.7.6)
         elif kind == MSG_SET_ENCODINGS:
             if len(self._in) < 4:
                 return False
