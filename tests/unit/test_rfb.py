@@ -328,3 +328,36 @@ def test_any_bytes_from_a_client_never_raise(chunks):
         s.receive(chunk)
         s.update()
     assert len(s._in) <= 8 + MAX_CUT_TEXT
+
+
+def test_qemu_extended_key_events():
+    from kemu.display.console import DisplayConsole
+    surface = DisplaySurface(16, 8)
+    codes = []
+    s, _ = connect(surface, encodings=[enc.ENC_RAW, enc.ENC_QEMU_EXTENDED_KEY_EVENT],
+                   scancode=lambda code, down: codes.append((code, down)))
+    # before the server says it takes them, the message is unknown: checked below
+    assert request(s, 1)                       # the acknowledgement goes out at once
+    rects = read_update(s)
+    assert rects[0][:5] == (0, 0, 0, 0, enc.ENC_QEMU_EXTENDED_KEY_EVENT)
+    s.receive(struct.pack(">BBHII", 255, 0, 1, 0x61, 0x1E) + struct.pack(">BBHII", 255, 0, 0,
+                                                                          0xFF52, 0xC8))
+    assert codes == [(0x1E, True), (0xC8, False)]
+    s.receive(struct.pack(">BBHII", 255, 1, 0, 0, 0))       # audio: not offered
+    assert s.closed
+    # the console maps the scancodes to Linux key codes, whatever the layout
+    console = DisplayConsole()
+    sent = []
+
+    class Kbd:
+        def key(self, code, down):
+            sent.append((code, down))
+    console.keyboards.append(Kbd())
+    console.scancode_event(0x1E, True)
+    console.scancode_event(0xC8, True)
+    console.scancode_event(0x7F, True)
+    assert sent == [(30, True), (103, True)]
+    # a client that was never told gets closed for sending it
+    s2, _ = connect(surface)
+    s2.receive(struct.pack(">BBHII", 255, 0, 1, 0x61, 0x1E))
+    assert s2.closed

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 
-from kemu.display.keymap import KEY_LEFTSHIFT, keysym_to_key
+from kemu.display.keymap import KEY_LEFTSHIFT, keysym_to_key, xt_to_key
 from kemu.display.surface import DisplaySurface
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,18 @@ class DisplayConsole:
                 kbd.key(code, down)
                 if fake_shift:
                     kbd.key(KEY_LEFTSHIFT, False)
+
+    def scancode_event(self, code: int, down: bool) -> None:
+        """A key by its position (RFB QEMU extended key event): no layout involved."""
+        key = xt_to_key(code)
+        if key is None:
+            log.debug("console: no key for scancode %#x", code)
+            return
+        if key in (KEY_LEFTSHIFT, 54):
+            self._shift_down = down
+        with self.lock:
+            for kbd in self.keyboards:
+                kbd.key(key, down)
 
     def pointer_event(self, x: int, y: int, mask: int) -> None:
         """The pointer at surface pixel ``(x, y)`` with RFB button ``mask``."""

@@ -65,3 +65,17 @@ QCODES: dict[str, int] = {
     "end": 107, "down": 108, "pgdn": 109, "insert": 110, "delete": 111, "pause": 119,
     **{f"f{i}": 58 + i for i in range(1, 11)}, "f11": 87, "f12": 88,
 }
+
+
+#: Extended XT scancodes (E0 xx, sent by RFB's QEMU extended key event as 0x80 | xx)
+#: -> Linux key codes; single-byte scancodes 1-88 are the Linux codes themselves.
+XT_EXTENDED = {0x9C: 96, 0x9D: 97, 0xB5: 98, 0xB7: 99, 0xB8: 100, 0xC7: 102, 0xC8: 103,
+               0xC9: 104, 0xCB: 105, 0xCD: 106, 0xCF: 107, 0xD0: 108, 0xD1: 109, 0xD2: 110,
+               0xD3: 111, 0xDB: 125, 0xDC: 126, 0xDD: 127}
+
+
+def xt_to_key(code: int) -> int | None:
+    """The Linux key code of an RFB-encoded XT scancode, or None."""
+    if 1 <= code <= 88:
+        return code
+    return XT_EXTENDED.get(code)

@@ -40,6 +40,7 @@ MSG_KEY_EVENT = 4
 MSG_POINTER_EVENT = 5
 MSG_CLIENT_CUT_TEXT = 6
 MSG_SET_DESKTOP_SIZE = 251          # ExtendedDesktopSize extension
+MSG_QEMU = 255                      # QEMU client messages; submessage 0: extended key event
 #: Cut text longer than this ends the connection (as QEMU's bound).
 MAX_CUT_TEXT = 1 << 20
 #: Bytes queued for a client beyond which no new update is made for it.
@@ -58,6 +59,8 @@ class SessionHooks:
     client_init: Callable[[bool], str | None] = lambda shared: None
     initialized: Callable[[], None] = lambda: None
     key: Callable[[int, bool], None] = lambda keysym, down: None
+    #: a QEMU extended key event: (XT scancode as RFB encodes it, down)
+    scancode: Callable[[int, bool], None] = lambda code, down: None
     pointer: Callable[[int, int, int], None] = lambda x, y, mask: None
     #: the surface changed and an update may be due (the glue schedules one).
     wake: Callable[[], None] = lambda: None
@@ -92,6 +95,8 @@ class RfbSession:
         #: has been told the layout once (ExtendedDesktopSize).
         self._resize_replies: list[int] = []
         self._layout_sent = False
+        #: The client was told it may send QEMU extended key events.
+        self._ext_keys_sent = False
         #: FramebufferUpdate messages and payload bytes sent (for the benchmark).
         self.updates_sent = 0
         self.bytes_sent = 0
@@ -226,6 +231,9 @@ class RfbSession:
                 return False
             self.encodings = list(struct.unpack_from(f">{n}i", data, 4))
             self._layout_sent = False
+            self._ext_keys_sent = False
+            if enc.ENC_QEMU_EXTENDED_KEY_EVENT in self.encodings:
+                self.hooks.wake()
         elif kind == MSG_FRAMEBUFFER_UPDATE_REQUEST:
             data = self._take(10)
             if data is None:
@@ -256,6 +264,17 @@ class RfbSession:
                 return True
             if self._take(8 + length) is None:
                 return False
+        elif kind == MSG_QEMU and self._ext_keys_sent:
+            if len(self._in) < 2:
+                return False
+            if self._in[1] != 0:
+                self.close(f"QEMU client message {self._in[1]} not supported")
+                return True
+            data = self._take(12)
+            if data is None:
+                return False
+            down, _keysym, code = struct.unpack_from(">HII", data, 2)
+            self.hooks.scancode(code, bool(down))
         elif kind == MSG_SET_DESKTOP_SIZE and enc.ENC_EXTENDED_DESKTOP_SIZE in self.encodings:
             if len(self._in) < 8:
                 return False
@@ -281,7 +300,9 @@ class RfbSession:
             return False
         with self.surface.lock:
             return (not self._request[0] or self._shadow is None or self._tracker.resized
-                    or bool(self._tracker.rects) or bool(self._resize_replies))
+                    or bool(self._tracker.rects) or bool(self._resize_replies)
+                    or (not self._ext_keys_sent
+                        and enc.ENC_QEMU_EXTENDED_KEY_EVENT in self.encodings))
 
     def update(self) -> bool:
         """Append one FramebufferUpdate to :attr:`outbox` if one is due; True if so."""
@@ -293,6 +314,9 @@ class RfbSession:
             frame = bytes(self.surface.data)
         full = Rect(0, 0, w, h)
         out: list[bytes] = []
+        if enc.ENC_QEMU_EXTENDED_KEY_EVENT in self.encodings and not self._ext_keys_sent:
+            out.append(enc.RECT_HEADER.pack(0, 0, 0, 0, enc.ENC_QEMU_EXTENDED_KEY_EVENT))
+            self._ext_keys_sent = True
         extended = enc.ENC_EXTENDED_DESKTOP_SIZE in self.encodings
         for status in self._resize_replies:
             out.append(enc.extended_desktop_size_rect(w, h, 1, status))

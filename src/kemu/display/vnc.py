@@ -227,6 +227,7 @@ class VncServer:
             client_init=lambda shared, c=client: self._client_init(c, shared),
             initialized=lambda c=client: self._emit("VNC_INITIALIZED", c),
             key=lambda keysym, down: self.console.key_event(keysym, down),
+            scancode=lambda code, down: self.console.scancode_event(code, down),
             pointer=lambda x, y, mask: self.console.pointer_event(x, y, mask),
             wake=lambda c=client: self._schedule(c),
             resize=lambda w, h: self.console.surface.request_size(w, h))
