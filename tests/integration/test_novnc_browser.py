@@ -1,5 +1,6 @@
 """noVNC (npm @novnc/novnc) in headless Chromium (Debian's chromium) through websockify
-(PyPI) shows kemu's screen: the canvas noVNC drew equals QMP screendump's pixels."""
+(PyPI) shows kemu's screen: the canvas noVNC drew equals QMP screendump's pixels, and a
+command noVNC types (as QEMU extended key events) runs in the guest."""
 
 import base64
 import http.server
@@ -37,9 +38,37 @@ async function send() {
   }
   setTimeout(send, 300);
 }
-rfb.addEventListener('connect', () => setTimeout(send, 300));
+// Type KEYS (keysym, DOM code) with noVNC's sendKey: to kemu, as to QEMU, noVNC sends
+// them as QEMU extended key events (scancodes) once the server acknowledged those.
+const KEYS = KEYLIST;
+async function type() {
+  while (!rfb._qemuExtKeyEventSupported) { await new Promise(r => setTimeout(r, 100)); }
+  for (const [keysym, code, shift] of KEYS) {
+    if (shift) rfb.sendKey(0xffe1, 'ShiftLeft', true);
+    rfb.sendKey(keysym, code, true);
+    rfb.sendKey(keysym, code, false);
+    if (shift) rfb.sendKey(0xffe1, 'ShiftLeft', false);
+  }
+}
+rfb.addEventListener('connect', () => { setTimeout(send, 300); type(); });
 </script></body></html>
 """
+
+#: DOM key codes of the characters the test types (US layout).
+DOM_CODES = {**{c: f"Key{c.upper()}" for c in "abcdefghijklmnopqrstuvwxyz"},
+             **{c: (f"Key{c}", True) for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ"},
+             **{d: f"Digit{d}" for d in "0123456789"}, " ": "Space", "-": "Minus",
+             "/": "Slash", "|": ("Backslash", True), "$": ("Digit4", True),
+             "(": ("Digit9", True), ")": ("Digit0", True), "*": ("Digit8", True)}
+
+
+def key_list(text: str) -> list:
+    keys = []
+    for ch in text:
+        code = DOM_CODES[ch]
+        code, shift = code if isinstance(code, tuple) else (code, False)
+        keys.append([ord(ch), code, shift])
+    return keys + [[0xFF0D, "Enter", False]]
 
 
 def free_port() -> int:
@@ -102,7 +131,10 @@ def test_novnc_in_chromium_shows_the_login_banner(console_factory, tmp_path):
     ws = subprocess.Popen([sys.executable, "-m", "websockify", f"127.0.0.1:{ws_port}",
                            f"127.0.0.1:{5900 + n}"], stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL)
-    web = Captures(PAGE.replace("WSPORT", str(ws_port)))
+    import json
+    typed = "echo novnc-typed-$((6*7)) | tee /dev/ttyAMA0"
+    web = Captures(PAGE.replace("WSPORT", str(ws_port))
+                   .replace("KEYLIST", json.dumps(key_list(typed))))
     threading.Thread(target=web.serve_forever, daemon=True).start()
     browser = None
     q = Qmp(sock)
@@ -118,6 +150,8 @@ def test_novnc_in_chromium_shows_the_login_banner(console_factory, tmp_path):
              "--window-size=1300,900", f"--user-data-dir={tmp_path / 'chromium'}",
              f"http://127.0.0.1:{web.server_address[1]}/page.html"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # what noVNC typed ran in the guest (its output echoed to the serial console)
+        con.expect(rb"novnc-typed-42", timeout=120)
         dump = tmp_path / "screen.ppm"
         q.execute("screendump", {"filename": str(dump)})
         expected = read_ppm(dump)
