@@ -578,15 +578,19 @@ def cmd_guest(argv: list[str]) -> int:
     sub = parser.add_subparsers(dest="action", required=True)
     b = sub.add_parser("build", help="build the default guest from distribution packages")
     b.add_argument("--arch", default="aarch64", choices=("aarch64", "x86_64"))
+    b.add_argument("--screen", action="store_true",
+                   help="the display flavour (a kernel with DRM, for -vnc): what "
+                        "'kemu run -vnc' boots")
     b.add_argument("--rebuild", action="store_true",
                    help="build again even if the cache is complete (packages still "
                         "matching apt's hashes are not downloaded again)")
     args = parser.parse_args(argv)
-    image = None if args.rebuild else cached_guest(args.arch, check_packages=True)
+    name = f"{args.arch}-display" if args.screen else args.arch
+    image = None if args.rebuild else cached_guest(name, check_packages=True)
     if image is None:
-        image = build_guest(args.arch, show_progress=sys.stderr.isatty())
+        image = build_guest(name, show_progress=sys.stderr.isatty())
     else:
-        print(f"kemu: reusing the complete cached guest in {guest_dir(args.arch)} "
+        print(f"kemu: reusing the complete cached guest in {guest_dir(name)} "
               "(--rebuild to build it again)", file=sys.stderr)
     print(f"kernel:  {image.kernel}\ninitrd:  {image.initrd}\nappend:  {image.append}")
     return 0
