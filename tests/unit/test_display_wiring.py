@@ -7,7 +7,7 @@ import struct
 import pytest
 
 from kemu.api import Machine
-from kemu.cli import parse_qemu_options
+from kemu.options import parse_qemu_options
 from kemu.display.surface import Rect
 from kemu.errors import ConfigError
 from kemu.machines.config import MachineConfig

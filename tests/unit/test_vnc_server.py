@@ -10,7 +10,8 @@ import pytest
 from kemu.backends.ioloop import IoLoop
 from kemu.display.console import DisplayConsole
 from kemu.display.surface import Rect
-from kemu.display.vnc import VncServer, parse_display_option, parse_vnc_option, vnc_auth_response
+from kemu.display.vnc import VncServer, vnc_auth_response
+from kemu.options.display import parse_display_option, parse_vnc_option
 from kemu.errors import ConfigError
 
 vncapi = pytest.importorskip("vncdotool.api", reason="vncdotool (pip install -e '.[test]')")

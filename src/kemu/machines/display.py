@@ -90,7 +90,7 @@ def display_device(board, dev: DeviceConfig, kind: str):
         hostmem = dev.props.get("max_hostmem")
         max_hostmem = gpu.DEFAULT_MAX_HOSTMEM
         if hostmem is not None:
-            from kemu.cli import parse_size
+            from kemu.options import parse_size
             max_hostmem = int(hostmem) if hostmem.isdigit() else parse_size(hostmem)
             if not 1 << 20 <= max_hostmem <= 4 << 30:
                 raise ConfigError(f"-device {dev.driver}: max_hostmem={hostmem}: "
