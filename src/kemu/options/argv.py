@@ -66,7 +66,7 @@ def parse_qemu_options(argv: list[str], config: MachineConfig) -> MachineConfig:
     serial = None
     machine_given = accel_given = memory_given = False
     mons: list[str] = []                  # -mon, resolved after every -chardev
-    nographic = nodefaults = False
+    nodefaults = False
     legacy_net_values: list[str] = []     # -net user/tap/nic, paired at the end
     i = 0
     while i < len(argv):
@@ -116,7 +116,7 @@ def parse_qemu_options(argv: list[str], config: MachineConfig) -> MachineConfig:
         elif opt == "-append":
             config.append = f"{config.extra.get('append_base', '')} {value}".strip()
         elif opt == "-nographic":
-            nographic = True
+            pass            # no display; the console is on stdio unless -serial says else
         elif opt == "-nodefaults":
             nodefaults = True
         elif opt == "-serial":
