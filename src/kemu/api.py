@@ -169,7 +169,17 @@ class GuestPanicked(Event):
     message: str = ""
 
 
-MachineEvent = Union[Stop, Resume, Powerdown, Reset, GuestPanicked, Shutdown, BlockIOError]
+@dataclass(frozen=True)
+class VncEvent(Event):
+    """A VNC client connected, finished its handshake or left (QMP's VNC_CONNECTED,
+    VNC_INITIALIZED, VNC_DISCONNECTED: ``kind``), with QMP's ``server`` and ``client``."""
+
+    kind: str = ""
+    data: dict = field(default_factory=dict)
+
+
+MachineEvent = Union[Stop, Resume, Powerdown, Reset, GuestPanicked, Shutdown, BlockIOError,
+                     VncEvent]
 
 #: QMP event names that are not the class name in capitals.
 _QMP_NAMES = {GuestPanicked: "GUEST_PANICKED", BlockIOError: "BLOCK_IO_ERROR"}
@@ -298,7 +308,8 @@ class Machine:
                  memory: str | int = "256M", cpu: str = "cortex-a57",
                  disks: list[str | Path] = (), devices: list[str] = (),
                  no_reboot: bool = False, name: str | None = None,
-                 machine: str = "virt", accel: str = "tcg", smp: int = 1) -> None:
+                 machine: str = "virt", accel: str = "tcg", smp: int = 1,
+                 vnc: str | None = None) -> None:
         from kemu.options import parse_device, parse_size
 
         config = MachineConfig(
@@ -309,6 +320,9 @@ class Machine:
             drives=[DriveConfig(Path(d)) for d in disks],
             devices=[parse_device(d) if isinstance(d, str) else DeviceConfig(*d)
                      for d in devices])
+        if vnc is not None:           # QEMU's -vnc argument: ":1", "unix:/path,password=on"
+            from kemu.options.display import parse_vnc_option
+            config.extra["vnc"] = parse_vnc_option(vnc, "vnc=")
         self.__init_from_config(config)
 
     @classmethod
@@ -320,14 +334,21 @@ class Machine:
         return self
 
     @classmethod
-    def default_guest(cls, arch: str = "aarch64", append: str = "", **kwargs) -> "Machine":
+    def default_guest(cls, arch: str = "aarch64", append: str = "", screen: bool = False,
+                      **kwargs) -> "Machine":
         """The default guest (built from Debian's packages on first use); the x86-64
-        one runs on the microvm board under KVM."""
+        one runs on the microvm board under KVM.  ``screen``: its display flavour
+        (a kernel with DRM) with a graphics adapter, a keyboard and a tablet."""
         from kemu.guest.debian import default_guest
         if arch == "x86_64":
             kwargs.setdefault("machine", "microvm")
             kwargs.setdefault("accel", "kvm")
-        image = default_guest(arch, show_progress=False)
+        if screen:
+            given = {d if isinstance(d, str) else d[0] for d in kwargs.get("devices", ())}
+            kwargs["devices"] = list(kwargs.get("devices", ())) + [
+                d for d in ("virtio-gpu-device", "virtio-keyboard-device",
+                            "virtio-tablet-device") if not any(g.startswith(d) for g in given)]
+        image = default_guest(f"{arch}-display" if screen else arch, show_progress=False)
         return cls(kernel=image.kernel, initrd=image.initrd,
                    append=f"{image.append} {append}".strip(), **kwargs)
 
@@ -347,6 +368,8 @@ class Machine:
         self._board.on_reset = lambda: self._emit(Reset(guest=True))
         # a disk's werror/rerror policy reports here (kemu.machines.virtio_devices)
         self._board.on_block_io_error = self._block_io_error
+        # the VNC server (kemu.display.vnc) reports its clients here
+        self._board.on_vnc_event = lambda kind, data: self._emit(VncEvent(kind=kind, data=data))
         #: Paused by a disk error (QMP's run state io-error) until resumed.
         self.io_error = False
         #: Stopped by the guest's power-off under -no-shutdown (QMP's run state
@@ -379,6 +402,8 @@ class Machine:
         if isinstance(event, BlockIOError):
             data = event.qmp_data()
         name = _QMP_NAMES.get(type(event), type(event).__name__.upper())
+        if isinstance(event, VncEvent):
+            name, data = event.kind, event.data
         message = qmp_event(name, data, event.timestamp)
         for listener in list(self._listeners):
             listener(message)
@@ -459,6 +484,8 @@ class Machine:
         self._started = True
         self.config.start_paused = paused
         self._board.start()
+        if self.vnc is not None:
+            self.vnc.start()          # its I/O thread (after -daemonize's fork, if any)
         _live.add(self)
         if self._stop_reason is not None:
             # stop() came first (a QMP quit while -qmp ...,wait=on held the start)
@@ -620,6 +647,53 @@ class Machine:
         """(base, size, name) of RAM and every device mapping."""
         ram = [(r.base, r.size, "ram") for r in self._board.memory.regions]
         return ram + [(m.base, m.size, m.device.name) for m in self._board.mmio.mappings]
+
+    # -- display ------------------------------------------------------------------------
+    @property
+    def display(self):
+        """The graphical console (:class:`kemu.display.console.DisplayConsole`), or None
+        without a graphics adapter or a VNC display."""
+        return getattr(self._board, "display", None)
+
+    @property
+    def vnc(self):
+        """The VNC server (:class:`kemu.display.vnc.VncServer`), or None."""
+        return getattr(self._board, "vnc", None)
+
+    def send_keys(self, names: list[str]) -> None:
+        """Press ``names`` (QEMU's key names, as HMP ``sendkey ctrl-alt-f1``) together,
+        then release them in reverse order, on the virtio keyboards."""
+        from kemu.display.keymap import QCODES
+        codes = []
+        for name in names:
+            if name not in QCODES:
+                raise KemuError(f"unknown key '{name}'")
+            codes.append(QCODES[name])
+        console = self.display
+        if console is None or not console.keyboards:
+            raise MachineStateError(f"the {self.config.machine} board has no keyboard "
+                                    "(add -device virtio-keyboard-device)")
+        with self._board.lock:
+            for kbd in console.keyboards:
+                for code in codes:
+                    kbd.key(code, True)
+                for code in reversed(codes):
+                    kbd.key(code, False)
+
+    def screenshot(self):
+        """What the screen shows now, as a Pillow ``Image`` (RGB)."""
+        from kemu.display.screendump import surface_image
+        if self.display is None:
+            raise MachineStateError("screenshot: the machine has no display "
+                                    "(-device virtio-gpu-device or -vnc)")
+        return surface_image(self.display.surface)
+
+    def screendump(self, filename: str | Path, format: str = "ppm") -> None:
+        """Write the screen to ``filename`` as PPM (default, as QEMU) or PNG."""
+        from kemu.display.screendump import write_screendump
+        if self.display is None:
+            raise MachineStateError("screendump: the machine has no display")
+        write_screendump(self.display.surface, filename, format)
 
     @property
     def outcome(self) -> Outcome | None:

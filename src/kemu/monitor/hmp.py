@@ -214,4 +214,12 @@ class Hmp:
         return "no block device can store vmstate for snapshot\r\n"
 
     def info_vnc(self, _args: list[str]) -> str:
-        return f"Error: {FEATURE_DISABLED.format('vnc')}\r\n"
+        info = self.qmp("query-vnc", {})
+        if not info.get("enabled"):
+            return f"Error: {FEATURE_DISABLED.format('vnc')}\r\n"
+        out = ["default:", f"  Server: {info['host']}:{info['service']} ({info['family']})",
+               f"    Auth: {info['auth']} (Sub: none)"]
+        for c in info["clients"]:
+            out += [f"  Client: {c['host']}:{c['service']} ({c['family']})",
+                    "    x509_dname: none", "    sasl_username: none"]
+        return "\r\n".join(out) + "\r\n"

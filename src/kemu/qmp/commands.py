@@ -60,6 +60,8 @@ class Commands:
         }
         self.table.update(self._introspection())
         self.table.update(self._parts())
+        from kemu.qmp.display import display_commands
+        self.table.update(display_commands(vm))
 
     def _introspection(self) -> dict:
         """What kemu is and can do (kemu.qmp.introspect), for management tools' probes."""
