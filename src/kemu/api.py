@@ -286,6 +286,24 @@ class Console:
         return out
 
 
+def _guest_cid(config: MachineConfig) -> int | None:
+    for dev in config.devices:
+        if "vsock" in dev.driver and "guest-cid" in dev.props:
+            return int(dev.props["guest-cid"], 0)
+    return None
+
+
+def _identity(config: MachineConfig, mac: str | None, cid: int | None) -> None:
+    """A restored copy's own MAC (first NIC) and vsock CID, in its configuration."""
+    for dev in config.devices:
+        if mac is not None and dev.driver.startswith("virtio-net"):
+            dev.props["mac"] = mac
+            mac = None
+        if cid is not None and "vsock" in dev.driver:
+            dev.props["guest-cid"] = str(cid)
+            cid = None
+
+
 class Machine:
     """A virtual machine in this process.
 
@@ -333,12 +351,13 @@ class Machine:
                    append=f"{image.append} {append}".strip(), **kwargs)
 
     def __init_from_config(self, config: MachineConfig,
-                           console_output: Callable[[bytes], None] | None = None) -> None:
+                           console_output: Callable[[bytes], None] | None = None,
+                           ram_fd: int | None = None) -> None:
         from kemu.machines.builder import build
 
         self.config = config
         self._backend = SerialBackend(console_output or (lambda data: None))
-        self._board = build(config, self._backend)
+        self._board = build(config, self._backend, ram_fd=ram_fd)
         self.console = Console(self._backend, self._board.lock)
         self._events: queue.Queue[MachineEvent] = queue.Queue()
         self._listeners: list[Callable[[dict], None]] = []
@@ -576,6 +595,112 @@ class Machine:
                 self._unreported = set()
             raise
         self._emit(Reset())
+
+    # -- snapshots, restore, fork (kemu.snapshot) ---------------------------------------------
+    def snapshot(self, directory: str | Path, timeout: float = 10.0) -> dict:
+        """Save the whole machine into ``directory`` (see :mod:`kemu.snapshot`); returns
+        the snapshot's header.
+
+        The vCPUs stop at their next block start (a clean point: no device
+        access half done, disk requests complete), the state, RAM and a copy
+        of each writable disk are written, and a running machine runs on
+        (no Stop/Resume events; the guest does not see the time it took).
+        """
+        from kemu import snapshot
+        self._require_running("snapshot")
+        if not hasattr(self._board, "save_state"):
+            raise MachineStateError(f"snapshot: the {self.config.machine} board cannot be "
+                                    "saved yet")
+        was_running = self._board.state == RunState.RUNNING
+        with self._lock:
+            if was_running:
+                self._unreported = {RunState.PAUSED, RunState.RUNNING}
+        if not self._board.pause(timeout):
+            raise MachineTimeout(f"snapshot: the vCPU did not stop within {timeout:g} s")
+        try:
+            with self._board.lock:
+                return snapshot.save(self._board, self.config, Path(directory))
+        finally:
+            if was_running:
+                self._board.resume()
+
+    @classmethod
+    def restore(cls, directory: str | Path, *, overlay_dir: str | Path | None = None,
+                paused: bool = False, verify: bool = True, mac: str | None = None,
+                guest_cid: int | None = None,
+                console_output: Callable[[bytes], None] | None = None,
+                tag: str | None = None) -> "Machine":
+        """A new machine running from a snapshot directory (:meth:`snapshot`).
+
+        Its RAM is the snapshot's memory file mapped private (copy-on-write),
+        each copied disk gets a new qcow2 overlay over the snapshot's copy in
+        ``overlay_dir`` (default: the snapshot directory) named after ``tag``,
+        networks get new host backends (a new passt), and the guest's virtual
+        counter resumes where it stopped.  ``mac`` and ``guest_cid`` give the
+        first NIC and the vsock device new identities (a fork).  A damaged,
+        truncated or foreign snapshot raises :class:`~kemu.state.StateError`
+        (one line) before anything starts.
+        """
+        import os
+
+        from kemu import snapshot
+        from kemu.state import StateError, check_header
+        directory = Path(directory)
+        header, payload = snapshot.load(directory)
+        tag = tag or f"restore-{os.getpid()}-{time.monotonic_ns():x}"
+        memory = header.get("memory")
+        if not isinstance(memory, dict) or memory.get("file") != snapshot.MEMORY_FILE:
+            raise StateError(f"snapshot {directory}: corrupted header (memory)")
+        config = snapshot.restored_config(directory, header, payload,
+                                          Path(overlay_dir) if overlay_dir else directory, tag)
+        _identity(config, mac, guest_cid)
+        if memory.get("size") != config.memory:
+            raise StateError(f"snapshot {directory}: memory file size does not match -m")
+        fd = snapshot.open_memory(directory / snapshot.MEMORY_FILE, config.memory,
+                                  memory.get("crcs"), verify)
+        try:
+            self = cls.__new__(cls)
+            self.__init_from_config(config, console_output, ram_fd=fd)
+        finally:
+            os.close(fd)            # the mapping keeps the file
+        try:
+            check_header(header, self._board.state_fingerprint(), f"snapshot {directory}")
+            self._started = True
+            self._board.start_restored(payload["board"], paused=paused)
+        except BaseException:
+            self._board.close()
+            raise
+        self.has_run = not paused
+        _live.add(self)
+        return self
+
+    def fork(self, n: int, directory: str | Path | None = None) -> list["Machine"]:
+        """``n`` running copies of this machine (which runs on), from one snapshot in
+        ``directory`` (default: a new temporary directory, left for the caller).
+
+        The copies share the snapshot's memory file copy-on-write, each has its
+        own disk overlays, a new MAC (locally administered) on its first NIC and
+        the next vsock CIDs after this machine's.
+        """
+        import os
+        import tempfile
+        if n < 1:
+            raise ValueError("fork: n must be at least 1")
+        directory = Path(directory or tempfile.mkdtemp(prefix="kemu-fork-"))
+        self.snapshot(directory)
+        cid = _guest_cid(self.config)
+        copies: list[Machine] = []
+        try:
+            for i in range(n):
+                mac = "52:54:%02x:%02x:%02x:%02x" % tuple(os.urandom(4))
+                copies.append(Machine.restore(directory, verify=i == 0, mac=mac,
+                                              guest_cid=None if cid is None else cid + 1 + i,
+                                              tag=f"fork{i}-{os.getpid()}"))
+        except BaseException:
+            for vm in copies:
+                vm.kill()
+            raise
+        return copies
 
     def registers(self) -> dict[str, int]:
         """The boot CPU's general registers (read while the guest may be running)."""

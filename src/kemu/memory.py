@@ -20,18 +20,26 @@ PAGE_SIZE = 4096
 
 @dataclass
 class RamRegion:
-    """One contiguous block of guest RAM backed by an anonymous mapping."""
+    """One contiguous block of guest RAM backed by an anonymous mapping, or by a
+    file mapped private (``backing``, an open fd of at least ``size`` bytes):
+    the file's pages are shared until the guest writes one, which then gets a
+    private copy (copy-on-write), as restored and forked machines use it."""
 
     base: int
     size: int
     name: str = "ram"
+    backing: int | None = None
     _map: mmap.mmap = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.size <= 0 or self.size % PAGE_SIZE or self.base % PAGE_SIZE:
             raise ConfigError(f"RAM region {self.name}: base and size must be page aligned")
         try:
-            self._map = mmap.mmap(-1, self.size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            if self.backing is None:
+                self._map = mmap.mmap(-1, self.size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            else:
+                self._map = mmap.mmap(self.backing, self.size, flags=mmap.MAP_PRIVATE,
+                                      prot=mmap.PROT_READ | mmap.PROT_WRITE)
         except OSError as e:
             # As QEMU: "cannot set up guest memory 'mach-virt.ram': Cannot allocate memory"
             # (pages are reserved as the host's overcommit policy says; QEMU does the same).

@@ -305,6 +305,14 @@ class GicV2:
         self._rebuild_asserted()
         self.update()
 
+    def forget_input_levels(self) -> None:
+        """Every input line low, as the sources' lines are when they are made: a
+        restored board then restores its devices, which raise the lines that are
+        high now (the saved levels may be stale: a timer's output is computed lazily)."""
+        for irq in [i for bank in self._banks for i in bank] + self._spis:
+            irq.level = False
+        self.update()
+
 
 class GicDistributor:
     """The GICD register frame (4 KiB, mapped in a 64 KiB window)."""

@@ -10,7 +10,9 @@ MACHINES = ("virt", "microvm")
 ACCELS = {"virt": ("tcg",), "microvm": ("kvm",)}
 
 
-def build(config: MachineConfig, console: SerialBackend):
+def build(config: MachineConfig, console: SerialBackend, ram_fd: int | None = None):
+    """The board for ``config``; ``ram_fd``: guest RAM mapped private from a
+    snapshot's memory file (a restored machine)."""
     if config.machine not in MACHINES:
         raise ConfigError(f"unsupported machine type {config.machine!r} "
                           f"(supported: {', '.join(MACHINES)})")
@@ -18,7 +20,9 @@ def build(config: MachineConfig, console: SerialBackend):
         raise ConfigError(f"the {config.machine} machine runs on the "
                           f"{'/'.join(ACCELS[config.machine])} accelerator, not {config.accel}")
     if config.machine == "microvm":
+        if ram_fd is not None:
+            raise ConfigError("restore: snapshots of the microvm board are not supported yet")
         from kemu.machines.x86_microvm import MicroVm
         return MicroVm(config, console)
     from kemu.machines.arm64_virt import VirtMachine
-    return VirtMachine(config, console)
+    return VirtMachine(config, console, ram_fd=ram_fd)
