@@ -169,10 +169,27 @@ class GuestPanicked(Event):
     message: str = ""
 
 
-MachineEvent = Union[Stop, Resume, Powerdown, Reset, GuestPanicked, Shutdown, BlockIOError]
+@dataclass(frozen=True)
+class MigrationStatus(Event):
+    """A migration changed state (QMP's MIGRATION, with the ``events`` capability):
+    setup, active, device, completed, failed, cancelled."""
+
+    status: str = ""
+
+
+@dataclass(frozen=True)
+class MigrationPass(Event):
+    """A pass over guest RAM ended (QMP's MIGRATION_PASS)."""
+
+    pass_: int = 0
+
+
+MachineEvent = Union[Stop, Resume, Powerdown, Reset, GuestPanicked, Shutdown, BlockIOError,
+                     MigrationStatus, MigrationPass]
 
 #: QMP event names that are not the class name in capitals.
-_QMP_NAMES = {GuestPanicked: "GUEST_PANICKED", BlockIOError: "BLOCK_IO_ERROR"}
+_QMP_NAMES = {GuestPanicked: "GUEST_PANICKED", BlockIOError: "BLOCK_IO_ERROR",
+              MigrationStatus: "MIGRATION", MigrationPass: "MIGRATION_PASS"}
 
 
 class Console:
@@ -380,6 +397,12 @@ class Machine:
         self._unreported: set[RunState] = set()
         #: Notified on every run-state transition of the board.
         self._state_changed = threading.Condition()
+        self._migration = None             # kemu.migration.Migration, made on first use
+        #: Paused at the end of an outgoing migration (query-status: postmigrate).
+        self._postmigrate = False
+        #: Waiting for an incoming migration (query-status: inmigrate); set when it fails.
+        self._incoming: threading.Event | None = None
+        self._incoming_error: str | None = None
 
     # -- events -------------------------------------------------------------------------
     def _emit(self, event: MachineEvent) -> None:
@@ -391,6 +414,10 @@ class Machine:
             data = {"action": "poweroff"}
         if isinstance(event, BlockIOError):
             data = event.qmp_data()
+        if isinstance(event, MigrationStatus):
+            data = {"status": event.status}
+        if isinstance(event, MigrationPass):
+            data = {"pass": event.pass_}
         name = _QMP_NAMES.get(type(event), type(event).__name__.upper())
         message = qmp_event(name, data, event.timestamp)
         for listener in list(self._listeners):
@@ -472,7 +499,10 @@ class Machine:
 
     @property
     def state(self) -> str:
-        """``"created"``, ``"running"``, ``"paused"`` or ``"shutdown"``."""
+        """``"created"``, ``"running"``, ``"paused"`` or ``"shutdown"`` (``"inmigrate"``
+        while waiting for an incoming migration)."""
+        if self._incoming is not None and not self._incoming.is_set():
+            return "inmigrate"
         state = self._board.state
         return "shutdown" if state == RunState.STOPPED else state.value
 
@@ -504,6 +534,7 @@ class Machine:
         self._require_running("resume")
         with self._lock:
             self.io_error = False
+            self._postmigrate = False
             # Resume is reported before resume() returns (as QEMU's cont emits
             # RESUME), not whenever the vCPU thread gets round to running.
             report = self._board.state == RunState.PAUSED
@@ -529,6 +560,9 @@ class Machine:
         with self._lock:
             if self._stop_reason is None:
                 self._stop_reason = reason
+        if self._incoming is not None and not self._incoming.is_set():
+            self._incoming_failed("")        # quit while waiting for a migration
+            return
         self._board.stop()
 
     def kill(self, timeout: float = 10.0) -> int:
@@ -550,6 +584,16 @@ class Machine:
         """Wait for the machine to end; its exit status (0 = guest powered off), or None."""
         if not self._started:
             raise MachineStateError("wait: the machine has not been started")
+        if self._incoming is not None and not self._incoming.is_set():
+            if not self._incoming.wait(timeout):
+                return None
+        if self._incoming_error is not None:
+            if self._outcome is None:
+                self._outcome = (Outcome("error", 1, self._incoming_error)
+                                 if self._incoming_error else Outcome("quit", 0))
+                self._board.close()
+                self.console._close()
+            return self._outcome.status
         outcome = self._board.wait(timeout)
         if outcome is None:
             return None
@@ -701,6 +745,55 @@ class Machine:
                 vm.kill()
             raise
         return copies
+
+    # -- migration (kemu.migration; QMP's migrate, -incoming) ------------------------------------
+    @property
+    def migration(self):
+        """This machine's :class:`kemu.migration.Migration` (settings, current migration)."""
+        if self._migration is None:
+            from kemu.migration import Migration
+            self._migration = Migration(self)
+        return self._migration
+
+    def migrate(self, uri: str) -> None:
+        """Start a live migration to ``uri`` (QMP's ``migrate``); see :attr:`migration`."""
+        self._require_running("migrate")
+        self.migration.migrate(uri)
+
+    def start_incoming(self, uri: str | None = None, paused: bool = False) -> None:
+        """Wait for a migration instead of booting (``-incoming URI``; None: ``defer``,
+        then :meth:`incoming`)."""
+        if self._started:
+            raise MachineStateError("incoming: the machine was already started")
+        if not hasattr(self._board, "start_restored"):
+            raise MachineStateError(f"-incoming: the {self.config.machine} board cannot be "
+                                    "migrated yet")
+        self._started = True
+        self._incoming = threading.Event()
+        self._incoming_paused = paused
+        _live.add(self)
+        if uri is not None:
+            self.incoming(uri)
+
+    def incoming(self, uri: str) -> None:
+        """QMP's ``migrate-incoming`` (after ``-incoming defer``)."""
+        if self._incoming is None or self._incoming.is_set():
+            raise MachineStateError("migrate-incoming: the machine was not started with "
+                                    "-incoming")
+        if self.migration.incoming is not None:
+            raise MachineStateError("The incoming migration has already been started")
+        self.migration.incoming_from(uri, self._incoming_paused)
+
+    def _finish_incoming(self, board_state: dict, paused: bool) -> None:
+        self._board.start_restored(board_state, paused=paused)
+        self.has_run = not paused
+        self._incoming.set()
+
+    def _incoming_failed(self, message: str) -> None:
+        self._incoming_error = message
+        self._incoming.set()
+        with self._state_changed:
+            self._state_changed.notify_all()
 
     def registers(self) -> dict[str, int]:
         """The boot CPU's general registers (read while the guest may be running)."""

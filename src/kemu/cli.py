@@ -61,6 +61,7 @@ QEMU-style options: -M/-machine virt|microvm  -accel tcg|kvm  -enable-kvm  -cpu 
   -nic user[,hostfwd=...][,mac=M] | tap,ifname=NAME
   -qmp unix:PATH|tcp:HOST:PORT[,server=on[,wait=off]] (no server=on: connect out)
   -pidfile FILE  -daemonize
+  -incoming unix:PATH|tcp:HOST:PORT|exec:CMD|fd:N|defer  (wait for a migration; virt board)
   -M help  -cpu help  -device help  -device DRIVER,help  -accel help  -netdev help  -chardev help
 kemu's own: --disk IMG (a virtio disk, format detected)
             --net user[,hostfwd=...] (a virtio NIC on user-mode networking, as -nic user)
@@ -70,7 +71,8 @@ In the console: Ctrl-A x quits, Ctrl-A c switches to the monitor and back, Ctrl-
 #: Options that take an argument / that do not, in QEMU's spelling.
 WITH_ARG = {"-M", "-machine", "-cpu", "-m", "-smp", "-kernel", "-initrd", "-append",
             "-serial", "-accel", "-name", "-display", "-monitor", "-drive", "-device", "-disk",
-            "-qmp", "-pidfile", "-netdev", "-nic", "-net", "-rtc", "-dtb", "-global"}
+            "-qmp", "-pidfile", "-netdev", "-nic", "-net", "-rtc", "-dtb", "-global",
+            "-incoming"}
 FLAGS = {"-nographic", "-no-reboot", "-S", "-enable-kvm", "-nodefaults", "-daemonize",
          "-snapshot"}
 #: QEMU options kemu knows of but does not offer (yet).
@@ -258,6 +260,11 @@ def parse_qemu_options(argv: list[str], config: MachineConfig) -> MachineConfig:
             config.rtc = parse_rtc_option(value)
         elif opt == "-snapshot":
             config.snapshot = True
+        elif opt == "-incoming":
+            if value != "defer":
+                from kemu.migration import parse_uri
+                parse_uri(value)           # checked now: one line at parse time
+            config.extra["incoming"] = value
     _legacy_net(legacy_net, config)
     if accel_given and machine_given and config.accel not in ACCELS.get(config.machine,
                                                                         (config.accel,)):
@@ -456,7 +463,12 @@ def _run_on_terminal(vm, config: MachineConfig, serial: str,
         stdio = StdioConsole(vm.console.write, on_quit, escapes=serial == "mon:stdio",
                              monitor=monitor,
                              monitor_only=bool(config.extra.get("monitor_stdio")))
-    vm.start(paused=config.start_paused)
+    incoming = config.extra.get("incoming")
+    if incoming is not None:
+        # -incoming URI|defer: wait for a migration instead of booting (-S: stay paused after)
+        vm.start_incoming(None if incoming == "defer" else incoming, paused=config.start_paused)
+    else:
+        vm.start(paused=config.start_paused)
     try:
         if signals.received is not None:      # a signal during set-up
             vm.stop(reason="host-signal")

@@ -71,14 +71,13 @@ def config_from_plain(data: dict) -> MachineConfig:
 # -- memory -------------------------------------------------------------------------------------
 def write_memory(path: Path, buffer) -> list[int]:
     """RAM to a sparse file; the CRC-32 of each MiB (:data:`ZERO_CHUNK` for a hole)."""
-    view = memoryview(buffer)
-    size = len(view)
+    size = len(buffer)
     crcs: list[int] = []
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         os.ftruncate(fd, size)
         for off in range(0, size, CHUNK):
-            chunk = view[off:off + CHUNK]
+            chunk = buffer[off:off + CHUNK]      # bytes: compared with memcmp
             if chunk == _ZERO[:len(chunk)]:
                 crcs.append(ZERO_CHUNK)
                 continue

@@ -53,6 +53,18 @@ class Commands:
             "system_powerdown": (self.system_powerdown, {}),
             "quit": (self.quit, {}),
             "human-monitor-command": (self.hmp, {"command-line": str, "cpu-index": int}),
+            # migration (kemu.migration)
+            "migrate": (self.migrate, {"uri": str, "blk": bool, "inc": bool, "detach": bool,
+                                       "resume": bool}),
+            "migrate-incoming": (self.migrate_incoming, {"uri": str}),
+            "migrate_cancel": (self.migrate_cancel, {}),
+            "query-migrate": (self.query_migrate, {}),
+            "migrate-set-capabilities": (self.migrate_set_capabilities,
+                                         {"capabilities": list}),
+            "query-migrate-capabilities": (self.query_migrate_capabilities, {}),
+            "migrate-set-parameters": (self.migrate_set_parameters,
+                                       {"downtime-limit": int, "max-bandwidth": int}),
+            "query-migrate-parameters": (self.query_migrate_parameters, {}),
         }
 
     def names(self) -> set[str]:
@@ -85,6 +97,8 @@ class Commands:
             state = "prelaunch"        # -S and never continued, as QEMU says
         elif state == "paused" and getattr(self.vm, "io_error", False):
             state = "io-error"         # a disk's werror/rerror policy paused it
+        elif state == "paused" and getattr(self.vm, "_postmigrate", False):
+            state = "postmigrate"      # the machine went to a migration destination
         return {"running": state == "running", "singlestep": False, "status": state}
 
     def query_commands(self, _args: dict) -> list:
@@ -132,6 +146,42 @@ class Commands:
 
     def quit(self, _args: dict) -> None:
         self.on_quit()
+
+    # -- migration ------------------------------------------------------------------------------
+    def migrate(self, args: dict) -> None:
+        if "uri" not in args:
+            raise QmpError("Parameter 'uri' is missing")
+        if args.get("blk") or args.get("inc"):
+            raise QmpError("migrate: block migration (blk, inc) is not supported by kemu; "
+                           "copy the disks or use shared storage")
+        if args.get("resume"):
+            raise QmpError("migrate: resume is for postcopy, which kemu does not do")
+        self.vm.migrate(args["uri"])
+
+    def migrate_incoming(self, args: dict) -> None:
+        if "uri" not in args:
+            raise QmpError("Parameter 'uri' is missing")
+        self.vm.incoming(args["uri"])
+
+    def migrate_cancel(self, _args: dict) -> None:
+        self.vm.migration.cancel()
+
+    def query_migrate(self, _args: dict) -> dict:
+        return self.vm.migration.info()
+
+    def migrate_set_capabilities(self, args: dict) -> None:
+        if "capabilities" not in args:
+            raise QmpError("Parameter 'capabilities' is missing")
+        self.vm.migration.set_capabilities(args["capabilities"])
+
+    def query_migrate_capabilities(self, _args: dict) -> list:
+        return self.vm.migration.query_capabilities()
+
+    def migrate_set_parameters(self, args: dict) -> None:
+        self.vm.migration.set_parameters(args)
+
+    def query_migrate_parameters(self, _args: dict) -> dict:
+        return self.vm.migration.query_parameters()
 
     def hmp(self, args: dict) -> str:
         """``human-monitor-command``: one line of the human monitor (kemu.monitor.hmp).
