@@ -54,6 +54,8 @@ _REC = struct.Struct("<cQI")          # kind, offset, length
 _CRC = struct.Struct("<I")
 _ZERO = bytes(BLOCK)
 SEND_BATCH = 1 << 20
+#: The destination's answer over a socket once it runs the machine.
+ACK = b"K"
 #: Passes after which the guest is stopped whatever is left (it dirties faster than we send).
 MAX_PASSES = 30
 #: QEMU 7.2's defaults: max-bandwidth 128 MiB/s, downtime-limit 300 ms.
@@ -415,6 +417,13 @@ class Outgoing:
             self._send(_REC.pack(b"S", 0, len(blob)) + blob)
             self._send(_REC.pack(b"D", 0, 0))
             self._flush()
+            if self.channel.sock is not None:
+                # Over a socket the destination answers once it runs: the source is
+                # done (postmigrate) only then; any other answer leaves it running.
+                self.channel.sock.settimeout(120)
+                if self.channel.read(1) != ACK:
+                    raise MigrationError("the destination did not take the machine "
+                                         "(see its error)")
             self.channel.close()
             self.info.downtime_ms = int((time.monotonic() - stop_at) * 1000)
             self.info.checksum = checksum
@@ -502,6 +511,7 @@ class Incoming:
         (region,) = self.board.memory.regions
         self.info.total = size = region.size
         buf = region.buffer
+        board_state = None
         while True:
             kind, offset, length = _REC.unpack(channel.recv_exact(_REC.size))
             if kind == b"P":
@@ -528,9 +538,16 @@ class Incoming:
                 break
             else:
                 raise StateError(f"{what}: corrupted (record {kind!r})")
+        if not isinstance(board_state, dict):
+            raise StateError(f"{what}: corrupted (no machine state)")
         if self.settings.capabilities.get("x-checksum"):
             self.info.checksum = ram_checksum(self.board.memory)
         self.vm._finish_incoming(board_state, self.paused)
+        if channel.sock is not None:
+            try:
+                channel.send(ACK)
+            except OSError:
+                pass        # the source went away after sending everything: we run
         self.info.total_ms = int((time.monotonic() - self.info.started) * 1000)
         self._set_status("completed")
 
