@@ -221,3 +221,41 @@ def test_no_snapshot_here(tmp_path):
     with pytest.raises(StateError) as e:
         Machine.restore(tmp_path)
     assert "cannot open" in one_line(e)
+
+
+@pytest.mark.skipif(shutil.which("passt") is None, reason="passt is not installed")
+def test_restored_machine_networks_through_its_own_passt(guest, tmp_path):
+    import functools
+    import http.server
+    import threading
+
+    from kemu.machines.config import DeviceConfig, MachineConfig, NetdevConfig
+    (tmp_path / "blob").write_bytes(b"fetched-through-passt\n")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    config = MachineConfig(memory=256 * MiB, kernel=guest.kernel, initrd=guest.initrd,
+                           append=guest.append, netdevs=[NetdevConfig("user", "n0")],
+                           devices=[DeviceConfig("virtio-net-device", {"netdev": "n0"})])
+    vm = Machine.from_config(config)
+    vm.start()
+    try:
+        m = vm.console.expect(rb"kemu: eth0: [0-9.]+/\d+ from DHCP, gateway ([0-9.]+)", 300)
+        gateway = m.group(1).decode()
+        vm.console.expect("# ", timeout=60)
+        url = f"http://{gateway}:{port}/blob"
+        assert vm.console.run(f"wget -q -O - {url}", 120) == "fetched-through-passt\n"
+        copies = vm.fork(2, tmp_path / "fork")
+    finally:
+        vm.kill()
+    try:
+        macs = [c.config.devices[0].props["mac"] for c in copies]
+        assert len(set(macs)) == 2
+        for c in copies:      # the original's passt is gone: each copy has its own
+            assert c.console.run(f"wget -q -O - {url}", 120) == "fetched-through-passt\n"
+    finally:
+        for c in copies:
+            c.kill()
+        server.shutdown()
