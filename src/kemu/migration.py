@@ -103,8 +103,11 @@ class _Channel:
     def send(self, data) -> None:
         if self.sock is not None:
             self.sock.sendall(data)
-        else:
-            self._w.write(data)
+            return
+        view = memoryview(data)
+        while view:
+            n = self._w.write(view)
+            view = view[n or 0:]
 
     def recv_exact(self, n: int) -> bytes:
         chunks, got = [], 0

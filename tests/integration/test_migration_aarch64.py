@@ -11,7 +11,9 @@ configuration refuses the stream in one line and the source runs on.
 
 from __future__ import annotations
 
+import array
 import json
+import os
 import socket
 import sys
 import time
@@ -45,6 +47,18 @@ class Qmp:
 
     def command(self, name: str, **args) -> dict:
         self.file.write(json.dumps({"execute": name, "arguments": args}).encode() + b"\n")
+        while True:
+            message = json.loads(self.file.readline())
+            if "event" in message:
+                self.events.append(message)
+            else:
+                return message
+
+    def send_fd(self, fd: int, name: str, **args) -> dict:
+        """A command with a descriptor attached (SCM_RIGHTS), as libvirt sends getfd."""
+        data = json.dumps({"execute": name, "arguments": args}).encode() + b"\n"
+        self.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                    array.array("i", [fd]).tobytes())])
         while True:
             message = json.loads(self.file.readline())
             if "event" in message:
@@ -203,3 +217,26 @@ def test_incoming_uri_errors_are_one_line(guest):
     proc = Console(kemu_args(guest) + ["-incoming", "ftp:nowhere"])
     assert proc.wait(30) == 2
     assert proc.stderr.strip().splitlines() == ["kemu: unknown migration protocol: ftp:nowhere"]
+
+
+def test_save_to_a_passed_fd_and_restore_with_exec(guest, tmp_path, source):
+    """libvirt's save and restore: migrate to fd:NAME after getfd, -incoming exec:CMD."""
+    src, qs = source
+    saved = tmp_path / "saved.stream"
+    with open(saved, "wb") as f:
+        reply = qs.send_fd(f.fileno(), "getfd", fdname="save")
+    assert reply == {"return": {}}, reply
+    assert "error" in qs.command("getfd", fdname="nothing-passed")
+    assert "error" in qs.command("migrate", uri="fd:unknown")
+    qs.execute("migrate", uri="fd:save")
+    info = qs.wait_migration(("completed", "failed", "cancelled"))
+    assert info["status"] == "completed", info
+    assert qs.execute("query-status")["status"] == "postmigrate"
+    assert saved.stat().st_size > 1 << 20
+    dst = Console(kemu_args(guest) + ["-incoming", f"exec:cat {saved}"])
+    try:
+        first = counter(dst)
+        dst.run("sleep 1")
+        assert counter(dst) > first
+    finally:
+        dst.close()

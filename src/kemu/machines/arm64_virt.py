@@ -471,6 +471,7 @@ class VirtMachine:
                     restore_plain(slot.device.device, saved["device"])
             for slot in self.virtio_slots:
                 slot.device.kick_ready_queues()
+            self.console.pump()        # input typed while the machine was being restored
         self.config.start_paused = paused
         self._start_threads()
 

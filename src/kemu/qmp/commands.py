@@ -40,6 +40,9 @@ class Commands:
         self.vm = vm
         self.on_quit = on_quit or vm.stop
         self._hmp = None
+        #: Descriptors that came over the socket (SCM_RIGHTS), for the next getfd.
+        self._received_fds: list[int] = []
+        self._fd_lock = threading.Lock()
         self.table: dict[str, tuple[Callable[[dict], Any], dict[str, type]]] = {
             "query-version": (self.query_version, {}),
             "query-status": (self.query_status, {}),
@@ -65,6 +68,8 @@ class Commands:
             "migrate-set-parameters": (self.migrate_set_parameters,
                                        {"downtime-limit": int, "max-bandwidth": int}),
             "query-migrate-parameters": (self.query_migrate_parameters, {}),
+            "getfd": (self.getfd, {"fdname": str}),
+            "closefd": (self.closefd, {"fdname": str}),
         }
 
     def names(self) -> set[str]:
@@ -182,6 +187,38 @@ class Commands:
 
     def query_migrate_parameters(self, _args: dict) -> dict:
         return self.vm.migration.query_parameters()
+
+    def receive_fds(self, fds: list[int]) -> None:
+        """Descriptors passed with a message (the server calls this before the command runs)."""
+        with self._fd_lock:
+            self._received_fds.extend(fds)
+
+    def getfd(self, args: dict) -> None:
+        """QEMU's getfd: name the descriptor passed with this command (for ``migrate fd:NAME``)."""
+        import os
+        name = args.get("fdname")
+        if name is None:
+            raise QmpError("Parameter 'fdname' is missing")
+        if name[:1].isdigit():
+            raise QmpError("File descriptor names must not begin with a digit")
+        with self._fd_lock:
+            if not self._received_fds:
+                raise QmpError("No file descriptor supplied via SCM_RIGHTS")
+            fd = self._received_fds.pop()
+            extra, self._received_fds = self._received_fds, []
+        for other in extra:
+            os.close(other)
+        old = self.vm.migration.fds.pop(name, None)
+        if old is not None:
+            os.close(old)
+        self.vm.migration.fds[name] = fd
+
+    def closefd(self, args: dict) -> None:
+        import os
+        fd = self.vm.migration.fds.pop(args.get("fdname", ""), None)
+        if fd is None:
+            raise QmpError("File descriptor named '%s' not found" % args.get("fdname", ""))
+        os.close(fd)
 
     def hmp(self, args: dict) -> str:
         """``human-monitor-command``: one line of the human monitor (kemu.monitor.hmp).
