@@ -23,10 +23,8 @@ the same kernel, initramfs and command line), booted to its shell.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -36,6 +34,7 @@ import time
 from pathlib import Path
 
 from kemu.guest.debian import default_guest
+from kemu.testing.qmp_client import QmpClient
 
 KEMU = [sys.executable, "-m", "kemu.cli"]
 DIRTY = ("(while true; do dd if=/dev/urandom of=/tmp/noise bs=64k count=32 2>/dev/null; "
@@ -89,37 +88,15 @@ class Proc:
         self.proc.wait()
 
 
-class Qmp:
-    def __init__(self, path: Path) -> None:
-        for _ in range(600):
-            try:
-                self.sock = socket.socket(socket.AF_UNIX)
-                self.sock.connect(str(path))
-                break
-            except OSError:
-                time.sleep(0.05)
-        self.file = self.sock.makefile("rwb", buffering=0)
-        self.file.readline()
-        self.run("qmp_capabilities")
-
+class Qmp(QmpClient):
     def run(self, name: str, **args):
-        self.file.write(json.dumps({"execute": name, "arguments": args}).encode() + b"\n")
-        while True:
-            reply = json.loads(self.file.readline())
-            if "event" in reply:
-                continue
-            if "error" in reply:
-                raise SystemExit(f"{name}: {reply['error']}")
-            return reply["return"]
+        return self.execute(name, **args)
 
     def wait_migration(self) -> dict:
-        while True:
-            info = self.run("query-migrate")
-            if info.get("status") in ("completed", "failed", "cancelled"):
-                if info["status"] != "completed":
-                    raise SystemExit(f"migration {info['status']}: {info}")
-                return info
-            time.sleep(0.02)
+        info = super().wait_migration(("completed", "failed", "cancelled"), 300)
+        if info["status"] != "completed":
+            raise SystemExit(f"migration {info['status']}: {info}")
+        return info
 
 
 def boot(cmd: list[str], qmp_path: Path) -> tuple[Proc, Qmp]:

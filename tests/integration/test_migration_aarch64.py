@@ -11,77 +11,18 @@ configuration refuses the stream in one line and the source runs on.
 
 from __future__ import annotations
 
-import array
-import json
-import os
 import socket
-import sys
 import time
 
 import pytest
-
 from conftest import Console
+
+from kemu.testing.qmp_client import QmpClient
 
 MIGRATING = ("setup", "active", "device")
 
 
-class Qmp:
-    """A minimal synchronous QMP client (commands in order, events kept)."""
-
-    def __init__(self, path, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                self.sock = socket.socket(socket.AF_UNIX)
-                self.sock.connect(str(path))
-                break
-            except OSError:
-                self.sock.close()
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-        self.file = self.sock.makefile("rwb", buffering=0)
-        self.events: list[dict] = []
-        json.loads(self.file.readline())
-        self.execute("qmp_capabilities")
-
-    def command(self, name: str, **args) -> dict:
-        self.file.write(json.dumps({"execute": name, "arguments": args}).encode() + b"\n")
-        while True:
-            message = json.loads(self.file.readline())
-            if "event" in message:
-                self.events.append(message)
-            else:
-                return message
-
-    def send_fd(self, fd: int, name: str, **args) -> dict:
-        """A command with a descriptor attached (SCM_RIGHTS), as libvirt sends getfd."""
-        data = json.dumps({"execute": name, "arguments": args}).encode() + b"\n"
-        self.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                    array.array("i", [fd]).tobytes())])
-        while True:
-            message = json.loads(self.file.readline())
-            if "event" in message:
-                self.events.append(message)
-            else:
-                return message
-
-    def execute(self, name: str, **args):
-        reply = self.command(name, **args)
-        assert "return" in reply, reply
-        return reply["return"]
-
-    def wait_migration(self, statuses, timeout: float = 120.0) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            info = self.execute("query-migrate")
-            if info.get("status") in statuses:
-                return info
-            time.sleep(0.05)
-        raise AssertionError(f"migration not {statuses}: {info}")
-
-    def close(self) -> None:
-        self.sock.close()
+Qmp = QmpClient
 
 
 def kemu_args(guest, memory: str = "256") -> list[str]:
