@@ -411,6 +411,10 @@ class Outgoing:
                 paused_here = True
             self._set_status("device")
             with self.board.lock:
+                # disks on shared storage: what the guest wrote is in the image now
+                from kemu.snapshot import blk_backends_by_drive
+                for backend in blk_backends_by_drive(self.board, self.vm.config).values():
+                    backend.flush()
                 self._pass(mem, shadow)
                 self.info.remaining = 0
                 board_state = self.board.save_state()

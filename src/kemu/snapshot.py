@@ -133,7 +133,7 @@ def blk_backends_by_drive(board, config: MachineConfig) -> dict[int, object]:
     """The backend of each -drive (by index in ``config.drives``)."""
     from kemu.devices.virtio.blk import VirtioBlk
     by_name = {}
-    for slot in board.virtio_slots:
+    for slot in getattr(board, "virtio_slots", ()):
         device = slot.device.device
         if isinstance(device, VirtioBlk):
             by_name[device.name] = device.backend

@@ -242,7 +242,7 @@ def test_restored_machine_networks_through_its_own_passt(guest, tmp_path):
     vm = Machine.from_config(config)
     vm.start()
     try:
-        m = vm.console.expect(rb"kemu: eth0: [0-9.]+/\d+ from DHCP, gateway ([0-9.]+)", 300)
+        m = vm.console.expect(rb"kemu: eth0: [0-9.]+/\d+ from DHCP, gateway ([0-9.]+)[,\r]", 300)
         gateway = m.group(1).decode()
         vm.console.expect("# ", timeout=60)
         url = f"http://{gateway}:{port}/blob"

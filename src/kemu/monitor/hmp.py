@@ -50,8 +50,8 @@ class Hmp:
             c("help|?", "[cmd]", "show the help", self.help),
             c("info", "[subcommand]", "show various information about the system state",
               self.info),
-            c("migrate", "[-d] uri", "migrate to URI (using -d to not wait for completion)",
-              self.migrate),
+            c("migrate", "[-d] [-b] [-i] [-r] uri",
+              "migrate to URI (using -d to not wait for completion)", self.migrate),
             c("migrate_cancel", "", "cancel the current VM migration",
               self._qmp_call("migrate_cancel")),
             c("migrate_incoming", "uri", "Continue an incoming migration from an -incoming defer",
@@ -228,6 +228,9 @@ class Hmp:
     # -- migration (QEMU's HMP spellings over the QMP commands) ------------------------------------
     def migrate(self, args: list[str]) -> str:
         detach = "-d" in args
+        if any(a in ("-b", "-i", "-r") for a in args):
+            return ("Error: migrate: block migration (-b, -i) and postcopy resume (-r) are "
+                    "not supported by kemu\r\n")
         rest = [a for a in args if a != "-d"]
         if len(rest) != 1:
             return "Error: usage: migrate [-d] uri\r\n"
