@@ -54,6 +54,8 @@ _REC = struct.Struct("<cQI")          # kind, offset, length
 _CRC = struct.Struct("<I")
 _ZERO = bytes(BLOCK)
 SEND_BATCH = 1 << 20
+#: A bound on the machine state record (a few tens of KiB in practice).
+MAX_STATE = 64 << 20
 #: The destination's answer over a socket once it runs the machine.
 ACK = b"K"
 #: Passes after which the guest is stopped whatever is left (it dirties faster than we send).
@@ -199,6 +201,7 @@ class Listener:
             return _Channel(sock=conn)
         if self.kind == "exec":
             return _Channel(proc=subprocess.Popen(["/bin/sh", "-c", self.rest],
+                                                  stdin=subprocess.DEVNULL,
                                                   stdout=subprocess.PIPE))
         try:
             fd = int(self.rest)
@@ -534,7 +537,7 @@ class Incoming:
             elif kind == b"E":
                 self.info.passes = offset
             elif kind == b"S":
-                if length > st.MAX_PAYLOAD:
+                if length > MAX_STATE:
                     raise StateError(f"{what}: corrupted (state size)")
                 blob = channel.recv_exact(length)
                 import io
