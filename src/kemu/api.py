@@ -318,6 +318,8 @@ def _identity(config: MachineConfig, mac: str | None, cid: int | None) -> None:
             mac = None
         if cid is not None and "vsock" in dev.driver:
             dev.props["guest-cid"] = str(cid)
+            if "uds" in dev.props:        # the original may still hold its socket
+                dev.props["uds"] = f"{dev.props['uds']}.{cid}"
             cid = None
 
 
@@ -724,7 +726,8 @@ class Machine:
 
         The copies share the snapshot's memory file copy-on-write, each has its
         own disk overlays, a new MAC (locally administered) on its first NIC and
-        the next vsock CIDs after this machine's.
+        the next vsock CIDs after this machine's (host side: the UNIX socket
+        ``UDS.CID`` for ``uds=UDS``).
         """
         import os
         import tempfile

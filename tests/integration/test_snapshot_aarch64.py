@@ -17,6 +17,8 @@ import shutil
 
 import pytest
 
+from test_vsock_aarch64 import vsock_disk  # noqa: F401 (a fixture)
+
 from kemu import Machine
 from kemu.backends.qcow2 import Qcow2Image
 from kemu.state import StateError
@@ -259,3 +261,42 @@ def test_restored_machine_networks_through_its_own_passt(guest, tmp_path):
         for c in copies:
             c.kill()
         server.shutdown()
+
+
+def test_forked_copy_has_its_own_vsock(guest, tmp_path, vsock_disk):
+    """The copy gets CID 4 and the host socket UDS.4; vsock works both ways in it."""
+    import socket
+    import threading
+
+    from kemu.machines.config import DeviceConfig, DriveConfig, MachineConfig
+    disk, size = vsock_disk
+    uds = str(tmp_path / "v.sock")
+    config = MachineConfig(memory=256 * MiB, kernel=guest.kernel, initrd=guest.initrd,
+                           append=guest.append,
+                           drives=[DriveConfig(disk, "raw", read_only=True)],
+                           devices=[DeviceConfig("vhost-vsock-device",
+                                                 {"guest-cid": "3", "uds": uds})])
+    vm = Machine.from_config(config)
+    vm.start()
+    try:
+        vm.console.expect("# ", timeout=120)
+        vm.console.run(f"head -c {size} /dev/vda > /tmp/vs && chmod +x /tmp/vs")
+        [copy] = vm.fork(1, tmp_path / "fork")
+    finally:
+        vm.kill()
+    try:
+        assert copy.config.devices[0].props == {"guest-cid": "4", "uds": f"{uds}.4"}
+        listener = socket.socket(socket.AF_UNIX)
+        listener.bind(f"{uds}.4_5000")
+        listener.listen()
+
+        def serve():
+            conn, _ = listener.accept()
+            data = conn.recv(65536)
+            conn.sendall(b"host-got:" + data)
+            conn.close()
+        threading.Thread(target=serve, daemon=True).start()
+        out = copy.console.run("/tmp/vs connect 2 5000 from-the-copy", 60)
+        assert "host-got:from-the-copy" in out
+    finally:
+        copy.kill()
