@@ -48,6 +48,7 @@ from kemu.machines.rtc import AlarmTimer, RtcClock
 from kemu.devices import psci as psci_fn
 from kemu.machines.runtime import DeadlineKicker, Outcome, RunState, VcpuGroup, VcpuThread
 from kemu.memory import GuestMemory, RamRegion
+from kemu.options.objects import ram_regions
 
 FDT_MAGIC = b"\xd0\x0d\xfe\xed"
 GIC_DIST = (0x08000000, 0x10000)
@@ -141,7 +142,9 @@ class VirtMachine:
         #: The big machine lock: device state is touched under it only.
         self.lock = threading.RLock()
         # ram_fd: a snapshot's memory file, mapped private (a restored machine)
-        self.memory = GuestMemory([RamRegion(RAM_BASE, config.memory, backing=ram_fd)])
+        self.memory = (GuestMemory([RamRegion(RAM_BASE, config.memory, backing=ram_fd)])
+                       if ram_fd is not None else
+                       GuestMemory(ram_regions(config, [(RAM_BASE, config.memory)])))
         self.mmio = Bus("mmio")
         self.virtio_slots: list[VirtioSlot] = []
 
@@ -179,6 +182,8 @@ class VirtMachine:
 
         from kemu.devices.virtio.input import power_button
         from kemu.machines.virtio_devices import attach_devices, attach_transport
+        #: close() runs in two threads at once (the API's watcher and its caller's wait()).
+        self._teardown_lock = threading.Lock()
         self.block_backends = attach_devices(self, config)
         # The power button (QMP system_powerdown), as QEMU's virt has one.
         self.power_button = power_button()
@@ -548,10 +553,11 @@ class VirtMachine:
         return outcome
 
     def close(self) -> None:
-        """Flush and close the disks (idempotent)."""
+        """Flush and close the disks (idempotent, from any thread)."""
         from kemu.backends.block import flush_and_close
-        backends, self.block_backends = self.block_backends, []
-        flush_and_close(backends)
+        with self._teardown_lock:
+            backends, self.block_backends = self.block_backends, []
+            flush_and_close(backends)
 
     @property
     def state(self) -> RunState:

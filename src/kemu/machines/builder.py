@@ -6,8 +6,9 @@ from kemu.backends.serial import SerialBackend
 from kemu.errors import ConfigError
 from kemu.machines.config import MachineConfig
 
-MACHINES = ("virt", "microvm")
-ACCELS = {"virt": ("tcg",), "microvm": ("kvm",)}
+MACHINES = ("virt", "microvm", "none")
+#: The accelerators each board runs on, the first one its default.
+ACCELS = {"virt": ("tcg",), "microvm": ("kvm",), "none": ("tcg",)}
 
 
 def build(config: MachineConfig, console: SerialBackend, ram_fd: int | None = None):
@@ -19,6 +20,9 @@ def build(config: MachineConfig, console: SerialBackend, ram_fd: int | None = No
     if config.accel not in ACCELS[config.machine]:
         raise ConfigError(f"the {config.machine} machine runs on the "
                           f"{'/'.join(ACCELS[config.machine])} accelerator, not {config.accel}")
+    if config.machine == "none":
+        from kemu.machines.none_board import NoneBoard
+        return NoneBoard(config, console)
     if config.machine == "microvm":
         if ram_fd is not None:
             raise ConfigError("restore: snapshots of the microvm board are not supported yet")

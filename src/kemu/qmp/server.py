@@ -19,18 +19,13 @@ import threading
 
 from kemu.backends.unix_socket import OwnedPath, listen_unix
 from kemu.errors import ConfigError
-from kemu.machines.opts import SocketAddress, parse_socket_option
+from kemu.options.sockets import SocketAddress, parse_qmp_option  # noqa: F401 (re-exported)
 from kemu.qmp.commands import QEMU_VERSION, Commands, package
 from kemu.qmp.protocol import QmpSession, encode, greeting
 
 
-#: ``-qmp``'s address: a socket chardev (kemu.machines.opts).
+#: ``-qmp``'s address: a socket chardev (kemu.options.sockets).
 QmpAddress = SocketAddress
-
-
-def parse_qmp_option(text: str) -> SocketAddress:
-    """QEMU's ``-qmp`` argument (see :func:`kemu.machines.opts.parse_socket_option`)."""
-    return parse_socket_option(text, "-qmp")
 
 
 #: Descriptors taken from one message (SCM_RIGHTS); more are closed by the kernel.
@@ -102,7 +97,12 @@ class QmpServer:
                                                                self.address.port)
             self._loop.create_task(self._client(reader, writer))
             return
-        if self.address.kind == "unix":
+        if self.address.kind == "fd":
+            # A listening socket the parent opened and passed (-chardev socket,fd=N).
+            sock = socket.socket(fileno=self.address.fd)
+            sock.setblocking(False)
+            self._server = await asyncio.start_server(self._client, sock=sock)
+        elif self.address.kind == "unix":
             sock, self._owned = listen_unix(self.address.path,
                                             f"-qmp unix:{self.address.path}")
             try:
@@ -125,11 +125,12 @@ class QmpServer:
         self._first_client.set()
         # On a UNIX socket, read with recvmsg: descriptors passed with SCM_RIGHTS
         # (for getfd, as libvirt sends them) would be lost by a plain read.
-        unix = self.address.kind == "unix"
+        # (any AF_UNIX connection: -qmp unix:, or a socket libvirt passed)
         sock = None
-        if unix:
+        peer = writer.get_extra_info("socket")
+        if peer is not None and peer.family == socket.AF_UNIX:
             writer.transport.pause_reading()
-            sock = socket.socket(fileno=os.dup(writer.get_extra_info("socket").fileno()))
+            sock = socket.socket(fileno=os.dup(peer.fileno()))
         try:
             writer.write(encode(greeting(QEMU_VERSION, package())))
             await writer.drain()
