@@ -96,6 +96,12 @@ def from_plain(cls: Any, data: Any) -> Any:
                   and f.default_factory is dataclasses.MISSING):
                 raise StateError(f"{cls.__name__}: field {f.name} missing")
         return cls(**kwargs)
+    if origin is dict:
+        if not isinstance(data, dict):
+            raise StateError(f"expected a mapping, got {type(data).__name__}")
+        args = typing.get_args(cls)
+        inner = args[1] if len(args) == 2 else Any
+        return {k: from_plain(inner, v) for k, v in data.items()}
     if origin in (list, tuple) or cls in (list, tuple):
         if not isinstance(data, list):
             raise StateError(f"expected a list, got {type(data).__name__}")

@@ -69,7 +69,10 @@ def test_bad_shapes_are_state_errors():
 
 
 def test_machine_config_round_trip():
+    from kemu.machines.config import ChardevConfig
+    chardev = ChardevConfig("socket", "c0", {"path": "/x"})
     config = MachineConfig(memory=256 << 20, kernel=Path("/k"), append="console=ttyAMA0",
+                           chardevs={"c0": chardev},
                            drives=[DriveConfig(Path("/d.raw"), "raw", id="d0")],
                            devices=[DeviceConfig("virtio-blk-device", {"drive": "d0"})],
                            globals={("virtio-mmio", "force-legacy"): "off"})
