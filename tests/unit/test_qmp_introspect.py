@@ -69,7 +69,8 @@ def test_schema_lists_every_command_and_event_with_its_arguments():
 def test_every_event_kemu_sends_is_in_the_schema():
     names = {"Stop": "STOP", "Resume": "RESUME", "Powerdown": "POWERDOWN", "Reset": "RESET",
              "Shutdown": "SHUTDOWN", "GuestPanicked": "GUEST_PANICKED",
-             "BlockIOError": "BLOCK_IO_ERROR"}
+             "BlockIOError": "BLOCK_IO_ERROR", "MigrationStatus": "MIGRATION",
+             "MigrationPass": "MIGRATION_PASS"}
     sent = {names[c.__name__] for _, c in inspect.getmembers(api, inspect.isclass)
             if issubclass(c, api.Event) and c is not api.Event}
     assert sent == set(EVENTS)

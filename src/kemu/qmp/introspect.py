@@ -28,6 +28,8 @@ EVENTS: dict[str, dict[str, type]] = {
     "GUEST_PANICKED": {"action": str},
     "BLOCK_IO_ERROR": {"device": str, "node-name": str, "operation": str, "action": str,
                        "nospace": bool, "reason": str},
+    "MIGRATION": {"status": str},
+    "MIGRATION_PASS": {"pass": int},
 }
 
 _BUILTIN = {str: ("str", "string"), int: ("int", "int"), bool: ("bool", "boolean"),
