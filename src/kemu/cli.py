@@ -41,7 +41,7 @@ usage: kemu [QEMU-style options]
                                          cache) and print its paths
        kemu img create|info|check|convert ...
 
-QEMU-style options: -M/-machine virt|microvm  -accel tcg|kvm  -enable-kvm  -cpu MODEL
+QEMU-style options: -M/-machine virt|virt-7.2|microvm|none[,PROP=V]  -accel tcg|kvm  -enable-kvm  -cpu MODEL
   -m SIZE  -smp N (microvm; 1 on virt)
   -kernel FILE (virt: arm64 Image, ELF or raw binary)  -initrd FILE  -append CMDLINE
   -dtb FILE  -machine dumpdtb=FILE (virt)  -global virtio-mmio.force-legacy=on|off
@@ -53,12 +53,21 @@ QEMU-style options: -M/-machine virt|microvm  -accel tcg|kvm  -enable-kvm  -cpu 
          I/O is synchronous pread/pwrite, in the thread that takes the queue notify)
   -snapshot  (writes go to temporary qcow2 overlays, deleted at exit; images untouched)
   -rtc [base=utc|localtime|YYYY-MM-DD[THH:MM:SS]][,clock=host|rt|vm][,driftfix=none|slew]
+  -fw_cfg [name=]opt/NAME,file=PATH|string=STR  (virt: an item in QEMU's fw_cfg device)
   -device virtio-blk-device,drive=ID | virtio-rng-device | virtio-net-device,netdev=ID[,mac=M]
   -netdev user,id=ID[,hostfwd=tcp::HOSTPORT-:GUESTPORT]  (user-mode networking by passt)
   -netdev tap,id=ID,ifname=NAME,script=no,downscript=no
   -nic user[,hostfwd=...][,mac=M] | tap,ifname=NAME
   -qmp unix:PATH|tcp:HOST:PORT[,server=on[,wait=off]] (no server=on: connect out)
-  -pidfile FILE  -daemonize
+  -pidfile FILE  -daemonize  -no-shutdown (guest power-off stops; kemu stays up until quit)
+  -object memory-backend-ram|memory-backend-file,id=ID,size=S[,mem-path=F][,share=on]
+          | secret,id=ID,data=D|file=F  (and -machine memory-backend=ID)
+  -chardev socket,id=ID,path=P|host=H,port=N|fd=N[,server=on][,wait=off] | pty|file|stdio|null
+  -mon chardev=ID[,mode=control|readline]  -serial chardev:ID
+  -blockdev driver=file,filename=F,node-name=N | driver=raw|qcow2,file=N,node-name=M
+  -device DRIVER,drive=NODE|ID,...  (keyval or JSON: -device '{"driver":...}')
+  accepted as QEMU does: -no-user-config -no-acpi -uuid -overcommit mem-lock=off
+                         -boot strict=on -audiodev none -sandbox off -msg timestamp=on
   -incoming unix:PATH|tcp:HOST:PORT|exec:CMD|fd:N|defer  (wait for a migration; virt board)
   -M help  -cpu help  -device help  -device DRIVER,help  -accel help  -netdev help  -chardev help
 kemu's own: --disk IMG (a virtio disk, format detected)

@@ -8,6 +8,7 @@ and device trees written for it work unchanged:
 0x08010000     64 KiB        GICv2 CPU interface
 0x09000000     4 KiB         PL011 UART (SPI 1)
 0x09010000     4 KiB         PL031 RTC (SPI 2)
+0x09020000     0x18          fw_cfg (MMIO with DMA; -fw_cfg files)
 0x0a000000     32 x 0x200    virtio-mmio slots (SPI 16 + n)
 0x40000000     -m            RAM
 =============  ============  =================================
@@ -36,6 +37,7 @@ from kemu.boot.fdt import Cells, Node, reg64
 from kemu.bus import Bus
 from kemu.devices.arm_timer import NS_PER_TICK, GenericTimer, host_counter
 from kemu.devices.base import IrqLine
+from kemu.devices.fw_cfg import REGISTERS_SIZE, FwCfg
 from kemu.devices.gic import GicCpuInterface, GicDistributor, GicV2
 from kemu.devices.pl011 import Pl011
 from kemu.devices.pl031 import Pl031
@@ -55,6 +57,7 @@ GIC_DIST = (0x08000000, 0x10000)
 GIC_CPU = (0x08010000, 0x10000)
 UART0 = (0x09000000, 0x1000)
 RTC = (0x09010000, 0x1000)
+FW_CFG = (0x09020000, REGISTERS_SIZE)
 VIRTIO_MMIO = (0x0A000000, 0x200)
 VIRTIO_MMIO_SLOTS = 32
 RAM_BASE = 0x40000000
@@ -68,6 +71,8 @@ NUM_IRQS = 128
 
 # Timer PPIs (INTID - 16): secure phys 13, non-secure phys 14, virtual 11, hyp 10.
 PPI_SEC_PHYS, PPI_PHYS, PPI_VIRT, PPI_HYP = 13, 14, 11, 10
+#: The PMU's overflow interrupt: PPI 7 (INTID 23), QEMU's VIRTUAL_PMU_IRQ.
+PPI_PMU = 7
 
 PHANDLE_GIC = 1
 PHANDLE_CLK = 2
@@ -171,6 +176,13 @@ class VirtMachine:
                          self.rtc_clock.start_time, set_alarm=self._rtc_alarm.set)
         self.mmio.map(*RTC, self.rtc)
 
+        # QEMU's fw_cfg with the -fw_cfg files (QEMU's virt gives it no kernel
+        # items without firmware: the kernel is loaded directly).
+        self.fw_cfg = FwCfg(self.memory, nb_cpus=config.smp)
+        for item in config.fw_cfg:
+            self.fw_cfg.add_file(item.name, item.data())
+        self.mmio.map(*FW_CFG, self.fw_cfg)
+
         # Per-CPU timers on the CPU's banked PPIs; a vCPU thread drives them
         # from its MSR hooks, so their lines take the machine lock.
         self.timers = [(GenericTimer(self._locked(self.gic.ppi_line(i, PPI_VIRT)),
@@ -229,7 +241,7 @@ class VirtMachine:
         cfg = self.config
         root = Node("", {
             "#address-cells": 2, "#size-cells": 2,
-            "compatible": "linux,dummy-virt", "model": "kemu virt",
+            "compatible": "linux,dummy-virt", "model": "linux,dummy-virt",
             "interrupt-parent": PHANDLE_GIC,
         })
         chosen = {"bootargs": cfg.append, "stdout-path": f"/pl011@{UART0[0]:x}"}
@@ -271,6 +283,9 @@ class VirtMachine:
                                 ppi_flags, GIC_FDT_PPI, PPI_VIRT, ppi_flags, GIC_FDT_PPI,
                                 PPI_HYP, ppi_flags),
             "always-on": None}))
+        # As QEMU's virt (fdt_add_pmu_nodes) for a CPU with a PMU.
+        root.add(Node("pmu", {"compatible": "arm,armv8-pmuv3",
+                              "interrupts": Cells(GIC_FDT_PPI, PPI_PMU, ppi_flags)}))
         root.add(Node("apb-pclk", {"compatible": "fixed-clock", "#clock-cells": 0,
                                    "clock-frequency": 24_000_000,
                                    "clock-output-names": "clk24mhz", "phandle": PHANDLE_CLK}))
@@ -285,6 +300,8 @@ class VirtMachine:
             "reg": reg64(RTC),
             "interrupts": Cells(GIC_FDT_SPI, RTC_SPI, IRQ_TYPE_LEVEL_HIGH),
             "clocks": PHANDLE_CLK, "clock-names": "apb_pclk"}))
+        root.add(Node(f"fw-cfg@{FW_CFG[0]:x}", {
+            "compatible": "qemu,fw-cfg-mmio", "reg": reg64(FW_CFG), "dma-coherent": None}))
         for slot in self.virtio_slots:
             # The transport holds its interrupt high while InterruptStatus is
             # non-zero, so the slot is described as level-triggered.
@@ -369,7 +386,11 @@ class VirtMachine:
                 d = timer.deadline_counter()
                 if d is not None and (best is None or d < best):
                     best = d
-            return None if best is None else best * NS_PER_TICK / 1e9
+            best_s = None if best is None else best * NS_PER_TICK / 1e9
+            pmu = self.cpus[index].pmu.deadline() if index < len(self.cpus) else None
+            if pmu is not None and (best_s is None or pmu < best_s):
+                best_s = pmu
+            return best_s
         return next_deadline
 
     def _create_cpus(self) -> list:
@@ -385,7 +406,8 @@ class VirtMachine:
             cpu = Aarch64Cpu(i, self.memory, [MMIO_WINDOW], self._io_for(i), self._hypercall,
                              vtimer, ptimer, model=self.config.cpu,
                              mpidr=MPIDR_U_RES1 | mpidr(i) if n > 1 else None,
-                             domain=domain, powered_on=i == 0)
+                             domain=domain, powered_on=i == 0,
+                             pmu_irq=self._locked(self.gic.ppi_line(i, PPI_PMU)))
             self.cpu_irqs[i].connect(cpu.set_irq)
             cpu.reset_for_linux(self.layout.entry, self.layout.x0)
             cpus.append(cpu)
@@ -406,6 +428,7 @@ class VirtMachine:
             self.gic.reset()
             self.uart.reset()
             self.rtc.reset()
+            self.fw_cfg.reset()
             for vtimer, ptimer in self.timers:
                 vtimer.ctl = ptimer.ctl = 0
         self.load()

@@ -109,6 +109,8 @@ class MachineConfig:
     rtc: RtcConfig = field(default_factory=RtcConfig)
     #: -snapshot: writes to the disks go to temporary overlays, deleted at exit.
     snapshot: bool = False
+    #: -fw_cfg name=...,file=...|string=...: named fw_cfg items (virt).
+    fw_cfg: list = field(default_factory=list)
     #: -dtb FILE: this device tree instead of the board's own (virt).
     dtb: Path | None = None
     #: -machine dumpdtb=FILE: write the board's device tree there and exit (virt).

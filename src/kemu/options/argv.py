@@ -28,7 +28,7 @@ from kemu.options.sockets import parse_qmp_option, parse_socket_option
 WITH_ARG = {"-M", "-machine", "-cpu", "-m", "-smp", "-kernel", "-initrd", "-append",
             "-serial", "-accel", "-name", "-display", "-monitor", "-drive", "-device", "-disk",
             "-qmp", "-pidfile", "-netdev", "-nic", "-net", "-rtc", "-dtb", "-global",
-            "-object", "-chardev", "-mon", "-blockdev", "-incoming"} | {
+            "-fw_cfg", "-object", "-chardev", "-mon", "-blockdev", "-incoming"} | {
                 name for name, (takes_arg, _) in ACCEPTED.items() if takes_arg}
 FLAGS = {"-nographic", "-no-reboot", "-S", "-enable-kvm", "-nodefaults", "-daemonize",
          "-snapshot", "-no-shutdown"} | {
@@ -66,7 +66,7 @@ def parse_qemu_options(argv: list[str], config: MachineConfig) -> MachineConfig:
     serial = None
     machine_given = accel_given = memory_given = False
     mons: list[str] = []                  # -mon, resolved after every -chardev
-    nographic = nodefaults = False
+    nodefaults = False
     legacy_net_values: list[str] = []     # -net user/tap/nic, paired at the end
     i = 0
     while i < len(argv):
@@ -116,7 +116,7 @@ def parse_qemu_options(argv: list[str], config: MachineConfig) -> MachineConfig:
         elif opt == "-append":
             config.append = f"{config.extra.get('append_base', '')} {value}".strip()
         elif opt == "-nographic":
-            nographic = True
+            pass            # no display; the console is on stdio unless -serial says else
         elif opt == "-nodefaults":
             nodefaults = True
         elif opt == "-serial":
@@ -203,6 +203,9 @@ def parse_qemu_options(argv: list[str], config: MachineConfig) -> MachineConfig:
                 from kemu.migration import parse_uri
                 parse_uri(value)           # checked now: one line at parse time
             config.extra["incoming"] = value
+        elif opt == "-fw_cfg":
+            from kemu.options.fw_cfg import parse_fw_cfg_option
+            config.fw_cfg.append(parse_fw_cfg_option(value))
     legacy_net(legacy_net_values, config)
     for value in mons:
         parse_mon(value, config)
@@ -213,6 +216,9 @@ def parse_qemu_options(argv: list[str], config: MachineConfig) -> MachineConfig:
     if _choose_machine_accel(config):
         accel_given = True
     check_no_acpi(config)
+    if config.fw_cfg and config.machine != "virt":
+        raise ConfigError(f"-fw_cfg: kemu's {config.machine} board has no fw_cfg device "
+                          "(virt has)")
     if accel_given and machine_given and config.accel not in ACCELS.get(config.machine,
                                                                         (config.accel,)):
         raise ConfigError(board_accel_mismatch(config.machine, config.accel))

@@ -108,7 +108,10 @@ def parse_json(text: str, option: str) -> dict[str, str]:
     if not isinstance(obj, dict):
         raise ConfigError(f"{option}: JSON argument must be an object")
     out: dict[str, str] = {}
-    _flatten(obj, "", out, option)
+    try:
+        _flatten(obj, "", out, option)
+    except RecursionError:
+        raise ConfigError(f"{option}: JSON nesting too deep") from None
     return out
 
 
