@@ -96,7 +96,8 @@ def _virt_board(tmp_path):
 def test_every_virt_device_saves_and_restores_plain_state(tmp_path):
     board = _virt_board(tmp_path)
     try:
-        devices = [board.gic, board.uart, board.rtc] + [t for pair in board.timers for t in pair]
+        devices = [board.gic, board.uart, board.rtc, board.fw_cfg] + \
+            [t for pair in board.timers for t in pair]
         for slot in board.virtio_slots:
             devices += [slot.device, slot.device.device]
         assert len(devices) >= 8

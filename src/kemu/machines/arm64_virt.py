@@ -462,6 +462,7 @@ class VirtMachine:
             "cpus": [save_plain(cpu) for cpu in self.cpus],
             "timers": [[save_plain(v), save_plain(p)] for v, p in self.timers],
             "uart": save_plain(self.uart), "rtc": save_plain(self.rtc),
+            "fw_cfg": save_plain(self.fw_cfg),
             "virtio": [{"transport": save_plain(slot.device),
                         "device": save_plain(slot.device.device)
                         if slot.device.device is not None else None}
@@ -493,6 +494,8 @@ class VirtMachine:
                 restore_plain(cpu, state["cpus"][i])
             restore_plain(self.uart, state["uart"])
             restore_plain(self.rtc, state["rtc"])
+            if "fw_cfg" in state:
+                restore_plain(self.fw_cfg, state["fw_cfg"])
             for slot, saved in zip(self.virtio_slots, state["virtio"]):
                 restore_plain(slot.device, saved["transport"])
                 if slot.device.device is not None and saved["device"] is not None:
