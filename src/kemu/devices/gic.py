@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kemu.devices.base import IrqLine
+from kemu.state import check_version
 
 # Distributor registers (IHI 0048B table 4-1)
 GICD_CTLR = 0x000
@@ -298,11 +299,20 @@ class GicV2:
         return GicV2State(1, self.ctlr, banks, cpus)
 
     def restore(self, state: GicV2State) -> None:
+        check_version(self.name, state.version)
         self.ctlr = state.ctlr
         self._banks = [[_Irq(**d) for d in bank] for bank in state.irqs[:-1]]
         self._spis = [_Irq(**d) for d in state.irqs[-1]]
         self._cpus = [_CpuIf(**c) for c in state.cpus]
         self._rebuild_asserted()
+        self.update()
+
+    def forget_input_levels(self) -> None:
+        """Every input line low, as the sources' lines are when they are made: a
+        restored board then restores its devices, which raise the lines that are
+        high now (the saved levels may be stale: a timer's output is computed lazily)."""
+        for irq in [i for bank in self._banks for i in bank] + self._spis:
+            irq.level = False
         self.update()
 
 

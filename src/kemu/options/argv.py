@@ -28,7 +28,8 @@ from kemu.options.sockets import parse_qmp_option, parse_socket_option
 WITH_ARG = {"-M", "-machine", "-cpu", "-m", "-smp", "-kernel", "-initrd", "-append",
             "-serial", "-accel", "-name", "-display", "-monitor", "-drive", "-device", "-disk",
             "-qmp", "-pidfile", "-netdev", "-nic", "-net", "-rtc", "-dtb", "-global",
-            "-fw_cfg", "-object", "-chardev", "-mon", "-blockdev", "-vnc"} | {
+            "-fw_cfg", "-object", "-chardev", "-mon", "-blockdev", "-vnc",
+            "-incoming"} | {
                 name for name, (takes_arg, _) in ACCEPTED.items() if takes_arg}
 FLAGS = {"-nographic", "-no-reboot", "-S", "-enable-kvm", "-nodefaults", "-daemonize",
          "-snapshot", "-no-shutdown"} | {
@@ -202,6 +203,11 @@ def parse_qemu_options(argv: list[str], config: MachineConfig) -> MachineConfig:
             config.rtc = parse_rtc_option(value)
         elif opt == "-snapshot":
             config.snapshot = True
+        elif opt == "-incoming":
+            if value != "defer":
+                from kemu.migration import parse_uri
+                parse_uri(value)           # checked now: one line at parse time
+            config.extra["incoming"] = value
         elif opt == "-fw_cfg":
             from kemu.options.fw_cfg import parse_fw_cfg_option
             config.fw_cfg.append(parse_fw_cfg_option(value))

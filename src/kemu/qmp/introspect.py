@@ -32,6 +32,8 @@ EVENTS: dict[str, dict[str, type]] = {
     "VNC_CONNECTED": {"server": dict, "client": dict},
     "VNC_INITIALIZED": {"server": dict, "client": dict},
     "VNC_DISCONNECTED": {"server": dict, "client": dict},
+    "MIGRATION": {"status": str},
+    "MIGRATION_PASS": {"pass": int},
 }
 
 _BUILTIN = {str: ("str", "string"), int: ("int", "int"), bool: ("bool", "boolean"),
