@@ -107,6 +107,20 @@ def parse_global(text: str) -> dict[tuple[str, str], str]:
     return {(driver, prop): value}
 
 
+def parse_gic_version(value: str) -> int:
+    """-machine gic-version= as QEMU's virt takes it on TCG (``max`` is 3 there)."""
+    if value in ("2", "3"):
+        return int(value)
+    if value == "max":
+        return 3
+    if value == "host":
+        raise ConfigError("gic-version=host requires KVM (kemu's virt board runs on TCG)")
+    if value == "4":
+        raise ConfigError("gic-version=4 requires virtualization enabled "
+                          "(kemu's virt gives the guest no EL2)")
+    raise ConfigError(f"-machine gic-version={value}: invalid value (valid: 2, 3, host, max)")
+
+
 def _kv(text: str, option: str, first_key: str) -> tuple[str, dict[str, str]]:
     """QEMU's ``value,key=value,...`` option syntax."""
     parts = split_opts(text)
@@ -163,7 +177,9 @@ def parse_qemu_options(argv: list[str], config: MachineConfig) -> MachineConfig:
             for k, v in props.items():
                 if k == "dumpdtb":
                     config.dumpdtb = Path(v)
-                elif (k, v) not in (("gic-version", "2"), ("accel", "tcg")):
+                elif k == "gic-version":
+                    config.gic_version = parse_gic_version(v)
+                elif (k, v) != ("accel", "tcg"):
                     raise ConfigError(f"{opt}: unsupported machine option {k}={v}")
             if name:
                 config.machine = name

@@ -79,6 +79,8 @@ class MachineConfig:
     dtb: Path | None = None
     #: -machine dumpdtb=FILE: write the board's device tree there and exit (virt).
     dumpdtb: Path | None = None
+    #: -machine gic-version=2|3 (virt; ``max`` is 3 on TCG, as in QEMU).
+    gic_version: int = 2
     #: -global DRIVER.PROP=VALUE, as ``{(driver, prop): value}``.
     globals: dict[tuple[str, str], str] = field(default_factory=dict)
     extra: dict = field(default_factory=dict)

@@ -102,6 +102,10 @@ _KEY_TLBI = 0x100
 _KEY_IC_IVAU = 0x200
 _KEY_IC_IALLUIS = 0x201
 _KEY_IC_IALLU = 0x202
+_KEY_SYSREG = 0x1000   # + index in Aarch64Cpu's sysregs
+
+#: A device's system registers: (op0, op1, CRn, CRm, op2).
+SysregEnc = tuple[int, int, int, int, int]
 
 CPU_MODELS = {
     "cortex-a53": A.UC_CPU_ARM64_A53,
@@ -109,6 +113,20 @@ CPU_MODELS = {
     "cortex-a72": A.UC_CPU_ARM64_A72,
     "max": A.UC_CPU_ARM64_MAX,
 }
+
+
+class SysregDevice:
+    """What a device with system registers offers a vCPU (duck-typed):
+    ``readable``/``writable`` encodings, ``read(cpu, enc)``, ``write(cpu, enc, value)``."""
+
+    readable: tuple[SysregEnc, ...]
+    writable: tuple[SysregEnc, ...]
+
+    def read(self, cpu: int, enc: SysregEnc) -> int:
+        raise NotImplementedError
+
+    def write(self, cpu: int, enc: SysregEnc, value: int) -> None:
+        raise NotImplementedError
 
 
 class _RegBatch:
@@ -164,7 +182,8 @@ class Aarch64Cpu:
                  vtimer: GenericTimer, ptimer: GenericTimer, model: str = "cortex-a72",
                  mpidr: int | None = None,
                  domain: coherence.CoherenceDomain | None = None,
-                 powered_on: bool = True) -> None:
+                 powered_on: bool = True,
+                 gicv3: "SysregDevice | None" = None) -> None:
         if model not in CPU_MODELS:
             raise AccelError(f"unsupported CPU model {model!r} for the tcg accelerator "
                              f"(have: {', '.join(sorted(CPU_MODELS))})")
@@ -214,6 +233,9 @@ class Aarch64Cpu:
         engine.add_sysreg_hook(uc, self._mrs_cb, A.UC_ARM64_INS_MRS, CNTP_CTL_EL0, 2)
         self._mrs_value = ctypes.c_uint64()
         self._timer_cval_reg = {id(vtimer): CNTV_CVAL_EL0, id(ptimer): CNTP_CVAL_EL0}
+        self._gicv3 = gicv3
+        if gicv3 is not None:
+            self._add_sysreg_device(gicv3)
         self._domain = domain
         if domain is not None:
             engine.set_parallel(uc)
@@ -253,6 +275,19 @@ class Aarch64Cpu:
             domain.join(self)
 
     # -- setup ----------------------------------------------------------------
+    def _add_sysreg_device(self, device: "SysregDevice") -> None:
+        """The GICv3 CPU interface: the engine's ICC_* registers, each MRS/MSR
+        through one hook to ``device`` (on this vCPU's thread)."""
+        engine.enable_gicv3_cpuif(self.uc)
+        self._sysreg_cb = HOOK_INSN_SYS_CFUNC(self._on_sysreg_raw)
+        self._sysreg_keys: list[tuple[SysregEnc, bool]] = []
+        for insn, regs in ((A.UC_ARM64_INS_MRS, device.readable),
+                           (A.UC_ARM64_INS_MSR, device.writable)):
+            for enc in regs:
+                engine.add_sysreg_hook(self.uc, self._sysreg_cb, insn, enc,
+                                       _KEY_SYSREG + len(self._sysreg_keys))
+                self._sysreg_keys.append((enc, insn == A.UC_ARM64_INS_MSR))
+
     def _wsys(self, enc: tuple[int, int, int, int, int], value: int) -> None:
         cp = self._cp_reg
         cp.op0, cp.op1, cp.crn, cp.crm, cp.op2 = enc
@@ -547,6 +582,25 @@ class Aarch64Cpu:
             return 1
         except BaseException as e:  # a bug in kemu: stop the guest, report it
             self._fail(f"internal error in the MRS hook: {type(e).__name__}: {e}")
+            return 0
+
+    def _on_sysreg_raw(self, _handle: int, reg: int, cp: int, key: int) -> int:
+        """uc_cb_insn_sys_t for a device's system register (the GICv3 ICC_* registers)."""
+        try:
+            enc, is_write = self._sysreg_keys[key - _KEY_SYSREG]
+            if is_write:
+                self._gicv3.write(self.index, enc, ctypes.c_uint64.from_address(cp + 24).value)
+            else:
+                value = self._gicv3.read(self.index, enc)
+                if reg != A.UC_ARM64_REG_XZR:
+                    self._mrs_value.value = value
+                    if uclib.uc_reg_write(self._uch, reg, ctypes.byref(self._mrs_value)):
+                        raise AccelError("Unicorn refused a register write")
+            if self._work_pending:
+                self._service()
+            return 1
+        except BaseException as e:  # a bug in kemu: stop the guest, report it
+            self._fail(f"internal error in the system register hook: {type(e).__name__}: {e}")
             return 0
 
     def _on_exception_raw(self, _handle: int, intno: int, _key: int) -> None:
