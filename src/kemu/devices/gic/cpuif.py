@@ -55,8 +55,8 @@ WRITABLE: tuple[Enc, ...] = (
 SRE_SRE, SRE_DFB, SRE_DIB, SRE_ENABLE = 1, 2, 4, 8
 CTLR_CBPR = 1 << 0
 CTLR_EOIMODE = 1 << 1
-#: ICC_CTLR_EL1 read-only fields: A3V, IDbits = 16 bits (0), PRIbits.
-CTLR_RO = (1 << 15) | ((PRI_BITS - 1) << 8)
+#: ICC_CTLR_EL1 read-only fields: A3V, IDbits = 24 bits (1, as QEMU's), PRIbits.
+CTLR_RO = (1 << 15) | (1 << 11) | ((PRI_BITS - 1) << 8)
 
 
 class GicV3CpuInterface:

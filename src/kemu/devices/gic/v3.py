@@ -48,8 +48,8 @@ PIDR2_ARCH_GICV3 = 0x3B
 ID_REGS = {0xFFD0: 0x44, 0xFFE0: 0x92, 0xFFE4: 0xB4, 0xFFE8: PIDR2_ARCH_GICV3,
            0xFFF0: 0x0D, 0xFFF4: 0xF0, 0xFFF8: 0x05, 0xFFFC: 0xB1}
 
-#: Interrupts as QEMU's virt gives its GICv3: 256 SPIs after the 32 private ones.
-NUM_IRQS = 288
+#: Interrupts as QEMU 7.2's virt GICv3 reports them (GICD_TYPER.ITLinesNumber 7).
+NUM_IRQS = 256
 #: The priority bits of the CPU interface (ICC_CTLR_EL1.PRIbits + 1), as QEMU's.
 PRI_BITS = 5
 PRI_MASK = (0xFF << (8 - PRI_BITS)) & 0xFF
