@@ -37,6 +37,27 @@ def test_linux_sees_every_cpu_and_ipis_flow(guest, console_factory, smp):
     assert c.wait(60) == 0
 
 
+@pytest.mark.parametrize("smp", [2, 4])
+def test_linux_on_gicv3(guest, console_factory, smp):
+    """-M virt,gic-version=3: the kernel finds the system-register CPU interface and
+    a redistributor per CPU, brings every CPU up, and timers and IPIs arrive."""
+    c = console_factory("run", "-M", "virt,gic-version=3", "-smp", str(smp))
+    c.expect(rb"# ", timeout=120)
+    assert sh(c, "nproc").strip() == str(smp)
+    log = sh(c, "dmesg")
+    assert "detected: GIC system register CPU interface" in log
+    for cpu in range(1, smp):
+        assert f"GICv3: CPU{cpu}: found redistributor {cpu} region 0:" in log
+    interrupts = sh(c, "cat /proc/interrupts")
+    timer = [line.split() for line in interrupts.splitlines() if "arch_timer" in line]
+    assert timer and timer[0][smp + 1] == "GICv3" and timer[0][smp + 2] == "27"
+    assert all(int(n) > 0 for n in timer[0][1:smp + 1])      # every CPU's timer PPI
+    ipi = [line.split() for line in interrupts.splitlines() if line.strip().startswith("IPI1:")]
+    assert ipi and sum(int(n) for n in ipi[0][1:smp + 1]) > 0  # function-call SGIs
+    c.send("poweroff -f\n")
+    assert c.wait(60) == 0
+
+
 def test_cpu_offline_online_and_a_parallel_job(guest, console_factory):
     c = console_factory("run", "-smp", "2")
     c.expect(rb"# ", timeout=120)
