@@ -79,7 +79,8 @@ def main() -> None:
             images[name] = Path(tmp) / f"{name}.cpio.gz"
             images[name].write_bytes(initramfs(busybox, init))
         common = ["-M", f"virt,gic-version={args.gic_version}", "-cpu", "cortex-a57",
-                  "-m", "256", "-smp", str(args.smp), "-nographic", "-no-reboot", "-kernel", str(guest.kernel), "-append", APPEND]
+                  "-m", "256", "-smp", str(args.smp), "-nographic", "-no-reboot",
+                  "-kernel", str(guest.kernel), "-append", APPEND]
         peers = {"kemu": [sys.executable, "-m", "kemu.cli", *common],
                  "qemu": [qemu, "-accel", "tcg,thread=multi", *common]}
         # results[scenario][peer] = [(wall, cpu, job)]
