@@ -4,7 +4,10 @@ What Unicorn leaves to the board, and how this module does it (see
 PLATFORM.md and :mod:`kemu.accel.tcg.engine`):
 
 * Unicorn starts in EL1 with EL2/EL3 present but configured for AArch32 and
-  secure state: SCR_EL3 gets NS, HCE and RW, HCR_EL2 gets RW and IMO.
+  secure state: SCR_EL3 gets NS, HCE and RW, HCR_EL2 gets RW and IMO; and, as
+  QEMU's boot code does below EL3, pointer authentication (SCR_EL3 and
+  HCR_EL2 API/APK) and SVE (CPTR_EL3.EZ) are not trapped, which -cpu max
+  kernels use.
 * Synchronous exceptions (SVC, aborts, undefined instructions, BRK) are
   taken by the CPU itself, as QEMU takes them (the engine's native
   exceptions).  HVC and SMC still come to ``UC_HOOK_INTR``: they are the
@@ -91,6 +94,12 @@ SCR_RW = 1 << 10
 HCR_IMO = 1 << 4
 HCR_VI = 1 << 7
 HCR_RW = 1 << 31
+HCR_APK = 1 << 40
+HCR_API = 1 << 41
+SCR_APK = 1 << 16
+SCR_API = 1 << 17
+CPTR_EL3 = (3, 6, 1, 1, 2)
+CPTR_EZ = 1 << 8
 
 PSTATE_DAIF = 0xF << 6
 PSTATE_EL1H = 0b0101
@@ -257,7 +266,7 @@ class Aarch64Cpu:
         self._stale_stop = False
         self._kick_requested = False
         self._irq_level = False
-        self._hcr = HCR_RW | HCR_IMO
+        self._hcr = HCR_RW | HCR_IMO | HCR_API | HCR_APK
         self._system_event: str | None = None
         self._work_pending = True
         self._error: str | None = None
@@ -301,7 +310,8 @@ class Aarch64Cpu:
     def reset_for_linux(self, entry: int, dtb: int) -> None:
         """Registers as the arm64 boot protocol requires (booting.rst)."""
         uc = self.uc
-        self._wsys(SCR_EL3, SCR_NS | SCR_HCE | SCR_RW)
+        self._wsys(SCR_EL3, SCR_NS | SCR_HCE | SCR_RW | SCR_API | SCR_APK)
+        self._wsys(CPTR_EL3, self._rsys(CPTR_EL3) | CPTR_EZ)
         self._wsys(HCR_EL2, self._hcr)
         self._wsys(CNTHCTL_EL2, 0x3)   # EL1 may use the physical counter and timer
         self._wsys(CNTVOFF_EL2, self.vtimer.offset)
