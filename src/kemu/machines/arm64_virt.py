@@ -216,7 +216,8 @@ class VirtMachine:
                                      name=f"cpu{i}.vtimer"),
                         GenericTimer(self._locked(self.gic.ppi_line(i, PPI_PHYS)),
                                      name=f"cpu{i}.ptimer")) for i in range(n)]
-        self.psci = Psci(self._on_psci, cpus=psci_fn.CpuPowerControl(lambda: self.cpus))
+        self.psci = Psci(self._on_psci, cpus=psci_fn.CpuPowerControl(
+            lambda: self.cpus, [mpidr(i, config.gic_version) for i in range(n)]))
         self._psci_caller = 0
 
         from kemu.devices.virtio.input import power_button
