@@ -60,6 +60,21 @@ def test_linux_on_gicv3(guest, console_factory, smp):
     assert c.wait(60) == 0
 
 
+def test_linux_on_gicv3_reboots(guest, console_factory):
+    """A guest reset (PSCI SYSTEM_RESET) puts the GICv3 back to its reset state
+    (redistributors asleep, routing to CPU 0): the kernel boots again on both CPUs."""
+    c = console_factory("run", "-M", "virt,gic-version=3", "-smp", "2")
+    c.expect(rb"# ", timeout=120)
+    c.send("reboot -f\n")
+    c.expect(rb"reboot: Restarting system", timeout=60)
+    c.expect(rb"kemu guest ready", timeout=120)
+    c.expect(rb"# ", timeout=120)
+    assert sh(c, "nproc").strip() == "2"
+    assert "GICv3" in sh(c, "cat /proc/interrupts")
+    c.send("poweroff -f\n")
+    assert c.wait(60) == 0
+
+
 def test_cpu_offline_online_and_a_parallel_job(guest, console_factory):
     c = console_factory("run", "-smp", "2")
     c.expect(rb"# ", timeout=120)
