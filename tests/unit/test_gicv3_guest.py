@@ -15,7 +15,11 @@ import sys
 
 import pytest
 
+from test_arm64_boot import REPORT
 from test_tcg_aarch64 import assemble
+
+#: The PL011 hex printer of test_arm64_boot's guest (x0 as 16 digits and a newline).
+HEX = REPORT[REPORT.index("hex:"):]
 
 # S3_<op1>_C<n>_C<m>_<op2> spellings, so no assembler needs to know the GIC.
 ICC_PMR = "S3_0_C4_C6_0"
@@ -218,23 +222,7 @@ sync:
     bl hex
     b poweroff
 
-hex:                                // x0 as 16 hex digits and a newline
-    ldr x1, =0x09000000
-    mov x2, #60
-1:  lsr x3, x0, x2
-    and x3, x3, #15
-    cmp x3, #10
-    add x4, x3, #'0'
-    add x5, x3, #('a' - 10)
-    csel x3, x4, x5, lt
-    str w3, [x1]
-    subs x2, x2, #4
-    b.ge 1b
-    mov x3, #10
-    str w3, [x1]
-    ret
-    .ltorg
-
+{HEX}
     .balign 2048
 vectors:
     . = vectors + 0x200

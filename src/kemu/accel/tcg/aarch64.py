@@ -580,13 +580,17 @@ class Aarch64Cpu:
             self._fail(f"internal error in the MSR hook: {type(e).__name__}: {e}")
             return 0
 
+    def _mrs_result(self, reg: int, value: int) -> None:
+        """``value`` into the destination register of a hooked MRS."""
+        if reg != A.UC_ARM64_REG_XZR:
+            self._mrs_value.value = value
+            if uclib.uc_reg_write(self._uch, reg, ctypes.byref(self._mrs_value)):
+                raise AccelError("Unicorn refused a register write")
+
     def _on_mrs_raw(self, _handle: int, reg: int, _cp: int, key: int) -> int:
         """uc_cb_insn_sys_t for CNTx_CTL_EL0 reads: the value with ISTATUS as of now."""
         try:
-            if reg != A.UC_ARM64_REG_XZR:
-                self._mrs_value.value = self._ctl_by_key[key].ctl_value()
-                if uclib.uc_reg_write(self._uch, reg, ctypes.byref(self._mrs_value)):
-                    raise AccelError("Unicorn refused a register write")
+            self._mrs_result(reg, self._ctl_by_key[key].ctl_value())
             if self._work_pending:
                 self._service()
             return 1
@@ -601,11 +605,7 @@ class Aarch64Cpu:
             if is_write:
                 self._gicv3.write(self.index, enc, ctypes.c_uint64.from_address(cp + 24).value)
             else:
-                value = self._gicv3.read(self.index, enc)
-                if reg != A.UC_ARM64_REG_XZR:
-                    self._mrs_value.value = value
-                    if uclib.uc_reg_write(self._uch, reg, ctypes.byref(self._mrs_value)):
-                        raise AccelError("Unicorn refused a register write")
+                self._mrs_result(reg, self._gicv3.read(self.index, enc))
             if self._work_pending:
                 self._service()
             return 1
