@@ -18,8 +18,11 @@ if [ $test_deps = 1 ]; then
   # tree, qemu-img checks images, qemu-system-arm is the benchmark's peer,
   # binutils-aarch64-linux-gnu assembles tiny test guests, qemu-system-x86 runs
   # the nested-KVM harness (lz4 unpacks the PVH vmlinux), iasl (acpica-tools)
-  # reads back the microvm's ACPI tables.
+  # reads back the microvm's ACPI tables.  libvirt-daemon-system and libvirt-clients
+  # run kemu as libvirt's emulator (tests/integration/test_libvirt.py starts its own
+  # libvirtd); libvirt-dev and pkg-config build the libvirt Python binding in .venv.
   pkgs="$pkgs device-tree-compiler qemu-utils qemu-system-arm qemu-system-x86 binutils-aarch64-linux-gnu cpio linux-libc-dev passt acpica-tools lz4"
+  pkgs="$pkgs libvirt-daemon-system libvirt-clients libvirt-dev pkg-config"
 fi
 missing=""
 for p in $pkgs; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
@@ -49,6 +52,7 @@ if [ "$have" != "$want" ]; then
 fi
 if [ $test_deps = 1 ]; then
   .venv/bin/python -m pip install -q -e '.[test]'
+  .venv/bin/python -c 'import libvirt' || { echo "bootstrap: the venv cannot import libvirt" >&2; exit 1; }
 else
   .venv/bin/python -m pip install -q -e .
 fi

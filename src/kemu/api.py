@@ -299,8 +299,7 @@ class Machine:
                  disks: list[str | Path] = (), devices: list[str] = (),
                  no_reboot: bool = False, name: str | None = None,
                  machine: str = "virt", accel: str = "tcg", smp: int = 1) -> None:
-        from kemu.cli import parse_size
-        from kemu.machines.virtio_devices import parse_device
+        from kemu.options import parse_device, parse_size
 
         config = MachineConfig(
             machine=machine, accel=accel, cpu=cpu,
@@ -350,6 +349,13 @@ class Machine:
         self._board.on_block_io_error = self._block_io_error
         #: Paused by a disk error (QMP's run state io-error) until resumed.
         self.io_error = False
+        #: Stopped by the guest's power-off under -no-shutdown (QMP's run state
+        #: shutdown) until a reset.
+        self.guest_shut_down = False
+        vcpus = getattr(self._board, "vcpus", None)
+        if config.no_shutdown and vcpus is not None:
+            vcpus.no_shutdown = True
+            vcpus.on_guest_shutdown = self._guest_shutdown
         self._started = False
         self._outcome: Outcome | None = None
         self._stop_reason: str | None = None     # why the host ended it, if it did
@@ -396,6 +402,13 @@ class Machine:
         elif state == RunState.STOPPED:
             self.console._close()
             threading.Thread(target=self.wait, daemon=True).start()
+
+    def _guest_shutdown(self, reason: str) -> None:
+        """-no-shutdown: the guest powered off (on its vCPU thread); the vCPUs pause,
+        SHUTDOWN is reported now and kemu stays up until quit or a signal."""
+        with self._lock:
+            self.guest_shut_down = True
+        self._emit(Shutdown(guest=True, reason=reason, status=0))
 
     def _block_io_error(self, info) -> None:
         """A disk request failed (any thread): BLOCK_IO_ERROR, and with the
@@ -483,6 +496,8 @@ class Machine:
     def resume(self, timeout: float = 10.0) -> None:
         """Run the vCPUs again (as QMP's ``cont``), after :meth:`pause` or ``start(paused=True)``."""
         self._require_running("resume")
+        if self.guest_shut_down:
+            raise MachineStateError("Resetting the Virtual Machine is required")
         with self._lock:
             self.io_error = False
             # Resume is reported before resume() returns (as QEMU's cont emits
@@ -566,9 +581,18 @@ class Machine:
         :class:`Reset` event is reported, as QEMU does.
         """
         self._require_running("reset")
+        if self.guest_shut_down:
+            # The vCPUs were asked to pause at the power-off; let them get there
+            # first, so that the reset leaves the machine stopped (prelaunch).
+            self._board.pause()
         with self._lock:
             if self._board.state == RunState.RUNNING:
                 self._unreported = {RunState.PAUSED, RunState.RUNNING}
+            if self.guest_shut_down:
+                # As QEMU: a reset after the guest's power-off leaves the machine
+                # in prelaunch, to be started again with cont.
+                self.guest_shut_down = False
+                self.has_run = False
         try:
             self._board.reset()
         except BaseException:
@@ -586,6 +610,11 @@ class Machine:
     def vcpu_thread_ids(self) -> list[int]:
         """The host thread id of each vCPU (QMP's ``query-cpus-fast`` ``thread-id``)."""
         return self._board.vcpu_thread_ids()
+
+    def virtio_devices(self) -> list:
+        """The virtio devices behind the board's transports, in slot order."""
+        return [slot.device.device for slot in getattr(self._board, "virtio_slots", ())
+                if getattr(slot.device, "device", None) is not None]
 
     def memory_map(self) -> list[tuple[int, int, str]]:
         """(base, size, name) of RAM and every device mapping."""

@@ -1,8 +1,8 @@
 """The ``kemu`` command: QEMU's option spelling, plus a few subcommands.
 
-This module only parses: it turns a command line into a
-:class:`MachineConfig` (or a subcommand) and hands it to the machine
-builder.  Every error becomes one line on stderr and exit status 2
+The command line becomes a :class:`MachineConfig` in :mod:`kemu.options`
+(QEMU's option model, one place); this module picks the subcommand and runs
+the machine.  Every error becomes one line on stderr and exit status 2
 (1 when the guest fails).
 
     kemu [QEMU options]            boot what the options say
@@ -15,21 +15,19 @@ builder.  Every error becomes one line on stderr and exit status 2
 from __future__ import annotations
 
 import os
-import re
 import sys
-from pathlib import Path
 from typing import Callable
 
 from kemu.errors import ConfigError, KemuError
 from kemu.machines.builder import ACCELS
-from kemu.machines.config import DriveConfig, MachineConfig, MiB
-from kemu.machines.opts import parse_socket_option, split_opts
-from kemu.machines.virtio_devices import (
-    parse_device,
-    parse_drive,
-    parse_netdev,
-    parse_nic,
+from kemu.machines.config import MachineConfig, MiB
+from kemu.options.argv import (
+    ACCEL_FOR_MACHINE,
+    MACHINE_FOR_ACCEL,
+    board_accel_mismatch,
+    parse_qemu_options,
 )
+from kemu.options.keyval import head_and_props
 from kemu.pvm_notice import SilenceReporter, prepare_for_pvm
 
 USAGE = """\
@@ -43,7 +41,7 @@ usage: kemu [QEMU-style options]
                                          cache) and print its paths
        kemu img create|info|check|convert ...
 
-QEMU-style options: -M/-machine virt|microvm  -accel tcg|kvm  -enable-kvm  -cpu MODEL
+QEMU-style options: -M/-machine virt|virt-7.2|microvm|none[,PROP=V]  -accel tcg|kvm  -enable-kvm  -cpu MODEL
   -m SIZE  -smp N (microvm; 1 on virt)
   -kernel FILE (virt: arm64 Image, ELF or raw binary)  -initrd FILE  -append CMDLINE
   -dtb FILE  -machine dumpdtb=FILE (virt)  -global virtio-mmio.force-legacy=on|off
@@ -55,266 +53,26 @@ QEMU-style options: -M/-machine virt|microvm  -accel tcg|kvm  -enable-kvm  -cpu 
          I/O is synchronous pread/pwrite, in the thread that takes the queue notify)
   -snapshot  (writes go to temporary qcow2 overlays, deleted at exit; images untouched)
   -rtc [base=utc|localtime|YYYY-MM-DD[THH:MM:SS]][,clock=host|rt|vm][,driftfix=none|slew]
+  -fw_cfg [name=]opt/NAME,file=PATH|string=STR  (virt: an item in QEMU's fw_cfg device)
   -device virtio-blk-device,drive=ID | virtio-rng-device | virtio-net-device,netdev=ID[,mac=M]
   -netdev user,id=ID[,hostfwd=tcp::HOSTPORT-:GUESTPORT]  (user-mode networking by passt)
   -netdev tap,id=ID,ifname=NAME,script=no,downscript=no
   -nic user[,hostfwd=...][,mac=M] | tap,ifname=NAME
   -qmp unix:PATH|tcp:HOST:PORT[,server=on[,wait=off]] (no server=on: connect out)
-  -pidfile FILE  -daemonize
+  -pidfile FILE  -daemonize  -no-shutdown (guest power-off stops; kemu stays up until quit)
+  -object memory-backend-ram|memory-backend-file,id=ID,size=S[,mem-path=F][,share=on]
+          | secret,id=ID,data=D|file=F  (and -machine memory-backend=ID)
+  -chardev socket,id=ID,path=P|host=H,port=N|fd=N[,server=on][,wait=off] | pty|file|stdio|null
+  -mon chardev=ID[,mode=control|readline]  -serial chardev:ID
+  -blockdev driver=file,filename=F,node-name=N | driver=raw|qcow2,file=N,node-name=M
+  -device DRIVER,drive=NODE|ID,...  (keyval or JSON: -device '{"driver":...}')
+  accepted as QEMU does: -no-user-config -no-acpi -uuid -overcommit mem-lock=off
+                         -boot strict=on -audiodev none -sandbox off -msg timestamp=on
   -M help  -cpu help  -device help  -device DRIVER,help  -accel help  -netdev help  -chardev help
 kemu's own: --disk IMG (a virtio disk, format detected)
             --net user[,hostfwd=...] (a virtio NIC on user-mode networking, as -nic user)
 In the console: Ctrl-A x quits, Ctrl-A c switches to the monitor and back, Ctrl-A h prints help.
 """
-
-#: Options that take an argument / that do not, in QEMU's spelling.
-WITH_ARG = {"-M", "-machine", "-cpu", "-m", "-smp", "-kernel", "-initrd", "-append",
-            "-serial", "-accel", "-name", "-display", "-monitor", "-drive", "-device", "-disk",
-            "-qmp", "-pidfile", "-netdev", "-nic", "-net", "-rtc", "-dtb", "-global"}
-FLAGS = {"-nographic", "-no-reboot", "-S", "-enable-kvm", "-nodefaults", "-daemonize",
-         "-snapshot"}
-#: QEMU options kemu knows of but does not offer (yet).
-NOT_YET = {"-chardev",
-           "-hda", "-cdrom", "-bios", "-object", "-vnc", "-gdb", "-s"}
-
-SIZE = re.compile(r"^(\d+)([KMGT]?)(i?B?)$", re.IGNORECASE)
-
-
-def parse_size(text: str, default_unit: str = "M") -> int:
-    m = SIZE.match(text.strip())
-    if not m:
-        raise ConfigError(f"invalid size {text!r}")
-    unit = (m.group(2) or default_unit).upper()
-    return int(m.group(1)) << {"K": 10, "M": 20, "G": 30, "T": 40}[unit]
-
-
-#: The -global DRIVER.PROPERTY pairs kemu acts on.
-KNOWN_GLOBALS = {("virtio-mmio", "force-legacy")}
-
-
-def parse_global(text: str) -> dict[tuple[str, str], str]:
-    """QEMU's ``-global DRIVER.PROP=VALUE`` (or ``driver=D,property=P,value=V``)."""
-    if text.startswith("driver="):
-        _, props = _kv("," + text, "-global", "driver")
-        try:
-            return {(props["driver"], props["property"]): props["value"]}
-        except KeyError as e:
-            raise ConfigError(f"-global {text}: {e.args[0]}= is missing") from None
-    target, eq, value = text.partition("=")
-    driver, dot, prop = target.rpartition(".")
-    if not (eq and dot and driver and prop):
-        raise ConfigError(f"-global {text}: expected DRIVER.PROPERTY=VALUE")
-    return {(driver, prop): value}
-
-
-def parse_gic_version(value: str) -> int:
-    """-machine gic-version= as QEMU's virt takes it on TCG (``max`` is 3 there)."""
-    if value in ("2", "3"):
-        return int(value)
-    if value == "max":
-        return 3
-    if value == "host":
-        raise ConfigError("gic-version=host requires KVM (kemu's virt board runs on TCG)")
-    if value == "4":
-        raise ConfigError("gic-version=4 requires virtualization enabled "
-                          "(kemu's virt gives the guest no EL2)")
-    raise ConfigError(f"-machine gic-version={value}: invalid value (valid: 2, 3, host, max)")
-
-
-def _kv(text: str, option: str, first_key: str) -> tuple[str, dict[str, str]]:
-    """QEMU's ``value,key=value,...`` option syntax."""
-    parts = split_opts(text)
-    head = parts[0]
-    extra: dict[str, str] = {}
-    if "=" in head:
-        k, v = head.split("=", 1)
-        if k != first_key:
-            raise ConfigError(f"{option}: unknown parameter {k!r}")
-        head = v
-    for p in parts[1:]:
-        if "=" not in p:
-            raise ConfigError(f"{option}: invalid parameter {p!r}")
-        k, v = p.split("=", 1)
-        extra[k] = v
-    return head, extra
-
-
-#: The accelerator each board implies when -accel is not given, and the reverse
-#: (from the builder's table of which board runs on which accelerator).
-ACCEL_FOR_MACHINE = {machine: accels[0] for machine, accels in ACCELS.items()}
-MACHINE_FOR_ACCEL = {accel: machine for machine, accel in ACCEL_FOR_MACHINE.items()}
-
-
-def parse_qemu_options(argv: list[str], config: MachineConfig) -> MachineConfig:
-    serial = None
-    machine_given = accel_given = False
-    legacy_net: list[str] = []     # -net user/tap/nic, paired at the end
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        opt = arg[1:] if arg.startswith("--") and len(arg) > 2 else arg
-        if opt in FLAGS:
-            value = None
-            i += 1
-        elif opt in WITH_ARG:
-            if i + 1 >= len(argv):
-                raise ConfigError(f"{opt}: requires an argument")
-            value = argv[i + 1]
-            i += 2
-        elif opt in NOT_YET:
-            raise ConfigError(f"{opt}: not supported by this version of kemu")
-        elif arg.startswith("-"):
-            raise ConfigError(f"{arg}: unknown option (try 'kemu --help')")
-        else:
-            raise ConfigError(f"unexpected argument {arg!r} (QEMU-style options start with -)")
-
-        if opt in ("-M", "-machine"):
-            # Like QEMU, several -machine options merge: -M virt -machine dumpdtb=F.
-            parts = split_opts(value)
-            name = "" if "=" in parts[0] else parts.pop(0)
-            props = dict(_kv("," + ",".join(parts), opt, "type")[1]) if parts else {}
-            name = props.pop("type", name)
-            for k, v in props.items():
-                if k == "dumpdtb":
-                    config.dumpdtb = Path(v)
-                elif k == "gic-version":
-                    config.gic_version = parse_gic_version(v)
-                elif (k, v) != ("accel", "tcg"):
-                    raise ConfigError(f"{opt}: unsupported machine option {k}={v}")
-            if name:
-                config.machine = name
-                machine_given = True
-        elif opt == "-cpu":
-            config.cpu = value
-        elif opt == "-dtb":
-            config.dtb = Path(value)
-        elif opt == "-global":
-            for key in parse_global(value):
-                if key not in KNOWN_GLOBALS:
-                    raise ConfigError(f"-global {value}: unsupported property "
-                                      f"(kemu knows {', '.join('.'.join(k) for k in KNOWN_GLOBALS)})")
-            config.globals.update(parse_global(value))
-        elif opt == "-m":
-            size, extra = _kv(value, opt, "size")
-            if extra:
-                raise ConfigError(f"-m: unsupported parameter {next(iter(extra))}")
-            config.memory = parse_size(size)
-        elif opt == "-smp":
-            head, extra = _kv(value, opt, "cpus")
-            try:
-                config.smp = int(head or extra.get("cpus", "1"))
-            except ValueError:
-                raise ConfigError(f"-smp: invalid CPU count {value!r}") from None
-            if config.smp < 1:
-                raise ConfigError("-smp: need at least one CPU")
-        elif opt == "-kernel":
-            config.kernel = Path(value)
-        elif opt == "-initrd":
-            config.initrd = Path(value)
-        elif opt == "-append":
-            config.append = f"{config.extra.get('append_base', '')} {value}".strip()
-        elif opt == "-nographic":
-            serial = serial or "mon:stdio"
-        elif opt == "-serial":
-            if value not in ("stdio", "mon:stdio", "none", "null"):
-                raise ConfigError(f"-serial {value}: only stdio, mon:stdio and none are supported")
-            serial = value
-        elif opt == "-no-reboot":
-            config.no_reboot = True
-        elif opt == "-S":
-            config.start_paused = True
-        elif opt == "-accel":
-            name, _extra = _kv(value, opt, "accel")
-            config.accel = name
-            accel_given = True
-        elif opt == "-enable-kvm":
-            config.accel = "kvm"
-            accel_given = True
-        elif opt == "-name":
-            config.name, _extra = _kv(value, opt, "guest")
-        elif opt == "-display":
-            if value.split(",")[0] != "none":
-                raise ConfigError(f"-display {value}: kemu has no graphical display; "
-                                  "use -display none")
-        elif opt == "-monitor":
-            if value == "stdio":
-                config.extra["monitor_stdio"] = True
-                config.extra.setdefault("monitors", []).append("stdio")
-            elif value not in ("none", "null"):
-                address = parse_socket_option(value, "-monitor")
-                config.extra.setdefault("monitor_sockets", []).append(address)
-                config.extra.setdefault("monitors", []).append(address.describe())
-        elif opt == "-drive":
-            config.drives.append(parse_drive(value))
-        elif opt == "-disk":    # kemu's own --disk PATH: a virtio disk, format detected
-            config.drives.append(DriveConfig(Path(value), warn_probed_raw=False))
-        elif opt == "-device":
-            config.devices.append(parse_device(value))
-        elif opt == "-netdev":
-            netdev = parse_netdev(value)
-            if not netdev.id:
-                raise ConfigError(f"-netdev {netdev.type}: id= is required")
-            config.netdevs.append(netdev)
-        elif opt == "-nic":
-            if value != "none":
-                netdev, nic = parse_nic(value, len(config.netdevs))
-                config.netdevs.append(netdev)
-                config.devices.append(nic)
-        elif opt == "-net":
-            legacy_net.append(value)
-        elif opt == "-qmp":
-            from kemu.qmp.server import parse_qmp_option
-            config.extra.setdefault("qmp", []).append(parse_qmp_option(value))
-        elif opt == "-pidfile":
-            config.extra["pidfile"] = Path(value)
-        elif opt == "-daemonize":
-            config.extra["daemonize"] = True
-        elif opt == "-rtc":
-            from kemu.machines.rtc import parse_rtc_option
-            config.rtc = parse_rtc_option(value)
-        elif opt == "-snapshot":
-            config.snapshot = True
-    _legacy_net(legacy_net, config)
-    if accel_given and machine_given and config.accel not in ACCELS.get(config.machine,
-                                                                        (config.accel,)):
-        raise ConfigError(_board_accel_mismatch(config.machine, config.accel))
-    if accel_given and not machine_given:
-        config.machine = MACHINE_FOR_ACCEL.get(config.accel, config.machine)
-    elif machine_given and not accel_given:
-        config.accel = ACCEL_FOR_MACHINE.get(config.machine, config.accel)
-    if config.extra.get("monitor_stdio"):
-        if serial in (None, "stdio", "mon:stdio"):
-            raise ConfigError("cannot use stdio by multiple character devices "
-                              "(-monitor stdio wants -serial none or a -serial elsewhere)")
-        if config.extra.get("daemonize"):
-            raise ConfigError("-daemonize cannot be used with -monitor stdio")
-    config.extra["serial"] = serial or "mon:stdio"
-    if config.extra.get("daemonize") and config.extra["serial"] in ("stdio", "mon:stdio"):
-        raise ConfigError("-daemonize cannot be used with a serial console on stdio "
-                          "(use -serial none -display none)")
-    return config
-
-
-def _board_accel_mismatch(machine: str, accel: str) -> str:
-    runs_on = ACCELS[machine][0]
-    return (f"the {machine} board runs on {runs_on.upper()} here, not {accel.upper()} "
-            f"(use -accel {runs_on}, or -M {MACHINE_FOR_ACCEL.get(accel, machine)} "
-            f"for {accel})")
-
-
-def _legacy_net(values: list[str], config: MachineConfig) -> None:
-    """QEMU's old ``-net nic[,model=..,macaddr=..] -net user|tap,...`` pairs, and kemu's
-    ``--net user[,hostfwd=...]``: one virtio NIC per backend (``-net nic`` alone: user)."""
-    nic_opts = [v.split(",", 1)[1] if "," in v else "" for v in values if v.split(",")[0] == "nic"]
-    backends = [v for v in values if v.split(",")[0] not in ("nic", "none")]
-    if nic_opts and not backends:
-        backends = ["user"]
-    for i, backend in enumerate(backends):
-        extra = nic_opts[i] if i < len(nic_opts) else ""
-        netdev, nic = parse_nic(f"{backend},{extra}".rstrip(","), len(config.netdevs), "-net")
-        config.netdevs.append(netdev)
-        config.devices.append(nic)
-
 
 def run_machine(config: MachineConfig) -> int:
     """Run a machine on the terminal through the same API programs use.
@@ -345,10 +103,14 @@ def run_machine(config: MachineConfig) -> int:
     serial = config.extra.get("serial", "mon:stdio")
     stdio = serial in ("stdio", "mon:stdio") or config.extra.get("monitor_stdio")
     output = ConsoleOutput(sys.stdout.fileno()) if stdio else None
+    chardev = None
     try:
         on_stdio = output is not None and serial in ("stdio", "mon:stdio")
         pvm_note = prepare_for_pvm(config)
         sink = output.write if on_stdio else None
+        chardev = _serial_chardev(config)
+        if chardev is not None:
+            sink = chardev.write
         silence = SilenceReporter(sink) if pvm_note and sink else None
         vm = Machine.from_config(config, silence.write if silence else sink)
         for note in (config.extra.get("note"), pvm_note):
@@ -362,6 +124,8 @@ def run_machine(config: MachineConfig) -> int:
         # signals to the "signals" thread, which learns who sent them.
         signals.block()
         holder.append(vm)
+        if chardev is not None:
+            chardev.start(vm.console.write)
         servers = []
         if config.extra.get("qmp"):
             from kemu.qmp.server import QmpServer   # asyncio: imported only when needed
@@ -400,6 +164,8 @@ def run_machine(config: MachineConfig) -> int:
                 path.remove()
     finally:
         signals.uninstall()
+        if chardev is not None:
+            chardev.close()
         dropped = output.close() if output is not None else 0
     if dropped:
         print(f"kemu: {dropped} bytes of console output dropped (stdout was not read)",
@@ -408,6 +174,21 @@ def run_machine(config: MachineConfig) -> int:
         print(f"kemu: {signals.received.describe()}", file=sys.stderr)
         return 0        # as QEMU 7.2: a clean shutdown on a signal exits 0
     return status
+
+
+def _serial_chardev(config: MachineConfig):
+    """The serial port's pty or file chardev (``-serial chardev:ID``), opened; None
+    when the console is elsewhere.  Its path is what query-chardev reports."""
+    cd_id = config.extra.get("serial_chardev")
+    if cd_id is None:
+        return None
+    from kemu.backends.chardev import open_chardev
+    chardev = open_chardev(config.chardevs[cd_id])
+    config.extra.setdefault("chardev_filenames", {})[cd_id] = chardev.filename
+    if config.chardevs[cd_id].backend == "pty":
+        # As QEMU, on stderr (libvirt reads the path from query-chardev).
+        print(f"char device redirected to {chardev.path} (label {cd_id})", file=sys.stderr)
+    return chardev
 
 
 def _daemonize() -> int:
@@ -541,7 +322,7 @@ def cmd_run(argv: list[str]) -> int:
             if argv[i] == "--arch":
                 arch = argv[i + 1]
             else:
-                accel = _kv(argv[i + 1], argv[i], "accel")[0]
+                accel = head_and_props(argv[i + 1], argv[i], "accel")[0]
             i += 2
             continue
         if argv[i] in ("-enable-kvm", "--enable-kvm"):
@@ -553,11 +334,11 @@ def cmd_run(argv: list[str]) -> int:
             return 0
         rest.append(argv[i])
         i += 1
-    machine = next((_kv(rest[i + 1], rest[i], "type")[0] for i in range(len(rest) - 1)
+    machine = next((head_and_props(rest[i + 1], rest[i], "type")[0] for i in range(len(rest) - 1)
                     if rest[i] in ("-M", "-machine", "--machine")), None)
     if machine in ACCELS:
         if accel is not None and accel not in ACCELS[machine]:
-            raise ConfigError(_board_accel_mismatch(machine, accel))
+            raise ConfigError(board_accel_mismatch(machine, accel))
         accel = accel or ACCEL_FOR_MACHINE[machine]
     arch, accel, note = choose_default_guest(arch, accel)
     image = default_guest(arch, show_progress=sys.stderr.isatty())
@@ -630,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
         if argv[0] == "img":
             return cmd_img(argv[1:])
         config = parse_qemu_options(argv, MachineConfig())
-        if config.kernel is None and config.dumpdtb is None:
+        if config.kernel is None and config.dumpdtb is None and config.machine != "none":
             raise ConfigError("no kernel given: use -kernel FILE (or 'kemu run' for the "
                               "default guest)")
         return run_machine(config)

@@ -50,3 +50,11 @@ class GuestError(KemuError):
     """The guest failed: a kernel panic, an unrecoverable CPU state."""
 
     exit_status = 1
+
+
+class StartupError(ConfigError):
+    """An option QEMU accepts syntactically but cannot honour at start-up (an
+    unknown -object type, a -blockdev on a missing file, a -device naming no
+    node): QEMU's one line and its exit status 1."""
+
+    exit_status = 1

@@ -174,7 +174,8 @@ def cmd_create(args, out: TextIO, err: TextIO) -> int:
     return 0
 
 
-def _info(path: Path, fmt: str | None, force_share: bool = False) -> dict:
+def image_info(path: Path, fmt: str | None, force_share: bool = False) -> dict:
+    """An image's facts in QEMU's ImageInfo shape (qemu-img info, QMP's query-block)."""
     _check_format(fmt)
     fmt = fmt or detect_format(path)
     try:
@@ -221,7 +222,7 @@ def _info(path: Path, fmt: str | None, force_share: bool = False) -> dict:
 
 
 def cmd_info(args, out: TextIO, err: TextIO) -> int:
-    info = _info(Path(args.file), args.f, args.U)
+    info = image_info(Path(args.file), args.f, args.U)
     if args.output == "json":
         print(json.dumps(info, indent=4), file=out)
         return 0

@@ -5,12 +5,14 @@ printed as QEMU prints them, for what kemu offers."""
 from __future__ import annotations
 
 from kemu.errors import ConfigError
-from kemu.machines.opts import split_opts
+from kemu.options.keyval import split_opts
 
 #: -M help: the boards, with QEMU's description column.
 MACHINES = {
     "microvm": "microvm (x86-64, KVM)",
-    "virt": "kemu ARM Virtual Machine (AArch64, TCG)",
+    "virt": "kemu ARM Virtual Machine (AArch64, TCG) (alias of virt-7.2)",
+    "virt-7.2": "kemu ARM Virtual Machine, as QEMU 7.2's virt-7.2 (AArch64, TCG)",
+    "none": "empty machine",
 }
 
 #: -device help: (category, driver, bus) as QEMU groups them.
@@ -28,6 +30,7 @@ DEVICE_PROPERTIES: dict[str, list[tuple[str, str, str]]] = {
     "virtio-blk-device": [
         ("drive", "str", "Node name or ID of a block device to use as a backend"),
         ("serial", "str", ""),
+        ("bootindex", "int32", "accepted; kemu boots -kernel"),
     ],
     "virtio-net-device": [
         ("mac", "str", "Ethernet 6-byte MAC Address, example: 52:54:00:12:34:56"),
@@ -43,7 +46,7 @@ DEVICE_PROPERTIES: dict[str, list[tuple[str, str, str]]] = {
 
 ACCELS = ["kvm", "tcg"]
 NETDEVS = ["tap", "user"]
-CHARDEVS = ["null", "socket", "stdio"]
+CHARDEVS = ["file", "null", "pty", "socket", "stdio"]
 
 
 def _cpus(machine: str) -> list[str]:

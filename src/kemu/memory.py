@@ -20,23 +20,50 @@ PAGE_SIZE = 4096
 
 @dataclass
 class RamRegion:
-    """One contiguous block of guest RAM backed by an anonymous mapping."""
+    """One contiguous block of guest RAM: an anonymous mapping, or a host file's
+    pages (QEMU's memory-backend-file: ``path``, from ``offset``); ``shared``
+    (share=on) makes the guest's writes visible to other processes mapping
+    the same memory (MAP_SHARED), else they stay private to kemu."""
 
     base: int
     size: int
     name: str = "ram"
+    path: str | None = None
+    offset: int = 0
+    shared: bool = False
     _map: mmap.mmap = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.size <= 0 or self.size % PAGE_SIZE or self.base % PAGE_SIZE:
             raise ConfigError(f"RAM region {self.name}: base and size must be page aligned")
+        share = mmap.MAP_SHARED if self.shared else mmap.MAP_PRIVATE
+        if self.path is not None:
+            self._map = self._map_file(share)
+            return
         try:
-            self._map = mmap.mmap(-1, self.size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            self._map = mmap.mmap(-1, self.size, flags=share | mmap.MAP_ANONYMOUS)
         except OSError as e:
             # As QEMU: "cannot set up guest memory 'mach-virt.ram': Cannot allocate memory"
             # (pages are reserved as the host's overcommit policy says; QEMU does the same).
             raise HostResourceError(f"cannot set up guest memory '{self.name}' "
                                     f"({self.size >> 20} MiB): {e.strerror or e}") from None
+
+    def _map_file(self, share: int) -> mmap.mmap:
+        import os
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as e:
+            raise HostResourceError(f"cannot set up guest memory '{self.name}': "
+                                    f"{self.path}: {e.strerror or e}") from None
+        try:
+            if os.fstat(fd).st_size < self.offset + self.size:
+                os.ftruncate(fd, self.offset + self.size)
+            return mmap.mmap(fd, self.size, flags=share, offset=self.offset)
+        except OSError as e:
+            raise HostResourceError(f"cannot set up guest memory '{self.name}': "
+                                    f"{self.path}: {e.strerror or e}") from None
+        finally:
+            os.close(fd)
 
     @property
     def end(self) -> int:

@@ -43,10 +43,11 @@ def cpu_seconds(pid: int) -> float:
 
 
 class Console:
-    """A running ``kemu`` process driven through its serial console on stdio."""
+    """A running ``kemu`` process (or ``command``, say QEMU) driven through its
+    serial console on stdio."""
 
-    def __init__(self, args: list[str]):
-        self.proc = subprocess.Popen(KEMU + args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+    def __init__(self, args: list[str], command: list[str] = KEMU):
+        self.proc = subprocess.Popen(command + args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE)
         self.buffer = b""
         self.errors = b""                  # kemu's stderr so far

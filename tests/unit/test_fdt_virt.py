@@ -128,3 +128,23 @@ def test_chosen_has_kaslr_and_rng_seeds_from_the_host(tmp_path, need):
     (tmp_path / "fixed.dtb").write_bytes(machine.device_tree())
     chosen = _node(_dts(dtc, tmp_path / "fixed.dtb"), "chosen")
     assert "kaslr-seed = <0x10203 0x4050607>;" in chosen
+
+
+def test_pmu_fw_cfg_nodes_and_model_are_qemus(tmp_path, need):
+    """The pmu node (arm,armv8-pmuv3 on PPI 7 with the CPU mask), the fw-cfg node
+    and the root's model are what QEMU's virt writes, with one CPU and with three."""
+    dtc = need("dtc")
+    qemu = need("qemu-system-aarch64")
+    for smp in (1, 3):
+        subprocess.run([qemu, "-M", f"virt,dumpdtb={tmp_path / 'qemu.dtb'}", "-cpu",
+                        "cortex-a57", "-smp", str(smp), "-nographic"],
+                       capture_output=True, check=True)
+        cfg = MachineConfig(kernel=fake_kernel(tmp_path / "Image"), memory=256 << 20, smp=smp)
+        (tmp_path / "kemu.dtb").write_bytes(
+            VirtMachine(cfg, SerialBackend(lambda b: None)).device_tree())
+        kemu, qemu_dts = _dts(dtc, tmp_path / "kemu.dtb"), _dts(dtc, tmp_path / "qemu.dtb")
+        assert _node(kemu, "pmu") == _node(qemu_dts, "pmu")
+        assert f"interrupts = <0x01 0x07 {(((1 << smp) - 1) << 8) | 4:#x}>;" in _node(kemu, "pmu")
+        assert _node(kemu, "fw-cfg@9020000") == _node(qemu_dts, "fw-cfg@9020000")
+        assert '\tmodel = "linux,dummy-virt";' in qemu_dts.splitlines()
+        assert '\tmodel = "linux,dummy-virt";' in kemu.splitlines()

@@ -17,7 +17,7 @@ from kemu.backends.block import ImageError, open_image
 from kemu.backends.locking import ImageLockError
 from kemu.backends.qcow2 import create_qcow2
 from kemu.errors import ConfigError
-from kemu.machines.virtio_devices import parse_drive
+from kemu.options.drive import parse_drive
 
 KEMU = [sys.executable, "-m", "kemu.cli"]
 

@@ -6,7 +6,8 @@ from kemu.devices.base import IrqLine
 from kemu.devices.pl031 import (RTCCR, RTCDR, RTCICR, RTCIMSC, RTCLR, RTCMIS, RTCMR, RTCRIS,
                                 Pl031)
 from kemu.errors import ConfigError
-from kemu.machines.rtc import RtcClock, RtcConfig, parse_rtc_option
+from kemu.machines.rtc import RtcClock, RtcConfig
+from kemu.options.rtc import parse_rtc_option
 
 
 class Clock:

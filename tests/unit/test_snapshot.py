@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 
 from kemu.backends.snapshot import open_snapshot
-from kemu.cli import parse_qemu_options
+from kemu.options import parse_qemu_options
 from kemu.errors import ConfigError
 from kemu.machines.config import MachineConfig
-from kemu.machines.virtio_devices import open_drive, parse_drive
+from kemu.machines.virtio_devices import open_drive
+from kemu.options.drive import parse_drive
 
 
 def _image(tmp_path: Path, fmt: str) -> Path:

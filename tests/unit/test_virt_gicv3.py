@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from kemu.backends.serial import SerialBackend
-from kemu.cli import parse_qemu_options
+from kemu.options import parse_qemu_options
 from kemu.errors import ConfigError
 from kemu.machines.arm64_virt import VirtMachine
 from kemu.machines.config import MachineConfig

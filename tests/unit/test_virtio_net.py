@@ -332,7 +332,7 @@ def test_tap_backend_framing_over_a_pipe_pair():
 
 
 def test_cli_network_options():
-    from kemu.cli import parse_qemu_options
+    from kemu.options import parse_qemu_options
     from kemu.machines.config import MachineConfig
 
     cfg = parse_qemu_options(["-netdev", "user,id=n0,hostfwd=tcp::8022-:22,hostfwd=udp::53-:53",
@@ -357,7 +357,7 @@ def test_cli_network_options():
                                   ["-netdev", "tap,id=a,script=/etc/qemu-ifup"],
                                   ["-netdev", "user,id=a,smb=/tmp"], ["-nic", "user,model=e1000"]])
 def test_cli_bad_network_options(argv):
-    from kemu.cli import parse_qemu_options
+    from kemu.options import parse_qemu_options
     from kemu.machines.config import MachineConfig
     with pytest.raises(ConfigError):
         parse_qemu_options(argv, MachineConfig())

@@ -46,6 +46,7 @@ class IoLoop:
         self._calls: deque[Callable[[], None]] = deque()
         self._closing = False
         self._closed = False
+        self._close_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._started = False
         #: fd -> (events, callback(mask))
@@ -58,17 +59,21 @@ class IoLoop:
             self._thread.start()
 
     def close(self) -> None:
-        """Stop the thread (after the queued calls) and free the selector (idempotent)."""
-        if self._closed:
-            return
-        self._closing = True
-        self._wake()
-        if self._started and threading.current_thread() is not self._thread:
-            self._thread.join(5)
-        self._closed = True
-        self._sel.close()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        """Stop the thread (after the queued calls) and free the selector.
+
+        Idempotent, and safe from two threads at once: the second waits for the first.
+        """
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closing = True
+            self._wake()
+            if self._started and threading.current_thread() is not self._thread:
+                self._thread.join(5)
+            self._closed = True
+            self._sel.close()
+            os.close(self._wake_r)
+            os.close(self._wake_w)
 
     def flush(self) -> None:
         """Nothing to flush (lets the loop sit in a board's list of backends)."""

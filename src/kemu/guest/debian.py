@@ -29,7 +29,9 @@ GUEST_MODULES = ["virtio_mmio", "virtio_blk", "virtio_net", "virtio_console", "v
                  "vmw_vsock_virtio_transport", "virtio_input", "evdev"]
 
 ARCHES = {
-    "aarch64": {"debian": "arm64", "kernel": "linux-image-cloud-arm64", "console": "ttyAMA0"},
+    # qemu_fw_cfg: /sys/firmware/qemu_fw_cfg for the virt board's fw_cfg (-fw_cfg files).
+    "aarch64": {"debian": "arm64", "kernel": "linux-image-cloud-arm64", "console": "ttyAMA0",
+                "modules": ["qemu_fw_cfg"]},
     # The x86-64 microvm board (KVM): no PCI; the power button is ACPI's (a GED
     # notifying a PNP0C0C device; the cloud kernel has the button driver as a
     # module).  reboot=k

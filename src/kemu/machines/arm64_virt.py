@@ -9,6 +9,7 @@ and device trees written for it work unchanged:
 0x080a0000     123 x 128 KiB GICv3 redistributors (gic-version=3)
 0x09000000     4 KiB         PL011 UART (SPI 1)
 0x09010000     4 KiB         PL031 RTC (SPI 2)
+0x09020000     0x18          fw_cfg (MMIO with DMA; -fw_cfg files)
 0x0a000000     32 x 0x200    virtio-mmio slots (SPI 16 + n)
 0x40000000     -m            RAM
 =============  ============  =================================
@@ -22,8 +23,8 @@ own generic timers on its banked PPIs.  GICv2 (the default): each CPU sees
 its own bank of the GIC's registers, SGIs go through GICD_SGIR.  GICv3
 (``-M virt,gic-version=3``): a redistributor per CPU, the CPU interface as
 the ICC_* system registers, SGIs through ICC_SGI1R_EL1, SPIs routed by
-GICD_IROUTER; no ITS (kemu's virt has no PCIe for MSIs).  Kernels (Image, ELF, raw) and the device tree
-are placed as QEMU places them (:mod:`kemu.boot.arm64_boot`); ``-dtb FILE``
+GICD_IROUTER; no ITS (kemu's virt has no PCIe for MSIs).  Kernels (Image,
+ELF, raw) and the device tree are placed as QEMU places them (:mod:`kemu.boot.arm64_boot`); ``-dtb FILE``
 replaces the generated tree (:mod:`kemu.boot.dtb_file`).  The virtio-mmio
 slots speak version 1 (legacy) by default, as QEMU 7.2's do.
 """
@@ -41,6 +42,7 @@ from kemu.boot.fdt import Cells, Node, reg64
 from kemu.bus import Bus
 from kemu.devices.arm_timer import NS_PER_TICK, GenericTimer, host_counter
 from kemu.devices.base import IrqLine
+from kemu.devices.fw_cfg import REGISTERS_SIZE, FwCfg
 from kemu.devices.gic import GicCpuInterface, GicDistributor, GicV2
 from kemu.devices.gic import v3 as gicv3
 from kemu.devices.gic.cpuif import GicV3CpuInterface
@@ -55,7 +57,8 @@ from kemu.machines.config import MachineConfig, MiB
 from kemu.machines.rtc import AlarmTimer, RtcClock
 from kemu.devices import psci as psci_fn
 from kemu.machines.runtime import DeadlineKicker, Outcome, RunState, VcpuGroup, VcpuThread
-from kemu.memory import GuestMemory, RamRegion
+from kemu.memory import GuestMemory
+from kemu.options.objects import ram_regions
 
 FDT_MAGIC = b"\xd0\x0d\xfe\xed"
 GIC_DIST = (0x08000000, 0x10000)
@@ -63,6 +66,7 @@ GIC_CPU = (0x08010000, 0x10000)
 GIC_REDIST = (0x080A0000, 0x00F60000)
 UART0 = (0x09000000, 0x1000)
 RTC = (0x09010000, 0x1000)
+FW_CFG = (0x09020000, REGISTERS_SIZE)
 VIRTIO_MMIO = (0x0A000000, 0x200)
 VIRTIO_MMIO_SLOTS = 32
 RAM_BASE = 0x40000000
@@ -76,6 +80,8 @@ NUM_IRQS = 128
 
 # Timer PPIs (INTID - 16): secure phys 13, non-secure phys 14, virtual 11, hyp 10.
 PPI_SEC_PHYS, PPI_PHYS, PPI_VIRT, PPI_HYP = 13, 14, 11, 10
+#: The PMU's overflow interrupt: PPI 7 (INTID 23), QEMU's VIRTUAL_PMU_IRQ.
+PPI_PMU = 7
 
 PHANDLE_GIC = 1
 PHANDLE_CLK = 2
@@ -173,7 +179,7 @@ class VirtMachine:
         self.random: Callable[[int], bytes] = os.urandom
         #: The big machine lock: device state is touched under it only.
         self.lock = threading.RLock()
-        self.memory = GuestMemory([RamRegion(RAM_BASE, config.memory)])
+        self.memory = GuestMemory(ram_regions(config, [(RAM_BASE, config.memory)]))
         self.mmio = Bus("mmio")
         self.virtio_slots: list[VirtioSlot] = []
 
@@ -210,6 +216,13 @@ class VirtMachine:
                          self.rtc_clock.start_time, set_alarm=self._rtc_alarm.set)
         self.mmio.map(*RTC, self.rtc)
 
+        # QEMU's fw_cfg with the -fw_cfg files (QEMU's virt gives it no kernel
+        # items without firmware: the kernel is loaded directly).
+        self.fw_cfg = FwCfg(self.memory, nb_cpus=config.smp)
+        for item in config.fw_cfg:
+            self.fw_cfg.add_file(item.name, item.data())
+        self.mmio.map(*FW_CFG, self.fw_cfg)
+
         # Per-CPU timers on the CPU's banked PPIs; a vCPU thread drives them
         # from its MSR hooks, so their lines take the machine lock.
         self.timers = [(GenericTimer(self._locked(self.gic.ppi_line(i, PPI_VIRT)),
@@ -222,6 +235,8 @@ class VirtMachine:
 
         from kemu.devices.virtio.input import power_button
         from kemu.machines.virtio_devices import attach_devices, attach_transport
+        #: close() runs in two threads at once (the API's watcher and its caller's wait()).
+        self._teardown_lock = threading.Lock()
         self.block_backends = attach_devices(self, config)
         # The power button (QMP system_powerdown), as QEMU's virt has one.
         self.power_button = power_button()
@@ -267,7 +282,7 @@ class VirtMachine:
         cfg = self.config
         root = Node("", {
             "#address-cells": 2, "#size-cells": 2,
-            "compatible": "linux,dummy-virt", "model": "kemu virt",
+            "compatible": "linux,dummy-virt", "model": "linux,dummy-virt",
             "interrupt-parent": PHANDLE_GIC,
         })
         chosen = {"bootargs": cfg.append, "stdout-path": f"/pl011@{UART0[0]:x}"}
@@ -308,6 +323,9 @@ class VirtMachine:
                                 ppi_flags, GIC_FDT_PPI, PPI_VIRT, ppi_flags, GIC_FDT_PPI,
                                 PPI_HYP, ppi_flags),
             "always-on": None}))
+        # As QEMU's virt (fdt_add_pmu_nodes) for a CPU with a PMU.
+        root.add(Node("pmu", {"compatible": "arm,armv8-pmuv3",
+                              "interrupts": Cells(GIC_FDT_PPI, PPI_PMU, ppi_flags)}))
         root.add(Node("apb-pclk", {"compatible": "fixed-clock", "#clock-cells": 0,
                                    "clock-frequency": 24_000_000,
                                    "clock-output-names": "clk24mhz", "phandle": PHANDLE_CLK}))
@@ -322,6 +340,8 @@ class VirtMachine:
             "reg": reg64(RTC),
             "interrupts": Cells(GIC_FDT_SPI, RTC_SPI, IRQ_TYPE_LEVEL_HIGH),
             "clocks": PHANDLE_CLK, "clock-names": "apb_pclk"}))
+        root.add(Node(f"fw-cfg@{FW_CFG[0]:x}", {
+            "compatible": "qemu,fw-cfg-mmio", "reg": reg64(FW_CFG), "dma-coherent": None}))
         for slot in self.virtio_slots:
             # The transport holds its interrupt high while InterruptStatus is
             # non-zero, so the slot is described as level-triggered.
@@ -420,7 +440,11 @@ class VirtMachine:
                 d = timer.deadline_counter()
                 if d is not None and (best is None or d < best):
                     best = d
-            return None if best is None else best * NS_PER_TICK / 1e9
+            best_s = None if best is None else best * NS_PER_TICK / 1e9
+            pmu = self.cpus[index].pmu.deadline() if index < len(self.cpus) else None
+            if pmu is not None and (best_s is None or pmu < best_s):
+                best_s = pmu
+            return best_s
         return next_deadline
 
     def _create_cpus(self) -> list:
@@ -437,7 +461,9 @@ class VirtMachine:
                              vtimer, ptimer, model=self.config.cpu,
                              mpidr=(MPIDR_U_RES1 | mpidr(i, self.config.gic_version)
                                     if n > 1 else None),
-                             domain=domain, powered_on=i == 0, gicv3=self.gic_cpuif)
+                             domain=domain, powered_on=i == 0,
+                             pmu_irq=self._locked(self.gic.ppi_line(i, PPI_PMU)),
+                             gicv3=self.gic_cpuif)
             self.cpu_irqs[i].connect(cpu.set_irq)
             cpu.reset_for_linux(self.layout.entry, self.layout.x0)
             cpus.append(cpu)
@@ -458,6 +484,7 @@ class VirtMachine:
             self.gic.reset()
             self.uart.reset()
             self.rtc.reset()
+            self.fw_cfg.reset()
             for vtimer, ptimer in self.timers:
                 vtimer.ctl = ptimer.ctl = 0
         self.load()
@@ -541,10 +568,11 @@ class VirtMachine:
         return outcome
 
     def close(self) -> None:
-        """Flush and close the disks (idempotent)."""
+        """Flush and close the disks (idempotent, from any thread)."""
         from kemu.backends.block import flush_and_close
-        backends, self.block_backends = self.block_backends, []
-        flush_and_close(backends)
+        with self._teardown_lock:
+            backends, self.block_backends = self.block_backends, []
+            flush_and_close(backends)
 
     @property
     def state(self) -> RunState:

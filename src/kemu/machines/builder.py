@@ -6,8 +6,9 @@ from kemu.backends.serial import SerialBackend
 from kemu.errors import ConfigError
 from kemu.machines.config import MachineConfig
 
-MACHINES = ("virt", "microvm")
-ACCELS = {"virt": ("tcg",), "microvm": ("kvm",)}
+MACHINES = ("virt", "microvm", "none")
+#: The accelerators each board runs on, the first one its default.
+ACCELS = {"virt": ("tcg",), "microvm": ("kvm",), "none": ("tcg",)}
 
 
 def build(config: MachineConfig, console: SerialBackend):
@@ -17,6 +18,9 @@ def build(config: MachineConfig, console: SerialBackend):
     if config.accel not in ACCELS[config.machine]:
         raise ConfigError(f"the {config.machine} machine runs on the "
                           f"{'/'.join(ACCELS[config.machine])} accelerator, not {config.accel}")
+    if config.machine == "none":
+        from kemu.machines.none_board import NoneBoard
+        return NoneBoard(config, console)
     if config.machine == "microvm":
         from kemu.machines.x86_microvm import MicroVm
         return MicroVm(config, console)

@@ -32,6 +32,40 @@ class DriveConfig:
     aio: str = "threads"
     #: Writes go to a temporary overlay (-snapshot, or -drive snapshot=on).
     snapshot: bool = False
+    #: The format node's name when the drive came from -blockdev nodes.
+    node_name: str | None = None
+
+
+@dataclass
+class ObjectConfig:
+    """A user-creatable object (QEMU's ``-object TYPE,id=ID,...``): a memory
+    backend or a secret; ``props`` in QEMU's spelling."""
+
+    qom_type: str
+    id: str
+    props: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class ChardevConfig:
+    """A character device (QEMU's ``-chardev BACKEND,id=ID,...``): ``socket``
+    (a path, an address or a passed ``fd``), ``pty``, ``file``, ``stdio``, ``null``."""
+
+    backend: str
+    id: str
+    props: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class BlockdevConfig:
+    """A block node (QEMU's ``-blockdev``): a ``file`` protocol node or a ``raw`` /
+    ``qcow2`` format node over the node named by ``file``."""
+
+    driver: str
+    node_name: str
+    props: dict[str, str] = field(default_factory=dict)
+    file: str | None = None      # the child node's name (format nodes)
+    read_only: bool = False
 
 
 @dataclass
@@ -75,12 +109,22 @@ class MachineConfig:
     rtc: RtcConfig = field(default_factory=RtcConfig)
     #: -snapshot: writes to the disks go to temporary overlays, deleted at exit.
     snapshot: bool = False
+    #: -fw_cfg name=...,file=...|string=...: named fw_cfg items (virt).
+    fw_cfg: list = field(default_factory=list)
     #: -dtb FILE: this device tree instead of the board's own (virt).
     dtb: Path | None = None
     #: -machine dumpdtb=FILE: write the board's device tree there and exit (virt).
     dumpdtb: Path | None = None
     #: -machine gic-version=2|3 (virt; ``max`` is 3 on TCG, as in QEMU).
     gic_version: int = 2
+    #: -machine memory-backend=ID: guest RAM is that -object's memory.
+    memory_backend: str | None = None
+    #: -object, -chardev and -blockdev by id / node name, in command-line order.
+    objects: dict[str, ObjectConfig] = field(default_factory=dict)
+    chardevs: dict[str, ChardevConfig] = field(default_factory=dict)
+    blockdevs: dict[str, BlockdevConfig] = field(default_factory=dict)
+    #: -no-shutdown: a guest power-off stops the machine; the process stays up.
+    no_shutdown: bool = False
     #: -global DRIVER.PROP=VALUE, as ``{(driver, prop): value}``.
     globals: dict[tuple[str, str], str] = field(default_factory=dict)
     extra: dict = field(default_factory=dict)

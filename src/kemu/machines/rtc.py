@@ -23,7 +23,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from kemu.errors import ConfigError
-from kemu.machines.opts import split_opts
 
 BASES = ("utc", "localtime")
 CLOCKS = ("host", "rt", "vm")
@@ -46,27 +45,6 @@ def parse_date(text: str) -> int:
             continue
     raise ConfigError(f"-rtc base={text}: invalid date format "
                       "(expected utc, localtime or YYYY-MM-DD[THH:MM:SS])")
-
-
-def parse_rtc_option(text: str) -> RtcConfig:
-    props: dict[str, str] = {}
-    for part in split_opts(text):
-        key, eq, value = part.partition("=")
-        if not eq:
-            raise ConfigError(f"-rtc: invalid parameter {part!r}")
-        if key not in ("base", "clock", "driftfix"):
-            raise ConfigError(f"-rtc: unsupported parameter {key!r}")
-        props[key] = value
-    base = props.get("base", "utc")
-    if base not in BASES:
-        parse_date(base)
-    clock = props.get("clock", "host")
-    if clock not in CLOCKS:
-        raise ConfigError(f"-rtc clock={clock}: expected host, rt or vm")
-    driftfix = props.get("driftfix", "none")
-    if driftfix not in ("none", "slew"):
-        raise ConfigError(f"-rtc driftfix={driftfix}: expected none or slew")
-    return RtcConfig(base, clock, driftfix)
 
 
 class RtcClock:

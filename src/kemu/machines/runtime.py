@@ -211,6 +211,10 @@ class VcpuGroup:
         self._reset_lock = threading.Lock()
         self._stopping = False
         self._quiet = False             # no on_state during a reset's pause and resume
+        #: -no-shutdown: a guest power-off (or, with -no-reboot, reset) pauses every
+        #: vCPU and calls ``on_guest_shutdown(reason)`` instead of ending the machine.
+        self.no_shutdown = False
+        self.on_guest_shutdown: Callable[[str], None] = lambda reason: None
 
     def add(self, thread: VcpuThread) -> None:
         index = len(self.threads)
@@ -294,6 +298,11 @@ class VcpuGroup:
                 return None
         elif isinstance(exit, InternalError):
             outcome = Outcome("error", 1, f"guest stopped: {exit.message}")
+        if outcome is not None and self.no_shutdown and outcome.reason in ("poweroff", "reset"):
+            self.on_guest_shutdown(outcome.reason)
+            for t in self.threads:
+                t.request(RunState.PAUSED)
+            return None
         if outcome is not None:
             self.end(outcome)
             return self._end

@@ -72,7 +72,8 @@ from kemu.machines.console_watch import (
     ConsoleWatcher,
 )
 from kemu.machines.runtime import Outcome, RunState, VcpuGroup, VcpuThread
-from kemu.memory import GuestMemory, RamRegion
+from kemu.memory import GuestMemory
+from kemu.options.objects import ram_regions
 
 COM1 = (0x3F8, 8)
 COM1_IRQ = 4
@@ -209,8 +210,7 @@ class MicroVm:
                        if config.initrd else None)
         #: The big machine lock: device state is touched under it only.
         self.lock = threading.RLock()
-        self.memory = GuestMemory([RamRegion(b, s)
-                                   for b, s in linux_x86.ram_layout(config.memory)])
+        self.memory = GuestMemory(ram_regions(config, linux_x86.ram_layout(config.memory)))
         self.mmio = Bus("mmio")
         self.pio = Bus("pio", 1 << 16)
         self.virtio_slots: list[VirtioSlot] = []
@@ -262,6 +262,8 @@ class MicroVm:
         self.outcome: Outcome | None = None
         self.vcpus = VcpuGroup()
         self._close_lock = threading.Lock()
+        #: close() runs in two threads at once (the API's watcher and its caller's wait()).
+        self._teardown_lock = threading.Lock()
         self.on_state: Callable[[RunState], None] = lambda s: None
         #: Called before a guest-initiated reset is carried out (the API's RESET event).
         self.on_reset: Callable[[], None] = lambda: None
@@ -484,21 +486,22 @@ class MicroVm:
         return outcome
 
     def close(self) -> None:
-        """Flush and close the disks, release the VM (idempotent)."""
+        """Flush and close the disks, release the VM (idempotent, from any thread)."""
         from kemu.backends.block import flush_and_close
-        backends, self.block_backends = self.block_backends, []
-        try:
-            flush_and_close(backends)
-        finally:
-            if all(t.state == RunState.STOPPED for t in self.vcpus.threads):
-                self._close_vm()
-                for fd in [*self.ioeventfds, *self.irqfds.values()]:
-                    fd.close()
-                self.ioeventfds, self.irqfds = [], {}
-                self.io_loop.close()
-                with self._close_lock:
-                    if self.kvm.fd >= 0:
-                        self.kvm.close()
+        with self._teardown_lock:
+            backends, self.block_backends = self.block_backends, []
+            try:
+                flush_and_close(backends)
+            finally:
+                if all(t.state == RunState.STOPPED for t in self.vcpus.threads):
+                    self._close_vm()
+                    for fd in [*self.ioeventfds, *self.irqfds.values()]:
+                        fd.close()
+                    self.ioeventfds, self.irqfds = [], {}
+                    self.io_loop.close()
+                    with self._close_lock:
+                        if self.kvm.fd >= 0:
+                            self.kvm.close()
 
     @property
     def state(self) -> RunState:

@@ -10,7 +10,7 @@ import threading
 
 from kemu.backends.unix_socket import OwnedPath, listen_unix
 from kemu.errors import ConfigError
-from kemu.machines.opts import SocketAddress
+from kemu.options.sockets import SocketAddress
 from kemu.monitor.hmp import Hmp
 from kemu.monitor.session import MonitorSession
 

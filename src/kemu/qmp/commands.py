@@ -24,7 +24,10 @@ def package() -> str:
         return "kemu"
 
 
-def _expect_args(args: dict, spec: dict[str, type]) -> None:
+def _expect_args(args: dict, spec: dict[str, type] | None) -> None:
+    """Check arguments against a command's spec (None: kemu.options checks them)."""
+    if spec is None:
+        return
     for key, value in args.items():
         if key not in spec:
             raise QmpError(f"Parameter '{key}' is unexpected")
@@ -40,6 +43,7 @@ class Commands:
         self.vm = vm
         self.on_quit = on_quit or vm.stop
         self._hmp = None
+        self.migrate_capabilities = {"events": False}
         self.table: dict[str, tuple[Callable[[dict], Any], dict[str, type]]] = {
             "query-version": (self.query_version, {}),
             "query-status": (self.query_status, {}),
@@ -54,6 +58,74 @@ class Commands:
             "quit": (self.quit, {}),
             "human-monitor-command": (self.hmp, {"command-line": str, "cpu-index": int}),
         }
+        self.table.update(self._introspection())
+        self.table.update(self._parts())
+
+    def _introspection(self) -> dict:
+        """What kemu is and can do (kemu.qmp.introspect), for management tools' probes."""
+        from kemu.qmp import introspect as i
+        config = self.vm.config
+        return {
+            "query-qmp-schema": (lambda a: i.qmp_schema(self.table), {}),
+            "query-target": (lambda a: {"arch": i.target(config)}, {}),
+            # kemu's aarch64 board runs on TCG; microvm on KVM (it is then present).
+            "query-kvm": (lambda a: {"enabled": config.accel == "kvm",
+                                     "present": config.accel == "kvm"}, {}),
+            "query-machines": (lambda a: i.query_machines(config), {"compat-props": bool}),
+            "query-cpu-definitions": (lambda a: i.query_cpu_definitions(config), {}),
+            "qom-list-types": (lambda a: [t for t in i.qom_types(config)
+                                          if _type_matches(t, a)],
+                               {"implements": str, "abstract": bool}),
+            "device-list-properties": (lambda a: i.device_list_properties(
+                _required(a, "typename")), {"typename": str}),
+            "qom-list-properties": (lambda a: i.qom_list_properties(
+                config, _required(a, "typename")), {"typename": str}),
+            "query-command-line-options": (lambda a: i.command_line_options(a.get("option")),
+                                           {"option": str}),
+            # kemu has no live migration yet: of QEMU's capabilities only "events"
+            # (MIGRATION events on; there is no migration to report).
+            "query-migrate-capabilities": (lambda a: [
+                {"capability": name, "state": on}
+                for name, on in self.migrate_capabilities.items()], {}),
+            "migrate-set-capabilities": (self.migrate_set_capabilities,
+                                         {"capabilities": list}),
+            "query-gic-capabilities": (lambda a: [{"version": 2, "emulated": True,
+                                                   "kernel": False}]
+                                       if i.target(config) == "aarch64" else [], {}),
+            "query-tpm-models": (lambda a: [], {}),
+            "query-tpm-types": (lambda a: [], {}),
+            "query-iothreads": (lambda a: [], {}),
+        }
+
+    def _parts(self) -> dict:
+        """The machine's chardevs, disks, block nodes, peripherals (kemu.qmp.machine_info)."""
+        from kemu.qmp import machine_info as m
+        config = self.vm.config
+        return {
+            "query-chardev": (lambda a: m.query_chardev(config), {}),
+            "query-named-block-nodes": (lambda a: m.query_named_block_nodes(config),
+                                        {"flat": bool}),
+            "query-blockstats": (lambda a: m.query_blockstats(self.vm), {"query-nodes": bool}),
+            "qom-list": (lambda a: m.qom_list(config, _required(a, "path")), {"path": str}),
+            "device_add": (lambda a: m.device_add(config, a), None),
+            "device_del": (lambda a: m.device_del(config, a), {"id": str}),
+            "object-add": (lambda a: m.object_add(config, a), None),
+            "object-del": (lambda a: m.object_del(config, a), {"id": str}),
+            "blockdev-add": (lambda a: m.blockdev_add(config, a), None),
+            "blockdev-del": (lambda a: m.blockdev_del(config, a), {"node-name": str}),
+        }
+
+    def migrate_set_capabilities(self, args: dict) -> None:
+        wanted = {}
+        for cap in args.get("capabilities", []):
+            if not isinstance(cap, dict) or not isinstance(cap.get("state"), bool):
+                raise QmpError("Invalid parameter type for 'capabilities', expected: "
+                               "MigrationCapabilityStatus")
+            name = cap.get("capability")
+            if name not in self.migrate_capabilities:
+                raise QmpError(f"Parameter 'capability' does not accept value '{name}'")
+            wanted[name] = cap["state"]
+        self.migrate_capabilities.update(wanted)
 
     def names(self) -> set[str]:
         return set(self.table) | {"qmp_capabilities"}
@@ -85,6 +157,8 @@ class Commands:
             state = "prelaunch"        # -S and never continued, as QEMU says
         elif state == "paused" and getattr(self.vm, "io_error", False):
             state = "io-error"         # a disk's werror/rerror policy paused it
+        elif state == "paused" and getattr(self.vm, "guest_shut_down", False):
+            state = "shutdown"         # the guest powered off under -no-shutdown
         return {"running": state == "running", "singlestep": False, "status": state}
 
     def query_commands(self, _args: dict) -> list:
@@ -102,13 +176,8 @@ class Commands:
                 for i, tid in enumerate(ids)]
 
     def query_block(self, _args: dict) -> list:
-        out = []
-        for i, drive in enumerate(self.vm.config.drives):
-            out.append({"device": drive.id or f"virtio{i}", "locked": False,
-                        "removable": False, "type": "unknown",
-                        "inserted": {"file": str(drive.path), "ro": drive.read_only,
-                                     "drv": drive.format or _probed_format(drive.path)}})
-        return out
+        from kemu.qmp.machine_info import query_block
+        return query_block(self.vm.config)
 
     def stop(self, _args: dict) -> None:
         if self.vm.state == "running":
@@ -146,10 +215,13 @@ class Commands:
         return self._hmp.execute(args["command-line"])
 
 
-def _probed_format(path) -> str:
-    """What a drive without format= was opened as (by its header, as at start)."""
-    from kemu.backends.block import detect_format
-    try:
-        return detect_format(path)
-    except (OSError, KemuError):
-        return "raw"
+def _required(args: dict, key: str):
+    if key not in args:
+        raise QmpError(f"Parameter '{key}' is missing")
+    return args[key]
+
+
+def _type_matches(entry: dict, args: dict) -> bool:
+    """qom-list-types' ``implements`` filter: the type itself or its direct parent."""
+    want = args.get("implements")
+    return want is None or want in (entry["name"], entry["parent"])

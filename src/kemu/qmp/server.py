@@ -11,23 +11,19 @@ listens on 127.0.0.1 unless an address is given.
 from __future__ import annotations
 
 import asyncio
+import socket
 import sys
 import threading
 
 from kemu.backends.unix_socket import OwnedPath, listen_unix
 from kemu.errors import ConfigError
-from kemu.machines.opts import SocketAddress, parse_socket_option
+from kemu.options.sockets import SocketAddress, parse_qmp_option  # noqa: F401 (re-exported)
 from kemu.qmp.commands import QEMU_VERSION, Commands, package
 from kemu.qmp.protocol import QmpSession, encode, greeting
 
 
-#: ``-qmp``'s address: a socket chardev (kemu.machines.opts).
+#: ``-qmp``'s address: a socket chardev (kemu.options.sockets).
 QmpAddress = SocketAddress
-
-
-def parse_qmp_option(text: str) -> SocketAddress:
-    """QEMU's ``-qmp`` argument (see :func:`kemu.machines.opts.parse_socket_option`)."""
-    return parse_socket_option(text, "-qmp")
 
 
 #: Event bytes a client may leave unread before it is disconnected.
@@ -96,7 +92,12 @@ class QmpServer:
                                                                self.address.port)
             self._loop.create_task(self._client(reader, writer))
             return
-        if self.address.kind == "unix":
+        if self.address.kind == "fd":
+            # A listening socket the parent opened and passed (-chardev socket,fd=N).
+            sock = socket.socket(fileno=self.address.fd)
+            sock.setblocking(False)
+            self._server = await asyncio.start_server(self._client, sock=sock)
+        elif self.address.kind == "unix":
             sock, self._owned = listen_unix(self.address.path,
                                             f"-qmp unix:{self.address.path}")
             try:

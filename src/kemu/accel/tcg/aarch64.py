@@ -18,6 +18,9 @@ PLATFORM.md and :mod:`kemu.accel.tcg.engine`):
   :class:`GenericTimer` models, and reads of the two control registers by
   MRS hooks that compute ISTATUS at the time of the read; the counter itself
   (CNTVCT) is Unicorn's CLOCK_MONOTONIC / 16 ns.
+* The PMU is QEMU's (:mod:`kemu.accel.tcg.pmu`): its overflow interrupt
+  goes to the line the board hands in, its overflow deadline to the board's
+  deadline kicker.
 * WFI makes ``emu_start`` return; the vCPU waits on the host until an
   interrupt is signalled.
 * SMP: every vCPU is its own engine instance on its own thread over the
@@ -56,7 +59,9 @@ from unicorn.unicorn_py3.unicorn import HOOK_INTR_CFUNC, uclib
 from kemu.accel.base import Exit, Halted, InternalError, IoExit, Kicked, MmioRead, MmioWrite, \
     SystemEvent
 from kemu.accel.tcg import coherence, engine
+from kemu.accel.tcg.pmu import Pmu, set_counters
 from kemu.devices.arm_timer import GenericTimer
+from kemu.devices.base import IrqLine
 from kemu.errors import AccelError
 from kemu.memory import GuestMemory
 
@@ -191,7 +196,7 @@ class Aarch64Cpu:
                  vtimer: GenericTimer, ptimer: GenericTimer, model: str = "cortex-a72",
                  mpidr: int | None = None,
                  domain: coherence.CoherenceDomain | None = None,
-                 powered_on: bool = True,
+                 powered_on: bool = True, pmu_irq: IrqLine | None = None,
                  gicv3: "SysregDevice | None" = None) -> None:
         if model not in CPU_MODELS:
             raise AccelError(f"unsupported CPU model {model!r} for the tcg accelerator "
@@ -203,12 +208,16 @@ class Aarch64Cpu:
         self.ptimer = ptimer
         uc = Uc(unicorn.UC_ARCH_ARM64, unicorn.UC_MODE_ARM)
         uc.ctl_set_cpu_model(CPU_MODELS[model])   # before any other call
+        set_counters(uc)                          # PMCR_EL0.N as QEMU's, before the CPU exists
         # 4 KiB target pages, as QEMU uses for v7+ CPUs (Unicorn defaults to
         # ARMv5's 1 KiB): a quarter of the TLB fills, and a guest's 4 KiB
         # pages are not "large pages" whose flush empties the whole TLB.
         uc.ctl_set_page_size(TARGET_PAGE_SIZE)
         engine.configure(uc, NATIVE_EXCEPTIONS)
         self.uc = uc
+        #: The PMU's overflow interrupt (the board wires it to its PPI) and deadline.
+        self.pmu = Pmu(uc, pmu_irq or IrqLine(name=f"cpu{index}.pmu"),
+                       lambda: self.on_timer_change(), self._fail)
         for region in memory.regions:
             uc.mem_map_ptr(region.base, region.size, unicorn.UC_PROT_ALL, region.host_address)
         for base, size in mmio_windows:
@@ -453,6 +462,7 @@ class Aarch64Cpu:
         """Expired timers and the interrupt level, applied to the CPU."""
         self._work_pending = False
         self.sync_timers()
+        self.pmu.service()
         self._apply_irq()
 
     # -- the run loop -------------------------------------------------------------------

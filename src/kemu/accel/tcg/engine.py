@@ -17,6 +17,8 @@ turns on:
 * ``UC_CTL_CPU_NATIVE_EXCEPTIONS``: synchronous exceptions are taken by the
   CPU as the architecture says (QEMU's own exception entry) instead of by a
   Python callback.
+* ``UC_CTL_ARM_PMU``, ``UC_CTL_ARM_PMU_SYNC``, ``UC_CTL_ARM_PMU_COUNTERS``: the
+  PMU as QEMU runs it (:mod:`kemu.accel.tcg.pmu`).
 * ``UC_ARM64_INS_SYSREG``: an MSR hook on one system register, so that only
   the generic-timer registers call into Python.
 * ``UC_CTL_ARM64_SYSREG_HOOKS_CHECKED``: those hooks see only accesses the

@@ -142,6 +142,18 @@ class BlkRequest:
     features: int
 
 
+@dataclass
+class BlkStats:
+    """Completed guest requests and their bytes, as QEMU's BlockDeviceStats counts them."""
+
+    rd_bytes: int = 0
+    wr_bytes: int = 0
+    rd_operations: int = 0
+    wr_operations: int = 0
+    flush_operations: int = 0
+    wr_highest_offset: int = 0
+
+
 class VirtioBlk(VirtioDevice):
     """A virtio block device on a :class:`BlockBackend`."""
 
@@ -172,6 +184,8 @@ class VirtioBlk(VirtioDevice):
         self.seg_max = min(queue_size - 2, SEG_MAX_LIMIT)
         self.can_discard = hasattr(backend, "discard") and not self.read_only
         self.can_write_zeroes = hasattr(backend, "write_zeroes") and not self.read_only
+        #: What the guest asked of the disk (QMP's query-blockstats).
+        self.stats = BlkStats()
 
     # -- feature bits and configuration space --------------------------------------------------
     def device_features(self) -> int:
@@ -255,16 +269,23 @@ class VirtioBlk(VirtioDevice):
             data = bytes(self.backend.read(req.sector * SECTOR_SIZE, req.in_len))
             if len(data) != req.in_len:
                 return VIRTIO_BLK_S_IOERR, b""
+            self.stats.rd_operations += 1
+            self.stats.rd_bytes += len(data)
             return VIRTIO_BLK_S_OK, data
         if t == VIRTIO_BLK_T_OUT:
             if self.read_only or not self._range_ok(req.sector, len(req.data)):
                 return VIRTIO_BLK_S_IOERR, b""
             if req.data:
                 self.backend.write(req.sector * SECTOR_SIZE, req.data)
+            self.stats.wr_operations += 1
+            self.stats.wr_bytes += len(req.data)
+            end = req.sector * SECTOR_SIZE + len(req.data)
+            self.stats.wr_highest_offset = max(self.stats.wr_highest_offset, end)
             return VIRTIO_BLK_S_OK, b""
         if t == VIRTIO_BLK_T_FLUSH:
             if not self.read_only:
                 self.backend.flush()
+            self.stats.flush_operations += 1
             return VIRTIO_BLK_S_OK, b""
         if t == VIRTIO_BLK_T_GET_ID:
             return VIRTIO_BLK_S_OK, self.serial.ljust(VIRTIO_BLK_ID_BYTES, b"\0")

@@ -1,29 +1,11 @@
-"""QEMU's option-list syntax: ``value,key=value,...``, where ``,,`` is a literal comma
-(so ``file=a,,b.img`` names the file ``a,b.img``)."""
+"""Socket chardev addresses as ``-qmp`` and ``-monitor`` take them."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from kemu.errors import ConfigError
-
-
-def split_opts(text: str) -> list[str]:
-    """Split at single commas; each ``,,`` becomes one comma inside its part."""
-    parts = [""]
-    i = 0
-    while i < len(text):
-        c = text[i]
-        if c == ",":
-            if text.startswith(",,", i):
-                parts[-1] += ","
-                i += 2
-                continue
-            parts.append("")
-        else:
-            parts[-1] += c
-        i += 1
-    return parts
+from kemu.options.keyval import split_opts
 
 
 @dataclass(frozen=True)
@@ -31,17 +13,19 @@ class SocketAddress:
     """A socket chardev as ``-qmp`` and ``-monitor`` take it: ``unix:PATH`` or
     ``tcp:HOST:PORT`` with ``server=on|off`` and ``wait=on|off``."""
 
-    kind: str            # "unix" or "tcp"
+    kind: str            # "unix", "tcp", or "fd" (a socket the parent passed, QEMU's fd=N)
     path: str = ""
     host: str = "127.0.0.1"
     port: int = 0
     wait: bool = False
     #: Listen (server=on); else connect out to the address, as QEMU does.
     server: bool = True
+    fd: int = -1
 
     def describe(self) -> str:
         """QEMU's chardev filename (``info chardev``, the waiting message)."""
-        where = f"unix:{self.path}" if self.kind == "unix" else f"tcp:{self.host}:{self.port}"
+        where = {"unix": f"unix:{self.path}", "fd": f"fd:{self.fd}"}.get(
+            self.kind, f"tcp:{self.host}:{self.port}")
         return f"disconnected:{where}{',server=on' if self.server else ''}"
 
 
@@ -83,3 +67,8 @@ def parse_socket_option(text: str, option: str) -> SocketAddress:
         return SocketAddress("tcp", host=host or "127.0.0.1", port=port_number, wait=wait,
                              server=server)
     raise ConfigError(f"{option} {text}: expected unix:PATH or tcp:HOST:PORT")
+
+
+def parse_qmp_option(text: str) -> SocketAddress:
+    """QEMU's ``-qmp`` argument (see :func:`parse_socket_option`)."""
+    return parse_socket_option(text, "-qmp")
