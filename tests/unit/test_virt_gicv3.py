@@ -30,7 +30,7 @@ def test_gicv2_stays_the_default():
 @pytest.mark.parametrize("argv,message", [
     (["-M", "virt,gic-version=host"], "kemu: gic-version=host requires KVM"),
     (["-M", "virt,gic-version=4"], "kemu: gic-version=4 requires virtualization enabled"),
-    (["-M", "virt,gic-version=5"], "kemu: -machine gic-version=5: invalid value"),
+    (["-M", "virt,gic-version=5"], "kemu: -M: gic-version=5: invalid value"),
     (["-M", "virt,gic-version=3", "-smp", "124"], "kemu: -smp: the virt board takes 1 to 123"),
     (["-M", "virt", "-smp", "9"], "kemu: -smp: the virt board takes 1 to 8"),
 ])
