@@ -15,11 +15,8 @@ import sys
 
 import pytest
 
-from test_arm64_boot import REPORT
+from bare_metal import HEX
 from test_tcg_aarch64 import assemble
-
-#: The PL011 hex printer of test_arm64_boot's guest (x0 as 16 digits and a newline).
-HEX = REPORT[REPORT.index("hex:"):]
 
 # S3_<op1>_C<n>_C<m>_<op2> spellings, so no assembler needs to know the GIC.
 ICC_PMR = "S3_0_C4_C6_0"
@@ -223,6 +220,8 @@ sync:
     b poweroff
 
 {HEX}
+    .ltorg
+
     .balign 2048
 vectors:
     . = vectors + 0x200
