@@ -23,6 +23,11 @@ if [ $test_deps = 1 ]; then
   # libvirtd); libvirt-dev and pkg-config build the libvirt Python binding in .venv.
   pkgs="$pkgs device-tree-compiler qemu-utils qemu-system-arm qemu-system-x86 binutils-aarch64-linux-gnu cpio linux-libc-dev passt acpica-tools lz4"
   pkgs="$pkgs libvirt-daemon-system libvirt-clients libvirt-dev pkg-config"
+  # A browser for the noVNC test (tests/integration/test_novnc_browser.py), npm to fetch
+  # noVNC (Debian's package only where no npm is installed: a Node.js from elsewhere
+  # brings its own and conflicts with it).
+  pkgs="$pkgs chromium"
+  command -v npm >/dev/null 2>&1 || pkgs="$pkgs npm"
 fi
 missing=""
 for p in $pkgs; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
@@ -55,6 +60,13 @@ if [ $test_deps = 1 ]; then
   .venv/bin/python -c 'import libvirt' || { echo "bootstrap: the venv cannot import libvirt" >&2; exit 1; }
 else
   .venv/bin/python -m pip install -q -e .
+fi
+if [ $test_deps = 1 ]; then
+  # noVNC (the browser VNC client the display test runs in Chromium), from the npm registry.
+  novnc="${XDG_CACHE_HOME:-$HOME/.cache}/kemu/novnc"
+  if [ ! -f "$novnc/node_modules/@novnc/novnc/core/rfb.js" ]; then
+    mkdir -p "$novnc" && (cd "$novnc" && npm install --silent --no-audit --no-fund @novnc/novnc@1.7.0 >/dev/null)
+  fi
 fi
 # Byte-compile kemu once, so that start-up does not compile it on every run
 # where PYTHONDONTWRITEBYTECODE is set.

@@ -57,7 +57,7 @@ from kemu.machines.config import MachineConfig, MiB
 from kemu.machines.rtc import AlarmTimer, RtcClock
 from kemu.devices import psci as psci_fn
 from kemu.machines.runtime import DeadlineKicker, Outcome, RunState, VcpuGroup, VcpuThread
-from kemu.memory import GuestMemory
+from kemu.memory import GuestMemory, RamRegion
 from kemu.options.objects import ram_regions
 
 FDT_MAGIC = b"\xd0\x0d\xfe\xed"
@@ -160,7 +160,8 @@ class VirtMachine:
     #: virtio-mmio.force-legacy's default here: on, as QEMU 7.2's virt (Version reads 1).
     virtio_legacy_default = True
 
-    def __init__(self, config: MachineConfig, console: SerialBackend) -> None:
+    def __init__(self, config: MachineConfig, console: SerialBackend,
+                 ram_fd: int | None = None) -> None:
         max_cpus = MAX_CPUS_GICV3 if config.gic_version == 3 else MAX_CPUS
         if not 1 <= config.smp <= max_cpus:
             raise ConfigError(f"-smp: the virt board takes 1 to {max_cpus} CPUs with "
@@ -179,8 +180,12 @@ class VirtMachine:
         self.random: Callable[[int], bytes] = os.urandom
         #: The big machine lock: device state is touched under it only.
         self.lock = threading.RLock()
-        self.memory = GuestMemory(ram_regions(config, [(RAM_BASE, config.memory)]))
-        self.mmio = Bus("mmio")
+        # ram_fd: a snapshot's memory file, mapped private (a restored machine)
+        self.memory = (GuestMemory([RamRegion(RAM_BASE, config.memory, backing=ram_fd)])
+                       if ram_fd is not None else
+                       GuestMemory(ram_regions(config, [(RAM_BASE, config.memory)])))
+        # Nothing at an address is a bus error for the CPU (an external abort), as on QEMU's virt.
+        self.mmio = Bus("mmio", decode_errors=True)
         self.virtio_slots: list[VirtioSlot] = []
 
         n = config.smp
@@ -198,9 +203,10 @@ class VirtMachine:
             self.gic = GicV2(self.cpu_irqs, NUM_IRQS)
             # Each CPU reaches its own bank of the GIC's registers at the same
             # addresses; the shared bus holds CPU 0's.
-            self._gic_views = [self.mmio] + [Bus(f"cpu{i}-gic") for i in range(1, n)]
+            self._gic_views = [self.mmio] + [Bus(f"cpu{i}-gic", decode_errors=True)
+                                              for i in range(1, n)]
             for i, bus in enumerate(self._gic_views):
-                bus.map(*GIC_DIST, GicDistributor(self.gic, i))
+                bus.map(GIC_DIST[0], 0x1000, GicDistributor(self.gic, i))  # as QEMU's
                 bus.map(GIC_CPU[0], 0x2000, GicCpuInterface(self.gic, i))
 
         self.uart = Pl011(self.gic.spi_line(UART0_SPI), console.write,
@@ -496,6 +502,73 @@ class VirtMachine:
     def start(self) -> None:
         self.load()
         self.cpus = self._create_cpus()
+        self._start_threads()
+
+    # -- snapshots (kemu.state's convention; kemu.snapshot writes and reads the files) ------------
+    def state_fingerprint(self) -> dict:
+        """What a saved state must have been made on: board, CPUs, RAM, devices in their slots."""
+        return {"board": "virt", "cpu": self.config.cpu, "smp": self.config.smp,
+                "memory": self.config.memory,
+                "slots": [[getattr(slot.device.device, "device_id", 0), slot.device.legacy]
+                          for slot in self.virtio_slots]}
+
+    def save_state(self) -> dict:
+        """The whole machine but RAM as plain data (paused, under the machine lock)."""
+        from kemu.state import save_plain
+        if self.state not in (RunState.PAUSED, RunState.CREATED) or self._paused_at is None:
+            raise ConfigError("save: the machine must be paused")
+        return {
+            "version": 1,
+            # the guest's virtual counter when it stopped: it goes on from there
+            "vcount": [self._paused_at - cpu.vtimer.offset for cpu in self.cpus],
+            "cpus": [save_plain(cpu) for cpu in self.cpus],
+            "timers": [[save_plain(v), save_plain(p)] for v, p in self.timers],
+            "uart": save_plain(self.uart), "rtc": save_plain(self.rtc),
+            "fw_cfg": save_plain(self.fw_cfg),
+            "virtio": [{"transport": save_plain(slot.device),
+                        "device": save_plain(slot.device.device)
+                        if slot.device.device is not None else None}
+                       for slot in self.virtio_slots],
+            "gic": save_plain(self.gic),
+        }
+
+    def start_restored(self, state: dict, paused: bool = False) -> None:
+        """Start from :meth:`save_state`'s data with RAM already in place (no kernel load)."""
+        from kemu.state import StateError, check_version, restore_plain
+        check_version("virt board", state.get("version", 0))
+        n = self.config.smp
+        if len(state["cpus"]) != n or len(state["timers"]) != n or \
+                len(state["virtio"]) != len(self.virtio_slots):
+            raise StateError("saved state does not match the machine's CPUs and devices")
+        self.cpus = self._create_cpus()
+        now = host_counter()
+        with self.lock:
+            # The interrupt controller first, its inputs low; then the devices, which
+            # drive their lines (fresh, low) to the levels they have now.
+            restore_plain(self.gic, state["gic"])
+            self.gic.forget_input_levels()
+            for i, cpu in enumerate(self.cpus):
+                vtimer, ptimer = self.timers[i]
+                # CNTVOFF such that the guest's virtual counter resumes where it stopped
+                vtimer.offset = now - int(state["vcount"][i])
+                restore_plain(vtimer, state["timers"][i][0])
+                restore_plain(ptimer, state["timers"][i][1])
+                restore_plain(cpu, state["cpus"][i])
+            restore_plain(self.uart, state["uart"])
+            restore_plain(self.rtc, state["rtc"])
+            if "fw_cfg" in state:
+                restore_plain(self.fw_cfg, state["fw_cfg"])
+            for slot, saved in zip(self.virtio_slots, state["virtio"]):
+                restore_plain(slot.device, saved["transport"])
+                if slot.device.device is not None and saved["device"] is not None:
+                    restore_plain(slot.device.device, saved["device"])
+            for slot in self.virtio_slots:
+                slot.device.kick_ready_queues()
+            self.console.pump()        # input typed while the machine was being restored
+        self.config.start_paused = paused
+        self._start_threads()
+
+    def _start_threads(self) -> None:
         self.vcpus.on_state = lambda state: self.on_state(state)
         for i, cpu in enumerate(self.cpus):
             deadline = self._deadline_of(i)

@@ -23,6 +23,10 @@ VIRTIO_DRIVERS = {
     "virtio-serial-device": "serial", "virtio-serial-pci": "serial", "virtconsole": "virtconsole",
     "vhost-vsock-device": "vsock", "vhost-vsock-pci": "vsock",
     "virtio-vsock-device": "vsock", "virtio-vsock-pci": "vsock",
+    "virtio-gpu-device": "gpu", "virtio-gpu-pci": "gpu",
+    "virtio-keyboard-device": "keyboard", "virtio-keyboard-pci": "keyboard",
+    "virtio-tablet-device": "tablet", "virtio-tablet-pci": "tablet",
+    "virtio-mouse-device": "mouse", "virtio-mouse-pci": "mouse",
 }
 
 
@@ -134,6 +138,9 @@ def _attach(board, config: MachineConfig, backends: list) -> None:
             attach_transport(board, net.nic(dev))
         elif kind == "vsock":
             attach_transport(board, net.vsock(dev))
+        elif kind in ("gpu", "keyboard", "tablet", "mouse"):
+            from kemu.machines.display import display_device
+            attach_transport(board, display_device(board, dev, kind))
         elif kind == "serial":
             consoles.append(_console(board, dev, len(consoles)))
         elif kind == "virtconsole":
@@ -145,6 +152,11 @@ def _attach(board, config: MachineConfig, backends: list) -> None:
     unclaimed = set(by_id) - claimed
     if unclaimed:
         raise ConfigError(f"-drive id={min(unclaimed)}: no -device uses this drive")
+    if config.extra.get("vnc") is not None:
+        from kemu.machines.display import start_vnc
+        server = start_vnc(board, config, net.loop)
+        if server is not None:
+            backends.append(server)        # closed before the loop it runs on
     net.finish()
 
 

@@ -8,9 +8,13 @@ PLATFORM.md and :mod:`kemu.accel.tcg.engine`):
   QEMU's boot code does below EL3, pointer authentication (SCR_EL3 and
   HCR_EL2 API/APK) and SVE (CPTR_EL3.EZ) are not trapped, which -cpu max
   kernels use.
-* Synchronous exceptions (SVC, aborts, undefined instructions, BRK) are
-  taken by the CPU itself, as QEMU takes them (the engine's native
-  exceptions).  HVC and SMC still come to ``UC_HOOK_INTR``: they are the
+* Synchronous exceptions (SVC, aborts, undefined instructions, BRK, the
+  debug exceptions: breakpoints, watchpoints, software step) are taken by
+  the CPU itself, as QEMU takes them (the engine's native exceptions).  An
+  access with nothing behind its physical address (outside RAM and the
+  MMIO windows, or an MMIO access the board's bus decodes to no device:
+  :class:`~kemu.bus.DecodeError`) is a synchronous external abort, as QEMU
+  raises it on virt, not the end of the VM.  HVC and SMC still come to ``UC_HOOK_INTR``: they are the
   PSCI conduit, answered in Python.
 * IRQs are injected through HCR_EL2.VI (with IMO set) and taken natively.
 * Unicorn stubs out the generic timer: writes to the six EL1 timer registers
@@ -48,6 +52,7 @@ from __future__ import annotations
 
 import ctypes
 import threading
+from dataclasses import dataclass
 from typing import Callable
 
 import unicorn
@@ -60,10 +65,12 @@ from kemu.accel.base import Exit, Halted, InternalError, IoExit, Kicked, MmioRea
     SystemEvent
 from kemu.accel.tcg import coherence, engine
 from kemu.accel.tcg.pmu import Pmu, set_counters
+from kemu.bus import DecodeError
 from kemu.devices.arm_timer import GenericTimer
 from kemu.devices.base import IrqLine
 from kemu.errors import AccelError
 from kemu.memory import GuestMemory
+from kemu.state import StateError, check_version
 
 # QEMU exception numbers (target/arm/cpu.h) as delivered to UC_HOOK_INTR.
 EXCP_UDEF = 1
@@ -141,6 +148,42 @@ class SysregDevice:
 
     def write(self, cpu: int, enc: SysregEnc, value: int) -> None:
         raise NotImplementedError
+
+
+@dataclass
+class Aarch64CpuState:
+    """One vCPU as plain data.
+
+    ``env`` is the engine's whole CPUARMState up to its breakpoint tables,
+    as ``uc_context_save`` copies it (Unicorn's AArch64 has no context
+    callbacks: a plain copy of ``env``): general, SIMD/FP and every system
+    register QEMU models (MMU, exception, timer, PAuth keys, cached hflags),
+    PSTATE and the exclusive monitor.  Its layout is the engine build's, so
+    ``engine`` names that build and a state from another build is refused.
+    The rest is what kemu keeps in Python: HCR_EL2 as last written (with VI),
+    and the PSCI power state.  The named registers are a readable copy (the
+    API, tests), checked against ``env`` on restore.
+    """
+
+    version: int
+    engine: str
+    env: bytes
+    hcr: int
+    powered_off: bool
+    on_pending: bool
+    on_request: list[int]
+    pc: int
+    sp: int
+    pstate: int
+
+
+def engine_build() -> str:
+    """The engine build's identity (its wheel version, patch-series id included)."""
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("unicorn")
+    except PackageNotFoundError:
+        return unicorn.__version__
 
 
 class _RegBatch:
@@ -377,6 +420,49 @@ class Aarch64Cpu:
     def pc(self) -> int:
         return self.uc.reg_read(A.UC_ARM64_REG_PC)
 
+    # -- state (called while the vCPU is paused, or before its thread starts) ---------------
+    def _context_blob(self) -> tuple[ctypes.c_void_p, int, int]:
+        ctx = self.uc.context_save()
+        total = uclib.uc_context_size(self._uch)
+        base = ctypes.cast(ctx.context, ctypes.c_void_p).value
+        size = ctypes.c_size_t.from_address(base).value   # uc_context.context_size
+        return ctx, base + total - size, size
+
+    def save(self) -> Aarch64CpuState:
+        ctx, data, size = self._context_blob()
+        env = ctypes.string_at(data, size)
+        del ctx
+        with self._lock:
+            off, pending, request = self._off, self._on_pending, self._on_request
+        return Aarch64CpuState(1, engine_build(), env, self._hcr, off, pending,
+                               list(request or ()), self.pc,
+                               self.uc.reg_read(A.UC_ARM64_REG_SP),
+                               self.uc.reg_read(A.UC_ARM64_REG_PSTATE))
+
+    def restore(self, state: Aarch64CpuState) -> None:
+        """Load a saved vCPU into this fresh one (its thread not yet running guest code)."""
+        check_version("aarch64 vCPU", state.version)
+        if state.engine != engine_build():
+            raise StateError(f"the vCPU state was saved by TCG engine {state.engine}, "
+                             f"this kemu runs {engine_build()}")
+        ctx, data, size = self._context_blob()
+        if len(state.env) != size:
+            raise StateError(f"vCPU state of {len(state.env)} bytes, the engine's is {size}")
+        ctypes.memmove(data, state.env, size)
+        self.uc.context_restore(ctx)
+        del ctx
+        engine.flush_tlb(self.uc)
+        if (self.pc, self.uc.reg_read(A.UC_ARM64_REG_PSTATE)) != (state.pc, state.pstate):
+            raise StateError("vCPU state: registers do not match the saved context")
+        self._hcr = state.hcr & ~HCR_VI      # VI follows the interrupt controller's output
+        self._wsys(HCR_EL2, self._hcr)
+        self._wsys(CNTVOFF_EL2, self.vtimer.offset)
+        request = tuple(state.on_request[:2]) if len(state.on_request) >= 2 else None
+        with self._lock:
+            self._off, self._on_pending = state.powered_off, state.on_pending
+            self._on_request = request
+            self._work_pending = True
+
     def registers(self) -> dict[str, int]:
         uc = self.uc
         regs = {f"x{i}": uc.reg_read(A.UC_ARM64_REG_X0 + i) for i in range(29)}
@@ -561,12 +647,19 @@ class Aarch64Cpu:
             self._service()
 
     def _mmio_read(self, uc: Uc, offset: int, size: int, base: int) -> int:
-        value = self._io(MmioRead(base + offset, size))
+        try:
+            value = self._io(MmioRead(base + offset, size))
+        except DecodeError:     # nothing there: an external abort for the guest
+            engine.mmio_bus_error(uc)
+            value = 0
         self._mmio_done()
         return value or 0
 
     def _mmio_write(self, uc: Uc, offset: int, size: int, value: int, base: int) -> None:
-        self._io(MmioWrite(base + offset, size, value))
+        try:
+            self._io(MmioWrite(base + offset, size, value))
+        except DecodeError:
+            engine.mmio_bus_error(uc)
         self._mmio_done()
 
     def _on_msr_raw(self, _handle: int, _reg: int, cp: int, key: int) -> int:

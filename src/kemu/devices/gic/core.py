@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kemu.devices.base import IrqLine
+from kemu.state import check_version
 
 SPURIOUS = 1023
 IDLE_PRIORITY = 0x100  # running priority when nothing is active
@@ -281,10 +282,20 @@ class GicCore:
         cpus = [dict(vars(c), active_stack=list(c.active_stack)) for c in self._cpus]
         return banks, cpus
 
-    def _restore_core(self, ctlr: int, irqs: list[list[dict]], cpus: list[dict]) -> None:
+    def _restore_core(self, version: int, ctlr: int, irqs: list[list[dict]],
+                      cpus: list[dict]) -> None:
+        check_version(self.name, version)
         self.ctlr = ctlr
         self._banks = [[_Irq(**d) for d in bank] for bank in irqs[:-1]]
         self._spis = [_Irq(**d) for d in irqs[-1]]
         self._cpus = [_CpuIf(**c) for c in cpus]
         self._rebuild_asserted()
+        self.update()
+
+    def forget_input_levels(self) -> None:
+        """Every input line low, as the sources' lines are when they are made: a
+        restored board then restores its devices, which raise the lines that are
+        high now (the saved levels may be stale: a timer's output is computed lazily)."""
+        for irq in [i for bank in self._banks for i in bank] + self._spis:
+            irq.level = False
         self.update()

@@ -113,7 +113,7 @@ class GicV2(GicCore):
         return GicV2State(1, self.ctlr, banks, cpus)
 
     def restore(self, state: GicV2State) -> None:
-        self._restore_core(state.ctlr, state.irqs, state.cpus)
+        self._restore_core(state.version, state.ctlr, state.irqs, state.cpus)
 
 
 class GicDistributor:

@@ -163,7 +163,7 @@ class GicV3(GicCore):
     def restore(self, state: GicV3State) -> None:
         self.irouter = list(state.irouter)
         self.waker = [bool(w) for w in state.waker]
-        self._restore_core(state.ctlr, state.irqs, state.cpus)
+        self._restore_core(state.version, state.ctlr, state.irqs, state.cpus)
         for n in range(len(self._spis)):
             self._route(n)
         self.update()
