@@ -221,3 +221,17 @@ def test_save_restore_keeps_routing_and_state():
     assert r1.read(GICR_WAKER, 4) == 0
     gic.set_spi(8, True)
     assert o1.level and not o0.level
+
+
+def test_state_as_plain_data_and_version_check():
+    from kemu.state import StateError, restore_plain, save_plain
+    gic, dist, (r0, r1), cif, (o0, o1) = make()
+    cpu_on(cif, r1, 1, 0)
+    dist_on(dist, 40, cpu_affinity=1)
+    data = save_plain(gic)
+    gic.reset()
+    restore_plain(gic, data)
+    gic.set_spi(8, True)
+    assert o1.level and not o0.level
+    with pytest.raises(StateError):
+        restore_plain(gic, dict(data, version=2))
