@@ -4,8 +4,9 @@ The memory map follows QEMU's ``virt`` machine (hw/arm/virt.c), so guests
 and device trees written for it work unchanged:
 
 =============  ============  =================================
-0x08000000     64 KiB        GICv2 distributor
+0x08000000     64 KiB        GIC distributor (GICv2 or GICv3)
 0x08010000     64 KiB        GICv2 CPU interface
+0x080a0000     123 x 128 KiB GICv3 redistributors (gic-version=3)
 0x09000000     4 KiB         PL011 UART (SPI 1)
 0x09010000     4 KiB         PL031 RTC (SPI 2)
 0x09020000     0x18          fw_cfg (MMIO with DMA; -fw_cfg files)
@@ -13,13 +14,17 @@ and device trees written for it work unchanged:
 0x40000000     -m            RAM
 =============  ============  =================================
 
-``-smp N`` (up to 8, the GICv2 limit) gives N vCPUs, each on its own host
-thread running in parallel (see :mod:`kemu.accel.tcg.coherence`).  As on
-QEMU's virt: MPIDR Aff0 is the CPU index; CPU 0 starts at the kernel, the
-others are off until the guest's PSCI CPU_ON; each CPU has its own generic
-timers on its banked PPIs and sees its own bank of the GIC's registers;
-SGIs go through GICD_SGIR.  Kernels (Image, ELF, raw) and the device tree
-are placed as QEMU places them (:mod:`kemu.boot.arm64_boot`); ``-dtb FILE``
+``-smp N`` (up to 8 with GICv2, 123 with GICv3: QEMU's first redistributor
+region) gives N vCPUs, each on its own host thread running in parallel (see
+:mod:`kemu.accel.tcg.coherence`).  As on QEMU's virt: MPIDR Aff0 is the CPU
+index within a cluster of 8 (GICv2) or 16 (GICv3); CPU 0 starts at the
+kernel, the others are off until the guest's PSCI CPU_ON; each CPU has its
+own generic timers on its banked PPIs.  GICv2 (the default): each CPU sees
+its own bank of the GIC's registers, SGIs go through GICD_SGIR.  GICv3
+(``-M virt,gic-version=3``): a redistributor per CPU, the CPU interface as
+the ICC_* system registers, SGIs through ICC_SGI1R_EL1, SPIs routed by
+GICD_IROUTER; no ITS (kemu's virt has no PCIe for MSIs).  Kernels (Image,
+ELF, raw) and the device tree are placed as QEMU places them (:mod:`kemu.boot.arm64_boot`); ``-dtb FILE``
 replaces the generated tree (:mod:`kemu.boot.dtb_file`).  The virtio-mmio
 slots speak version 1 (legacy) by default, as QEMU 7.2's do.
 """
@@ -39,6 +44,9 @@ from kemu.devices.arm_timer import NS_PER_TICK, GenericTimer, host_counter
 from kemu.devices.base import IrqLine
 from kemu.devices.fw_cfg import REGISTERS_SIZE, FwCfg
 from kemu.devices.gic import GicCpuInterface, GicDistributor, GicV2
+from kemu.devices.gic import v3 as gicv3
+from kemu.devices.gic.cpuif import GicV3CpuInterface
+from kemu.devices.gic.redistributor import STRIDE as GICR_STRIDE, GicV3Redistributor
 from kemu.devices.pl011 import Pl011
 from kemu.devices.pl031 import Pl031
 from kemu.devices.psci import Psci
@@ -55,6 +63,7 @@ from kemu.options.objects import ram_regions
 FDT_MAGIC = b"\xd0\x0d\xfe\xed"
 GIC_DIST = (0x08000000, 0x10000)
 GIC_CPU = (0x08010000, 0x10000)
+GIC_REDIST = (0x080A0000, 0x00F60000)
 UART0 = (0x09000000, 0x1000)
 RTC = (0x09010000, 0x1000)
 FW_CFG = (0x09020000, REGISTERS_SIZE)
@@ -80,6 +89,8 @@ PHANDLE_CPU0 = 0x10
 
 #: GICv2 has 8 CPU interfaces (IHI 0048B 1.3.1).
 MAX_CPUS = 8
+#: GICv3: as many redistributors as QEMU's first region holds.
+MAX_CPUS_GICV3 = GIC_REDIST[1] // GICR_STRIDE
 
 GIC_FDT_SPI, GIC_FDT_PPI = 0, 1
 IRQ_TYPE_LEVEL_HIGH = 4
@@ -103,9 +114,28 @@ def psci_node() -> Node:
                          "migrate": 0xC4000005})
 
 
-def mpidr(index: int) -> int:
-    """The affinity of CPU ``index`` as on QEMU's virt with GICv2: Aff0 = index."""
-    return index
+def mpidr(index: int, gic_version: int = 2) -> int:
+    """The affinity of CPU ``index`` as on QEMU's virt (virt_cpu_mp_affinity):
+    clusters of 8 CPUs with GICv2 (its target lists), 16 with GICv3."""
+    cluster = 16 if gic_version == 3 else 8
+    return (index // cluster) << 8 | index % cluster
+
+
+class _LockedSysregs:
+    """The GICv3 CPU interface as a vCPU reaches it: under the machine lock."""
+
+    def __init__(self, cpuif: GicV3CpuInterface, lock: threading.RLock) -> None:
+        self.readable, self.writable = cpuif.readable, cpuif.writable
+        self._cpuif = cpuif
+        self._lock = lock
+
+    def read(self, cpu: int, enc: tuple) -> int:
+        with self._lock:
+            return self._cpuif.read(cpu, enc)
+
+    def write(self, cpu: int, enc: tuple, value: int) -> None:
+        with self._lock:
+            self._cpuif.write(cpu, enc, value)
 
 
 @dataclass(frozen=True)
@@ -132,8 +162,12 @@ class VirtMachine:
 
     def __init__(self, config: MachineConfig, console: SerialBackend,
                  ram_fd: int | None = None) -> None:
-        if not 1 <= config.smp <= MAX_CPUS:
-            raise ConfigError(f"-smp: the virt board takes 1 to {MAX_CPUS} CPUs (GICv2)")
+        max_cpus = MAX_CPUS_GICV3 if config.gic_version == 3 else MAX_CPUS
+        if not 1 <= config.smp <= max_cpus:
+            raise ConfigError(f"-smp: the virt board takes 1 to {max_cpus} CPUs with "
+                              f"gic-version={config.gic_version}"
+                              + (" (gic-version=3 takes up to 123)" if max_cpus == MAX_CPUS
+                                 else ""))
         if config.memory < 16 * MiB or config.memory > RAM_MAX:
             raise ConfigError(f"-m: RAM must be between 16 MiB and {RAM_MAX >> 30} GiB")
         if config.memory % (2 * MiB):
@@ -156,14 +190,24 @@ class VirtMachine:
 
         n = config.smp
         self.cpu_irqs = [IrqLine(name=f"cpu{i}.irq") for i in range(n)]
-        self.gic = GicV2(self.cpu_irqs, NUM_IRQS)
-        # Each CPU reaches its own bank of the GIC's registers at the same
-        # addresses; the shared bus holds CPU 0's.
-        self._gic_views = [self.mmio] + [Bus(f"cpu{i}-gic", decode_errors=True)
-                                          for i in range(1, n)]
-        for i, bus in enumerate(self._gic_views):
-            bus.map(GIC_DIST[0], 0x1000, GicDistributor(self.gic, i))  # as QEMU's
-            bus.map(GIC_CPU[0], 0x2000, GicCpuInterface(self.gic, i))
+        self.gic_cpuif: _LockedSysregs | None = None
+        if config.gic_version == 3:
+            self.gic = gicv3.GicV3(self.cpu_irqs, [mpidr(i, 3) for i in range(n)])
+            self._gic_views = [self.mmio] * n
+            self.mmio.map(*GIC_DIST, self.gic.distributor())
+            for i in range(n):
+                self.mmio.map(GIC_REDIST[0] + i * GICR_STRIDE, GICR_STRIDE,
+                              GicV3Redistributor(self.gic, i))
+            self.gic_cpuif = _LockedSysregs(GicV3CpuInterface(self.gic), self.lock)
+        else:
+            self.gic = GicV2(self.cpu_irqs, NUM_IRQS)
+            # Each CPU reaches its own bank of the GIC's registers at the same
+            # addresses; the shared bus holds CPU 0's.
+            self._gic_views = [self.mmio] + [Bus(f"cpu{i}-gic", decode_errors=True)
+                                              for i in range(1, n)]
+            for i, bus in enumerate(self._gic_views):
+                bus.map(GIC_DIST[0], 0x1000, GicDistributor(self.gic, i))  # as QEMU's
+                bus.map(GIC_CPU[0], 0x2000, GicCpuInterface(self.gic, i))
 
         self.uart = Pl011(self.gic.spi_line(UART0_SPI), console.write,
                           on_rx_space=console.pump)
@@ -191,7 +235,8 @@ class VirtMachine:
                                      name=f"cpu{i}.vtimer"),
                         GenericTimer(self._locked(self.gic.ppi_line(i, PPI_PHYS)),
                                      name=f"cpu{i}.ptimer")) for i in range(n)]
-        self.psci = Psci(self._on_psci, cpus=psci_fn.CpuPowerControl(lambda: self.cpus))
+        self.psci = Psci(self._on_psci, cpus=psci_fn.CpuPowerControl(
+            lambda: self.cpus, [mpidr(i, config.gic_version) for i in range(n)]))
         self._psci_caller = 0
 
         from kemu.devices.virtio.input import power_button
@@ -267,18 +312,17 @@ class VirtMachine:
                 cluster.add(Node(f"core{i}", {"cpu": PHANDLE_CPU0 + i}))
             cpus.add(Node("cpu-map", {})).add(Node("socket0", {})).add(cluster)
         for i in range(cfg.smp):
-            props = {"device_type": "cpu", "compatible": f"arm,{cfg.cpu}", "reg": mpidr(i),
+            props = {"device_type": "cpu", "compatible": f"arm,{cfg.cpu}",
+                     "reg": mpidr(i, cfg.gic_version),
                      "phandle": PHANDLE_CPU0 + i}
             if cfg.smp > 1:
                 props["enable-method"] = "psci"
             cpus.add(Node(f"cpu@{i}", props))
         root.add(psci_node())
-        root.add(Node(f"intc@{GIC_DIST[0]:x}", {
-            "compatible": "arm,cortex-a15-gic", "#interrupt-cells": 3,
-            "interrupt-controller": None,
-            "reg": reg64((GIC_DIST[0], 0x1000), (GIC_CPU[0], 0x2000)),
-            "phandle": PHANDLE_GIC}))
-        ppi_flags = (((1 << cfg.smp) - 1) << 8) | IRQ_TYPE_LEVEL_HIGH
+        root.add(self._gic_node())
+        ppi_flags = IRQ_TYPE_LEVEL_HIGH
+        if cfg.gic_version == 2:   # GICv2 only: the PPI's CPU mask
+            ppi_flags |= ((1 << cfg.smp) - 1) << 8
         root.add(Node("timer", {
             "compatible": ["arm,armv8-timer", "arm,armv7-timer"],
             "interrupts": Cells(GIC_FDT_PPI, PPI_SEC_PHYS, ppi_flags, GIC_FDT_PPI, PPI_PHYS,
@@ -312,6 +356,20 @@ class VirtMachine:
                 "interrupts": Cells(GIC_FDT_SPI, slot.spi, IRQ_TYPE_LEVEL_HIGH),
                 "dma-coherent": None}))
         return fdt.build(root)
+
+    def _gic_node(self) -> Node:
+        """The interrupt controller as QEMU's virt describes it (create_gic)."""
+        props = {"#interrupt-cells": 3, "interrupt-controller": None, "phandle": PHANDLE_GIC}
+        if self.config.gic_version == 3:
+            # One redistributor region; no maintenance interrupt (no EL2 for
+            # the guest, as QEMU without virtualization=on); no ITS.
+            props.update({"compatible": "arm,gic-v3", "#redistributor-regions": 1,
+                          "reg": reg64(GIC_DIST, GIC_REDIST),
+                          "#address-cells": 2, "#size-cells": 2, "ranges": None})
+        else:
+            props.update({"compatible": "arm,cortex-a15-gic",
+                          "reg": reg64((GIC_DIST[0], 0x1000), (GIC_CPU[0], 0x2000))})
+        return Node(f"intc@{GIC_DIST[0]:x}", props)
 
     def add_virtio(self, device) -> VirtioSlot:
         """Map a virtio-mmio transport (or any slot-sized device) in the next free slot."""
@@ -407,9 +465,11 @@ class VirtMachine:
             vtimer, ptimer = self.timers[i]
             cpu = Aarch64Cpu(i, self.memory, [MMIO_WINDOW], self._io_for(i), self._hypercall,
                              vtimer, ptimer, model=self.config.cpu,
-                             mpidr=MPIDR_U_RES1 | mpidr(i) if n > 1 else None,
+                             mpidr=(MPIDR_U_RES1 | mpidr(i, self.config.gic_version)
+                                    if n > 1 else None),
                              domain=domain, powered_on=i == 0,
-                             pmu_irq=self._locked(self.gic.ppi_line(i, PPI_PMU)))
+                             pmu_irq=self._locked(self.gic.ppi_line(i, PPI_PMU)),
+                             gicv3=self.gic_cpuif)
             self.cpu_irqs[i].connect(cpu.set_irq)
             cpu.reset_for_linux(self.layout.entry, self.layout.x0)
             cpus.append(cpu)

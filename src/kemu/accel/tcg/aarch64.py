@@ -4,7 +4,10 @@ What Unicorn leaves to the board, and how this module does it (see
 PLATFORM.md and :mod:`kemu.accel.tcg.engine`):
 
 * Unicorn starts in EL1 with EL2/EL3 present but configured for AArch32 and
-  secure state: SCR_EL3 gets NS, HCE and RW, HCR_EL2 gets RW and IMO.
+  secure state: SCR_EL3 gets NS, HCE and RW, HCR_EL2 gets RW and IMO; and, as
+  QEMU's boot code does below EL3, pointer authentication (SCR_EL3 and
+  HCR_EL2 API/APK) and SVE (CPTR_EL3.EZ) are not trapped, which -cpu max
+  kernels use.
 * Synchronous exceptions (SVC, aborts, undefined instructions, BRK, the
   debug exceptions: breakpoints, watchpoints, software step) are taken by
   the CPU itself, as QEMU takes them (the engine's native exceptions).  An
@@ -103,6 +106,12 @@ SCR_RW = 1 << 10
 HCR_IMO = 1 << 4
 HCR_VI = 1 << 7
 HCR_RW = 1 << 31
+HCR_APK = 1 << 40
+HCR_API = 1 << 41
+SCR_APK = 1 << 16
+SCR_API = 1 << 17
+CPTR_EL3 = (3, 6, 1, 1, 2)
+CPTR_EZ = 1 << 8
 
 PSTATE_DAIF = 0xF << 6
 PSTATE_EL1H = 0b0101
@@ -114,6 +123,10 @@ _KEY_TLBI = 0x100
 _KEY_IC_IVAU = 0x200
 _KEY_IC_IALLUIS = 0x201
 _KEY_IC_IALLU = 0x202
+_KEY_SYSREG = 0x1000   # + index in Aarch64Cpu's sysregs
+
+#: A device's system registers: (op0, op1, CRn, CRm, op2).
+SysregEnc = tuple[int, int, int, int, int]
 
 CPU_MODELS = {
     "cortex-a53": A.UC_CPU_ARM64_A53,
@@ -121,6 +134,20 @@ CPU_MODELS = {
     "cortex-a72": A.UC_CPU_ARM64_A72,
     "max": A.UC_CPU_ARM64_MAX,
 }
+
+
+class SysregDevice:
+    """What a device with system registers offers a vCPU (duck-typed):
+    ``readable``/``writable`` encodings, ``read(cpu, enc)``, ``write(cpu, enc, value)``."""
+
+    readable: tuple[SysregEnc, ...]
+    writable: tuple[SysregEnc, ...]
+
+    def read(self, cpu: int, enc: SysregEnc) -> int:
+        raise NotImplementedError
+
+    def write(self, cpu: int, enc: SysregEnc, value: int) -> None:
+        raise NotImplementedError
 
 
 @dataclass
@@ -212,7 +239,8 @@ class Aarch64Cpu:
                  vtimer: GenericTimer, ptimer: GenericTimer, model: str = "cortex-a72",
                  mpidr: int | None = None,
                  domain: coherence.CoherenceDomain | None = None,
-                 powered_on: bool = True, pmu_irq: IrqLine | None = None) -> None:
+                 powered_on: bool = True, pmu_irq: IrqLine | None = None,
+                 gicv3: "SysregDevice | None" = None) -> None:
         if model not in CPU_MODELS:
             raise AccelError(f"unsupported CPU model {model!r} for the tcg accelerator "
                              f"(have: {', '.join(sorted(CPU_MODELS))})")
@@ -266,6 +294,9 @@ class Aarch64Cpu:
         engine.add_sysreg_hook(uc, self._mrs_cb, A.UC_ARM64_INS_MRS, CNTP_CTL_EL0, 2)
         self._mrs_value = ctypes.c_uint64()
         self._timer_cval_reg = {id(vtimer): CNTV_CVAL_EL0, id(ptimer): CNTP_CVAL_EL0}
+        self._gicv3 = gicv3
+        if gicv3 is not None:
+            self._add_sysreg_device(gicv3)
         self._domain = domain
         if domain is not None:
             engine.set_parallel(uc)
@@ -287,7 +318,7 @@ class Aarch64Cpu:
         self._stale_stop = False
         self._kick_requested = False
         self._irq_level = False
-        self._hcr = HCR_RW | HCR_IMO
+        self._hcr = HCR_RW | HCR_IMO | HCR_API | HCR_APK
         self._system_event: str | None = None
         self._work_pending = True
         self._error: str | None = None
@@ -305,6 +336,19 @@ class Aarch64Cpu:
             domain.join(self)
 
     # -- setup ----------------------------------------------------------------
+    def _add_sysreg_device(self, device: "SysregDevice") -> None:
+        """The GICv3 CPU interface: the engine's ICC_* registers, each MRS/MSR
+        through one hook to ``device`` (on this vCPU's thread)."""
+        engine.enable_gicv3_cpuif(self.uc)
+        self._sysreg_cb = HOOK_INSN_SYS_CFUNC(self._on_sysreg_raw)
+        self._sysreg_keys: list[tuple[SysregEnc, bool]] = []
+        for insn, regs in ((A.UC_ARM64_INS_MRS, device.readable),
+                           (A.UC_ARM64_INS_MSR, device.writable)):
+            for enc in regs:
+                engine.add_sysreg_hook(self.uc, self._sysreg_cb, insn, enc,
+                                       _KEY_SYSREG + len(self._sysreg_keys))
+                self._sysreg_keys.append((enc, insn == A.UC_ARM64_INS_MSR))
+
     def _wsys(self, enc: tuple[int, int, int, int, int], value: int) -> None:
         cp = self._cp_reg
         cp.op0, cp.op1, cp.crn, cp.crm, cp.op2 = enc
@@ -318,7 +362,8 @@ class Aarch64Cpu:
     def reset_for_linux(self, entry: int, dtb: int) -> None:
         """Registers as the arm64 boot protocol requires (booting.rst)."""
         uc = self.uc
-        self._wsys(SCR_EL3, SCR_NS | SCR_HCE | SCR_RW)
+        self._wsys(SCR_EL3, SCR_NS | SCR_HCE | SCR_RW | SCR_API | SCR_APK)
+        self._wsys(CPTR_EL3, self._rsys(CPTR_EL3) | CPTR_EZ)
         self._wsys(HCR_EL2, self._hcr)
         self._wsys(CNTHCTL_EL2, 0x3)   # EL1 may use the physical counter and timer
         self._wsys(CNTVOFF_EL2, self.vtimer.offset)
@@ -638,18 +683,37 @@ class Aarch64Cpu:
             self._fail(f"internal error in the MSR hook: {type(e).__name__}: {e}")
             return 0
 
+    def _mrs_result(self, reg: int, value: int) -> None:
+        """``value`` into the destination register of a hooked MRS."""
+        if reg != A.UC_ARM64_REG_XZR:
+            self._mrs_value.value = value
+            if uclib.uc_reg_write(self._uch, reg, ctypes.byref(self._mrs_value)):
+                raise AccelError("Unicorn refused a register write")
+
     def _on_mrs_raw(self, _handle: int, reg: int, _cp: int, key: int) -> int:
         """uc_cb_insn_sys_t for CNTx_CTL_EL0 reads: the value with ISTATUS as of now."""
         try:
-            if reg != A.UC_ARM64_REG_XZR:
-                self._mrs_value.value = self._ctl_by_key[key].ctl_value()
-                if uclib.uc_reg_write(self._uch, reg, ctypes.byref(self._mrs_value)):
-                    raise AccelError("Unicorn refused a register write")
+            self._mrs_result(reg, self._ctl_by_key[key].ctl_value())
             if self._work_pending:
                 self._service()
             return 1
         except BaseException as e:  # a bug in kemu: stop the guest, report it
             self._fail(f"internal error in the MRS hook: {type(e).__name__}: {e}")
+            return 0
+
+    def _on_sysreg_raw(self, _handle: int, reg: int, cp: int, key: int) -> int:
+        """uc_cb_insn_sys_t for a device's system register (the GICv3 ICC_* registers)."""
+        try:
+            enc, is_write = self._sysreg_keys[key - _KEY_SYSREG]
+            if is_write:
+                self._gicv3.write(self.index, enc, ctypes.c_uint64.from_address(cp + 24).value)
+            else:
+                self._mrs_result(reg, self._gicv3.read(self.index, enc))
+            if self._work_pending:
+                self._service()
+            return 1
+        except BaseException as e:  # a bug in kemu: stop the guest, report it
+            self._fail(f"internal error in the system register hook: {type(e).__name__}: {e}")
             return 0
 
     def _on_exception_raw(self, _handle: int, intno: int, _key: int) -> None:

@@ -30,6 +30,12 @@ turns on:
   PMU as QEMU runs it (:mod:`kemu.accel.tcg.pmu`).
 * ``UC_ARM64_INS_SYSREG``: an MSR hook on one system register, so that only
   the generic-timer registers call into Python.
+* ``UC_CTL_ARM64_SYSREG_HOOKS_CHECKED``: those hooks see only accesses the
+  exception level may make (an EL0 access to an EL1 register is UNDEFINED
+  before any hook).
+* ``UC_CTL_ARM64_GICV3_CPUIF`` (a board with a GICv3 only): the CPU has the
+  ICC_* system registers, given their behaviour by hooks, and
+  ID_AA64PFR0_EL1.GIC says so.
 * ``UC_CTL_TCG_PARALLEL`` (vCPUs of an SMP machine only): translation as
   QEMU's multi-threaded TCG does it, so exclusives and atomics are host
   atomics and barriers host barriers across vCPU threads; and
@@ -58,6 +64,8 @@ UC_CTL_TCG_TRACK_CODE_PAGES = 16
 UC_CTL_CPU_NATIVE_EXCEPTIONS = 17
 UC_CTL_TCG_PARALLEL = 18
 UC_CTL_TB_INVALIDATE_PHYS = 19
+UC_CTL_ARM64_GICV3_CPUIF = 20
+UC_CTL_ARM64_SYSREG_HOOKS_CHECKED = 21
 UC_CTL_CPU_BUS_ERRORS = 23
 UC_CTL_MMIO_BUS_ERROR = 24
 UC_CTL_CPU_ARCH_CHECKS = 25
@@ -97,6 +105,14 @@ def set_parallel(uc: Uc) -> None:
     if uc_ctl_write(uc, UC_CTL_TCG_PARALLEL, 1):
         raise AccelError("the engine has no parallel translation (UC_CTL_TCG_PARALLEL): "
                          "-smp needs kemu's current engine; scripts/bootstrap.sh rebuilds it")
+
+
+def enable_gicv3_cpuif(uc: Uc) -> None:
+    """The GICv3 CPU interface registers on this CPU (patch 0010), or refuse."""
+    if uc_ctl_write(uc, UC_CTL_ARM64_GICV3_CPUIF, 1):
+        raise AccelError("the engine has no GICv3 CPU interface registers "
+                         "(UC_CTL_ARM64_GICV3_CPUIF): gic-version=3 needs kemu's current "
+                         "engine; scripts/bootstrap.sh rebuilds it")
 
 
 def flush_tlb(uc: Uc) -> None:
@@ -168,6 +184,7 @@ def configure(uc: Uc, native_exceptions: int) -> None:
     if (err or uc_ctl_write(uc, UC_CTL_TCG_TRACK_CODE_PAGES, 1)
             or uc_ctl_write(uc, UC_CTL_CPU_NATIVE_EXCEPTIONS, native_exceptions,
                             ctypes.c_uint64)
+            or uc_ctl_write(uc, UC_CTL_ARM64_SYSREG_HOOKS_CHECKED, 1)
             or uc_ctl_write(uc, UC_CTL_CPU_BUS_ERRORS, 1)
             or uc_ctl_write(uc, UC_CTL_CPU_ARCH_CHECKS, ARCH_CHECKS_ALL, ctypes.c_uint32)):
         raise AccelError("Unicorn refused kemu's engine settings (a partial build of the "
