@@ -121,7 +121,8 @@ def second_stage(disk: Path) -> None:
     guest = default_guest("aarch64", show_progress=False)
     qemu = need("qemu-system-aarch64", "qemu-system-arm")
     say("second stage in an arm64 guest (qemu-system-aarch64, TCG): dpkg configures "
-        "every package, the kernel's postinst makes its initramfs; 10-40 min")
+        "every package, the kernel's postinst makes its initramfs; 30-60 min "
+        "(about 55 min here on 2 shared cores)")
     proc = subprocess.Popen(
         [qemu, "-M", "virt", "-cpu", "max", "-smp", "2", "-accel", "tcg,thread=multi",
          "-m", "2048", "-nographic", "-kernel", str(guest.kernel), "-initrd", str(guest.initrd),
