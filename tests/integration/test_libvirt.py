@@ -328,3 +328,52 @@ def test_an_emulator_error_is_one_line_libvirt_shows(which, daemon, conn, guest,
                                          "does not accept value 'frobnicator'")
     finally:
         dom.undefine()
+
+
+@pytest.mark.parametrize("which", EMULATORS)
+def test_save_restore_and_managedsave(which, daemon, conn, guest, tmp_path):
+    """virsh save / restore, then managedsave / start: libvirt migrates the machine into a
+    file (migrate fd:, after getfd) and starts a new emulator with -incoming defer; the
+    restored guest's console answers with its state kept (a shell variable)."""
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(b"\0" * (16 << 20))
+    name = f"lv-save-{which}"
+    xml = DOMAIN_XML.format(name=name, kernel=guest.kernel, initrd=guest.initrd,
+                            append=guest.append, emulator=KEMU if which == "kemu" else QEMU,
+                            disk=disk, mac=MAC)
+    dom = conn.defineXML(xml)
+    saved = tmp_path / "dom.save"
+    try:
+        dom.create()
+        console = console_of(dom)
+        console.expect(READY)
+        console.expect(PROMPT)
+        console.run("export KEPT=before''save")
+        console.close()
+
+        virsh(daemon, "save", name, str(saved))
+        assert dom.state()[0] == libvirt.VIR_DOMAIN_SHUTOFF
+        assert saved.stat().st_size > 0
+        virsh(daemon, "restore", str(saved))
+        dom = conn.lookupByName(name)
+        wait_state(dom, libvirt.VIR_DOMAIN_RUNNING)
+        console = console_of(dom)
+        assert console.run("echo $KEPT").strip() == "beforesave"
+        console.run("export KEPT=before''managedsave")
+        console.close()
+
+        virsh(daemon, "managedsave", name)
+        assert dom.state()[0] == libvirt.VIR_DOMAIN_SHUTOFF
+        assert dom.hasManagedSaveImage()
+        virsh(daemon, "start", name)
+        wait_state(dom, libvirt.VIR_DOMAIN_RUNNING)
+        assert not dom.hasManagedSaveImage()
+        console = console_of(dom)
+        assert console.run("echo $KEPT").strip() == "beforemanagedsave"
+        console.close()
+    finally:
+        if dom.isActive():
+            dom.destroy()
+        if dom.hasManagedSaveImage():
+            dom.managedSaveRemove()
+        dom.undefine()
