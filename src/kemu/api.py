@@ -889,16 +889,32 @@ class Machine:
             if name not in QCODES:
                 raise KemuError(f"unknown key '{name}'")
             codes.append(QCODES[name])
+        self.press_keys(codes)
+
+    def press_keys(self, codes: list[int], hold_ms: int = 0) -> None:
+        """Press the Linux key ``codes`` together on the virtio keyboards, and release them
+        in reverse order ``hold_ms`` later (at once for 0; a timer, never a wait here)."""
         console = self.display
         if console is None or not console.keyboards:
             raise MachineStateError(f"the {self.config.machine} board has no keyboard "
                                     "(add -device virtio-keyboard-device)")
+
+        def release() -> None:
+            with self._board.lock:
+                for kbd in console.keyboards:
+                    for code in reversed(codes):
+                        kbd.key(code, False)
+
         with self._board.lock:
             for kbd in console.keyboards:
                 for code in codes:
                     kbd.key(code, True)
-                for code in reversed(codes):
-                    kbd.key(code, False)
+        if hold_ms <= 0:
+            release()
+            return
+        timer = threading.Timer(hold_ms / 1000, release)
+        timer.daemon = True
+        timer.start()
 
     def screenshot(self):
         """What the screen shows now, as a Pillow ``Image`` (RGB)."""

@@ -73,6 +73,7 @@ class Commands:
             "query-migrate-parameters": (self.query_migrate_parameters, {}),
             "getfd": (self.getfd, {"fdname": str}),
             "closefd": (self.closefd, {"fdname": str}),
+            "send-key": (self.send_key, {"keys": list, "hold-time": int}),
         }
         self.table.update(self._introspection())
         self.table.update(self._parts())
@@ -270,6 +271,34 @@ class Commands:
         if fd is None:
             raise QmpError("File descriptor named '%s' not found" % args.get("fdname", ""))
         os.close(fd)
+
+    def send_key(self, args: dict) -> None:
+        """QEMU's send-key: KeyValues (``qcode`` names, or ``number``: XT scancodes with 0x80
+        for the E0 prefix, as libvirt's ``send-key`` sends them) pressed together on the
+        virtio keyboards, released after ``hold-time`` ms (QEMU's default 100)."""
+        from kemu.display.keymap import QCODES, xt_to_key
+        keys = _required(args, "keys")
+        hold = args.get("hold-time", 100)
+        if hold < 0:
+            raise QmpError("Parameter 'hold-time' expects a non-negative integer")
+        if not keys:
+            raise QmpError("Parameter 'keys' expects a non-empty list of KeyValue")
+        codes = []
+        for i, key in enumerate(keys):
+            kind = key.get("type") if isinstance(key, dict) else None
+            data = key.get("data") if isinstance(key, dict) else None
+            if kind == "qcode" and isinstance(data, str):
+                code = QCODES.get(data)
+            elif kind == "number" and isinstance(data, int) and not isinstance(data, bool):
+                code = xt_to_key(data)
+            else:
+                raise QmpError(f"Invalid parameter type for 'keys[{i}]', expected: KeyValue "
+                               "({'type': 'qcode'|'number', 'data': ...})")
+            if code is None:
+                raise QmpError(f"Parameter 'keys[{i}].data' does not accept value {data!r}"
+                               " (no such key in kemu's keymap)")
+            codes.append(code)
+        self.vm.press_keys(codes, hold)
 
     def hmp(self, args: dict) -> str:
         """``human-monitor-command``: one line of the human monitor (kemu.monitor.hmp).
