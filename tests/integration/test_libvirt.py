@@ -424,3 +424,46 @@ def test_send_key_reaches_the_virtio_keyboard(which, daemon, conn, guest, tmp_pa
         if dom.isActive():
             dom.destroy()
         dom.undefine()
+
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+@pytest.mark.parametrize("which", EMULATORS)
+def test_blockresize_grows_the_disk_the_guest_sees(which, fmt, daemon, conn, guest, tmp_path):
+    """virsh blockresize (QMP block_resize): the image grows on the host, the virtio-blk
+    capacity with it (a config-change interrupt), and the guest reads the new size in
+    /sys/block/vda/size and writes past the old end."""
+    from kemu.img import image_info, main as kemu_img
+    disk = tmp_path / f"disk.{fmt}"
+    if fmt == "raw":
+        disk.write_bytes(b"\0" * (16 << 20))
+    else:
+        assert kemu_img(["create", "-f", "qcow2", str(disk), "16M"]) == 0
+    name = f"lv-resize-{which}-{fmt}"
+    xml = DOMAIN_XML.format(name=name, kernel=guest.kernel, initrd=guest.initrd,
+                            append=guest.append, emulator=KEMU if which == "kemu" else QEMU,
+                            disk=disk, mac=MAC).replace("type='raw'", f"type='{fmt}'")
+    dom = conn.defineXML(xml)
+    try:
+        dom.create()
+        console = console_of(dom)
+        console.expect(READY)
+        console.expect(PROMPT)
+        assert console.run("cat /sys/block/vda/size").strip() == str(16 << 11)
+        virsh(daemon, "blockresize", name, "vda", "32M")
+        assert image_info(disk, fmt, force_share=True)["virtual-size"] == 32 << 20
+        # The guest learns of it from the config-change interrupt: poll its view.
+        seen = console.run("for i in $(seq 200); do [ $(cat /sys/block/vda/size) = "
+                           f"{32 << 11} ] && break; sleep 0.05; done; "
+                           "cat /sys/block/vda/size").strip()
+        assert seen == str(32 << 11)
+        console.run(f"printf past-the-old-end | dd of=/dev/vda bs=1M seek=24 conv=fsync "
+                    "2>/dev/null")
+        console.run("sync")
+        dom.destroy()
+        if fmt == "raw":
+            assert disk.read_bytes()[24 << 20:(24 << 20) + 16] == b"past-the-old-end"
+        console.close()
+    finally:
+        if dom.isActive():
+            dom.destroy()
+        dom.undefine()

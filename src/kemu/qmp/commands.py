@@ -74,6 +74,7 @@ class Commands:
             "getfd": (self.getfd, {"fdname": str}),
             "closefd": (self.closefd, {"fdname": str}),
             "send-key": (self.send_key, {"keys": list, "hold-time": int}),
+            "block_resize": (self.block_resize, {"device": str, "node-name": str, "size": int}),
         }
         self.table.update(self._introspection())
         self.table.update(self._parts())
@@ -300,6 +301,27 @@ class Commands:
             codes.append(code)
         self.vm.press_keys(codes, hold)
 
+    def block_resize(self, args: dict) -> None:
+        """QEMU's block_resize: the disk named by ``device`` (the drive's id) or ``node-name``
+        grows (raw: also shrinks) to ``size`` bytes; its virtio-blk device tells the guest."""
+        from kemu.qmp.machine_info import disks
+        size = _required(args, "size")
+        device, node = args.get("device"), args.get("node-name")
+        if (device is None) == (node is None):
+            raise QmpError("block_resize: give exactly one of 'device' and 'node-name'")
+        if size < 0:
+            raise QmpError("Parameter 'size' expects a >0 size")
+        found = [d for d in disks(self.vm.config)
+                 if (device is not None and device in (d.device, d.drive.id))
+                 or (node is not None and node in (d.node_name, _storage_node(self.vm.config, d.drive)))]
+        if not found:
+            raise QmpError(f"Cannot find device='{device or ''}' nor node-name='{node or ''}'")
+        blk = {getattr(dev, "name", ""): dev for dev in self.vm.virtio_devices()}.get(
+            found[0].name)
+        if blk is None or not hasattr(blk, "resize"):
+            raise QmpError(f"block_resize: no virtio-blk device uses '{device or node}'")
+        blk.resize(size)
+
     def hmp(self, args: dict) -> str:
         """``human-monitor-command``: one line of the human monitor (kemu.monitor.hmp).
 
@@ -317,6 +339,12 @@ def _required(args: dict, key: str):
     if key not in args:
         raise QmpError(f"Parameter '{key}' is missing")
     return args[key]
+
+
+def _storage_node(config, drive) -> str | None:
+    """The protocol node under a -blockdev format node (libvirt names both)."""
+    top = config.blockdevs.get(drive.node_name) if drive.node_name else None
+    return top.file if top is not None else None
 
 
 def _type_matches(entry: dict, args: dict) -> bool:
