@@ -193,12 +193,21 @@ class MigrationPass(Event):
     pass_: int = 0
 
 
+@dataclass(frozen=True)
+class DumpCompleted(Event):
+    """dump-guest-memory ended (QMP's DUMP_COMPLETED): ``data`` is QEMU's ``result``
+    (DumpQueryResult) and, on failure, ``error``."""
+
+    data: dict = field(default_factory=dict)
+
+
 MachineEvent = Union[Stop, Resume, Powerdown, Reset, GuestPanicked, Shutdown, BlockIOError,
-                     VncEvent, MigrationStatus, MigrationPass]
+                     VncEvent, MigrationStatus, MigrationPass, DumpCompleted]
 
 #: QMP event names that are not the class name in capitals.
 _QMP_NAMES = {GuestPanicked: "GUEST_PANICKED", BlockIOError: "BLOCK_IO_ERROR",
-              MigrationStatus: "MIGRATION", MigrationPass: "MIGRATION_PASS"}
+              MigrationStatus: "MIGRATION", MigrationPass: "MIGRATION_PASS",
+              DumpCompleted: "DUMP_COMPLETED"}
 
 
 class Console:
@@ -448,6 +457,8 @@ class Machine:
             data = {"status": event.status}
         if isinstance(event, MigrationPass):
             data = {"pass": event.pass_}
+        if isinstance(event, DumpCompleted):
+            data = event.data
         name = _QMP_NAMES.get(type(event), type(event).__name__.upper())
         if isinstance(event, VncEvent):
             name, data = event.kind, event.data
@@ -853,6 +864,26 @@ class Machine:
         if not self._started:
             raise MachineStateError("registers: the machine has not been started")
         return self._board.cpu.registers()
+
+    def dump_guest_memory(self, out) -> None:
+        """Write guest RAM and each vCPU's registers to ``out`` as an ELF core
+        (:mod:`kemu.dump`); a running machine is paused for it, as QEMU does."""
+        from kemu.dump import DumpError, write_core
+        if not self._started:
+            raise MachineStateError("dump-guest-memory: the machine has not been started")
+        if self.config.machine != "virt":
+            raise DumpError(f"dump-guest-memory: kemu writes aarch64 cores only, not for "
+                            f"the {self.config.machine} board")
+        running = self.state == "running"
+        if running:
+            self.pause()
+        try:
+            cpus = [cpu.registers() for cpu in getattr(self._board, "cpus", [])] \
+                or [self._board.cpu.registers()]
+            write_core(out, [(r.base, r.buffer) for r in self._board.memory.regions], cpus)
+        finally:
+            if running:
+                self.resume()
 
     def vcpu_thread_ids(self) -> list[int]:
         """The host thread id of each vCPU (QMP's ``query-cpus-fast`` ``thread-id``)."""

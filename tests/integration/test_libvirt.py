@@ -467,3 +467,48 @@ def test_blockresize_grows_the_disk_the_guest_sees(which, fmt, daemon, conn, gue
         if dom.isActive():
             dom.destroy()
         dom.undefine()
+
+
+def elf_core(path: Path) -> tuple[list[tuple[str, int, int]], list[tuple[str, int]]]:
+    """(type, physical address, file size) of each program header and (owner, size) of each
+    NT_PRSTATUS note, as binutils' readelf reads the core."""
+    if shutil.which("readelf") is None:
+        pytest.skip("readelf (binutils) is not installed")
+    out = subprocess.run(["readelf", "-W", "-l", "-n", str(path)], capture_output=True,
+                         text=True, check=True).stdout
+    headers = [(m.group(1), int(m.group(2), 16), int(m.group(3), 16)) for m in re.finditer(
+        r"^\s+(LOAD|NOTE)\s+0x[0-9a-f]+ 0x[0-9a-f]+ (0x[0-9a-f]+) (0x[0-9a-f]+)", out, re.M)]
+    notes = [(m.group(1), int(m.group(2), 16)) for m in re.finditer(
+        r"^\s+(\S+)\s+(0x[0-9a-f]+)\s+NT_PRSTATUS", out, re.M)]
+    return headers, notes
+
+
+@pytest.mark.parametrize("which", EMULATORS)
+def test_dump_memory_only_is_an_elf_core_of_guest_ram(which, daemon, conn, guest, tmp_path):
+    """virsh dump --memory-only (getfd, dump-guest-memory paging=false protocol=fd:): an
+    ELF core with RAM's PT_LOAD at its physical address and a prstatus note per vCPU; the
+    guest goes on running."""
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(b"\0" * (1 << 20))
+    name = f"lv-dump-{which}"
+    xml = DOMAIN_XML.format(name=name, kernel=guest.kernel, initrd=guest.initrd,
+                            append=guest.append, emulator=KEMU if which == "kemu" else QEMU,
+                            disk=disk, mac=MAC).replace("<vcpu>1</vcpu>", "<vcpu>2</vcpu>")
+    dom = conn.defineXML(xml)
+    core = tmp_path / "core.elf"
+    try:
+        dom.create()
+        console = console_of(dom)
+        console.expect(READY)
+        console.expect(PROMPT)
+        virsh(daemon, "dump", "--memory-only", name, str(core))
+        headers, notes = elf_core(core)
+        assert headers == [("NOTE", 0, headers[0][2]), ("LOAD", 0x40000000, 256 << 20)]
+        assert notes == [("CORE", 0x188), ("CORE", 0x188)]            # aarch64 prstatus
+        assert b"Linux version" in core.read_bytes()
+        assert console.run("echo still''running").strip() == "stillrunning"
+        console.close()
+    finally:
+        if dom.isActive():
+            dom.destroy()
+        dom.undefine()
