@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 import tty
+from contextlib import contextmanager
 from pathlib import Path
 from xml.etree import ElementTree
 
@@ -330,6 +331,29 @@ def test_an_emulator_error_is_one_line_libvirt_shows(which, daemon, conn, guest,
         dom.undefine()
 
 
+@contextmanager
+def booted(conn, guest, name: str, which: str, disk: Path, edit=lambda xml: xml):
+    """A domain defined from DOMAIN_XML (after ``edit``), started, its guest at the shell
+    prompt: yields (domain, console); destroys and undefines it after."""
+    xml = edit(DOMAIN_XML.format(name=name, kernel=guest.kernel, initrd=guest.initrd,
+                                 append=guest.append, emulator=KEMU if which == "kemu" else QEMU,
+                                 disk=disk, mac=MAC))
+    dom = conn.defineXML(xml)
+    try:
+        dom.create()
+        console = console_of(dom)
+        console.expect(READY)
+        console.expect(PROMPT)
+        yield dom, console
+    finally:
+        dom = conn.lookupByName(name)
+        if dom.isActive():
+            dom.destroy()
+        if dom.hasManagedSaveImage():
+            dom.managedSaveRemove()
+        dom.undefine()
+
+
 @pytest.mark.parametrize("which", EMULATORS)
 def test_save_restore_and_managedsave(which, daemon, conn, guest, tmp_path):
     """virsh save / restore, then managedsave / start: libvirt migrates the machine into a
@@ -338,16 +362,8 @@ def test_save_restore_and_managedsave(which, daemon, conn, guest, tmp_path):
     disk = tmp_path / "disk.img"
     disk.write_bytes(b"\0" * (16 << 20))
     name = f"lv-save-{which}"
-    xml = DOMAIN_XML.format(name=name, kernel=guest.kernel, initrd=guest.initrd,
-                            append=guest.append, emulator=KEMU if which == "kemu" else QEMU,
-                            disk=disk, mac=MAC)
-    dom = conn.defineXML(xml)
     saved = tmp_path / "dom.save"
-    try:
-        dom.create()
-        console = console_of(dom)
-        console.expect(READY)
-        console.expect(PROMPT)
+    with booted(conn, guest, name, which, disk) as (dom, console):
         console.run("export KEPT=before''save")
         console.close()
 
@@ -371,12 +387,6 @@ def test_save_restore_and_managedsave(which, daemon, conn, guest, tmp_path):
         console = console_of(dom)
         assert console.run("echo $KEPT").strip() == "beforemanagedsave"
         console.close()
-    finally:
-        if dom.isActive():
-            dom.destroy()
-        if dom.hasManagedSaveImage():
-            dom.managedSaveRemove()
-        dom.undefine()
 
 
 #: Linux's virtio-input driver needs VIRTIO_F_VERSION_1, which QEMU's virt offers on
@@ -397,21 +407,14 @@ def test_send_key_reaches_the_virtio_keyboard(which, daemon, conn, guest, tmp_pa
     disk = tmp_path / "disk.img"
     disk.write_bytes(b"\0" * (1 << 20))
     name = f"lv-key-{which}"
-    xml = DOMAIN_XML.format(name=name, kernel=guest.kernel, initrd=guest.initrd,
-                            append=guest.append, emulator=KEMU if which == "kemu" else QEMU,
-                            disk=disk, mac=MAC).replace("  </devices>", KEYBOARD)
-    dom = conn.defineXML(xml)
-    try:
-        dom.create()
-        console = console_of(dom)
-        console.expect(READY)
-        console.expect(PROMPT)
+    with booted(conn, guest, name, which, disk,
+                lambda xml: xml.replace("  </devices>", KEYBOARD)) as (_dom, console):
         node = console.run("for d in /sys/class/input/event*; do grep -qi keyboard "
                            "$d/device/name && basename $d; done; true").split()
         assert len(node) == 1, node
-        # aarch64 struct input_event: 16 bytes of time, then type, code (u16), value (s32).
         # The node is open (events queue for it) before send-key.
         console.run(f"exec 3</dev/input/{node[0]}")
+        # aarch64 struct input_event: 16 bytes of time, then type, code (u16), value (s32).
         console.run("(dd bs=24 count=4 <&3 2>/dev/null | od -An -v -tu2 -w24 > /tmp/keys; "
                     "echo keys''done) & true")
         virsh(daemon, "send-key", name, "KEY_A")
@@ -420,10 +423,6 @@ def test_send_key_reaches_the_virtio_keyboard(which, daemon, conn, guest, tmp_pa
                   for line in console.run("cat /tmp/keys").splitlines() if line.strip()]
         assert [e for e in events if e[0] == 1] == [(1, 30, 1), (1, 30, 0)], events
         console.close()
-    finally:
-        if dom.isActive():
-            dom.destroy()
-        dom.undefine()
 
 
 @pytest.mark.parametrize("fmt", ["raw", "qcow2"])
@@ -439,15 +438,8 @@ def test_blockresize_grows_the_disk_the_guest_sees(which, fmt, daemon, conn, gue
     else:
         assert kemu_img(["create", "-f", "qcow2", str(disk), "16M"]) == 0
     name = f"lv-resize-{which}-{fmt}"
-    xml = DOMAIN_XML.format(name=name, kernel=guest.kernel, initrd=guest.initrd,
-                            append=guest.append, emulator=KEMU if which == "kemu" else QEMU,
-                            disk=disk, mac=MAC).replace("type='raw'", f"type='{fmt}'")
-    dom = conn.defineXML(xml)
-    try:
-        dom.create()
-        console = console_of(dom)
-        console.expect(READY)
-        console.expect(PROMPT)
+    with booted(conn, guest, name, which, disk,
+                lambda xml: xml.replace("type='raw'", f"type='{fmt}'")) as (dom, console):
         assert console.run("cat /sys/block/vda/size").strip() == str(16 << 11)
         virsh(daemon, "blockresize", name, "vda", "32M")
         assert image_info(disk, fmt, force_share=True)["virtual-size"] == 32 << 20
@@ -456,17 +448,12 @@ def test_blockresize_grows_the_disk_the_guest_sees(which, fmt, daemon, conn, gue
                            f"{32 << 11} ] && break; sleep 0.05; done; "
                            "cat /sys/block/vda/size").strip()
         assert seen == str(32 << 11)
-        console.run(f"printf past-the-old-end | dd of=/dev/vda bs=1M seek=24 conv=fsync "
+        console.run("printf past-the-old-end | dd of=/dev/vda bs=1M seek=24 conv=fsync "
                     "2>/dev/null")
-        console.run("sync")
         dom.destroy()
         if fmt == "raw":
             assert disk.read_bytes()[24 << 20:(24 << 20) + 16] == b"past-the-old-end"
         console.close()
-    finally:
-        if dom.isActive():
-            dom.destroy()
-        dom.undefine()
 
 
 def elf_core(path: Path) -> tuple[list[tuple[str, int, int]], list[tuple[str, int]]]:
@@ -485,22 +472,15 @@ def elf_core(path: Path) -> tuple[list[tuple[str, int, int]], list[tuple[str, in
 
 @pytest.mark.parametrize("which", EMULATORS)
 def test_dump_memory_only_is_an_elf_core_of_guest_ram(which, daemon, conn, guest, tmp_path):
-    """virsh dump --memory-only (getfd, dump-guest-memory paging=false protocol=fd:): an
-    ELF core with RAM's PT_LOAD at its physical address and a prstatus note per vCPU; the
-    guest goes on running."""
+    """virsh dump --memory-only (getfd, dump-guest-memory paging=false protocol=fd:
+    detach=true, DUMP_COMPLETED): an ELF core with RAM's PT_LOAD at its physical address
+    and a prstatus note per vCPU; the guest goes on running."""
     disk = tmp_path / "disk.img"
     disk.write_bytes(b"\0" * (1 << 20))
     name = f"lv-dump-{which}"
-    xml = DOMAIN_XML.format(name=name, kernel=guest.kernel, initrd=guest.initrd,
-                            append=guest.append, emulator=KEMU if which == "kemu" else QEMU,
-                            disk=disk, mac=MAC).replace("<vcpu>1</vcpu>", "<vcpu>2</vcpu>")
-    dom = conn.defineXML(xml)
     core = tmp_path / "core.elf"
-    try:
-        dom.create()
-        console = console_of(dom)
-        console.expect(READY)
-        console.expect(PROMPT)
+    with booted(conn, guest, name, which, disk,
+                lambda xml: xml.replace("<vcpu>1</vcpu>", "<vcpu>2</vcpu>")) as (_dom, console):
         virsh(daemon, "dump", "--memory-only", name, str(core))
         headers, notes = elf_core(core)
         assert headers == [("NOTE", 0, headers[0][2]), ("LOAD", 0x40000000, 256 << 20)]
@@ -508,7 +488,3 @@ def test_dump_memory_only_is_an_elf_core_of_guest_ram(which, daemon, conn, guest
         assert b"Linux version" in core.read_bytes()
         assert console.run("echo still''running").strip() == "stillrunning"
         console.close()
-    finally:
-        if dom.isActive():
-            dom.destroy()
-        dom.undefine()
