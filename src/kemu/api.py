@@ -193,12 +193,21 @@ class MigrationPass(Event):
     pass_: int = 0
 
 
+@dataclass(frozen=True)
+class DumpCompleted(Event):
+    """dump-guest-memory ended (QMP's DUMP_COMPLETED): ``data`` is QEMU's ``result``
+    (DumpQueryResult) and, on failure, ``error``."""
+
+    data: dict = field(default_factory=dict)
+
+
 MachineEvent = Union[Stop, Resume, Powerdown, Reset, GuestPanicked, Shutdown, BlockIOError,
-                     VncEvent, MigrationStatus, MigrationPass]
+                     VncEvent, MigrationStatus, MigrationPass, DumpCompleted]
 
 #: QMP event names that are not the class name in capitals.
 _QMP_NAMES = {GuestPanicked: "GUEST_PANICKED", BlockIOError: "BLOCK_IO_ERROR",
-              MigrationStatus: "MIGRATION", MigrationPass: "MIGRATION_PASS"}
+              MigrationStatus: "MIGRATION", MigrationPass: "MIGRATION_PASS",
+              DumpCompleted: "DUMP_COMPLETED"}
 
 
 class Console:
@@ -448,6 +457,8 @@ class Machine:
             data = {"status": event.status}
         if isinstance(event, MigrationPass):
             data = {"pass": event.pass_}
+        if isinstance(event, DumpCompleted):
+            data = event.data
         name = _QMP_NAMES.get(type(event), type(event).__name__.upper())
         if isinstance(event, VncEvent):
             name, data = event.kind, event.data
@@ -854,6 +865,26 @@ class Machine:
             raise MachineStateError("registers: the machine has not been started")
         return self._board.cpu.registers()
 
+    def dump_guest_memory(self, out) -> None:
+        """Write guest RAM and each vCPU's registers to ``out`` as an ELF core
+        (:mod:`kemu.dump`); a running machine is paused for it, as QEMU does."""
+        from kemu.dump import DumpError, write_core
+        if not self._started:
+            raise MachineStateError("dump-guest-memory: the machine has not been started")
+        if self.config.machine != "virt":
+            raise DumpError(f"dump-guest-memory: kemu writes aarch64 cores only, not for "
+                            f"the {self.config.machine} board")
+        running = self.state == "running"
+        if running:
+            self.pause()
+        try:
+            cpus = [cpu.registers() for cpu in getattr(self._board, "cpus", [])] \
+                or [self._board.cpu.registers()]
+            write_core(out, [(r.base, r.buffer) for r in self._board.memory.regions], cpus)
+        finally:
+            if running:
+                self.resume()
+
     def vcpu_thread_ids(self) -> list[int]:
         """The host thread id of each vCPU (QMP's ``query-cpus-fast`` ``thread-id``)."""
         return self._board.vcpu_thread_ids()
@@ -889,16 +920,32 @@ class Machine:
             if name not in QCODES:
                 raise KemuError(f"unknown key '{name}'")
             codes.append(QCODES[name])
+        self.press_keys(codes)
+
+    def press_keys(self, codes: list[int], hold_ms: int = 0) -> None:
+        """Press the Linux key ``codes`` together on the virtio keyboards, and release them
+        in reverse order ``hold_ms`` later (at once for 0; a timer, never a wait here)."""
         console = self.display
         if console is None or not console.keyboards:
             raise MachineStateError(f"the {self.config.machine} board has no keyboard "
                                     "(add -device virtio-keyboard-device)")
+
+        def release() -> None:
+            with self._board.lock:
+                for kbd in console.keyboards:
+                    for code in reversed(codes):
+                        kbd.key(code, False)
+
         with self._board.lock:
             for kbd in console.keyboards:
                 for code in codes:
                     kbd.key(code, True)
-                for code in reversed(codes):
-                    kbd.key(code, False)
+        if hold_ms <= 0:
+            release()
+            return
+        timer = threading.Timer(hold_ms / 1000, release)
+        timer.daemon = True
+        timer.start()
 
     def screenshot(self):
         """What the screen shows now, as a Pillow ``Image`` (RGB)."""

@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 import tty
+from contextlib import contextmanager
 from pathlib import Path
 from xml.etree import ElementTree
 
@@ -328,3 +329,162 @@ def test_an_emulator_error_is_one_line_libvirt_shows(which, daemon, conn, guest,
                                          "does not accept value 'frobnicator'")
     finally:
         dom.undefine()
+
+
+@contextmanager
+def booted(conn, guest, name: str, which: str, disk: Path, edit=lambda xml: xml):
+    """A domain defined from DOMAIN_XML (after ``edit``), started, its guest at the shell
+    prompt: yields (domain, console); destroys and undefines it after."""
+    xml = edit(DOMAIN_XML.format(name=name, kernel=guest.kernel, initrd=guest.initrd,
+                                 append=guest.append, emulator=KEMU if which == "kemu" else QEMU,
+                                 disk=disk, mac=MAC))
+    dom = conn.defineXML(xml)
+    try:
+        dom.create()
+        console = console_of(dom)
+        console.expect(READY)
+        console.expect(PROMPT)
+        yield dom, console
+    finally:
+        dom = conn.lookupByName(name)
+        if dom.isActive():
+            dom.destroy()
+        if dom.hasManagedSaveImage():
+            dom.managedSaveRemove()
+        dom.undefine()
+
+
+@pytest.mark.parametrize("which", EMULATORS)
+def test_save_restore_and_managedsave(which, daemon, conn, guest, tmp_path):
+    """virsh save / restore, then managedsave / start: libvirt migrates the machine into a
+    file (migrate fd:, after getfd) and starts a new emulator with -incoming defer; the
+    restored guest's console answers with its state kept (a shell variable)."""
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(b"\0" * (16 << 20))
+    name = f"lv-save-{which}"
+    saved = tmp_path / "dom.save"
+    with booted(conn, guest, name, which, disk) as (dom, console):
+        console.run("export KEPT=before''save")
+        console.close()
+
+        virsh(daemon, "save", name, str(saved))
+        assert dom.state()[0] == libvirt.VIR_DOMAIN_SHUTOFF
+        assert saved.stat().st_size > 0
+        virsh(daemon, "restore", str(saved))
+        dom = conn.lookupByName(name)
+        wait_state(dom, libvirt.VIR_DOMAIN_RUNNING)
+        console = console_of(dom)
+        assert console.run("echo $KEPT").strip() == "beforesave"
+        console.run("export KEPT=before''managedsave")
+        console.close()
+
+        virsh(daemon, "managedsave", name)
+        assert dom.state()[0] == libvirt.VIR_DOMAIN_SHUTOFF
+        assert dom.hasManagedSaveImage()
+        virsh(daemon, "start", name)
+        wait_state(dom, libvirt.VIR_DOMAIN_RUNNING)
+        assert not dom.hasManagedSaveImage()
+        console = console_of(dom)
+        assert console.run("echo $KEPT").strip() == "beforemanagedsave"
+        console.close()
+
+
+#: Linux's virtio-input driver needs VIRTIO_F_VERSION_1, which QEMU's virt offers on
+#: virtio-mmio only with force-legacy=off.
+KEYBOARD = """\
+    <input type='keyboard' bus='virtio'><address type='virtio-mmio'/></input>
+  </devices>
+  <qemu:commandline xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
+    <qemu:arg value='-global'/>
+    <qemu:arg value='virtio-mmio.force-legacy=off'/>
+  </qemu:commandline>"""
+
+
+@pytest.mark.parametrize("which", EMULATORS)
+def test_send_key_reaches_the_virtio_keyboard(which, daemon, conn, guest, tmp_path):
+    """virsh send-key DOM KEY_A (libvirt: QMP send-key with XT numbers): the guest's
+    evdev node of the virtio keyboard reads a press and a release of KEY_A (30)."""
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(b"\0" * (1 << 20))
+    name = f"lv-key-{which}"
+    with booted(conn, guest, name, which, disk,
+                lambda xml: xml.replace("  </devices>", KEYBOARD)) as (_dom, console):
+        node = console.run("for d in /sys/class/input/event*; do grep -qi keyboard "
+                           "$d/device/name && basename $d; done; true").split()
+        assert len(node) == 1, node
+        # The node is open (events queue for it) before send-key.
+        console.run(f"exec 3</dev/input/{node[0]}")
+        # aarch64 struct input_event: 16 bytes of time, then type, code (u16), value (s32).
+        console.run("(dd bs=24 count=4 <&3 2>/dev/null | od -An -v -tu2 -w24 > /tmp/keys; "
+                    "echo keys''done) & true")
+        virsh(daemon, "send-key", name, "KEY_A")
+        console.expect(rb"keysdone", timeout=30)
+        events = [tuple(int(x) for x in line.split()[8:11])
+                  for line in console.run("cat /tmp/keys").splitlines() if line.strip()]
+        assert [e for e in events if e[0] == 1] == [(1, 30, 1), (1, 30, 0)], events
+        console.close()
+
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+@pytest.mark.parametrize("which", EMULATORS)
+def test_blockresize_grows_the_disk_the_guest_sees(which, fmt, daemon, conn, guest, tmp_path):
+    """virsh blockresize (QMP block_resize): the image grows on the host, the virtio-blk
+    capacity with it (a config-change interrupt), and the guest reads the new size in
+    /sys/block/vda/size and writes past the old end."""
+    from kemu.img import image_info, main as kemu_img
+    disk = tmp_path / f"disk.{fmt}"
+    if fmt == "raw":
+        disk.write_bytes(b"\0" * (16 << 20))
+    else:
+        assert kemu_img(["create", "-f", "qcow2", str(disk), "16M"]) == 0
+    name = f"lv-resize-{which}-{fmt}"
+    with booted(conn, guest, name, which, disk,
+                lambda xml: xml.replace("type='raw'", f"type='{fmt}'")) as (dom, console):
+        assert console.run("cat /sys/block/vda/size").strip() == str(16 << 11)
+        virsh(daemon, "blockresize", name, "vda", "32M")
+        assert image_info(disk, fmt, force_share=True)["virtual-size"] == 32 << 20
+        # The guest learns of it from the config-change interrupt: poll its view.
+        seen = console.run("for i in $(seq 200); do [ $(cat /sys/block/vda/size) = "
+                           f"{32 << 11} ] && break; sleep 0.05; done; "
+                           "cat /sys/block/vda/size").strip()
+        assert seen == str(32 << 11)
+        console.run("printf past-the-old-end | dd of=/dev/vda bs=1M seek=24 conv=fsync "
+                    "2>/dev/null")
+        dom.destroy()
+        if fmt == "raw":
+            assert disk.read_bytes()[24 << 20:(24 << 20) + 16] == b"past-the-old-end"
+        console.close()
+
+
+def elf_core(path: Path) -> tuple[list[tuple[str, int, int]], list[tuple[str, int]]]:
+    """(type, physical address, file size) of each program header and (owner, size) of each
+    NT_PRSTATUS note, as binutils' readelf reads the core."""
+    if shutil.which("readelf") is None:
+        pytest.skip("readelf (binutils) is not installed")
+    out = subprocess.run(["readelf", "-W", "-l", "-n", str(path)], capture_output=True,
+                         text=True, check=True).stdout
+    headers = [(m.group(1), int(m.group(2), 16), int(m.group(3), 16)) for m in re.finditer(
+        r"^\s+(LOAD|NOTE)\s+0x[0-9a-f]+ 0x[0-9a-f]+ (0x[0-9a-f]+) (0x[0-9a-f]+)", out, re.M)]
+    notes = [(m.group(1), int(m.group(2), 16)) for m in re.finditer(
+        r"^\s+(\S+)\s+(0x[0-9a-f]+)\s+NT_PRSTATUS", out, re.M)]
+    return headers, notes
+
+
+@pytest.mark.parametrize("which", EMULATORS)
+def test_dump_memory_only_is_an_elf_core_of_guest_ram(which, daemon, conn, guest, tmp_path):
+    """virsh dump --memory-only (getfd, dump-guest-memory paging=false protocol=fd:
+    detach=true, DUMP_COMPLETED): an ELF core with RAM's PT_LOAD at its physical address
+    and a prstatus note per vCPU; the guest goes on running."""
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(b"\0" * (1 << 20))
+    name = f"lv-dump-{which}"
+    core = tmp_path / "core.elf"
+    with booted(conn, guest, name, which, disk,
+                lambda xml: xml.replace("<vcpu>1</vcpu>", "<vcpu>2</vcpu>")) as (_dom, console):
+        virsh(daemon, "dump", "--memory-only", name, str(core))
+        headers, notes = elf_core(core)
+        assert headers == [("NOTE", 0, headers[0][2]), ("LOAD", 0x40000000, 256 << 20)]
+        assert notes == [("CORE", 0x188), ("CORE", 0x188)]            # aarch64 prstatus
+        assert b"Linux version" in core.read_bytes()
+        assert console.run("echo still''running").strip() == "stillrunning"
+        console.close()

@@ -179,3 +179,48 @@ def test_vnc_serves_after_daemonize(kernel, tmp_path):
             assert sock.recv(12) == b"RFB 003.008\n"
     finally:
         os.kill(pid, signal.SIGTERM)
+
+
+def test_qmp_send_key(kernel):
+    """send-key as libvirt sends it (XT numbers) and as QEMU's schema also allows (qcodes):
+    pressed together, released in reverse order after hold-time; bad keys, one line."""
+    import threading
+    vm = Machine(kernel=kernel, devices=["virtio-keyboard-device"])
+    try:
+        sent = []
+        released = threading.Event()
+
+        def key(code, down):
+            sent.append((code, down))
+            if len(sent) == 4:
+                released.set()
+        vm.display.keyboards[0].key = key
+        qmp = Commands(vm)
+        qmp("send-key", {"keys": [{"type": "qcode", "data": "ctrl"},
+                                  {"type": "number", "data": 0x1e}], "hold-time": 50})
+        assert sent[:2] == [(29, True), (30, True)]
+        assert released.wait(10)
+        assert sent == [(29, True), (30, True), (30, False), (29, False)]
+        sent.clear()
+        qmp("send-key", {"keys": [{"type": "number", "data": 0x9d}], "hold-time": 0})
+        assert sent == [(97, True), (97, False)]           # E0 1D: right Ctrl
+        for bad, why in [({"keys": [{"type": "qcode", "data": "bogus"}]},
+                          "Parameter 'keys[0].data' does not accept value 'bogus'"),
+                         ({"keys": [{"type": "number", "data": 0x7f}]},
+                          "Parameter 'keys[0].data' does not accept value 127"),
+                         ({"keys": ["a"]}, "Invalid parameter type for 'keys[0]'"),
+                         ({"keys": []}, "non-empty"),
+                         ({}, "Parameter 'keys' is missing"),
+                         ({"keys": [{"type": "qcode", "data": "a"}], "hold-time": -1},
+                          "hold-time")]:
+            with pytest.raises(QmpError) as e:
+                qmp("send-key", bad)
+            assert why in str(e.value) and "\n" not in str(e.value)
+    finally:
+        vm._board.close()
+    bare = Machine(kernel=kernel)
+    try:
+        with pytest.raises(QmpError, match="no keyboard"):
+            Commands(bare)("send-key", {"keys": [{"type": "qcode", "data": "a"}]})
+    finally:
+        bare._board.close()

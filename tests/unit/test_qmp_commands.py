@@ -196,3 +196,21 @@ def test_status_io_error_and_block_io_error_event():
                                 "reason": "No space left on device"}
     run(session, '{"execute": "cont"}')
     assert vm.calls == ["resume"]
+
+
+def test_block_resize_errors_are_one_line():
+    from pathlib import Path
+    from kemu.machines.config import DriveConfig
+    vm = FakeVm()
+    vm.config.drives.append(DriveConfig(Path("/nonexistent.img"), "raw", False, "d0"))
+    vm.virtio_devices = lambda: []
+    qmp = Commands(vm)
+    for args, why in [({"size": 1 << 20}, "exactly one of 'device' and 'node-name'"),
+                      ({"device": "d0", "node-name": "n", "size": 512}, "exactly one"),
+                      ({"device": "d0"}, "Parameter 'size' is missing"),
+                      ({"device": "d0", "size": -1}, "expects a >0 size"),
+                      ({"device": "nope", "size": 512}, "Cannot find device='nope'"),
+                      ({"device": "d0", "size": 512}, "no virtio-blk device uses 'd0'")]:
+        with pytest.raises(QmpError) as e:
+            qmp("block_resize", args)
+        assert why in str(e.value) and "\n" not in str(e.value)

@@ -70,7 +70,7 @@ def test_every_event_kemu_sends_is_in_the_schema():
     names = {"Stop": "STOP", "Resume": "RESUME", "Powerdown": "POWERDOWN", "Reset": "RESET",
              "Shutdown": "SHUTDOWN", "GuestPanicked": "GUEST_PANICKED",
              "BlockIOError": "BLOCK_IO_ERROR", "MigrationStatus": "MIGRATION",
-             "MigrationPass": "MIGRATION_PASS",
+             "MigrationPass": "MIGRATION_PASS", "DumpCompleted": "DUMP_COMPLETED",
              "VncEvent": ("VNC_CONNECTED", "VNC_INITIALIZED", "VNC_DISCONNECTED")}
     sent = set()
     for _, c in inspect.getmembers(api, inspect.isclass):

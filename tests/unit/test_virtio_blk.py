@@ -13,6 +13,7 @@ from kemu.devices.virtio import MAX_CHAIN_BYTES, STATUS_DEVICE_NEEDS_RESET
 from kemu.devices.virtio import blk as b
 from kemu.devices.virtio.blk import VirtioBlk
 from kemu.devices.virtio.mmio import VirtioMmioTransport
+from kemu.errors import KemuError
 
 DISK = 64 * 1024          # 128 sectors
 SECTORS = DISK // 512
@@ -429,3 +430,40 @@ def test_random_requests_never_escape(reqs, read_only):
         assert len(used) == sum(1 for rq in reqs if rq["header_len"] or rq["out"] or rq["in_len"]
                                 or rq["status"])
     assert len(backend.data) == DISK
+
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+def test_resize_grows_capacity_with_a_config_change_interrupt(tmp_path, fmt):
+    """QMP block_resize's device half: the image grows, the capacity in config space with
+    it, the config-change bit (2) rises in InterruptStatus, and the new sectors work."""
+    from kemu.backends.block import ImageError, open_image
+    from kemu.img import main as kemu_img
+    path = tmp_path / f"d.{fmt}"
+    assert kemu_img(["create", "-f", fmt, str(path), "1M"]) == 0
+    backend = open_image(path, fmt)
+    try:
+        _mem, _b, dev, _t, drv, q = make(backend)
+        assert drv.config(0, 8) == 2048
+        drv.ack()
+        assert not drv.interrupt_status() & 2
+        dev.resize(2 << 20)
+        assert drv.config(0, 8) == 4096
+        assert drv.interrupt_status() & 2
+        assert submit(drv, q, b.VIRTIO_BLK_T_OUT, 3000, out=b"N" * 512)[0] == b.VIRTIO_BLK_S_OK
+        assert submit(drv, q, b.VIRTIO_BLK_T_IN, 3000, in_len=512)[1] == b"N" * 512
+        with pytest.raises(KemuError, match="not a multiple of 512"):
+            dev.resize((2 << 20) + 1)
+        if fmt == "qcow2":
+            with pytest.raises(ImageError, match="does not shrink"):
+                dev.resize(1 << 20)
+            with pytest.raises(ImageError, match="larger L1 table"):
+                dev.resize(1 << 40)
+            assert drv.config(0, 8) == 4096
+    finally:
+        backend.close()
+    from kemu.img import image_info
+    assert image_info(path, fmt)["virtual-size"] == 2 << 20
+    with pytest.raises(KemuError, match="cannot be resized"):
+        make()[2].resize(1 << 20)
+    with pytest.raises(KemuError, match="read-only"):
+        make(read_only=True)[2].resize(1 << 20)

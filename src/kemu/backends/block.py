@@ -105,6 +105,19 @@ class RawFile:
             os.close(self._fd)
             raise ImageError(f"could not open {self.path}: {e.strerror}") from None
 
+    def resize(self, size: int) -> None:
+        """Grow or shrink the image to ``size`` bytes (QMP block_resize)."""
+        if self.read_only:
+            raise ImageError(f"{self.path}: the image is read-only")
+        try:
+            if not stat.S_ISREG(os.fstat(self._fd).st_mode):
+                raise ImageError(f"{self.path}: cannot resize a device, only a regular file")
+            os.ftruncate(self._fd, size)
+        except OSError as e:
+            raise ImageError(f"{self.path}: cannot resize to {size} bytes: {e.strerror}") \
+                from None
+        self.size = size
+
     def _check(self, offset: int, length: int) -> None:
         if offset < 0 or length < 0 or offset + length > self.size:
             raise ImageError(f"{self.path}: access of {length} bytes at {offset} is beyond "

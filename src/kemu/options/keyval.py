@@ -94,6 +94,8 @@ def _flatten(obj: dict, prefix: str, out: dict[str, str], option: str) -> None:
                     _flatten(item, f"{name}.{i}.", out, option)
                 else:
                     out[f"{name}.{i}"] = str(item)
+        elif value is None and name == "backing":
+            out[name] = "null"         # BlockdevRefOrNull: no backing file (libvirt's qcow2)
         elif value is None:
             raise ConfigError(f"{option}: Invalid parameter type for '{name}', expected: "
                               "a value")

@@ -46,6 +46,8 @@ class Commands:
         #: Descriptors that came over the socket (SCM_RIGHTS), for the next getfd.
         self._received_fds: list[int] = []
         self._fd_lock = threading.Lock()
+        #: The last (or current) dump-guest-memory, as query-dump reports it.
+        self._dump: dict = {}
         self.table: dict[str, tuple[Callable[[dict], Any], dict[str, type]]] = {
             "query-version": (self.query_version, {}),
             "query-status": (self.query_status, {}),
@@ -73,6 +75,12 @@ class Commands:
             "query-migrate-parameters": (self.query_migrate_parameters, {}),
             "getfd": (self.getfd, {"fdname": str}),
             "closefd": (self.closefd, {"fdname": str}),
+            "send-key": (self.send_key, {"keys": list, "hold-time": int}),
+            "dump-guest-memory": (self.dump_guest_memory,
+                                  {"paging": bool, "protocol": str, "detach": bool,
+                                   "begin": int, "length": int, "format": str}),
+            "query-dump": (self.query_dump, {}),
+            "block_resize": (self.block_resize, {"device": str, "node-name": str, "size": int}),
         }
         self.table.update(self._introspection())
         self.table.update(self._parts())
@@ -271,6 +279,108 @@ class Commands:
             raise QmpError("File descriptor named '%s' not found" % args.get("fdname", ""))
         os.close(fd)
 
+    def send_key(self, args: dict) -> None:
+        """QEMU's send-key: KeyValues (``qcode`` names, or ``number``: XT scancodes with 0x80
+        for the E0 prefix, as libvirt's ``send-key`` sends them) pressed together on the
+        virtio keyboards, released after ``hold-time`` ms (QEMU's default 100)."""
+        from kemu.display.keymap import QCODES, xt_to_key
+        keys = _required(args, "keys")
+        hold = args.get("hold-time", 100)
+        if hold < 0:
+            raise QmpError("Parameter 'hold-time' expects a non-negative integer")
+        if not keys:
+            raise QmpError("Parameter 'keys' expects a non-empty list of KeyValue")
+        codes = []
+        for i, key in enumerate(keys):
+            kind = key.get("type") if isinstance(key, dict) else None
+            data = key.get("data") if isinstance(key, dict) else None
+            if kind == "qcode" and isinstance(data, str):
+                code = QCODES.get(data)
+            elif kind == "number" and isinstance(data, int) and not isinstance(data, bool):
+                code = xt_to_key(data)
+            else:
+                raise QmpError(f"Invalid parameter type for 'keys[{i}]', expected: KeyValue "
+                               "({'type': 'qcode'|'number', 'data': ...})")
+            if code is None:
+                raise QmpError(f"Parameter 'keys[{i}].data' does not accept value {data!r}"
+                               " (no such key in kemu's keymap)")
+            codes.append(code)
+        self.vm.press_keys(codes, hold)
+
+    def block_resize(self, args: dict) -> None:
+        """QEMU's block_resize: the disk named by ``device`` (the drive's id) or ``node-name``
+        grows (raw: also shrinks) to ``size`` bytes; its virtio-blk device tells the guest."""
+        from kemu.qmp.machine_info import disks
+        size = _required(args, "size")
+        device, node = args.get("device"), args.get("node-name")
+        if (device is None) == (node is None):
+            raise QmpError("block_resize: give exactly one of 'device' and 'node-name'")
+        if size < 0:
+            raise QmpError("Parameter 'size' expects a >0 size")
+        found = [d for d in disks(self.vm.config)
+                 if (device is not None and device in (d.device, d.drive.id))
+                 or (node is not None and node in (d.node_name, _storage_node(self.vm.config, d.drive)))]
+        if not found:
+            raise QmpError(f"Cannot find device='{device or ''}' nor node-name='{node or ''}'")
+        blk = {getattr(dev, "name", ""): dev for dev in self.vm.virtio_devices()}.get(
+            found[0].name)
+        if blk is None or not hasattr(blk, "resize"):
+            raise QmpError(f"block_resize: no virtio-blk device uses '{device or node}'")
+        blk.resize(size)
+
+    def dump_guest_memory(self, args: dict) -> None:
+        """QEMU's dump-guest-memory, as ``virsh dump --memory-only`` asks: paging=false,
+        format elf, to ``file:PATH`` or ``fd:NAME``; with detach (libvirt's way) the
+        command returns at once and DUMP_COMPLETED tells the end."""
+        from kemu.dump import open_target
+        if _required(args, "paging"):
+            raise QmpError("dump-guest-memory: paging=true (a dump through the guest's page "
+                           "tables) is not supported by kemu")
+        protocol = _required(args, "protocol")
+        if args.get("format", "elf") != "elf":
+            raise QmpError(f"dump-guest-memory: format '{args['format']}' is not supported "
+                           "by kemu (have: elf)")
+        if "begin" in args or "length" in args:
+            raise QmpError("dump-guest-memory: begin/length need paging, which kemu does "
+                           "not do")
+        if self._dump.get("status") == "active":
+            raise QmpError("There's a dump in process")
+        if self.vm.config.machine != "virt":
+            raise QmpError(f"dump-guest-memory: kemu writes aarch64 cores only, not for the "
+                           f"{self.vm.config.machine} board")
+        out = open_target(protocol, self.vm.migration.fds)
+        total = sum(size for _base, size, kind in self.vm.memory_map() if kind == "ram")
+        self._dump = {"status": "active", "completed": 0, "total": total}
+
+        def run() -> str | None:
+            try:
+                with out:
+                    self.vm.dump_guest_memory(out)
+                return None
+            except (OSError, KemuError) as e:
+                why = getattr(e, "strerror", None) or e
+                return f"dump-guest-memory: writing the dump failed: {why}"
+
+        def finish(error: str | None) -> None:
+            self._dump = {"status": "failed" if error else "completed",
+                          "completed": 0 if error else total, "total": total}
+            if args.get("detach"):
+                from kemu.api import DumpCompleted
+                self.vm._emit(DumpCompleted(data={"result": dict(self._dump),
+                                                  **({"error": error} if error else {})}))
+
+        if args.get("detach"):
+            threading.Thread(target=lambda: finish(run()), name="dump-guest-memory",
+                             daemon=True).start()
+            return
+        error = run()
+        finish(error)
+        if error:
+            raise QmpError(error)
+
+    def query_dump(self, _args: dict) -> dict:
+        return dict(self._dump) or {"status": "none", "completed": 0, "total": 0}
+
     def hmp(self, args: dict) -> str:
         """``human-monitor-command``: one line of the human monitor (kemu.monitor.hmp).
 
@@ -288,6 +398,12 @@ def _required(args: dict, key: str):
     if key not in args:
         raise QmpError(f"Parameter '{key}' is missing")
     return args[key]
+
+
+def _storage_node(config, drive) -> str | None:
+    """The protocol node under a -blockdev format node (libvirt names both)."""
+    top = config.blockdevs.get(drive.node_name) if drive.node_name else None
+    return top.file if top is not None else None
 
 
 def _type_matches(entry: dict, args: dict) -> bool:

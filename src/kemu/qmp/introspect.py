@@ -34,6 +34,7 @@ EVENTS: dict[str, dict[str, type]] = {
     "VNC_DISCONNECTED": {"server": dict, "client": dict},
     "MIGRATION": {"status": str},
     "MIGRATION_PASS": {"pass": int},
+    "DUMP_COMPLETED": {"result": dict, "error": str},     # kemu.dump
 }
 
 _BUILTIN = {str: ("str", "string"), int: ("int", "int"), bool: ("bool", "boolean"),

@@ -79,6 +79,7 @@ V3_MIN_HEADER_LENGTH = 104
 V3_HEADER_LENGTH = 112
 
 # byte offsets of fields kemu rewrites in place
+OFF_SIZE = 24                # size (u64): the virtual disk's size in bytes
 OFF_REFCOUNT_TABLE = 48      # refcount_table_offset (u64) + refcount_table_clusters (u32)
 OFF_INCOMPAT = 72
 OFF_AUTOCLEAR = 88

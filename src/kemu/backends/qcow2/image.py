@@ -33,8 +33,8 @@ from pathlib import Path
 from kemu.backends.block import ImageError, file_identity, open_image
 from kemu.backends.qcow2.compressed import CompressedClusters
 from kemu.backends.qcow2.header import (
-    INCOMPAT_CORRUPT, INCOMPAT_DIRTY, OFF_AUTOCLEAR, OFFSET_MASK, Header,
-    header_probe_length, parse_header)
+    INCOMPAT_CORRUPT, INCOMPAT_DIRTY, OFF_AUTOCLEAR, OFF_SIZE, OFFSET_MASK, Header,
+    header_probe_length, l1_entries_needed, parse_header)
 from kemu.backends.qcow2.io import HostFile
 from kemu.backends.locking import Permissions
 from kemu.backends.qcow2.mapping import (
@@ -138,6 +138,27 @@ class Qcow2Image:
         except BaseException:
             file.close()
             raise
+
+    def resize(self, size: int) -> None:
+        """Grow the virtual disk to ``size`` bytes (QMP block_resize) within the clusters
+        the L1 table already maps: the header's size field, nothing else changes."""
+        with self._lock:
+            if self.read_only:
+                raise ImageError(f"{self.path}: the image is read-only")
+            if size < self.size:
+                raise ImageError(f"{self.path}: kemu does not shrink qcow2 images")
+            if self.backing is not None:
+                raise ImageError(f"{self.path}: kemu does not resize a qcow2 image with a "
+                                 "backing file")
+            if self.header.nb_snapshots:
+                raise ImageError(f"{self.path}: kemu does not resize a qcow2 image with "
+                                 "internal snapshots")
+            if l1_entries_needed(size, self.cluster_bits) > self.header.l1_size:
+                raise ImageError(f"{self.path}: growing to {size} bytes needs a larger L1 "
+                                 "table, which kemu does not allocate yet")
+            self.file.pwrite(OFF_SIZE, struct.pack(">Q", size))
+            self.file.fsync()
+            self.header.size = self.size = size
 
     def _open_backing(self, chain, locking: str):
         name = self.header.backing_file

@@ -50,7 +50,7 @@ from kemu.devices.virtio.queue import (
     Virtqueue,
     VirtqueueError,
 )
-from kemu.errors import MemoryAccessError
+from kemu.errors import KemuError, MemoryAccessError
 
 log = logging.getLogger(__name__)
 
@@ -215,6 +215,20 @@ class VirtioBlk(VirtioDevice):
             MAX_DWZ_SECTORS, MAX_DWZ_SEG, align,         # discard
             MAX_DWZ_SECTORS, MAX_DWZ_SEG, 0,             # write zeroes; may_unmap = 0
             0, 0, 0)                                     # secure erase (not offered)
+
+    def resize(self, size: int) -> None:
+        """Resize the backend to ``size`` bytes (a whole number of sectors), then tell the
+        driver its capacity changed (QMP block_resize)."""
+        if self.read_only:
+            raise KemuError(f"{self.name}: the disk is read-only")
+        if size % SECTOR_SIZE:
+            raise KemuError(f"{self.name}: size {size} is not a multiple of {SECTOR_SIZE}")
+        resize = getattr(self.backend, "resize", None)
+        if resize is None:
+            raise KemuError(f"{self.name}: its {type(self.backend).__name__} backend cannot "
+                            "be resized")
+        resize(size)
+        self.resized()
 
     def resized(self) -> None:
         """Call after the backend changed size: capacity changed, tell the driver (5.2.6.2)."""
