@@ -91,7 +91,7 @@ class Buf:
 class DriverQueue:
     """The driver side of one split virtqueue."""
 
-    driver: VirtioMmioDriver
+    driver: VirtioMmioDriver  # or any driver with kick(), alloc and memory
     index: int
     size: int
     desc: int
@@ -162,7 +162,7 @@ class DriverQueue:
         return head
 
     def kick(self) -> None:
-        self.driver.w32(r.QUEUE_NOTIFY, self.index)
+        self.driver.kick(self.index)
 
     def get_used(self) -> list[tuple[int, int]]:
         """New used elements ``(id, len)`` since the last call."""
@@ -271,6 +271,9 @@ class VirtioMmioDriver:
 
     def driver_ok(self) -> None:
         self.set_status(STATUS_DRIVER_OK)
+
+    def kick(self, index: int) -> None:
+        self.w32(r.QUEUE_NOTIFY, index)
 
     def init(self, nqueues: int = 1, features: int | None = None, mask: int = ~0,
              size: int | None = None) -> list[DriverQueue]:
