@@ -80,7 +80,7 @@ CLASS_CODES = {1: 0x020000, 2: 0x010000, 3: 0x078000, 4: 0x00FF00, 18: 0x098000,
                19: 0x00FF00}
 CLASS_OTHER = 0x00FF00
 
-_CAP = struct.Struct("<BBBBBxxII")   # cap_len, cfg_type, bar, id, padding, offset, length
+_CAP = struct.Struct("<BBBBxxII")   # cap_len, cfg_type, bar, id, padding, offset, length
 
 
 def _virtio_cap(cfg_type: int, offset: int, length: int, extra: bytes = b"",
@@ -97,8 +97,8 @@ class VirtioPciFunction(PciFunction):
         super().__init__(**kwargs)
         self.transport = transport
         writable = bytearray(_CAP.size + 4)
-        writable[3] = 0xFF                                       # bar
-        writable[8:16] = b"\xff" * 8                             # offset, length
+        writable[2] = 0xFF                                       # bar
+        writable[6:14] = b"\xff" * 8                             # offset, length
         writable[_CAP.size:] = b"\xff" * 4                       # pci_cfg_data
         for cfg_type, offset, extra in ((VIRTIO_PCI_CAP_COMMON_CFG, COMMON_OFFSET, b""),
                                         (VIRTIO_PCI_CAP_ISR_CFG, ISR_OFFSET, b""),
