@@ -10,8 +10,16 @@ and device trees written for it work unchanged:
 0x09010000     4 KiB         PL031 RTC (SPI 2)
 0x09020000     0x18          fw_cfg (MMIO with DMA; -fw_cfg files)
 0x0a000000     32 x 0x200    virtio-mmio slots (SPI 16 + n)
+0x10000000     0x2eff0000    PCIe 32-bit MMIO window
+0x3eff0000     64 KiB        PCIe I/O window
 0x40000000     -m            RAM
+0x4010000000   256 MiB       PCIe ECAM (buses 0-255; INTx on SPI 3-6)
+0x8000000000   512 GiB       PCIe 64-bit MMIO window
 =============  ============  =================================
+
+PCI Express is QEMU's generic ECAM host bridge (:mod:`kemu.devices.pci`)
+with the ``-device *-pci`` virtio devices on bus pcie.0 (virtio-pci modern,
+INTx; QEMU's virt also offers MSI through GICv2m, which kemu does not yet).
 
 ``-smp N`` (up to 8, the GICv2 limit) gives N vCPUs, each on its own host
 thread running in parallel (see :mod:`kemu.accel.tcg.coherence`).  As on
@@ -63,6 +71,12 @@ VIRTIO_MMIO_SLOTS = 32
 RAM_BASE = 0x40000000
 RAM_MAX = 255 << 30
 MMIO_WINDOW = (0x08000000, 0x38000000)  # everything the board maps below RAM
+# PCIe as QEMU's virt with highmem (hw/arm/virt.c: VIRT_PCIE_*, VIRT_HIGH_PCIE_*).
+PCIE_MMIO = (0x10000000, 0x2EFF0000)
+PCIE_PIO = (0x3EFF0000, 0x10000)
+PCIE_ECAM = (0x4010000000, 0x10000000)
+PCIE_MMIO_HIGH = (0x8000000000, 0x8000000000)
+PCIE_SPI_BASE = 3
 
 UART0_SPI = 1
 RTC_SPI = 2
@@ -188,6 +202,14 @@ class VirtMachine:
         self.psci = Psci(self._on_psci, cpus=psci_fn.CpuPowerControl(lambda: self.cpus))
         self._psci_caller = 0
 
+        from kemu.devices.pci.host import PciHost, Window
+        self.pci_host = PciHost(self.mmio, [Window(True, 0, PCIE_PIO[0], PCIE_PIO[1]),
+                                            Window(False, PCIE_MMIO[0], *PCIE_MMIO),
+                                            Window(False, PCIE_MMIO_HIGH[0], *PCIE_MMIO_HIGH)],
+                                [self.gic.spi_line(PCIE_SPI_BASE + i) for i in range(4)])
+        self.mmio.map(*PCIE_ECAM, self.pci_host.ecam)
+        self.pci_transports: list = []
+
         from kemu.devices.virtio.input import power_button
         from kemu.machines.virtio_devices import attach_devices, attach_transport
         #: close() runs in two threads at once (the API's watcher and its caller's wait()).
@@ -269,6 +291,8 @@ class VirtMachine:
         root.add(psci_node())
         root.add(Node(f"intc@{GIC_DIST[0]:x}", {
             "compatible": "arm,cortex-a15-gic", "#interrupt-cells": 3,
+            # As QEMU's: the PCIe interrupt-map's parent unit addresses are two cells.
+            "#address-cells": 2, "#size-cells": 2,
             "interrupt-controller": None,
             "reg": reg64((GIC_DIST[0], 0x1000), (GIC_CPU[0], 0x2000)),
             "phandle": PHANDLE_GIC}))
@@ -298,6 +322,7 @@ class VirtMachine:
             "clocks": PHANDLE_CLK, "clock-names": "apb_pclk"}))
         root.add(Node(f"fw-cfg@{FW_CFG[0]:x}", {
             "compatible": "qemu,fw-cfg-mmio", "reg": reg64(FW_CFG), "dma-coherent": None}))
+        root.add(self._pcie_node())
         for slot in self.virtio_slots:
             # The transport holds its interrupt high while InterruptStatus is
             # non-zero, so the slot is described as level-triggered.
@@ -306,6 +331,37 @@ class VirtMachine:
                 "interrupts": Cells(GIC_FDT_SPI, slot.spi, IRQ_TYPE_LEVEL_HIGH),
                 "dma-coherent": None}))
         return fdt.build(root)
+
+    def _pcie_node(self) -> Node:
+        """The host bridge as QEMU's virt describes it (create_pcie), without MSI."""
+        irq_map = []
+        for slot in range(4):
+            for pin in range(1, 5):
+                spi = PCIE_SPI_BASE + (slot + pin - 1) % 4
+                irq_map += [slot << 11, 0, 0, pin, PHANDLE_GIC, 0, 0,
+                            GIC_FDT_SPI, spi, IRQ_TYPE_LEVEL_HIGH]
+        return Node(f"pcie@{PCIE_MMIO[0]:x}", {
+            "interrupt-map-mask": Cells(0x1800, 0, 0, 7),
+            "interrupt-map": Cells(*irq_map),
+            "#interrupt-cells": 1,
+            "ranges": Cells(0x1000000, 0, 0, *fdt.u64_cells(PCIE_PIO[0]),
+                            *fdt.u64_cells(PCIE_PIO[1]),
+                            0x2000000, *fdt.u64_cells(PCIE_MMIO[0]), *fdt.u64_cells(PCIE_MMIO[0]),
+                            *fdt.u64_cells(PCIE_MMIO[1]),
+                            0x3000000, *fdt.u64_cells(PCIE_MMIO_HIGH[0]),
+                            *fdt.u64_cells(PCIE_MMIO_HIGH[0]), *fdt.u64_cells(PCIE_MMIO_HIGH[1])),
+            "reg": reg64(PCIE_ECAM),
+            "dma-coherent": None,
+            "bus-range": Cells(0, PCIE_ECAM[1] // (1 << 20) - 1),
+            "linux,pci-domain": 0,
+            "#size-cells": 2, "#address-cells": 3,
+            "device_type": "pci", "compatible": "pci-host-ecam-generic"})
+
+    def add_pci(self, transport, slot: int | None = None) -> int:
+        """Plug a virtio-pci transport's function into pcie.0 (the next free slot if None)."""
+        device = self.pci_host.add(transport.function, slot)
+        self.pci_transports.append(transport)
+        return device
 
     def add_virtio(self, device) -> VirtioSlot:
         """Map a virtio-mmio transport (or any slot-sized device) in the next free slot."""
@@ -399,7 +455,8 @@ class VirtMachine:
         cpus = []
         for i in range(n):
             vtimer, ptimer = self.timers[i]
-            cpu = Aarch64Cpu(i, self.memory, [MMIO_WINDOW], self._io_for(i), self._hypercall,
+            cpu = Aarch64Cpu(i, self.memory, [MMIO_WINDOW, PCIE_ECAM, PCIE_MMIO_HIGH],
+                             self._io_for(i), self._hypercall,
                              vtimer, ptimer, model=self.config.cpu,
                              mpidr=MPIDR_U_RES1 | mpidr(i) if n > 1 else None,
                              domain=domain, powered_on=i == 0,
@@ -425,6 +482,9 @@ class VirtMachine:
             self.uart.reset()
             self.rtc.reset()
             self.fw_cfg.reset()
+            for transport in self.pci_transports:
+                transport.reset()
+            self.pci_host.reset()
             for vtimer, ptimer in self.timers:
                 vtimer.ctl = ptimer.ctl = 0
         self.load()

@@ -1,0 +1,103 @@
+"""The virt board's PCI Express: the device tree node against QEMU's, -device *-pci wiring."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+from test_fdt_virt import _dts, _node, fake_kernel
+
+from kemu.backends.serial import SerialBackend
+from kemu.devices.pci import config as c
+from kemu.errors import ConfigError
+from kemu.machines.arm64_virt import PCIE_ECAM, VirtMachine
+from kemu.machines.config import DeviceConfig, MachineConfig
+
+
+def _cells(line: str) -> list[int]:
+    return [int(x, 16) for x in line.split("<", 1)[1].rstrip(">;").split()]
+
+
+def _comparable(lines: list[str], gic_phandle: int) -> list[str]:
+    """The node's lines without msi-map, the interrupt-map's GIC phandle made symbolic."""
+    out = []
+    for line in lines:
+        if line.startswith("msi-map"):
+            continue
+        if line.startswith("interrupt-map ="):
+            cells = _cells(line)
+            assert len(cells) % 10 == 0
+            for i in range(4, len(cells), 10):
+                assert cells[i] == gic_phandle
+                cells[i] = -1
+            line = f"interrupt-map = {cells}"
+        out.append(line)
+    return out
+
+
+def _phandle(dts: str, node: str) -> int:
+    for line in _node(dts, node):
+        if line.startswith("phandle = "):
+            return _cells(line)[0]
+    raise AssertionError(f"{node} has no phandle")
+
+
+def test_pcie_node_is_qemus_without_msi(tmp_path, need):
+    dtc = need("dtc")
+    qemu = need("qemu-system-aarch64")
+    subprocess.run([qemu, "-M", f"virt,dumpdtb={tmp_path / 'qemu.dtb'}", "-cpu", "cortex-a57",
+                    "-m", "1024", "-nographic"], capture_output=True, check=True)
+    cfg = MachineConfig(kernel=fake_kernel(tmp_path / "Image"), memory=1024 << 20,
+                        cpu="cortex-a57")
+    (tmp_path / "kemu.dtb").write_bytes(
+        VirtMachine(cfg, SerialBackend(lambda b: None)).device_tree())
+    kemu, qemu_dts = _dts(dtc, tmp_path / "kemu.dtb"), _dts(dtc, tmp_path / "qemu.dtb")
+    name = "pcie@10000000"
+    assert _comparable(_node(kemu, name), _phandle(kemu, "intc@8000000")) == \
+        _comparable(_node(qemu_dts, name), _phandle(qemu_dts, "intc@8000000"))
+    gic = [line for line in _node(kemu, "intc@8000000") if "-cells" in line]
+    assert "#address-cells = <0x02>;" in gic
+
+
+def _machine(tmp_path, devices, drives=()):
+    cfg = MachineConfig(kernel=fake_kernel(tmp_path / "Image"), memory=256 << 20,
+                        devices=[DeviceConfig(d, p) for d, p in devices], drives=list(drives))
+    return VirtMachine(cfg, SerialBackend(lambda b: None))
+
+
+def _ecam_read(machine, device, reg, size=4):
+    return machine.mmio.read(PCIE_ECAM[0] + (device << 15) + reg, size)
+
+
+def test_pci_devices_are_on_pcie0_at_their_addresses(tmp_path):
+    m = _machine(tmp_path, [("virtio-rng-pci", {"addr": "0x5"}), ("virtio-rng-pci", {}),
+                            ("virtio-rng-device", {}),
+                            ("vhost-vsock-pci", {"guest-cid": "3", "bus": "pcie.0",
+                                                 "addr": "a.0", "disable-legacy": "on"})])
+    try:
+        ids = {d: _ecam_read(m, d, 0) for d in range(32) if _ecam_read(m, d, 0) != 0xFFFFFFFF}
+        assert ids == {0: 0x0008_1B36, 1: 0x1044_1AF4, 5: 0x1044_1AF4, 10: 0x1053_1AF4}
+        assert _ecam_read(m, 5, c.INTERRUPT_PIN, 1) == 1
+        # The -device virtio-rng-device stays on virtio-mmio (with the power button).
+        assert len(m.virtio_slots) == 2
+    finally:
+        m.close()
+
+
+@pytest.mark.parametrize("props, message", [
+    ({"bus": "pcie.1"}, "Bus 'pcie.1' not found"),
+    ({"addr": "0"}, "in use by gpex-root"),
+    ({"addr": "20"}, "slot 0-1f"),
+    ({"addr": "x"}, "expected SLOT"),
+    ({"addr": "3.1"}, "function 0 only"),
+    ({"disable-legacy": "off"}, "modern only"),
+    ({"disable-modern": "on"}, "no legacy"),
+])
+def test_bad_pci_placement_is_one_line(tmp_path, props, message):
+    with pytest.raises(ConfigError, match=message):
+        _machine(tmp_path, [("virtio-rng-pci", props)])
+
+
+def test_two_devices_in_one_slot_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match="slot 3 function 0 not available"):
+        _machine(tmp_path, [("virtio-rng-pci", {"addr": "3"}), ("virtio-rng-pci", {"addr": "3"})])
