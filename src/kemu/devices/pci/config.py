@@ -63,6 +63,10 @@ BAR_MEM_TYPE_64 = 0x4
 BAR_MEM_PREFETCH = 0x8
 
 FIRST_CAPABILITY = 0x40
+
+#: The subsystem IDs QEMU gives its PCI devices (hw/pci/pci.c: Red Hat / Qumranet, QEMU).
+QEMU_SUBSYSTEM_VENDOR = 0x1AF4
+QEMU_SUBSYSTEM_ID = 0x1100
 CAP_ID_VENDOR = 0x09
 
 

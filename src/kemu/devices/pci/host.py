@@ -25,7 +25,13 @@ from dataclasses import dataclass
 
 from kemu.bus import Bus, Mapping
 from kemu.devices.base import IrqLine
-from kemu.devices.pci.config import Bar, BarKind, PciFunction
+from kemu.devices.pci.config import (
+    QEMU_SUBSYSTEM_ID,
+    QEMU_SUBSYSTEM_VENDOR,
+    Bar,
+    BarKind,
+    PciFunction,
+)
 from kemu.errors import BusError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -98,7 +104,8 @@ class PciHost:
         self._mapped: dict[tuple[int, int], Mapping] = {}
         self._asserted: list[set[int]] = [set() for _ in range(NUM_INTX)]
         self.add(PciFunction("gpex-root", GPEX_ROOT_VENDOR, GPEX_ROOT_DEVICE,
-                             CLASS_BRIDGE_HOST), device=0)
+                             CLASS_BRIDGE_HOST, subsystem_vendor_id=QEMU_SUBSYSTEM_VENDOR,
+                             subsystem_id=QEMU_SUBSYSTEM_ID), device=0)
 
     # -- wiring --------------------------------------------------------------------------
     def free_slot(self) -> int:

@@ -2,7 +2,8 @@
 
 :class:`VirtioPciTransport` puts a :class:`~kemu.devices.virtio.VirtioDevice`
 on PCI as a non-transitional device: vendor 0x1af4, device 0x1040 + the
-virtio device ID, revision 1 (4.1.2).  Its structures sit in one 64-bit
+virtio device ID, revision 1 (4.1.2), subsystem 1af4:1100 as QEMU gives every PCI device (the
+spec's "0x40 or higher" holds).  Its structures sit in one 64-bit
 prefetchable memory BAR (BAR 4, 16 KiB), laid out as QEMU lays them out,
 one 4 KiB page each, and are found through vendor-specific capabilities
 (4.1.4): common configuration, ISR status, device configuration and
@@ -22,7 +23,14 @@ from __future__ import annotations
 import struct
 
 from kemu.devices.base import IrqLine
-from kemu.devices.pci.config import CAP_ID_VENDOR, Bar, BarKind, PciFunction
+from kemu.devices.pci.config import (
+    CAP_ID_VENDOR,
+    QEMU_SUBSYSTEM_ID,
+    QEMU_SUBSYSTEM_VENDOR,
+    Bar,
+    BarKind,
+    PciFunction,
+)
 from kemu.devices.virtio import STATUS_DRIVER_OK, STATUS_FEATURES_OK, VirtioDevice
 from kemu.devices.virtio.transport import VirtioTransport
 from kemu.memory import GuestMemory
@@ -150,8 +158,8 @@ class VirtioPciTransport(VirtioTransport):
             self, name=name, vendor_id=VIRTIO_PCI_VENDOR,
             device_id=VIRTIO_PCI_MODERN_DEVICE_BASE + device.device_id,
             class_code=CLASS_CODES.get(device.device_id, CLASS_OTHER),
-            revision=VIRTIO_PCI_MODERN_REVISION, subsystem_vendor_id=VIRTIO_PCI_VENDOR,
-            subsystem_id=VIRTIO_PCI_MODERN_DEVICE_BASE + device.device_id,
+            revision=VIRTIO_PCI_MODERN_REVISION, subsystem_vendor_id=QEMU_SUBSYSTEM_VENDOR,
+            subsystem_id=QEMU_SUBSYSTEM_ID,
             bars=(Bar(MODERN_BAR, BAR_SIZE, BarKind.MEM64, self, prefetchable=True),),
             interrupt_pin=1)
         self.irq.connect(self.function.set_intx)
