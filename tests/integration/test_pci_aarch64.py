@@ -80,3 +80,23 @@ def test_virtio_net_pci_gets_a_dhcp_lease(guest, console_factory):
     assert m.group(1).decode() in c.run("ip -4 addr show eth0")
     c.send("poweroff -f\n")
     assert c.wait(60) == 0
+
+
+def test_rng_serial_and_vsock_on_pci(guest, console_factory):
+    """virtio-rng-pci, virtio-serial-pci and vhost-vsock-pci: the device models of
+    virtio-mmio, each found by Linux through virtio-pci at the slot asked for."""
+    c = console_factory("run", "-nic", "none", "-device", "virtio-rng-pci,addr=4",
+                        "-device", "virtio-serial-pci,addr=5", "-device", "virtconsole",
+                        "-device", "vhost-vsock-pci,guest-cid=7,addr=6")
+    functions = pci_functions(c)
+    for slot, device in ((4, "0x1044"), (5, "0x1043"), (6, "0x1053")):
+        assert any(line.startswith(f"PCI 0000:00:0{slot}.0 0x1af4:{device} ")
+                   and " virtio-pci " in line for line in functions), functions
+    assert "virtio_rng" in c.run("cat /sys/class/misc/hw_random/rng_current")
+    assert len(set(c.run("head -c 64 /dev/hwrng | od -An -tx1 -v").split())) > 8
+    c.run("echo pci-$((6 * 7))-console > /dev/hvc0")    # printed by kemu as "pci-42-console"
+    assert "0x0013" in c.run("cat /sys/bus/virtio/devices/*/device")
+    c.run("test -c /dev/vsock")
+    c.send("poweroff -f\n")
+    assert c.wait(60) == 0
+    assert b"pci-42-console" in c.buffer
