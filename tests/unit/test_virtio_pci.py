@@ -12,7 +12,11 @@ from kemu.bus import Bus
 from kemu.devices.base import IrqLine
 from kemu.devices.pci import config as c
 from kemu.devices.pci.host import PciHost, Window
-from kemu.devices.virtio import STATUS_DEVICE_NEEDS_RESET, VIRTIO_F_VERSION_1
+from kemu.devices.virtio import (
+    STATUS_DEVICE_NEEDS_RESET,
+    VIRTIO_F_EVENT_IDX,
+    VIRTIO_F_VERSION_1,
+)
 from kemu.devices.virtio import blk as b
 from kemu.devices.virtio import pci as vp
 from kemu.devices.virtio.blk import VirtioBlk
@@ -50,9 +54,10 @@ def test_identity_and_header_as_qemu():
 
 def test_memory_bar_and_capabilities():
     _, host, _, _, ecam, dev, drv = make(VirtioRng(), bar=0)
-    # BAR 4: 64-bit prefetchable memory of 16 KiB; no other BAR.
+    # BAR 4: 64-bit prefetchable memory of 16 KiB; BAR 1: the MSI-X table; no other BAR.
     assert ecam.size_bar(dev, 4) == (0x4000, c.BAR_MEM_TYPE_64 | c.BAR_MEM_PREFETCH)
-    assert [ecam.size_bar(dev, i)[0] for i in (0, 1, 2, 3)] == [0, 0, 0, 0]
+    assert ecam.size_bar(dev, 1) == (0x1000, 0)
+    assert [ecam.size_bar(dev, i)[0] for i in (0, 2, 3)] == [0, 0, 0]
     assert set(drv.caps) == {1, 2, 3, 4, 5}
     layout = {t: (bar, off, length) for t, (_, bar, off, length) in drv.caps.items()}
     assert layout[vp.VIRTIO_PCI_CAP_COMMON_CFG] == (4, 0x0000, 0x1000)
@@ -184,3 +189,89 @@ def test_one_device_model_two_transports():
         submit(drv, q, b.VIRTIO_BLK_T_OUT, sector=1, out=struct.pack("<I", 0xC0FFEE) * 128)
         results.append(backend.read(512, 4))
     assert results == [struct.pack("<I", 0xC0FFEE)] * 2
+
+
+class V2m:
+    """Records MSI writes (as the GICv2m frame would take them)."""
+
+    name = "v2m"
+
+    def __init__(self):
+        self.messages = []
+
+    def read(self, offset, size):
+        return 0
+
+    def write(self, offset, size, value):
+        self.messages.append((offset, size, value))
+
+
+def enable_msix(ecam, dev, drv, v2m_base=0x0802_0000, table_bar=0x1100_0000):
+    from kemu.devices.pci import msix as mx
+    cap = next(a for a in ecam.capabilities(dev) if ecam.read(dev, a, 1) == mx.CAP_ID_MSIX)
+    control = ecam.read(dev, cap + 2, 2)
+    table = ecam.read(dev, cap + 4)
+    assert table & 7 == 1                                              # BIR 1
+    ecam.set_bar(dev, 1, table_bar)
+    ecam.enable(dev, c.COMMAND_MEMORY | c.COMMAND_MASTER)
+    bus = ecam.bus
+    for v in range((control & 0x7FF) + 1):
+        entry = table_bar + (table & ~7) + 16 * v
+        bus.write(entry, 4, v2m_base + 0x40)
+        bus.write(entry + 4, 4, 0)
+        bus.write(entry + 8, 4, 80 + v)                                # INTIDs 80, 81, ...
+        bus.write(entry + 12, 4, 0)                                    # unmasked
+    ecam.write(dev, cap + 2, 2, 0x8000)                                # MSI-X Enable
+    return cap, (control & 0x7FF) + 1
+
+
+def test_msix_vectors_deliver_messages_instead_of_intx():
+    mem, host, lines, t, ecam, dev, drv = make(VirtioRng(lambda n: b"r" * n), slot=1)
+    v2m = V2m()
+    ecam.bus.map(0x0802_0000, 0x1000, v2m)
+    cap, vectors = enable_msix(ecam, dev, drv)
+    assert vectors == 2                                                # one queue + config
+    assert drv.negotiate(mask=~(1 << VIRTIO_F_EVENT_IDX))              # every buffer notifies
+    drv.wc(vp.CONFIG_MSIX_VECTOR, 2, 1)
+    assert drv.rc(vp.CONFIG_MSIX_VECTOR, 2) == 1
+    drv.wc(vp.QUEUE_SELECT, 2, 0)
+    drv.wc(vp.QUEUE_MSIX_VECTOR, 2, 5)                                 # beyond the table
+    assert drv.rc(vp.QUEUE_MSIX_VECTOR, 2) == vp.VIRTIO_MSI_NO_VECTOR
+    drv.wc(vp.QUEUE_MSIX_VECTOR, 2, 0)
+    assert drv.rc(vp.QUEUE_MSIX_VECTOR, 2) == 0
+    q = drv.setup_queue(0)
+    drv.driver_ok()
+    q.add([drv.buffer(8, writable=True)])
+    assert v2m.messages == [(0x40, 4, 80)] and not any(l.level for l in lines)
+    t.config_changed()
+    assert v2m.messages[-1] == (0x40, 4, 81)
+    # Function mask: the message waits in the PBA until unmasked.
+    ecam.write(dev, cap + 2, 2, 0xC000)
+    q.add([drv.buffer(8, writable=True)])
+    assert len(v2m.messages) == 2
+    pba = ecam.read(dev, cap + 8)
+    assert ecam.bus.read(0x1100_0000 + (pba & ~7), 4) == 1
+    ecam.write(dev, cap + 2, 2, 0x8000)
+    assert v2m.messages[-1] == (0x40, 4, 80)
+    assert ecam.bus.read(0x1100_0000 + (pba & ~7), 4) == 0
+    # Without Bus Master Enable nothing is sent.
+    ecam.write(dev, c.COMMAND, 2, c.COMMAND_MEMORY)
+    q.add([drv.buffer(8, writable=True)])
+    assert len(v2m.messages) == 3
+    # MSI-X off again: back to INTx through ISR.
+    ecam.write(dev, cap + 2, 2, 0)
+    q.add([drv.buffer(8, writable=True)])
+    assert lines[1].level
+
+
+def test_gicv2m_frame_raises_its_spis_only():
+    from kemu.devices.gicv2m import MSI_SETSPI_NS, MSI_TYPER, GicV2m
+    raised = []
+    frame = GicV2m(raised.append, spi_base=48, count=64)
+    assert frame.read(MSI_TYPER, 4) == (80 << 16) | 64
+    frame.write(MSI_SETSPI_NS, 4, 80)
+    frame.write(MSI_SETSPI_NS, 4, 143)
+    frame.write(MSI_SETSPI_NS, 4, 79)                                  # not the frame's
+    frame.write(MSI_SETSPI_NS, 4, 144)
+    frame.write(0x44, 4, 90)
+    assert raised == [48, 111] and frame.bad_messages == 2

@@ -141,6 +141,10 @@ class PciFunction:
         self.intx_out = IrqLine(name=f"{name}.intx")
         #: Called after a write that may change what the BARs decode.
         self.on_decode_change: Callable[[PciFunction], None] = lambda fn: None
+        #: Called after every configuration write (capabilities watching their registers).
+        self.on_config_write: list[Callable[[], None]] = []
+        #: The function's MSI-X (:mod:`.msix`), if it has one; the host connects its messages.
+        self.msix = None
 
     # -- building ------------------------------------------------------------------------
     def _put(self, offset: int, size: int, value: int) -> None:
@@ -200,6 +204,8 @@ class PciFunction:
             if (self.command ^ old_command) & COMMAND_INTX_DISABLE:
                 self._drive_intx()
             self.on_decode_change(self)
+        for hook in self.on_config_write:
+            hook()
 
     # -- BARs ----------------------------------------------------------------------------
     def bar_address(self, bar: Bar) -> int:

@@ -126,6 +126,8 @@ class PciHost:
                               f"in use by {self.functions[devfn].name}")
         self.functions[devfn] = fn
         fn.on_decode_change = lambda _fn: self.update_mappings()
+        if fn.msix is not None:     # an MSI is a memory write of the data to the address
+            fn.msix.deliver = lambda address, data: self.bus.write(address, 4, data)
         if fn.interrupt_pin:
             line = swizzle(device, fn.interrupt_pin)
             fn.intx_out.connect(lambda level, devfn=devfn, line=line:

@@ -12,10 +12,12 @@ a write at notify + 4n), plus the PCI configuration access capability
 (4.1.4.8) that reaches the BAR through configuration space.
 
 Status, features, queues and the device session are shared with
-virtio-mmio (:mod:`.transport`); interrupts are INTx only: the pin is held
-while the ISR status is non-zero and reading ISR clears it (4.1.4.5).  No
-MSI-X capability is offered, so drivers fall back to INTx and read
-``config_msix_vector``/``queue_msix_vector`` as NO_VECTOR.
+virtio-mmio (:mod:`.transport`).  Interrupts: MSI-X (a table of one vector
+per queue plus one for configuration changes in a 32-bit BAR 1, as QEMU's)
+while the driver enables it, each queue and the configuration raising the
+vector the driver wrote in ``queue_msix_vector`` / ``config_msix_vector``;
+otherwise INTx, the pin held while the ISR status is non-zero, reading ISR
+clearing it (4.1.4.5).
 """
 
 from __future__ import annotations
@@ -31,8 +33,9 @@ from kemu.devices.pci.config import (
     BarKind,
     PciFunction,
 )
+from kemu.devices.pci.msix import Msix
 from kemu.devices.virtio import STATUS_DRIVER_OK, STATUS_FEATURES_OK, VirtioDevice
-from kemu.devices.virtio.transport import VirtioTransport
+from kemu.devices.virtio.transport import INT_CONFIG, VirtioTransport
 from kemu.memory import GuestMemory
 
 VIRTIO_PCI_VENDOR = 0x1AF4
@@ -55,6 +58,11 @@ DEVICE_OFFSET = 0x2000
 NOTIFY_OFFSET = 0x3000
 BAR_SIZE = 0x4000
 NOTIFY_OFF_MULTIPLIER = 4
+#: MSI-X: the table and PBA in a 32-bit memory BAR 1 of 4 KiB (as QEMU: table at 0, PBA at 0x800).
+MSIX_BAR = 1
+MSIX_BAR_SIZE = 0x1000
+MSIX_TABLE = 0x000
+MSIX_PBA = 0x800
 
 # struct virtio_pci_common_cfg (4.1.4.3): offset -> (name, size).
 DEVICE_FEATURE_SELECT = 0x00
@@ -147,6 +155,20 @@ class VirtioPciFunction(PciFunction):
         super().config_write(offset, size, value)
 
 
+class _MsixRegion:
+    """BAR 1: the MSI-X table and PBA."""
+
+    def __init__(self, transport: VirtioPciTransport) -> None:
+        self.transport = transport
+        self.name = f"{transport.name}-msix"
+
+    def read(self, offset: int, size: int) -> int:
+        return self.transport.msix.read(offset, size)
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        self.transport.msix.write(offset, size, value)
+
+
 class VirtioPciTransport(VirtioTransport):
     """A virtio device as a PCI function; :attr:`function` goes on a PCI host."""
 
@@ -160,8 +182,12 @@ class VirtioPciTransport(VirtioTransport):
             class_code=CLASS_CODES.get(device.device_id, CLASS_OTHER),
             revision=VIRTIO_PCI_MODERN_REVISION, subsystem_vendor_id=QEMU_SUBSYSTEM_VENDOR,
             subsystem_id=QEMU_SUBSYSTEM_ID,
-            bars=(Bar(MODERN_BAR, BAR_SIZE, BarKind.MEM64, self, prefetchable=True),),
+            bars=(Bar(MSIX_BAR, MSIX_BAR_SIZE, BarKind.MEM32, _MsixRegion(self)),
+                  Bar(MODERN_BAR, BAR_SIZE, BarKind.MEM64, self, prefetchable=True)),
             interrupt_pin=1)
+        # One vector per queue and one for configuration changes (QEMU: nvqs + 1).
+        self.msix = Msix(self.function, len(self.queues) + 1, MSIX_BAR, MSIX_TABLE, MSIX_PBA)
+        self.function.msix = self.msix
         self.irq.connect(self.function.set_intx)
         #: Accesses to the common configuration of the wrong width or place, ignored.
         self.bad_accesses = 0
@@ -172,6 +198,30 @@ class VirtioPciTransport(VirtioTransport):
         self.device_features_sel = 0
         self.driver_features_sel = 0
         self.queue_sel = 0
+        self.config_vector = VIRTIO_MSI_NO_VECTOR
+        self.queue_vectors = [VIRTIO_MSI_NO_VECTOR] * len(self.queues)
+
+    # -- interrupts: MSI-X while enabled, else INTx through ISR (4.1.4.5, 4.1.5.3) -------------
+    def _interrupt(self, bit: int, queue_index: int | None) -> None:
+        msix = getattr(self, "msix", None)
+        if msix is None or not msix.enabled:
+            super()._interrupt(bit, queue_index)
+            return
+        if bit == INT_CONFIG:
+            self.interrupt_status |= INT_CONFIG     # the driver may still read it from ISR
+            vector = self.config_vector
+        else:
+            vector = self.queue_vectors[queue_index]
+        if vector != VIRTIO_MSI_NO_VECTOR:
+            msix.notify(vector)
+
+    def _update_irq(self) -> None:
+        msix = getattr(self, "msix", None)
+        self.irq.set(self.interrupt_status != 0 and (msix is None or not msix.enabled))
+
+    def _set_vector(self, value: int) -> int:
+        """A vector the device can use, or NO_VECTOR (4.1.4.3.1: read back to check)."""
+        return value if value < self.msix.vectors else VIRTIO_MSI_NO_VECTOR
 
     # -- the BAR (Device protocol) ---------------------------------------------------------
     def read(self, offset: int, size: int) -> int:
@@ -227,8 +277,8 @@ class VirtioPciTransport(VirtioTransport):
             if self.driver_features_sel > 1:
                 return 0
             return (self.driver_features >> (32 * self.driver_features_sel)) & 0xFFFFFFFF
-        if field in (CONFIG_MSIX_VECTOR, QUEUE_MSIX_VECTOR):
-            return VIRTIO_MSI_NO_VECTOR
+        if field == CONFIG_MSIX_VECTOR:
+            return self.config_vector
         if field == NUM_QUEUES:
             return len(self.queues)
         if field == DEVICE_STATUS:
@@ -243,6 +293,8 @@ class VirtioPciTransport(VirtioTransport):
             return q.size
         if field == QUEUE_ENABLE:
             return int(q.ready)
+        if field == QUEUE_MSIX_VECTOR:
+            return self.queue_vectors[self.queue_sel]
         if field == QUEUE_NOTIFY_OFF:
             return self.queue_sel
         base = field & ~7
@@ -267,7 +319,13 @@ class VirtioPciTransport(VirtioTransport):
             self._write_status(value)
         elif field == QUEUE_SELECT:
             self.queue_sel = value
-        elif q is None or q.ready:
+        elif field == CONFIG_MSIX_VECTOR:
+            self.config_vector = self._set_vector(value)
+        elif q is None:
+            return
+        elif field == QUEUE_MSIX_VECTOR:
+            self.queue_vectors[self.queue_sel] = self._set_vector(value)
+        elif q.ready:
             return      # queue registers are fixed once the queue is enabled (4.1.4.3.2)
         elif field == QUEUE_SIZE:
             q.size = value
@@ -279,4 +337,4 @@ class VirtioPciTransport(VirtioTransport):
             attr, shift = _QUEUE_ADDRS[base], 8 * (field - base)
             mask = ((1 << (8 * size)) - 1) << shift
             setattr(q, attr, (getattr(q, attr) & ~mask) | ((value << shift) & mask))
-        # Read-only fields (device_feature, num_queues, ...) and the MSI-X vectors: ignored.
+        # Read-only fields (device_feature, num_queues, ...): ignored.

@@ -113,6 +113,13 @@ class VirtioTransport:
     def _queue(self) -> Virtqueue | None:
         return self.queues[self.queue_sel] if self.queue_sel < len(self.queues) else None
 
+    def _interrupt(self, bit: int, queue_index: int | None) -> None:
+        """Tell the driver: a used buffer in ``queue_index`` (INT_VRING) or a
+        configuration change (INT_CONFIG, ``None``).  Transports with message
+        interrupts (MSI-X) override this."""
+        self.interrupt_status |= bit
+        self._update_irq()
+
     def _update_irq(self) -> None:
         self.irq.set(self.interrupt_status != 0)
 
@@ -124,15 +131,13 @@ class VirtioTransport:
             self.device_error(str(exc))
             return
         if wanted:
-            self.interrupt_status |= INT_VRING
-            self._update_irq()
+            self._interrupt(INT_VRING, index)
 
     def config_changed(self) -> None:
         """Configuration space changed: new generation and a config interrupt (2.5.1)."""
         self.config_generation = (self.config_generation + 1) & 0xFFFFFFFF
         if self.status & STATUS_DRIVER_OK:
-            self.interrupt_status |= INT_CONFIG
-            self._update_irq()
+            self._interrupt(INT_CONFIG, None)
 
     def device_error(self, reason: str) -> None:
         """Enter DEVICE_NEEDS_RESET and tell the driver (2.1.2).
@@ -148,8 +153,7 @@ class VirtioTransport:
         if self._session is not None:
             self._session.active = False
         if self.status & STATUS_DRIVER_OK:
-            self.interrupt_status |= INT_CONFIG
-            self._update_irq()
+            self._interrupt(INT_CONFIG, None)
 
     @property
     def needs_reset(self) -> bool:
