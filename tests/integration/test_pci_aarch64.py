@@ -6,8 +6,9 @@ virtio-blk-pci`` on ``-drive if=none``: the disk shows in /sys/bus/pci as
 1af4:1042 bound to virtio-pci, and a write from the guest reaches the image
 file.  The same guest under qemu-system-aarch64 with the same command line
 (``disable-legacy=on``: kemu's devices are modern-only, QEMU's on pcie.0 are
-transitional by default) shows the same PCI functions.  A ``virtio-net-pci``
-NIC on ``-netdev user`` takes a DHCP lease.
+transitional by default) shows the same PCI functions.  Interrupts are MSI-X
+through the GICv2m frame.  A ``virtio-net-pci`` NIC on ``-netdev user`` takes
+a DHCP lease.
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ def test_virtio_blk_pci_disk_write_reaches_image_and_matches_qemu(guest, console
                and line.startswith("PCI 0000:00:03.0") for line in ours), ours
     assert any(line.startswith("PCI 0000:00:00.0 0x1b36:0x0008 0x060000") for line in ours)
     assert "vda" in c.run("cat /proc/partitions")
+    # The disk's interrupts are MSI-X messages through the GICv2m frame, as under QEMU.
+    msi = c.run("grep -E 'MSI [0-9]+ +Edge +virtio[0-9]+-req' /proc/interrupts")
+    assert int(msi.split()[1]) > 0, msi
     c.run(f"printf '{MARKER.decode().strip()}\\n' | dd of=/dev/vda bs=512 seek=7 conv=fsync")
     c.send("poweroff -f\n")
     assert c.wait(60) == 0

@@ -18,12 +18,14 @@ def _cells(line: str) -> list[int]:
     return [int(x, 16) for x in line.split("<", 1)[1].rstrip(">;").split()]
 
 
-def _comparable(lines: list[str], gic_phandle: int) -> list[str]:
-    """The node's lines without msi-map, the interrupt-map's GIC phandle made symbolic."""
+def _comparable(lines: list[str], gic_phandle: int, v2m_phandle: int) -> list[str]:
+    """The node's lines, the GIC's and the GICv2m frame's phandles made symbolic."""
     out = []
     for line in lines:
-        if line.startswith("msi-map"):
-            continue
+        if line.startswith("msi-map ="):
+            cells = _cells(line)
+            assert cells[1] == v2m_phandle
+            line = f"msi-map = {[cells[0], -2, *cells[2:]]}"
         if line.startswith("interrupt-map ="):
             cells = _cells(line)
             assert len(cells) % 10 == 0
@@ -42,7 +44,12 @@ def _phandle(dts: str, node: str) -> int:
     raise AssertionError(f"{node} has no phandle")
 
 
-def test_pcie_node_is_qemus_without_msi(tmp_path, need):
+def _v2m(dts: str) -> list[str]:
+    start = dts.index("\t\tv2m@8020000 {")
+    return sorted(line.strip() for line in dts[start:dts.index("\n\t\t};", start)].splitlines())
+
+
+def test_pcie_and_gicv2m_nodes_are_qemus(tmp_path, need):
     dtc = need("dtc")
     qemu = need("qemu-system-aarch64")
     subprocess.run([qemu, "-M", f"virt,dumpdtb={tmp_path / 'qemu.dtb'}", "-cpu", "cortex-a57",
@@ -53,8 +60,14 @@ def test_pcie_node_is_qemus_without_msi(tmp_path, need):
         VirtMachine(cfg, SerialBackend(lambda b: None)).device_tree())
     kemu, qemu_dts = _dts(dtc, tmp_path / "kemu.dtb"), _dts(dtc, tmp_path / "qemu.dtb")
     name = "pcie@10000000"
-    assert _comparable(_node(kemu, name), _phandle(kemu, "intc@8000000")) == \
-        _comparable(_node(qemu_dts, name), _phandle(qemu_dts, "intc@8000000"))
+    def v2m_phandle(dts):
+        return next(_cells(line)[0] for line in _v2m(dts) if line.startswith("phandle"))
+
+    assert _comparable(_node(kemu, name), _phandle(kemu, "intc@8000000"), v2m_phandle(kemu)) == \
+        _comparable(_node(qemu_dts, name), _phandle(qemu_dts, "intc@8000000"),
+                    v2m_phandle(qemu_dts))
+    assert [line for line in _v2m(kemu) if "phandle" not in line] == \
+        [line for line in _v2m(qemu_dts) if "phandle" not in line]
     gic = [line for line in _node(kemu, "intc@8000000") if "-cells" in line]
     assert "#address-cells = <0x02>;" in gic
 

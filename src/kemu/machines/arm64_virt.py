@@ -6,6 +6,7 @@ and device trees written for it work unchanged:
 =============  ============  =================================
 0x08000000     64 KiB        GICv2 distributor
 0x08010000     64 KiB        GICv2 CPU interface
+0x08020000     4 KiB         GICv2m MSI frame (SPI 48-111)
 0x09000000     4 KiB         PL011 UART (SPI 1)
 0x09010000     4 KiB         PL031 RTC (SPI 2)
 0x09020000     0x18          fw_cfg (MMIO with DMA; -fw_cfg files)
@@ -18,8 +19,8 @@ and device trees written for it work unchanged:
 =============  ============  =================================
 
 PCI Express is QEMU's generic ECAM host bridge (:mod:`kemu.devices.pci`)
-with the ``-device *-pci`` virtio devices on bus pcie.0 (virtio-pci modern,
-INTx; QEMU's virt also offers MSI through GICv2m, which kemu does not yet).
+with the ``-device *-pci`` virtio devices on bus pcie.0 (virtio-pci modern;
+MSI-X through the GICv2m frame, INTx on SPI 3-6 otherwise).
 
 ``-smp N`` (up to 8, the GICv2 limit) gives N vCPUs, each on its own host
 thread running in parallel (see :mod:`kemu.accel.tcg.coherence`).  As on
@@ -63,6 +64,9 @@ from kemu.options.objects import ram_regions
 FDT_MAGIC = b"\xd0\x0d\xfe\xed"
 GIC_DIST = (0x08000000, 0x10000)
 GIC_CPU = (0x08010000, 0x10000)
+GIC_V2M = (0x08020000, 0x1000)
+#: As QEMU's virt: the GICv2m frame owns SPIs 48-111 (NUM_GICV2M_SPIS 64).
+V2M_SPI_BASE, V2M_SPIS = 48, 64
 UART0 = (0x09000000, 0x1000)
 RTC = (0x09010000, 0x1000)
 FW_CFG = (0x09020000, REGISTERS_SIZE)
@@ -81,7 +85,8 @@ PCIE_SPI_BASE = 3
 UART0_SPI = 1
 RTC_SPI = 2
 VIRTIO_SPI_BASE = 16
-NUM_IRQS = 128
+#: INTIDs of the GIC: 32 internal and 256 SPIs, as QEMU's virt (GICD_TYPER.ITLinesNumber 8).
+NUM_IRQS = 32 + 256
 
 # Timer PPIs (INTID - 16): secure phys 13, non-secure phys 14, virtual 11, hyp 10.
 PPI_SEC_PHYS, PPI_PHYS, PPI_VIRT, PPI_HYP = 13, 14, 11, 10
@@ -90,6 +95,7 @@ PPI_PMU = 7
 
 PHANDLE_GIC = 1
 PHANDLE_CLK = 2
+PHANDLE_V2M = 3
 PHANDLE_CPU0 = 0x10
 
 #: GICv2 has 8 CPU interfaces (IHI 0048B 1.3.1).
@@ -202,7 +208,10 @@ class VirtMachine:
         self.psci = Psci(self._on_psci, cpus=psci_fn.CpuPowerControl(lambda: self.cpus))
         self._psci_caller = 0
 
+        from kemu.devices.gicv2m import GicV2m
         from kemu.devices.pci.host import PciHost, Window
+        self.v2m = GicV2m(self._pulse_spi, V2M_SPI_BASE, V2M_SPIS)
+        self.mmio.map(*GIC_V2M, self.v2m)
         self.pci_host = PciHost(self.mmio, [Window(True, 0, PCIE_PIO[0], PCIE_PIO[1]),
                                             Window(False, PCIE_MMIO[0], *PCIE_MMIO),
                                             Window(False, PCIE_MMIO_HIGH[0], *PCIE_MMIO_HIGH)],
@@ -289,13 +298,17 @@ class VirtMachine:
                 props["enable-method"] = "psci"
             cpus.add(Node(f"cpu@{i}", props))
         root.add(psci_node())
-        root.add(Node(f"intc@{GIC_DIST[0]:x}", {
+        intc = root.add(Node(f"intc@{GIC_DIST[0]:x}", {
             "compatible": "arm,cortex-a15-gic", "#interrupt-cells": 3,
-            # As QEMU's: the PCIe interrupt-map's parent unit addresses are two cells.
-            "#address-cells": 2, "#size-cells": 2,
+            # As QEMU's: the GICv2m frame is a child (two address cells, which the
+            # PCIe interrupt-map's parent unit addresses have too).
+            "#address-cells": 2, "#size-cells": 2, "ranges": None,
             "interrupt-controller": None,
             "reg": reg64((GIC_DIST[0], 0x1000), (GIC_CPU[0], 0x2000)),
             "phandle": PHANDLE_GIC}))
+        intc.add(Node(f"v2m@{GIC_V2M[0]:x}", {
+            "compatible": "arm,gic-v2m-frame", "msi-controller": None,
+            "reg": reg64(GIC_V2M), "phandle": PHANDLE_V2M}))
         ppi_flags = (((1 << cfg.smp) - 1) << 8) | IRQ_TYPE_LEVEL_HIGH
         root.add(Node("timer", {
             "compatible": ["arm,armv8-timer", "arm,armv7-timer"],
@@ -333,7 +346,7 @@ class VirtMachine:
         return fdt.build(root)
 
     def _pcie_node(self) -> Node:
-        """The host bridge as QEMU's virt describes it (create_pcie), without MSI."""
+        """The host bridge as QEMU's virt describes it (create_pcie)."""
         irq_map = []
         for slot in range(4):
             for pin in range(1, 5):
@@ -351,11 +364,17 @@ class VirtMachine:
                             0x3000000, *fdt.u64_cells(PCIE_MMIO_HIGH[0]),
                             *fdt.u64_cells(PCIE_MMIO_HIGH[0]), *fdt.u64_cells(PCIE_MMIO_HIGH[1])),
             "reg": reg64(PCIE_ECAM),
+            "msi-map": Cells(0, PHANDLE_V2M, 0, 0x10000),
             "dma-coherent": None,
             "bus-range": Cells(0, PCIE_ECAM[1] // (1 << 20) - 1),
             "linux,pci-domain": 0,
             "#size-cells": 2, "#address-cells": 3,
             "device_type": "pci", "compatible": "pci-host-ecam-generic"})
+
+    def _pulse_spi(self, spi: int) -> None:
+        """An MSI through the GICv2m frame: an edge on ``spi``."""
+        self.gic.set_spi(spi, True)
+        self.gic.set_spi(spi, False)
 
     def add_pci(self, transport, slot: int | None = None) -> int:
         """Plug a virtio-pci transport's function into pcie.0 (the next free slot if None)."""
