@@ -10,7 +10,7 @@ configuration structure; it offers the interface of
 
 from __future__ import annotations
 
-from virtio_driver import Allocator, Buf, DriverQueue
+from virtio_driver import Allocator, DriverQueue, VirtioDriver
 
 from kemu.bus import Bus
 from kemu.devices.pci import config as c
@@ -18,7 +18,6 @@ from kemu.devices.pci.host import PciHost
 from kemu.devices.virtio import (
     STATUS_ACKNOWLEDGE,
     STATUS_DRIVER,
-    STATUS_DRIVER_OK,
     STATUS_FEATURES_OK,
 )
 from kemu.devices.virtio import pci as vp
@@ -86,7 +85,7 @@ class EcamDriver:
         return out
 
 
-class VirtioPciDriver:
+class VirtioPciDriver(VirtioDriver):
     """Drives a virtio-pci function on ``ecam``'s bus like Linux's virtio_pci_modern."""
 
     def __init__(self, ecam: EcamDriver, device: int, memory: GuestMemory,
@@ -165,16 +164,6 @@ class VirtioPciDriver:
         self.queues[index] = q
         return q
 
-    def driver_ok(self) -> None:
-        self.set_status(STATUS_DRIVER_OK)
-
-    def init(self, nqueues: int = 1, features: int | None = None, mask: int = ~0,
-             size: int | None = None) -> list[DriverQueue]:
-        assert self.negotiate(features, mask), "FEATURES_OK refused"
-        qs = [self.setup_queue(i, size) for i in range(nqueues)]
-        self.driver_ok()
-        return qs
-
     def kick(self, index: int) -> None:
         off = self.queues[index].notify_off * self.notify_multiplier
         self.ecam.bus.write(self._at(vp.VIRTIO_PCI_CAP_NOTIFY_CFG, off), 2, index)
@@ -184,10 +173,3 @@ class VirtioPciDriver:
 
     def config(self, offset: int, size: int) -> int:
         return self.ecam.bus.read(self._at(vp.VIRTIO_PCI_CAP_DEVICE_CFG, offset), size)
-
-    def buffer(self, data: bytes | int, writable: bool = False) -> Buf:
-        size = data if isinstance(data, int) else len(data)
-        addr = self.alloc.alloc(max(size, 1), 8)
-        if not isinstance(data, int):
-            self.memory.write(addr, data)
-        return Buf(addr, size, writable)

@@ -124,8 +124,6 @@ class VirtioMmioTransport(VirtioTransport):
         #: Version 1 (4.2.4) rather than 2: asked for, and the device type has one.
         self.legacy = legacy and legacy_if.has_legacy_interface(
             device.device_id if device else None)
-        #: Register accesses of the wrong width or alignment, ignored.
-        self.bad_accesses = 0
         #: Legacy GuestPageSize: Linux writes it once at probe, before the driver's
         #: reset (Status 0), so a reset leaves it as QEMU does.
         self.guest_page_size = 0
@@ -134,9 +132,6 @@ class VirtioMmioTransport(VirtioTransport):
     # -- state ---------------------------------------------------------------------------
     def _reset_registers(self) -> None:
         super()._reset_registers()
-        self.device_features_sel = 0
-        self.driver_features_sel = 0
-        self.queue_sel = 0
         self.shm_sel = 0
         self.queue_align = [legacy_if.DEFAULT_QUEUE_ALIGN] * len(self.queues)
         self.queue_pfn = [0] * len(self.queues)

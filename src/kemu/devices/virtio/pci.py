@@ -189,15 +189,10 @@ class VirtioPciTransport(VirtioTransport):
         self.msix = Msix(self.function, len(self.queues) + 1, MSIX_BAR, MSIX_TABLE, MSIX_PBA)
         self.function.msix = self.msix
         self.irq.connect(self.function.set_intx)
-        #: Accesses to the common configuration of the wrong width or place, ignored.
-        self.bad_accesses = 0
         self._reset_registers()
 
     def _reset_registers(self) -> None:
         super()._reset_registers()
-        self.device_features_sel = 0
-        self.driver_features_sel = 0
-        self.queue_sel = 0
         self.config_vector = VIRTIO_MSI_NO_VECTOR
         self.queue_vectors = [VIRTIO_MSI_NO_VECTOR] * len(self.queues)
 

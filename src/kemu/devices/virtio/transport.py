@@ -81,6 +81,8 @@ class VirtioTransport:
         self.config_generation = 0
         #: Why the device last entered DEVICE_NEEDS_RESET (for diagnostics).
         self.error: str | None = None
+        #: Register accesses of the wrong width or alignment, ignored.
+        self.bad_accesses = 0
         self._session: _Session | None = None
 
     # -- state ---------------------------------------------------------------------------
@@ -88,6 +90,9 @@ class VirtioTransport:
         """Transport registers back to their reset values (2.4)."""
         self.status = 0
         self.driver_features = 0
+        self.device_features_sel = 0
+        self.driver_features_sel = 0
+        self.queue_sel = 0
         self.interrupt_status = 0
         for q in self.queues:
             q.reset()
