@@ -275,3 +275,15 @@ def test_gicv2m_frame_raises_its_spis_only():
     frame.write(MSI_SETSPI_NS, 4, 144)
     frame.write(0x44, 4, 90)
     assert raised == [48, 111] and frame.bad_messages == 2
+
+
+def test_function_reset_masks_msix_and_clears_bars():
+    mem, host, lines, t, ecam, dev, drv = make(VirtioRng())
+    v2m = V2m()
+    ecam.bus.map(0x0802_0000, 0x1000, v2m)
+    cap, _ = enable_msix(ecam, dev, drv)
+    host.reset()
+    assert ecam.read(dev, cap + 2, 2) & 0xC000 == 0
+    assert ecam.read(dev, c.BAR0 + 4) == 0 and host.bar_base(dev << 3, 1) is None
+    assert t.msix.read(12, 4) == 1                                     # vector 0 masked
+    assert t.msix.read(0, 4) == 0

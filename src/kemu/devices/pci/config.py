@@ -143,6 +143,8 @@ class PciFunction:
         self.on_decode_change: Callable[[PciFunction], None] = lambda fn: None
         #: Called after every configuration write (capabilities watching their registers).
         self.on_config_write: list[Callable[[], None]] = []
+        #: Called on a conventional reset (capabilities with state outside config space).
+        self.on_reset: list[Callable[[], None]] = []
         #: The function's MSI-X (:mod:`.msix`), if it has one; the host connects its messages.
         self.msix = None
 
@@ -240,5 +242,7 @@ class PciFunction:
             if self.wmask[at]:
                 self.space[at] &= ~self.wmask[at] & 0xFF
         self._put(STATUS, 2, self._get(STATUS, 2) & ~STATUS_W1C)
+        for hook in self.on_reset:
+            hook()
         self._drive_intx()
         self.on_decode_change(self)

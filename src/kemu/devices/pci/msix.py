@@ -41,13 +41,20 @@ class Msix:
         self.cap = function.add_capability(CAP_ID_MSIX, body,
                                            writable=b"\x00" + bytes([0xC0]) + bytes(8))
         self.table = bytearray(vectors * ENTRY_SIZE)
-        for i in range(vectors):
-            self.table[i * ENTRY_SIZE + 12] = VECTOR_MASKED
         self.pending = [False] * vectors
+        self.reset()
+        function.on_reset.append(self.reset)
         #: Where messages go: ``deliver(address, data)``; the host connects it.
         self.deliver: Callable[[int, int], None] = lambda address, data: None
         self._was = self._control()
         function.on_config_write.append(self._control_written)
+
+    def reset(self) -> None:
+        """Function reset: every entry cleared and masked, nothing pending (6.8.2.9)."""
+        self.table[:] = bytes(len(self.table))
+        for i in range(self.vectors):
+            self.table[i * ENTRY_SIZE + 12] = VECTOR_MASKED
+        self.pending = [False] * self.vectors
 
     def _control(self) -> int:
         return int.from_bytes(self.function.space[self.cap + 2:self.cap + 4], "little")
