@@ -106,3 +106,17 @@ def test_rng_serial_and_vsock_on_pci(guest, console_factory):
     c.send("poweroff -f\n")
     assert c.wait(60) == 0
     assert b"pci-42-console" in c.buffer
+
+
+def test_pci_disk_after_guest_reboot(guest, console_factory, tmp_path):
+    """A guest reset clears the BARs and devices; Linux enumerates and uses them again."""
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(4 << 20))
+    c = console_factory("run", *blk_args(image))
+    first = pci_functions(c)
+    c.send("reboot -f\n")
+    assert pci_functions(c) == first
+    c.run(f"printf '{MARKER.decode().strip()}\\n' | dd of=/dev/vda bs=512 seek=2 conv=fsync")
+    c.send("poweroff -f\n")
+    assert c.wait(60) == 0
+    assert image.read_bytes()[2 * 512:2 * 512 + len(MARKER)] == MARKER
