@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import struct
 
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from pci_driver import EcamDriver, VirtioPciDriver
 from test_virtio_blk import MemBackend, submit
 from virtio_driver import make_memory
@@ -287,3 +289,30 @@ def test_function_reset_masks_msix_and_clears_bars():
     assert ecam.read(dev, c.BAR0 + 4) == 0 and host.bar_base(dev << 3, 1) is None
     assert t.msix.read(12, 4) == 1                                     # vector 0 masked
     assert t.msix.read(0, 4) == 0
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.sampled_from(["cfg", "bar", "msix"]),
+                          st.integers(0, 0x1FFF), st.sampled_from([1, 2, 3, 4, 8]),
+                          st.integers(0, 2**64 - 1)), max_size=60))
+def test_arbitrary_guest_accesses_never_break_the_vmm(accesses):
+    """Config space, the virtio BAR and the MSI-X table take any access: no exception,
+    no access to memory outside guest RAM, the bus stays consistent."""
+    mem, host, _, t, ecam, dev, drv = make(VirtioBlk(MemBackend()))
+    v2m = V2m()
+    ecam.bus.map(0x0802_0000, 0x1000, v2m)
+    enable_msix(ecam, dev, drv)
+    for where, offset, size, value in accesses:
+        value &= (1 << (8 * size)) - 1
+        if where == "cfg":
+            ecam.write(dev, offset & 0xFFF, size, value)
+            ecam.read(dev, offset & 0xFFF, size)
+        elif where == "bar":
+            ecam.bus.write(drv.bar + (offset & 0x3FFF), size, value)
+            ecam.bus.read(drv.bar + (offset & 0x3FFF), size)
+        else:
+            t.msix.write(offset & 0xFFF, size, value)
+            t.msix.read(offset & 0xFFF, size)
+    assert mem.violations == []
+    mapped = sorted((m.base, m.end) for m in ecam.bus.mappings)
+    assert all(a[1] <= b[0] for a, b in zip(mapped, mapped[1:]))
