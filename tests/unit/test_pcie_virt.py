@@ -83,7 +83,7 @@ def _ecam_read(machine, device, reg, size=4):
 
 
 def test_pci_devices_are_on_pcie0_at_their_addresses(tmp_path):
-    m = _machine(tmp_path, [("virtio-rng-pci", {"addr": "0x5"}), ("virtio-rng-pci", {}),
+    m = _machine(tmp_path, [("virtio-rng-pci", {"addr": "0x5"}), ("virtio-rng", {}),
                             ("virtio-rng-device", {}),
                             ("vhost-vsock-pci", {"guest-cid": "3", "bus": "pcie.0",
                                                  "addr": "a.0", "disable-legacy": "on"})])

@@ -25,6 +25,10 @@ VIRTIO_DRIVERS = {
     "vhost-vsock-device": "vsock", "vhost-vsock-pci": "vsock",
     "virtio-vsock-device": "vsock", "virtio-vsock-pci": "vsock",
 }
+#: QEMU's short names of the -pci devices (``-device virtio-blk`` is virtio-blk-pci).
+PCI_ALIASES = {"virtio-blk": "virtio-blk-pci", "virtio-net": "virtio-net-pci",
+               "virtio-rng": "virtio-rng-pci", "virtio-serial": "virtio-serial-pci"}
+VIRTIO_DRIVERS.update({alias: VIRTIO_DRIVERS[name] for alias, name in PCI_ALIASES.items()})
 
 
 def force_legacy(config: MachineConfig, default: bool) -> bool:
@@ -49,7 +53,8 @@ def pci_placement(board, dev: DeviceConfig) -> tuple[DeviceConfig, int | None] |
     """Where a ``*-pci`` -device goes on the board's PCI bus: ``(dev without the PCI
     properties, slot or None for the next free)``; None for a device that is not a
     PCI device or a board without PCI (microvm: the -pci spellings use virtio-mmio)."""
-    if not dev.driver.endswith("-pci") or getattr(board, "pci_host", None) is None:
+    if (not dev.driver.endswith("-pci") and dev.driver not in PCI_ALIASES
+            or getattr(board, "pci_host", None) is None):
         return None
     props = dict(dev.props)
     bus = props.pop("bus", "pcie.0")
