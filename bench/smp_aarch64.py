@@ -14,7 +14,8 @@ Reports medians of wall time, of the job's time, of the host CPU time the
 process used (user + system; "cores" is CPU time over wall time), and the
 per-round ratios kemu/QEMU.
 
-    .venv/bin/python bench/smp_aarch64.py [--runs N] [--smp N]   (default 5 rounds, 2 CPUs)
+    .venv/bin/python bench/smp_aarch64.py [--runs N] [--smp N] [--gic-version 2|3]
+                                              (default 5 rounds, 2 CPUs, GICv2)
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--smp", type=int, default=2)
+    ap.add_argument("--gic-version", choices=["2", "3"], default="2")
     args = ap.parse_args()
     guest = default_guest("aarch64", show_progress=False)
     qemu = ensure_qemu()
@@ -76,8 +78,9 @@ def main() -> None:
         for name, init in (("boot", BOOT_INIT), ("job", JOB_INIT)):
             images[name] = Path(tmp) / f"{name}.cpio.gz"
             images[name].write_bytes(initramfs(busybox, init))
-        common = ["-M", "virt", "-cpu", "cortex-a57", "-m", "256", "-smp", str(args.smp),
-                  "-nographic", "-no-reboot", "-kernel", str(guest.kernel), "-append", APPEND]
+        common = ["-M", f"virt,gic-version={args.gic_version}", "-cpu", "cortex-a57",
+                  "-m", "256", "-smp", str(args.smp), "-nographic", "-no-reboot",
+                  "-kernel", str(guest.kernel), "-append", APPEND]
         peers = {"kemu": [sys.executable, "-m", "kemu.cli", *common],
                  "qemu": [qemu, "-accel", "tcg,thread=multi", *common]}
         # results[scenario][peer] = [(wall, cpu, job)]
@@ -90,7 +93,8 @@ def main() -> None:
                     job = job_seconds(out, args.smp) if scenario == "job" else wall
                     results[scenario][peer].append((wall, cpu, job))
         load_after = os.getloadavg()[0]
-    print(f"-smp {args.smp}, kernel {guest.kernel.name}, {args.runs} rounds alternating; host "
+    print(f"-smp {args.smp}, gic-version={args.gic_version}, kernel {guest.kernel.name}, "
+          f"{args.runs} rounds alternating; host "
           f"load average {load_before:.2f} before, {load_after:.2f} after, "
           f"{os.cpu_count()} host CPUs")
     for scenario, by_peer in results.items():

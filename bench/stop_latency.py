@@ -13,9 +13,7 @@ once the vCPUs have stopped), then ``quit``, timed to the end of the process.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -27,50 +25,21 @@ sys.path.insert(0, str(Path(__file__).parent))
 from boot_aarch64 import ensure_qemu  # noqa: E402
 from irq_latency import build_guest  # noqa: E402
 
-
-class Qmp:
-    def __init__(self, path: Path, timeout: float = 60.0) -> None:
-        end = time.monotonic() + timeout
-        while True:
-            try:
-                self.sock = socket.socket(socket.AF_UNIX)
-                self.sock.connect(str(path))
-                break
-            except OSError:
-                if time.monotonic() > end:
-                    raise
-                time.sleep(0.02)
-        self.file = self.sock.makefile("rwb")
-        self._read()                                    # greeting
-        self.command("qmp_capabilities")
-
-    def _read(self) -> dict:
-        while True:
-            msg = json.loads(self.file.readline())
-            if "event" not in msg:
-                return msg
-
-    def command(self, name: str) -> dict:
-        self.file.write(json.dumps({"execute": name}).encode() + b"\n")
-        self.file.flush()
-        reply = self._read()
-        if "error" in reply:
-            raise SystemExit(f"{name}: {reply['error']}")
-        return reply
+from kemu.testing.qmp_client import QmpClient  # noqa: E402
 
 
 def measure(cmd: list[str], sock: Path, rounds: int) -> tuple[list[float], float]:
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     try:
-        qmp = Qmp(sock)
+        qmp = QmpClient(sock)
         time.sleep(0.5)                                 # let the guest start spinning
         stops = []
         for _ in range(rounds):
             t0 = time.perf_counter()
-            qmp.command("stop")
+            qmp.execute("stop")
             stops.append((time.perf_counter() - t0) * 1000)
-            qmp.command("cont")
+            qmp.execute("cont")
             time.sleep(0.02)
         t0 = time.perf_counter()
         qmp.file.write(b'{"execute": "quit"}\n')

@@ -16,13 +16,19 @@ pkgs="python3 python3-venv python3-dev gcc cmake patch"
 if [ $test_deps = 1 ]; then
   # Peers and tools the tests check kemu against: dtc decompiles the device
   # tree, qemu-img checks images, qemu-system-arm is the benchmark's peer,
-  # binutils-aarch64-linux-gnu assembles tiny test guests, qemu-system-x86 runs
+  # binutils-aarch64-linux-gnu assembles tiny test guests (gcc-aarch64-linux-gnu
+  # compiles the vsock test's guest tool), qemu-system-x86 runs
   # the nested-KVM harness (lz4 unpacks the PVH vmlinux), iasl (acpica-tools)
   # reads back the microvm's ACPI tables.  libvirt-daemon-system and libvirt-clients
   # run kemu as libvirt's emulator (tests/integration/test_libvirt.py starts its own
   # libvirtd); libvirt-dev and pkg-config build the libvirt Python binding in .venv.
-  pkgs="$pkgs device-tree-compiler qemu-utils qemu-system-arm qemu-system-x86 binutils-aarch64-linux-gnu cpio linux-libc-dev passt acpica-tools lz4"
+  pkgs="$pkgs device-tree-compiler qemu-utils qemu-system-arm qemu-system-x86 binutils-aarch64-linux-gnu gcc-aarch64-linux-gnu cpio linux-libc-dev passt acpica-tools lz4"
   pkgs="$pkgs libvirt-daemon-system libvirt-clients libvirt-dev pkg-config"
+  # A browser for the noVNC test (tests/integration/test_novnc_browser.py), npm to fetch
+  # noVNC (Debian's package only where no npm is installed: a Node.js from elsewhere
+  # brings its own and conflicts with it).
+  pkgs="$pkgs chromium"
+  command -v npm >/dev/null 2>&1 || pkgs="$pkgs npm"
 fi
 missing=""
 for p in $pkgs; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
@@ -55,6 +61,13 @@ if [ $test_deps = 1 ]; then
   .venv/bin/python -c 'import libvirt' || { echo "bootstrap: the venv cannot import libvirt" >&2; exit 1; }
 else
   .venv/bin/python -m pip install -q -e .
+fi
+if [ $test_deps = 1 ]; then
+  # noVNC (the browser VNC client the display test runs in Chromium), from the npm registry.
+  novnc="${XDG_CACHE_HOME:-$HOME/.cache}/kemu/novnc"
+  if [ ! -f "$novnc/node_modules/@novnc/novnc/core/rfb.js" ]; then
+    mkdir -p "$novnc" && (cd "$novnc" && npm install --silent --no-audit --no-fund @novnc/novnc@1.7.0 >/dev/null)
+  fi
 fi
 # Byte-compile kemu once, so that start-up does not compile it on every run
 # where PYTHONDONTWRITEBYTECODE is set.

@@ -169,10 +169,36 @@ class GuestPanicked(Event):
     message: str = ""
 
 
-MachineEvent = Union[Stop, Resume, Powerdown, Reset, GuestPanicked, Shutdown, BlockIOError]
+@dataclass(frozen=True)
+class VncEvent(Event):
+    """A VNC client connected, finished its handshake or left (QMP's VNC_CONNECTED,
+    VNC_INITIALIZED, VNC_DISCONNECTED: ``kind``), with QMP's ``server`` and ``client``."""
+
+    kind: str = ""
+    data: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MigrationStatus(Event):
+    """A migration changed state (QMP's MIGRATION, with the ``events`` capability):
+    setup, active, device, completed, failed, cancelled."""
+
+    status: str = ""
+
+
+@dataclass(frozen=True)
+class MigrationPass(Event):
+    """A pass over guest RAM ended (QMP's MIGRATION_PASS)."""
+
+    pass_: int = 0
+
+
+MachineEvent = Union[Stop, Resume, Powerdown, Reset, GuestPanicked, Shutdown, BlockIOError,
+                     VncEvent, MigrationStatus, MigrationPass]
 
 #: QMP event names that are not the class name in capitals.
-_QMP_NAMES = {GuestPanicked: "GUEST_PANICKED", BlockIOError: "BLOCK_IO_ERROR"}
+_QMP_NAMES = {GuestPanicked: "GUEST_PANICKED", BlockIOError: "BLOCK_IO_ERROR",
+              MigrationStatus: "MIGRATION", MigrationPass: "MIGRATION_PASS"}
 
 
 class Console:
@@ -286,6 +312,26 @@ class Console:
         return out
 
 
+def _guest_cid(config: MachineConfig) -> int | None:
+    for dev in config.devices:
+        if "vsock" in dev.driver and "guest-cid" in dev.props:
+            return int(dev.props["guest-cid"], 0)
+    return None
+
+
+def _identity(config: MachineConfig, mac: str | None, cid: int | None) -> None:
+    """A restored copy's own MAC (first NIC) and vsock CID, in its configuration."""
+    for dev in config.devices:
+        if mac is not None and dev.driver.startswith("virtio-net"):
+            dev.props["mac"] = mac
+            mac = None
+        if cid is not None and "vsock" in dev.driver:
+            dev.props["guest-cid"] = str(cid)
+            if "uds" in dev.props:        # the original may still hold its socket
+                dev.props["uds"] = f"{dev.props['uds']}.{cid}"
+            cid = None
+
+
 class Machine:
     """A virtual machine in this process.
 
@@ -298,7 +344,8 @@ class Machine:
                  memory: str | int = "256M", cpu: str = "cortex-a57",
                  disks: list[str | Path] = (), devices: list[str] = (),
                  no_reboot: bool = False, name: str | None = None,
-                 machine: str = "virt", accel: str = "tcg", smp: int = 1) -> None:
+                 machine: str = "virt", accel: str = "tcg", smp: int = 1,
+                 vnc: str | None = None) -> None:
         from kemu.options import parse_device, parse_size
 
         config = MachineConfig(
@@ -309,6 +356,9 @@ class Machine:
             drives=[DriveConfig(Path(d)) for d in disks],
             devices=[parse_device(d) if isinstance(d, str) else DeviceConfig(*d)
                      for d in devices])
+        if vnc is not None:           # QEMU's -vnc argument: ":1", "unix:/path,password=on"
+            from kemu.options.display import parse_vnc_option
+            config.extra["vnc"] = parse_vnc_option(vnc, "vnc=")
         self.__init_from_config(config)
 
     @classmethod
@@ -320,24 +370,32 @@ class Machine:
         return self
 
     @classmethod
-    def default_guest(cls, arch: str = "aarch64", append: str = "", **kwargs) -> "Machine":
+    def default_guest(cls, arch: str = "aarch64", append: str = "", screen: bool = False,
+                      **kwargs) -> "Machine":
         """The default guest (built from Debian's packages on first use); the x86-64
-        one runs on the microvm board under KVM."""
+        one runs on the microvm board under KVM.  ``screen``: its display flavour
+        (a kernel with DRM) with a graphics adapter, a keyboard and a tablet."""
         from kemu.guest.debian import default_guest
         if arch == "x86_64":
             kwargs.setdefault("machine", "microvm")
             kwargs.setdefault("accel", "kvm")
-        image = default_guest(arch, show_progress=False)
+        if screen:
+            given = {d if isinstance(d, str) else d[0] for d in kwargs.get("devices", ())}
+            kwargs["devices"] = list(kwargs.get("devices", ())) + [
+                d for d in ("virtio-gpu-device", "virtio-keyboard-device",
+                            "virtio-tablet-device") if not any(g.startswith(d) for g in given)]
+        image = default_guest(f"{arch}-display" if screen else arch, show_progress=False)
         return cls(kernel=image.kernel, initrd=image.initrd,
                    append=f"{image.append} {append}".strip(), **kwargs)
 
     def __init_from_config(self, config: MachineConfig,
-                           console_output: Callable[[bytes], None] | None = None) -> None:
+                           console_output: Callable[[bytes], None] | None = None,
+                           ram_fd: int | None = None) -> None:
         from kemu.machines.builder import build
 
         self.config = config
         self._backend = SerialBackend(console_output or (lambda data: None))
-        self._board = build(config, self._backend)
+        self._board = build(config, self._backend, ram_fd=ram_fd)
         self.console = Console(self._backend, self._board.lock)
         self._events: queue.Queue[MachineEvent] = queue.Queue()
         self._listeners: list[Callable[[dict], None]] = []
@@ -347,6 +405,8 @@ class Machine:
         self._board.on_reset = lambda: self._emit(Reset(guest=True))
         # a disk's werror/rerror policy reports here (kemu.machines.virtio_devices)
         self._board.on_block_io_error = self._block_io_error
+        # the VNC server (kemu.display.vnc) reports its clients here
+        self._board.on_vnc_event = lambda kind, data: self._emit(VncEvent(kind=kind, data=data))
         #: Paused by a disk error (QMP's run state io-error) until resumed.
         self.io_error = False
         #: Stopped by the guest's power-off under -no-shutdown (QMP's run state
@@ -367,6 +427,12 @@ class Machine:
         self._unreported: set[RunState] = set()
         #: Notified on every run-state transition of the board.
         self._state_changed = threading.Condition()
+        self._migration = None             # kemu.migration.Migration, made on first use
+        #: Paused at the end of an outgoing migration (query-status: postmigrate).
+        self._postmigrate = False
+        #: Waiting for an incoming migration (query-status: inmigrate); set when it fails.
+        self._incoming: threading.Event | None = None
+        self._incoming_error: str | None = None
 
     # -- events -------------------------------------------------------------------------
     def _emit(self, event: MachineEvent) -> None:
@@ -378,7 +444,13 @@ class Machine:
             data = {"action": "poweroff"}
         if isinstance(event, BlockIOError):
             data = event.qmp_data()
+        if isinstance(event, MigrationStatus):
+            data = {"status": event.status}
+        if isinstance(event, MigrationPass):
+            data = {"pass": event.pass_}
         name = _QMP_NAMES.get(type(event), type(event).__name__.upper())
+        if isinstance(event, VncEvent):
+            name, data = event.kind, event.data
         message = qmp_event(name, data, event.timestamp)
         for listener in list(self._listeners):
             listener(message)
@@ -459,6 +531,8 @@ class Machine:
         self._started = True
         self.config.start_paused = paused
         self._board.start()
+        if self.vnc is not None:
+            self.vnc.start()          # its I/O thread (after -daemonize's fork, if any)
         _live.add(self)
         if self._stop_reason is not None:
             # stop() came first (a QMP quit while -qmp ...,wait=on held the start)
@@ -466,7 +540,10 @@ class Machine:
 
     @property
     def state(self) -> str:
-        """``"created"``, ``"running"``, ``"paused"`` or ``"shutdown"``."""
+        """``"created"``, ``"running"``, ``"paused"`` or ``"shutdown"`` (``"inmigrate"``
+        while waiting for an incoming migration)."""
+        if self._incoming is not None and not self._incoming.is_set():
+            return "inmigrate"
         state = self._board.state
         return "shutdown" if state == RunState.STOPPED else state.value
 
@@ -500,6 +577,7 @@ class Machine:
             raise MachineStateError("Resetting the Virtual Machine is required")
         with self._lock:
             self.io_error = False
+            self._postmigrate = False
             # Resume is reported before resume() returns (as QEMU's cont emits
             # RESUME), not whenever the vCPU thread gets round to running.
             report = self._board.state == RunState.PAUSED
@@ -525,6 +603,9 @@ class Machine:
         with self._lock:
             if self._stop_reason is None:
                 self._stop_reason = reason
+        if self._incoming is not None and not self._incoming.is_set():
+            self._incoming_failed("")        # quit while waiting for a migration
+            return
         self._board.stop()
 
     def kill(self, timeout: float = 10.0) -> int:
@@ -546,6 +627,16 @@ class Machine:
         """Wait for the machine to end; its exit status (0 = guest powered off), or None."""
         if not self._started:
             raise MachineStateError("wait: the machine has not been started")
+        if self._incoming is not None and not self._incoming.is_set():
+            if not self._incoming.wait(timeout):
+                return None
+        if self._incoming_error is not None:
+            if self._outcome is None:
+                self._outcome = (Outcome("error", 1, self._incoming_error)
+                                 if self._incoming_error else Outcome("quit", 0))
+                self._board.close()
+                self.console._close()
+            return self._outcome.status
         outcome = self._board.wait(timeout)
         if outcome is None:
             return None
@@ -601,6 +692,162 @@ class Machine:
             raise
         self._emit(Reset())
 
+    # -- snapshots, restore, fork (kemu.snapshot) ---------------------------------------------
+    def snapshot(self, directory: str | Path, timeout: float = 10.0) -> dict:
+        """Save the whole machine into ``directory`` (see :mod:`kemu.snapshot`); returns
+        the snapshot's header.
+
+        The vCPUs stop at their next block start (a clean point: no device
+        access half done, disk requests complete), the state, RAM and a copy
+        of each writable disk are written, and a running machine runs on
+        (no Stop/Resume events; the guest does not see the time it took).
+        """
+        from kemu import snapshot
+        self._require_running("snapshot")
+        if not hasattr(self._board, "save_state"):
+            raise MachineStateError(f"snapshot: the {self.config.machine} board cannot be "
+                                    "saved yet")
+        was_running = self._board.state == RunState.RUNNING
+        with self._lock:
+            if was_running:
+                self._unreported = {RunState.PAUSED, RunState.RUNNING}
+        if not self._board.pause(timeout):
+            raise MachineTimeout(f"snapshot: the vCPU did not stop within {timeout:g} s")
+        try:
+            with self._board.lock:
+                return snapshot.save(self._board, self.config, Path(directory))
+        finally:
+            if was_running:
+                self._board.resume()
+
+    @classmethod
+    def restore(cls, directory: str | Path, *, overlay_dir: str | Path | None = None,
+                paused: bool = False, verify: bool = True, mac: str | None = None,
+                guest_cid: int | None = None,
+                console_output: Callable[[bytes], None] | None = None,
+                tag: str | None = None) -> "Machine":
+        """A new machine running from a snapshot directory (:meth:`snapshot`).
+
+        Its RAM is the snapshot's memory file mapped private (copy-on-write),
+        each copied disk gets a new qcow2 overlay over the snapshot's copy in
+        ``overlay_dir`` (default: the snapshot directory) named after ``tag``,
+        networks get new host backends (a new passt), and the guest's virtual
+        counter resumes where it stopped.  ``mac`` and ``guest_cid`` give the
+        first NIC and the vsock device new identities (a fork).  A damaged,
+        truncated or foreign snapshot raises :class:`~kemu.state.StateError`
+        (one line) before anything starts.
+        """
+        import os
+
+        from kemu import snapshot
+        from kemu.state import StateError, check_header
+        directory = Path(directory)
+        header, payload = snapshot.load(directory)
+        tag = tag or f"restore-{os.getpid()}-{time.monotonic_ns():x}"
+        memory = header.get("memory")
+        if not isinstance(memory, dict) or memory.get("file") != snapshot.MEMORY_FILE:
+            raise StateError(f"snapshot {directory}: corrupted header (memory)")
+        config = snapshot.restored_config(directory, header, payload,
+                                          Path(overlay_dir) if overlay_dir else directory, tag)
+        _identity(config, mac, guest_cid)
+        if memory.get("size") != config.memory:
+            raise StateError(f"snapshot {directory}: memory file size does not match -m")
+        fd = snapshot.open_memory(directory / snapshot.MEMORY_FILE, config.memory,
+                                  memory.get("crcs"), verify)
+        try:
+            self = cls.__new__(cls)
+            self.__init_from_config(config, console_output, ram_fd=fd)
+        finally:
+            os.close(fd)            # the mapping keeps the file
+        try:
+            check_header(header, self._board.state_fingerprint(), f"snapshot {directory}")
+            self._started = True
+            self._board.start_restored(payload["board"], paused=paused)
+        except BaseException:
+            self._board.close()
+            raise
+        self.has_run = not paused
+        _live.add(self)
+        return self
+
+    def fork(self, n: int, directory: str | Path | None = None) -> list["Machine"]:
+        """``n`` running copies of this machine (which runs on), from one snapshot in
+        ``directory`` (default: a new temporary directory, left for the caller).
+
+        The copies share the snapshot's memory file copy-on-write, each has its
+        own disk overlays, a new MAC (locally administered) on its first NIC and
+        the next vsock CIDs after this machine's (host side: the UNIX socket
+        ``UDS.CID`` for ``uds=UDS``).
+        """
+        import os
+        import tempfile
+        if n < 1:
+            raise ValueError("fork: n must be at least 1")
+        directory = Path(directory or tempfile.mkdtemp(prefix="kemu-fork-"))
+        self.snapshot(directory)
+        cid = _guest_cid(self.config)
+        copies: list[Machine] = []
+        try:
+            for i in range(n):
+                mac = "52:54:%02x:%02x:%02x:%02x" % tuple(os.urandom(4))
+                copies.append(Machine.restore(directory, verify=i == 0, mac=mac,
+                                              guest_cid=None if cid is None else cid + 1 + i,
+                                              tag=f"fork{i}-{os.getpid()}"))
+        except BaseException:
+            for vm in copies:
+                vm.kill()
+            raise
+        return copies
+
+    # -- migration (kemu.migration; QMP's migrate, -incoming) ------------------------------------
+    @property
+    def migration(self):
+        """This machine's :class:`kemu.migration.Migration` (settings, current migration)."""
+        if self._migration is None:
+            from kemu.migration import Migration
+            self._migration = Migration(self)
+        return self._migration
+
+    def migrate(self, uri: str) -> None:
+        """Start a live migration to ``uri`` (QMP's ``migrate``); see :attr:`migration`."""
+        self._require_running("migrate")
+        self.migration.migrate(uri)
+
+    def start_incoming(self, uri: str | None = None, paused: bool = False) -> None:
+        """Wait for a migration instead of booting (``-incoming URI``; None: ``defer``,
+        then :meth:`incoming`)."""
+        if self._started:
+            raise MachineStateError("incoming: the machine was already started")
+        if not hasattr(self._board, "start_restored"):
+            raise MachineStateError(f"-incoming: the {self.config.machine} board cannot be "
+                                    "migrated yet")
+        self._started = True
+        self._incoming = threading.Event()
+        self._incoming_paused = paused
+        _live.add(self)
+        if uri is not None:
+            self.incoming(uri)
+
+    def incoming(self, uri: str) -> None:
+        """QMP's ``migrate-incoming`` (after ``-incoming defer``)."""
+        if self._incoming is None or self._incoming.is_set():
+            raise MachineStateError("migrate-incoming: the machine was not started with "
+                                    "-incoming")
+        if self.migration.incoming is not None:
+            raise MachineStateError("The incoming migration has already been started")
+        self.migration.incoming_from(uri, self._incoming_paused)
+
+    def _finish_incoming(self, board_state: dict, paused: bool) -> None:
+        self._board.start_restored(board_state, paused=paused)
+        self.has_run = not paused
+        self._incoming.set()
+
+    def _incoming_failed(self, message: str) -> None:
+        self._incoming_error = message
+        self._incoming.set()
+        with self._state_changed:
+            self._state_changed.notify_all()
+
     def registers(self) -> dict[str, int]:
         """The boot CPU's general registers (read while the guest may be running)."""
         if not self._started:
@@ -620,6 +867,53 @@ class Machine:
         """(base, size, name) of RAM and every device mapping."""
         ram = [(r.base, r.size, "ram") for r in self._board.memory.regions]
         return ram + [(m.base, m.size, m.device.name) for m in self._board.mmio.mappings]
+
+    # -- display ------------------------------------------------------------------------
+    @property
+    def display(self):
+        """The graphical console (:class:`kemu.display.console.DisplayConsole`), or None
+        without a graphics adapter or a VNC display."""
+        return getattr(self._board, "display", None)
+
+    @property
+    def vnc(self):
+        """The VNC server (:class:`kemu.display.vnc.VncServer`), or None."""
+        return getattr(self._board, "vnc", None)
+
+    def send_keys(self, names: list[str]) -> None:
+        """Press ``names`` (QEMU's key names, as HMP ``sendkey ctrl-alt-f1``) together,
+        then release them in reverse order, on the virtio keyboards."""
+        from kemu.display.keymap import QCODES
+        codes = []
+        for name in names:
+            if name not in QCODES:
+                raise KemuError(f"unknown key '{name}'")
+            codes.append(QCODES[name])
+        console = self.display
+        if console is None or not console.keyboards:
+            raise MachineStateError(f"the {self.config.machine} board has no keyboard "
+                                    "(add -device virtio-keyboard-device)")
+        with self._board.lock:
+            for kbd in console.keyboards:
+                for code in codes:
+                    kbd.key(code, True)
+                for code in reversed(codes):
+                    kbd.key(code, False)
+
+    def screenshot(self):
+        """What the screen shows now, as a Pillow ``Image`` (RGB)."""
+        from kemu.display.screendump import surface_image
+        if self.display is None:
+            raise MachineStateError("screenshot: the machine has no display "
+                                    "(-device virtio-gpu-device or -vnc)")
+        return surface_image(self.display.surface)
+
+    def screendump(self, filename: str | Path, format: str = "ppm") -> None:
+        """Write the screen to ``filename`` as PPM (default, as QEMU) or PNG."""
+        from kemu.display.screendump import write_screendump
+        if self.display is None:
+            raise MachineStateError("screendump: the machine has no display")
+        write_screendump(self.display.surface, filename, format)
 
     @property
     def outcome(self) -> Outcome | None:

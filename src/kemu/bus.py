@@ -3,7 +3,9 @@
 A bus (MMIO or x86 port I/O) maps non-overlapping ranges to devices and
 dispatches accesses to them with the offset inside the range.  Accesses that
 hit nothing read as zero and are ignored on write, as on real buses without a
-responder (and as QEMU does for unassigned MMIO).
+responder; on a bus made with ``decode_errors`` they raise :class:`DecodeError`
+instead, for the CPU to report as the architecture says (QEMU's unassigned
+MMIO on Arm: a synchronous external abort).
 """
 
 from __future__ import annotations
@@ -13,6 +15,10 @@ from dataclasses import dataclass
 
 from kemu.devices.base import Device
 from kemu.errors import BusError
+
+
+class DecodeError(Exception):
+    """An access no device decodes, on a bus that reports them (``decode_errors``)."""
 
 
 @dataclass(frozen=True)
@@ -29,9 +35,10 @@ class Mapping:
 class Bus:
     """A set of non-overlapping ``[base, base+size)`` ranges, each a device."""
 
-    def __init__(self, name: str, limit: int = 1 << 64) -> None:
+    def __init__(self, name: str, limit: int = 1 << 64, decode_errors: bool = False) -> None:
         self.name = name
         self.limit = limit
+        self.decode_errors = decode_errors
         self._bases: list[int] = []
         self._maps: list[Mapping] = []
         #: Count of accesses that hit no device (for diagnostics).
@@ -72,13 +79,18 @@ class Bus:
     def read(self, addr: int, size: int) -> int:
         m = self.find(addr)
         if m is None or addr + size > m.end:
-            self.unassigned += 1
+            self._unassigned(addr)
             return 0
         return m.device.read(addr - m.base, size)
 
     def write(self, addr: int, size: int, value: int) -> None:
         m = self.find(addr)
         if m is None or addr + size > m.end:
-            self.unassigned += 1
+            self._unassigned(addr)
             return
         m.device.write(addr - m.base, size, value)
+
+    def _unassigned(self, addr: int) -> None:
+        self.unassigned += 1
+        if self.decode_errors:
+            raise DecodeError(f"{self.name}: nothing at {addr:#x}")

@@ -46,7 +46,8 @@ QEMU-style options: -M/-machine virt|virt-7.2|microvm|none[,PROP=V]  -accel tcg|
   -kernel FILE (virt: arm64 Image, ELF or raw binary)  -initrd FILE  -append CMDLINE
   -dtb FILE  -machine dumpdtb=FILE (virt)  -global virtio-mmio.force-legacy=on|off
   -nographic  -serial stdio|mon:stdio|none
-  -no-reboot  -S  -name NAME  -display none  -nodefaults
+  -no-reboot  -S  -name NAME  -display none|vnc=[HOST]:N  -nodefaults
+  -vnc [HOST]:N|unix:PATH|none[,password=on][,share=allow-exclusive|force-shared|ignore]
   -monitor stdio|none|unix:PATH,server=on[,wait=off]|tcp:HOST:PORT,server=on[,wait=off]
   -drive file=IMG[,format=raw|qcow2][,if=virtio|none,id=ID][,readonly=on][,cache=MODE]
          [,aio=threads|native|io_uring][,snapshot=on] (aio= is accepted; kemu's disk
@@ -68,6 +69,7 @@ QEMU-style options: -M/-machine virt|virt-7.2|microvm|none[,PROP=V]  -accel tcg|
   -device DRIVER,drive=NODE|ID,...  (keyval or JSON: -device '{"driver":...}')
   accepted as QEMU does: -no-user-config -no-acpi -uuid -overcommit mem-lock=off
                          -boot strict=on -audiodev none -sandbox off -msg timestamp=on
+  -incoming unix:PATH|tcp:HOST:PORT|exec:CMD|fd:N|defer  (wait for a migration; virt board)
   -M help  -cpu help  -device help  -device DRIVER,help  -accel help  -netdev help  -chardev help
 kemu's own: --disk IMG (a virtio disk, format detected)
             --net user[,hostfwd=...] (a virtio NIC on user-mode networking, as -nic user)
@@ -253,7 +255,12 @@ def _run_on_terminal(vm, config: MachineConfig, serial: str,
         stdio = StdioConsole(vm.console.write, on_quit, escapes=serial == "mon:stdio",
                              monitor=monitor,
                              monitor_only=bool(config.extra.get("monitor_stdio")))
-    vm.start(paused=config.start_paused)
+    incoming = config.extra.get("incoming")
+    if incoming is not None:
+        # -incoming URI|defer: wait for a migration instead of booting (-S: stay paused after)
+        vm.start_incoming(None if incoming == "defer" else incoming, paused=config.start_paused)
+    else:
+        vm.start(paused=config.start_paused)
     try:
         if signals.received is not None:      # a signal during set-up
             vm.stop(reason="host-signal")
@@ -341,7 +348,11 @@ def cmd_run(argv: list[str]) -> int:
             raise ConfigError(board_accel_mismatch(machine, accel))
         accel = accel or ACCEL_FOR_MACHINE[machine]
     arch, accel, note = choose_default_guest(arch, accel)
-    image = default_guest(arch, show_progress=sys.stderr.isatty())
+    from kemu.machines.display import wants_display
+    screen = wants_display(rest)
+    # A screen needs a kernel with DRM: the guest's display flavour (built on first use).
+    image = default_guest(f"{arch}-display" if screen else arch,
+                          show_progress=sys.stderr.isatty())
     config = MachineConfig(kernel=image.kernel, initrd=image.initrd, append=image.append,
                            memory=256 * MiB, cpu="cortex-a57" if arch == "aarch64" else "host",
                            accel=accel, machine=MACHINE_FOR_ACCEL[accel])
@@ -349,6 +360,11 @@ def cmd_run(argv: list[str]) -> int:
     if note:
         config.extra["note"] = note     # printed once the machine is set up
     parse_qemu_options(rest, config)
+    if screen:
+        from kemu.machines.display import add_default_display_devices, display_note
+        add_default_display_devices(config)
+        config.extra["note"] = "\n".join(filter(None, (config.extra.get("note"),
+                                                        display_note(config))))
     return run_machine(config)
 
 
@@ -361,15 +377,19 @@ def cmd_guest(argv: list[str]) -> int:
     sub = parser.add_subparsers(dest="action", required=True)
     b = sub.add_parser("build", help="build the default guest from distribution packages")
     b.add_argument("--arch", default="aarch64", choices=("aarch64", "x86_64"))
+    b.add_argument("--screen", action="store_true",
+                   help="the display flavour (a kernel with DRM, for -vnc): what "
+                        "'kemu run -vnc' boots")
     b.add_argument("--rebuild", action="store_true",
                    help="build again even if the cache is complete (packages still "
                         "matching apt's hashes are not downloaded again)")
     args = parser.parse_args(argv)
-    image = None if args.rebuild else cached_guest(args.arch, check_packages=True)
+    name = f"{args.arch}-display" if args.screen else args.arch
+    image = None if args.rebuild else cached_guest(name, check_packages=True)
     if image is None:
-        image = build_guest(args.arch, show_progress=sys.stderr.isatty())
+        image = build_guest(name, show_progress=sys.stderr.isatty())
     else:
-        print(f"kemu: reusing the complete cached guest in {guest_dir(args.arch)} "
+        print(f"kemu: reusing the complete cached guest in {guest_dir(name)} "
               "(--rebuild to build it again)", file=sys.stderr)
     print(f"kernel:  {image.kernel}\ninitrd:  {image.initrd}\nappend:  {image.append}")
     return 0

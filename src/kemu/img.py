@@ -323,6 +323,28 @@ def _copy(src, dst, *, progress: bool, compress: bool, err: TextIO) -> None:
 # -- entry point -----------------------------------------------------------------------------
 
 
+def cmd_snapshot(args, out: TextIO, err: TextIO) -> int:
+    """``kemu img snapshot -l FILE``: the image's internal snapshots, as qemu-img lists them."""
+    _check_format(args.f)
+    path = Path(args.file)
+    if not args.l:
+        print(f"{PROG}: snapshot: only -l (list) is supported; creating, applying and "
+              f"deleting internal snapshots is not", file=err)
+        return 2
+    fmt = args.f or detect_format(path)
+    if fmt != "qcow2":
+        print(f"{PROG}: snapshot: the {fmt} format has no internal snapshots", file=err)
+        return 1
+    from kemu.backends.qcow2.snapshots import HEADER_ROW, list_snapshots
+    snapshots = list_snapshots(path, lock=image_permissions("qcow2", True, force_share=args.U))
+    if snapshots:
+        print("Snapshot list:", file=out)
+        print(HEADER_ROW, file=out)
+        for sn in snapshots:
+            print(sn.row(), file=out)
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="Create, inspect, check and convert disk images.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -358,6 +380,14 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("src")
     v.add_argument("dst")
     v.set_defaults(run=cmd_convert)
+    n = sub.add_parser("snapshot", help="list the internal snapshots of a qcow2 image")
+    _force_share_option(n)
+    n.add_argument("-f", metavar="FMT")
+    n.add_argument("-l", action="store_true", help="list the snapshots")
+    n.add_argument("-c", "-a", "-d", metavar="NAME", dest="other",
+                   help="(not supported: create, apply, delete)")
+    n.add_argument("file")
+    n.set_defaults(run=cmd_snapshot)
     return p
 
 

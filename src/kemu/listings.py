@@ -22,8 +22,12 @@ DEVICES = [
     ("Network devices", "virtio-net-device", "virtio-bus"),
     ("Network devices", "virtio-net-pci", "PCI, alias \"virtio-net\""),
     ("Input devices", "virtconsole", "virtio-serial-bus"),
+    ("Input devices", "virtio-keyboard-device", "virtio-bus"),
+    ("Input devices", "virtio-mouse-device", "virtio-bus"),
     ("Input devices", "virtio-serial-device", "virtio-bus"),
     ("Input devices", "virtio-serial-pci", "PCI, alias \"virtio-serial\""),
+    ("Input devices", "virtio-tablet-device", "virtio-bus"),
+    ("Display devices", "virtio-gpu-device", "virtio-bus"),
     ("Misc devices", "vhost-vsock-device", "virtio-bus"),
     ("Misc devices", "vhost-vsock-pci", "PCI"),
     ("Misc devices", "virtio-rng-device", "virtio-bus"),
@@ -45,6 +49,14 @@ DEVICE_PROPERTIES: dict[str, list[tuple[str, str, str]]] = {
     "virtio-rng-device": [],
     "virtio-serial-device": [("max_ports", "uint32", " (default: 31)")],
     "virtconsole": [("name", "str", "")],
+    "virtio-gpu-device": [("edid", "bool", "on/off (default: true)"),
+                          ("max_hostmem", "size", " (default: 256 MiB)"),
+                          ("max_outputs", "uint32", " (default: 1)"),
+                          ("xres", "uint32", " (default: 1280)"),
+                          ("yres", "uint32", " (default: 800)")],
+    "virtio-keyboard-device": [("serial", "str", "")],
+    "virtio-mouse-device": [("serial", "str", "")],
+    "virtio-tablet-device": [("serial", "str", "")],
     "vhost-vsock-device": [("guest-cid", "uint64", " (default: 0)"),
                            ("uds", "str", "kemu: the host side's UNIX socket path")],
 }
@@ -61,8 +73,10 @@ PCI_PROPERTIES = [
 #: offers (qom-list-types, device-list-properties): a client such as libvirt that
 #: sees virtio-*-pci there places devices behind pcie-root-port bridges, which kemu
 #: does not have yet.
-PCI_DEVICE_PROPERTIES = {d.removesuffix("-device") + "-pci": sorted(props + PCI_PROPERTIES)
-                         for d, props in DEVICE_PROPERTIES.items() if d.endswith("-device")}
+PCI_DEVICE_PROPERTIES = {
+    d.removesuffix("-device") + "-pci": sorted(DEVICE_PROPERTIES[d] + PCI_PROPERTIES)
+    for d in ("virtio-blk-device", "virtio-net-device", "virtio-rng-device",
+              "virtio-serial-device", "vhost-vsock-device")}
 
 ACCELS = ["kvm", "tcg"]
 NETDEVS = ["tap", "user"]

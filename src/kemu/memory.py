@@ -23,7 +23,11 @@ class RamRegion:
     """One contiguous block of guest RAM: an anonymous mapping, or a host file's
     pages (QEMU's memory-backend-file: ``path``, from ``offset``); ``shared``
     (share=on) makes the guest's writes visible to other processes mapping
-    the same memory (MAP_SHARED), else they stay private to kemu."""
+    the same memory (MAP_SHARED), else they stay private to kemu.  ``backing``
+    (an open fd of at least ``size`` bytes, opened read-only is enough) is a
+    snapshot's memory file mapped private: its pages are shared until the
+    guest writes one, which then gets a private copy (restored and forked
+    machines)."""
 
     base: int
     size: int
@@ -31,6 +35,7 @@ class RamRegion:
     path: str | None = None
     offset: int = 0
     shared: bool = False
+    backing: int | None = None
     _map: mmap.mmap = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -41,6 +46,10 @@ class RamRegion:
             self._map = self._map_file(share)
             return
         try:
+            if self.backing is not None:
+                self._map = mmap.mmap(self.backing, self.size, flags=mmap.MAP_PRIVATE,
+                                      prot=mmap.PROT_READ | mmap.PROT_WRITE)
+                return
             self._map = mmap.mmap(-1, self.size, flags=share | mmap.MAP_ANONYMOUS)
         except OSError as e:
             # As QEMU: "cannot set up guest memory 'mach-virt.ram': Cannot allocate memory"

@@ -37,6 +37,44 @@ def test_linux_sees_every_cpu_and_ipis_flow(guest, console_factory, smp):
     assert c.wait(60) == 0
 
 
+@pytest.mark.parametrize("smp", [2, 4, 17])
+def test_linux_on_gicv3(guest, console_factory, smp):
+    """-M virt,gic-version=3: the kernel finds the system-register CPU interface and
+    a redistributor per CPU, brings every CPU up, and timers and IPIs arrive;
+    17 CPUs is more than GICv2 can have, and more than one cluster (Aff1)."""
+    c = console_factory("run", "-M", "virt,gic-version=3", "-smp", str(smp))
+    c.expect(rb"# ", timeout=120)
+    assert sh(c, "nproc").strip() == str(smp)
+    log = sh(c, "dmesg")
+    assert "detected: GIC system register CPU interface" in log
+    for cpu in range(1, smp):   # the redistributor by MPIDR: clusters of 16 CPUs
+        mpidr = (cpu // 16) << 8 | cpu % 16
+        assert f"GICv3: CPU{cpu}: found redistributor {mpidr:x} region 0:" in log
+    interrupts = sh(c, "cat /proc/interrupts")
+    timer = [line.split() for line in interrupts.splitlines() if "arch_timer" in line]
+    assert timer and timer[0][smp + 1] == "GICv3" and timer[0][smp + 2] == "27"
+    assert all(int(n) > 0 for n in timer[0][1:smp + 1])      # every CPU's timer PPI
+    ipi = [line.split() for line in interrupts.splitlines() if line.strip().startswith("IPI1:")]
+    assert ipi and sum(int(n) for n in ipi[0][1:smp + 1]) > 0  # function-call SGIs
+    c.send("poweroff -f\n")
+    assert c.wait(60) == 0
+
+
+def test_linux_on_gicv3_reboots(guest, console_factory):
+    """A guest reset (PSCI SYSTEM_RESET) puts the GICv3 back to its reset state
+    (redistributors asleep, routing to CPU 0): the kernel boots again on both CPUs."""
+    c = console_factory("run", "-M", "virt,gic-version=3", "-smp", "2")
+    c.expect(rb"# ", timeout=120)
+    c.send("reboot -f\n")
+    c.expect(rb"reboot: Restarting system", timeout=60)
+    c.expect(rb"kemu guest ready", timeout=120)
+    c.expect(rb"# ", timeout=120)
+    assert sh(c, "nproc").strip() == "2"
+    assert "GICv3" in sh(c, "cat /proc/interrupts")
+    c.send("poweroff -f\n")
+    assert c.wait(60) == 0
+
+
 def test_cpu_offline_online_and_a_parallel_job(guest, console_factory):
     c = console_factory("run", "-smp", "2")
     c.expect(rb"# ", timeout=120)

@@ -54,7 +54,7 @@ def test_monitor_stdio_commands_and_help_as_qemu_prints_them(guest):
         vm.send("info vnc\n")
         vm.expect(rb"Error: The feature 'vnc' is not enabled\r\n")
         vm.send("sendkey ctrl-alt-f1\n")
-        vm.expect(rb"Error: the virt board has no keyboard\r\n")
+        vm.expect(rb"Error: the virt board has no keyboard \(add -device virtio-keyboard-device\)\r\n")
         vm.send("frob\n")
         vm.expect(rb"unknown command: 'frob'\r\n")
         start = len(vm.buffer)

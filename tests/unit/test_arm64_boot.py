@@ -8,6 +8,7 @@ be equal.
 
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -20,6 +21,7 @@ from kemu.machines.config import MachineConfig
 from test_tcg_aarch64 import assemble
 
 MiB = 1 << 20
+GUESTS = Path(__file__).resolve().parents[1] / "guests"
 FDT_MAGIC_LE = 0xEDFE0DD0   # d0 0d fe ed read as a little-endian word
 
 # Prints here, x0, [dtb] and CurrentEL; DTB is a register or an address.
@@ -44,22 +46,7 @@ here:
     ldr x0, =0x84000008     // PSCI SYSTEM_OFF
     hvc #0
     b .
-hex:                        // x0 as 16 hex digits and a newline
-    ldr x1, =0x09000000
-    mov x2, #60
-1:  lsr x3, x0, x2
-    and x3, x3, #15
-    cmp x3, #10
-    add x4, x3, #'0'
-    add x5, x3, #('a' - 10)
-    csel x3, x4, x5, lt
-    str w3, [x1]
-    subs x2, x2, #4
-    b.ge 1b
-    mov x3, #10
-    str w3, [x1]
-    ret
-    .ltorg
+""" + (GUESTS / "pl011_hex.S").read_text() + """    .ltorg
 """
 
 

@@ -1,7 +1,7 @@
 import pytest
 
 from kemu.accel.base import IoIn, IoOut, MmioRead, MmioWrite, dispatch
-from kemu.bus import Bus
+from kemu.bus import Bus, DecodeError
 from kemu.errors import BusError
 
 
@@ -65,6 +65,20 @@ def test_unassigned_reads_zero_and_writes_are_dropped():
     assert bus.read(0x100E, 4) == 0     # straddles the end of the device
     assert bus.unassigned == 3
     assert dev.log == []
+
+
+def test_a_bus_with_decode_errors_reports_what_nothing_decodes():
+    bus = Bus("mmio", decode_errors=True)
+    dev = Recorder()
+    bus.map(0x1000, 0x10, dev)
+    for access in (lambda: bus.read(0x5000, 4), lambda: bus.write(0x5000, 4, 1),
+                   lambda: bus.read(0x100E, 4)):
+        with pytest.raises(DecodeError, match="mmio: nothing at"):
+            access()
+    assert bus.unassigned == 3
+    assert dev.log == []
+    bus.write(0x1000, 4, 7)                 # a device still answers
+    assert dev.log
 
 
 def test_bad_ranges_refused():

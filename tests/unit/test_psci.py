@@ -68,3 +68,20 @@ def test_cpu_power_control_by_mpidr():
     assert p.call(0, psci.AFFINITY_INFO_64, 0x80000001, 0, 0) == psci.AFF_ON
     p.call(1, psci.CPU_OFF, 0, 0, 0)
     assert p.call(0, psci.AFFINITY_INFO_64, 1, 0, 0) == psci.AFF_OFF
+
+
+def test_cpu_power_control_with_the_boards_affinities():
+    """GICv3's virt puts CPU 16 at Aff1 1, Aff0 0 (MPIDR 0x100)."""
+    class Cpu:
+        powered_on, on_pending, started = False, False, None
+
+        def power_on(self, entry, ctx):
+            self.started = (entry, ctx)
+
+    cpus = [Cpu() for _ in range(17)]
+    affinities = [(i // 16) << 8 | i % 16 for i in range(17)]
+    p = psci.Psci(lambda e: None, psci.CpuPowerControl(lambda: cpus, affinities))
+    assert p.call(0, psci.CPU_ON_64, 0x80000100, 0x40080000, 16) == psci.SUCCESS
+    assert cpus[16].started == (0x40080000, 16)
+    assert p.call(0, psci.CPU_ON_64, 0x10, 0x40080000, 0) == 2**64 - 2    # INVALID_PARAMETERS
+    assert p.call(0, psci.AFFINITY_INFO_64, 0xF, 0, 0) == psci.AFF_OFF

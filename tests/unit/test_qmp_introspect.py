@@ -26,7 +26,9 @@ class Vm:
     state, has_run = "running", True
 
     def __init__(self, config=None):
+        from kemu.migration import Migration
         self.config = config or MachineConfig()
+        self.migration = Migration(self)
 
     def virtio_devices(self):
         return []
@@ -67,9 +69,14 @@ def test_schema_lists_every_command_and_event_with_its_arguments():
 def test_every_event_kemu_sends_is_in_the_schema():
     names = {"Stop": "STOP", "Resume": "RESUME", "Powerdown": "POWERDOWN", "Reset": "RESET",
              "Shutdown": "SHUTDOWN", "GuestPanicked": "GUEST_PANICKED",
-             "BlockIOError": "BLOCK_IO_ERROR"}
-    sent = {names[c.__name__] for _, c in inspect.getmembers(api, inspect.isclass)
-            if issubclass(c, api.Event) and c is not api.Event}
+             "BlockIOError": "BLOCK_IO_ERROR", "MigrationStatus": "MIGRATION",
+             "MigrationPass": "MIGRATION_PASS",
+             "VncEvent": ("VNC_CONNECTED", "VNC_INITIALIZED", "VNC_DISCONNECTED")}
+    sent = set()
+    for _, c in inspect.getmembers(api, inspect.isclass):
+        if issubclass(c, api.Event) and c is not api.Event:
+            name = names[c.__name__]
+            sent |= {name} if isinstance(name, str) else set(name)
     assert sent == set(EVENTS)
     shutdown = {f.name for f in dataclasses.fields(api.Shutdown)} - {"timestamp", "status"}
     assert shutdown == set(EVENTS["SHUTDOWN"])
@@ -122,12 +129,13 @@ def test_command_line_options_offered_are_accepted():
     assert "mem-lock" in options["overcommit"] and "fd" in options["chardev"]
 
 
-def test_migrate_capabilities_only_events():
+def test_migrate_capabilities_events_and_x_checksum():
     s = session()
-    assert ask(s, "query-migrate-capabilities") == [{"capability": "events", "state": False}]
+    assert ask(s, "query-migrate-capabilities") == [{"capability": "events", "state": False},
+                                                    {"capability": "x-checksum", "state": False}]
     assert ask(s, "migrate-set-capabilities",
                capabilities=[{"capability": "events", "state": True}]) == {}
-    assert ask(s, "query-migrate-capabilities") == [{"capability": "events", "state": True}]
+    assert {"capability": "events", "state": True} in ask(s, "query-migrate-capabilities")
     assert "xbzrle" in ask(s, "migrate-set-capabilities",
                            capabilities=[{"capability": "xbzrle", "state": True}])["desc"]
 

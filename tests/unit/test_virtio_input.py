@@ -161,3 +161,68 @@ def test_generic_keys_bitmap():
     assert space[2] == 4 and space[8:12] == bytes([0b1110, 0, 0, 0b01000000])
     with pytest.raises(ValueError):
         VirtioInput([2000])
+
+
+# -- keyboard, tablet and mouse (QEMU's virtio-*-device) ------------------------------------
+
+from kemu.devices.virtio.input import ABS_X, ABS_Y, BTN_LEFT, EV_ABS, EV_REL, EV_REP, REL_WHEEL  # noqa: E402
+from kemu.devices.virtio.input_hid import ABS_MAX, VirtioKeyboard, VirtioMouse, VirtioTablet  # noqa: E402
+from kemu.display.console import DisplayConsole  # noqa: E402
+
+
+def bits(data):
+    return {i for i in range(8 * len(data)) if data[i >> 3] >> (i & 7) & 1}
+
+
+def test_tablet_configuration_and_absolute_events():
+    mem, dev, _irq, drv, (eventq, _statusq) = make(VirtioTablet())
+    assert select(drv, CFG_ID_NAME)[1] == b"QEMU Virtio Tablet"
+    assert bits(select(drv, CFG_EV_BITS, EV_ABS)[1]) == {ABS_X, ABS_Y}
+    assert REL_WHEEL in bits(select(drv, CFG_EV_BITS, EV_REL)[1])
+    size, info = select(drv, CFG_ABS_INFO, ABS_X)
+    assert size == 20 and struct.unpack("<IIIII", info)[:2] == (0, ABS_MAX)
+    bufs = post(drv, eventq, 8)
+    assert dev.pointer(639, 0, 640, 480, 1)
+    got = events(mem, eventq, bufs)
+    assert got == [(EV_ABS, ABS_X, ABS_MAX), (EV_ABS, ABS_Y, 0), (EV_KEY, BTN_LEFT, 1),
+                   (EV_SYN, 0, 0)]
+
+
+def test_keyboard_through_the_console_adds_shift_for_shifted_keysyms():
+    mem, kbd, _irq, drv, (eventq, _statusq) = make(VirtioKeyboard())
+    assert select(drv, CFG_EV_BITS, EV_REP)[0] == 1          # autorepeat asked for
+    assert 30 in bits(select(drv, CFG_EV_BITS, EV_KEY)[1])
+    console = DisplayConsole()
+    console.keyboards.append(kbd)
+    bufs = post(drv, eventq, 16)
+    console.key_event(ord("A"), True)
+    console.key_event(ord("A"), False)
+    got = [e for e in events(mem, eventq, bufs) if e[0] == EV_KEY]
+    assert got == [(EV_KEY, 42, 1), (EV_KEY, 30, 1), (EV_KEY, 42, 0), (EV_KEY, 30, 0)]
+    console.key_event(0x12345678, True)                       # no such key: ignored
+
+
+def test_mouse_reports_relative_motion():
+    mem, mouse, _irq, drv, (eventq, _statusq) = make(VirtioMouse())
+    console = DisplayConsole()
+    console.mice.append(mouse)
+    bufs = post(drv, eventq, 16)
+    console.pointer_event(10, 10, 0)
+    console.pointer_event(13, 8, 0)
+    got = [e for e in events(mem, eventq, bufs) if e[0] == EV_REL]
+    assert got == [(EV_REL, 0, 3), (EV_REL, 1, (-2) & 0xFFFFFFFF)]
+
+
+def test_keyboard_keeps_a_typed_line_while_the_driver_is_behind():
+    mem, kbd, _irq, drv, (eventq, _statusq) = make(VirtioKeyboard())
+    bufs = post(drv, eventq, 4)               # the driver has posted only 4 buffers
+    for _ in range(100):                      # 100 key strokes: 400 events
+        kbd.key(30, True)
+        kbd.key(30, False)
+    assert kbd.dropped == 0
+    got = events(mem, eventq, bufs)
+    while len(got) < 400:                     # the driver catches up
+        bufs = post(drv, eventq, 16)
+        got += events(mem, eventq, bufs)
+    assert got[:4] == [(EV_KEY, 30, 1), (EV_SYN, 0, 0), (EV_KEY, 30, 0), (EV_SYN, 0, 0)]
+    assert len(got) == 400

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from kemu.devices.base import IrqLine
+from kemu.state import check_version
 
 CTL_ENABLE = 1 << 0
 CTL_IMASK = 1 << 1
@@ -92,5 +93,6 @@ class GenericTimer:
         return TimerState(1, self.ctl, self.cval)
 
     def restore(self, state: TimerState) -> None:
+        check_version(self.name, state.version)
         self.ctl, self.cval = state.ctl, state.cval
         self.update()

@@ -194,6 +194,8 @@ class FwCfg:
         return FwCfgState(1, self._selected, self._offset, self._dma_address)
 
     def restore(self, state: FwCfgState) -> None:
+        from kemu.state import check_version
+        check_version("fw_cfg", state.version)
         self.select(FW_CFG_SIGNATURE if state.selected is None else state.selected)
         if state.selected is None:
             self._selected = None

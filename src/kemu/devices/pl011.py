@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from kemu.devices.base import IrqLine
+from kemu.state import check_version
 
 UARTDR = 0x000
 UARTRSR = 0x004
@@ -210,6 +211,7 @@ class Pl011:
                           self.rsr)
 
     def restore(self, state: Pl011State) -> None:
+        check_version(self.name, state.version)
         self.rx_fifo = deque(state.rx_fifo)
         for name in ("int_level", "imsc", "lcr_h", "cr", "ifls", "ibrd", "fbrd", "ilpr",
                      "dmacr", "rsr"):

@@ -31,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from kemu.devices.base import IrqLine
+from kemu.state import check_version
 
 RTCDR = 0x00
 RTCMR = 0x04
@@ -148,6 +149,7 @@ class Pl031:
         return Pl031State(1, self.tick_offset, self.mr, self.lr, self.im, self.ris)
 
     def restore(self, state: Pl031State) -> None:
+        check_version(self.name, state.version)
         self.tick_offset, self.mr, self.lr = state.tick_offset, state.mr, state.lr
         self.im, self.ris = state.im & 1, state.ris & 1
         self._update()

@@ -119,20 +119,27 @@ class CpuPower(Protocol):
 
 
 class CpuPowerControl:
-    """:class:`CpuControl` over a board's CPUs, addressed by MPIDR with
-    Aff0 = CPU index and the other affinity levels 0 (QEMU's virt up to 8 CPUs).
+    """:class:`CpuControl` over a board's CPUs, addressed by MPIDR: CPU i's
+    affinity is ``affinities[i]``, by default Aff0 = CPU index and the other
+    affinity levels 0 (QEMU's virt up to 8 CPUs).
 
     ``cpus()`` gives the current CPUs (a reset replaces them); called under the
     board's lock, as :meth:`Psci.call` is.
     """
 
-    def __init__(self, cpus: Callable[[], Sequence[CpuPower]]) -> None:
+    def __init__(self, cpus: Callable[[], Sequence[CpuPower]],
+                 affinities: Sequence[int] | None = None) -> None:
         self._cpus = cpus
+        self._index = (None if affinities is None else
+                       {a & (AFF_ABOVE_0 | 0xFF): i for i, a in enumerate(affinities)})
 
     def _by_mpidr(self, target: int) -> CpuPower | None:
         cpus = self._cpus()
-        index = target & 0xFF
-        if target & AFF_ABOVE_0 or index >= len(cpus):
+        if self._index is not None:
+            index = self._index.get(target & (AFF_ABOVE_0 | 0xFF))
+        else:
+            index = None if target & AFF_ABOVE_0 else target & 0xFF
+        if index is None or index >= len(cpus):
             return None
         return cpus[index]
 

@@ -47,6 +47,19 @@ ARCHES = {
                "append": "reboot=k i8042.noaux i8042.nomux i8042.dumbkbd pci=off",
                "modules": ["button"]},
 }
+# Guests with a screen (kemu run -vnc ..., -device virtio-gpu-device): the cloud
+# kernels have no DRM, Debian's generic ones have virtio-gpu as a module (and
+# fbcon built in).  Built only when a display is asked for; the console shows
+# the kernel's messages (console=tty0) and a second shell runs on tty1.
+ARCHES["aarch64-display"] = {**ARCHES["aarch64"], "kernel": "linux-image-arm64",
+                             "modules": ["virtio-gpu"], "screen": True}
+ARCHES["x86_64-display"] = {**ARCHES["x86_64"], "kernel": "linux-image-amd64",
+                            "modules": ["button", "virtio-gpu"], "screen": True}
+
+#: A shell on the screen (tty1) beside the one on the serial console.
+SCREEN_SHELL = """(echo "kemu guest ready: $(uname -sr) on $(uname -m) (tty1)"; \
+  exec setsid sh -c 'exec sh -l </dev/tty1 >/dev/tty1 2>&1') >/dev/tty1 2>&1 &
+"""
 
 #: Bumped when the initramfs layout changes in a way the code below does not show.
 LAYOUT_VERSION = 11
@@ -157,7 +170,7 @@ done
 """
 
 
-def init_script(console: str, modules: list[str]) -> bytes:
+def init_script(console: str, modules: list[str], screen: bool = False) -> bytes:
     loads = "\n".join(f"insmod /lib/modules/{m} 2>/dev/null" for m in modules)
     return f"""#!/bin/busybox sh
 /bin/busybox --install -s /bin
@@ -170,13 +183,14 @@ mkdir -p /dev/pts && mount -t devpts devpts /dev/pts
 {loads}
 hostname kemu
 ip link set lo up 2>/dev/null
-{CONFIGURE_NICS}{DESCRIBE_DISKS}{START_ACPID}echo "kemu guest ready: $(uname -sr) on $(uname -m)"
+{CONFIGURE_NICS}{DESCRIBE_DISKS}{START_ACPID}{SCREEN_SHELL if screen else ""}echo "kemu guest ready: $(uname -sr) on $(uname -m)"
 setsid cttyhack sh -l
 poweroff -f
 """.encode()
 
 
-def build_initramfs(busybox: bytes, modules: list[Path], console: str) -> bytes:
+def build_initramfs(busybox: bytes, modules: list[Path], console: str,
+                    screen: bool = False) -> bytes:
     entries = [cpio.directory(d) for d in ("bin", "sbin", "dev", "proc", "sys", "tmp", "mnt",
                                            "root", "etc", "lib", "lib/modules")]
     entries += [cpio.chardev("dev/console", 5, 1), cpio.chardev("dev/null", 1, 3, 0o666),
@@ -194,7 +208,7 @@ def build_initramfs(busybox: bytes, modules: list[Path], console: str) -> bytes:
         name = path.name.split(".ko")[0] + ".ko"
         entries.append(cpio.file(f"lib/modules/{name}", kmod.read_module(path)))
         names.append(name)
-    entries.append(cpio.file("init", init_script(console, names), 0o755))
+    entries.append(cpio.file("init", init_script(console, names, screen), 0o755))
     return cpio.initramfs(entries)
 
 
@@ -399,7 +413,8 @@ def build_guest(arch: str = "aarch64", show_progress: bool = True) -> GuestImage
         steps.set_postfix_str("initramfs")
         modules = kmod.load_order(root / "lib" / "modules" / version,
                                   GUEST_MODULES + spec.get("modules", []))
-        initrd = build_initramfs(busybox.read_bytes(), modules, spec["console"])
+        initrd = build_initramfs(busybox.read_bytes(), modules, spec["console"],
+                                 spec.get("screen", False))
         kernel_path = out_dir / f"vmlinuz-{version}"
         write_atomically(kernel_path, source=kernel)
         initrd_path = out_dir / f"initramfs-{recipe_id()}.cpio.gz"
@@ -411,6 +426,8 @@ def build_guest(arch: str = "aarch64", show_progress: bool = True) -> GuestImage
     steps.update()
     steps.close()
     append = f"console={spec['console']} rdinit=/init quiet cryptomgr.notests"
+    if spec.get("screen"):
+        append = f"console=tty0 {append}"     # the last console= is /dev/console
     if spec.get("append"):
         append = f"{append} {spec['append']}"
     image = GuestImage(arch, kernel_path, initrd_path, append, version)

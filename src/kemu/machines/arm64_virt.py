@@ -4,9 +4,10 @@ The memory map follows QEMU's ``virt`` machine (hw/arm/virt.c), so guests
 and device trees written for it work unchanged:
 
 =============  ============  =================================
-0x08000000     64 KiB        GICv2 distributor
+0x08000000     64 KiB        GIC distributor (GICv2 or GICv3)
 0x08010000     64 KiB        GICv2 CPU interface
-0x08020000     4 KiB         GICv2m MSI frame (SPI 48-111)
+0x08020000     4 KiB         GICv2m MSI frame (SPI 48-111; GICv2 only)
+0x080a0000     123 x 128 KiB GICv3 redistributors (gic-version=3)
 0x09000000     4 KiB         PL011 UART (SPI 1)
 0x09010000     4 KiB         PL031 RTC (SPI 2)
 0x09020000     0x18          fw_cfg (MMIO with DMA; -fw_cfg files)
@@ -22,13 +23,17 @@ PCI Express is QEMU's generic ECAM host bridge (:mod:`kemu.devices.pci`)
 with the ``-device *-pci`` virtio devices on bus pcie.0 (virtio-pci modern;
 MSI-X through the GICv2m frame, INTx on SPI 3-6 otherwise).
 
-``-smp N`` (up to 8, the GICv2 limit) gives N vCPUs, each on its own host
-thread running in parallel (see :mod:`kemu.accel.tcg.coherence`).  As on
-QEMU's virt: MPIDR Aff0 is the CPU index; CPU 0 starts at the kernel, the
-others are off until the guest's PSCI CPU_ON; each CPU has its own generic
-timers on its banked PPIs and sees its own bank of the GIC's registers;
-SGIs go through GICD_SGIR.  Kernels (Image, ELF, raw) and the device tree
-are placed as QEMU places them (:mod:`kemu.boot.arm64_boot`); ``-dtb FILE``
+``-smp N`` (up to 8 with GICv2, 123 with GICv3: QEMU's first redistributor
+region) gives N vCPUs, each on its own host thread running in parallel (see
+:mod:`kemu.accel.tcg.coherence`).  As on QEMU's virt: MPIDR Aff0 is the CPU
+index within a cluster of 8 (GICv2) or 16 (GICv3); CPU 0 starts at the
+kernel, the others are off until the guest's PSCI CPU_ON; each CPU has its
+own generic timers on its banked PPIs.  GICv2 (the default): each CPU sees
+its own bank of the GIC's registers, SGIs go through GICD_SGIR.  GICv3
+(``-M virt,gic-version=3``): a redistributor per CPU, the CPU interface as
+the ICC_* system registers, SGIs through ICC_SGI1R_EL1, SPIs routed by
+GICD_IROUTER; no ITS (PCI functions use INTx with GICv3).  Kernels (Image,
+ELF, raw) and the device tree are placed as QEMU places them (:mod:`kemu.boot.arm64_boot`); ``-dtb FILE``
 replaces the generated tree (:mod:`kemu.boot.dtb_file`).  The virtio-mmio
 slots speak version 1 (legacy) by default, as QEMU 7.2's do.
 """
@@ -48,6 +53,9 @@ from kemu.devices.arm_timer import NS_PER_TICK, GenericTimer, host_counter
 from kemu.devices.base import IrqLine
 from kemu.devices.fw_cfg import REGISTERS_SIZE, FwCfg
 from kemu.devices.gic import GicCpuInterface, GicDistributor, GicV2
+from kemu.devices.gic import v3 as gicv3
+from kemu.devices.gic.cpuif import GicV3CpuInterface
+from kemu.devices.gic.redistributor import STRIDE as GICR_STRIDE, GicV3Redistributor
 from kemu.devices.pl011 import Pl011
 from kemu.devices.pl031 import Pl031
 from kemu.devices.psci import Psci
@@ -58,7 +66,7 @@ from kemu.machines.config import MachineConfig, MiB
 from kemu.machines.rtc import AlarmTimer, RtcClock
 from kemu.devices import psci as psci_fn
 from kemu.machines.runtime import DeadlineKicker, Outcome, RunState, VcpuGroup, VcpuThread
-from kemu.memory import GuestMemory
+from kemu.memory import GuestMemory, RamRegion
 from kemu.options.objects import ram_regions
 
 FDT_MAGIC = b"\xd0\x0d\xfe\xed"
@@ -67,6 +75,7 @@ GIC_CPU = (0x08010000, 0x10000)
 GIC_V2M = (0x08020000, 0x1000)
 #: As QEMU's virt: the GICv2m frame owns SPIs 48-111 (NUM_GICV2M_SPIS 64).
 V2M_SPI_BASE, V2M_SPIS = 48, 64
+GIC_REDIST = (0x080A0000, 0x00F60000)
 UART0 = (0x09000000, 0x1000)
 RTC = (0x09010000, 0x1000)
 FW_CFG = (0x09020000, REGISTERS_SIZE)
@@ -100,6 +109,8 @@ PHANDLE_CPU0 = 0x10
 
 #: GICv2 has 8 CPU interfaces (IHI 0048B 1.3.1).
 MAX_CPUS = 8
+#: GICv3: as many redistributors as QEMU's first region holds.
+MAX_CPUS_GICV3 = GIC_REDIST[1] // GICR_STRIDE
 
 GIC_FDT_SPI, GIC_FDT_PPI = 0, 1
 IRQ_TYPE_LEVEL_HIGH = 4
@@ -123,9 +134,28 @@ def psci_node() -> Node:
                          "migrate": 0xC4000005})
 
 
-def mpidr(index: int) -> int:
-    """The affinity of CPU ``index`` as on QEMU's virt with GICv2: Aff0 = index."""
-    return index
+def mpidr(index: int, gic_version: int = 2) -> int:
+    """The affinity of CPU ``index`` as on QEMU's virt (virt_cpu_mp_affinity):
+    clusters of 8 CPUs with GICv2 (its target lists), 16 with GICv3."""
+    cluster = 16 if gic_version == 3 else 8
+    return (index // cluster) << 8 | index % cluster
+
+
+class _LockedSysregs:
+    """The GICv3 CPU interface as a vCPU reaches it: under the machine lock."""
+
+    def __init__(self, cpuif: GicV3CpuInterface, lock: threading.RLock) -> None:
+        self.readable, self.writable = cpuif.readable, cpuif.writable
+        self._cpuif = cpuif
+        self._lock = lock
+
+    def read(self, cpu: int, enc: tuple) -> int:
+        with self._lock:
+            return self._cpuif.read(cpu, enc)
+
+    def write(self, cpu: int, enc: tuple, value: int) -> None:
+        with self._lock:
+            self._cpuif.write(cpu, enc, value)
 
 
 @dataclass(frozen=True)
@@ -150,9 +180,14 @@ class VirtMachine:
     #: virtio-mmio.force-legacy's default here: on, as QEMU 7.2's virt (Version reads 1).
     virtio_legacy_default = True
 
-    def __init__(self, config: MachineConfig, console: SerialBackend) -> None:
-        if not 1 <= config.smp <= MAX_CPUS:
-            raise ConfigError(f"-smp: the virt board takes 1 to {MAX_CPUS} CPUs (GICv2)")
+    def __init__(self, config: MachineConfig, console: SerialBackend,
+                 ram_fd: int | None = None) -> None:
+        max_cpus = MAX_CPUS_GICV3 if config.gic_version == 3 else MAX_CPUS
+        if not 1 <= config.smp <= max_cpus:
+            raise ConfigError(f"-smp: the virt board takes 1 to {max_cpus} CPUs with "
+                              f"gic-version={config.gic_version}"
+                              + (" (gic-version=3 takes up to 123)" if max_cpus == MAX_CPUS
+                                 else ""))
         if config.memory < 16 * MiB or config.memory > RAM_MAX:
             raise ConfigError(f"-m: RAM must be between 16 MiB and {RAM_MAX >> 30} GiB")
         if config.memory % (2 * MiB):
@@ -165,19 +200,34 @@ class VirtMachine:
         self.random: Callable[[int], bytes] = os.urandom
         #: The big machine lock: device state is touched under it only.
         self.lock = threading.RLock()
-        self.memory = GuestMemory(ram_regions(config, [(RAM_BASE, config.memory)]))
-        self.mmio = Bus("mmio")
+        # ram_fd: a snapshot's memory file, mapped private (a restored machine)
+        self.memory = (GuestMemory([RamRegion(RAM_BASE, config.memory, backing=ram_fd)])
+                       if ram_fd is not None else
+                       GuestMemory(ram_regions(config, [(RAM_BASE, config.memory)])))
+        # Nothing at an address is a bus error for the CPU (an external abort), as on QEMU's virt.
+        self.mmio = Bus("mmio", decode_errors=True)
         self.virtio_slots: list[VirtioSlot] = []
 
         n = config.smp
         self.cpu_irqs = [IrqLine(name=f"cpu{i}.irq") for i in range(n)]
-        self.gic = GicV2(self.cpu_irqs, NUM_IRQS)
-        # Each CPU reaches its own bank of the GIC's registers at the same
-        # addresses; the shared bus holds CPU 0's.
-        self._gic_views = [self.mmio] + [Bus(f"cpu{i}-gic") for i in range(1, n)]
-        for i, bus in enumerate(self._gic_views):
-            bus.map(*GIC_DIST, GicDistributor(self.gic, i))
-            bus.map(GIC_CPU[0], 0x2000, GicCpuInterface(self.gic, i))
+        self.gic_cpuif: _LockedSysregs | None = None
+        if config.gic_version == 3:
+            self.gic = gicv3.GicV3(self.cpu_irqs, [mpidr(i, 3) for i in range(n)])
+            self._gic_views = [self.mmio] * n
+            self.mmio.map(*GIC_DIST, self.gic.distributor())
+            for i in range(n):
+                self.mmio.map(GIC_REDIST[0] + i * GICR_STRIDE, GICR_STRIDE,
+                              GicV3Redistributor(self.gic, i))
+            self.gic_cpuif = _LockedSysregs(GicV3CpuInterface(self.gic), self.lock)
+        else:
+            self.gic = GicV2(self.cpu_irqs, NUM_IRQS)
+            # Each CPU reaches its own bank of the GIC's registers at the same
+            # addresses; the shared bus holds CPU 0's.
+            self._gic_views = [self.mmio] + [Bus(f"cpu{i}-gic", decode_errors=True)
+                                              for i in range(1, n)]
+            for i, bus in enumerate(self._gic_views):
+                bus.map(GIC_DIST[0], 0x1000, GicDistributor(self.gic, i))  # as QEMU's
+                bus.map(GIC_CPU[0], 0x2000, GicCpuInterface(self.gic, i))
 
         self.uart = Pl011(self.gic.spi_line(UART0_SPI), console.write,
                           on_rx_space=console.pump)
@@ -205,13 +255,15 @@ class VirtMachine:
                                      name=f"cpu{i}.vtimer"),
                         GenericTimer(self._locked(self.gic.ppi_line(i, PPI_PHYS)),
                                      name=f"cpu{i}.ptimer")) for i in range(n)]
-        self.psci = Psci(self._on_psci, cpus=psci_fn.CpuPowerControl(lambda: self.cpus))
+        self.psci = Psci(self._on_psci, cpus=psci_fn.CpuPowerControl(
+            lambda: self.cpus, [mpidr(i, config.gic_version) for i in range(n)]))
         self._psci_caller = 0
 
         from kemu.devices.gicv2m import GicV2m
         from kemu.devices.pci.host import PciHost, Window
-        self.v2m = GicV2m(self._pulse_spi, V2M_SPI_BASE, V2M_SPIS)
-        self.mmio.map(*GIC_V2M, self.v2m)
+        if config.gic_version == 2:     # GICv3: no ITS yet, so INTx only
+            self.v2m = GicV2m(self._pulse_spi, V2M_SPI_BASE, V2M_SPIS)
+            self.mmio.map(*GIC_V2M, self.v2m)
         self.pci_host = PciHost(self.mmio, [Window(True, 0, PCIE_PIO[0], PCIE_PIO[1]),
                                             Window(False, PCIE_MMIO[0], *PCIE_MMIO),
                                             Window(False, PCIE_MMIO_HIGH[0], *PCIE_MMIO_HIGH)],
@@ -292,24 +344,17 @@ class VirtMachine:
                 cluster.add(Node(f"core{i}", {"cpu": PHANDLE_CPU0 + i}))
             cpus.add(Node("cpu-map", {})).add(Node("socket0", {})).add(cluster)
         for i in range(cfg.smp):
-            props = {"device_type": "cpu", "compatible": f"arm,{cfg.cpu}", "reg": mpidr(i),
+            props = {"device_type": "cpu", "compatible": f"arm,{cfg.cpu}",
+                     "reg": mpidr(i, cfg.gic_version),
                      "phandle": PHANDLE_CPU0 + i}
             if cfg.smp > 1:
                 props["enable-method"] = "psci"
             cpus.add(Node(f"cpu@{i}", props))
         root.add(psci_node())
-        intc = root.add(Node(f"intc@{GIC_DIST[0]:x}", {
-            "compatible": "arm,cortex-a15-gic", "#interrupt-cells": 3,
-            # As QEMU's: the GICv2m frame is a child (two address cells, which the
-            # PCIe interrupt-map's parent unit addresses have too).
-            "#address-cells": 2, "#size-cells": 2, "ranges": None,
-            "interrupt-controller": None,
-            "reg": reg64((GIC_DIST[0], 0x1000), (GIC_CPU[0], 0x2000)),
-            "phandle": PHANDLE_GIC}))
-        intc.add(Node(f"v2m@{GIC_V2M[0]:x}", {
-            "compatible": "arm,gic-v2m-frame", "msi-controller": None,
-            "reg": reg64(GIC_V2M), "phandle": PHANDLE_V2M}))
-        ppi_flags = (((1 << cfg.smp) - 1) << 8) | IRQ_TYPE_LEVEL_HIGH
+        root.add(self._gic_node())
+        ppi_flags = IRQ_TYPE_LEVEL_HIGH
+        if cfg.gic_version == 2:   # GICv2 only: the PPI's CPU mask
+            ppi_flags |= ((1 << cfg.smp) - 1) << 8
         root.add(Node("timer", {
             "compatible": ["arm,armv8-timer", "arm,armv7-timer"],
             "interrupts": Cells(GIC_FDT_PPI, PPI_SEC_PHYS, ppi_flags, GIC_FDT_PPI, PPI_PHYS,
@@ -364,7 +409,8 @@ class VirtMachine:
                             0x3000000, *fdt.u64_cells(PCIE_MMIO_HIGH[0]),
                             *fdt.u64_cells(PCIE_MMIO_HIGH[0]), *fdt.u64_cells(PCIE_MMIO_HIGH[1])),
             "reg": reg64(PCIE_ECAM),
-            "msi-map": Cells(0, PHANDLE_V2M, 0, 0x10000),
+            **({"msi-map": Cells(0, PHANDLE_V2M, 0, 0x10000)}
+               if self.config.gic_version == 2 else {}),
             "dma-coherent": None,
             "bus-range": Cells(0, PCIE_ECAM[1] // (1 << 20) - 1),
             "linux,pci-domain": 0,
@@ -381,6 +427,28 @@ class VirtMachine:
         device = self.pci_host.add(transport.function, slot)
         self.pci_transports.append(transport)
         return device
+
+    def _gic_node(self) -> Node:
+        """The interrupt controller as QEMU's virt describes it (create_gic)."""
+        props = {"#interrupt-cells": 3, "interrupt-controller": None, "phandle": PHANDLE_GIC}
+        if self.config.gic_version == 3:
+            # One redistributor region; no maintenance interrupt (no EL2 for
+            # the guest, as QEMU without virtualization=on); no ITS.
+            props.update({"compatible": "arm,gic-v3", "#redistributor-regions": 1,
+                          "reg": reg64(GIC_DIST, GIC_REDIST),
+                          "#address-cells": 2, "#size-cells": 2, "ranges": None})
+        else:
+            # As QEMU's: the GICv2m MSI frame is a child (two address cells, which the
+            # PCIe interrupt-map's parent unit addresses have too).
+            props.update({"compatible": "arm,cortex-a15-gic",
+                          "reg": reg64((GIC_DIST[0], 0x1000), (GIC_CPU[0], 0x2000)),
+                          "#address-cells": 2, "#size-cells": 2, "ranges": None})
+        node = Node(f"intc@{GIC_DIST[0]:x}", props)
+        if self.config.gic_version == 2:
+            node.add(Node(f"v2m@{GIC_V2M[0]:x}", {
+                "compatible": "arm,gic-v2m-frame", "msi-controller": None,
+                "reg": reg64(GIC_V2M), "phandle": PHANDLE_V2M}))
+        return node
 
     def add_virtio(self, device) -> VirtioSlot:
         """Map a virtio-mmio transport (or any slot-sized device) in the next free slot."""
@@ -477,9 +545,11 @@ class VirtMachine:
             cpu = Aarch64Cpu(i, self.memory, [MMIO_WINDOW, PCIE_ECAM, PCIE_MMIO_HIGH],
                              self._io_for(i), self._hypercall,
                              vtimer, ptimer, model=self.config.cpu,
-                             mpidr=MPIDR_U_RES1 | mpidr(i) if n > 1 else None,
+                             mpidr=(MPIDR_U_RES1 | mpidr(i, self.config.gic_version)
+                                    if n > 1 else None),
                              domain=domain, powered_on=i == 0,
-                             pmu_irq=self._locked(self.gic.ppi_line(i, PPI_PMU)))
+                             pmu_irq=self._locked(self.gic.ppi_line(i, PPI_PMU)),
+                             gicv3=self.gic_cpuif)
             self.cpu_irqs[i].connect(cpu.set_irq)
             cpu.reset_for_linux(self.layout.entry, self.layout.x0)
             cpus.append(cpu)
@@ -515,6 +585,75 @@ class VirtMachine:
     def start(self) -> None:
         self.load()
         self.cpus = self._create_cpus()
+        self._start_threads()
+
+    # -- snapshots (kemu.state's convention; kemu.snapshot writes and reads the files) ------------
+    def state_fingerprint(self) -> dict:
+        """What a saved state must have been made on: board, CPUs, RAM, devices in their slots."""
+        return {"board": "virt", "cpu": self.config.cpu, "smp": self.config.smp,
+                "memory": self.config.memory,
+                "slots": [[getattr(slot.device.device, "device_id", 0), slot.device.legacy]
+                          for slot in self.virtio_slots]}
+
+    def save_state(self) -> dict:
+        """The whole machine but RAM as plain data (paused, under the machine lock)."""
+        from kemu.state import save_plain
+        if self.state not in (RunState.PAUSED, RunState.CREATED) or self._paused_at is None:
+            raise ConfigError("save: the machine must be paused")
+        if self.pci_transports:
+            raise ConfigError("save: PCI devices (-device *-pci) have no saved state yet")
+        return {
+            "version": 1,
+            # the guest's virtual counter when it stopped: it goes on from there
+            "vcount": [self._paused_at - cpu.vtimer.offset for cpu in self.cpus],
+            "cpus": [save_plain(cpu) for cpu in self.cpus],
+            "timers": [[save_plain(v), save_plain(p)] for v, p in self.timers],
+            "uart": save_plain(self.uart), "rtc": save_plain(self.rtc),
+            "fw_cfg": save_plain(self.fw_cfg),
+            "virtio": [{"transport": save_plain(slot.device),
+                        "device": save_plain(slot.device.device)
+                        if slot.device.device is not None else None}
+                       for slot in self.virtio_slots],
+            "gic": save_plain(self.gic),
+        }
+
+    def start_restored(self, state: dict, paused: bool = False) -> None:
+        """Start from :meth:`save_state`'s data with RAM already in place (no kernel load)."""
+        from kemu.state import StateError, check_version, restore_plain
+        check_version("virt board", state.get("version", 0))
+        n = self.config.smp
+        if len(state["cpus"]) != n or len(state["timers"]) != n or \
+                len(state["virtio"]) != len(self.virtio_slots):
+            raise StateError("saved state does not match the machine's CPUs and devices")
+        self.cpus = self._create_cpus()
+        now = host_counter()
+        with self.lock:
+            # The interrupt controller first, its inputs low; then the devices, which
+            # drive their lines (fresh, low) to the levels they have now.
+            restore_plain(self.gic, state["gic"])
+            self.gic.forget_input_levels()
+            for i, cpu in enumerate(self.cpus):
+                vtimer, ptimer = self.timers[i]
+                # CNTVOFF such that the guest's virtual counter resumes where it stopped
+                vtimer.offset = now - int(state["vcount"][i])
+                restore_plain(vtimer, state["timers"][i][0])
+                restore_plain(ptimer, state["timers"][i][1])
+                restore_plain(cpu, state["cpus"][i])
+            restore_plain(self.uart, state["uart"])
+            restore_plain(self.rtc, state["rtc"])
+            if "fw_cfg" in state:
+                restore_plain(self.fw_cfg, state["fw_cfg"])
+            for slot, saved in zip(self.virtio_slots, state["virtio"]):
+                restore_plain(slot.device, saved["transport"])
+                if slot.device.device is not None and saved["device"] is not None:
+                    restore_plain(slot.device.device, saved["device"])
+            for slot in self.virtio_slots:
+                slot.device.kick_ready_queues()
+            self.console.pump()        # input typed while the machine was being restored
+        self.config.start_paused = paused
+        self._start_threads()
+
+    def _start_threads(self) -> None:
         self.vcpus.on_state = lambda state: self.on_state(state)
         for i, cpu in enumerate(self.cpus):
             deadline = self._deadline_of(i)

@@ -11,7 +11,9 @@ MACHINES = ("virt", "microvm", "none")
 ACCELS = {"virt": ("tcg",), "microvm": ("kvm",), "none": ("tcg",)}
 
 
-def build(config: MachineConfig, console: SerialBackend):
+def build(config: MachineConfig, console: SerialBackend, ram_fd: int | None = None):
+    """The board for ``config``; ``ram_fd``: guest RAM mapped private from a
+    snapshot's memory file (a restored machine)."""
     if config.machine not in MACHINES:
         raise ConfigError(f"unsupported machine type {config.machine!r} "
                           f"(supported: {', '.join(MACHINES)})")
@@ -22,7 +24,9 @@ def build(config: MachineConfig, console: SerialBackend):
         from kemu.machines.none_board import NoneBoard
         return NoneBoard(config, console)
     if config.machine == "microvm":
+        if ram_fd is not None:
+            raise ConfigError("restore: snapshots of the microvm board are not supported yet")
         from kemu.machines.x86_microvm import MicroVm
         return MicroVm(config, console)
     from kemu.machines.arm64_virt import VirtMachine
-    return VirtMachine(config, console)
+    return VirtMachine(config, console, ram_fd=ram_fd)

@@ -115,6 +115,8 @@ class MachineConfig:
     dtb: Path | None = None
     #: -machine dumpdtb=FILE: write the board's device tree there and exit (virt).
     dumpdtb: Path | None = None
+    #: -machine gic-version=2|3 (virt; ``max`` is 3 on TCG, as in QEMU).
+    gic_version: int = 2
     #: -machine memory-backend=ID: guest RAM is that -object's memory.
     memory_backend: str | None = None
     #: -object, -chardev and -blockdev by id / node name, in command-line order.

@@ -50,6 +50,17 @@ class Hmp:
             c("help|?", "[cmd]", "show the help", self.help),
             c("info", "[subcommand]", "show various information about the system state",
               self.info),
+            c("migrate", "[-d] [-b] [-i] [-r] uri",
+              "migrate to URI (using -d to not wait for completion)", self.migrate),
+            c("migrate_cancel", "", "cancel the current VM migration",
+              self._qmp_call("migrate_cancel")),
+            c("migrate_incoming", "uri", "Continue an incoming migration from an -incoming defer",
+              self.migrate_incoming),
+            c("migrate_set_capability", "capability state",
+              "Enable/Disable the usage of a capability for migration",
+              self.migrate_set_capability),
+            c("migrate_set_parameter", "parameter value",
+              "Set the parameter for migration", self.migrate_set_parameter),
             c("quit|q", "", "quit the emulator", self._qmp_call("quit")),
             c("sendkey", "keys [hold_ms]",
               "send keys to the VM (e.g. 'sendkey ctrl-alt-f1', default hold time=100 ms)",
@@ -64,6 +75,11 @@ class Hmp:
               "devices", self.info_block),
             c("chardev", "", "show the character devices", self.info_chardev),
             c("cpus", "", "show infos for each CPU", self.info_cpus),
+            c("migrate", "", "show migration status", self.info_migrate),
+            c("migrate_capabilities", "", "show current migration capabilities",
+              self.info_migrate_capabilities),
+            c("migrate_parameters", "", "show current migration parameters",
+              self.info_migrate_parameters),
             c("mtree", "", "show memory tree", self.info_mtree),
             c("name", "", "show the current VM name", self.info_name),
             c("network", "", "show the network state", self.info_network),
@@ -209,9 +225,87 @@ class Hmp:
                             f"    mmio {base:016x}/{size:016x}\r\n")
         return "".join(rows)
 
+    # -- migration (QEMU's HMP spellings over the QMP commands) ------------------------------------
+    def migrate(self, args: list[str]) -> str:
+        detach = "-d" in args
+        if any(a in ("-b", "-i", "-r") for a in args):
+            return ("Error: migrate: block migration (-b, -i) and postcopy resume (-r) are "
+                    "not supported by kemu\r\n")
+        rest = [a for a in args if a != "-d"]
+        if len(rest) != 1:
+            return "Error: usage: migrate [-d] uri\r\n"
+        self.qmp("migrate", {"uri": rest[0]})
+        if not detach:               # as QEMU: the monitor waits for the end
+            import time
+            while self.qmp("query-migrate", {}).get("status") in ("setup", "active", "device"):
+                time.sleep(0.05)
+            info = self.qmp("query-migrate", {})
+            if info.get("status") == "failed":
+                return f"Error: {info.get('error-desc', 'migration failed')}\r\n"
+        return ""
+
+    def migrate_incoming(self, args: list[str]) -> str:
+        if len(args) != 1:
+            return "Error: usage: migrate_incoming uri\r\n"
+        self.qmp("migrate-incoming", {"uri": args[0]})
+        return ""
+
+    def migrate_set_capability(self, args: list[str]) -> str:
+        if len(args) != 2 or args[1] not in ("on", "off"):
+            return "Error: usage: migrate_set_capability capability on|off\r\n"
+        self.qmp("migrate-set-capabilities",
+                 {"capabilities": [{"capability": args[0], "state": args[1] == "on"}]})
+        return ""
+
+    def migrate_set_parameter(self, args: list[str]) -> str:
+        if len(args) != 2:
+            return "Error: usage: migrate_set_parameter parameter value\r\n"
+        try:
+            value = int(args[1])
+        except ValueError:
+            return f"Error: Parameter '{args[0]}' expects an integer\r\n"
+        self.qmp("migrate-set-parameters", {args[0]: value})
+        return ""
+
+    def info_migrate(self, _args: list[str]) -> str:
+        info = self.qmp("query-migrate", {})
+        if not info:
+            return ""
+        rows = [f"Migration status: {info['status']}"]
+        if "error-desc" in info:
+            rows.append(f"error description: {info['error-desc']}")
+        rows.append(f"total time: {info.get('total-time', 0)} ms")
+        if "downtime" in info:
+            rows.append(f"downtime: {info['downtime']} ms")
+        ram = info.get("ram", {})
+        if ram:
+            rows += [f"transferred ram: {ram['transferred'] >> 10} kbytes",
+                     f"remaining ram: {ram['remaining'] >> 10} kbytes",
+                     f"total ram: {ram['total'] >> 10} kbytes",
+                     f"duplicate: {ram['duplicate']} pages",
+                     f"normal: {ram['normal']} pages",
+                     f"dirty sync count: {ram['dirty-sync-count']}"]
+        return "".join(r + "\r\n" for r in rows)
+
+    def info_migrate_capabilities(self, _args: list[str]) -> str:
+        return "".join(f"{c['capability']}: {'on' if c['state'] else 'off'}\r\n"
+                       for c in self.qmp("query-migrate-capabilities", {}))
+
+    def info_migrate_parameters(self, _args: list[str]) -> str:
+        return "".join(f"{k}: {v}{' ms' if k == 'downtime-limit' else ' bytes/second'}\r\n"
+                       for k, v in self.qmp("query-migrate-parameters", {}).items())
+
     def info_snapshots(self, _args: list[str]) -> str:
         # QEMU's answer when no drive can hold a VM state: kemu has no savevm.
         return "no block device can store vmstate for snapshot\r\n"
 
     def info_vnc(self, _args: list[str]) -> str:
-        return f"Error: {FEATURE_DISABLED.format('vnc')}\r\n"
+        info = self.qmp("query-vnc", {})
+        if not info.get("enabled"):
+            return f"Error: {FEATURE_DISABLED.format('vnc')}\r\n"
+        out = ["default:", f"  Server: {info['host']}:{info['service']} ({info['family']})",
+               f"    Auth: {info['auth']} (Sub: none)"]
+        for c in info["clients"]:
+            out += [f"  Client: {c['host']}:{c['service']} ({c['family']})",
+                    "    x509_dname: none", "    sasl_username: none"]
+        return "\r\n".join(out) + "\r\n"

@@ -28,13 +28,14 @@ from kemu.options.sockets import parse_qmp_option, parse_socket_option
 WITH_ARG = {"-M", "-machine", "-cpu", "-m", "-smp", "-kernel", "-initrd", "-append",
             "-serial", "-accel", "-name", "-display", "-monitor", "-drive", "-device", "-disk",
             "-qmp", "-pidfile", "-netdev", "-nic", "-net", "-rtc", "-dtb", "-global",
-            "-fw_cfg", "-object", "-chardev", "-mon", "-blockdev"} | {
+            "-fw_cfg", "-object", "-chardev", "-mon", "-blockdev", "-vnc",
+            "-incoming"} | {
                 name for name, (takes_arg, _) in ACCEPTED.items() if takes_arg}
 FLAGS = {"-nographic", "-no-reboot", "-S", "-enable-kvm", "-nodefaults", "-daemonize",
          "-snapshot", "-no-shutdown"} | {
              name for name, (takes_arg, _) in ACCEPTED.items() if not takes_arg}
 #: QEMU options kemu knows of but does not offer (yet).
-NOT_YET = {"-hda", "-cdrom", "-bios", "-vnc", "-gdb", "-s"}
+NOT_YET = {"-hda", "-cdrom", "-bios", "-gdb", "-s"}
 
 #: The -global DRIVER.PROPERTY pairs kemu acts on.
 KNOWN_GLOBALS = {("virtio-mmio", "force-legacy")}
@@ -157,10 +158,14 @@ def parse_qemu_options(argv: list[str], config: MachineConfig) -> MachineConfig:
             config.no_shutdown = True
         elif opt in ACCEPTED:
             ACCEPTED[opt][1](value, config)
-        elif opt == "-display":
-            if value.split(",")[0] != "none":
-                raise ConfigError(f"-display {value}: kemu has no graphical display; "
-                                  "use -display none")
+        elif opt in ("-display", "-vnc"):
+            from kemu.options.display import parse_display_option, parse_vnc_option
+            if opt == "-vnc":
+                config.extra["vnc"] = parse_vnc_option(value)
+            else:
+                config.extra["display"], vnc = parse_display_option(value)
+                if vnc is not None:
+                    config.extra["vnc"] = vnc
         elif opt == "-monitor":
             if value == "stdio":
                 config.extra["monitor_stdio"] = True
@@ -198,6 +203,11 @@ def parse_qemu_options(argv: list[str], config: MachineConfig) -> MachineConfig:
             config.rtc = parse_rtc_option(value)
         elif opt == "-snapshot":
             config.snapshot = True
+        elif opt == "-incoming":
+            if value != "defer":
+                from kemu.migration import parse_uri
+                parse_uri(value)           # checked now: one line at parse time
+            config.extra["incoming"] = value
         elif opt == "-fw_cfg":
             from kemu.options.fw_cfg import parse_fw_cfg_option
             config.fw_cfg.append(parse_fw_cfg_option(value))

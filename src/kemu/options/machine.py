@@ -32,10 +32,17 @@ class MachineProperty:
 
 
 def _gic_version(config: MachineConfig, value: str, option: str) -> None:
-    if value != "2":
-        raise ConfigError(f"{option}: gic-version={value}: kemu's virt board has a "
-                          "GICv2 (gic-version=2)")
-    config.extra["gic_version"] = 2
+    """gic-version as QEMU's virt takes it on TCG: 2, 3, and ``max`` (3 there)."""
+    if value in ("2", "3", "max"):
+        config.gic_version = 3 if value == "max" else int(value)
+    elif value == "host":
+        raise ConfigError("gic-version=host requires KVM (kemu's virt board runs on TCG)")
+    elif value == "4":
+        raise ConfigError("gic-version=4 requires virtualization enabled "
+                          "(kemu's virt gives the guest no EL2)")
+    else:
+        raise ConfigError(f"{option}: gic-version={value}: invalid value "
+                          "(valid: 2, 3, host, max)")
 
 
 def _usb(config: MachineConfig, value: str, option: str) -> None:

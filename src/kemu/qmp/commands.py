@@ -43,7 +43,9 @@ class Commands:
         self.vm = vm
         self.on_quit = on_quit or vm.stop
         self._hmp = None
-        self.migrate_capabilities = {"events": False}
+        #: Descriptors that came over the socket (SCM_RIGHTS), for the next getfd.
+        self._received_fds: list[int] = []
+        self._fd_lock = threading.Lock()
         self.table: dict[str, tuple[Callable[[dict], Any], dict[str, type]]] = {
             "query-version": (self.query_version, {}),
             "query-status": (self.query_status, {}),
@@ -57,9 +59,25 @@ class Commands:
             "system_powerdown": (self.system_powerdown, {}),
             "quit": (self.quit, {}),
             "human-monitor-command": (self.hmp, {"command-line": str, "cpu-index": int}),
+            # migration (kemu.migration)
+            "migrate": (self.migrate, {"uri": str, "blk": bool, "inc": bool, "detach": bool,
+                                       "resume": bool}),
+            "migrate-incoming": (self.migrate_incoming, {"uri": str}),
+            "migrate_cancel": (self.migrate_cancel, {}),
+            "query-migrate": (self.query_migrate, {}),
+            "migrate-set-capabilities": (self.migrate_set_capabilities,
+                                         {"capabilities": list}),
+            "query-migrate-capabilities": (self.query_migrate_capabilities, {}),
+            "migrate-set-parameters": (self.migrate_set_parameters,
+                                       {"downtime-limit": int, "max-bandwidth": int}),
+            "query-migrate-parameters": (self.query_migrate_parameters, {}),
+            "getfd": (self.getfd, {"fdname": str}),
+            "closefd": (self.closefd, {"fdname": str}),
         }
         self.table.update(self._introspection())
         self.table.update(self._parts())
+        from kemu.qmp.display import display_commands
+        self.table.update(display_commands(vm))
 
     def _introspection(self) -> dict:
         """What kemu is and can do (kemu.qmp.introspect), for management tools' probes."""
@@ -82,13 +100,6 @@ class Commands:
                 config, _required(a, "typename")), {"typename": str}),
             "query-command-line-options": (lambda a: i.command_line_options(a.get("option")),
                                            {"option": str}),
-            # kemu has no live migration yet: of QEMU's capabilities only "events"
-            # (MIGRATION events on; there is no migration to report).
-            "query-migrate-capabilities": (lambda a: [
-                {"capability": name, "state": on}
-                for name, on in self.migrate_capabilities.items()], {}),
-            "migrate-set-capabilities": (self.migrate_set_capabilities,
-                                         {"capabilities": list}),
             "query-gic-capabilities": (lambda a: [{"version": 2, "emulated": True,
                                                    "kernel": False}]
                                        if i.target(config) == "aarch64" else [], {}),
@@ -114,18 +125,6 @@ class Commands:
             "blockdev-add": (lambda a: m.blockdev_add(config, a), None),
             "blockdev-del": (lambda a: m.blockdev_del(config, a), {"node-name": str}),
         }
-
-    def migrate_set_capabilities(self, args: dict) -> None:
-        wanted = {}
-        for cap in args.get("capabilities", []):
-            if not isinstance(cap, dict) or not isinstance(cap.get("state"), bool):
-                raise QmpError("Invalid parameter type for 'capabilities', expected: "
-                               "MigrationCapabilityStatus")
-            name = cap.get("capability")
-            if name not in self.migrate_capabilities:
-                raise QmpError(f"Parameter 'capability' does not accept value '{name}'")
-            wanted[name] = cap["state"]
-        self.migrate_capabilities.update(wanted)
 
     def names(self) -> set[str]:
         return set(self.table) | {"qmp_capabilities"}
@@ -157,6 +156,8 @@ class Commands:
             state = "prelaunch"        # -S and never continued, as QEMU says
         elif state == "paused" and getattr(self.vm, "io_error", False):
             state = "io-error"         # a disk's werror/rerror policy paused it
+        elif state == "paused" and getattr(self.vm, "_postmigrate", False):
+            state = "postmigrate"      # the machine went to a migration destination
         elif state == "paused" and getattr(self.vm, "guest_shut_down", False):
             state = "shutdown"         # the guest powered off under -no-shutdown
         return {"running": state == "running", "singlestep": False, "status": state}
@@ -201,6 +202,74 @@ class Commands:
 
     def quit(self, _args: dict) -> None:
         self.on_quit()
+
+    # -- migration ------------------------------------------------------------------------------
+    def migrate(self, args: dict) -> None:
+        if "uri" not in args:
+            raise QmpError("Parameter 'uri' is missing")
+        if args.get("blk") or args.get("inc"):
+            raise QmpError("migrate: block migration (blk, inc) is not supported by kemu; "
+                           "copy the disks or use shared storage")
+        if args.get("resume"):
+            raise QmpError("migrate: resume is for postcopy, which kemu does not do")
+        self.vm.migrate(args["uri"])
+
+    def migrate_incoming(self, args: dict) -> None:
+        if "uri" not in args:
+            raise QmpError("Parameter 'uri' is missing")
+        self.vm.incoming(args["uri"])
+
+    def migrate_cancel(self, _args: dict) -> None:
+        self.vm.migration.cancel()
+
+    def query_migrate(self, _args: dict) -> dict:
+        return self.vm.migration.info()
+
+    def migrate_set_capabilities(self, args: dict) -> None:
+        if "capabilities" not in args:
+            raise QmpError("Parameter 'capabilities' is missing")
+        self.vm.migration.set_capabilities(args["capabilities"])
+
+    def query_migrate_capabilities(self, _args: dict) -> list:
+        return self.vm.migration.query_capabilities()
+
+    def migrate_set_parameters(self, args: dict) -> None:
+        self.vm.migration.set_parameters(args)
+
+    def query_migrate_parameters(self, _args: dict) -> dict:
+        return self.vm.migration.query_parameters()
+
+    def receive_fds(self, fds: list[int]) -> None:
+        """Descriptors passed with a message (the server calls this before the command runs)."""
+        with self._fd_lock:
+            self._received_fds.extend(fds)
+
+    def getfd(self, args: dict) -> None:
+        """QEMU's getfd: name the descriptor passed with this command (for ``migrate fd:NAME``)."""
+        import os
+        name = args.get("fdname")
+        if name is None:
+            raise QmpError("Parameter 'fdname' is missing")
+        if name[:1].isdigit():
+            raise QmpError("File descriptor names must not begin with a digit")
+        with self._fd_lock:
+            if not self._received_fds:
+                raise QmpError("No file descriptor supplied via SCM_RIGHTS")
+            fd = self._received_fds.pop()
+            extra, self._received_fds = self._received_fds, []
+        for other in extra:
+            os.close(other)
+        old = self.vm.migration.fds.pop(name, None)
+        if old is not None:
+            os.close(old)
+        self.vm.migration.fds[name] = fd
+
+    def closefd(self, args: dict) -> None:
+        import os
+        fd = self.vm.migration.fds.pop(args.get("fdname", ""), None)
+        if fd is None:
+            raise QmpError("File descriptor named '%s' not found" % args.get("fdname", ""))
+        os.close(fd)
 
     def hmp(self, args: dict) -> str:
         """``human-monitor-command``: one line of the human monitor (kemu.monitor.hmp).

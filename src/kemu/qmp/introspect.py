@@ -28,6 +28,12 @@ EVENTS: dict[str, dict[str, type]] = {
     "GUEST_PANICKED": {"action": str},
     "BLOCK_IO_ERROR": {"device": str, "node-name": str, "operation": str, "action": str,
                        "nospace": bool, "reason": str},
+    # kemu.display.vnc: QEMU's VncBasicInfo / VncServerInfo and VncClientInfo objects
+    "VNC_CONNECTED": {"server": dict, "client": dict},
+    "VNC_INITIALIZED": {"server": dict, "client": dict},
+    "VNC_DISCONNECTED": {"server": dict, "client": dict},
+    "MIGRATION": {"status": str},
+    "MIGRATION_PASS": {"pass": int},
 }
 
 _BUILTIN = {str: ("str", "string"), int: ("int", "int"), bool: ("bool", "boolean"),

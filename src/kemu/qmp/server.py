@@ -10,7 +10,9 @@ listens on 127.0.0.1 unless an address is given.
 
 from __future__ import annotations
 
+import array
 import asyncio
+import os
 import socket
 import sys
 import threading
@@ -25,6 +27,9 @@ from kemu.qmp.protocol import QmpSession, encode, greeting
 #: ``-qmp``'s address: a socket chardev (kemu.options.sockets).
 QmpAddress = SocketAddress
 
+
+#: Descriptors taken from one message (SCM_RIGHTS); more are closed by the kernel.
+MAX_FDS = 8
 
 #: Event bytes a client may leave unread before it is disconnected.
 MAX_EVENT_BACKLOG = 1 << 20
@@ -118,11 +123,20 @@ class QmpServer:
         session = QmpSession(self.commands, self.commands.names)
         entry = (session, writer)
         self._first_client.set()
+        # On a UNIX socket, read with recvmsg: descriptors passed with SCM_RIGHTS
+        # (for getfd, as libvirt sends them) would be lost by a plain read.
+        # (any AF_UNIX connection: -qmp unix:, or a socket libvirt passed)
+        sock = None
+        peer = writer.get_extra_info("socket")
+        if peer is not None and peer.family == socket.AF_UNIX:
+            writer.transport.pause_reading()
+            sock = socket.socket(fileno=os.dup(peer.fileno()))
         try:
             writer.write(encode(greeting(QEMU_VERSION, package())))
             await writer.drain()
             while True:
-                data = await reader.read(65536)
+                data = await (self._recv_with_fds(sock) if sock is not None
+                              else reader.read(65536))
                 if not data:
                     break
                 # Commands touch the machine: run them off the event loop.
@@ -142,6 +156,29 @@ class QmpServer:
         finally:
             self._clients.discard(entry)
             writer.close()
+            if sock is not None:
+                sock.close()
+
+    async def _recv_with_fds(self, sock: socket.socket) -> bytes:
+        """Bytes from the client; descriptors that came with them go to getfd."""
+        while True:
+            try:
+                data, ancdata, _flags, _addr = sock.recvmsg(65536,
+                                                            socket.CMSG_SPACE(MAX_FDS * 4))
+                break
+            except (BlockingIOError, InterruptedError):
+                ready = self._loop.create_future()
+                self._loop.add_reader(sock.fileno(), ready.set_result, None)
+                try:
+                    await ready
+                finally:
+                    self._loop.remove_reader(sock.fileno())
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds = array.array("i")
+                fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
+                self.commands.receive_fds(list(fds))
+        return data
 
     def broadcast(self, message: dict) -> None:
         """Send an event to every negotiated client (from any thread)."""

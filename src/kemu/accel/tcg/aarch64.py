@@ -4,10 +4,17 @@ What Unicorn leaves to the board, and how this module does it (see
 PLATFORM.md and :mod:`kemu.accel.tcg.engine`):
 
 * Unicorn starts in EL1 with EL2/EL3 present but configured for AArch32 and
-  secure state: SCR_EL3 gets NS, HCE and RW, HCR_EL2 gets RW and IMO.
-* Synchronous exceptions (SVC, aborts, undefined instructions, BRK) are
-  taken by the CPU itself, as QEMU takes them (the engine's native
-  exceptions).  HVC and SMC still come to ``UC_HOOK_INTR``: they are the
+  secure state: SCR_EL3 gets NS, HCE and RW, HCR_EL2 gets RW and IMO; and, as
+  QEMU's boot code does below EL3, pointer authentication (SCR_EL3 and
+  HCR_EL2 API/APK) and SVE (CPTR_EL3.EZ) are not trapped, which -cpu max
+  kernels use.
+* Synchronous exceptions (SVC, aborts, undefined instructions, BRK, the
+  debug exceptions: breakpoints, watchpoints, software step) are taken by
+  the CPU itself, as QEMU takes them (the engine's native exceptions).  An
+  access with nothing behind its physical address (outside RAM and the
+  MMIO windows, or an MMIO access the board's bus decodes to no device:
+  :class:`~kemu.bus.DecodeError`) is a synchronous external abort, as QEMU
+  raises it on virt, not the end of the VM.  HVC and SMC still come to ``UC_HOOK_INTR``: they are the
   PSCI conduit, answered in Python.
 * IRQs are injected through HCR_EL2.VI (with IMO set) and taken natively.
 * Unicorn stubs out the generic timer: writes to the six EL1 timer registers
@@ -45,6 +52,7 @@ from __future__ import annotations
 
 import ctypes
 import threading
+from dataclasses import dataclass
 from typing import Callable
 
 import unicorn
@@ -57,10 +65,12 @@ from kemu.accel.base import Exit, Halted, InternalError, IoExit, Kicked, MmioRea
     SystemEvent
 from kemu.accel.tcg import coherence, engine
 from kemu.accel.tcg.pmu import Pmu, set_counters
+from kemu.bus import DecodeError
 from kemu.devices.arm_timer import GenericTimer
 from kemu.devices.base import IrqLine
 from kemu.errors import AccelError
 from kemu.memory import GuestMemory
+from kemu.state import StateError, check_version
 
 # QEMU exception numbers (target/arm/cpu.h) as delivered to UC_HOOK_INTR.
 EXCP_UDEF = 1
@@ -96,6 +106,12 @@ SCR_RW = 1 << 10
 HCR_IMO = 1 << 4
 HCR_VI = 1 << 7
 HCR_RW = 1 << 31
+HCR_APK = 1 << 40
+HCR_API = 1 << 41
+SCR_APK = 1 << 16
+SCR_API = 1 << 17
+CPTR_EL3 = (3, 6, 1, 1, 2)
+CPTR_EZ = 1 << 8
 
 PSTATE_DAIF = 0xF << 6
 PSTATE_EL1H = 0b0101
@@ -107,6 +123,10 @@ _KEY_TLBI = 0x100
 _KEY_IC_IVAU = 0x200
 _KEY_IC_IALLUIS = 0x201
 _KEY_IC_IALLU = 0x202
+_KEY_SYSREG = 0x1000   # + index in Aarch64Cpu's sysregs
+
+#: A device's system registers: (op0, op1, CRn, CRm, op2).
+SysregEnc = tuple[int, int, int, int, int]
 
 CPU_MODELS = {
     "cortex-a53": A.UC_CPU_ARM64_A53,
@@ -114,6 +134,56 @@ CPU_MODELS = {
     "cortex-a72": A.UC_CPU_ARM64_A72,
     "max": A.UC_CPU_ARM64_MAX,
 }
+
+
+class SysregDevice:
+    """What a device with system registers offers a vCPU (duck-typed):
+    ``readable``/``writable`` encodings, ``read(cpu, enc)``, ``write(cpu, enc, value)``."""
+
+    readable: tuple[SysregEnc, ...]
+    writable: tuple[SysregEnc, ...]
+
+    def read(self, cpu: int, enc: SysregEnc) -> int:
+        raise NotImplementedError
+
+    def write(self, cpu: int, enc: SysregEnc, value: int) -> None:
+        raise NotImplementedError
+
+
+@dataclass
+class Aarch64CpuState:
+    """One vCPU as plain data.
+
+    ``env`` is the engine's whole CPUARMState up to its breakpoint tables,
+    as ``uc_context_save`` copies it (Unicorn's AArch64 has no context
+    callbacks: a plain copy of ``env``): general, SIMD/FP and every system
+    register QEMU models (MMU, exception, timer, PAuth keys, cached hflags),
+    PSTATE and the exclusive monitor.  Its layout is the engine build's, so
+    ``engine`` names that build and a state from another build is refused.
+    The rest is what kemu keeps in Python: HCR_EL2 as last written (with VI),
+    and the PSCI power state.  The named registers are a readable copy (the
+    API, tests), checked against ``env`` on restore.
+    """
+
+    version: int
+    engine: str
+    env: bytes
+    hcr: int
+    powered_off: bool
+    on_pending: bool
+    on_request: list[int]
+    pc: int
+    sp: int
+    pstate: int
+
+
+def engine_build() -> str:
+    """The engine build's identity (its wheel version, patch-series id included)."""
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("unicorn")
+    except PackageNotFoundError:
+        return unicorn.__version__
 
 
 class _RegBatch:
@@ -169,7 +239,8 @@ class Aarch64Cpu:
                  vtimer: GenericTimer, ptimer: GenericTimer, model: str = "cortex-a72",
                  mpidr: int | None = None,
                  domain: coherence.CoherenceDomain | None = None,
-                 powered_on: bool = True, pmu_irq: IrqLine | None = None) -> None:
+                 powered_on: bool = True, pmu_irq: IrqLine | None = None,
+                 gicv3: "SysregDevice | None" = None) -> None:
         if model not in CPU_MODELS:
             raise AccelError(f"unsupported CPU model {model!r} for the tcg accelerator "
                              f"(have: {', '.join(sorted(CPU_MODELS))})")
@@ -223,6 +294,9 @@ class Aarch64Cpu:
         engine.add_sysreg_hook(uc, self._mrs_cb, A.UC_ARM64_INS_MRS, CNTP_CTL_EL0, 2)
         self._mrs_value = ctypes.c_uint64()
         self._timer_cval_reg = {id(vtimer): CNTV_CVAL_EL0, id(ptimer): CNTP_CVAL_EL0}
+        self._gicv3 = gicv3
+        if gicv3 is not None:
+            self._add_sysreg_device(gicv3)
         self._domain = domain
         if domain is not None:
             engine.set_parallel(uc)
@@ -244,7 +318,7 @@ class Aarch64Cpu:
         self._stale_stop = False
         self._kick_requested = False
         self._irq_level = False
-        self._hcr = HCR_RW | HCR_IMO
+        self._hcr = HCR_RW | HCR_IMO | HCR_API | HCR_APK
         self._system_event: str | None = None
         self._work_pending = True
         self._error: str | None = None
@@ -262,6 +336,19 @@ class Aarch64Cpu:
             domain.join(self)
 
     # -- setup ----------------------------------------------------------------
+    def _add_sysreg_device(self, device: "SysregDevice") -> None:
+        """The GICv3 CPU interface: the engine's ICC_* registers, each MRS/MSR
+        through one hook to ``device`` (on this vCPU's thread)."""
+        engine.enable_gicv3_cpuif(self.uc)
+        self._sysreg_cb = HOOK_INSN_SYS_CFUNC(self._on_sysreg_raw)
+        self._sysreg_keys: list[tuple[SysregEnc, bool]] = []
+        for insn, regs in ((A.UC_ARM64_INS_MRS, device.readable),
+                           (A.UC_ARM64_INS_MSR, device.writable)):
+            for enc in regs:
+                engine.add_sysreg_hook(self.uc, self._sysreg_cb, insn, enc,
+                                       _KEY_SYSREG + len(self._sysreg_keys))
+                self._sysreg_keys.append((enc, insn == A.UC_ARM64_INS_MSR))
+
     def _wsys(self, enc: tuple[int, int, int, int, int], value: int) -> None:
         cp = self._cp_reg
         cp.op0, cp.op1, cp.crn, cp.crm, cp.op2 = enc
@@ -275,7 +362,8 @@ class Aarch64Cpu:
     def reset_for_linux(self, entry: int, dtb: int) -> None:
         """Registers as the arm64 boot protocol requires (booting.rst)."""
         uc = self.uc
-        self._wsys(SCR_EL3, SCR_NS | SCR_HCE | SCR_RW)
+        self._wsys(SCR_EL3, SCR_NS | SCR_HCE | SCR_RW | SCR_API | SCR_APK)
+        self._wsys(CPTR_EL3, self._rsys(CPTR_EL3) | CPTR_EZ)
         self._wsys(HCR_EL2, self._hcr)
         self._wsys(CNTHCTL_EL2, 0x3)   # EL1 may use the physical counter and timer
         self._wsys(CNTVOFF_EL2, self.vtimer.offset)
@@ -331,6 +419,49 @@ class Aarch64Cpu:
     @property
     def pc(self) -> int:
         return self.uc.reg_read(A.UC_ARM64_REG_PC)
+
+    # -- state (called while the vCPU is paused, or before its thread starts) ---------------
+    def _context_blob(self) -> tuple[ctypes.c_void_p, int, int]:
+        ctx = self.uc.context_save()
+        total = uclib.uc_context_size(self._uch)
+        base = ctypes.cast(ctx.context, ctypes.c_void_p).value
+        size = ctypes.c_size_t.from_address(base).value   # uc_context.context_size
+        return ctx, base + total - size, size
+
+    def save(self) -> Aarch64CpuState:
+        ctx, data, size = self._context_blob()
+        env = ctypes.string_at(data, size)
+        del ctx
+        with self._lock:
+            off, pending, request = self._off, self._on_pending, self._on_request
+        return Aarch64CpuState(1, engine_build(), env, self._hcr, off, pending,
+                               list(request or ()), self.pc,
+                               self.uc.reg_read(A.UC_ARM64_REG_SP),
+                               self.uc.reg_read(A.UC_ARM64_REG_PSTATE))
+
+    def restore(self, state: Aarch64CpuState) -> None:
+        """Load a saved vCPU into this fresh one (its thread not yet running guest code)."""
+        check_version("aarch64 vCPU", state.version)
+        if state.engine != engine_build():
+            raise StateError(f"the vCPU state was saved by TCG engine {state.engine}, "
+                             f"this kemu runs {engine_build()}")
+        ctx, data, size = self._context_blob()
+        if len(state.env) != size:
+            raise StateError(f"vCPU state of {len(state.env)} bytes, the engine's is {size}")
+        ctypes.memmove(data, state.env, size)
+        self.uc.context_restore(ctx)
+        del ctx
+        engine.flush_tlb(self.uc)
+        if (self.pc, self.uc.reg_read(A.UC_ARM64_REG_PSTATE)) != (state.pc, state.pstate):
+            raise StateError("vCPU state: registers do not match the saved context")
+        self._hcr = state.hcr & ~HCR_VI      # VI follows the interrupt controller's output
+        self._wsys(HCR_EL2, self._hcr)
+        self._wsys(CNTVOFF_EL2, self.vtimer.offset)
+        request = tuple(state.on_request[:2]) if len(state.on_request) >= 2 else None
+        with self._lock:
+            self._off, self._on_pending = state.powered_off, state.on_pending
+            self._on_request = request
+            self._work_pending = True
 
     def registers(self) -> dict[str, int]:
         uc = self.uc
@@ -516,12 +647,19 @@ class Aarch64Cpu:
             self._service()
 
     def _mmio_read(self, uc: Uc, offset: int, size: int, base: int) -> int:
-        value = self._io(MmioRead(base + offset, size))
+        try:
+            value = self._io(MmioRead(base + offset, size))
+        except DecodeError:     # nothing there: an external abort for the guest
+            engine.mmio_bus_error(uc)
+            value = 0
         self._mmio_done()
         return value or 0
 
     def _mmio_write(self, uc: Uc, offset: int, size: int, value: int, base: int) -> None:
-        self._io(MmioWrite(base + offset, size, value))
+        try:
+            self._io(MmioWrite(base + offset, size, value))
+        except DecodeError:
+            engine.mmio_bus_error(uc)
         self._mmio_done()
 
     def _on_msr_raw(self, _handle: int, _reg: int, cp: int, key: int) -> int:
@@ -545,18 +683,37 @@ class Aarch64Cpu:
             self._fail(f"internal error in the MSR hook: {type(e).__name__}: {e}")
             return 0
 
+    def _mrs_result(self, reg: int, value: int) -> None:
+        """``value`` into the destination register of a hooked MRS."""
+        if reg != A.UC_ARM64_REG_XZR:
+            self._mrs_value.value = value
+            if uclib.uc_reg_write(self._uch, reg, ctypes.byref(self._mrs_value)):
+                raise AccelError("Unicorn refused a register write")
+
     def _on_mrs_raw(self, _handle: int, reg: int, _cp: int, key: int) -> int:
         """uc_cb_insn_sys_t for CNTx_CTL_EL0 reads: the value with ISTATUS as of now."""
         try:
-            if reg != A.UC_ARM64_REG_XZR:
-                self._mrs_value.value = self._ctl_by_key[key].ctl_value()
-                if uclib.uc_reg_write(self._uch, reg, ctypes.byref(self._mrs_value)):
-                    raise AccelError("Unicorn refused a register write")
+            self._mrs_result(reg, self._ctl_by_key[key].ctl_value())
             if self._work_pending:
                 self._service()
             return 1
         except BaseException as e:  # a bug in kemu: stop the guest, report it
             self._fail(f"internal error in the MRS hook: {type(e).__name__}: {e}")
+            return 0
+
+    def _on_sysreg_raw(self, _handle: int, reg: int, cp: int, key: int) -> int:
+        """uc_cb_insn_sys_t for a device's system register (the GICv3 ICC_* registers)."""
+        try:
+            enc, is_write = self._sysreg_keys[key - _KEY_SYSREG]
+            if is_write:
+                self._gicv3.write(self.index, enc, ctypes.c_uint64.from_address(cp + 24).value)
+            else:
+                self._mrs_result(reg, self._gicv3.read(self.index, enc))
+            if self._work_pending:
+                self._service()
+            return 1
+        except BaseException as e:  # a bug in kemu: stop the guest, report it
+            self._fail(f"internal error in the system register hook: {type(e).__name__}: {e}")
             return 0
 
     def _on_exception_raw(self, _handle: int, intno: int, _key: int) -> None:

@@ -17,10 +17,25 @@ turns on:
 * ``UC_CTL_CPU_NATIVE_EXCEPTIONS``: synchronous exceptions are taken by the
   CPU as the architecture says (QEMU's own exception entry) instead of by a
   Python callback.
+* ``UC_CTL_CPU_BUS_ERRORS``: a load, store or instruction fetch with nothing
+  behind its physical address (no memory, or an MMIO callback that reports
+  a decode error through ``UC_CTL_MMIO_BUS_ERROR``) is a synchronous
+  external abort for the guest, as QEMU raises it, not the end of the run.
+* ``UC_CTL_CPU_ARCH_CHECKS``: what the architecture says and the engine's
+  QEMU 5.0 left out: hardware watchpoints (DBGWVR/DBGWCR) fire, the OS lock
+  disables breakpoints, watchpoints and software step, SCTLR_EL1.A checks
+  every access's alignment, and unaligned data accesses to Device memory
+  (all of them with the MMU off) are Alignment faults.
 * ``UC_CTL_ARM_PMU``, ``UC_CTL_ARM_PMU_SYNC``, ``UC_CTL_ARM_PMU_COUNTERS``: the
   PMU as QEMU runs it (:mod:`kemu.accel.tcg.pmu`).
 * ``UC_ARM64_INS_SYSREG``: an MSR hook on one system register, so that only
   the generic-timer registers call into Python.
+* ``UC_CTL_ARM64_SYSREG_HOOKS_CHECKED``: those hooks see only accesses the
+  exception level may make (an EL0 access to an EL1 register is UNDEFINED
+  before any hook).
+* ``UC_CTL_ARM64_GICV3_CPUIF`` (a board with a GICv3 only): the CPU has the
+  ICC_* system registers, given their behaviour by hooks, and
+  ID_AA64PFR0_EL1.GIC says so.
 * ``UC_CTL_TCG_PARALLEL`` (vCPUs of an SMP machine only): translation as
   QEMU's multi-threaded TCG does it, so exclusives and atomics are host
   atomics and barriers host barriers across vCPU threads; and
@@ -49,6 +64,13 @@ UC_CTL_TCG_TRACK_CODE_PAGES = 16
 UC_CTL_CPU_NATIVE_EXCEPTIONS = 17
 UC_CTL_TCG_PARALLEL = 18
 UC_CTL_TB_INVALIDATE_PHYS = 19
+UC_CTL_ARM64_GICV3_CPUIF = 20
+UC_CTL_ARM64_SYSREG_HOOKS_CHECKED = 21
+UC_CTL_CPU_BUS_ERRORS = 23
+UC_CTL_MMIO_BUS_ERROR = 24
+UC_CTL_CPU_ARCH_CHECKS = 25
+#: UC_ARCH_CHECK_WATCHPOINTS | _OS_LOCK | _ALIGNMENT | _DEVICE_ALIGNMENT
+ARCH_CHECKS_ALL = 0xF
 _UC_CTL_TB_FLUSH = 10
 _UC_CTL_TLB_FLUSH = 11
 _UC_PROT_READ = 1
@@ -85,6 +107,14 @@ def set_parallel(uc: Uc) -> None:
                          "-smp needs kemu's current engine; scripts/bootstrap.sh rebuilds it")
 
 
+def enable_gicv3_cpuif(uc: Uc) -> None:
+    """The GICv3 CPU interface registers on this CPU (patch 0010), or refuse."""
+    if uc_ctl_write(uc, UC_CTL_ARM64_GICV3_CPUIF, 1):
+        raise AccelError("the engine has no GICv3 CPU interface registers "
+                         "(UC_CTL_ARM64_GICV3_CPUIF): gic-version=3 needs kemu's current "
+                         "engine; scripts/bootstrap.sh rebuilds it")
+
+
 def flush_tlb(uc: Uc) -> None:
     """Flush the whole TLB of ``uc`` (its own thread; also from inside its hooks)."""
     if uclib.uc_ctl(uc._uch, _ctl(0, _UC_CTL_IO_WRITE, _UC_CTL_TLB_FLUSH)):
@@ -102,6 +132,12 @@ def invalidate_phys(uc: Uc, start: int, end: int) -> None:
     if uclib.uc_ctl(uc._uch, _ctl(2, _UC_CTL_IO_WRITE, UC_CTL_TB_INVALIDATE_PHYS),
                     ctypes.c_uint64(start), ctypes.c_uint64(end)):
         raise AccelError("Unicorn refused a translation invalidation")
+
+
+def mmio_bus_error(uc: Uc) -> None:
+    """From an MMIO callback: the access in progress decodes to nothing (a bus error)."""
+    if uclib.uc_ctl(uc._uch, _ctl(0, _UC_CTL_IO_WRITE, UC_CTL_MMIO_BUS_ERROR)):
+        raise AccelError("Unicorn refused a bus error report")
 
 
 def translate_read(uc: Uc, va: int) -> int | None:
@@ -147,6 +183,13 @@ def configure(uc: Uc, native_exceptions: int) -> None:
         raise AccelError(STOCK_ENGINE.format(version=UNICORN_VERSION))
     if (err or uc_ctl_write(uc, UC_CTL_TCG_TRACK_CODE_PAGES, 1)
             or uc_ctl_write(uc, UC_CTL_CPU_NATIVE_EXCEPTIONS, native_exceptions,
-                            ctypes.c_uint64)):
+                            ctypes.c_uint64)
+            or uc_ctl_write(uc, UC_CTL_ARM64_SYSREG_HOOKS_CHECKED, 1)
+            or uc_ctl_write(uc, UC_CTL_CPU_BUS_ERRORS, 1)
+            or uc_ctl_write(uc, UC_CTL_CPU_ARCH_CHECKS, ARCH_CHECKS_ALL, ctypes.c_uint32)):
         raise AccelError("Unicorn refused kemu's engine settings (a partial build of the "
                          "patch series? scripts/build-unicorn.sh rebuilds it)")
+    # No exit address: emu_start's ``until`` (0) would otherwise stop the CPU
+    # when the guest jumps to address 0, as if it had executed WFI, where the
+    # guest must take its abort.
+    uc.ctl_exits_enabled(True)

@@ -22,6 +22,7 @@ back on the thread that owns device state (under the machine lock).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 from kemu.devices.virtio.queue import (
@@ -120,6 +121,14 @@ class VirtioSession(Protocol):
         """The driver broke the protocol: set DEVICE_NEEDS_RESET (2.1.2)."""
 
 
+@dataclass
+class VirtioDeviceState:
+    """A device with no state of its own beyond its transport's (blk, rng, console):
+    its in-flight buffers are given back to the ring by the queue's save."""
+
+    version: int
+
+
 class VirtioDevice:
     """Base of virtio device models: override what the device type needs.
 
@@ -168,3 +177,12 @@ class VirtioDevice:
     def reset(self) -> None:
         """Device reset (2.4): forget the session and all in-flight state."""
         self.session = None
+
+    # -- snapshots (kemu.state's convention; the transport saves the queues) --------------------
+    def save(self) -> VirtioDeviceState:
+        return VirtioDeviceState(1)
+
+    def restore(self, state: VirtioDeviceState) -> None:
+        """Called after the transport's restore (the device may be active again)."""
+        if state.version != 1:
+            raise VirtioError(f"{self.name}: unsupported device state version {state.version}")

@@ -22,7 +22,7 @@ but Debian's arm64 cloud kernel has no gpio-keys driver
 
 Events are sent in batches ending with ``EV_SYN``/``SYN_REPORT``.  While
 the driver has not posted enough buffers, batches wait in a bounded list
-(:data:`MAX_PENDING` events); when it is full the oldest batches are
+(:data:`MAX_PENDING` events by default, ``max_pending``); when it is full the oldest batches are
 dropped, as QEMU drops events on a full queue.  Events sent before the
 driver is ready (DRIVER_OK) are dropped: no driver, nobody to tell.
 """
@@ -59,11 +59,20 @@ CONFIG_UNION = 128
 # Linux input-event-codes.h: the event types and codes this module uses.
 EV_SYN = 0x00
 EV_KEY = 0x01
+EV_REL = 0x02
+EV_ABS = 0x03
+EV_LED = 0x11
+EV_REP = 0x14
 SYN_REPORT = 0
 KEY_POWER = 116
+BTN_LEFT, BTN_RIGHT, BTN_MIDDLE = 0x110, 0x111, 0x112
+REL_X, REL_Y, REL_WHEEL = 0x00, 0x01, 0x08
+ABS_X, ABS_Y = 0x00, 0x01
+LED_NUML, LED_CAPSL, LED_SCROLLL = 0, 1, 2
 BUS_VIRTUAL = 0x06
 
 EVENT = struct.Struct("<HHI")  # struct virtio_input_event (5.8.6)
+ABSINFO = struct.Struct("<IIIII")  # struct virtio_input_absinfo: min, max, fuzz, flat, res
 
 DEFAULT_QUEUE_SIZE = 64
 #: Events kept while the driver has no free buffers.
@@ -108,13 +117,26 @@ class VirtioInput(VirtioDevice):
                  serial: str = "", ids: tuple[int, int, int, int] = (BUS_VIRTUAL, KEMU_VENDOR,
                                                                      0, 1),
                  queue_size: int = DEFAULT_QUEUE_SIZE, executor: Executor | None = None,
-                 name: str = "virtio-input") -> None:
+                 name: str = "virtio-input",
+                 events: dict[int, Iterable[int]] | None = None,
+                 abs_info: dict[int, tuple[int, int, int, int, int]] | None = None,
+                 max_pending: int = MAX_PENDING) -> None:
         self.name = name
+        #: Events kept while the driver has no free buffers (then the oldest batches go).
+        self.max_pending = max_pending
         super().__init__([queue_size, queue_size], executor)
         self.keys = frozenset(keys)
-        for key in self.keys:
-            if not 0 <= key < 8 * CONFIG_UNION:
-                raise ValueError(f"{name}: key code {key} does not fit the EV_KEY bitmap")
+        #: Event codes reported, by event type (CFG_EV_BITS): EV_KEY is ``keys``.
+        self.events = {etype: frozenset(codes) for etype, codes in (events or {}).items()}
+        self.events[EV_KEY] = self.keys | self.events.get(EV_KEY, frozenset())
+        self.keys = self.events[EV_KEY]
+        #: Axis ranges (CFG_ABS_INFO): axis -> (min, max, fuzz, flat, res).
+        self.abs_info = dict(abs_info or {})
+        for etype, codes in self.events.items():
+            for code in codes:
+                if not 0 <= code < 8 * CONFIG_UNION:
+                    raise ValueError(f"{name}: code {code} of type {etype} does not fit "
+                                     "the bitmap")
         self.device_name = device_name.encode()[:CONFIG_UNION]
         self.serial = serial.encode()[:CONFIG_UNION]
         self.ids = ids
@@ -133,12 +155,17 @@ class VirtioInput(VirtioDevice):
             return self.serial
         if sel == CFG_ID_DEVIDS and sub == 0:
             return struct.pack("<HHHH", *self.ids)
-        if sel == CFG_EV_BITS and sub == EV_KEY and self.keys:
-            bitmap = bytearray((max(self.keys) >> 3) + 1)
-            for key in self.keys:
-                bitmap[key >> 3] |= 1 << (key & 7)
+        codes = self.events.get(sub) if sel == CFG_EV_BITS and sub != EV_SYN else None
+        if codes is not None and not codes:
+            return b"\0"        # the type with no codes (EV_REP: the driver's autorepeat)
+        if codes:
+            bitmap = bytearray((max(codes) >> 3) + 1)
+            for code in codes:
+                bitmap[code >> 3] |= 1 << (code & 7)
             return bytes(bitmap)
-        # CFG_PROP_BITS: no properties; other event types and ABS_INFO: none.
+        if sel == CFG_ABS_INFO and sub in self.abs_info:
+            return ABSINFO.pack(*self.abs_info[sub])
+        # CFG_PROP_BITS: no properties; other event types: none.
         return b""
 
     def config_space(self) -> bytes:
@@ -166,10 +193,10 @@ class VirtioInput(VirtioDevice):
         if not self.ready:
             self.dropped += 1
             return False
-        if len(batch) > MAX_PENDING:
+        if len(batch) > self.max_pending:
             raise ValueError(f"{self.name}: {len(batch)} events exceed one batch")
         self._pending.extend(batch)
-        while len(self._pending) > MAX_PENDING:
+        while len(self._pending) > self.max_pending:
             # Drop the oldest whole batch, so the driver never sees half of one.
             end = next(i for i, e in enumerate(self._pending) if e == SYN) + 1
             del self._pending[:end]
@@ -242,7 +269,7 @@ class VirtioInput(VirtioDevice):
         if state.version != 1:
             raise VirtioError(f"{self.name}: incompatible virtio-input state")
         self.select, self.subsel = state.select, state.subsel
-        self._pending = [InputEvent(*e) for e in state.pending[-MAX_PENDING:]]
+        self._pending = [InputEvent(*e) for e in state.pending[-self.max_pending:]]
 
 
 class PowerButton(VirtioInput):

@@ -138,6 +138,15 @@ class NetStats:
     tx_dropped: int = 0
 
 
+@dataclass
+class VirtioNetState:
+    """The link state; frames the host had not delivered yet are dropped (as a
+    wire would), receive buffers go back to the ring with the queue's save."""
+
+    version: int
+    link_up: bool
+
+
 class VirtioNet(VirtioDevice):
     """A virtio network card on a :class:`NetBackend`."""
 
@@ -211,6 +220,14 @@ class VirtioNet(VirtioDevice):
         self._rx_pending.clear()
         self._rx_pending_bytes = 0
         self._wake_backend()
+
+    def save(self) -> VirtioNetState:
+        return VirtioNetState(1, self.link_up)
+
+    def restore(self, state: VirtioNetState) -> None:
+        if state.version != 1:
+            raise VirtioError(f"{self.name}: unsupported virtio-net state version {state.version}")
+        self.set_link(state.link_up)
 
     def _wake_backend(self) -> None:
         if self._backend_paused and self.backend is not None:

@@ -194,6 +194,7 @@ class Virtqueue:
         self.desc_addr = self.driver_addr = self.device_addr = 0
         self.next_avail = 0
         self.next_used = 0
+        self.inuse = 0
         self._signalled_used = 0
         self._signalled_valid = False
 
@@ -231,6 +232,7 @@ class Virtqueue:
         self.check_layout()
         self.next_avail = 0
         self.next_used = 0
+        self.inuse = 0
         self._signalled_used = 0
         self._signalled_valid = False
         self.ready = True
@@ -283,6 +285,7 @@ class Virtqueue:
             slot = self.driver_addr + 4 + 2 * (self.next_avail % self.size)
             head = self._u16(slot)
             self.next_avail = (self.next_avail + 1) & 0xFFFF
+            self.inuse += 1
             if self.event_idx:
                 self._set_avail_event(self.next_avail)
             return self._walk(head)
@@ -352,6 +355,7 @@ class Virtqueue:
             self.memory.write(elem, _USED_ELEM.pack(chain.head, written))
             self.next_used = (self.next_used + 1) & 0xFFFF
             self.memory.write_int(self.device_addr + 2, 2, self.next_used)
+            self.inuse = max(0, self.inuse - 1)
         except MemoryAccessError as exc:
             raise VirtqueueError(f"queue {self.index}: {exc}") from None
 
@@ -384,8 +388,14 @@ class Virtqueue:
 
     # -- snapshots -----------------------------------------------------------------------
     def save(self) -> QueueState:
+        """The queue with the chains the device holds unused (``inuse``: receive
+        buffers waiting for data, requests held by an error policy) given back:
+        ``next_avail`` is rewound over them, so the restored device takes them
+        again from the available ring (they are the latest ones taken, as
+        QEMU's virtqueue_rewind assumes)."""
         return QueueState(1, self.size, self.ready, self.desc_addr, self.driver_addr,
-                          self.device_addr, self.next_avail, self.next_used,
+                          self.device_addr, (self.next_avail - self.inuse) & 0xFFFF,
+                          self.next_used,
                           self._signalled_used, self._signalled_valid, self.features)
 
     def restore(self, state: QueueState) -> None:
@@ -399,5 +409,6 @@ class Virtqueue:
         if state.ready:
             self.check_layout()
             self.ready = True
-        self.next_avail, self.next_used = state.next_avail, state.next_used
+        self.next_avail, self.next_used = state.next_avail & 0xFFFF, state.next_used & 0xFFFF
+        self.inuse = 0
         self._signalled_used, self._signalled_valid = state.signalled_used, state.signalled_valid

@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 VIRTIO_ID_VSOCK = 19
 
 RX_QUEUE, TX_QUEUE, EVENT_QUEUE = 0, 1, 2
+#: struct virtio_vsock_event's id (5.10.6.7): the guest re-reads its CID, drops its connections.
+VIRTIO_VSOCK_EVENT_TRANSPORT_RESET = 0
 
 HDR = struct.Struct("<QQIIIHHIII")
 HDR_SIZE = HDR.size          # 44
@@ -99,6 +101,16 @@ class VsockBackend(Protocol):
         """The guest connects to host port ``port``: a stream, or None (refused)."""
 
     def close(self) -> None: ...
+
+
+@dataclass
+class VirtioVsockState:
+    """Connections end with the machine that held their host sockets: a
+    restored device sends the transport reset event (5.10.6.7) instead, as
+    Firecracker does, so the guest drops them and re-reads its (maybe new) CID."""
+
+    version: int
+    connections: int
 
 
 @dataclass(eq=False)
@@ -272,7 +284,32 @@ class VirtioVsock(VirtioDevice):
             self._deliver()
         elif index == RX_QUEUE:
             self._deliver()
-        # EVENT_QUEUE: buffers wait for a transport reset event kemu never sends.
+        # EVENT_QUEUE: buffers wait for a transport reset event (after a restore).
+
+    # -- snapshots -----------------------------------------------------------------------------------
+    def save(self) -> VirtioVsockState:
+        return VirtioVsockState(1, len(self.conns))
+
+    def restore(self, state: VirtioVsockState) -> None:
+        if state.version != 1:
+            raise VirtioError(f"{self.name}: unsupported virtio-vsock state version {state.version}")
+        self.transport_reset()
+
+    def transport_reset(self) -> bool:
+        """Tell the driver its transport was reset (a restore, a new CID); False
+        when it has no event buffer (or no session)."""
+        session = self._session()
+        if session is None:
+            return False
+        queue = session.queues[EVENT_QUEUE]
+        chain = queue.pop()
+        if chain is None:
+            return False
+        event = struct.pack("<I", VIRTIO_VSOCK_EVENT_TRANSPORT_RESET)
+        chain.write(session.memory, 0, event)
+        queue.push(chain, min(len(event), chain.writable_len))
+        session.signal_used(EVENT_QUEUE)
+        return True
 
     def _guest_packet(self, session: VirtioSession, chain: DescriptorChain) -> None:
         if chain.readable_len < HDR_SIZE:

@@ -1,0 +1,1 @@
+"""The host side of a graphics adapter: the display surface, VNC, screendump."""
