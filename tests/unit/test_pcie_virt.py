@@ -114,3 +114,25 @@ def test_bad_pci_placement_is_one_line(tmp_path, props, message):
 def test_two_devices_in_one_slot_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="slot 3 function 0 not available"):
         _machine(tmp_path, [("virtio-rng-pci", {"addr": "3"}), ("virtio-rng-pci", {"addr": "3"})])
+
+
+def test_saving_a_machine_with_pci_devices_is_refused_in_one_line(tmp_path):
+    m = _machine(tmp_path, [("virtio-rng-pci", {})])
+    try:
+        with pytest.raises(ConfigError, match="PCI devices .* no saved state yet"):
+            m.save_state()
+    finally:
+        m.close()
+
+
+def test_gicv3_board_has_pcie_with_intx_only(tmp_path, need):
+    dtc = need("dtc")
+    cfg = MachineConfig(kernel=fake_kernel(tmp_path / "Image"), memory=256 << 20,
+                        gic_version=3)
+    m = VirtMachine(cfg, SerialBackend(lambda b: None))
+    (tmp_path / "v3.dtb").write_bytes(m.device_tree())
+    lines = _node(_dts(dtc, tmp_path / "v3.dtb"), "pcie@10000000")
+    assert 'compatible = "pci-host-ecam-generic";' in lines
+    assert not any(line.startswith("msi-map") for line in lines)
+    assert not hasattr(m, "v2m")
+    m.close()

@@ -598,10 +598,10 @@ class VirtMachine:
     def save_state(self) -> dict:
         """The whole machine but RAM as plain data (paused, under the machine lock)."""
         from kemu.state import save_plain
-        if self.state not in (RunState.PAUSED, RunState.CREATED) or self._paused_at is None:
-            raise ConfigError("save: the machine must be paused")
         if self.pci_transports:
             raise ConfigError("save: PCI devices (-device *-pci) have no saved state yet")
+        if self.state not in (RunState.PAUSED, RunState.CREATED) or self._paused_at is None:
+            raise ConfigError("save: the machine must be paused")
         return {
             "version": 1,
             # the guest's virtual counter when it stopped: it goes on from there
