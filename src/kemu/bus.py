@@ -58,6 +58,12 @@ class Bus:
         self._maps.insert(i, mapping)
         return mapping
 
+    def unmap(self, mapping: Mapping) -> None:
+        """Remove a mapping made by :meth:`map` (a PCI BAR moving, decoding turned off)."""
+        i = self._maps.index(mapping)
+        del self._maps[i]
+        del self._bases[i]
+
     @property
     def mappings(self) -> tuple[Mapping, ...]:
         return tuple(self._maps)

@@ -18,15 +18,20 @@ MACHINES = {
 #: -device help: (category, driver, bus) as QEMU groups them.
 DEVICES = [
     ("Storage devices", "virtio-blk-device", "virtio-bus"),
+    ("Storage devices", "virtio-blk-pci", "PCI, alias \"virtio-blk\""),
     ("Network devices", "virtio-net-device", "virtio-bus"),
+    ("Network devices", "virtio-net-pci", "PCI, alias \"virtio-net\""),
     ("Input devices", "virtconsole", "virtio-serial-bus"),
     ("Input devices", "virtio-keyboard-device", "virtio-bus"),
     ("Input devices", "virtio-mouse-device", "virtio-bus"),
     ("Input devices", "virtio-serial-device", "virtio-bus"),
+    ("Input devices", "virtio-serial-pci", "PCI, alias \"virtio-serial\""),
     ("Input devices", "virtio-tablet-device", "virtio-bus"),
     ("Display devices", "virtio-gpu-device", "virtio-bus"),
     ("Misc devices", "vhost-vsock-device", "virtio-bus"),
+    ("Misc devices", "vhost-vsock-pci", "PCI"),
     ("Misc devices", "virtio-rng-device", "virtio-bus"),
+    ("Misc devices", "virtio-rng-pci", "PCI, alias \"virtio-rng\""),
 ]
 
 #: -device DRIVER,help: the properties kemu takes, (name, type, description).
@@ -56,6 +61,23 @@ DEVICE_PROPERTIES: dict[str, list[tuple[str, str, str]]] = {
                            ("uds", "str", "kemu: the host side's UNIX socket path")],
 }
 
+#: What a -pci device takes besides its virtio device's properties (QEMU's PCIDevice, virtio-pci).
+PCI_PROPERTIES = [
+    ("addr", "int32", "Slot and optional function number, example: 06.0 or 06 (default: -1)"),
+    ("bus", "str", "kemu: pcie.0"),
+    ("disable-legacy", "OnOffAuto", "kemu: on only (modern virtio-pci)"),
+    ("disable-modern", "bool", "kemu: false only"),
+    ("multifunction", "bool", "kemu: false only"),
+]
+#: -device DRIVER,help of the -pci devices.  Kept out of DEVICE_PROPERTIES, which QMP
+#: offers (qom-list-types, device-list-properties): a client such as libvirt that
+#: sees virtio-*-pci there places devices behind pcie-root-port bridges, which kemu
+#: does not have yet.
+PCI_DEVICE_PROPERTIES = {
+    d.removesuffix("-device") + "-pci": sorted(DEVICE_PROPERTIES[d] + PCI_PROPERTIES)
+    for d in ("virtio-blk-device", "virtio-net-device", "virtio-rng-device",
+              "virtio-serial-device", "vhost-vsock-device")}
+
 ACCELS = ["kvm", "tcg"]
 NETDEVS = ["tap", "user"]
 CHARDEVS = ["file", "null", "pty", "socket", "stdio"]
@@ -69,10 +91,11 @@ def _cpus(machine: str) -> list[str]:
 
 
 def _device_properties(driver: str) -> str:
-    if driver not in DEVICE_PROPERTIES:
+    props = DEVICE_PROPERTIES.get(driver, PCI_DEVICE_PROPERTIES.get(driver))
+    if props is None:
         raise ConfigError(f"-device {driver},help: '{driver}' is not a valid device model name")
     lines = [f"{driver} options:"]
-    for name, kind, desc in DEVICE_PROPERTIES[driver]:
+    for name, kind, desc in props:
         head = f"  {name}=<{kind}>"
         lines.append(f"{head:<24} - {desc}" if desc else head)
     return "\n".join(lines) + "\n"

@@ -132,7 +132,7 @@ def run(request, kernel, tmp_path_factory):
     disk.write_bytes(original)
 
     records = _Records()
-    logger = logging.getLogger("kemu.devices.virtio.mmio")
+    logger = logging.getLogger("kemu.devices.virtio")     # the transports log device errors
     old_level = logger.level
     logger.addHandler(records)
     logger.setLevel(logging.WARNING)

@@ -91,7 +91,7 @@ class Buf:
 class DriverQueue:
     """The driver side of one split virtqueue."""
 
-    driver: VirtioMmioDriver
+    driver: VirtioMmioDriver  # or any driver with kick(), alloc and memory
     index: int
     size: int
     desc: int
@@ -162,7 +162,7 @@ class DriverQueue:
         return head
 
     def kick(self) -> None:
-        self.driver.w32(r.QUEUE_NOTIFY, self.index)
+        self.driver.kick(self.index)
 
     def get_used(self) -> list[tuple[int, int]]:
         """New used elements ``(id, len)`` since the last call."""
@@ -179,7 +179,31 @@ PAGE = 4096
 LEGACY_GUEST_PAGE_SIZE, LEGACY_QUEUE_ALIGN, LEGACY_QUEUE_PFN = 0x028, 0x03C, 0x040
 
 
-class VirtioMmioDriver:
+class VirtioDriver:
+    """What every transport's test driver shares (it has ``negotiate``,
+    ``setup_queue``, ``set_status``, ``memory`` and ``alloc``)."""
+
+    def init(self, nqueues: int = 1, features: int | None = None, mask: int = ~0,
+             size: int | None = None) -> list[DriverQueue]:
+        """The whole of 3.1.1: negotiate, set up ``nqueues`` queues, DRIVER_OK."""
+        assert self.negotiate(features, mask), "FEATURES_OK refused"
+        qs = [self.setup_queue(i, size) for i in range(nqueues)]
+        self.driver_ok()
+        return qs
+
+    def driver_ok(self) -> None:
+        self.set_status(STATUS_DRIVER_OK)
+
+    def buffer(self, data: bytes | int, writable: bool = False) -> Buf:
+        """Allocate a buffer holding ``data`` (or ``data`` zero bytes)."""
+        size = data if isinstance(data, int) else len(data)
+        addr = self.alloc.alloc(max(size, 1), 8)
+        if not isinstance(data, int):
+            self.memory.write(addr, data)
+        return Buf(addr, size, writable)
+
+
+class VirtioMmioDriver(VirtioDriver):
     """Drives a :class:`~kemu.devices.virtio.mmio.VirtioMmioTransport` like a guest."""
 
     def __init__(self, transport, memory: GuestMemory, alloc: Allocator | None = None,
@@ -269,16 +293,9 @@ class VirtioMmioDriver:
         self.queues[index] = q
         return q
 
-    def driver_ok(self) -> None:
-        self.set_status(STATUS_DRIVER_OK)
+    def kick(self, index: int) -> None:
+        self.w32(r.QUEUE_NOTIFY, index)
 
-    def init(self, nqueues: int = 1, features: int | None = None, mask: int = ~0,
-             size: int | None = None) -> list[DriverQueue]:
-        """The whole of 3.1.1: negotiate, set up ``nqueues`` queues, DRIVER_OK."""
-        assert self.negotiate(features, mask), "FEATURES_OK refused"
-        qs = [self.setup_queue(i, size) for i in range(nqueues)]
-        self.driver_ok()
-        return qs
 
     def interrupt_status(self) -> int:
         return self.r32(r.INTERRUPT_STATUS)
@@ -291,10 +308,3 @@ class VirtioMmioDriver:
     def config(self, offset: int, size: int) -> int:
         return self.t.read(r.CONFIG + offset, size)
 
-    def buffer(self, data: bytes | int, writable: bool = False) -> Buf:
-        """Allocate a buffer holding ``data`` (or ``data`` zero bytes)."""
-        size = data if isinstance(data, int) else len(data)
-        addr = self.alloc.alloc(max(size, 1), 8)
-        if not isinstance(data, int):
-            self.memory.write(addr, data)
-        return Buf(addr, size, writable)

@@ -77,7 +77,9 @@ def _encode(value: PropValue) -> bytes:
 
 def build(root: Node, boot_cpuid: int = 0) -> bytes:
     """Encode ``root`` (whose name must be empty) as a DTB."""
-    sw = libfdt.FdtSw()
+    # Generous room: FdtSw grows while adding, but as_fdt() (fdt_finish, which appends
+    # the end tag) does not, and fails with FDT_ERR_NOSPACE on a tree that fills it.
+    sw = libfdt.FdtSw(1 << 16)
     sw.finish_reservemap()
 
     def emit(node: Node) -> None:

@@ -25,8 +25,10 @@ from kemu.errors import GuestBuildError
 from kemu.guest import cpio, kmod
 
 #: Guest modules loaded at boot (with their dependencies), in this order.
-GUEST_MODULES = ["virtio_mmio", "virtio_blk", "virtio_net", "virtio_console", "virtio-rng",
-                 "vmw_vsock_virtio_transport", "virtio_input", "evdev"]
+#: virtio_pci: the -device *-pci devices on the virt board's PCIe (the kernel has
+#: the generic ECAM host driver built in).
+GUEST_MODULES = ["virtio_mmio", "virtio_pci", "virtio_blk", "virtio_net", "virtio_console",
+                 "virtio-rng", "vmw_vsock_virtio_transport", "virtio_input", "evdev"]
 
 ARCHES = {
     # qemu_fw_cfg: /sys/firmware/qemu_fw_cfg for the virt board's fw_cfg (-fw_cfg files).

@@ -6,13 +6,22 @@ and device trees written for it work unchanged:
 =============  ============  =================================
 0x08000000     64 KiB        GIC distributor (GICv2 or GICv3)
 0x08010000     64 KiB        GICv2 CPU interface
+0x08020000     4 KiB         GICv2m MSI frame (SPI 48-111; GICv2 only)
 0x080a0000     123 x 128 KiB GICv3 redistributors (gic-version=3)
 0x09000000     4 KiB         PL011 UART (SPI 1)
 0x09010000     4 KiB         PL031 RTC (SPI 2)
 0x09020000     0x18          fw_cfg (MMIO with DMA; -fw_cfg files)
 0x0a000000     32 x 0x200    virtio-mmio slots (SPI 16 + n)
+0x10000000     0x2eff0000    PCIe 32-bit MMIO window
+0x3eff0000     64 KiB        PCIe I/O window
 0x40000000     -m            RAM
+0x4010000000   256 MiB       PCIe ECAM (buses 0-255; INTx on SPI 3-6)
+0x8000000000   512 GiB       PCIe 64-bit MMIO window
 =============  ============  =================================
+
+PCI Express is QEMU's generic ECAM host bridge (:mod:`kemu.devices.pci`)
+with the ``-device *-pci`` virtio devices on bus pcie.0 (virtio-pci modern;
+MSI-X through the GICv2m frame, INTx on SPI 3-6 otherwise).
 
 ``-smp N`` (up to 8 with GICv2, 123 with GICv3: QEMU's first redistributor
 region) gives N vCPUs, each on its own host thread running in parallel (see
@@ -23,7 +32,7 @@ own generic timers on its banked PPIs.  GICv2 (the default): each CPU sees
 its own bank of the GIC's registers, SGIs go through GICD_SGIR.  GICv3
 (``-M virt,gic-version=3``): a redistributor per CPU, the CPU interface as
 the ICC_* system registers, SGIs through ICC_SGI1R_EL1, SPIs routed by
-GICD_IROUTER; no ITS (kemu's virt has no PCIe for MSIs).  Kernels (Image,
+GICD_IROUTER; no ITS (PCI functions use INTx with GICv3).  Kernels (Image,
 ELF, raw) and the device tree are placed as QEMU places them (:mod:`kemu.boot.arm64_boot`); ``-dtb FILE``
 replaces the generated tree (:mod:`kemu.boot.dtb_file`).  The virtio-mmio
 slots speak version 1 (legacy) by default, as QEMU 7.2's do.
@@ -63,6 +72,9 @@ from kemu.options.objects import ram_regions
 FDT_MAGIC = b"\xd0\x0d\xfe\xed"
 GIC_DIST = (0x08000000, 0x10000)
 GIC_CPU = (0x08010000, 0x10000)
+GIC_V2M = (0x08020000, 0x1000)
+#: As QEMU's virt: the GICv2m frame owns SPIs 48-111 (NUM_GICV2M_SPIS 64).
+V2M_SPI_BASE, V2M_SPIS = 48, 64
 GIC_REDIST = (0x080A0000, 0x00F60000)
 UART0 = (0x09000000, 0x1000)
 RTC = (0x09010000, 0x1000)
@@ -72,11 +84,18 @@ VIRTIO_MMIO_SLOTS = 32
 RAM_BASE = 0x40000000
 RAM_MAX = 255 << 30
 MMIO_WINDOW = (0x08000000, 0x38000000)  # everything the board maps below RAM
+# PCIe as QEMU's virt with highmem (hw/arm/virt.c: VIRT_PCIE_*, VIRT_HIGH_PCIE_*).
+PCIE_MMIO = (0x10000000, 0x2EFF0000)
+PCIE_PIO = (0x3EFF0000, 0x10000)
+PCIE_ECAM = (0x4010000000, 0x10000000)
+PCIE_MMIO_HIGH = (0x8000000000, 0x8000000000)
+PCIE_SPI_BASE = 3
 
 UART0_SPI = 1
 RTC_SPI = 2
 VIRTIO_SPI_BASE = 16
-NUM_IRQS = 128
+#: INTIDs of the GIC: 32 internal and 256 SPIs, as QEMU's virt (GICD_TYPER.ITLinesNumber 8).
+NUM_IRQS = 32 + 256
 
 # Timer PPIs (INTID - 16): secure phys 13, non-secure phys 14, virtual 11, hyp 10.
 PPI_SEC_PHYS, PPI_PHYS, PPI_VIRT, PPI_HYP = 13, 14, 11, 10
@@ -85,6 +104,7 @@ PPI_PMU = 7
 
 PHANDLE_GIC = 1
 PHANDLE_CLK = 2
+PHANDLE_V2M = 3
 PHANDLE_CPU0 = 0x10
 
 #: GICv2 has 8 CPU interfaces (IHI 0048B 1.3.1).
@@ -239,6 +259,18 @@ class VirtMachine:
             lambda: self.cpus, [mpidr(i, config.gic_version) for i in range(n)]))
         self._psci_caller = 0
 
+        from kemu.devices.gicv2m import GicV2m
+        from kemu.devices.pci.host import PciHost, Window
+        if config.gic_version == 2:     # GICv3: no ITS yet, so INTx only
+            self.v2m = GicV2m(self._pulse_spi, V2M_SPI_BASE, V2M_SPIS)
+            self.mmio.map(*GIC_V2M, self.v2m)
+        self.pci_host = PciHost(self.mmio, [Window(True, 0, PCIE_PIO[0], PCIE_PIO[1]),
+                                            Window(False, PCIE_MMIO[0], *PCIE_MMIO),
+                                            Window(False, PCIE_MMIO_HIGH[0], *PCIE_MMIO_HIGH)],
+                                [self.gic.spi_line(PCIE_SPI_BASE + i) for i in range(4)])
+        self.mmio.map(*PCIE_ECAM, self.pci_host.ecam)
+        self.pci_transports: list = []
+
         from kemu.devices.virtio.input import power_button
         from kemu.machines.virtio_devices import attach_devices, attach_transport
         #: close() runs in two threads at once (the API's watcher and its caller's wait()).
@@ -348,6 +380,7 @@ class VirtMachine:
             "clocks": PHANDLE_CLK, "clock-names": "apb_pclk"}))
         root.add(Node(f"fw-cfg@{FW_CFG[0]:x}", {
             "compatible": "qemu,fw-cfg-mmio", "reg": reg64(FW_CFG), "dma-coherent": None}))
+        root.add(self._pcie_node())
         for slot in self.virtio_slots:
             # The transport holds its interrupt high while InterruptStatus is
             # non-zero, so the slot is described as level-triggered.
@@ -356,6 +389,44 @@ class VirtMachine:
                 "interrupts": Cells(GIC_FDT_SPI, slot.spi, IRQ_TYPE_LEVEL_HIGH),
                 "dma-coherent": None}))
         return fdt.build(root)
+
+    def _pcie_node(self) -> Node:
+        """The host bridge as QEMU's virt describes it (create_pcie)."""
+        irq_map = []
+        for slot in range(4):
+            for pin in range(1, 5):
+                spi = PCIE_SPI_BASE + (slot + pin - 1) % 4
+                irq_map += [slot << 11, 0, 0, pin, PHANDLE_GIC, 0, 0,
+                            GIC_FDT_SPI, spi, IRQ_TYPE_LEVEL_HIGH]
+        return Node(f"pcie@{PCIE_MMIO[0]:x}", {
+            "interrupt-map-mask": Cells(0x1800, 0, 0, 7),
+            "interrupt-map": Cells(*irq_map),
+            "#interrupt-cells": 1,
+            "ranges": Cells(0x1000000, 0, 0, *fdt.u64_cells(PCIE_PIO[0]),
+                            *fdt.u64_cells(PCIE_PIO[1]),
+                            0x2000000, *fdt.u64_cells(PCIE_MMIO[0]), *fdt.u64_cells(PCIE_MMIO[0]),
+                            *fdt.u64_cells(PCIE_MMIO[1]),
+                            0x3000000, *fdt.u64_cells(PCIE_MMIO_HIGH[0]),
+                            *fdt.u64_cells(PCIE_MMIO_HIGH[0]), *fdt.u64_cells(PCIE_MMIO_HIGH[1])),
+            "reg": reg64(PCIE_ECAM),
+            **({"msi-map": Cells(0, PHANDLE_V2M, 0, 0x10000)}
+               if self.config.gic_version == 2 else {}),
+            "dma-coherent": None,
+            "bus-range": Cells(0, PCIE_ECAM[1] // (1 << 20) - 1),
+            "linux,pci-domain": 0,
+            "#size-cells": 2, "#address-cells": 3,
+            "device_type": "pci", "compatible": "pci-host-ecam-generic"})
+
+    def _pulse_spi(self, spi: int) -> None:
+        """An MSI through the GICv2m frame: an edge on ``spi``."""
+        self.gic.set_spi(spi, True)
+        self.gic.set_spi(spi, False)
+
+    def add_pci(self, transport, slot: int | None = None) -> int:
+        """Plug a virtio-pci transport's function into pcie.0 (the next free slot if None)."""
+        device = self.pci_host.add(transport.function, slot)
+        self.pci_transports.append(transport)
+        return device
 
     def _gic_node(self) -> Node:
         """The interrupt controller as QEMU's virt describes it (create_gic)."""
@@ -367,9 +438,17 @@ class VirtMachine:
                           "reg": reg64(GIC_DIST, GIC_REDIST),
                           "#address-cells": 2, "#size-cells": 2, "ranges": None})
         else:
+            # As QEMU's: the GICv2m MSI frame is a child (two address cells, which the
+            # PCIe interrupt-map's parent unit addresses have too).
             props.update({"compatible": "arm,cortex-a15-gic",
-                          "reg": reg64((GIC_DIST[0], 0x1000), (GIC_CPU[0], 0x2000))})
-        return Node(f"intc@{GIC_DIST[0]:x}", props)
+                          "reg": reg64((GIC_DIST[0], 0x1000), (GIC_CPU[0], 0x2000)),
+                          "#address-cells": 2, "#size-cells": 2, "ranges": None})
+        node = Node(f"intc@{GIC_DIST[0]:x}", props)
+        if self.config.gic_version == 2:
+            node.add(Node(f"v2m@{GIC_V2M[0]:x}", {
+                "compatible": "arm,gic-v2m-frame", "msi-controller": None,
+                "reg": reg64(GIC_V2M), "phandle": PHANDLE_V2M}))
+        return node
 
     def add_virtio(self, device) -> VirtioSlot:
         """Map a virtio-mmio transport (or any slot-sized device) in the next free slot."""
@@ -463,7 +542,8 @@ class VirtMachine:
         cpus = []
         for i in range(n):
             vtimer, ptimer = self.timers[i]
-            cpu = Aarch64Cpu(i, self.memory, [MMIO_WINDOW], self._io_for(i), self._hypercall,
+            cpu = Aarch64Cpu(i, self.memory, [MMIO_WINDOW, PCIE_ECAM, PCIE_MMIO_HIGH],
+                             self._io_for(i), self._hypercall,
                              vtimer, ptimer, model=self.config.cpu,
                              mpidr=(MPIDR_U_RES1 | mpidr(i, self.config.gic_version)
                                     if n > 1 else None),
@@ -491,6 +571,9 @@ class VirtMachine:
             self.uart.reset()
             self.rtc.reset()
             self.fw_cfg.reset()
+            for transport in self.pci_transports:
+                transport.reset()
+            self.pci_host.reset()
             for vtimer, ptimer in self.timers:
                 vtimer.ctl = ptimer.ctl = 0
         self.load()
@@ -515,6 +598,8 @@ class VirtMachine:
     def save_state(self) -> dict:
         """The whole machine but RAM as plain data (paused, under the machine lock)."""
         from kemu.state import save_plain
+        if self.pci_transports:
+            raise ConfigError("save: PCI devices (-device *-pci) have no saved state yet")
         if self.state not in (RunState.PAUSED, RunState.CREATED) or self._paused_at is None:
             raise ConfigError("save: the machine must be paused")
         return {

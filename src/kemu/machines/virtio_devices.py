@@ -15,7 +15,8 @@ from kemu.machines.config import DeviceConfig, DriveConfig, MachineConfig, Netde
 
 log = logging.getLogger("kemu")
 
-#: -device drivers kemu offers, QEMU's names (the -pci spellings map to mmio).
+#: -device drivers kemu offers, QEMU's names (the -pci spellings are virtio-pci on a board
+#: with PCI, virtio-mmio on one without).
 VIRTIO_DRIVERS = {
     "virtio-rng-device": "rng", "virtio-rng-pci": "rng",
     "virtio-blk-device": "blk", "virtio-blk-pci": "blk",
@@ -28,6 +29,12 @@ VIRTIO_DRIVERS = {
     "virtio-tablet-device": "tablet", "virtio-tablet-pci": "tablet",
     "virtio-mouse-device": "mouse", "virtio-mouse-pci": "mouse",
 }
+#: Device kinds (machines/display.py) that are virtio-mmio whatever their spelling, for now.
+DISPLAY_KINDS = ("gpu", "keyboard", "tablet", "mouse")
+#: QEMU's short names of the -pci devices (``-device virtio-blk`` is virtio-blk-pci).
+PCI_ALIASES = {"virtio-blk": "virtio-blk-pci", "virtio-net": "virtio-net-pci",
+               "virtio-rng": "virtio-rng-pci", "virtio-serial": "virtio-serial-pci"}
+VIRTIO_DRIVERS.update({alias: VIRTIO_DRIVERS[name] for alias, name in PCI_ALIASES.items()})
 
 
 def force_legacy(config: MachineConfig, default: bool) -> bool:
@@ -44,10 +51,53 @@ def force_legacy(config: MachineConfig, default: bool) -> bool:
     return value in ("on", "true")
 
 
-def attach_transport(board, device):
+#: Properties of the PCI placement of a ``*-pci`` device (QEMU's PCIDevice / virtio-pci).
+PCI_PROPS = ("addr", "bus", "disable-legacy", "disable-modern", "multifunction")
+
+
+def pci_placement(board, dev: DeviceConfig) -> tuple[DeviceConfig, int | None] | None:
+    """Where a ``*-pci`` -device goes on the board's PCI bus: ``(dev without the PCI
+    properties, slot or None for the next free)``; None for a device that is not a
+    PCI device or a board without PCI (microvm: the -pci spellings use virtio-mmio)."""
+    if (not dev.driver.endswith("-pci") and dev.driver not in PCI_ALIASES
+            or getattr(board, "pci_host", None) is None):
+        return None
+    props = dict(dev.props)
+    bus = props.pop("bus", "pcie.0")
+    if bus != "pcie.0":
+        raise ConfigError(f"-device {dev.driver}: Bus '{bus}' not found (the virt board has pcie.0)")
+    if props.pop("disable-legacy", "on") not in ("on", "true", "auto"):
+        raise ConfigError(f"-device {dev.driver}: disable-legacy=off: kemu's virtio-pci "
+                          "devices are modern only (virtio 1.x)")
+    if props.pop("disable-modern", "off") not in ("off", "false"):
+        raise ConfigError(f"-device {dev.driver}: disable-modern=on: kemu has no legacy "
+                          "virtio-pci interface")
+    if props.pop("multifunction", "off") not in ("off", "false"):
+        raise ConfigError(f"-device {dev.driver}: multifunction=on is not supported")
+    slot = None
+    addr = props.pop("addr", None)
+    if addr is not None:
+        dev_part, _, fn_part = addr.partition(".")
+        try:
+            slot, function = int(dev_part, 16), int(fn_part or "0", 16)
+        except ValueError:
+            raise ConfigError(f"-device {dev.driver}: addr={addr}: expected SLOT[.FUNCTION] "
+                              "in hex") from None
+        if not 0 <= slot < 32 or function != 0:
+            raise ConfigError(f"-device {dev.driver}: addr={addr}: slot 0-1f, function 0 only")
+    return DeviceConfig(dev.driver, props), slot
+
+
+def attach_transport(board, device, slot: int | None = None, pci: bool = False):
     """Put a virtio device behind a virtio-mmio transport in the board's next free slot
-    (the board offers ``memory``, ``virtio_slots``, ``virtio_irq(i)``, ``add_virtio``)."""
+    (the board offers ``memory``, ``virtio_slots``, ``virtio_irq(i)``, ``add_virtio``),
+    or, with ``pci``, behind virtio-pci on the board's PCI bus (``add_pci``)."""
     from kemu.devices.virtio.mmio import VirtioMmioTransport
+    if pci:
+        from kemu.devices.virtio.pci import VirtioPciTransport
+        transport = VirtioPciTransport(device, board.memory)
+        board.add_pci(transport, slot)
+        return transport
     transport = VirtioMmioTransport(device, board.memory,
                                     board.virtio_irq(len(board.virtio_slots)),
                                     legacy=force_legacy(board.config,
@@ -118,8 +168,12 @@ def _attach(board, config: MachineConfig, backends: list) -> None:
                                           **_error_policy(board, drive, index)))
     for dev in config.devices:
         kind = VIRTIO_DRIVERS[dev.driver]
+        placement = pci_placement(board, dev) if kind not in DISPLAY_KINDS else None
+        if placement is not None:
+            dev, slot = placement
+        where = {"slot": slot, "pci": True} if placement is not None else {}
         if kind == "rng":
-            attach_transport(board, VirtioRng())
+            attach_transport(board, VirtioRng(), **where)
         elif kind == "blk":
             drive_id = dev.props.get("drive")
             if drive_id is None or drive_id not in by_id:
@@ -133,16 +187,18 @@ def _attach(board, config: MachineConfig, backends: list) -> None:
             attach_transport(board, VirtioBlk(backend, serial=dev.props.get("serial", drive_id),
                                           read_only=drive.read_only, name=f"virtio-blk-{drive_id}",
                                           **_error_policy(board, drive,
-                                                          config.drives.index(drive))))
+                                                          config.drives.index(drive))),
+                             **where)
         elif kind == "net":
-            attach_transport(board, net.nic(dev))
+            attach_transport(board, net.nic(dev), **where)
         elif kind == "vsock":
-            attach_transport(board, net.vsock(dev))
-        elif kind in ("gpu", "keyboard", "tablet", "mouse"):
+            attach_transport(board, net.vsock(dev), **where)
+        elif kind in DISPLAY_KINDS:
             from kemu.machines.display import display_device
+            # Not yet on PCI: virtio-gpu-pci and the input -pci spellings stay virtio-mmio.
             attach_transport(board, display_device(board, dev, kind))
         elif kind == "serial":
-            consoles.append(_console(board, dev, len(consoles)))
+            consoles.append(_console(board, dev, len(consoles), where))
         elif kind == "virtconsole":
             # The port of the preceding virtio-serial-device (kemu's has exactly one).
             if len(consoles) <= ports:
@@ -173,7 +229,7 @@ def _error_policy(board, drive: DriveConfig, index: int) -> dict:
     return {"werror": drive.werror, "rerror": drive.rerror, "on_io_error": report}
 
 
-def _console(board, dev: DeviceConfig, index: int):
+def _console(board, dev: DeviceConfig, index: int, where: dict):
     """A one-port virtio-console whose output goes to the machine's console (stdout).
 
     Input typed on the terminal keeps going to the serial port (ttyAMA0).
@@ -187,7 +243,7 @@ def _console(board, dev: DeviceConfig, index: int):
     sink = getattr(board, "console", None)
     backend = SerialBackend(sink.write if sink is not None else (lambda data: None))
     device = VirtioConsole(backend, name=f"virtio-console{index}")
-    attach_transport(board, device)
+    attach_transport(board, device, **where)
     return device
 
 

@@ -22,8 +22,6 @@ DEVICE_NEEDS_RESET) or, with ``legacy=True`` (QEMU's
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from kemu.devices.base import IrqLine
@@ -35,17 +33,14 @@ from kemu.devices.virtio import (
     VirtioError,
 )
 from kemu.devices.virtio import mmio_legacy as legacy_if
-from kemu.devices.virtio.queue import (
-    VIRTIO_F_EVENT_IDX,
-    VIRTIO_F_INDIRECT_DESC,
-    VIRTIO_F_VERSION_1,
-    QueueState,
-    Virtqueue,
+from kemu.devices.virtio.queue import QueueState
+from kemu.devices.virtio.transport import (  # noqa: F401  (re-exported names)
+    INT_CONFIG,
+    INT_VRING,
+    TRANSPORT_FEATURES,
+    VirtioTransport,
 )
-from kemu.errors import MemoryAccessError
 from kemu.memory import GuestMemory
-
-log = logging.getLogger(__name__)
 
 MMIO_SIZE = 0x200
 
@@ -88,11 +83,9 @@ MAGIC = 0x74726976                 # "virt"
 MMIO_VERSION = 2
 VENDOR_KEMU = 0x554D454B           # "KEMU" read as little-endian bytes
 
-VIRTIO_MMIO_INT_VRING = 1 << 0
-VIRTIO_MMIO_INT_CONFIG = 1 << 1
+VIRTIO_MMIO_INT_VRING = INT_VRING
+VIRTIO_MMIO_INT_CONFIG = INT_CONFIG
 
-#: Device-independent features every transport instance offers (section 6).
-TRANSPORT_FEATURES = (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_F_INDIRECT_DESC) | (1 << VIRTIO_F_EVENT_IDX)
 
 _QUEUE_ADDR_REGS = {
     QUEUE_DESC_LOW: ("desc_addr", 0), QUEUE_DESC_HIGH: ("desc_addr", 32),
@@ -121,49 +114,16 @@ class VirtioMmioState:
     queue_pfn: list[int] = field(default_factory=list)
 
 
-class _Session:
-    """The :class:`~kemu.devices.virtio.VirtioSession` of one activation."""
-
-    def __init__(self, transport: VirtioMmioTransport) -> None:
-        self._transport = transport
-        self.memory = transport.memory
-        self.features = transport.driver_features
-        self.queues: Sequence[Virtqueue] = tuple(transport.queues)
-        self.active = True
-
-    def signal_used(self, queue_index: int) -> None:
-        if self.active:
-            self._transport._signal_used(queue_index)
-
-    def signal_config(self) -> None:
-        if self.active:
-            self._transport.config_changed()
-
-    def device_error(self, reason: str) -> None:
-        if self.active:
-            self._transport.device_error(reason)
-
-
-class VirtioMmioTransport:
+class VirtioMmioTransport(VirtioTransport):
     """virtio-mmio registers for ``device`` (``None``: an empty slot)."""
 
     def __init__(self, device: VirtioDevice | None, memory: GuestMemory, irq: IrqLine,
                  name: str | None = None, legacy: bool = False) -> None:
-        self.device = device
+        super().__init__(device, memory, irq,
+                         name or f"virtio-mmio-{device.name if device else 'empty'}")
         #: Version 1 (4.2.4) rather than 2: asked for, and the device type has one.
         self.legacy = legacy and legacy_if.has_legacy_interface(
             device.device_id if device else None)
-        self.memory = memory
-        self.irq = irq
-        self.name = name or f"virtio-mmio-{device.name if device else 'empty'}"
-        self.queues = [Virtqueue(memory, size, i)
-                       for i, size in enumerate(device.queue_max_sizes if device else ())]
-        self.config_generation = 0
-        #: Why the device last entered DEVICE_NEEDS_RESET (for diagnostics).
-        self.error: str | None = None
-        #: Register accesses of the wrong width or alignment, ignored.
-        self.bad_accesses = 0
-        self._session: _Session | None = None
         #: Legacy GuestPageSize: Linux writes it once at probe, before the driver's
         #: reset (Status 0), so a reset leaves it as QEMU does.
         self.guest_page_size = 0
@@ -171,146 +131,10 @@ class VirtioMmioTransport:
 
     # -- state ---------------------------------------------------------------------------
     def _reset_registers(self) -> None:
-        self.status = 0
-        self.driver_features = 0
-        self.device_features_sel = 0
-        self.driver_features_sel = 0
-        self.queue_sel = 0
+        super()._reset_registers()
         self.shm_sel = 0
-        self.interrupt_status = 0
         self.queue_align = [legacy_if.DEFAULT_QUEUE_ALIGN] * len(self.queues)
         self.queue_pfn = [0] * len(self.queues)
-        for q in self.queues:
-            q.reset()
-            q.set_features(0)
-
-    def reset(self) -> None:
-        """Device reset (2.4, 4.2.2 Status: writing 0)."""
-        if self._session is not None:
-            self._session.active = False
-            self._session = None
-        self._reset_registers()
-        self.error = None
-        if self.device is not None:
-            self.device.reset()
-        self._update_irq()
-
-    @property
-    def device_features(self) -> int:
-        if self.device is None:
-            return 0
-        return (self.device.device_features() | TRANSPORT_FEATURES) & ((1 << 64) - 1)
-
-    def _queue(self) -> Virtqueue | None:
-        return self.queues[self.queue_sel] if self.queue_sel < len(self.queues) else None
-
-    def _update_irq(self) -> None:
-        self.irq.set(self.interrupt_status != 0)
-
-    # -- notifications from the device ---------------------------------------------------------
-    def _signal_used(self, index: int) -> None:
-        try:
-            wanted = self.queues[index].should_notify()
-        except VirtioError as exc:
-            self.device_error(str(exc))
-            return
-        if wanted:
-            self.interrupt_status |= VIRTIO_MMIO_INT_VRING
-            self._update_irq()
-
-    def config_changed(self) -> None:
-        """Configuration space changed: new generation and a config interrupt (2.5.1)."""
-        self.config_generation = (self.config_generation + 1) & 0xFFFFFFFF
-        if self.status & STATUS_DRIVER_OK:
-            self.interrupt_status |= VIRTIO_MMIO_INT_CONFIG
-            self._update_irq()
-
-    def device_error(self, reason: str) -> None:
-        """Enter DEVICE_NEEDS_RESET and tell the driver (2.1.2).
-
-        The device stops processing queues until the driver resets it; the
-        VMM carries on.
-        """
-        if self.device is None or self.status & STATUS_DEVICE_NEEDS_RESET:
-            return
-        log.warning("%s: device error, needs reset: %s", self.name, reason)
-        self.error = reason
-        self.status |= STATUS_DEVICE_NEEDS_RESET
-        if self._session is not None:
-            self._session.active = False
-        if self.status & STATUS_DRIVER_OK:
-            self.interrupt_status |= VIRTIO_MMIO_INT_CONFIG
-            self._update_irq()
-
-    @property
-    def needs_reset(self) -> bool:
-        return bool(self.status & STATUS_DEVICE_NEEDS_RESET)
-
-    # -- status and features -------------------------------------------------------------
-    def _features_ok(self) -> str | None:
-        """Why the driver's features cannot be accepted, or ``None`` (2.2.1, 6.1)."""
-        extra = self.driver_features & ~self.device_features
-        if extra:
-            return f"driver accepted features {extra:#x} that were not offered"
-        if not self.legacy and not self.driver_features >> VIRTIO_F_VERSION_1 & 1:
-            return "driver did not accept VIRTIO_F_VERSION_1 (legacy driver?)"
-        if not self.device.check_features(self.driver_features):
-            return f"device refused feature set {self.driver_features:#x}"
-        return None
-
-    def _write_status(self, value: int) -> None:
-        if value == 0:
-            self.reset()
-            return
-        old = self.status
-        new = old | (value & 0xFF)  # the driver never clears bits except by reset (2.1.1)
-        added = new & ~old
-        if added & STATUS_FEATURES_OK:
-            why = self._features_ok()
-            if why is not None:
-                log.info("%s: FEATURES_OK refused: %s", self.name, why)
-                new &= ~STATUS_FEATURES_OK
-            else:
-                for q in self.queues:
-                    q.set_features(self.driver_features)
-        if added & STATUS_DRIVER_OK and self.legacy and not new & STATUS_FEATURES_OK:
-            why = self._features_ok()    # a legacy driver never sets FEATURES_OK
-            if why is not None:
-                self.status = new & ~STATUS_DRIVER_OK
-                self.device_error(why)
-                return
-            for q in self.queues:
-                q.set_features(self.driver_features)
-        elif added & STATUS_DRIVER_OK and not new & STATUS_FEATURES_OK:
-            self.status = new & ~STATUS_DRIVER_OK
-            self.device_error("DRIVER_OK without FEATURES_OK: legacy virtio drivers are not supported")
-            return
-        if added & STATUS_DRIVER_OK:
-            if old & STATUS_DEVICE_NEEDS_RESET:
-                self.status = new & ~STATUS_DRIVER_OK
-                return
-            self.status = new
-            self._activate()
-            return
-        self.status = new
-
-    def _activate(self) -> None:
-        self._session = _Session(self)
-        try:
-            self.device.activate(self._session)
-        except (VirtioError, MemoryAccessError) as exc:
-            self.device_error(str(exc))
-
-    def notify(self, index: int) -> None:
-        """The driver notified queue ``index`` (QueueNotify, or an ioeventfd standing in)."""
-        if (self.status & (STATUS_DRIVER_OK | STATUS_DEVICE_NEEDS_RESET)) != STATUS_DRIVER_OK:
-            return  # 3.1.1: no buffers are consumed before DRIVER_OK
-        if index >= len(self.queues) or not self.queues[index].ready:
-            return
-        try:
-            self.device.queue_notify(index, self.queues[index])
-        except (VirtioError, MemoryAccessError) as exc:
-            self.device_error(str(exc))
 
     # -- register access (Device protocol) -----------------------------------------------
     def read(self, offset: int, size: int) -> int:
@@ -433,35 +257,6 @@ class VirtioMmioTransport:
             q.enable()
         except VirtioError as exc:
             self.device_error(str(exc))
-
-    def _write_queue_ready(self, q: Virtqueue | None, value: int) -> None:
-        if q is None:
-            return
-        if not value & 1:
-            q.disable()
-            return
-        if q.ready or self.status & STATUS_DEVICE_NEEDS_RESET:
-            return
-        if self.status & STATUS_FEATURES_OK:
-            q.set_features(self.driver_features)
-        try:
-            q.enable()
-        except VirtioError as exc:
-            self.device_error(str(exc))
-
-    # -- configuration space (2.5, 4.2.2 Config) -------------------------------------------
-    def _config_read(self, offset: int, size: int) -> int:
-        if self.device is None or size not in (1, 2, 4, 8):
-            return 0
-        space = self.device.config_space()
-        if offset + size > len(space):
-            return 0
-        return int.from_bytes(space[offset:offset + size], "little")
-
-    def _config_write(self, offset: int, size: int, value: int) -> None:
-        if size not in (1, 2, 4, 8) or offset + size > len(self.device.config_space()):
-            return
-        self.device.config_write(offset, (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little"))
 
     # -- snapshots -----------------------------------------------------------------------
     def save(self) -> VirtioMmioState:
