@@ -27,12 +27,6 @@ def display_guest():
         pytest.skip(f"cannot build the display guest here: {e}")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _reactor():
-    yield
-    vncapi.shutdown()
-
-
 def free_display() -> int:
     for n in range(200, 1000):
         with socket.socket() as s:

@@ -17,12 +17,6 @@ from kemu.errors import ConfigError
 vncapi = pytest.importorskip("vncdotool.api", reason="vncdotool (pip install -e '.[test]')")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _reactor():
-    yield
-    vncapi.shutdown()        # vncdotool's reactor thread: once per process
-
-
 @pytest.fixture
 def display():
     console = DisplayConsole()
