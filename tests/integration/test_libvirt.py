@@ -292,10 +292,10 @@ def test_domcapabilities_show_kemu_as_it_is(daemon):
                                        "--arch", "aarch64", "--machine", "virt",
                                        "--virttype", "qemu"))
     assert xml.findtext("machine") == "virt-7.2"
-    assert xml.find("vcpu").get("max") == "8"
+    assert xml.find("vcpu").get("max") == "123"        # with GICv3
     models = [m.text for m in xml.findall("./cpu/mode[@name='custom']/model")]
     assert sorted(models) == sorted(CPU_MODELS)
-    assert [v.text for v in xml.findall("./features/gic/enum/value")] == ["2"]
+    assert [v.text for v in xml.findall("./features/gic/enum/value")] == ["2", "3"]
     assert xml.find("./devices/tpm").get("supported") == "no"
     assert xml.find("./iothreads").get("supported") == "no"
 

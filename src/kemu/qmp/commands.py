@@ -108,8 +108,8 @@ class Commands:
                 config, _required(a, "typename")), {"typename": str}),
             "query-command-line-options": (lambda a: i.command_line_options(a.get("option")),
                                            {"option": str}),
-            "query-gic-capabilities": (lambda a: [{"version": 2, "emulated": True,
-                                                   "kernel": False}]
+            "query-gic-capabilities": (lambda a: [{"version": v, "emulated": True,
+                                                   "kernel": False} for v in (2, 3)]
                                        if i.target(config) == "aarch64" else [], {}),
             "query-tpm-models": (lambda a: [], {}),
             "query-tpm-types": (lambda a: [], {}),

@@ -132,9 +132,9 @@ def query_machines(config) -> list[dict]:
 
 
 def _max_cpus(board: str) -> int:
-    if board == "virt":
-        from kemu.machines.arm64_virt import MAX_CPUS
-        return MAX_CPUS
+    if board == "virt":                 # with gic-version=3 (libvirt picks it past 8)
+        from kemu.machines.arm64_virt import MAX_CPUS_GICV3
+        return MAX_CPUS_GICV3
     if board == "microvm":
         from kemu.machines import x86_microvm
         return getattr(x86_microvm, "MAX_CPUS", 1)
