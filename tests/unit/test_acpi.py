@@ -158,3 +158,19 @@ def test_iasl_reads_the_pci_root_bridge_and_mcfg(tmp_path):
     assert "0x15" in prt[first:first + 120]            # GSI 21
     mcfg = (tmp_path / "mcfg.dsl").read_text()
     assert "Base Address : 00000000E0000000" in mcfg and "End Bus Number : FF" in mcfg
+
+
+@pytest.mark.parametrize("value,expected", [("on", True), ("off", False), ("auto", False)])
+def test_microvm_pcie_option(value, expected):
+    from kemu.machines.config import MachineConfig
+    from kemu.options.argv import parse_qemu_options
+    config = parse_qemu_options(["-M", f"microvm,pcie={value}"], MachineConfig())
+    assert config.machine == "microvm" and bool(config.extra.get("pcie")) is expected
+
+
+def test_microvm_pcie_option_refuses_other_values():
+    from kemu.errors import ConfigError
+    from kemu.machines.config import MachineConfig
+    from kemu.options.argv import parse_qemu_options
+    with pytest.raises(ConfigError, match="pcie=maybe: invalid value"):
+        parse_qemu_options(["-M", "microvm,pcie=maybe"], MachineConfig())
