@@ -55,6 +55,11 @@ def snapshots(img: "Qcow2Image") -> list[SnapshotEntry]:
         return read_table(img.file, img.header)[0]
 
 
+def find_snapshot(img: "Qcow2Image", id_or_name: str) -> int:
+    """Index of the snapshot with that id, else that name; -1 if none."""
+    return find(snapshots(img), id_or_name)
+
+
 # -- helpers -------------------------------------------------------------------------------
 def _clusters(offset: int, length: int, cb: int) -> range:
     if length <= 0:
@@ -88,17 +93,30 @@ def _update_paths(img: "Qcow2Image", l1: Iterable[int], delta: int) -> None:
     """Add ``delta`` to every cluster reachable from the L1 entries ``l1``
     (L2 tables and what they reference); L2 tables freed are forgotten."""
     rc, m, cb = img.refcounts, img.map, img.cluster_bits
-    for entry in l1:
-        off = entry & OFFSET_MASK
-        if not off:
-            continue
-        entries = m.l2_cache.get(off).entries
-        if rc.update(off >> cb, delta) == 0:
-            m.l2_cache.drop(off)
-        for e in entries:
-            if e & (COMPRESSED | OFFSET_MASK):
-                for c in _data_clusters(e, cb):
-                    rc.update(c, delta)
+    done: list[int] = []
+    try:
+        for entry in l1:
+            off = entry & OFFSET_MASK
+            if not off:
+                continue
+            entries = m.l2_cache.get(off).entries
+            rc.update(off >> cb, delta)
+            done.append(off >> cb)
+            for e in entries:
+                if e & (COMPRESSED | OFFSET_MASK):
+                    for c in _data_clusters(e, cb):
+                        rc.update(c, delta)
+                        done.append(c)
+    except BaseException:
+        # a refcount out of range (a full count, a damaged image): undo, nothing changed
+        for c in reversed(done):
+            rc.update(c, -delta)
+        raise
+    if delta < 0:
+        for entry in l1:
+            off = entry & OFFSET_MASK
+            if off and rc.get(off >> cb) == 0:
+                m.l2_cache.drop(off)
 
 
 def _fix_copied(img: "Qcow2Image") -> None:
@@ -204,11 +222,16 @@ def _finish(img: "Qcow2Image") -> None:
 
 # -- the operations -----------------------------------------------------------------------------
 def create(img: "Qcow2Image", name: str, *, vm_state_size: int = 0, vm_clock_nsec: int = 0,
-           ident: str | None = None, date: float | None = None) -> SnapshotEntry:
+           ident: str | None = None, date: float | None = None,
+           icount: int | None = None) -> SnapshotEntry:
     """Take a snapshot of the active disk state (and of a VM state already written
     with :func:`write_vmstate`, ``vm_state_size`` bytes of it); QEMU's
-    qcow2_snapshot_create."""
+    qcow2_snapshot_create.  ``icount``: None is stored as -1 (QEMU's savevm
+    without record/replay); qemu-img's own snapshots have 0."""
     with img._lock:
+        if img.refcounts is not None and img.refcounts.max_refcount < 2:
+            raise ImageError("-22 (Invalid argument): an image with refcount_bits=1 cannot "
+                             "share clusters with a snapshot")
         entries, size = _begin(img)
         ident = ident or new_id(entries)
         if any(e.id == ident for e in entries):
@@ -225,7 +248,7 @@ def create(img: "Qcow2Image", name: str, *, vm_state_size: int = 0, vm_clock_nse
         img.flush()
         now = time.time() if date is None else date
         entry = SnapshotEntry(ident, name, sn_off, n, int(now), int(now % 1 * 1e9),
-                              vm_clock_nsec, vm_state_size, img.size, None)
+                              vm_clock_nsec, vm_state_size, img.size, icount)
         _write_table(img, entries + [entry], size)
         _finish(img)
         if vm_state_size:
