@@ -24,6 +24,7 @@ references are dropped only after the metadata that held them is replaced.
 
 from __future__ import annotations
 
+import os
 import struct
 import time
 from array import array
@@ -361,25 +362,48 @@ class VmStateReader:
 
     def read(self, pos: int, length: int) -> bytes:
         """``length`` bytes at ``pos`` in the VM state (zeros where nothing was written)."""
+        out = bytearray(length)
+        self.read_into(pos, memoryview(out))
+        return bytes(out)
+
+    def read_into(self, pos: int, out: memoryview) -> None:
+        """Fill ``out`` (a writable buffer: guest RAM) from ``pos`` in the VM state."""
+        length = len(out)
         if pos < 0 or pos + length > self.size:
             raise ImageError(f"{self.img.path}: VM state read past its end "
                              f"({pos}+{length} > {self.size})")
         img = self.img
         cs, cb = img.cluster_size, img.cluster_bits
-        out = bytearray()
         offset, end = self.base + pos, self.base + pos + length
+        run = None                         # [host, out position, length]: one pread
+
+        def flush(run) -> None:
+            if run is not None:
+                view = out[run[1]:run[1] + run[2]]
+                got = os.preadv(img.file.fd, [view], run[0])
+                if got < run[2]:
+                    view[got:] = bytes(run[2] - got)
         with img._lock:
             while offset < end:
                 n = min(cs - (offset & (cs - 1)), end - offset)
+                at = offset - self.base - pos
                 entry = self._entry(offset >> cb)
                 kind, host = img.map.classify(entry)
                 if kind == NORMAL:
-                    data = img.file.pread(host + (offset & (cs - 1)), n)
-                    out += data + bytes(n - len(data))
-                elif kind == COMPRESSED_KIND:
-                    start = offset & (cs - 1)
-                    out += img.compressed.inflate(entry)[start:start + n]
+                    host += offset & (cs - 1)
+                    if run is not None and run[0] + run[2] == host:
+                        run[2] += n
+                        offset += n
+                        continue
+                    flush(run)
+                    run = [host, at, n]
                 else:
-                    out += bytes(n)
+                    flush(run)
+                    run = None
+                    if kind == COMPRESSED_KIND:
+                        start = offset & (cs - 1)
+                        out[at:at + n] = img.compressed.inflate(entry)[start:start + n]
+                    else:
+                        out[at:at + n] = bytes(n)
                 offset += n
-        return bytes(out)
+            flush(run)
