@@ -559,12 +559,9 @@ class Machine:
         self.config.start_paused = paused
         if loadvm is not None:
             from kemu import savevm
-            disks, loaded = savevm.prepare_load(self, loadvm)
-            with self._board.lock:
-                savevm.goto_disks(disks, loadvm)
-                savevm.fill_ram(self._board, loaded)
+            board_state = savevm.start_from(self, loadvm)
             self._started = True
-            self._board.start_restored(loaded.board_state, paused=paused)
+            self._board.start_restored(board_state, paused=paused)
             self.has_run = not paused
         else:
             self._started = True

@@ -38,7 +38,10 @@ NO_VMSTATE_DISK = "no block device can store vmstate for snapshot"
 
 
 class SnapshotError(KemuError):
-    """A savevm/loadvm/delvm that cannot be done (QEMU's message)."""
+    """A savevm/loadvm/delvm that cannot be done (QEMU's message); at -loadvm, kemu
+    exits 1 as QEMU does."""
+
+    exit_status = 1
 
 
 @dataclass
@@ -307,6 +310,21 @@ def prepare_load(vm, name: str, vmstate: str | None = None,
     if missing:
         raise SnapshotError(f"Snapshot '{name}' does not exist in one or more devices")
     return disks, read_vmstate(vm, target, name)
+
+
+def start_from(vm, name: str) -> dict:
+    """-loadvm: the disks at snapshot ``name`` and its RAM in place in a machine not
+    started yet; the board state to start from (any failure: one line, exit 1)."""
+    try:
+        disks, loaded = prepare_load(vm, name)
+        with vm._board.lock:
+            goto_disks(disks, name)
+            fill_ram(vm._board, loaded)
+    except SnapshotError:
+        raise
+    except KemuError as e:
+        raise SnapshotError(str(e)) from None
+    return loaded.board_state
 
 
 def goto_disks(disks: list[SnapshotDisk], name: str) -> None:
