@@ -133,8 +133,9 @@ def blk_backends_by_drive(board, config: MachineConfig) -> dict[int, object]:
     """The backend of each -drive (by index in ``config.drives``)."""
     from kemu.devices.virtio.blk import VirtioBlk
     by_name = {}
-    for slot in getattr(board, "virtio_slots", ()):
-        device = slot.device.device
+    devices = [slot.device.device for slot in getattr(board, "virtio_slots", ())]
+    devices += [t.device for t in getattr(board, "pci_transports", ())]
+    for device in devices:
         if isinstance(device, VirtioBlk):
             by_name[device.name] = device.backend
     out = {}

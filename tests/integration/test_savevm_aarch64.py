@@ -240,3 +240,74 @@ def test_a_qemu_made_vmstate_is_listed_and_refused_in_one_line(guest, tmp_path):
     assert fresh.wait(120) == 1
     err = fresh.stderr.strip()
     assert len(err.splitlines()) == 1 and "saved by QEMU" in err, err
+
+
+def pci_args(guest, disk, fmt: str, locking: str = "auto") -> list[str]:
+    """The guest with its disk on virtio-blk-pci (MSI-X) and a virtio-rng-pci."""
+    return ["-M", "virt", "-cpu", "cortex-a57", "-m", "256", "-kernel", str(guest.kernel),
+            "-initrd", str(guest.initrd), "-append", guest.append, "-nographic",
+            "-serial", "stdio",
+            "-blockdev", f"driver=file,filename={disk},node-name=f0,locking={locking}",
+            "-blockdev", f"driver={fmt},file=f0,node-name=disk0",
+            "-device", "virtio-blk-pci,drive=disk0,addr=4", "-device", "virtio-rng-pci"]
+
+
+def test_a_machine_with_pci_devices_survives_savevm_and_loadvm(guest, tmp_path):
+    disk = tmp_path / "pci.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "16M"], check=True)
+    sock = tmp_path / "qmp.sock"
+    console = Console(pci_args(guest, disk, "qcow2") + ["-qmp", f"unix:{sock},server=on,wait=off"])
+    try:
+        console.expect(rb"# ", timeout=120)
+        pci = "/sys/bus/pci/devices/0000:00:04.0"
+        assert console.run(f"cat {pci}/device").split()[-1] == "0x1042"     # virtio-blk-pci
+        assert console.run(f"ls {pci}/msi_irqs | wc -l").split()[-1] != "0"    # on MSI-X
+        qmp = QmpClient(sock)
+        mark(console, "pci-one")
+        assert hmp(qmp, "savevm p1") == ""
+        mark(console, "pci-two")
+        assert hmp(qmp, "loadvm p1") == ""
+        # the disk answers through its restored queue and MSI-X vector
+        assert marks(console) == ("pci-one", "pci-one")
+        mark(console, "pci-three")
+        assert marks(console) == ("pci-three", "pci-three")
+        qmp.execute("quit")
+        console.wait(60)
+    finally:
+        console.close()
+    check = subprocess.run(["qemu-img", "check", str(disk)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout
+
+
+def test_a_machine_with_pci_devices_migrates(guest, tmp_path):
+    disk = tmp_path / "pci.raw"
+    disk.write_bytes(bytes(16 * MiB))
+    src_sock, dst_sock = tmp_path / "src.qmp", tmp_path / "dst.qmp"
+    mig = tmp_path / "mig.sock"
+    # shared storage: both processes have the raw image open (QEMU's locking=off)
+    src = Console(pci_args(guest, disk, "raw", "off")
+                  + ["-qmp", f"unix:{src_sock},server=on,wait=off"])
+    dst = None
+    try:
+        src.expect(rb"# ", timeout=120)
+        mark(src, "before-migration")
+        dst = Console(pci_args(guest, disk, "raw", "off")
+                      + ["-qmp", f"unix:{dst_sock},server=on,wait=off",
+                         "-incoming", f"unix:{mig}"])
+        deadline = time.monotonic() + 60
+        while not mig.exists():
+            assert time.monotonic() < deadline, "the destination never listened"
+            time.sleep(0.05)
+        qs = QmpClient(src_sock)
+        qs.execute("migrate", uri=f"unix:{mig}")
+        info = qs.wait_migration(("completed", "failed"))
+        assert info["status"] == "completed", info
+        assert marks(dst) == ("before-migration", "before-migration")
+        mark(dst, "after-migration")
+        assert marks(dst) == ("after-migration", "after-migration")
+        qs.close()
+    finally:
+        src.close()
+        if dst is not None:
+            dst.close()
+    assert disk.read_bytes()[512:527] == b"after-migration"

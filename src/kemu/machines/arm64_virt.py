@@ -592,16 +592,19 @@ class VirtMachine:
     # -- snapshots (kemu.state's convention; kemu.snapshot writes and reads the files) ------------
     def state_fingerprint(self) -> dict:
         """What a saved state must have been made on: board, CPUs, RAM, devices in their slots."""
-        return {"board": "virt", "cpu": self.config.cpu, "smp": self.config.smp,
-                "memory": self.config.memory,
-                "slots": [[getattr(slot.device.device, "device_id", 0), slot.device.legacy]
-                          for slot in self.virtio_slots]}
+        out = {"board": "virt", "cpu": self.config.cpu, "smp": self.config.smp,
+               "memory": self.config.memory,
+               "slots": [[getattr(slot.device.device, "device_id", 0), slot.device.legacy]
+                         for slot in self.virtio_slots]}
+        if self.pci_transports:
+            # PCI functions by devfn and vendor/device ID (only then: older states match)
+            out["pci"] = [[devfn, fn.config_read(0, 4)]
+                          for devfn, fn in sorted(self.pci_host.functions.items())]
+        return out
 
     def save_state(self) -> dict:
         """The whole machine but RAM as plain data (paused, under the machine lock)."""
         from kemu.state import save_plain
-        if self.pci_transports:
-            raise ConfigError("save: PCI devices (-device *-pci) have no saved state yet")
         if self.state not in (RunState.PAUSED, RunState.CREATED) or self._paused_at is None:
             raise ConfigError("save: the machine must be paused")
         return {
@@ -618,6 +621,9 @@ class VirtMachine:
                         if slot.device.device is not None else None}
                        for slot in self.virtio_slots],
             "gic": save_plain(self.gic),
+            "pci": {"host": save_plain(self.pci_host),
+                    "transports": [{"transport": save_plain(t), "device": save_plain(t.device)}
+                                   for t in self.pci_transports]},
         }
 
     def start_restored(self, state: dict, paused: bool = False) -> None:
@@ -675,8 +681,17 @@ class VirtMachine:
                 restore_plain(slot.device, saved["transport"])
                 if slot.device.device is not None and saved["device"] is not None:
                     restore_plain(slot.device.device, saved["device"])
-            for slot in self.virtio_slots:
-                slot.device.kick_ready_queues()
+            pci = state.get("pci")
+            if pci is not None or self.pci_transports:
+                if not isinstance(pci, dict) or \
+                        len(pci.get("transports", ())) != len(self.pci_transports):
+                    raise StateError("saved state does not match the machine's PCI devices")
+                restore_plain(self.pci_host, pci["host"])
+                for t, saved in zip(self.pci_transports, pci["transports"]):
+                    restore_plain(t, saved["transport"])
+                    restore_plain(t.device, saved["device"])
+            for transport in [slot.device for slot in self.virtio_slots] + self.pci_transports:
+                transport.kick_ready_queues()
             self.console.pump()        # input typed while the machine was being restored
         return now
 

@@ -292,15 +292,3 @@ class VirtioMmioTransport(VirtioTransport):
                 and (self.status & (STATUS_DRIVER_OK | STATUS_DEVICE_NEEDS_RESET)) == STATUS_DRIVER_OK):
             self._activate()
         self._update_irq()
-
-    def kick_ready_queues(self) -> None:
-        """After a restore: have the device look at every ready queue that holds
-        buffers (those given back by the save, requests a paused machine had not
-        taken yet), as if the driver had just notified it."""
-        for i, q in enumerate(self.queues):
-            try:
-                waiting = q.ready and q.pending() > 0
-            except VirtioError:
-                waiting = False
-            if waiting:
-                self.notify(i)

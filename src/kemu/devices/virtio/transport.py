@@ -98,6 +98,18 @@ class VirtioTransport:
             q.reset()
             q.set_features(0)
 
+    def kick_ready_queues(self) -> None:
+        """After a restore: have the device look at every ready queue that holds
+        buffers (those given back by the save, requests a paused machine had not
+        taken yet), as if the driver had just notified it."""
+        for i, q in enumerate(self.queues):
+            try:
+                waiting = q.ready and q.pending() > 0
+            except VirtioError:
+                waiting = False
+            if waiting:
+                self.notify(i)
+
     def reset(self) -> None:
         """Device reset (2.4, 4.2.2 Status: writing 0)."""
         if self._session is not None:
