@@ -10,8 +10,8 @@ snapshot with its VM SIZE.  The error messages are QEMU's.
 The VM state is kemu's own (QEMU's is not spoken; a QEMU-made one is refused
 in one line): the :mod:`kemu.state` stream (header: kind ``savevm``, the
 machine's fingerprint, the engine, RAM size and per-MiB CRC-32s; payload:
-the board's state) at offset 0, then guest RAM at ``memory.offset``
-(cluster aligned), all-zero MiBs left unwritten.  A load reads and checks the
+the board's state) at offset 0, then guest RAM from ``memory.offset``
+(cluster aligned): its non-zero MiBs one after the other (:func:`ram_layout`).  A load reads and checks the
 whole state (stream checksum, configuration, every RAM CRC) before it
 touches the machine, so a damaged snapshot leaves a running machine as it was.
 """
@@ -118,6 +118,21 @@ def ram_crcs(buffer) -> list[int]:
     return [ZERO_CHUNK if chunk is None else zlib.crc32(chunk) for _, chunk in ram_chunks(buffer)]
 
 
+def ram_layout(crcs: list[int], size: int, offset: int) -> list[tuple[int, int, int | None]]:
+    """(RAM offset, length, VM state position or None) of each MiB: the non-zero MiBs
+    packed one after the other from ``offset`` (zero MiBs take no room, as QEMU's
+    stream skips zero pages)."""
+    out, pos = [], offset
+    for i, crc in enumerate(crcs):
+        n = min(CHUNK, size - i * CHUNK)
+        if crc == ZERO_CHUNK:
+            out.append((i * CHUNK, n, None))
+        else:
+            out.append((i * CHUNK, n, pos))
+            pos += n
+    return out
+
+
 # -- save ---------------------------------------------------------------------------------------
 def vm_clock_ns(board_state: dict) -> int:
     """The guest's running time (QEMU's VM CLOCK): the boot vCPU's virtual counter."""
@@ -151,10 +166,12 @@ def write_vmstate(board, img) -> tuple[int, dict]:
         offset = want
     internal.clear_vmstate(img)
     internal.write_vmstate(img, 0, stream)
-    for off, chunk in ram_chunks(region.buffer):
-        if chunk is not None:
-            internal.write_vmstate(img, offset + off, chunk)
-    return offset + region.size, board_state
+    end = offset
+    for off, n, pos in ram_layout(crcs, region.size, offset):
+        if pos is not None:
+            internal.write_vmstate(img, pos, region.buffer[off:off + n])
+            end = pos + n
+    return end, board_state
 
 
 @dataclass
@@ -229,9 +246,8 @@ class LoadedState:
     name: str
     board_state: dict
     reader: Any
-    ram_offset: int
-    ram_size: int
-    crcs: list[int]
+    #: (RAM offset, length, VM state position or None for zeros), per MiB
+    layout: list[tuple[int, int, int | None]]
 
 
 def read_vmstate(vm, disk: SnapshotDisk, name: str) -> LoadedState:
@@ -271,31 +287,36 @@ def read_vmstate(vm, disk: SnapshotDisk, name: str) -> LoadedState:
         raise StateError(f"{what}: corrupted header (memory)") from None
     if size != region.size:
         raise StateError(f"{what}: made for {size} bytes of RAM, this machine has {region.size}")
-    if offset < f.pos or offset + size > reader.size or len(crcs) != -(-size // CHUNK):
-        raise StateError(f"{what}: truncated or corrupted VM state (RAM at {offset}+{size}, "
-                         f"state of {reader.size} bytes)")
+    if offset < f.pos or len(crcs) != -(-size // CHUNK) or \
+            not all(isinstance(c, int) for c in crcs):
+        raise StateError(f"{what}: corrupted header (memory)")
+    layout = ram_layout(crcs, size, offset)
+    end = max([pos + n for _, n, pos in layout if pos is not None], default=offset)
+    if end > reader.size:
+        raise StateError(f"{what}: truncated VM state (RAM up to byte {end}, the snapshot "
+                         f"holds {reader.size})")
     scratch = bytearray(CHUNK)
-    for i, crc in enumerate(crcs):
-        n = min(CHUNK, size - i * CHUNK)
+    for i, (_, n, pos) in enumerate(layout):
+        if pos is None:
+            continue
         view = memoryview(scratch)[:n]
-        reader.read_into(offset + i * CHUNK, view)
-        data = scratch if n == CHUNK else bytes(view)       # compared with memcmp
-        if (data != _ZERO[:n]) if crc == ZERO_CHUNK else zlib.crc32(data) != crc:
+        reader.read_into(pos, view)
+        if zlib.crc32(view) != crcs[i]:
             raise StateError(f"{what}: the VM state is corrupted (RAM MiB {i} does not match "
                              "its checksum)")
-    return LoadedState(name, payload["board"], reader, offset, size, crcs)
+    return LoadedState(name, payload["board"], reader, layout)
 
 
-def fill_ram(board, loaded: LoadedState) -> None:
+def fill_ram(board, loaded: LoadedState, fresh: bool = False) -> None:
+    """The saved RAM into the board's (``fresh``: it is all zeros already)."""
     (region,) = board.memory.regions
     buf = region.buffer
-    for i, off in enumerate(range(0, loaded.ram_size, CHUNK)):
-        n = min(CHUNK, loaded.ram_size - off)
-        if loaded.crcs[i] == ZERO_CHUNK:
-            if buf[off:off + n] != _ZERO[:n]:     # (reading a page never written is free)
+    for off, n, pos in loaded.layout:
+        if pos is None:
+            if not fresh and buf[off:off + n] != _ZERO[:n]:
                 buf[off:off + n] = _ZERO[:n]
             continue
-        loaded.reader.read_into(loaded.ram_offset + off, memoryview(buf)[off:off + n])
+        loaded.reader.read_into(pos, memoryview(buf)[off:off + n])
 
 
 def prepare_load(vm, name: str, vmstate: str | None = None,
@@ -319,7 +340,7 @@ def start_from(vm, name: str) -> dict:
         disks, loaded = prepare_load(vm, name)
         with vm._board.lock:
             goto_disks(disks, name)
-            fill_ram(vm._board, loaded)
+            fill_ram(vm._board, loaded, fresh=True)
     except SnapshotError:
         raise
     except KemuError as e:
