@@ -155,11 +155,12 @@ def write_vmstate(board, img) -> tuple[int, dict]:
     cs = img.cluster_size
     stream = b""
     offset = 0
+    body = st.dumps({"board": board_state})
     for _ in range(3):     # the offset is in the header: settle on one that fits
         header = {"kind": "savevm", "machine": board.state_fingerprint(),
                   "engine": engine_build(), "created": time.time(),
                   "memory": {"size": region.size, "offset": offset, "crcs": crcs}}
-        stream = st.encode_stream(header, {"board": board_state})
+        stream = st.encode_stream(header, None, body=body)
         want = -(-len(stream) // cs) * cs
         if want == offset:
             break

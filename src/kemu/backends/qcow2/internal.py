@@ -68,14 +68,6 @@ def _clusters(offset: int, length: int, cb: int) -> range:
     return range(offset >> cb, ((offset + length - 1) >> cb) + 1)
 
 
-def _data_clusters(entry: int, cb: int) -> Iterable[int]:
-    """The host clusters one L2 entry holds a reference to."""
-    if entry & COMPRESSED:
-        return compressed_clusters(entry, cb)
-    host = entry & OFFSET_MASK
-    return (host >> cb,) if host else ()
-
-
 def _read_l1(img: "Qcow2Image", offset: int, size: int) -> array:
     """A snapshot's L1 table, every entry checked (offsets only, flags dropped)."""
     if size * 8 > MAX_L1_BYTES:
@@ -104,10 +96,14 @@ def _update_paths(img: "Qcow2Image", l1: Iterable[int], delta: int) -> None:
             rc.update(off >> cb, delta)
             done.append(off >> cb)
             for e in entries:
-                if e & (COMPRESSED | OFFSET_MASK):
-                    for c in _data_clusters(e, cb):
+                if e & COMPRESSED:
+                    for c in compressed_clusters(e, cb):
                         rc.update(c, delta)
                         done.append(c)
+                elif e & OFFSET_MASK:
+                    c = (e & OFFSET_MASK) >> cb
+                    rc.update(c, delta)
+                    done.append(c)
     except BaseException:
         # a refcount out of range (a full count, a damaged image): undo, nothing changed
         for c in reversed(done):
