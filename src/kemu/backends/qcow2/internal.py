@@ -209,6 +209,15 @@ def _begin(img: "Qcow2Image") -> tuple[list[SnapshotEntry], int]:
     return read_table(img.file, img.header)
 
 
+def _begin_on(img: "Qcow2Image", id_or_name: str) -> tuple[list[SnapshotEntry], int, int]:
+    """:func:`_begin`, and the index of the snapshot named (by id, else by name)."""
+    entries, size = _begin(img)
+    i = find(entries, id_or_name)
+    if i < 0:
+        raise ImageError(f"snapshot '{id_or_name}' not found in {img.path}")
+    return entries, size, i
+
+
 def _finish(img: "Qcow2Image") -> None:
     _fix_copied(img)
     img.flush()
@@ -289,10 +298,7 @@ def write_vmstate(img: "Qcow2Image", pos: int, data) -> None:
 def apply(img: "Qcow2Image", id_or_name: str) -> SnapshotEntry:
     """Make the snapshot's disk state the active one (QEMU's qcow2_snapshot_goto)."""
     with img._lock:
-        entries, _size = _begin(img)
-        i = find(entries, id_or_name)
-        if i < 0:
-            raise ImageError(f"snapshot '{id_or_name}' not found in {img.path}")
+        entries, _size, i = _begin_on(img, id_or_name)
         sn = entries[i]
         if sn.disk_size is not None and sn.disk_size != img.size:
             raise ImageError(f"{img.path}: snapshot '{id_or_name}' was taken at a disk size "
@@ -317,10 +323,7 @@ def apply(img: "Qcow2Image", id_or_name: str) -> SnapshotEntry:
 def delete(img: "Qcow2Image", id_or_name: str) -> SnapshotEntry:
     """Remove a snapshot and release what only it referenced (qcow2_snapshot_delete)."""
     with img._lock:
-        entries, size = _begin(img)
-        i = find(entries, id_or_name)
-        if i < 0:
-            raise ImageError(f"snapshot '{id_or_name}' not found in {img.path}")
+        entries, size, i = _begin_on(img, id_or_name)
         sn = entries.pop(i)
         table = _read_l1(img, sn.l1_table_offset, sn.l1_size)
         _write_table(img, entries, size)

@@ -274,21 +274,10 @@ class VirtioMmioTransport(VirtioTransport):
         if state.version != 1 or len(state.queues) != len(self.queues):
             raise VirtioError(f"{self.name}: incompatible virtio-mmio state")
         self.reset()
-        self.driver_features = state.driver_features
-        self.device_features_sel = state.device_features_sel
-        self.driver_features_sel = state.driver_features_sel
-        self.queue_sel = state.queue_sel
-        self.config_generation = state.config_generation
+        self._restore_registers(state)
         self.shm_sel = state.shm_sel
         self.guest_page_size = state.guest_page_size
         if len(state.queue_align) == len(self.queues):
             self.queue_align = list(state.queue_align)
             self.queue_pfn = list(state.queue_pfn)
-        for q, qs in zip(self.queues, state.queues):
-            q.restore(qs)
-        self.status = state.status
-        self.interrupt_status = state.interrupt_status
-        if (self.device is not None
-                and (self.status & (STATUS_DRIVER_OK | STATUS_DEVICE_NEEDS_RESET)) == STATUS_DRIVER_OK):
-            self._activate()
-        self._update_irq()
+        self._restore_status(state)

@@ -35,8 +35,7 @@ from kemu.devices.pci.config import (
     PciFunction,
 )
 from kemu.devices.pci.msix import Msix, MsixState
-from kemu.devices.virtio import (
-    STATUS_DEVICE_NEEDS_RESET, STATUS_DRIVER_OK, STATUS_FEATURES_OK, VirtioDevice, VirtioError)
+from kemu.devices.virtio import STATUS_DRIVER_OK, STATUS_FEATURES_OK, VirtioDevice, VirtioError
 from kemu.devices.virtio.queue import QueueState
 from kemu.devices.virtio.transport import INT_CONFIG, VirtioTransport
 from kemu.memory import GuestMemory
@@ -234,23 +233,11 @@ class VirtioPciTransport(VirtioTransport):
                 len(state.queue_vectors) != len(self.queues) or state.msix is None:
             raise VirtioError(f"{self.name}: incompatible virtio-pci state")
         self.reset()
-        self.driver_features = state.driver_features
-        self.device_features_sel = state.device_features_sel
-        self.driver_features_sel = state.driver_features_sel
-        self.queue_sel = state.queue_sel
-        self.config_generation = state.config_generation
+        self._restore_registers(state)
         self.config_vector = self._set_vector(state.config_vector)
         self.queue_vectors = [self._set_vector(v) for v in state.queue_vectors]
-        for q, qs in zip(self.queues, state.queues):
-            q.restore(qs)
         self.msix.restore(state.msix)
-        self.status = state.status
-        self.interrupt_status = state.interrupt_status
-        if (self.device is not None and (self.status & (STATUS_DRIVER_OK
-                                                        | STATUS_DEVICE_NEEDS_RESET))
-                == STATUS_DRIVER_OK):
-            self._activate()
-        self._update_irq()
+        self._restore_status(state)
 
     # -- interrupts: MSI-X while enabled, else INTx through ISR (4.1.4.5, 4.1.5.3) -------------
     def _interrupt(self, bit: int, queue_index: int | None) -> None:

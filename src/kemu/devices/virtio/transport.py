@@ -110,6 +110,27 @@ class VirtioTransport:
             if waiting:
                 self.notify(i)
 
+    def _restore_registers(self, state) -> None:
+        """After :meth:`reset`: the registers every transport saves, and the queues."""
+        self.driver_features = state.driver_features
+        self.device_features_sel = state.device_features_sel
+        self.driver_features_sel = state.driver_features_sel
+        self.queue_sel = state.queue_sel
+        self.config_generation = state.config_generation
+        for q, qs in zip(self.queues, state.queues):
+            q.restore(qs)
+
+    def _restore_status(self, state) -> None:
+        """Last: status and interrupt status, and the device active again if DRIVER_OK
+        was set (its own state is restored after)."""
+        self.status = state.status
+        self.interrupt_status = state.interrupt_status
+        if (self.device is not None and (self.status & (STATUS_DRIVER_OK
+                                                        | STATUS_DEVICE_NEEDS_RESET))
+                == STATUS_DRIVER_OK):
+            self._activate()
+        self._update_irq()
+
     def reset(self) -> None:
         """Device reset (2.4, 4.2.2 Status: writing 0)."""
         if self._session is not None:
