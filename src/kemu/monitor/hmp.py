@@ -300,20 +300,43 @@ class Hmp:
                        for k, v in self.qmp("query-migrate-parameters", {}).items())
 
     # -- internal snapshots (kemu.savevm; QEMU's HMP commands, errors printed) ----------------
+    @staticmethod
+    def _string(args: list[str]) -> str | None:
+        """An HMP string argument: a word, or a double-quoted string with backslash
+        escapes (libvirt sends ``savevm "NAME"``)."""
+        if not args:
+            return None
+        text = " ".join(args)
+        if not text.startswith('"'):
+            return args[0]
+        out, i = [], 1
+        while i < len(text) and text[i] != '"':
+            if text[i] == "\\" and i + 1 < len(text):
+                i += 1
+                out.append({"n": "\n", "r": "\r"}.get(text[i], text[i]))
+            else:
+                out.append(text[i])
+            i += 1
+        if i >= len(text):
+            raise QmpError("unterminated string")
+        return "".join(out)
+
     def savevm(self, args: list[str]) -> str:
-        self.vm.savevm(args[0] if args else None)
+        self.vm.savevm(self._string(args))
         return ""
 
     def loadvm(self, args: list[str]) -> str:
-        if not args:
+        name = self._string(args)
+        if name is None:
             return 'loadvm: string expected\r\nTry "help loadvm" for more information\r\n'
-        self.vm.loadvm(args[0])
+        self.vm.loadvm(name)
         return ""
 
     def delvm(self, args: list[str]) -> str:
-        if not args:
+        name = self._string(args)
+        if name is None:
             return 'delvm: string expected\r\nTry "help delvm" for more information\r\n'
-        self.vm.delvm(args[0])
+        self.vm.delvm(name)
         return ""
 
     def info_snapshots(self, _args: list[str]) -> str:
