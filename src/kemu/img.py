@@ -199,6 +199,10 @@ def image_info(path: Path, fmt: str | None, force_share: bool = False) -> dict:
                             lock=image_permissions("qcow2", True, force_share=force_share))
     try:
         h = image.header
+        from kemu.backends.qcow2.internal import snapshots
+        listed = snapshots(image)
+        if listed:
+            info["snapshots"] = [_snapshot_info(sn) for sn in listed]
         if h.backing_file is not None and h.backing_format:
             info["backing-filename-format"] = h.backing_format
         info.update({"virtual-size": h.size, "filename": str(path),
@@ -222,6 +226,18 @@ def image_info(path: Path, fmt: str | None, force_share: bool = False) -> dict:
     return info
 
 
+def _snapshot_info(sn) -> dict:
+    """One internal snapshot as qemu-img info's JSON has it (SnapshotInfo)."""
+    out: dict = {}
+    if sn.icount is not None:
+        out["icount"] = sn.icount
+    out.update({"vm-clock-nsec": sn.vm_clock_nsec % 1_000_000_000, "name": sn.name,
+                "date-sec": sn.date_sec, "date-nsec": sn.date_nsec,
+                "vm-clock-sec": sn.vm_clock_nsec // 1_000_000_000, "id": sn.id,
+                "vm-state-size": sn.vm_state_size})
+    return out
+
+
 def cmd_info(args, out: TextIO, err: TextIO) -> int:
     info = image_info(Path(args.file), args.f, args.U)
     if args.output == "json":
@@ -240,6 +256,12 @@ def cmd_info(args, out: TextIO, err: TextIO) -> int:
         lines.append(line)
         if "backing-filename-format" in info:
             lines.append(f"backing file format: {info['backing-filename-format']}")
+    if info.get("snapshots"):
+        from kemu.backends.qcow2.snapshots import HEADER_ROW, format_row
+        lines += ["Snapshot list:", HEADER_ROW]
+        lines += [format_row(sn["id"], sn["name"], sn["vm-state-size"], sn["date-sec"],
+                             sn["vm-clock-sec"] * 1_000_000_000 + sn["vm-clock-nsec"],
+                             sn.get("icount")) for sn in info["snapshots"]]
     if "format-specific" in info:
         lines.append("Format specific information:")
         for key, value in info["format-specific"]["data"].items():

@@ -140,3 +140,14 @@ def test_many_snapshots_and_compressed_clusters_stay_consistent(tmp_path):
     check_clean(image)
     r = run("qemu-img", "compare", str(src), str(image))
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_img_info_lists_snapshots_as_qemu_img_info(tmp_path):
+    image = tmp_path / "i.qcow2"
+    assert run("qemu-img", "create", "-q", "-f", "qcow2", str(image), "4M").returncode == 0
+    assert run(*KEMU, "snapshot", "-c", "ours", str(image)).returncode == 0
+    assert run("qemu-img", "snapshot", "-c", "theirs", str(image)).returncode == 0
+    for output in ("human", "json"):
+        ours = run(*KEMU, "info", f"--output={output}", str(image))
+        theirs = run("qemu-img", "info", f"--output={output}", str(image))
+        assert ours.returncode == 0 and ours.stdout == theirs.stdout, ours.stdout + ours.stderr

@@ -77,3 +77,13 @@ def test_a_bug_in_the_work_fails_the_job_not_the_machine():
     jobs.start("j", "snapshot-delete", lambda: 1 / 0)
     wait_concluded(jobs, events, done, "j")
     assert jobs.query()[0]["error"].startswith("internal error: ZeroDivisionError")
+
+
+def test_hmp_string_arguments_take_quotes_as_qemu():
+    from kemu.monitor.hmp import Hmp
+    assert Hmp._string(["s1"]) == "s1"
+    assert Hmp._string(['"s1"']) == "s1"                      # libvirt: savevm "NAME"
+    assert Hmp._string(['"with', 'space\\"q"']) == 'with space"q'
+    assert Hmp._string([]) is None
+    with pytest.raises(QmpError, match="unterminated"):
+        Hmp._string(['"open'])
