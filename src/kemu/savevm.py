@@ -61,12 +61,9 @@ class SnapshotDisk:
 
 def machine_disks(vm) -> list[SnapshotDisk]:
     """The machine's disks in -drive order, with their open backends."""
-    from kemu.devices.virtio.blk import VirtioBlk
     from kemu.qmp.machine_info import disks
-    board = vm._board
-    devices = [slot.device.device for slot in getattr(board, "virtio_slots", ())]
-    devices += [t.device for t in getattr(board, "pci_transports", ())]
-    by_name = {d.name: d.backend for d in devices if isinstance(d, VirtioBlk)}
+    from kemu.snapshot import blk_backends_by_name
+    by_name = blk_backends_by_name(vm._board)
     return [SnapshotDisk(d.device or d.node_name, d.node_name, d.drive.read_only,
                          by_name.get(d.name)) for d in disks(vm.config)
             if by_name.get(d.name) is not None]
