@@ -64,7 +64,7 @@ class Hmp:
             c("migrate_set_parameter", "parameter value",
               "Set the parameter for migration", self.migrate_set_parameter),
             c("quit|q", "", "quit the emulator", self._qmp_call("quit")),
-            c("savevm", "[tag]", "save a VM snapshot. If no tag is provided, a new snapshot "
+            c("savevm", "tag", "save a VM snapshot. If no tag is provided, a new snapshot "
               "is created", self.savevm),
             c("sendkey", "keys [hold_ms]",
               "send keys to the VM (e.g. 'sendkey ctrl-alt-f1', default hold time=100 ms)",
