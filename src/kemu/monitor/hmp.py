@@ -326,17 +326,17 @@ class Hmp:
         return ""
 
     def loadvm(self, args: list[str]) -> str:
-        name = self._string(args)
-        if name is None:
-            return 'loadvm: string expected\r\nTry "help loadvm" for more information\r\n'
-        self.vm.loadvm(name)
-        return ""
+        return self._with_tag("loadvm", args, self.vm.loadvm)
 
     def delvm(self, args: list[str]) -> str:
+        return self._with_tag("delvm", args, self.vm.delvm)
+
+    def _with_tag(self, command: str, args: list[str], action: Callable[[str], None]) -> str:
         name = self._string(args)
         if name is None:
-            return 'delvm: string expected\r\nTry "help delvm" for more information\r\n'
-        self.vm.delvm(name)
+            return (f'{command}: string expected\r\nTry "help {command}" for more '
+                    'information\r\n')
+        action(name)
         return ""
 
     def info_snapshots(self, _args: list[str]) -> str:

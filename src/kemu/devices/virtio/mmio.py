@@ -38,6 +38,7 @@ from kemu.devices.virtio.transport import (  # noqa: F401  (re-exported names)
     INT_CONFIG,
     INT_VRING,
     TRANSPORT_FEATURES,
+    TransportState,
     VirtioTransport,
 )
 from kemu.memory import GuestMemory
@@ -95,17 +96,9 @@ _QUEUE_ADDR_REGS = {
 
 
 @dataclass
-class VirtioMmioState:
+class VirtioMmioState(TransportState):
     """Transport registers and queues as plain data (device state is the device's)."""
 
-    version: int
-    status: int
-    driver_features: int
-    device_features_sel: int
-    driver_features_sel: int
-    queue_sel: int
-    interrupt_status: int
-    config_generation: int
     shm_sel: int
     queues: list[QueueState] = field(default_factory=list)
     #: Legacy interface (4.2.4): GuestPageSize, and QueueAlign / QueuePFN per queue.

@@ -37,7 +37,7 @@ from kemu.devices.pci.config import (
 from kemu.devices.pci.msix import Msix, MsixState
 from kemu.devices.virtio import STATUS_DRIVER_OK, STATUS_FEATURES_OK, VirtioDevice, VirtioError
 from kemu.devices.virtio.queue import QueueState
-from kemu.devices.virtio.transport import INT_CONFIG, VirtioTransport
+from kemu.devices.virtio.transport import INT_CONFIG, TransportState, VirtioTransport
 from kemu.memory import GuestMemory
 
 VIRTIO_PCI_VENDOR = 0x1AF4
@@ -172,19 +172,11 @@ class _MsixRegion:
 
 
 @dataclass
-class VirtioPciState:
+class VirtioPciState(TransportState):
     """The common configuration registers, queues, MSI-X vectors and table of one
     virtio-pci transport (its configuration space is saved with the bus, the
     device's own state by the device)."""
 
-    version: int
-    status: int
-    driver_features: int
-    device_features_sel: int
-    driver_features_sel: int
-    queue_sel: int
-    interrupt_status: int
-    config_generation: int
     config_vector: int
     queue_vectors: list[int]
     queues: list[QueueState] = field(default_factory=list)

@@ -13,6 +13,7 @@ virtio-mmio (:mod:`.mmio`) and virtio-pci (:mod:`.pci`).
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from collections.abc import Sequence
 
 from kemu.devices.base import IrqLine
@@ -62,6 +63,20 @@ class _Session:
     def device_error(self, reason: str) -> None:
         if self.active:
             self._transport.device_error(reason)
+
+
+@dataclass
+class TransportState:
+    """The registers every virtio transport saves (each transport's state adds its own)."""
+
+    version: int
+    status: int
+    driver_features: int
+    device_features_sel: int
+    driver_features_sel: int
+    queue_sel: int
+    interrupt_status: int
+    config_generation: int
 
 
 class VirtioTransport:
