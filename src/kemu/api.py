@@ -201,13 +201,23 @@ class DumpCompleted(Event):
     data: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class JobStatusChange(Event):
+    """A background job (QMP's snapshot-save, snapshot-load, snapshot-delete) changed
+    state (QMP's JOB_STATUS_CHANGE): created, running, waiting, pending, aborting,
+    concluded, null."""
+
+    id: str = ""
+    status: str = ""
+
+
 MachineEvent = Union[Stop, Resume, Powerdown, Reset, GuestPanicked, Shutdown, BlockIOError,
-                     VncEvent, MigrationStatus, MigrationPass, DumpCompleted]
+                     VncEvent, MigrationStatus, MigrationPass, DumpCompleted, JobStatusChange]
 
 #: QMP event names that are not the class name in capitals.
 _QMP_NAMES = {GuestPanicked: "GUEST_PANICKED", BlockIOError: "BLOCK_IO_ERROR",
               MigrationStatus: "MIGRATION", MigrationPass: "MIGRATION_PASS",
-              DumpCompleted: "DUMP_COMPLETED"}
+              DumpCompleted: "DUMP_COMPLETED", JobStatusChange: "JOB_STATUS_CHANGE"}
 
 
 class Console:
@@ -459,6 +469,8 @@ class Machine:
             data = {"pass": event.pass_}
         if isinstance(event, DumpCompleted):
             data = event.data
+        if isinstance(event, JobStatusChange):
+            data = {"status": event.status, "id": event.id}
         name = _QMP_NAMES.get(type(event), type(event).__name__.upper())
         if isinstance(event, VncEvent):
             name, data = event.kind, event.data
@@ -535,13 +547,25 @@ class Machine:
         if self._board.state == RunState.STOPPED:
             raise MachineStateError(f"{what}: the machine has shut down")
 
-    def start(self, paused: bool = False) -> None:
-        """Boot the machine (``paused``: as QEMU's ``-S``, call :meth:`resume`)."""
+    def start(self, paused: bool = False, loadvm: str | None = None) -> None:
+        """Boot the machine (``paused``: as QEMU's ``-S``, call :meth:`resume`).
+
+        ``loadvm``: start from that internal snapshot of the disks instead (QEMU's
+        ``-loadvm``; see :meth:`loadvm`); a snapshot that cannot be loaded raises
+        one line and nothing starts.
+        """
         if self._started:
             raise MachineStateError("start: the machine was already started")
-        self._started = True
         self.config.start_paused = paused
-        self._board.start()
+        if loadvm is not None:
+            from kemu import savevm
+            board_state = savevm.start_from(self, loadvm)
+            self._started = True
+            self._board.start_restored(board_state, paused=paused)
+            self.has_run = not paused
+        else:
+            self._started = True
+            self._board.start()
         if self.vnc is not None:
             self.vnc.start()          # its I/O thread (after -daemonize's fork, if any)
         _live.add(self)
@@ -809,6 +833,33 @@ class Machine:
                 vm.kill()
             raise
         return copies
+
+    # -- internal snapshots in the qcow2 disks (kemu.savevm; QEMU's savevm/loadvm) ---------------
+    def savevm(self, name: str | None = None, *, vmstate: str | None = None,
+               devices: list[str] | None = None, overwrite: bool = True):
+        """Save the machine as an internal snapshot of its qcow2 disks (HMP's ``savevm``;
+        QMP's ``snapshot-save`` with ``overwrite=False``): every writable disk gets a
+        snapshot named ``name`` (default ``vm-YYYYMMDDhhmmss``) and the ``vmstate`` node
+        (default: the first) also the machine's state and RAM.  A running machine
+        pauses for it and runs on.  Returns a :class:`kemu.savevm.SnapshotInfo`."""
+        from kemu import savevm
+        self._require_running("savevm")
+        return savevm.save(self, name, vmstate=vmstate, devices=devices, overwrite=overwrite)
+
+    def loadvm(self, name: str, *, vmstate: str | None = None,
+               devices: list[str] | None = None) -> None:
+        """Go back to internal snapshot ``name`` (HMP's ``loadvm``): the disks, RAM,
+        vCPUs and devices as they were at the savevm.  The snapshot is read and
+        checked whole first: a damaged one raises one line and the machine goes on
+        as it was."""
+        from kemu import savevm
+        self._require_running("loadvm")
+        savevm.load(self, name, vmstate=vmstate, devices=devices)
+
+    def delvm(self, name: str, devices: list[str] | None = None) -> None:
+        """Delete internal snapshot ``name`` from every disk holding it (HMP's ``delvm``)."""
+        from kemu import savevm
+        savevm.delete(self, name, devices)
 
     # -- migration (kemu.migration; QMP's migrate, -incoming) ------------------------------------
     @property

@@ -70,6 +70,7 @@ QEMU-style options: -M/-machine virt|virt-7.2|microvm|none[,PROP=V]  -accel tcg|
   accepted as QEMU does: -no-user-config -no-acpi -uuid -overcommit mem-lock=off
                          -boot strict=on -audiodev none -sandbox off -msg timestamp=on
   -incoming unix:PATH|tcp:HOST:PORT|exec:CMD|fd:N|defer  (wait for a migration; virt board)
+  -loadvm TAG  (start from an internal snapshot of the qcow2 disks, made by savevm)
   -M help  -cpu help  -device help  -device DRIVER,help  -accel help  -netdev help  -chardev help
 kemu's own: --disk IMG (a virtio disk, format detected)
             --net user[,hostfwd=...] (a virtio NIC on user-mode networking, as -nic user)
@@ -260,7 +261,7 @@ def _run_on_terminal(vm, config: MachineConfig, serial: str,
         # -incoming URI|defer: wait for a migration instead of booting (-S: stay paused after)
         vm.start_incoming(None if incoming == "defer" else incoming, paused=config.start_paused)
     else:
-        vm.start(paused=config.start_paused)
+        vm.start(paused=config.start_paused, loadvm=config.extra.get("loadvm"))
     try:
         if signals.received is not None:      # a signal during set-up
             vm.stop(reason="host-signal")

@@ -5,6 +5,7 @@ command lines, output and exit statuses of ``qemu-img``.
     kemu img info [-f FMT] [--output=human|json] FILE
     kemu img check [-f FMT] [--output=human|json] FILE
     kemu img convert [-f FMT] [-O FMT] [-o OPTS] [-c] [-p] SRC DST
+    kemu img snapshot [-U] [-l | -c SNAPSHOT | -a SNAPSHOT | -d SNAPSHOT] FILE
 
 Errors are one line on stderr, ``kemu img: ...``, and exit status 2
 (``check`` exits 2 for corruptions and 3 for leaks, as qemu-img does).
@@ -198,6 +199,10 @@ def image_info(path: Path, fmt: str | None, force_share: bool = False) -> dict:
                             lock=image_permissions("qcow2", True, force_share=force_share))
     try:
         h = image.header
+        from kemu.backends.qcow2.internal import snapshots
+        listed = snapshots(image)
+        if listed:
+            info["snapshots"] = [_snapshot_info(sn) for sn in listed]
         if h.backing_file is not None and h.backing_format:
             info["backing-filename-format"] = h.backing_format
         info.update({"virtual-size": h.size, "filename": str(path),
@@ -221,6 +226,18 @@ def image_info(path: Path, fmt: str | None, force_share: bool = False) -> dict:
     return info
 
 
+def _snapshot_info(sn) -> dict:
+    """One internal snapshot as qemu-img info's JSON has it (SnapshotInfo)."""
+    out: dict = {}
+    if sn.icount is not None:
+        out["icount"] = sn.icount
+    out.update({"vm-clock-nsec": sn.vm_clock_nsec % 1_000_000_000, "name": sn.name,
+                "date-sec": sn.date_sec, "date-nsec": sn.date_nsec,
+                "vm-clock-sec": sn.vm_clock_nsec // 1_000_000_000, "id": sn.id,
+                "vm-state-size": sn.vm_state_size})
+    return out
+
+
 def cmd_info(args, out: TextIO, err: TextIO) -> int:
     info = image_info(Path(args.file), args.f, args.U)
     if args.output == "json":
@@ -239,6 +256,12 @@ def cmd_info(args, out: TextIO, err: TextIO) -> int:
         lines.append(line)
         if "backing-filename-format" in info:
             lines.append(f"backing file format: {info['backing-filename-format']}")
+    if info.get("snapshots"):
+        from kemu.backends.qcow2.snapshots import HEADER_ROW, format_row
+        lines += ["Snapshot list:", HEADER_ROW]
+        lines += [format_row(sn["id"], sn["name"], sn["vm-state-size"], sn["date-sec"],
+                             sn["vm-clock-sec"] * 1_000_000_000 + sn["vm-clock-nsec"],
+                             sn.get("icount")) for sn in info["snapshots"]]
     if "format-specific" in info:
         lines.append("Format specific information:")
         for key, value in info["format-specific"]["data"].items():
@@ -324,24 +347,64 @@ def _copy(src, dst, *, progress: bool, compress: bool, err: TextIO) -> None:
 
 
 def cmd_snapshot(args, out: TextIO, err: TextIO) -> int:
-    """``kemu img snapshot -l FILE``: the image's internal snapshots, as qemu-img lists them."""
+    """``kemu img snapshot -l|-c|-a|-d``: list, create, apply or delete the internal
+    snapshots of a qcow2 image, as qemu-img does (its messages and exit statuses)."""
     _check_format(args.f)
     path = Path(args.file)
-    if not args.l:
-        print(f"{PROG}: snapshot: only -l (list) is supported; creating, applying and "
-              f"deleting internal snapshots is not", file=err)
-        return 2
+    actions = [(flag, value) for flag, value in (("l", args.l or None), ("c", args.c),
+                                                  ("a", args.a), ("d", args.d))
+               if value is not None]
+    if len(actions) > 1:
+        print(f"{PROG}: Cannot mix '-l', '-a', '-c', '-d'", file=err)
+        return 1
+    if not actions:
+        return 0
+    action, name = actions[0]
     fmt = args.f or detect_format(path)
     if fmt != "qcow2":
-        print(f"{PROG}: snapshot: the {fmt} format has no internal snapshots", file=err)
+        if action == "l":
+            return 0                 # qemu-img: a raw image has no snapshots to list
+        verb = {"c": "create", "a": "apply", "d": "delete"}[action]
+        print(f"{PROG}: Could not {verb} snapshot '{name}': -95 (Operation not supported)",
+              file=err)
         return 1
-    from kemu.backends.qcow2.snapshots import HEADER_ROW, list_snapshots
-    snapshots = list_snapshots(path, lock=image_permissions("qcow2", True, force_share=args.U))
-    if snapshots:
-        print("Snapshot list:", file=out)
-        print(HEADER_ROW, file=out)
-        for sn in snapshots:
-            print(sn.row(), file=out)
+    if action == "l":
+        from kemu.backends.qcow2.snapshots import HEADER_ROW, list_snapshots
+        snapshots = list_snapshots(path, lock=image_permissions("qcow2", True,
+                                                                force_share=args.U))
+        if snapshots:
+            print("Snapshot list:", file=out)
+            print(HEADER_ROW, file=out)
+            for sn in snapshots:
+                print(sn.row(), file=out)
+        return 0
+    from kemu.backends.qcow2 import Qcow2Image
+    from kemu.backends.qcow2 import internal
+    image = Qcow2Image.open(path, lock=image_permissions("qcow2", False))
+    try:
+        if action == "c":
+            try:
+                internal.create(image, name, icount=0)
+            except ImageError as e:
+                print(f"{PROG}: Could not create snapshot '{name}': {e}", file=err)
+                return 1
+        elif action == "a":
+            try:
+                internal.apply(image, name)
+            except ImageError as e:
+                why = "No such file or directory" if internal.find_snapshot(image, name) < 0 \
+                    else str(e)
+                print(f"{PROG}: Could not apply snapshot '{name}': Failed to load snapshot: "
+                      f"{why}", file=err)
+                return 1
+        else:
+            if internal.find_snapshot(image, name) < 0:
+                print(f"{PROG}: Could not delete snapshot '{name}': snapshot not found",
+                      file=err)
+                return 1
+            internal.delete(image, name)
+    finally:
+        image.close()
     return 0
 
 
@@ -380,12 +443,15 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("src")
     v.add_argument("dst")
     v.set_defaults(run=cmd_convert)
-    n = sub.add_parser("snapshot", help="list the internal snapshots of a qcow2 image")
+    n = sub.add_parser("snapshot", help="list, create, apply or delete the internal "
+                       "snapshots of a qcow2 image")
     _force_share_option(n)
     n.add_argument("-f", metavar="FMT")
+    n.add_argument("-q", action="store_true", help="quiet")
     n.add_argument("-l", action="store_true", help="list the snapshots")
-    n.add_argument("-c", "-a", "-d", metavar="NAME", dest="other",
-                   help="(not supported: create, apply, delete)")
+    n.add_argument("-c", metavar="SNAPSHOT", help="create a snapshot")
+    n.add_argument("-a", metavar="SNAPSHOT", help="apply a snapshot (revert the disk to it)")
+    n.add_argument("-d", metavar="SNAPSHOT", help="delete a snapshot")
     n.add_argument("file")
     n.set_defaults(run=cmd_snapshot)
     return p

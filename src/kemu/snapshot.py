@@ -129,14 +129,17 @@ def copy_disk(backend, path: Path) -> None:
         os.close(fd)
 
 
+def blk_backends_by_name(board) -> dict[str, object]:
+    """The backend of each virtio-blk device (virtio-mmio and virtio-pci), by device name."""
+    from kemu.devices.virtio.blk import VirtioBlk
+    devices = [slot.device.device for slot in getattr(board, "virtio_slots", ())]
+    devices += [t.device for t in getattr(board, "pci_transports", ())]
+    return {d.name: d.backend for d in devices if isinstance(d, VirtioBlk)}
+
+
 def blk_backends_by_drive(board, config: MachineConfig) -> dict[int, object]:
     """The backend of each -drive (by index in ``config.drives``)."""
-    from kemu.devices.virtio.blk import VirtioBlk
-    by_name = {}
-    for slot in getattr(board, "virtio_slots", ()):
-        device = slot.device.device
-        if isinstance(device, VirtioBlk):
-            by_name[device.name] = device.backend
+    by_name = blk_backends_by_name(board)
     out = {}
     for i, drive in enumerate(config.drives):
         name = f"virtio-blk-{drive.id}" if drive.id is not None else f"virtio-blk{i}"

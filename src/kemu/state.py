@@ -185,8 +185,11 @@ def loads(data: bytes) -> Any:
 
 
 # -- the stream -------------------------------------------------------------------------------
-def encode_stream(header: dict, payload: Any) -> bytes:
-    body = dumps(payload)
+def encode_stream(header: dict, payload: Any, *, body: bytes | None = None) -> bytes:
+    """The stream of ``header`` and ``payload`` (``body``: the payload already
+    through :func:`dumps`, when one payload goes out under several headers)."""
+    if body is None:
+        body = dumps(payload)
     head = dict(header, payload_size=len(body), payload_sha256=hashlib.sha256(body).hexdigest())
     head_bytes = dumps(head)
     return _PREFIX.pack(MAGIC, FORMAT_VERSION, len(head_bytes)) + head_bytes + \

@@ -351,7 +351,7 @@ def booted(conn, guest, name: str, which: str, disk: Path, edit=lambda xml: xml)
             dom.destroy()
         if dom.hasManagedSaveImage():
             dom.managedSaveRemove()
-        dom.undefine()
+        dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
 
 
 @pytest.mark.parametrize("which", EMULATORS)
@@ -487,4 +487,34 @@ def test_dump_memory_only_is_an_elf_core_of_guest_ram(which, daemon, conn, guest
         assert notes == [("CORE", 0x188), ("CORE", 0x188)]            # aarch64 prstatus
         assert b"Linux version" in core.read_bytes()
         assert console.run("echo still''running").strip() == "stillrunning"
+        console.close()
+
+
+@pytest.mark.parametrize("which", EMULATORS)
+def test_internal_snapshot_create_revert_delete(which, daemon, conn, guest, tmp_path):
+    """virsh snapshot-create-as / snapshot-revert / snapshot-delete on a running domain
+    with a qcow2 disk (libvirt: HMP savevm "NAME", loadvm, delvm): the reverted guest
+    has the shell state it had at the snapshot; qemu-img lists the snapshot meanwhile."""
+    from kemu.img import main as kemu_img
+    disk = tmp_path / "disk.qcow2"
+    assert kemu_img(["create", "-f", "qcow2", str(disk), "16M"]) == 0
+    name = f"lv-snap-{which}"
+    with booted(conn, guest, name, which, disk,
+                lambda xml: xml.replace("type='raw'", "type='qcow2'")) as (dom, console):
+        console.run("export KEPT=at''snapshot")
+        virsh(daemon, "snapshot-create-as", name, "s1")
+        listed = subprocess.run(["qemu-img", "snapshot", "-U", "-l", str(disk)],
+                                capture_output=True, text=True).stdout
+        assert " s1 " in listed, listed
+        console.run("export KEPT=after''snapshot")
+        console.close()
+        virsh(daemon, "snapshot-revert", name, "s1")
+        wait_state(dom, libvirt.VIR_DOMAIN_RUNNING)
+        console = console_of(dom)          # (libvirt may have started a new emulator)
+        assert console.run("echo $KEPT").strip().splitlines()[-1] == "atsnapshot"
+        assert "s1" in virsh(daemon, "snapshot-list", name, "--name")
+        virsh(daemon, "snapshot-delete", name, "s1")
+        listed = subprocess.run(["qemu-img", "snapshot", "-U", "-l", str(disk)],
+                                capture_output=True, text=True).stdout
+        assert listed == "", listed
         console.close()

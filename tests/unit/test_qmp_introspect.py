@@ -71,6 +71,7 @@ def test_every_event_kemu_sends_is_in_the_schema():
              "Shutdown": "SHUTDOWN", "GuestPanicked": "GUEST_PANICKED",
              "BlockIOError": "BLOCK_IO_ERROR", "MigrationStatus": "MIGRATION",
              "MigrationPass": "MIGRATION_PASS", "DumpCompleted": "DUMP_COMPLETED",
+                 "JobStatusChange": "JOB_STATUS_CHANGE",
              "VncEvent": ("VNC_CONNECTED", "VNC_INITIALIZED", "VNC_DISCONNECTED")}
     sent = set()
     for _, c in inspect.getmembers(api, inspect.isclass):

@@ -316,3 +316,63 @@ def test_arbitrary_guest_accesses_never_break_the_vmm(accesses):
     assert mem.violations == []
     mapped = sorted((m.base, m.end) for m in ecam.bus.mappings)
     assert all(a[1] <= b[0] for a, b in zip(mapped, mapped[1:]))
+
+
+def test_state_survives_a_save_and_restore_into_a_new_bus():
+    """Configuration space (BARs, Command, MSI-X control), MSI-X table and pending bits,
+    the common registers and the queue go through plain data into a fresh host and
+    transport: the driver carries on there, messages and all."""
+    from kemu.state import restore_plain, save_plain
+    mem, host, lines, t, ecam, dev, drv = make(VirtioRng(lambda n: b"r" * n), slot=1)
+    v2m = V2m()
+    ecam.bus.map(0x0802_0000, 0x1000, v2m)
+    cap, _ = enable_msix(ecam, dev, drv)
+    assert drv.negotiate(mask=~(1 << VIRTIO_F_EVENT_IDX))
+    drv.wc(vp.CONFIG_MSIX_VECTOR, 2, 1)
+    drv.wc(vp.QUEUE_SELECT, 2, 0)
+    drv.wc(vp.QUEUE_MSIX_VECTOR, 2, 0)
+    q = drv.setup_queue(0)
+    drv.driver_ok()
+    q.add([drv.buffer(8, writable=True)])
+    assert v2m.messages == [(0x40, 4, 80)]
+    ecam.write(dev, cap + 2, 2, 0xC000)                     # function masked: a pending bit
+    q.add([drv.buffer(8, writable=True)])
+    assert len(v2m.messages) == 1
+    saved = (save_plain(host), save_plain(t), save_plain(t.device))
+
+    bus2 = Bus("mmio")
+    host2 = PciHost(bus2, WINDOWS, [IrqLine(name=f"intx{i}") for i in range(4)])
+    t2 = VirtioPciTransport(VirtioRng(lambda n: b"s" * n), mem)
+    assert host2.add(t2.function, 1) == dev
+    v2m2 = V2m()
+    bus2.map(0x0802_0000, 0x1000, v2m2)
+    restore_plain(host2, saved[0])
+    restore_plain(t2, saved[1])
+    restore_plain(t2.device, saved[2])
+    assert host2.bar_base(dev << 3, 4) == host.bar_base(dev << 3, 4)     # mapped again
+    assert host2.bar_base(dev << 3, 1) == 0x1100_0000
+    ecam2 = EcamDriver(host2, bus2)
+    assert ecam2.read(dev, c.COMMAND, 2) == ecam.read(dev, c.COMMAND, 2)
+    drv.ecam = ecam2                                        # the same driver, the new bus
+    assert drv.rc(vp.CONFIG_MSIX_VECTOR, 2) == 1
+    assert drv.status == t.status and t2.status & vp.STATUS_DRIVER_OK
+    ecam2.write(dev, cap + 2, 2, 0x8000)                    # unmasked: the pending message
+    assert v2m2.messages == [(0x40, 4, 80)]
+    q.add([drv.buffer(8, writable=True)])                   # and the queue goes on
+    assert v2m2.messages[-1] == (0x40, 4, 80) and len(v2m2.messages) == 2
+    assert not any(line.level for line in lines)
+
+
+def test_a_state_from_another_function_is_refused():
+    from kemu.state import StateError, restore_plain, save_plain
+    _, _, _, t, _, _, _ = make(VirtioRng())
+    _, _, _, t2, _, _, _ = make(VirtioBlk(MemBackend()))
+    state = save_plain(t2)
+    state["queue_vectors"] = state["queue_vectors"] * 2
+    import pytest
+    with pytest.raises(StateError, match="incompatible virtio-pci state"):
+        restore_plain(t, state)
+    bad = save_plain(t.function)
+    bad["space"] = bad["space"][:100]
+    with pytest.raises(StateError, match="incompatible PCI function state"):
+        restore_plain(t.function, bad)

@@ -585,27 +585,33 @@ class VirtMachine:
     def start(self) -> None:
         self.load()
         self.cpus = self._create_cpus()
+        # the guest's virtual counter at boot: VM CLOCK (the guest's running time) from here
+        self._boot_vcount = host_counter() - self.timers[0][0].offset
         self._start_threads()
 
     # -- snapshots (kemu.state's convention; kemu.snapshot writes and reads the files) ------------
     def state_fingerprint(self) -> dict:
         """What a saved state must have been made on: board, CPUs, RAM, devices in their slots."""
-        return {"board": "virt", "cpu": self.config.cpu, "smp": self.config.smp,
-                "memory": self.config.memory,
-                "slots": [[getattr(slot.device.device, "device_id", 0), slot.device.legacy]
-                          for slot in self.virtio_slots]}
+        out = {"board": "virt", "cpu": self.config.cpu, "smp": self.config.smp,
+               "memory": self.config.memory,
+               "slots": [[getattr(slot.device.device, "device_id", 0), slot.device.legacy]
+                         for slot in self.virtio_slots]}
+        if self.pci_transports:
+            # PCI functions by devfn and vendor/device ID (only then: older states match)
+            out["pci"] = [[devfn, fn.config_read(0, 4)]
+                          for devfn, fn in sorted(self.pci_host.functions.items())]
+        return out
 
     def save_state(self) -> dict:
         """The whole machine but RAM as plain data (paused, under the machine lock)."""
         from kemu.state import save_plain
-        if self.pci_transports:
-            raise ConfigError("save: PCI devices (-device *-pci) have no saved state yet")
         if self.state not in (RunState.PAUSED, RunState.CREATED) or self._paused_at is None:
             raise ConfigError("save: the machine must be paused")
         return {
             "version": 1,
             # the guest's virtual counter when it stopped: it goes on from there
             "vcount": [self._paused_at - cpu.vtimer.offset for cpu in self.cpus],
+            "boot_vcount": getattr(self, "_boot_vcount", 0),
             "cpus": [save_plain(cpu) for cpu in self.cpus],
             "timers": [[save_plain(v), save_plain(p)] for v, p in self.timers],
             "uart": save_plain(self.uart), "rtc": save_plain(self.rtc),
@@ -615,30 +621,58 @@ class VirtMachine:
                         if slot.device.device is not None else None}
                        for slot in self.virtio_slots],
             "gic": save_plain(self.gic),
+            "pci": {"host": save_plain(self.pci_host),
+                    "transports": [{"transport": save_plain(t), "device": save_plain(t.device)}
+                                   for t in self.pci_transports]},
         }
 
     def start_restored(self, state: dict, paused: bool = False) -> None:
         """Start from :meth:`save_state`'s data with RAM already in place (no kernel load)."""
+        self._restore(state)
+        self.config.start_paused = paused
+        self._start_threads()
+
+    def load_state(self, state: dict) -> None:
+        """Replace the paused machine's state with :meth:`save_state`'s data (RAM
+        already in place): loadvm into a machine that has run.  Fresh vCPUs (and so
+        an empty translation cache) take the saved context; the guest's clock goes
+        on from the saved one when the machine resumes."""
+        if self.state != RunState.PAUSED:
+            raise ConfigError("loadvm: the machine must be paused")
+
+        def rebuild() -> None:
+            now = self._restore(state)
+            for t, k, cpu in zip(self.vcpus.threads, self._kickers, self.cpus):
+                cpu.on_timer_change = k.changed
+                t.cpu = k.cpu = cpu
+            self._paused_at = now          # resume() hides the time from here on
+        self.vcpus.host_reset(rebuild)
+
+    def _restore(self, state: dict) -> int:
+        """Fresh vCPUs and every device from saved state; returns the host counter
+        the guest's virtual counters were set against."""
         from kemu.state import StateError, check_version, restore_plain
         check_version("virt board", state.get("version", 0))
         n = self.config.smp
         if len(state["cpus"]) != n or len(state["timers"]) != n or \
                 len(state["virtio"]) != len(self.virtio_slots):
             raise StateError("saved state does not match the machine's CPUs and devices")
-        self.cpus = self._create_cpus()
+        cpus = self._create_cpus()
         now = host_counter()
         with self.lock:
             # The interrupt controller first, its inputs low; then the devices, which
             # drive their lines (fresh, low) to the levels they have now.
             restore_plain(self.gic, state["gic"])
             self.gic.forget_input_levels()
-            for i, cpu in enumerate(self.cpus):
+            for i, cpu in enumerate(cpus):
                 vtimer, ptimer = self.timers[i]
                 # CNTVOFF such that the guest's virtual counter resumes where it stopped
                 vtimer.offset = now - int(state["vcount"][i])
                 restore_plain(vtimer, state["timers"][i][0])
                 restore_plain(ptimer, state["timers"][i][1])
                 restore_plain(cpu, state["cpus"][i])
+            self.cpus = cpus
+            self._boot_vcount = int(state.get("boot_vcount", state["vcount"][0]))
             restore_plain(self.uart, state["uart"])
             restore_plain(self.rtc, state["rtc"])
             if "fw_cfg" in state:
@@ -647,11 +681,19 @@ class VirtMachine:
                 restore_plain(slot.device, saved["transport"])
                 if slot.device.device is not None and saved["device"] is not None:
                     restore_plain(slot.device.device, saved["device"])
-            for slot in self.virtio_slots:
-                slot.device.kick_ready_queues()
+            pci = state.get("pci")
+            if pci is not None or self.pci_transports:
+                if not isinstance(pci, dict) or \
+                        len(pci.get("transports", ())) != len(self.pci_transports):
+                    raise StateError("saved state does not match the machine's PCI devices")
+                restore_plain(self.pci_host, pci["host"])
+                for t, saved in zip(self.pci_transports, pci["transports"]):
+                    restore_plain(t, saved["transport"])
+                    restore_plain(t.device, saved["device"])
+            for transport in [slot.device for slot in self.virtio_slots] + self.pci_transports:
+                transport.kick_ready_queues()
             self.console.pump()        # input typed while the machine was being restored
-        self.config.start_paused = paused
-        self._start_threads()
+        return now
 
     def _start_threads(self) -> None:
         self.vcpus.on_state = lambda state: self.on_state(state)

@@ -47,9 +47,11 @@ class Hmp:
         c = HmpCommand
         self.commands = [
             c("cont|c", "", "resume emulation", self._qmp_call("cont")),
+            c("delvm", "tag", "delete a VM snapshot from its tag", self.delvm),
             c("help|?", "[cmd]", "show the help", self.help),
             c("info", "[subcommand]", "show various information about the system state",
               self.info),
+            c("loadvm", "tag", "restore a VM snapshot from its tag", self.loadvm),
             c("migrate", "[-d] [-b] [-i] [-r] uri",
               "migrate to URI (using -d to not wait for completion)", self.migrate),
             c("migrate_cancel", "", "cancel the current VM migration",
@@ -62,6 +64,8 @@ class Hmp:
             c("migrate_set_parameter", "parameter value",
               "Set the parameter for migration", self.migrate_set_parameter),
             c("quit|q", "", "quit the emulator", self._qmp_call("quit")),
+            c("savevm", "tag", "save a VM snapshot. If no tag is provided, a new snapshot "
+              "is created", self.savevm),
             c("sendkey", "keys [hold_ms]",
               "send keys to the VM (e.g. 'sendkey ctrl-alt-f1', default hold time=100 ms)",
               self.sendkey),
@@ -295,9 +299,49 @@ class Hmp:
         return "".join(f"{k}: {v}{' ms' if k == 'downtime-limit' else ' bytes/second'}\r\n"
                        for k, v in self.qmp("query-migrate-parameters", {}).items())
 
+    # -- internal snapshots (kemu.savevm; QEMU's HMP commands, errors printed) ----------------
+    @staticmethod
+    def _string(args: list[str]) -> str | None:
+        """An HMP string argument: a word, or a double-quoted string with backslash
+        escapes (libvirt sends ``savevm "NAME"``)."""
+        if not args:
+            return None
+        text = " ".join(args)
+        if not text.startswith('"'):
+            return args[0]
+        out, i = [], 1
+        while i < len(text) and text[i] != '"':
+            if text[i] == "\\" and i + 1 < len(text):
+                i += 1
+                out.append({"n": "\n", "r": "\r"}.get(text[i], text[i]))
+            else:
+                out.append(text[i])
+            i += 1
+        if i >= len(text):
+            raise QmpError("unterminated string")
+        return "".join(out)
+
+    def savevm(self, args: list[str]) -> str:
+        self.vm.savevm(self._string(args))
+        return ""
+
+    def loadvm(self, args: list[str]) -> str:
+        return self._with_tag("loadvm", args, self.vm.loadvm)
+
+    def delvm(self, args: list[str]) -> str:
+        return self._with_tag("delvm", args, self.vm.delvm)
+
+    def _with_tag(self, command: str, args: list[str], action: Callable[[str], None]) -> str:
+        name = self._string(args)
+        if name is None:
+            return (f'{command}: string expected\r\nTry "help {command}" for more '
+                    'information\r\n')
+        action(name)
+        return ""
+
     def info_snapshots(self, _args: list[str]) -> str:
-        # QEMU's answer when no drive can hold a VM state: kemu has no savevm.
-        return "no block device can store vmstate for snapshot\r\n"
+        from kemu.savevm import info_snapshots
+        return info_snapshots(self.vm)
 
     def info_vnc(self, _args: list[str]) -> str:
         info = self.qmp("query-vnc", {})

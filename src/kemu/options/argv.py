@@ -29,7 +29,7 @@ WITH_ARG = {"-M", "-machine", "-cpu", "-m", "-smp", "-kernel", "-initrd", "-appe
             "-serial", "-accel", "-name", "-display", "-monitor", "-drive", "-device", "-disk",
             "-qmp", "-pidfile", "-netdev", "-nic", "-net", "-rtc", "-dtb", "-global",
             "-fw_cfg", "-object", "-chardev", "-mon", "-blockdev", "-vnc",
-            "-incoming"} | {
+            "-incoming", "-loadvm"} | {
                 name for name, (takes_arg, _) in ACCEPTED.items() if takes_arg}
 FLAGS = {"-nographic", "-no-reboot", "-S", "-enable-kvm", "-nodefaults", "-daemonize",
          "-snapshot", "-no-shutdown"} | {
@@ -208,6 +208,8 @@ def parse_qemu_options(argv: list[str], config: MachineConfig) -> MachineConfig:
                 from kemu.migration import parse_uri
                 parse_uri(value)           # checked now: one line at parse time
             config.extra["incoming"] = value
+        elif opt == "-loadvm":
+            config.extra["loadvm"] = value   # start from that internal snapshot (kemu.savevm)
         elif opt == "-fw_cfg":
             from kemu.options.fw_cfg import parse_fw_cfg_option
             config.fw_cfg.append(parse_fw_cfg_option(value))

@@ -84,6 +84,8 @@ class Commands:
         }
         self.table.update(self._introspection())
         self.table.update(self._parts())
+        from kemu.qmp.jobs import snapshot_commands
+        self.table.update(snapshot_commands(vm))
         from kemu.qmp.display import display_commands
         self.table.update(display_commands(vm))
 

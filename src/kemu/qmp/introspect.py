@@ -35,6 +35,7 @@ EVENTS: dict[str, dict[str, type]] = {
     "MIGRATION": {"status": str},
     "MIGRATION_PASS": {"pass": int},
     "DUMP_COMPLETED": {"result": dict, "error": str},     # kemu.dump
+    "JOB_STATUS_CHANGE": {"id": str, "status": str},       # kemu.qmp.jobs
 }
 
 _BUILTIN = {str: ("str", "string"), int: ("int", "int"), bool: ("bool", "boolean"),

@@ -329,6 +329,11 @@ class Qcow2Image:
         self._check_writable()
         view = memoryview(data).cast("B")
         self._check_range(offset, len(view))
+        self._write(offset, view)
+
+    def _write(self, offset: int, view: memoryview) -> None:
+        """Write at a guest offset the L1 table maps (also past the virtual
+        size: the VM state area of internal snapshots)."""
         cs = self.cluster_size
         start = offset & (cs - 1)
         with self._lock:

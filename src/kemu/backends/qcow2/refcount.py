@@ -182,6 +182,15 @@ class Refcounts:
         clusters sharing a host cluster)."""
         self._adjust(cluster, +1)
 
+    def update(self, cluster: int, delta: int) -> int:
+        """Change a refcount now (internal snapshots share and unshare clusters);
+        the new count.  A decrement must come after the metadata that dropped
+        the reference is on stable storage."""
+        new = self._adjust(cluster, delta)
+        if new == 0:
+            self.free_hint = min(self.free_hint, cluster)
+        return new
+
     # -- durability -----------------------------------------------------------
 
     def write_dirty(self) -> None:

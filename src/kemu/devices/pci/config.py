@@ -76,6 +76,16 @@ class BarKind(Enum):
     MEM64 = "mem64"
 
 
+@dataclass
+class PciFunctionState:
+    """A function's configuration space as plain data: the bytes software can change
+    (Command, BARs, Interrupt Line, capability control fields) and the INTx level."""
+
+    version: int
+    space: bytes
+    intx_level: bool
+
+
 @dataclass(frozen=True)
 class Bar:
     """A Base Address Register and the registers it decodes."""
@@ -235,6 +245,22 @@ class PciFunction:
 
     def _drive_intx(self) -> None:
         self.intx_out.set(self.intx_level and not self.command & COMMAND_INTX_DISABLE)
+
+    # -- snapshots (kemu.state's convention) -----------------------------------------------
+    def save(self) -> PciFunctionState:
+        return PciFunctionState(1, bytes(self.space), self.intx_level)
+
+    def restore(self, state: PciFunctionState) -> None:
+        """The saved writable bytes over this function's own read-only ones (IDs, class,
+        capability layout stay this function's); BARs are mapped again."""
+        if state.version != 1 or len(state.space) != CONFIG_SPACE_SIZE:
+            raise ValueError(f"{self.name}: incompatible PCI function state")
+        for at in range(CONFIG_SPACE_SIZE):
+            mask = self.wmask[at] | self.w1cmask[at]
+            if mask:
+                self.space[at] = (self.space[at] & ~mask) | (state.space[at] & mask)
+        self.set_intx(state.intx_level)
+        self.on_decode_change(self)
 
     def reset(self) -> None:
         """Conventional reset: decoding off, BARs and writable fields cleared."""

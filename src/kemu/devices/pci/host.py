@@ -31,6 +31,7 @@ from kemu.devices.pci.config import (
     Bar,
     BarKind,
     PciFunction,
+    PciFunctionState,
 )
 from kemu.errors import BusError, ConfigError
 
@@ -88,6 +89,14 @@ class Ecam:
         fn, reg = self._target(offset)
         if fn is not None:
             fn.config_write(reg, size, value)
+
+
+@dataclass
+class PciHostState:
+    """The configuration space of each function on the bus, by devfn."""
+
+    version: int
+    functions: dict[str, PciFunctionState]
 
 
 class PciHost:
@@ -187,4 +196,16 @@ class PciHost:
     def reset(self) -> None:
         for fn in self.functions.values():
             fn.reset()
+        self.update_mappings()
+
+    # -- snapshots (kemu.state's convention) -----------------------------------------------
+    def save(self) -> PciHostState:
+        return PciHostState(1, {str(devfn): fn.save() for devfn, fn in self.functions.items()})
+
+    def restore(self, state: PciHostState) -> None:
+        """Every function's configuration space (BARs mapped as the guest left them)."""
+        if state.version != 1 or sorted(state.functions) != sorted(map(str, self.functions)):
+            raise ValueError("pcie.0: the saved functions are not this bus's")
+        for devfn, fn in self.functions.items():
+            fn.restore(state.functions[str(devfn)])
         self.update_mappings()

@@ -13,6 +13,7 @@ when it is unmasked (6.8.3.4).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from kemu.devices.pci.config import PciFunction
 
@@ -22,6 +23,16 @@ MSIX_ENABLE = 1 << 15
 MSIX_FUNCTION_MASK = 1 << 14
 ENTRY_SIZE = 16
 VECTOR_MASKED = 1
+
+
+@dataclass
+class MsixState:
+    """The MSI-X table and pending bits (the capability's control word is in the
+    function's configuration space)."""
+
+    version: int
+    table: bytes
+    pending: list[bool]
 
 
 class Msix:
@@ -55,6 +66,18 @@ class Msix:
         for i in range(self.vectors):
             self.table[i * ENTRY_SIZE + 12] = VECTOR_MASKED
         self.pending = [False] * self.vectors
+
+    def save(self) -> MsixState:
+        return MsixState(1, bytes(self.table), list(self.pending))
+
+    def restore(self, state: MsixState) -> None:
+        """After the function's configuration space (MSI-X Enable and Function Mask)."""
+        if state.version != 1 or len(state.table) != len(self.table) or \
+                len(state.pending) != self.vectors:
+            raise ValueError(f"{self.function.name}: incompatible MSI-X state")
+        self.table[:] = state.table
+        self.pending = [bool(p) for p in state.pending]
+        self._was = self._control()
 
     def _control(self) -> int:
         return int.from_bytes(self.function.space[self.cap + 2:self.cap + 4], "little")

@@ -38,6 +38,7 @@ from kemu.devices.virtio.transport import (  # noqa: F401  (re-exported names)
     INT_CONFIG,
     INT_VRING,
     TRANSPORT_FEATURES,
+    TransportState,
     VirtioTransport,
 )
 from kemu.memory import GuestMemory
@@ -95,17 +96,9 @@ _QUEUE_ADDR_REGS = {
 
 
 @dataclass
-class VirtioMmioState:
+class VirtioMmioState(TransportState):
     """Transport registers and queues as plain data (device state is the device's)."""
 
-    version: int
-    status: int
-    driver_features: int
-    device_features_sel: int
-    driver_features_sel: int
-    queue_sel: int
-    interrupt_status: int
-    config_generation: int
     shm_sel: int
     queues: list[QueueState] = field(default_factory=list)
     #: Legacy interface (4.2.4): GuestPageSize, and QueueAlign / QueuePFN per queue.
@@ -274,33 +267,10 @@ class VirtioMmioTransport(VirtioTransport):
         if state.version != 1 or len(state.queues) != len(self.queues):
             raise VirtioError(f"{self.name}: incompatible virtio-mmio state")
         self.reset()
-        self.driver_features = state.driver_features
-        self.device_features_sel = state.device_features_sel
-        self.driver_features_sel = state.driver_features_sel
-        self.queue_sel = state.queue_sel
-        self.config_generation = state.config_generation
+        self._restore_registers(state)
         self.shm_sel = state.shm_sel
         self.guest_page_size = state.guest_page_size
         if len(state.queue_align) == len(self.queues):
             self.queue_align = list(state.queue_align)
             self.queue_pfn = list(state.queue_pfn)
-        for q, qs in zip(self.queues, state.queues):
-            q.restore(qs)
-        self.status = state.status
-        self.interrupt_status = state.interrupt_status
-        if (self.device is not None
-                and (self.status & (STATUS_DRIVER_OK | STATUS_DEVICE_NEEDS_RESET)) == STATUS_DRIVER_OK):
-            self._activate()
-        self._update_irq()
-
-    def kick_ready_queues(self) -> None:
-        """After a restore: have the device look at every ready queue that holds
-        buffers (those given back by the save, requests a paused machine had not
-        taken yet), as if the driver had just notified it."""
-        for i, q in enumerate(self.queues):
-            try:
-                waiting = q.ready and q.pending() > 0
-            except VirtioError:
-                waiting = False
-            if waiting:
-                self.notify(i)
+        self._restore_status(state)

@@ -23,6 +23,7 @@ clearing it (4.1.4.5).
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass, field
 
 from kemu.devices.base import IrqLine
 from kemu.devices.pci.config import (
@@ -33,9 +34,10 @@ from kemu.devices.pci.config import (
     BarKind,
     PciFunction,
 )
-from kemu.devices.pci.msix import Msix
-from kemu.devices.virtio import STATUS_DRIVER_OK, STATUS_FEATURES_OK, VirtioDevice
-from kemu.devices.virtio.transport import INT_CONFIG, VirtioTransport
+from kemu.devices.pci.msix import Msix, MsixState
+from kemu.devices.virtio import STATUS_DRIVER_OK, STATUS_FEATURES_OK, VirtioDevice, VirtioError
+from kemu.devices.virtio.queue import QueueState
+from kemu.devices.virtio.transport import INT_CONFIG, TransportState, VirtioTransport
 from kemu.memory import GuestMemory
 
 VIRTIO_PCI_VENDOR = 0x1AF4
@@ -169,6 +171,18 @@ class _MsixRegion:
         self.transport.msix.write(offset, size, value)
 
 
+@dataclass
+class VirtioPciState(TransportState):
+    """The common configuration registers, queues, MSI-X vectors and table of one
+    virtio-pci transport (its configuration space is saved with the bus, the
+    device's own state by the device)."""
+
+    config_vector: int
+    queue_vectors: list[int]
+    queues: list[QueueState] = field(default_factory=list)
+    msix: MsixState | None = None
+
+
 class VirtioPciTransport(VirtioTransport):
     """A virtio device as a PCI function; :attr:`function` goes on a PCI host."""
 
@@ -195,6 +209,27 @@ class VirtioPciTransport(VirtioTransport):
         super()._reset_registers()
         self.config_vector = VIRTIO_MSI_NO_VECTOR
         self.queue_vectors = [VIRTIO_MSI_NO_VECTOR] * len(self.queues)
+
+    # -- snapshots (kemu.state's convention) -------------------------------------------------
+    def save(self) -> VirtioPciState:
+        return VirtioPciState(1, self.status, self.driver_features, self.device_features_sel,
+                              self.driver_features_sel, self.queue_sel, self.interrupt_status,
+                              self.config_generation, self.config_vector,
+                              list(self.queue_vectors), [q.save() for q in self.queues],
+                              self.msix.save())
+
+    def restore(self, state: VirtioPciState) -> None:
+        """Registers, queues and MSI-X table, after the bus restored the configuration
+        space; re-activates the device if DRIVER_OK was set (its own state follows)."""
+        if state.version != 1 or len(state.queues) != len(self.queues) or \
+                len(state.queue_vectors) != len(self.queues) or state.msix is None:
+            raise VirtioError(f"{self.name}: incompatible virtio-pci state")
+        self.reset()
+        self._restore_registers(state)
+        self.config_vector = self._set_vector(state.config_vector)
+        self.queue_vectors = [self._set_vector(v) for v in state.queue_vectors]
+        self.msix.restore(state.msix)
+        self._restore_status(state)
 
     # -- interrupts: MSI-X while enabled, else INTx through ISR (4.1.4.5, 4.1.5.3) -------------
     def _interrupt(self, bit: int, queue_index: int | None) -> None:

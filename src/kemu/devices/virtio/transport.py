@@ -13,6 +13,7 @@ virtio-mmio (:mod:`.mmio`) and virtio-pci (:mod:`.pci`).
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from collections.abc import Sequence
 
 from kemu.devices.base import IrqLine
@@ -64,6 +65,20 @@ class _Session:
             self._transport.device_error(reason)
 
 
+@dataclass
+class TransportState:
+    """The registers every virtio transport saves (each transport's state adds its own)."""
+
+    version: int
+    status: int
+    driver_features: int
+    device_features_sel: int
+    driver_features_sel: int
+    queue_sel: int
+    interrupt_status: int
+    config_generation: int
+
+
 class VirtioTransport:
     """Status, features, queues and interrupt status of one device (``None``: no device)."""
 
@@ -97,6 +112,39 @@ class VirtioTransport:
         for q in self.queues:
             q.reset()
             q.set_features(0)
+
+    def kick_ready_queues(self) -> None:
+        """After a restore: have the device look at every ready queue that holds
+        buffers (those given back by the save, requests a paused machine had not
+        taken yet), as if the driver had just notified it."""
+        for i, q in enumerate(self.queues):
+            try:
+                waiting = q.ready and q.pending() > 0
+            except VirtioError:
+                waiting = False
+            if waiting:
+                self.notify(i)
+
+    def _restore_registers(self, state) -> None:
+        """After :meth:`reset`: the registers every transport saves, and the queues."""
+        self.driver_features = state.driver_features
+        self.device_features_sel = state.device_features_sel
+        self.driver_features_sel = state.driver_features_sel
+        self.queue_sel = state.queue_sel
+        self.config_generation = state.config_generation
+        for q, qs in zip(self.queues, state.queues):
+            q.restore(qs)
+
+    def _restore_status(self, state) -> None:
+        """Last: status and interrupt status, and the device active again if DRIVER_OK
+        was set (its own state is restored after)."""
+        self.status = state.status
+        self.interrupt_status = state.interrupt_status
+        if (self.device is not None and (self.status & (STATUS_DRIVER_OK
+                                                        | STATUS_DEVICE_NEEDS_RESET))
+                == STATUS_DRIVER_OK):
+            self._activate()
+        self._update_irq()
 
     def reset(self) -> None:
         """Device reset (2.4, 4.2.2 Status: writing 0)."""
