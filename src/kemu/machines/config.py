@@ -34,6 +34,9 @@ class DriveConfig:
     snapshot: bool = False
     #: The format node's name when the drive came from -blockdev nodes.
     node_name: str | None = None
+    #: QEMU's if= and unit=: "virtio" (a virtio-blk disk), "pflash" (a flash bank).
+    interface: str = "virtio"
+    unit: int | None = None
 
 
 @dataclass
@@ -113,6 +116,10 @@ class MachineConfig:
     fw_cfg: list = field(default_factory=list)
     #: -dtb FILE: this device tree instead of the board's own (virt).
     dtb: Path | None = None
+    #: -bios FILE: firmware loaded into the first flash bank (virt).
+    bios: Path | None = None
+    #: -drive if=pflash: flash bank images (virt: unit 0 code, unit 1 variables).
+    pflash: list[DriveConfig] = field(default_factory=list)
     #: -machine dumpdtb=FILE: write the board's device tree there and exit (virt).
     dumpdtb: Path | None = None
     #: -machine gic-version=2|3 (virt; ``max`` is 3 on TCG, as in QEMU).
