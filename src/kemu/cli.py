@@ -431,9 +431,10 @@ def main(argv: list[str] | None = None) -> int:
         if argv[0] == "img":
             return cmd_img(argv[1:])
         config = parse_qemu_options(argv, MachineConfig())
-        if config.kernel is None and config.dumpdtb is None and config.machine != "none":
-            raise ConfigError("no kernel given: use -kernel FILE (or 'kemu run' for the "
-                              "default guest)")
+        if (config.kernel is None and config.dumpdtb is None and config.machine != "none"
+                and config.bios is None and not config.pflash):
+            raise ConfigError("no kernel given: use -kernel FILE, or firmware with -bios FILE "
+                              "(or 'kemu run' for the default guest)")
         return run_machine(config)
     except KemuError as e:
         print(f"kemu: {e}", file=sys.stderr)
