@@ -243,6 +243,7 @@ class VirtMachine:
         self.uart = Pl011(self.gic.spi_line(UART0_SPI), console.write,
                           on_rx_space=console.pump)
         console.device = self.uart
+        self.uart.polled_input = self.firmware     # EDK2 polls the UART, no RX interrupt
         self.mmio.map(*UART0, self.uart)
 
         # The PL031 RTC, counting from the host's clock as -rtc says; its
