@@ -156,8 +156,10 @@ def _attach(board, config: MachineConfig, backends: list) -> None:
         if dev.driver not in VIRTIO_DRIVERS:
             raise ConfigError(f"-device {dev.driver}: unsupported device "
                               f"(have: {', '.join(sorted(VIRTIO_DRIVERS))})")
-    # Drives without an id (if=virtio) become virtio-blk devices in order,
-    # as QEMU does; drives with an id wait for a -device virtio-blk-device,drive=ID.
+    # Drives without an id (if=virtio) become virtio-blk devices in order, as
+    # QEMU does: virtio-blk-pci on a board with PCI (virt), virtio-mmio otherwise;
+    # drives with an id wait for a -device virtio-blk-*,drive=ID.
+    on_pci = getattr(board, "pci_host", None) is not None
     for index, drive in enumerate(config.drives):
         if drive.id is None:
             backend = open_drive(drive, config.snapshot)
@@ -165,7 +167,8 @@ def _attach(board, config: MachineConfig, backends: list) -> None:
             attach_transport(board, VirtioBlk(backend, serial=f"kemu-disk{index}",
                                           read_only=drive.read_only,
                                           name=f"virtio-blk{index}",
-                                          **_error_policy(board, drive, index)))
+                                          **_error_policy(board, drive, index)),
+                             pci=on_pci)
     for dev in config.devices:
         kind = VIRTIO_DRIVERS[dev.driver]
         placement = pci_placement(board, dev) if kind not in DISPLAY_KINDS else None
