@@ -34,7 +34,8 @@ class DriveConfig:
     snapshot: bool = False
     #: The format node's name when the drive came from -blockdev nodes.
     node_name: str | None = None
-    #: QEMU's if= and unit=: "virtio" (a virtio-blk disk), "pflash" (a flash bank).
+    #: QEMU's if= and unit=: "virtio" (a virtio-blk disk: PCI on a board with PCI),
+    #: "pflash" (a flash bank); kemu's API asks for "virtio-mmio" (always virtio-mmio).
     interface: str = "virtio"
     unit: int | None = None
 

@@ -168,7 +168,7 @@ def _attach(board, config: MachineConfig, backends: list) -> None:
                                           read_only=drive.read_only,
                                           name=f"virtio-blk{index}",
                                           **_error_policy(board, drive, index)),
-                             pci=on_pci)
+                             pci=on_pci and drive.interface != "virtio-mmio")
     for dev in config.devices:
         kind = VIRTIO_DRIVERS[dev.driver]
         placement = pci_placement(board, dev) if kind not in DISPLAY_KINDS else None
