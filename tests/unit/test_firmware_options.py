@@ -149,3 +149,34 @@ def test_kernel_goes_to_the_firmware_through_fw_cfg(tmp_path):
         assert "bootorder" in names and "etc/boot-fail-wait" in names
     finally:
         m.close()
+
+
+def test_bootorder_from_bootindex_as_qemu_spells_it(tmp_path):
+    """QEMU 7.2's virt, for the same devices, gives the firmware
+    /pci@ffffffffffffffff/scsi@4/disk@0,0 (bootindex 0) before scsi@3 (1), then the
+    virtio-mmio disk, then HALT under -boot strict=on."""
+    images = [fd_file(tmp_path, f"d{i}.img", 1 << 20) for i in range(3)]
+    m = machine("-kernel", str(fd_file(tmp_path, "k", 4096)), "-boot", "strict=on",
+                "-drive", f"if=none,id=d0,format=raw,file={images[0]}",
+                "-device", "virtio-blk-pci,drive=d0,addr=3,bootindex=1",
+                "-drive", f"if=none,id=d1,format=raw,file={images[1]}",
+                "-device", "virtio-blk-device,drive=d1,bootindex=3",
+                "-drive", f"if=none,id=d2,format=raw,file={images[2]}",
+                "-device", "virtio-blk-pci,drive=d2,addr=4,bootindex=0")
+    try:
+        fw = m.fw_cfg
+        entry = next(f for f in fw.files() if f.name == "bootorder")
+        fw.select(entry.select)
+        data = bytes(fw.read(0, 1) for _ in range(entry.size))
+        mmio = m.virtio_slots[0].base
+        assert data == (b"/pci@ffffffffffffffff/scsi@4/disk@0,0\n"
+                        b"/pci@ffffffffffffffff/scsi@3/disk@0,0\n"
+                        + f"/virtio-mmio@{mmio:016x}/disk@0,0\n".encode() + b"HALT\0")
+    finally:
+        m.close()
+    with pytest.raises(ConfigError, match="bootindex 1 used by two devices"):
+        machine("-kernel", str(tmp_path / "k"),
+                "-drive", f"if=none,id=d0,format=raw,file={images[0]}",
+                "-device", "virtio-blk-pci,drive=d0,bootindex=1",
+                "-drive", f"if=none,id=d1,format=raw,file={images[1]}",
+                "-device", "virtio-blk-pci,drive=d1,bootindex=1")

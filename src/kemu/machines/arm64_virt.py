@@ -293,7 +293,10 @@ class VirtMachine:
         from kemu.machines.virtio_devices import attach_devices, attach_transport
         #: close() runs in two threads at once (the API's watcher and its caller's wait()).
         self._teardown_lock = threading.Lock()
+        #: (bootindex, Open Firmware path) of the -device ...,bootindex=N devices.
+        self.boot_devices: list[tuple[int, str]] = []
         self.block_backends = attach_devices(self, config)
+        self._add_boot_order()
         # The power button (QMP system_powerdown), as QEMU's virt has one.
         self.power_button = power_button()
         attach_transport(self, self.power_button)
@@ -461,8 +464,8 @@ class VirtMachine:
             cpu.set_romd(bank.base, romd, changed)
 
     def _add_boot_options(self) -> None:
-        """-boot as QEMU's fw_cfg gives it to the firmware: the boot menu, its wait,
-        the reboot timeout and the (bootindex) boot order, strict or not."""
+        """-boot as QEMU's fw_cfg gives it to the firmware: the boot menu, its wait
+        and the reboot timeout (the boot order comes with the devices)."""
         import struct
         from kemu.devices.fw_cfg import FW_CFG_BOOT_MENU
         boot = self.config.extra.get("boot", {})
@@ -472,7 +475,17 @@ class VirtMachine:
                                  struct.pack("<H", max(0, boot["splash-time"])))
         self.fw_cfg.add_file("etc/boot-fail-wait",
                              struct.pack("<i", boot.get("reboot-timeout", -1)))
-        self.fw_cfg.add_file("bootorder", b"HALT\0" if boot.get("strict") else b"")
+
+    def _add_boot_order(self) -> None:
+        """QEMU's "bootorder" file: the bootindex devices' paths by index, one a line,
+        NUL-terminated; with -boot strict=on a last line HALT (when there are any)."""
+        paths = [path for _, path in sorted(self.boot_devices)]
+        if not paths:
+            self.fw_cfg.add_file("bootorder", b"")
+            return
+        if self.config.extra.get("boot", {}).get("strict"):
+            paths.append("HALT")
+        self.fw_cfg.add_file("bootorder", "\n".join(paths).encode() + b"\0")
 
     def add_pci(self, transport, slot: int | None = None) -> int:
         """Plug a virtio-pci transport's function into pcie.0 (the next free slot if None)."""

@@ -96,7 +96,7 @@ def attach_transport(board, device, slot: int | None = None, pci: bool = False):
     if pci:
         from kemu.devices.virtio.pci import VirtioPciTransport
         transport = VirtioPciTransport(device, board.memory)
-        board.add_pci(transport, slot)
+        transport.pci_slot = board.add_pci(transport, slot)
         return transport
     transport = VirtioMmioTransport(device, board.memory,
                                     board.virtio_irq(len(board.virtio_slots)),
@@ -187,13 +187,14 @@ def _attach(board, config: MachineConfig, backends: list) -> None:
             drive = by_id[drive_id]
             backend = open_drive(drive, config.snapshot)
             backends.append(backend)
-            attach_transport(board, VirtioBlk(backend, serial=dev.props.get("serial", drive_id),
-                                          read_only=drive.read_only, name=f"virtio-blk-{drive_id}",
-                                          **_error_policy(board, drive,
-                                                          config.drives.index(drive))),
-                             **where)
+            transport = attach_transport(
+                board, VirtioBlk(backend, serial=dev.props.get("serial", drive_id),
+                                 read_only=drive.read_only, name=f"virtio-blk-{drive_id}",
+                                 **_error_policy(board, drive, config.drives.index(drive))),
+                **where)
+            _boot_device(board, dev, transport, "disk")
         elif kind == "net":
-            attach_transport(board, net.nic(dev), **where)
+            _boot_device(board, dev, attach_transport(board, net.nic(dev), **where), "net")
         elif kind == "vsock":
             attach_transport(board, net.vsock(dev), **where)
         elif kind in DISPLAY_KINDS:
@@ -217,6 +218,31 @@ def _attach(board, config: MachineConfig, backends: list) -> None:
         if server is not None:
             backends.append(server)        # closed before the loop it runs on
     net.finish()
+
+
+def _boot_device(board, dev: DeviceConfig, transport, kind: str) -> None:
+    """A ``bootindex=`` device's Open Firmware path in the board's boot order, as
+    QEMU's virt spells it for the firmware's "bootorder" (fw_cfg)."""
+    index = dev.props.get("bootindex")
+    order = getattr(board, "boot_devices", None)
+    if index is None or order is None:
+        return
+    try:
+        number = int(index)
+    except ValueError:
+        raise ConfigError(f"-device {dev.driver}: bootindex={index}: expected a number") \
+            from None
+    if any(n == number for n, _ in order):
+        raise ConfigError(f"-device {dev.driver}: bootindex {number} used by two devices")
+    slot = getattr(transport, "pci_slot", None)
+    if slot is not None:
+        leaf = "scsi@{:x}/disk@0,0" if kind == "disk" else "ethernet@{:x}/ethernet-phy@0"
+        path = "/pci@ffffffffffffffff/" + leaf.format(slot)
+    elif kind == "disk":
+        path = f"/virtio-mmio@{board.virtio_slots[-1].base:016x}/disk@0,0"
+    else:
+        path = f"/virtio-mmio@{board.virtio_slots[-1].base:016x}/ethernet-phy@0"
+    order.append((number, path))
 
 
 def _error_policy(board, drive: DriveConfig, index: int) -> dict:
