@@ -362,9 +362,7 @@ class Machine:
             memory=memory if isinstance(memory, int) else parse_size(memory),
             kernel=Path(kernel), initrd=Path(initrd) if initrd else None, append=append,
             no_reboot=no_reboot, name=name, smp=smp,
-            # The API's disks stay on virtio-mmio, whose devices have saved state
-            # (snapshots, fork); -drive if=virtio is virtio-blk-pci on virt, as QEMU's.
-            drives=[DriveConfig(Path(d), interface="virtio-mmio") for d in disks],
+            drives=[DriveConfig(Path(d)) for d in disks],
             devices=[parse_device(d) if isinstance(d, str) else DeviceConfig(*d)
                      for d in devices])
         if vnc is not None:           # QEMU's -vnc argument: ":1", "unix:/path,password=on"

@@ -34,9 +34,11 @@ class DriveConfig:
     snapshot: bool = False
     #: The format node's name when the drive came from -blockdev nodes.
     node_name: str | None = None
-    #: QEMU's if= and unit=: "virtio" (a virtio-blk disk: PCI on a board with PCI),
-    #: "pflash" (a flash bank); kemu's API asks for "virtio-mmio" (always virtio-mmio).
-    interface: str = "virtio"
+    #: QEMU's if= and unit=: "virtio" (-drive if=virtio: a virtio-blk disk, PCI on a
+    #: board with PCI as QEMU's), "pflash" (a flash bank); "virtio-mmio", the default
+    #: of kemu's own configs (API, --disk), stays on virtio-mmio, whose devices have
+    #: saved state (snapshots, fork).
+    interface: str = "virtio-mmio"
     unit: int | None = None
 
 
