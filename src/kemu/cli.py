@@ -52,6 +52,11 @@ QEMU-style options: -M/-machine virt|virt-7.2|microvm|none[,PROP=V]  -accel tcg|
   -drive file=IMG[,format=raw|qcow2][,if=virtio|none,id=ID][,readonly=on][,cache=MODE]
          [,aio=threads|native|io_uring][,snapshot=on] (aio= is accepted; kemu's disk
          I/O is synchronous pread/pwrite, in the thread that takes the queue notify)
+         (virt: if=virtio is virtio-blk-pci, as -hda FILE and -cdrom FILE, read-only)
+  -bios FILE | -drive if=pflash,format=raw,file=IMG[,readonly=on][,unit=0|1]
+         (virt: UEFI firmware in CFI flash, e.g. /usr/share/qemu-efi-aarch64/QEMU_EFI.fd;
+         -kernel/-initrd/-append then go to the firmware through fw_cfg)
+  -boot [order=..][,menu=on|off][,strict=on|off][,splash-time=MS] (to the firmware)
   -snapshot  (writes go to temporary qcow2 overlays, deleted at exit; images untouched)
   -rtc [base=utc|localtime|YYYY-MM-DD[THH:MM:SS]][,clock=host|rt|vm][,driftfix=none|slew]
   -fw_cfg [name=]opt/NAME,file=PATH|string=STR  (virt: an item in QEMU's fw_cfg device)
@@ -68,7 +73,7 @@ QEMU-style options: -M/-machine virt|virt-7.2|microvm|none[,PROP=V]  -accel tcg|
   -blockdev driver=file,filename=F,node-name=N | driver=raw|qcow2,file=N,node-name=M
   -device DRIVER,drive=NODE|ID,...  (keyval or JSON: -device '{"driver":...}')
   accepted as QEMU does: -no-user-config -no-acpi -uuid -overcommit mem-lock=off
-                         -boot strict=on -audiodev none -sandbox off -msg timestamp=on
+                         -audiodev none -sandbox off -msg timestamp=on
   -incoming unix:PATH|tcp:HOST:PORT|exec:CMD|fd:N|defer  (wait for a migration; virt board)
   -loadvm TAG  (start from an internal snapshot of the qcow2 disks, made by savevm)
   -M help  -cpu help  -device help  -device DRIVER,help  -accel help  -netdev help  -chardev help
@@ -432,9 +437,10 @@ def main(argv: list[str] | None = None) -> int:
         if argv[0] == "img":
             return cmd_img(argv[1:])
         config = parse_qemu_options(argv, MachineConfig())
-        if config.kernel is None and config.dumpdtb is None and config.machine != "none":
-            raise ConfigError("no kernel given: use -kernel FILE (or 'kemu run' for the "
-                              "default guest)")
+        if (config.kernel is None and config.dumpdtb is None and config.machine != "none"
+                and config.bios is None and not config.pflash):
+            raise ConfigError("no kernel given: use -kernel FILE, or firmware with -bios FILE "
+                              "(or 'kemu run' for the default guest)")
         return run_machine(config)
     except KemuError as e:
         print(f"kemu: {e}", file=sys.stderr)

@@ -69,7 +69,10 @@ def test_linux_finds_its_disk_on_legacy_virtio_mmio(guest, tmp_path):
     (feature bit 32) stays off."""
     disk = tmp_path / "disk.raw"
     disk.write_bytes(b"legacy-disk-data" + b"\0" * ((8 << 20) - 16))
-    out = boot(["-global", "virtio-mmio.force-legacy=on", "--disk", str(disk)],
+    # The disk on virtio-mmio explicitly: a plain disk is virtio-blk-pci on virt, as QEMU's.
+    out = boot(["-global", "virtio-mmio.force-legacy=on",
+                "-drive", f"if=none,id=d0,format=raw,file={disk}",
+                "-device", "virtio-blk-device,drive=d0"],
                "for d in /sys/bus/virtio/devices/*; do"
                " echo DEV $(cat $d/device) V1=$(cut -c33 $d/features); done\n"
                "dd if=/dev/vda bs=16 count=1 2>/dev/null; echo\n"

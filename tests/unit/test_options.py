@@ -139,7 +139,7 @@ def test_what_qemu_refuses_at_start_is_a_startup_error(argv, message):
 
 @pytest.mark.parametrize("argv", [
     ["-M", "virt,gic-version=host"], ["-M", "virt,usb=on"], ["-M", "virt,frob=1"],
-    ["-overcommit", "mem-lock=on"], ["-sandbox", "on,obsolete=deny"], ["-boot", "menu=on"],
+    ["-overcommit", "mem-lock=on"], ["-sandbox", "on,obsolete=deny"], ["-boot", "order=z"],
     ["-audiodev", "pa,id=a"], ["-smp", "2,sockets=1,cores=1,threads=1"], ["-uuid", "nope"],
     ["-chardev", "vc,id=c"], ["-chardev", "socket,id=c"], ["-M", "microvm", "-no-acpi"],
 ])

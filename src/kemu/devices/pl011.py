@@ -80,6 +80,9 @@ class Pl011:
         self.tx = tx
         #: Called when the guest has taken bytes out of the receive FIFO.
         self.on_rx_space = on_rx_space or (lambda: None)
+        #: A guest that polls UARTFR with its interrupts masked (firmware: EDK2,
+        #: U-Boot) listens once UART and receiver are enabled, as QEMU delivers.
+        self.polled_input = False
         self.reset()
 
     def reset(self) -> None:
@@ -110,7 +113,7 @@ class Pl011:
         host side (Linux drains and discards the FIFO when it starts up).
         """
         listening = (self.cr & CR_UARTEN and self.cr & CR_RXE
-                     and self.imsc & (INT_RX | INT_RT))
+                     and (self.polled_input or self.imsc & (INT_RX | INT_RT)))
         return self.rx_capacity if listening else 0
 
     def receive(self, data: bytes) -> int:
@@ -189,6 +192,8 @@ class Pl011:
             self.lcr_h = value & 0xFF
         elif offset == UARTCR:
             self.cr = value & 0xFFFF
+            if self.polled_input:
+                self.on_rx_space()      # input typed before the receiver was enabled
         elif offset == UARTIFLS:
             self.ifls = value & 0x3F
         elif offset == UARTIMSC:

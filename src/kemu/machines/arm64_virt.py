@@ -4,6 +4,7 @@ The memory map follows QEMU's ``virt`` machine (hw/arm/virt.c), so guests
 and device trees written for it work unchanged:
 
 =============  ============  =================================
+0x00000000     2 x 64 MiB    CFI flash: firmware code, variables
 0x08000000     64 KiB        GIC distributor (GICv2 or GICv3)
 0x08010000     64 KiB        GICv2 CPU interface
 0x08020000     4 KiB         GICv2m MSI frame (SPI 48-111; GICv2 only)
@@ -34,7 +35,13 @@ its own bank of the GIC's registers, SGIs go through GICD_SGIR.  GICv3
 the ICC_* system registers, SGIs through ICC_SGI1R_EL1, SPIs routed by
 GICD_IROUTER; no ITS (PCI functions use INTx with GICv3).  Kernels (Image,
 ELF, raw) and the device tree are placed as QEMU places them (:mod:`kemu.boot.arm64_boot`); ``-dtb FILE``
-replaces the generated tree (:mod:`kemu.boot.dtb_file`).  The virtio-mmio
+replaces the generated tree (:mod:`kemu.boot.dtb_file`).
+
+Firmware (``-bios``, ``-drive if=pflash``: :mod:`kemu.machines.flash`) boots
+as on QEMU's virt: CPU 0 starts at the flash's base at EL1 (the board offers
+no EL2 or EL3 to the guest), every register 0; the device tree is at the
+start of RAM; a ``-kernel``, ``-initrd`` and ``-append`` go to the firmware
+through fw_cfg (the kernel gunzipped), as QEMU's arm_setup_firmware_boot.  The virtio-mmio
 slots speak version 1 (legacy) by default, as QEMU 7.2's do.
 """
 
@@ -62,6 +69,7 @@ from kemu.devices.psci import Psci
 from kemu.devices.psci import SystemEvent as PsciEvent
 from kemu.backends.serial import SerialBackend
 from kemu.errors import ConfigError
+from kemu.machines import flash
 from kemu.machines.config import MachineConfig, MiB
 from kemu.machines.rtc import AlarmTimer, RtcClock
 from kemu.devices import psci as psci_fn
@@ -192,8 +200,11 @@ class VirtMachine:
             raise ConfigError(f"-m: RAM must be between 16 MiB and {RAM_MAX >> 30} GiB")
         if config.memory % (2 * MiB):
             raise ConfigError("-m: RAM size must be a multiple of 2 MiB")
-        if config.kernel is None and config.dumpdtb is None:
-            raise ConfigError("no kernel given (-kernel)")
+        #: Firmware in flash0 (-bios, -drive if=pflash,unit=0): it boots, not -kernel.
+        self.firmware = flash.has_firmware(config)
+        if config.kernel is None and config.dumpdtb is None and not self.firmware:
+            raise ConfigError("no kernel given (-kernel) and no firmware (-bios or "
+                              "-drive if=pflash)")
         self.config = config
         self.console = console
         #: The host's random source (the device tree's seeds).
@@ -232,6 +243,7 @@ class VirtMachine:
         self.uart = Pl011(self.gic.spi_line(UART0_SPI), console.write,
                           on_rx_space=console.pump)
         console.device = self.uart
+        self.uart.polled_input = self.firmware     # EDK2 polls the UART, no RX interrupt
         self.mmio.map(*UART0, self.uart)
 
         # The PL031 RTC, counting from the host's clock as -rtc says; its
@@ -247,7 +259,13 @@ class VirtMachine:
         self.fw_cfg = FwCfg(self.memory, nb_cpus=config.smp)
         for item in config.fw_cfg:
             self.fw_cfg.add_file(item.name, item.data())
+        self._add_boot_options()
         self.mmio.map(*FW_CFG, self.fw_cfg)
+
+        # The two CFI flash banks, as QEMU's virt always has them.
+        self.flash = flash.build_banks(config, self._on_flash_romd)
+        for bank in self.flash:
+            self.mmio.map(bank.base, bank.size, bank.device)
 
         # Per-CPU timers on the CPU's banked PPIs; a vCPU thread drives them
         # from its MSR hooks, so their lines take the machine lock.
@@ -275,7 +293,10 @@ class VirtMachine:
         from kemu.machines.virtio_devices import attach_devices, attach_transport
         #: close() runs in two threads at once (the API's watcher and its caller's wait()).
         self._teardown_lock = threading.Lock()
+        #: (bootindex, Open Firmware path) of the -device ...,bootindex=N devices.
+        self.boot_devices: list[tuple[int, str]] = []
         self.block_backends = attach_devices(self, config)
+        self._add_boot_order()
         # The power button (QMP system_powerdown), as QEMU's virt has one.
         self.power_button = power_button()
         attach_transport(self, self.power_button)
@@ -286,7 +307,15 @@ class VirtMachine:
             raise ConfigError(f"-dtb {config.dtb}: not a flattened device tree (no d00dfeed magic)")
         self.initrd = None
         self.layout: arm64_boot.BootLayout | None = None
-        if config.kernel is not None:
+        if config.kernel is not None and self.firmware:
+            # As QEMU's arm_setup_firmware_boot: the files to the firmware, untouched
+            # but for the kernel's gzip layer.
+            kernel_data = linux_arm64.inflate(
+                linux_arm64.read_boot_file(config.kernel, "kernel"), f"kernel {config.kernel}")
+            initrd = (linux_arm64.read_boot_file(config.initrd, "initrd")
+                      if config.initrd else None)
+            self.fw_cfg.add_kernel(kernel_data, initrd, config.append)
+        elif config.kernel is not None:
             kernel = arm64_boot.load_kernel_file(config.kernel, RAM_BASE)
             if config.initrd and kernel.is_linux:   # QEMU passes an initrd to Linux only
                 self.initrd = linux_arm64.read_boot_file(config.initrd, "initrd")
@@ -378,6 +407,9 @@ class VirtMachine:
             "reg": reg64(RTC),
             "interrupts": Cells(GIC_FDT_SPI, RTC_SPI, IRQ_TYPE_LEVEL_HIGH),
             "clocks": PHANDLE_CLK, "clock-names": "apb_pclk"}))
+        root.add(Node(f"flash@{flash.FLASH_BASE:x}", {
+            "compatible": "cfi-flash", "bank-width": 4,
+            "reg": reg64(*((bank.base, bank.size) for bank in self.flash))}))
         root.add(Node(f"fw-cfg@{FW_CFG[0]:x}", {
             "compatible": "qemu,fw-cfg-mmio", "reg": reg64(FW_CFG), "dma-coherent": None}))
         root.add(self._pcie_node())
@@ -421,6 +453,39 @@ class VirtMachine:
         """An MSI through the GICv2m frame: an edge on ``spi``."""
         self.gic.set_spi(spi, True)
         self.gic.set_spi(spi, False)
+
+    def _on_flash_romd(self, bank: "flash.FlashBank", romd: bool) -> None:
+        """A bank enters or leaves read-array mode: every vCPU maps its array for
+        reads again, or sends reads to the device; code from changed pages is dropped."""
+        changed = None
+        if romd and bank.dirty:
+            changed = (bank.base + bank.dirty[0], bank.base + bank.dirty[1])
+        for cpu in self.cpus:
+            cpu.set_romd(bank.base, romd, changed)
+
+    def _add_boot_options(self) -> None:
+        """-boot as QEMU's fw_cfg gives it to the firmware: the boot menu, its wait
+        and the reboot timeout (the boot order comes with the devices)."""
+        import struct
+        from kemu.devices.fw_cfg import FW_CFG_BOOT_MENU
+        boot = self.config.extra.get("boot", {})
+        self.fw_cfg.add_item(FW_CFG_BOOT_MENU, struct.pack("<H", int(boot.get("menu", False))))
+        if "splash-time" in boot:
+            self.fw_cfg.add_file("etc/boot-menu-wait",
+                                 struct.pack("<H", max(0, boot["splash-time"])))
+        self.fw_cfg.add_file("etc/boot-fail-wait",
+                             struct.pack("<i", boot.get("reboot-timeout", -1)))
+
+    def _add_boot_order(self) -> None:
+        """QEMU's "bootorder" file: the bootindex devices' paths by index, one a line,
+        NUL-terminated; with -boot strict=on a last line HALT (when there are any)."""
+        paths = [path for _, path in sorted(self.boot_devices)]
+        if not paths:
+            self.fw_cfg.add_file("bootorder", b"")
+            return
+        if self.config.extra.get("boot", {}).get("strict"):
+            paths.append("HALT")
+        self.fw_cfg.add_file("bootorder", "\n".join(paths).encode() + b"\0")
 
     def add_pci(self, transport, slot: int | None = None) -> int:
         """Plug a virtio-pci transport's function into pcie.0 (the next free slot if None)."""
@@ -536,7 +601,8 @@ class VirtMachine:
         """Fresh vCPUs: CPU 0 at the kernel entry, the others off until CPU_ON."""
         from kemu.accel.tcg.aarch64 import Aarch64Cpu
         from kemu.accel.tcg.coherence import CoherenceDomain
-        assert self.layout is not None, "a machine made for dumpdtb does not run"
+        assert self.layout is not None or self.firmware, \
+            "a machine made for dumpdtb does not run"
         n = self.config.smp
         domain = CoherenceDomain() if n > 1 else None
         cpus = []
@@ -549,15 +615,26 @@ class VirtMachine:
                                     if n > 1 else None),
                              domain=domain, powered_on=i == 0,
                              pmu_irq=self._locked(self.gic.ppi_line(i, PPI_PMU)),
-                             gicv3=self.gic_cpuif)
+                             gicv3=self.gic_cpuif,
+                             rom_devices=tuple((b.base, b.size, b.host_address)
+                                               for b in self.flash))
             self.cpu_irqs[i].connect(cpu.set_irq)
-            cpu.reset_for_linux(self.layout.entry, self.layout.x0)
+            if self.layout is None:
+                cpu.reset_for_firmware(flash.FLASH_BASE)
+            else:
+                cpu.reset_for_linux(self.layout.entry, self.layout.x0)
             cpus.append(cpu)
         return cpus
 
     def load(self) -> None:
-        assert self.layout is not None, "a machine made for dumpdtb does not run"
         dtb = self.device_tree()
+        if self.layout is None:
+            assert self.firmware, "a machine made for dumpdtb does not run"
+            # As QEMU's virt for firmware: the device tree at the start of RAM.
+            if len(dtb) > self.config.memory:
+                raise ConfigError("the device tree does not fit in RAM")
+            self.memory.write(RAM_BASE, dtb)
+            return
         arm64_boot.load(self.memory, self.layout, self.initrd, dtb)
 
     def _on_exit(self, exit: Exit) -> Outcome | None:
@@ -571,6 +648,8 @@ class VirtMachine:
             self.uart.reset()
             self.rtc.reset()
             self.fw_cfg.reset()
+            for bank in self.flash:
+                bank.device.reset()
             for transport in self.pci_transports:
                 transport.reset()
             self.pci_host.reset()
@@ -605,6 +684,8 @@ class VirtMachine:
     def save_state(self) -> dict:
         """The whole machine but RAM as plain data (paused, under the machine lock)."""
         from kemu.state import save_plain
+        if self.firmware:
+            raise ConfigError("save: the firmware's flash has no saved state yet")
         if self.state not in (RunState.PAUSED, RunState.CREATED) or self._paused_at is None:
             raise ConfigError("save: the machine must be paused")
         return {
@@ -773,6 +854,8 @@ class VirtMachine:
         with self._teardown_lock:
             backends, self.block_backends = self.block_backends, []
             flush_and_close(backends)
+            for bank in self.flash:
+                bank.close()
 
     @property
     def state(self) -> RunState:

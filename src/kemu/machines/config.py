@@ -34,6 +34,12 @@ class DriveConfig:
     snapshot: bool = False
     #: The format node's name when the drive came from -blockdev nodes.
     node_name: str | None = None
+    #: QEMU's if= and unit=: "virtio" (-drive if=virtio: a virtio-blk disk, PCI on a
+    #: board with PCI as QEMU's), "pflash" (a flash bank); "virtio-mmio", the default
+    #: of kemu's own configs (API, --disk), stays on virtio-mmio, whose devices have
+    #: saved state (snapshots, fork).
+    interface: str = "virtio-mmio"
+    unit: int | None = None
 
 
 @dataclass
@@ -113,6 +119,10 @@ class MachineConfig:
     fw_cfg: list = field(default_factory=list)
     #: -dtb FILE: this device tree instead of the board's own (virt).
     dtb: Path | None = None
+    #: -bios FILE: firmware loaded into the first flash bank (virt).
+    bios: Path | None = None
+    #: -drive if=pflash: flash bank images (virt: unit 0 code, unit 1 variables).
+    pflash: list[DriveConfig] = field(default_factory=list)
     #: -machine dumpdtb=FILE: write the board's device tree there and exit (virt).
     dumpdtb: Path | None = None
     #: -machine gic-version=2|3 (virt; ``max`` is 3 on TCG, as in QEMU).

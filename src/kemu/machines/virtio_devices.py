@@ -96,7 +96,7 @@ def attach_transport(board, device, slot: int | None = None, pci: bool = False):
     if pci:
         from kemu.devices.virtio.pci import VirtioPciTransport
         transport = VirtioPciTransport(device, board.memory)
-        board.add_pci(transport, slot)
+        transport.pci_slot = board.add_pci(transport, slot)
         return transport
     transport = VirtioMmioTransport(device, board.memory,
                                     board.virtio_irq(len(board.virtio_slots)),
@@ -156,8 +156,10 @@ def _attach(board, config: MachineConfig, backends: list) -> None:
         if dev.driver not in VIRTIO_DRIVERS:
             raise ConfigError(f"-device {dev.driver}: unsupported device "
                               f"(have: {', '.join(sorted(VIRTIO_DRIVERS))})")
-    # Drives without an id (if=virtio) become virtio-blk devices in order,
-    # as QEMU does; drives with an id wait for a -device virtio-blk-device,drive=ID.
+    # Drives without an id (if=virtio) become virtio-blk devices in order, as
+    # QEMU does: virtio-blk-pci on a board with PCI (virt), virtio-mmio otherwise;
+    # drives with an id wait for a -device virtio-blk-*,drive=ID.
+    on_pci = getattr(board, "pci_host", None) is not None
     for index, drive in enumerate(config.drives):
         if drive.id is None:
             backend = open_drive(drive, config.snapshot)
@@ -165,7 +167,8 @@ def _attach(board, config: MachineConfig, backends: list) -> None:
             attach_transport(board, VirtioBlk(backend, serial=f"kemu-disk{index}",
                                           read_only=drive.read_only,
                                           name=f"virtio-blk{index}",
-                                          **_error_policy(board, drive, index)))
+                                          **_error_policy(board, drive, index)),
+                             pci=on_pci and drive.interface != "virtio-mmio")
     for dev in config.devices:
         kind = VIRTIO_DRIVERS[dev.driver]
         placement = pci_placement(board, dev) if kind not in DISPLAY_KINDS else None
@@ -184,13 +187,14 @@ def _attach(board, config: MachineConfig, backends: list) -> None:
             drive = by_id[drive_id]
             backend = open_drive(drive, config.snapshot)
             backends.append(backend)
-            attach_transport(board, VirtioBlk(backend, serial=dev.props.get("serial", drive_id),
-                                          read_only=drive.read_only, name=f"virtio-blk-{drive_id}",
-                                          **_error_policy(board, drive,
-                                                          config.drives.index(drive))),
-                             **where)
+            transport = attach_transport(
+                board, VirtioBlk(backend, serial=dev.props.get("serial", drive_id),
+                                 read_only=drive.read_only, name=f"virtio-blk-{drive_id}",
+                                 **_error_policy(board, drive, config.drives.index(drive))),
+                **where)
+            _boot_device(board, dev, transport, "disk")
         elif kind == "net":
-            attach_transport(board, net.nic(dev), **where)
+            _boot_device(board, dev, attach_transport(board, net.nic(dev), **where), "net")
         elif kind == "vsock":
             attach_transport(board, net.vsock(dev), **where)
         elif kind in DISPLAY_KINDS:
@@ -214,6 +218,31 @@ def _attach(board, config: MachineConfig, backends: list) -> None:
         if server is not None:
             backends.append(server)        # closed before the loop it runs on
     net.finish()
+
+
+def _boot_device(board, dev: DeviceConfig, transport, kind: str) -> None:
+    """A ``bootindex=`` device's Open Firmware path in the board's boot order, as
+    QEMU's virt spells it for the firmware's "bootorder" (fw_cfg)."""
+    index = dev.props.get("bootindex")
+    order = getattr(board, "boot_devices", None)
+    if index is None or order is None:
+        return
+    try:
+        number = int(index)
+    except ValueError:
+        raise ConfigError(f"-device {dev.driver}: bootindex={index}: expected a number") \
+            from None
+    if any(n == number for n, _ in order):
+        raise ConfigError(f"-device {dev.driver}: bootindex {number} used by two devices")
+    slot = getattr(transport, "pci_slot", None)
+    if slot is not None:
+        leaf = "scsi@{:x}/disk@0,0" if kind == "disk" else "ethernet@{:x}/ethernet-phy@0"
+        path = "/pci@ffffffffffffffff/" + leaf.format(slot)
+    elif kind == "disk":
+        path = f"/virtio-mmio@{board.virtio_slots[-1].base:016x}/disk@0,0"
+    else:
+        path = f"/virtio-mmio@{board.virtio_slots[-1].base:016x}/ethernet-phy@0"
+    order.append((number, path))
 
 
 def _error_policy(board, drive: DriveConfig, index: int) -> dict:

@@ -6,7 +6,9 @@ is refused in one line saying why.
                                            CPU power management through)
     -uuid UUID                            (the machine's UUID; kemu's boards have no
                                            firmware table to put it in)
-    -boot strict=on,menu=off,...          (kemu boots -kernel; there is no boot menu)
+    -boot order=,once=,menu=,strict=,splash-time=  (checked as QEMU checks them; menu,
+                                           strict and splash-time reach the firmware
+                                           through fw_cfg on virt)
     -audiodev none / {"driver":"none"}    (kemu has no sound devices)
     -sandbox off                          (kemu has no seccomp sandbox: on is refused)
     -msg timestamp=on|off,guest-name=...  (the prefix of error messages)
@@ -53,14 +55,34 @@ def uuid(value: str, config: MachineConfig) -> None:
 
 
 def boot(value: str, config: MachineConfig) -> None:
+    """QEMU's -boot: order/once letters as validate_bootdevices checks them; menu,
+    strict and splash-time kept for the firmware (fw_cfg on virt)."""
     props = parse_keyval(value, "-boot", "order")
+    _only(props, "-boot", {"order": None, "once": None, "strict": None, "menu": None,
+                           "reboot-timeout": None, "splash-time": None, "splash": None})
+    for key in ("order", "once"):
+        seen = set()
+        for letter in props.get(key, ""):
+            if not "a" <= letter <= "p":
+                raise ConfigError(f"Invalid boot device: '{letter}'")
+            if letter in seen:
+                raise ConfigError(f"Boot device '{letter}' was given twice")
+            seen.add(letter)
+    boot_config = {}
     for key in ("strict", "menu"):
         if key in props:
-            parse_bool(props[key], key)
-    if parse_bool(props.get("menu", "off"), "menu"):
-        raise ConfigError("-boot menu=on: kemu boots -kernel and has no boot menu")
-    _only(props, "-boot", {"order": None, "once": None, "strict": None, "menu": None,
-                           "reboot-timeout": None, "splash-time": None})
+            boot_config[key] = parse_bool(props[key], key)
+    for key in ("splash-time", "reboot-timeout"):
+        if key in props:
+            try:
+                number = int(props[key])
+            except ValueError:
+                number = -2
+            if not -1 <= number <= 0xFFFF:
+                raise ConfigError(f"-boot {key}={props[key]}: expected a number of "
+                                  "milliseconds up to 65535")
+            boot_config[key] = number
+    config.extra["boot"] = boot_config
 
 
 def audiodev(value: str, config: MachineConfig) -> None:
@@ -113,7 +135,8 @@ def check_no_acpi(config: MachineConfig) -> None:
 #: the parsers here and in kemu.options take them (-chardev's come from its table).
 PARAMETERS: dict[str, list[str]] = {
     "overcommit": ["mem-lock", "cpu-pm"],
-    "boot-opts": ["order", "once", "strict", "menu", "reboot-timeout", "splash-time"],
+    "boot-opts": ["order", "once", "strict", "menu", "reboot-timeout", "splash-time",
+                  "splash"],
     "msg": ["timestamp", "guest-name"],
     "name": ["guest", "process", "debug-threads"],
     "smp-opts": ["cpus", "sockets", "dies", "clusters", "cores", "threads", "maxcpus"],
@@ -121,5 +144,5 @@ PARAMETERS: dict[str, list[str]] = {
     "rtc": ["base", "clock", "driftfix"],
     "memory": ["size"],
     "drive": ["file", "format", "if", "id", "readonly", "cache", "aio", "snapshot",
-              "werror", "rerror", "media", "file.locking"],
+              "werror", "rerror", "media", "file.locking", "unit", "index"],
 }

@@ -29,13 +29,15 @@ WITH_ARG = {"-M", "-machine", "-cpu", "-m", "-smp", "-kernel", "-initrd", "-appe
             "-serial", "-accel", "-name", "-display", "-monitor", "-drive", "-device", "-disk",
             "-qmp", "-pidfile", "-netdev", "-nic", "-net", "-rtc", "-dtb", "-global",
             "-fw_cfg", "-object", "-chardev", "-mon", "-blockdev", "-vnc",
-            "-incoming", "-loadvm"} | {
+            "-incoming", "-loadvm", "-bios", "-hda", "-hdb", "-hdc", "-hdd", "-cdrom"} | {
                 name for name, (takes_arg, _) in ACCEPTED.items() if takes_arg}
 FLAGS = {"-nographic", "-no-reboot", "-S", "-enable-kvm", "-nodefaults", "-daemonize",
          "-snapshot", "-no-shutdown"} | {
              name for name, (takes_arg, _) in ACCEPTED.items() if not takes_arg}
 #: QEMU options kemu knows of but does not offer (yet).
-NOT_YET = {"-hda", "-cdrom", "-bios", "-gdb", "-s"}
+NOT_YET = {"-gdb", "-s"}
+#: QEMU's -hdX / -cdrom shorthands: the -drive index they stand for.
+DRIVE_SHORTHANDS = {"-hda": 0, "-hdb": 1, "-hdc": 2, "-hdd": 3, "-cdrom": 2}
 
 #: The -global DRIVER.PROPERTY pairs kemu acts on.
 KNOWN_GLOBALS = {("virtio-mmio", "force-legacy")}
@@ -175,7 +177,16 @@ def parse_qemu_options(argv: list[str], config: MachineConfig) -> MachineConfig:
                 config.extra.setdefault("monitor_sockets", []).append(address)
                 config.extra.setdefault("monitors", []).append(address.describe())
         elif opt == "-drive":
-            config.drives.append(parse_drive(value))
+            drive = parse_drive(value)
+            (config.pflash if drive.interface == "pflash" else config.drives).append(drive)
+        elif opt in DRIVE_SHORTHANDS:
+            # As QEMU's vl.c: -hda F is -drive file=F,index=0,media=disk on the board's
+            # default interface (virtio on virt); -cdrom F is index=2,media=cdrom (read-only).
+            media = "cdrom" if opt == "-cdrom" else "disk"
+            config.drives.append(parse_drive(f"file={value.replace(',', ',,')},if=virtio,"
+                                             f"index={DRIVE_SHORTHANDS[opt]},media={media}"))
+        elif opt == "-bios":
+            config.bios = Path(value)
         elif opt == "-disk":    # kemu's own --disk PATH: a virtio disk, format detected
             config.drives.append(DriveConfig(Path(value), warn_probed_raw=False))
         elif opt == "-device":

@@ -12,6 +12,18 @@ from kemu.options.keyval import split_opts
 AIO_MODES = ("threads", "native", "io_uring")
 
 
+def _number(value: str | None, key: str) -> int | None:
+    if value is None:
+        return None
+    try:
+        number = int(value, 0)
+    except ValueError:
+        number = -1
+    if number < 0:
+        raise ConfigError(f"-drive {key}={value}: expected a non-negative number")
+    return number
+
+
 def parse_drive(text: str) -> DriveConfig:
     """QEMU's ``-drive file=...,format=...,if=virtio,readonly=on,id=...,cache=...``."""
     from pathlib import Path
@@ -24,9 +36,18 @@ def parse_drive(text: str) -> DriveConfig:
     if "file" not in props:
         raise ConfigError("-drive: file= is required")
     iface = props.pop("if", "virtio" if "id" not in props else "none")
-    if iface not in ("virtio", "none"):
-        raise ConfigError(f"-drive if={iface}: only if=virtio (and if=none with -device) "
-                          "are supported")
+    if iface not in ("virtio", "none", "pflash"):
+        raise ConfigError(f"-drive if={iface}: only if=virtio, if=pflash (and if=none with "
+                          "-device) are supported")
+    unit = _number(props.pop("unit", None), "unit")
+    index = _number(props.pop("index", None), "index")
+    if unit is not None and index is not None:
+        raise ConfigError("-drive: index cannot be used with bus and unit")
+    media = props.pop("media", "disk")
+    if media not in ("disk", "cdrom"):
+        raise ConfigError(f"-drive media={media}: invalid media")
+    if media == "cdrom":
+        props["readonly"] = "on"      # as QEMU's drive_new
     fmt = props.pop("format", None)
     if fmt not in (None, "raw", "qcow2"):
         raise ConfigError(f"-drive format={fmt}: supported formats are raw and qcow2")
@@ -63,7 +84,8 @@ def parse_drive(text: str) -> DriveConfig:
     drive = DriveConfig(Path(props.pop("file")), fmt, ro == "on",
                         drive_id if iface == "none" else None, cache, locking=locking,
                         aio=aio, snapshot=snapshot == "on", **policies)
-    props.pop("media", None)
+    drive.interface = iface
+    drive.unit = unit if unit is not None else index
     if props:
         raise ConfigError(f"-drive: unsupported parameter {next(iter(props))}")
     return drive

@@ -46,7 +46,9 @@ def parse_nic(text: str, index: int, option: str = "-nic") -> tuple[NetdevConfig
     parts = split_opts(text)
     nic_props: dict[str, str] = {}
     rest = [parts[0]]
-    model = "virtio-net-device"
+    # As QEMU: the board's default NIC, virtio-net-pci (virtio-mmio on a board
+    # without PCI); model=virtio is QEMU's alias of virtio-net-pci.
+    model = "virtio-net-pci"
     for part in parts[1:]:
         k, _, v = part.partition("=")
         if k in ("mac", "macaddr"):
@@ -54,6 +56,7 @@ def parse_nic(text: str, index: int, option: str = "-nic") -> tuple[NetdevConfig
         elif k == "model":
             if v not in ("virtio", "virtio-net-device", "virtio-net-pci"):
                 raise ConfigError(f"{option}: model={v}: kemu has virtio-net only")
+            model = "virtio-net-pci" if v == "virtio" else v
         else:
             rest.append(part)
     nd = parse_netdev(",".join(p.replace(",", ",,") for p in rest), option)

@@ -240,7 +240,8 @@ class Aarch64Cpu:
                  mpidr: int | None = None,
                  domain: coherence.CoherenceDomain | None = None,
                  powered_on: bool = True, pmu_irq: IrqLine | None = None,
-                 gicv3: "SysregDevice | None" = None) -> None:
+                 gicv3: "SysregDevice | None" = None,
+                 rom_devices: tuple[tuple[int, int, int], ...] = ()) -> None:
         if model not in CPU_MODELS:
             raise AccelError(f"unsupported CPU model {model!r} for the tcg accelerator "
                              f"(have: {', '.join(sorted(CPU_MODELS))})")
@@ -265,6 +266,12 @@ class Aarch64Cpu:
             uc.mem_map_ptr(region.base, region.size, unicorn.UC_PROT_ALL, region.host_address)
         for base, size in mmio_windows:
             uc.mmio_map(base, size, self._mmio_read, base, self._mmio_write, base)
+        # ROM devices (flash): (base, size, host address of their array).
+        for base, size, host in rom_devices:
+            uc.mmio_map(base, size, self._mmio_read, base, self._mmio_write, base)
+            engine.make_rom_device(uc, base, host)
+        #: ROMD mode switches and code invalidations asked by other threads.
+        self._rom_pending: list[tuple[int, bool, tuple[int, int] | None]] = []
         uch = uc._uch
         self._uch = uch
         self._cp_reg = _CpReg()
@@ -358,6 +365,26 @@ class Aarch64Cpu:
 
     def _rsys(self, enc: tuple[int, int, int, int, int]) -> int:
         return self.uc.reg_read(A.UC_ARM64_REG_CP_REG, _cp(enc))
+
+    def set_romd(self, base: int, romd: bool, changed: tuple[int, int] | None = None) -> None:
+        """A ROM device at ``base`` enters (True) or leaves read-array mode; ``changed``
+        is the physical range whose contents changed since (translations dropped).
+        Any thread: applied at once on the vCPU's own thread, else at its next stop."""
+        if threading.get_ident() == self._thread_id or self._thread_id is None:
+            self._apply_romd(base, romd, changed)
+            return
+        with self._lock:
+            self._rom_pending.append((base, romd, changed))
+        self.post_work()
+
+    def _apply_romd(self, base: int, romd: bool, changed: tuple[int, int] | None) -> None:
+        if changed is not None:
+            engine.invalidate_phys(self.uc, *changed)
+        engine.set_romd_mode(self.uc, base, romd)
+
+    def reset_for_firmware(self, entry: int) -> None:
+        """QEMU's reset for a firmware boot: EL1h, MMU off, every register 0, at ``entry``."""
+        self.reset_for_linux(entry, 0)
 
     def reset_for_linux(self, entry: int, dtb: int) -> None:
         """Registers as the arm64 boot protocol requires (booting.rst)."""
@@ -547,6 +574,11 @@ class Aarch64Cpu:
     def _service(self) -> None:
         """Expired timers and the interrupt level, applied to the CPU."""
         self._work_pending = False
+        if self._rom_pending:
+            with self._lock:
+                pending, self._rom_pending = self._rom_pending, []
+            for base, romd, changed in pending:
+                self._apply_romd(base, romd, changed)
         self.sync_timers()
         self.pmu.service()
         self._apply_irq()

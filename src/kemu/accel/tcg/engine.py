@@ -28,6 +28,10 @@ turns on:
   (all of them with the MMU off) are Alignment faults.
 * ``UC_CTL_ARM_PMU``, ``UC_CTL_ARM_PMU_SYNC``, ``UC_CTL_ARM_PMU_COUNTERS``: the
   PMU as QEMU runs it (:mod:`kemu.accel.tcg.pmu`).
+* ``UC_CTL_MMIO_ROMD``, ``UC_CTL_MMIO_ROMD_MODE`` (boards with flash only): an
+  MMIO region backed by host memory for reads and instruction fetches while
+  the device is in read-array mode, as QEMU's ROM devices; writes always
+  reach the device (:mod:`kemu.devices.pflash_cfi01`).
 * ``UC_ARM64_INS_SYSREG``: an MSR hook on one system register, so that only
   the generic-timer registers call into Python.
 * ``UC_CTL_ARM64_SYSREG_HOOKS_CHECKED``: those hooks see only accesses the
@@ -69,6 +73,8 @@ UC_CTL_ARM64_SYSREG_HOOKS_CHECKED = 21
 UC_CTL_CPU_BUS_ERRORS = 23
 UC_CTL_MMIO_BUS_ERROR = 24
 UC_CTL_CPU_ARCH_CHECKS = 25
+UC_CTL_MMIO_ROMD = 29
+UC_CTL_MMIO_ROMD_MODE = 30
 #: UC_ARCH_CHECK_WATCHPOINTS | _OS_LOCK | _ALIGNMENT | _DEVICE_ALIGNMENT
 ARCH_CHECKS_ALL = 0xF
 _UC_CTL_TB_FLUSH = 10
@@ -113,6 +119,22 @@ def enable_gicv3_cpuif(uc: Uc) -> None:
         raise AccelError("the engine has no GICv3 CPU interface registers "
                          "(UC_CTL_ARM64_GICV3_CPUIF): gic-version=3 needs kemu's current "
                          "engine; scripts/bootstrap.sh rebuilds it")
+
+
+def make_rom_device(uc: Uc, base: int, host_address: int) -> None:
+    """The MMIO region mapped at ``base`` reads and executes from ``host_address``
+    (its size) while in ROMD mode; writes still call back (patch 0040), or refuse."""
+    if uclib.uc_ctl(uc._uch, _ctl(2, _UC_CTL_IO_WRITE, UC_CTL_MMIO_ROMD),
+                    ctypes.c_uint64(base), ctypes.c_void_p(host_address)):
+        raise AccelError("the engine has no ROM devices (UC_CTL_MMIO_ROMD): firmware in "
+                         "flash needs kemu's current engine; scripts/bootstrap.sh rebuilds it")
+
+
+def set_romd_mode(uc: Uc, base: int, romd: bool) -> None:
+    """ROMD mode of the ROM device at ``base`` (its own thread; also from its callbacks)."""
+    if uclib.uc_ctl(uc._uch, _ctl(2, _UC_CTL_IO_WRITE, UC_CTL_MMIO_ROMD_MODE),
+                    ctypes.c_uint64(base), ctypes.c_int(int(romd))):
+        raise AccelError("Unicorn refused a ROM device mode switch")
 
 
 def flush_tlb(uc: Uc) -> None:
