@@ -343,7 +343,7 @@ def test_cli_network_options():
     assert cfg.devices[0].props == {"netdev": "n0", "mac": "52:54:00:00:00:09"}
     cfg = parse_qemu_options(["--net", "user,hostfwd=tcp::2222-:22"], MachineConfig())
     assert cfg.netdevs[0].hostfwd == ["tcp::2222-:22"]
-    assert cfg.devices[0].driver == "virtio-net-device"
+    assert cfg.devices[0].driver == "virtio-net-pci"      # QEMU virt's default NIC
     cfg = parse_qemu_options(["-net", "nic,model=virtio,macaddr=52:54:00:00:00:01", "-net", "user"],
                              MachineConfig())
     assert len(cfg.netdevs) == 1 and cfg.devices[0].props["mac"] == "52:54:00:00:00:01"
