@@ -140,7 +140,8 @@ mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000 host /host || echo 
 mount -t proc proc /host/proc
 mount -t sysfs sysfs /host/sys
 mount -t devtmpfs devtmpfs /host/dev
-mount -t devpts devpts /host/dev/pts 2>/dev/null
+# devtmpfs has no pts directory: without devpts there are no ptys (libvirt's consoles).
+mkdir -p /host/dev/pts && mount -t devpts -o ptmxmode=0666 devpts /host/dev/pts
 # Scratch space in /run: /tmp stays the host's (read-only) so that checkouts and
 # test files under /tmp remain visible; TMPDIR and HOME point at the scratch.
 mount -t tmpfs tmpfs /host/run 2>/dev/null
