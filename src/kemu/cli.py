@@ -40,6 +40,9 @@ usage: kemu [QEMU-style options]
                                          build the default guest (or reuse a complete
                                          cache) and print its paths
        kemu img create|info|check|convert ...
+       kemu-system-x86_64 | kemu-system-aarch64 [QEMU-style options]
+                                         kemu for one target's boards only, as QEMU's
+                                         binaries (libvirt's <emulator>)
 
 QEMU-style options: -M/-machine virt|virt-7.2|microvm|none[,PROP=V]  -accel tcg|kvm  -enable-kvm  -cpu MODEL
   -m SIZE  -smp N (microvm; 1 on virt)
@@ -65,6 +68,7 @@ QEMU-style options: -M/-machine virt|virt-7.2|microvm|none[,PROP=V]  -accel tcg|
           | secret,id=ID,data=D|file=F  (and -machine memory-backend=ID)
   -chardev socket,id=ID,path=P|host=H,port=N|fd=N[,server=on][,wait=off] | pty|file|stdio|null
   -mon chardev=ID[,mode=control|readline]  -serial chardev:ID
+  -device isa-serial,chardev=ID[,index=0]  (microvm: COM1 on that chardev)
   -blockdev driver=file,filename=F,node-name=N | driver=raw|qcow2,file=N,node-name=M
   -device DRIVER,drive=NODE|ID,...  (keyval or JSON: -device '{"driver":...}')
   accepted as QEMU does: -no-user-config -no-acpi -uuid -overcommit mem-lock=off

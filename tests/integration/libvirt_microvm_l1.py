@@ -24,7 +24,7 @@ from xml.etree import ElementTree
 
 import libvirt
 
-from kemu.testing.libvirtd import PrivateLibvirtd
+from kemu.testing.libvirtd import PrivateLibvirtd, wait_for_state
 from kemu.testing.pty_console import PtyConsole
 
 READY = rb"kemu guest ready"
@@ -67,14 +67,6 @@ DOMAIN_XML = """\
 """
 
 
-def wait_state(dom, state: int, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while dom.state()[0] != state:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"domain state {dom.state()} never became {state}")
-        time.sleep(0.1)
-
-
 def hardware(console: PtyConsole) -> dict:
     """What the guest sees of its machine."""
     return {
@@ -115,7 +107,7 @@ def lifecycle(conn, daemon: PrivateLibvirtd, name: str, emulator: str, boot: dic
 
         # suspend: the guest does not answer; resume: it does.
         dom.suspend()
-        wait_state(dom, libvirt.VIR_DOMAIN_PAUSED)
+        wait_for_state(dom, libvirt.VIR_DOMAIN_PAUSED)
         out["paused state"] = dom.state()[0]
         console.send("echo after''resume\n")
         try:
@@ -124,13 +116,13 @@ def lifecycle(conn, daemon: PrivateLibvirtd, name: str, emulator: str, boot: dic
         except AssertionError:
             out["answered while paused"] = False
         dom.resume()
-        wait_state(dom, libvirt.VIR_DOMAIN_RUNNING)
+        wait_for_state(dom, libvirt.VIR_DOMAIN_RUNNING)
         console.expect(rb"afterresume", timeout=60)
         out["steps"].append("suspend-resume")
 
         # shutdown: QMP system_powerdown, the ACPI power button, the guest powers off.
         dom.shutdown()
-        wait_state(dom, libvirt.VIR_DOMAIN_SHUTOFF, timeout=180)
+        wait_for_state(dom, libvirt.VIR_DOMAIN_SHUTOFF, timeout=180)
         out["power button seen"] = b"power button pressed" in console.buffer
         out["steps"].append("shutdown")
         console.close()
@@ -138,9 +130,9 @@ def lifecycle(conn, daemon: PrivateLibvirtd, name: str, emulator: str, boot: dic
 
         # destroy a running machine (SIGTERM, then SIGKILL, from libvirt).
         dom.create()
-        wait_state(dom, libvirt.VIR_DOMAIN_RUNNING)
+        wait_for_state(dom, libvirt.VIR_DOMAIN_RUNNING)
         dom.destroy()
-        wait_state(dom, libvirt.VIR_DOMAIN_SHUTOFF, timeout=60)
+        wait_for_state(dom, libvirt.VIR_DOMAIN_SHUTOFF, timeout=60)
         out["steps"].append("destroy")
     except Exception as e:
         out["error"] = f"{type(e).__name__}: {e}"

@@ -16,14 +16,13 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from xml.etree import ElementTree
 
 import pytest
 
-from kemu.testing.libvirtd import PrivateLibvirtd, missing_tools
+from kemu.testing.libvirtd import PrivateLibvirtd, missing_tools, wait_for_state
 from kemu.testing.pty_console import PtyConsole
 
 libvirt = pytest.importorskip("libvirt", reason="the libvirt Python binding is not installed "
@@ -100,14 +99,6 @@ def console_of(dom) -> PtyConsole:
     return PtyConsole(xml.find("./devices/console").get("tty"))
 
 
-def wait_state(dom, state: int, timeout: float = 60.0) -> None:
-    """Until libvirt reports ``state`` (it learns of it from the emulator's events)."""
-    deadline = time.monotonic() + timeout
-    while dom.state()[0] != state:
-        assert time.monotonic() < deadline, f"domain state {dom.state()} never became {state}"
-        time.sleep(0.1)
-
-
 def virsh(daemon, *args: str) -> str:
     proc = daemon.virsh(*args)
     assert proc.returncode == 0, f"virsh {' '.join(args)}: {proc.stderr.strip()}"
@@ -177,12 +168,12 @@ def test_domain_lifecycle(which, daemon, conn, guest, tmp_path):
 
         # suspend / resume: the guest stops answering, then answers again.
         dom.suspend()
-        wait_state(dom, libvirt.VIR_DOMAIN_PAUSED)
+        wait_for_state(dom, libvirt.VIR_DOMAIN_PAUSED)
         console.send("echo after''resume\n")
         with pytest.raises(AssertionError):
             console.expect(rb"after" + rb"resume", timeout=1.0)
         dom.resume()
-        wait_state(dom, libvirt.VIR_DOMAIN_RUNNING)
+        wait_for_state(dom, libvirt.VIR_DOMAIN_RUNNING)
         console.expect(rb"afterresume", timeout=30)
 
         # reset (system_reset): the guest boots again.
@@ -200,7 +191,7 @@ def test_domain_lifecycle(which, daemon, conn, guest, tmp_path):
             console.expect(PROMPT)
             assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
             dom.shutdown()
-            wait_state(dom, libvirt.VIR_DOMAIN_SHUTOFF)
+            wait_for_state(dom, libvirt.VIR_DOMAIN_SHUTOFF)
         else:
             # QEMU's virt has its power button on a PL061 GPIO line; the default
             # guest loads no driver for it, so it cannot be asked to power off.
@@ -210,9 +201,9 @@ def test_domain_lifecycle(which, daemon, conn, guest, tmp_path):
 
         # destroy a booting machine: SIGTERM (then SIGKILL) from libvirt.
         dom.create()
-        wait_state(dom, libvirt.VIR_DOMAIN_RUNNING)
+        wait_for_state(dom, libvirt.VIR_DOMAIN_RUNNING)
         dom.destroy()
-        wait_state(dom, libvirt.VIR_DOMAIN_SHUTOFF, timeout=30)
+        wait_for_state(dom, libvirt.VIR_DOMAIN_SHUTOFF, timeout=30)
     finally:
         if dom.isActive():
             dom.destroy()
@@ -317,7 +308,7 @@ def test_save_restore_and_managedsave(which, daemon, conn, guest, tmp_path):
         assert saved.stat().st_size > 0
         virsh(daemon, "restore", str(saved))
         dom = conn.lookupByName(name)
-        wait_state(dom, libvirt.VIR_DOMAIN_RUNNING)
+        wait_for_state(dom, libvirt.VIR_DOMAIN_RUNNING)
         console = console_of(dom)
         assert console.run("echo $KEPT").strip() == "beforesave"
         console.run("export KEPT=before''managedsave")
@@ -327,7 +318,7 @@ def test_save_restore_and_managedsave(which, daemon, conn, guest, tmp_path):
         assert dom.state()[0] == libvirt.VIR_DOMAIN_SHUTOFF
         assert dom.hasManagedSaveImage()
         virsh(daemon, "start", name)
-        wait_state(dom, libvirt.VIR_DOMAIN_RUNNING)
+        wait_for_state(dom, libvirt.VIR_DOMAIN_RUNNING)
         assert not dom.hasManagedSaveImage()
         console = console_of(dom)
         assert console.run("echo $KEPT").strip() == "beforemanagedsave"

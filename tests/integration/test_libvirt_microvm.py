@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import shlex
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -39,19 +38,14 @@ STEPS = ["define", "start", "console", "disk", "suspend-resume", "shutdown", "de
 @pytest.fixture(scope="module")
 def seen():
     """Run the driver once (in L1 where KVM is PVM); name -> observations."""
-    from kemu.accel.kvm import kvm_is_hardware_backed
     from kemu.errors import GuestBuildError
-    from kemu.guest.debian import cache_dir, default_guest
+    from kemu.guest.debian import default_guest
 
     why = missing_tools()
     if why:
         pytest.skip(why)
     if not KEMU.exists():
         pytest.skip(f"{KEMU} is not installed (pip install -e . makes it)")
-    hardware = kvm_is_hardware_backed()
-    if not hardware and nested.nested_unavailable_reason():
-        pytest.skip("/dev/kvm is not hardware-backed and the nested harness cannot run: "
-                    + nested.nested_unavailable_reason())
     try:
         guest = default_guest("x86_64", show_progress=False)
     except GuestBuildError as e:
@@ -62,20 +56,10 @@ def seen():
                + shlex.join([sys.executable, str(DRIVER), "SCRATCH", str(guest.kernel),
                              str(guest.initrd), guest.append, *emulators])
                .replace("SCRATCH", scratch))
-    if hardware:
-        proc = subprocess.run(["sh", "-c", command], capture_output=True, text=True,
-                              timeout=1800, check=False)
-        output = proc.stdout + proc.stderr
-    else:
-        try:
-            harness = nested.NestedHarness()
-        except GuestBuildError as e:
-            pytest.skip(f"nested harness unavailable: {e}")
-        result = harness.run(command, timeout=1800,
-                             env={"XDG_CACHE_HOME": str(cache_dir().parent)})
-        if "nested: no /dev/kvm" in result.console:
-            pytest.skip("nested SVM is not available: L1 has no /dev/kvm")
-        output = result.output or result.console
+    try:
+        output = nested.run_where_kvm_is_real(command, timeout=1800)
+    except nested.KvmUnavailable as e:
+        pytest.skip(str(e))
     line = next((ln for ln in output.splitlines() if ln.startswith(MARK)), None)
     assert line, f"the driver reported nothing:\n{output[-4000:]}"
     results = json.loads(line[len(MARK):])
