@@ -4,8 +4,8 @@ harness's L1, or a host with hardware KVM) by tests/integration/test_libvirt_mic
 One private libvirtd (kemu.testing.libvirtd); for each ``NAME=EMULATOR`` given, the
 same domain XML with that ``<emulator>``: define, start, the guest's shell prompt on
 the pty console, what the guest sees of its hardware, a guest write that must reach
-the disk image, suspend and resume, shutdown (the ACPI power button), start and
-destroy, undefine.  Then ``virsh domcapabilities`` for the first emulator.  Nothing
+the disk image, dominfo and block statistics, suspend and resume, reboot and
+shutdown (both through the ACPI power button), start and destroy, undefine.  Then ``virsh domcapabilities`` for the first emulator.  Nothing
 is asserted here: each step's observations are printed as one JSON line
 (``L1-RESULT {...}``) for the test to check, with the console's and the emulator
 log's last lines when a step failed.
@@ -104,6 +104,9 @@ def lifecycle(conn, daemon: PrivateLibvirtd, name: str, emulator: str, boot: dic
         console.run(f"printf kemu-libvirt-{name} | dd of=/dev/vda conv=fsync 2>/dev/null")
         out["disk"] = disk.read_bytes()[:32].rstrip(b"\0").decode(errors="replace")
         out["steps"].append("disk")
+        state, max_kib, _kib, vcpus, _cpu_time = dom.info()
+        out["info"] = {"state": state, "max KiB": max_kib, "vcpus": vcpus}
+        out["write requests"] = dom.blockStats("vda")[2]
 
         # suspend: the guest does not answer; resume: it does.
         dom.suspend()
@@ -120,10 +123,23 @@ def lifecycle(conn, daemon: PrivateLibvirtd, name: str, emulator: str, boot: dic
         console.expect(rb"afterresume", timeout=60)
         out["steps"].append("suspend-resume")
 
+        # reboot: the ACPI power button; the guest powers off, the emulator stays up
+        # (-no-shutdown) and libvirt resets and continues it.
+        dom.reboot()
+        console.expect(rb"power button pressed", timeout=120)
+        console.expect(READY, timeout=300)
+        console.expect(PROMPT)
+        out["state after reboot"] = dom.state()[0]
+        out["steps"].append("reboot")
+
         # shutdown: QMP system_powerdown, the ACPI power button, the guest powers off.
         dom.shutdown()
         wait_for_state(dom, libvirt.VIR_DOMAIN_SHUTOFF, timeout=180)
-        out["power button seen"] = b"power button pressed" in console.buffer
+        try:
+            console.expect(rb"power button pressed", timeout=5)
+            out["power button seen"] = True
+        except AssertionError:
+            out["power button seen"] = False
         out["steps"].append("shutdown")
         console.close()
         console = None

@@ -1,7 +1,9 @@
 """libvirt manages kemu's x86-64 microvm on KVM (issue 13): the same domain XML
 (``<type arch='x86_64' machine='microvm'>``, direct kernel boot, a virtio-mmio disk,
 a pty serial console) with ``<emulator>`` = kemu-system-x86_64 and =
-qemu-system-x86_64, through the libvirt Python binding.
+qemu-system-x86_64, through the libvirt Python binding: define, start, the console,
+a guest write reaching the image, dominfo and block statistics, suspend, resume,
+reboot, shutdown, destroy, undefine, and domcapabilities.
 
 Linux needs real KVM: where /dev/kvm is hardware-backed the driver
 (``libvirt_microvm_l1.py``) runs here; where it is PVM it runs in the nested
@@ -31,8 +33,8 @@ DRIVER = Path(__file__).with_name("libvirt_microvm_l1.py")
 KEMU = Path(sys.executable).parent / "kemu-system-x86_64"
 QEMU = shutil.which("qemu-system-x86_64")
 MARK = "L1-RESULT "
-STEPS = ["define", "start", "console", "disk", "suspend-resume", "shutdown", "destroy",
-         "undefine"]
+STEPS = ["define", "start", "console", "disk", "suspend-resume", "reboot", "shutdown",
+         "destroy", "undefine"]
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +75,10 @@ def _check_lifecycle(run: dict, name: str) -> None:
     assert run["hardware"]["cpus"] == "1"
     assert run["hardware"]["hypervisor"] == "1"          # a KVM guest
     assert run["disk"] == f"kemu-libvirt-mv-{name}"     # the guest's write is in the image
+    assert run["info"] == {"state": 1, "max KiB": 256 << 10, "vcpus": 1}   # running
+    assert run["write requests"] >= 1
     assert run["answered while paused"] is False
+    assert run["state after reboot"] == 1                # running again
     assert run["power button seen"] is True
     assert run["listed after undefine"] is False
 
