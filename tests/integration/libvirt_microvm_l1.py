@@ -106,7 +106,10 @@ def lifecycle(conn, daemon: PrivateLibvirtd, name: str, emulator: str, boot: dic
         out["steps"].append("disk")
         state, max_kib, _kib, vcpus, _cpu_time = dom.info()
         out["info"] = {"state": state, "max KiB": max_kib, "vcpus": vcpus}
-        out["write requests"] = dom.blockStats("vda")[2]
+        try:
+            out["write requests"] = dom.blockStats("vda")[2]
+        except libvirt.libvirtError as e:
+            out["block stats error"] = str(e)
 
         # suspend: the guest does not answer; resume: it does.
         dom.suspend()
