@@ -40,6 +40,9 @@ usage: kemu [QEMU-style options]
                                          build the default guest (or reuse a complete
                                          cache) and print its paths
        kemu img create|info|check|convert ...
+       kemu-system-x86_64 | kemu-system-aarch64 [QEMU-style options]
+                                         kemu for one target's boards only, as QEMU's
+                                         binaries (libvirt's <emulator>)
 
 QEMU-style options: -M/-machine virt|virt-7.2|microvm|none[,PROP=V]  -accel tcg|kvm  -enable-kvm  -cpu MODEL
   -m SIZE  -smp N (microvm; 1 on virt)
@@ -70,6 +73,7 @@ QEMU-style options: -M/-machine virt|virt-7.2|microvm|none[,PROP=V]  -accel tcg|
           | secret,id=ID,data=D|file=F  (and -machine memory-backend=ID)
   -chardev socket,id=ID,path=P|host=H,port=N|fd=N[,server=on][,wait=off] | pty|file|stdio|null
   -mon chardev=ID[,mode=control|readline]  -serial chardev:ID
+  -device isa-serial,chardev=ID[,index=0]  (microvm: COM1 on that chardev)
   -blockdev driver=file,filename=F,node-name=N | driver=raw|qcow2,file=N,node-name=M
   -device DRIVER,drive=NODE|ID,...  (keyval or JSON: -device '{"driver":...}')
   accepted as QEMU does: -no-user-config -no-acpi -uuid -overcommit mem-lock=off
@@ -409,17 +413,35 @@ def cmd_img(argv: list[str]) -> int:
     return img_main(argv)
 
 
-def _print_listing(argv: list[str]) -> bool:
+def _print_listing(argv: list[str], target: str | None = None) -> bool:
     """QEMU's ``-M help``, ``-device help``, ...: print the listing, True if asked."""
     from kemu.listings import listing
-    text = listing(argv)
+    text = listing(argv, target)
     if text is not None:
         sys.stdout.write(text)
     return text is not None
 
 
-def main(argv: list[str] | None = None) -> int:
+#: The machine an emulator of one target (``kemu-system-ARCH``) starts from.
+TARGET_DEFAULTS = {"aarch64": {"machine": "virt", "accel": "tcg", "cpu": "cortex-a57"},
+                   "x86_64": {"machine": "microvm", "accel": "kvm", "cpu": "host"}}
+
+
+def main_x86_64() -> int:
+    """``kemu-system-x86_64``: kemu as an emulator of one target, as QEMU's binaries are
+    (what libvirt's ``<emulator>`` names): query-target says x86_64 even for the
+    probe's ``-machine none``, and only x86-64 boards are offered."""
+    return main(target="x86_64")
+
+
+def main_aarch64() -> int:
+    """``kemu-system-aarch64``: kemu for aarch64 guests only (see :func:`main_x86_64`)."""
+    return main(target="aarch64")
+
+
+def main(argv: list[str] | None = None, target: str | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    prog = f"kemu-system-{target}" if target else "kemu"
     try:
         if not argv or argv[0] in ("-h", "--help", "-help"):
             print(USAGE)
@@ -428,31 +450,32 @@ def main(argv: list[str] | None = None) -> int:
             from importlib.metadata import version
             print(f"kemu {version('kemu')}")
             return 0
-        if _print_listing(argv[1:] if argv[0] == "run" else argv):
+        if _print_listing(argv[1:] if argv[0] == "run" and target is None else argv, target):
             return 0
-        if argv[0] == "run":
+        if target is None and argv[0] == "run":
             return cmd_run(argv[1:])
-        if argv[0] == "guest":
+        if target is None and argv[0] == "guest":
             return cmd_guest(argv[1:])
-        if argv[0] == "img":
+        if target is None and argv[0] == "img":
             return cmd_img(argv[1:])
-        config = parse_qemu_options(argv, MachineConfig())
+        config = parse_qemu_options(argv, MachineConfig(target=target,
+                                                        **TARGET_DEFAULTS.get(target, {})))
         if (config.kernel is None and config.dumpdtb is None and config.machine != "none"
                 and config.bios is None and not config.pflash):
             raise ConfigError("no kernel given: use -kernel FILE, or firmware with -bios FILE "
                               "(or 'kemu run' for the default guest)")
         return run_machine(config)
     except KemuError as e:
-        print(f"kemu: {e}", file=sys.stderr)
+        print(f"{prog}: {e}", file=sys.stderr)
         return e.exit_status
     except KeyboardInterrupt:
-        print("kemu: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # a bug in kemu: one line, the traceback on request
         if os.environ.get("KEMU_DEBUG"):
             raise
-        print(f"kemu: internal error: {type(e).__name__}: {e} (set KEMU_DEBUG=1 for details)",
-              file=sys.stderr)
+        print(f"{prog}: internal error: {type(e).__name__}: {e} (set KEMU_DEBUG=1 for "
+              "details)", file=sys.stderr)
         return 1
 
 

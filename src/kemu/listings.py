@@ -85,7 +85,8 @@ CHARDEVS = ["file", "null", "pty", "socket", "stdio"]
 
 def _cpus(machine: str) -> list[str]:
     if machine == "microvm":
-        return ["host"]
+        from kemu.options.argv import X86_CPU_MODELS
+        return list(X86_CPU_MODELS)
     from kemu.accel.tcg.aarch64 import CPU_MODELS
     return sorted(CPU_MODELS)
 
@@ -113,9 +114,18 @@ def _devices() -> str:
     return "\n".join(out) + "\n"
 
 
-def listing(argv: list[str]) -> str | None:
-    """The listing an option asks for with ``help`` (or ``?``), or None if none does."""
-    machine = "virt"
+def _machines_of(target: str | None) -> dict[str, str]:
+    """-M help's rows for an emulator of ``target`` (None: every board)."""
+    from kemu.machines.builder import TARGETS
+    from kemu.options.machine import board_name
+    return {name: desc for name, desc in MACHINES.items()
+            if target is None or TARGETS.get(board_name(name), target) == target}
+
+
+def listing(argv: list[str], target: str | None = None) -> str | None:
+    """The listing an option asks for with ``help`` (or ``?``), or None if none does;
+    ``target``: the emulator's (``kemu-system-x86_64``), whose boards alone are listed."""
+    machine = "microvm" if target == "x86_64" else "virt"
     for i, arg in enumerate(argv[:-1]):
         if arg.lstrip("-") in ("M", "machine"):
             machine = split_opts(argv[i + 1])[0].removeprefix("type=")
@@ -127,7 +137,7 @@ def listing(argv: list[str]) -> str | None:
             continue
         if opt in ("M", "machine"):
             return "Supported machines are:\n" + "".join(
-                f"{name:<20} {desc}\n" for name, desc in sorted(MACHINES.items()))
+                f"{name:<20} {desc}\n" for name, desc in sorted(_machines_of(target).items()))
         if opt == "cpu":
             return "Available CPUs:\n" + "".join(f"  {c}\n" for c in _cpus(machine))
         if opt == "device":

@@ -12,22 +12,18 @@ sees of its hardware is compared between the two emulators.
 
 from __future__ import annotations
 
-import os
 import re
-import select
 import shutil
 import subprocess
 import sys
-import threading
-import time
-import tty
 from contextlib import contextmanager
 from pathlib import Path
 from xml.etree import ElementTree
 
 import pytest
 
-from kemu.testing.libvirtd import PrivateLibvirtd, missing_tools
+from kemu.testing.libvirtd import PrivateLibvirtd, missing_tools, wait_for_state
+from kemu.testing.pty_console import PtyConsole
 
 libvirt = pytest.importorskip("libvirt", reason="the libvirt Python binding is not installed "
                               "(scripts/bootstrap.sh --test installs it)")
@@ -98,69 +94,9 @@ def conn(daemon):
     c.close()
 
 
-class PtyConsole:
-    """The guest's serial console through the pty libvirt names (as virsh console)."""
-
-    def __init__(self, path: str) -> None:
-        self.fd = os.open(path, os.O_RDWR | os.O_NOCTTY)
-        tty.setraw(self.fd)
-        self.buffer = bytearray()
-        self.cond = threading.Condition()
-        self.pos = 0
-        threading.Thread(target=self._pump, daemon=True).start()
-
-    def _pump(self) -> None:
-        while True:
-            try:
-                ready, _, _ = select.select([self.fd], [], [], 1.0)
-                data = os.read(self.fd, 4096) if ready else b""
-            except OSError:
-                return
-            if ready and not data:
-                return
-            with self.cond:
-                self.buffer += data
-                self.cond.notify_all()
-
-    def expect(self, pattern: bytes, timeout: float = 120.0) -> re.Match:
-        regex = re.compile(pattern, re.S)
-        with self.cond:
-            m = None
-            ok = self.cond.wait_for(lambda: (m := regex.search(self.buffer, self.pos)),
-                                    timeout)
-            m = regex.search(self.buffer, self.pos)
-            if not ok or m is None:
-                raise AssertionError(f"no {pattern!r} on the console within {timeout} s; "
-                                     f"last output: {bytes(self.buffer[-400:])!r}")
-            self.pos = m.end()
-            return m
-
-    def send(self, text: str) -> None:
-        os.write(self.fd, text.encode())
-
-    def run(self, command: str, timeout: float = 60.0) -> str:
-        token = f"{time.monotonic_ns():x}"
-        self.send(f"echo B{token}''B; {command}; echo E{token}''E=$?\n")
-        m = self.expect(rb"B" + token.encode() + rb"B\r?\n(.*?)E" + token.encode()
-                        + rb"E=(\d+)", timeout)
-        assert m.group(2) == b"0", f"{command!r} failed: {m.group(1)!r}"
-        return m.group(1).decode(errors="replace").replace("\r\n", "\n")
-
-    def close(self) -> None:
-        os.close(self.fd)
-
-
 def console_of(dom) -> PtyConsole:
     xml = ElementTree.fromstring(dom.XMLDesc())
     return PtyConsole(xml.find("./devices/console").get("tty"))
-
-
-def wait_state(dom, state: int, timeout: float = 60.0) -> None:
-    """Until libvirt reports ``state`` (it learns of it from the emulator's events)."""
-    deadline = time.monotonic() + timeout
-    while dom.state()[0] != state:
-        assert time.monotonic() < deadline, f"domain state {dom.state()} never became {state}"
-        time.sleep(0.1)
 
 
 def virsh(daemon, *args: str) -> str:
@@ -232,12 +168,12 @@ def test_domain_lifecycle(which, daemon, conn, guest, tmp_path):
 
         # suspend / resume: the guest stops answering, then answers again.
         dom.suspend()
-        wait_state(dom, libvirt.VIR_DOMAIN_PAUSED)
+        wait_for_state(dom, libvirt.VIR_DOMAIN_PAUSED)
         console.send("echo after''resume\n")
         with pytest.raises(AssertionError):
             console.expect(rb"after" + rb"resume", timeout=1.0)
         dom.resume()
-        wait_state(dom, libvirt.VIR_DOMAIN_RUNNING)
+        wait_for_state(dom, libvirt.VIR_DOMAIN_RUNNING)
         console.expect(rb"afterresume", timeout=30)
 
         # reset (system_reset): the guest boots again.
@@ -255,7 +191,7 @@ def test_domain_lifecycle(which, daemon, conn, guest, tmp_path):
             console.expect(PROMPT)
             assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
             dom.shutdown()
-            wait_state(dom, libvirt.VIR_DOMAIN_SHUTOFF)
+            wait_for_state(dom, libvirt.VIR_DOMAIN_SHUTOFF)
         else:
             # QEMU's virt has its power button on a PL061 GPIO line; the default
             # guest loads no driver for it, so it cannot be asked to power off.
@@ -265,9 +201,9 @@ def test_domain_lifecycle(which, daemon, conn, guest, tmp_path):
 
         # destroy a booting machine: SIGTERM (then SIGKILL) from libvirt.
         dom.create()
-        wait_state(dom, libvirt.VIR_DOMAIN_RUNNING)
+        wait_for_state(dom, libvirt.VIR_DOMAIN_RUNNING)
         dom.destroy()
-        wait_state(dom, libvirt.VIR_DOMAIN_SHUTOFF, timeout=30)
+        wait_for_state(dom, libvirt.VIR_DOMAIN_SHUTOFF, timeout=30)
     finally:
         if dom.isActive():
             dom.destroy()
@@ -372,7 +308,7 @@ def test_save_restore_and_managedsave(which, daemon, conn, guest, tmp_path):
         assert saved.stat().st_size > 0
         virsh(daemon, "restore", str(saved))
         dom = conn.lookupByName(name)
-        wait_state(dom, libvirt.VIR_DOMAIN_RUNNING)
+        wait_for_state(dom, libvirt.VIR_DOMAIN_RUNNING)
         console = console_of(dom)
         assert console.run("echo $KEPT").strip() == "beforesave"
         console.run("export KEPT=before''managedsave")
@@ -382,7 +318,7 @@ def test_save_restore_and_managedsave(which, daemon, conn, guest, tmp_path):
         assert dom.state()[0] == libvirt.VIR_DOMAIN_SHUTOFF
         assert dom.hasManagedSaveImage()
         virsh(daemon, "start", name)
-        wait_state(dom, libvirt.VIR_DOMAIN_RUNNING)
+        wait_for_state(dom, libvirt.VIR_DOMAIN_RUNNING)
         assert not dom.hasManagedSaveImage()
         console = console_of(dom)
         assert console.run("echo $KEPT").strip() == "beforemanagedsave"

@@ -50,3 +50,23 @@ def test_pause_resume_and_stop_reach_every_vcpu():
     assert all(t.state == RunState.RUNNING for t in group.threads)
     group.stop()
     assert group.wait(10).reason == "quit"
+
+
+def test_a_guest_power_off_under_no_shutdown_pauses_and_is_reported():
+    """What the microvm board does when the guest's console says ``reboot: Power down``
+    (before its ACPI S5 write): under -no-shutdown the vCPUs pause and the power-off is
+    reported (libvirt's reboot then resets and continues); else the machine ends."""
+    from kemu.machines.runtime import Outcome
+    group = VcpuGroup()
+    reported = []
+    group.no_shutdown = True
+    group.on_guest_shutdown = reported.append
+    group.add(VcpuThread(IdleCpu(), lambda: None, lambda exit: None, name="vcpu0"))
+    group.start()
+    assert group.guest_ended(Outcome("poweroff", 0)) is None
+    assert group.threads[0].wait_state(RunState.PAUSED, 10)
+    assert group.state == RunState.PAUSED and reported == ["poweroff"]
+    group.no_shutdown = False
+    group.resume(wait=True)
+    assert group.guest_ended(Outcome("poweroff", 0)).reason == "poweroff"
+    assert group.wait(10).reason == "poweroff"

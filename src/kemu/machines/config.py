@@ -95,6 +95,9 @@ class NetdevConfig:
 
 @dataclass
 class MachineConfig:
+    #: The emulator's guest architecture (``kemu-system-x86_64``: "x86_64"); None for
+    #: the generic ``kemu``, where the board decides (query-target).
+    target: str | None = None
     machine: str = "virt"
     accel: str = "tcg"
     cpu: str = "cortex-a57"

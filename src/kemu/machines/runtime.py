@@ -298,15 +298,19 @@ class VcpuGroup:
                 return None
         elif isinstance(exit, InternalError):
             outcome = Outcome("error", 1, f"guest stopped: {exit.message}")
-        if outcome is not None and self.no_shutdown and outcome.reason in ("poweroff", "reset"):
+        return None if outcome is None else self.guest_ended(outcome)
+
+    def guest_ended(self, outcome: Outcome) -> Outcome | None:
+        """The guest powered off, reset under -no-reboot, or failed: the outcome that
+        ends the machine, or None under -no-shutdown, where a power-off or reset
+        pauses every vCPU and is reported through ``on_guest_shutdown`` instead."""
+        if self.no_shutdown and outcome.reason in ("poweroff", "reset"):
             self.on_guest_shutdown(outcome.reason)
             for t in self.threads:
                 t.request(RunState.PAUSED)
             return None
-        if outcome is not None:
-            self.end(outcome)
-            return self._end
-        return None
+        self.end(outcome)
+        return self._end
 
     def reboot(self, current: threading.Thread | None, rebuild: Callable[[], None]) -> None:
         """Stop the vCPUs other than ``current``, ``rebuild``, run again."""

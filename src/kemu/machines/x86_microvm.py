@@ -482,7 +482,8 @@ class MicroVm:
             self.vcpus.end(Outcome("panic", 1, f"guest kernel panic: {line}"))
 
     def _on_halt(self, line: str) -> None:
-        self.vcpus.end(Outcome("poweroff", 0))
+        # Linux prints the line before its ACPI S5 write: -no-shutdown must apply here too.
+        self.vcpus.guest_ended(Outcome("poweroff", 0))
 
     def _on_exit(self, exit: Exit) -> Outcome | None:
         """A vCPU thread's system event or error (on that thread)."""

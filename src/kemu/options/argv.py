@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from kemu.errors import ConfigError
-from kemu.machines.builder import ACCELS
+from kemu.machines.builder import ACCELS, board_accels
 from kemu.machines.config import DriveConfig, MachineConfig
 from kemu.options.accepted import ACCEPTED, check_no_acpi
 from kemu.options.blockdev import parse_blockdev, resolve_device_drives
@@ -20,7 +20,8 @@ from kemu.options.device import parse_device
 from kemu.options.machine import apply_machine_option
 from kemu.options.objects import apply_memory_backend, parse_object
 from kemu.options.drive import parse_drive
-from kemu.options.keyval import add_by_id, head_and_props, parse_keyval, parse_size
+from kemu.options.isa_serial import take_isa_serial
+from kemu.options.keyval import add_by_id, head_and_props, parse_bool, parse_keyval, parse_size
 from kemu.options.netdev import legacy_net, parse_netdev, parse_nic
 from kemu.options.sockets import parse_qmp_option, parse_socket_option
 
@@ -67,7 +68,7 @@ MACHINE_FOR_ACCEL = {accel: machine for machine, accel in ACCEL_FOR_MACHINE.item
 
 def parse_qemu_options(argv: list[str], config: MachineConfig) -> MachineConfig:
     serial = None
-    machine_given = accel_given = memory_given = False
+    machine_given = accel_given = memory_given = cpu_given = False
     mons: list[str] = []                  # -mon, resolved after every -chardev
     nodefaults = False
     legacy_net_values: list[str] = []     # -net user/tap/nic, paired at the end
@@ -96,6 +97,7 @@ def parse_qemu_options(argv: list[str], config: MachineConfig) -> MachineConfig:
                 machine_given = True
         elif opt == "-cpu":
             config.cpu = value
+            cpu_given = True
         elif opt == "-dtb":
             config.dtb = Path(value)
         elif opt == "-global":
@@ -227,6 +229,7 @@ def parse_qemu_options(argv: list[str], config: MachineConfig) -> MachineConfig:
     legacy_net(legacy_net_values, config)
     for value in mons:
         parse_mon(value, config)
+    serial = take_isa_serial(config, serial)
     if serial is not None and serial.startswith("chardev:"):
         serial = serial_chardev(serial, config)
     apply_memory_backend(config, memory_given)
@@ -234,13 +237,16 @@ def parse_qemu_options(argv: list[str], config: MachineConfig) -> MachineConfig:
     if _choose_machine_accel(config):
         accel_given = True
     check_no_acpi(config)
+    if cpu_given and config.machine == "microvm":
+        config.cpu = x86_cpu_model(config.cpu)
     if config.fw_cfg and config.machine != "virt":
         raise ConfigError(f"-fw_cfg: kemu's {config.machine} board has no fw_cfg device "
                           "(virt has)")
-    if accel_given and machine_given and config.accel not in ACCELS.get(config.machine,
-                                                                        (config.accel,)):
-        raise ConfigError(board_accel_mismatch(config.machine, config.accel))
-    if accel_given and not machine_given:
+    # An emulator of one target (kemu-system-x86_64) keeps its board whatever -accel says.
+    if accel_given and (machine_given or config.target) and config.accel not in (
+            board_accels(config.machine, config.target) or (config.accel,)):
+        raise ConfigError(board_accel_mismatch(config.machine, config.accel, config.target))
+    if accel_given and not machine_given and not config.target:
         config.machine = MACHINE_FOR_ACCEL.get(config.accel, config.machine)
     elif machine_given and not accel_given:
         config.accel = ACCEL_FOR_MACHINE.get(config.machine, config.accel)
@@ -261,11 +267,32 @@ def parse_qemu_options(argv: list[str], config: MachineConfig) -> MachineConfig:
     return config
 
 
-def board_accel_mismatch(machine: str, accel: str) -> str:
+def board_accel_mismatch(machine: str, accel: str, target: str | None = None) -> str:
     runs_on = ACCELS[machine][0]
+    other = MACHINE_FOR_ACCEL.get(accel, machine)
+    if target is not None and other != machine:
+        return (f"the {machine} board runs on {runs_on.upper()} here, not {accel.upper()} "
+                f"(use -accel {runs_on}; the {target} emulator has no {accel.upper()} board)")
     return (f"the {machine} board runs on {runs_on.upper()} here, not {accel.upper()} "
-            f"(use -accel {runs_on}, or -M {MACHINE_FOR_ACCEL.get(accel, machine)} "
-            f"for {accel})")
+            f"(use -accel {runs_on}, or -M {other} for {accel})")
+
+
+#: The -cpu models of the microvm board: KVM runs the guest on the host's CPU, with
+#: the features KVM_GET_SUPPORTED_CPUID reports (QEMU's ``max`` is the same on KVM).
+X86_CPU_MODELS = ("host", "max")
+
+
+def x86_cpu_model(value: str) -> str:
+    """``-cpu host[,migratable=on|off]`` on microvm (libvirt's host-passthrough)."""
+    model, props = head_and_props(value, "-cpu", "model")
+    if model not in X86_CPU_MODELS:
+        raise ConfigError(f"-cpu {model}: kemu's microvm runs the guest on the host's CPU "
+                          f"(-cpu {' or '.join(X86_CPU_MODELS)}); no other model is emulated")
+    for key, val in props.items():
+        if key != "migratable":
+            raise ConfigError(f"-cpu {value}: kemu takes no CPU property '{key}' on microvm")
+        parse_bool(val, key)
+    return model
 
 
 def parse_smp(value: str) -> int:
@@ -304,14 +331,19 @@ def netdev_keyval(value: str) -> str:
 
 
 def _choose_machine_accel(config: MachineConfig) -> bool:
-    """``-machine accel=kvm:tcg``: the first listed accelerator the board runs on."""
+    """``-machine accel=kvm:tcg``: the first listed accelerator the board runs on (and,
+    as QEMU, that is usable here when another one follows: KVM needs /dev/kvm)."""
     wanted = config.extra.pop("machine_accels", None)
     if wanted is None:
         return False
-    runs_on = ACCELS.get(config.machine, ())
-    for accel in wanted:
-        if accel in runs_on:
-            config.accel = accel
-            return True
+    runs_on = board_accels(config.machine, config.target)
+    candidates = [a for a in wanted if a in runs_on]
+    for n, accel in enumerate(candidates):
+        if accel == "kvm" and n + 1 < len(candidates):
+            from kemu.accel.kvm import kvm_unavailable_reason
+            if kvm_unavailable_reason() is not None:
+                continue
+        config.accel = accel
+        return True
     raise ConfigError(f"-machine accel={':'.join(wanted)}: the {config.machine} board runs "
                       f"on {'/'.join(runs_on)}")

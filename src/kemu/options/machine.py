@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from kemu.errors import ConfigError
+from kemu.machines.builder import MACHINES, TARGETS
 from kemu.machines.config import MachineConfig
 from kemu.options.keyval import parse_bool, parse_keyval
 
@@ -103,7 +104,12 @@ def apply_machine_option(value: str, option: str, config: MachineConfig) -> str 
     props = parse_keyval(value, option, "type")
     name = props.pop("type", "")
     if name:
-        config.machine = board_name(name)
+        board = board_name(name)
+        if config.target and TARGETS.get(board, config.target) != config.target:
+            ours = ", ".join(m for m in MACHINES if TARGETS.get(m, config.target) == config.target)
+            raise ConfigError(f"{option} {name}: unsupported machine type (the "
+                              f"{config.target} emulator has {ours})")
+        config.machine = board
     accels = props.pop("accel", None)
     if accels is not None:
         config.extra["machine_accels"] = accels.split(":")

@@ -9,6 +9,7 @@ from importlib.metadata import version as package_version
 from typing import Any, Callable
 
 from kemu.errors import KemuError
+from kemu.qmp import introspect
 from kemu.qmp.protocol import QmpError
 
 log = logging.getLogger(__name__)
@@ -96,9 +97,10 @@ class Commands:
         return {
             "query-qmp-schema": (lambda a: i.qmp_schema(self.table), {}),
             "query-target": (lambda a: {"arch": i.target(config)}, {}),
-            # kemu's aarch64 board runs on TCG; microvm on KVM (it is then present).
+            # kemu's aarch64 board runs on TCG; microvm on KVM: KVM is present in the
+            # x86-64 emulator, enabled when this machine runs on it.
             "query-kvm": (lambda a: {"enabled": config.accel == "kvm",
-                                     "present": config.accel == "kvm"}, {}),
+                                     "present": "kvm" in i.accelerators(config)}, {}),
             "query-machines": (lambda a: i.query_machines(config), {"compat-props": bool}),
             "query-cpu-definitions": (lambda a: i.query_cpu_definitions(config), {}),
             "qom-list-types": (lambda a: [t for t in i.qom_types(config)
@@ -182,7 +184,7 @@ class Commands:
         ids = self.vm.vcpu_thread_ids() or [threading.get_native_id()]
         return [{"cpu-index": i, "qom-path": f"/machine/unattached/device[{i}]",
                  "thread-id": tid,
-                 "target": "x86_64" if self.vm.config.machine == "microvm" else "aarch64",
+                 "target": introspect.target(self.vm.config),
                  "props": {"core-id": i, "thread-id": 0, "socket-id": 0}}
                 for i, tid in enumerate(ids)]
 

@@ -47,8 +47,10 @@ FEATURES = {"device_add": ["json-cli", "json-cli-hotplug"]}
 
 
 def target(config) -> str:
-    """The guest architecture (query-target): x86_64 for microvm, else aarch64."""
-    return "x86_64" if config.machine == "microvm" else "aarch64"
+    """The guest architecture (query-target): the emulator's (``kemu-system-x86_64``),
+    else the board's: x86_64 for microvm, aarch64 otherwise."""
+    from kemu.machines.builder import TARGETS
+    return config.target or TARGETS.get(config.machine, "aarch64")
 
 
 def _object_type(name: str, members: dict[str, type], types: dict[str, dict]) -> str:
@@ -111,14 +113,20 @@ def qmp_schema(table: dict) -> list[dict]:
 # -- boards, devices, objects ----------------------------------------------------------------
 
 def _machines(tgt: str) -> list[str]:
-    from kemu.machines.builder import MACHINES
-    return [m for m in MACHINES if m == "none" or (m == "microvm") == (tgt == "x86_64")]
+    from kemu.machines.builder import MACHINES, TARGETS
+    return [m for m in MACHINES if TARGETS.get(m, tgt) == tgt]
 
 
 def query_machines(config) -> list[dict]:
+    """The boards of this emulator's target that run on the accelerator in use
+    (libvirt probes once per accelerator: kemu's microvm is not offered on TCG)."""
+    from kemu.machines.builder import board_accels
     from kemu.options.machine import CANONICAL
     out = []
-    for board in _machines(target(config)):
+    tgt = target(config)
+    for board in _machines(tgt):
+        if config.accel not in board_accels(board, tgt):
+            continue
         info = {"name": CANONICAL.get(board, board), "hotpluggable-cpus": False,
                 "numa-mem-supported": False, "deprecated": False, "cpu-max": _max_cpus(board)}
         if board in CANONICAL:
@@ -138,13 +146,14 @@ def _max_cpus(board: str) -> int:
         return MAX_CPUS_GICV3
     if board == "microvm":
         from kemu.machines import x86_microvm
-        return getattr(x86_microvm, "MAX_CPUS", 1)
+        return x86_microvm.MAX_VCPUS
     return 1
 
 
 def cpu_models(config) -> list[str]:
     if target(config) == "x86_64":
-        return ["host"]
+        from kemu.options.argv import X86_CPU_MODELS
+        return list(X86_CPU_MODELS)
     from kemu.accel.tcg.aarch64 import CPU_MODELS
     return sorted(CPU_MODELS)
 

@@ -124,7 +124,8 @@ def qom_list(config, path: str) -> list[dict]:
                 for n in ("peripheral", "peripheral-anon", "unattached")]
     if path == "/machine/peripheral":
         return [{"name": d.props["id"], "type": f"child<{d.driver}>"}
-                for d in config.devices if "id" in d.props]
+                for d in [*config.devices, *config.extra.get("board_devices", ())]
+                if "id" in d.props]
     if path == "/objects":
         return [{"name": o.id, "type": f"child<{o.qom_type}>"} for o in config.objects.values()]
     if path in ("/machine/peripheral-anon", "/machine/unattached"):

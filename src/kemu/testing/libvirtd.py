@@ -152,6 +152,15 @@ class PrivateLibvirtd:
             self.proc.wait(5)
 
 
+def wait_for_state(dom, state: int, timeout: float = 60.0) -> None:
+    """Until libvirt reports ``state`` for domain ``dom`` (a libvirt.virDomain; libvirt
+    learns of it from the emulator's events); AssertionError after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while dom.state()[0] != state:
+        assert time.monotonic() < deadline, f"domain state {dom.state()} never became {state}"
+        time.sleep(0.1)
+
+
 def main(argv: list[str]) -> int:
     daemon = PrivateLibvirtd(Path(argv[0]), debug_monitor="--debug" in argv)
     daemon.start()

@@ -140,7 +140,8 @@ mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000 host /host || echo 
 mount -t proc proc /host/proc
 mount -t sysfs sysfs /host/sys
 mount -t devtmpfs devtmpfs /host/dev
-mount -t devpts devpts /host/dev/pts 2>/dev/null
+# devtmpfs has no pts directory: without devpts there are no ptys (libvirt's consoles).
+mkdir -p /host/dev/pts && mount -t devpts -o ptmxmode=0666 devpts /host/dev/pts
 # Scratch space in /run: /tmp stays the host's (read-only) so that checkouts and
 # test files under /tmp remain visible; TMPDIR and HOME point at the scratch.
 mount -t tmpfs tmpfs /host/run 2>/dev/null
@@ -229,6 +230,39 @@ class NestedHarness:
         """A quick probe: L1 has a /dev/kvm that opens as KVM API 12."""
         return self.run("python3 -c 'import fcntl, os; fd = os.open(\"/dev/kvm\", os.O_RDWR);"
                         " print(\"KVM_API\", fcntl.ioctl(fd, 0xAE00))'")
+
+
+class KvmUnavailable(Exception):
+    """Why a run on real KVM cannot happen here (tests skip with its message)."""
+
+
+def run_where_kvm_is_real(command: str, timeout: float,
+                          env: dict[str, str] | None = None) -> str:
+    """Run ``command`` (sh syntax) where KVM is real and return what it printed: here
+    when /dev/kvm is hardware-backed, else in the nested harness's L1 (``env`` added
+    to its environment, with the host's cache directory).  Raises
+    :class:`KvmUnavailable` when neither can run, AssertionError when L1 did not
+    finish."""
+    from kemu.accel.kvm import kvm_is_hardware_backed
+    if kvm_is_hardware_backed():
+        proc = subprocess.run(["sh", "-c", command], capture_output=True, text=True,
+                              timeout=timeout, check=False, stdin=subprocess.DEVNULL)
+        return proc.stdout + proc.stderr
+    why = nested_unavailable_reason()
+    if why:
+        raise KvmUnavailable("/dev/kvm is not hardware-backed and the nested harness "
+                             f"cannot run: {why}")
+    try:
+        harness = NestedHarness()
+    except GuestBuildError as e:
+        raise KvmUnavailable(f"nested harness unavailable: {e}") from None
+    result = harness.run(command, timeout=timeout,
+                         env={"XDG_CACHE_HOME": str(cache_dir().parent), **(env or {})})
+    if "nested: no /dev/kvm" in result.console:
+        raise KvmUnavailable("nested SVM is not available: L1 has no /dev/kvm")
+    if result.status is None:
+        raise AssertionError(f"L1 did not finish:\n{result.console[-4000:]}")
+    return result.output
 
 
 #: The L2 guest's /init for boot tests: modules, one report line, power off.
