@@ -595,6 +595,11 @@ class VirtMachine:
                 "slots": [[getattr(slot.device.device, "device_id", 0), slot.device.legacy]
                           for slot in self.virtio_slots]}
 
+    def engine_id(self) -> str:
+        """The TCG engine build the saved vCPU blobs belong to."""
+        from kemu.accel.tcg.aarch64 import engine_build
+        return engine_build()
+
     def save_state(self) -> dict:
         """The whole machine but RAM as plain data (paused, under the machine lock)."""
         from kemu.state import save_plain

@@ -1,0 +1,140 @@
+"""Snapshots, restore, fork and migration of the x86-64 microvm board on this host's KVM.
+
+The purpose-built guest of tests/guests/microvm.c is booted through the
+board and stopped where it waits, halted with interrupts on, for a line
+typed on its 16550: its IDT, its I/O APIC route (pin 4 -> vector 0x30), its
+LAPIC, the UART's receive interrupt enable and the halted vCPU are all
+state that must survive.  A machine restored from the snapshot (a new KVM
+VM with new vCPUs, RAM mapped from the memory file) gets the line, the
+guest's handler reads it and the guest goes on to reset the machine
+through the i8042; the original machine runs on and does the same with its
+own line.  On PVM hosts guest kernel code is emulated, so this guest is
+tiny; Linux is snapshotted on real KVM in the nested harness
+(tests/integration/test_microvm_linux.py).
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "guests"))
+import guestbuild
+
+from kemu import Machine
+from kemu.accel.kvm import kvm_unavailable_reason
+from kemu.machines.config import MachineConfig, MiB
+from kemu.state import StateError
+
+_reason = kvm_unavailable_reason()
+_reason = (f"no usable /dev/kvm: {_reason}" if _reason else guestbuild.toolchain_missing())
+pytestmark = pytest.mark.skipif(_reason is not None, reason=_reason or "")
+
+TIMEOUT = 60.0
+
+
+@pytest.fixture(scope="module")
+def kernel(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("microvm-snap")
+    path = out / "microvm.bzImage"
+    path.write_bytes(guestbuild.build_bzimage("microvm", out))
+    return path
+
+
+def _config(kernel: Path, **kw) -> MachineConfig:
+    return MachineConfig(machine="microvm", accel="kvm", kernel=kernel, append="kemu.snap",
+                         memory=kw.pop("memory", 64 * MiB), no_reboot=True, **kw)
+
+
+class Output:
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.lock = threading.Lock()
+
+    def __call__(self, data: bytes) -> None:
+        with self.lock:
+            self.data += data
+
+    @property
+    def text(self) -> str:
+        with self.lock:
+            return self.data.decode(errors="replace")
+
+
+@pytest.fixture
+def waiting(kernel, tmp_path):
+    """A machine halted in the guest's wait for input, and its snapshot directory."""
+    out = Output()
+    vm = Machine.from_config(_config(kernel), console_output=out)
+    vm.start()
+    try:
+        vm.console.expect("ready for input", timeout=TIMEOUT)
+        header = vm.snapshot(tmp_path / "snap")
+        yield vm, out, tmp_path / "snap", header
+    finally:
+        if vm.state not in ("shutdown", "stopped"):
+            vm.kill()
+
+
+def _finishes_with(vm: Machine, line: str) -> str:
+    vm.console.write(line + "\n")
+    vm.console.expect(f"rx {line}", timeout=TIMEOUT)
+    vm.console.expect("resetting", timeout=TIMEOUT)
+    assert vm.wait(TIMEOUT) is not None
+    return vm.console.output
+
+
+def test_restored_machine_takes_its_input_and_the_original_runs_on(kernel, waiting):
+    vm, out, snap, header = waiting
+    assert header["machine"]["board"] == "microvm"
+    restored = Machine.restore(snap)
+    try:
+        text = _finishes_with(restored, "from-the-copy")
+        # the copy did not boot again: its console starts after the snapshot
+        assert "cmdline" not in text and "thre_iir" not in text, text
+        assert restored.outcome.reason == "reset"
+    finally:
+        if restored.state not in ("shutdown", "stopped"):
+            restored.kill()
+    text = _finishes_with(vm, "from-the-original")
+    assert "rx from-the-original" in text and "from-the-copy" not in text
+
+
+def test_fork_gives_copies_that_each_run_on(kernel, waiting, tmp_path):
+    vm, _out, _snap, _header = waiting
+    copies = vm.fork(2, tmp_path / "fork")
+    try:
+        for i, copy in enumerate(copies):
+            assert "rx copy" not in copy.console.output
+            _finishes_with(copy, f"copy{i}")
+    finally:
+        for copy in copies:
+            if copy.state not in ("shutdown", "stopped"):
+                copy.kill()
+
+
+def test_snapshot_from_another_configuration_is_refused_in_one_line(kernel, waiting, tmp_path):
+    import shutil
+    _vm, _out, snap, _header = waiting
+    from kemu import snapshot
+    header, payload = snapshot.load(snap)
+    # the same snapshot, as if the user changed -smp: refused before anything starts
+    other = Machine.from_config(_config(kernel, smp=2))
+    try:
+        with pytest.raises(StateError) as e:
+            from kemu.state import check_header
+            check_header(header, other._board.state_fingerprint(), "snapshot")
+        assert "smp" in str(e.value) and "\n" not in str(e.value)
+    finally:
+        other._board.close()
+    # a truncated memory file
+    bad = tmp_path / "bad"
+    shutil.copytree(snap, bad)
+    with open(bad / snapshot.MEMORY_FILE, "r+b") as f:
+        f.truncate(4096)
+    with pytest.raises(StateError) as e:
+        Machine.restore(bad)
+    assert "truncated" in str(e.value) and "\n" not in str(e.value)
