@@ -138,3 +138,73 @@ def test_snapshot_from_another_configuration_is_refused_in_one_line(kernel, wait
     with pytest.raises(StateError) as e:
         Machine.restore(bad)
     assert "truncated" in str(e.value) and "\n" not in str(e.value)
+
+
+def _migration_status(vm: Machine, timeout: float = TIMEOUT) -> str:
+    """The final status of ``vm``'s migration, from its MIGRATION events."""
+    import time
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        for event in vm.events(timeout=max(0.01, end - time.monotonic())):
+            status = getattr(event, "status", None)
+            if status in ("completed", "failed", "cancelled"):
+                return status
+    return "timeout"
+
+
+def _enable(vm: Machine) -> None:
+    vm.migration.set_capabilities([{"capability": "events", "state": True},
+                                   {"capability": "x-checksum", "state": True}])
+
+
+def test_live_migration_over_unix_while_the_guest_dirties_memory(kernel, tmp_path):
+    """KVM's dirty log follows a guest writing 256 pages in a loop: RAM at the switch
+    is the same on both sides (x-checksum) and the destination takes the input."""
+    config = _config(kernel)
+    config.append = "kemu.snap kemu.dirty"
+    source = Machine.from_config(config)
+    dest = Machine.from_config(_config(kernel, memory=config.memory))
+    dest.config.append = config.append
+    try:
+        source.start()
+        source.console.expect("ready for input", timeout=TIMEOUT)
+        _enable(source)
+        _enable(dest)
+        uri = f"unix:{tmp_path / 'mig.sock'}"
+        dest.start_incoming(uri)
+        # a small bandwidth makes several passes while the guest writes on
+        source.migration.set_parameters({"max-bandwidth": 64 << 20, "downtime-limit": 50})
+        source.migrate(uri)
+        assert _migration_status(source) == "completed", source.migration.info()
+        out, into = source.migration.info(), dest.migration.info()
+        assert out["ram"]["dirty-sync-count"] >= 2, out
+        assert out["x-ram-sha256"] == into["x-ram-sha256"]
+        assert source.state == "paused" and source._postmigrate
+        dest.console.write("moved\n")
+        # the loop went on in the destination until the line came
+        dest.console.expect(r"dirty_writes 0x[0-9a-f]+", timeout=TIMEOUT)
+        dest.console.expect("rx moved", timeout=TIMEOUT)
+        dest.console.expect("resetting", timeout=TIMEOUT)
+    finally:
+        for vm in (source, dest):
+            if vm.state not in ("shutdown", "stopped"):
+                vm.kill()
+
+
+def test_cancelled_migration_leaves_the_source_running(kernel, waiting, tmp_path):
+    vm, _out, _snap, _header = waiting
+    import socket
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(tmp_path / "sink.sock"))
+    server.listen(1)        # a destination that never answers
+    try:
+        _enable(vm)
+        vm.migrate(f"unix:{tmp_path / 'sink.sock'}")
+        conn, _ = server.accept()
+        vm.migration.cancel()
+        assert _migration_status(vm) in ("cancelled", "failed")
+        conn.close()
+        assert vm.state == "running"
+        _finishes_with(vm, "still-here")
+    finally:
+        server.close()

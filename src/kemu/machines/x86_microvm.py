@@ -370,6 +370,12 @@ class MicroVm:
         self.vm = vm
         self.cpus = cpus
         self._state_caps = None
+        if self.memory.written is not None:
+            # A reboot during a live migration: the old VM's log is gone, so every
+            # page counts as written, and the new VM logs from here on.
+            self.start_dirty_log()
+            for region in self.memory.regions:
+                self.memory.written.update(range(region.base // 4096, region.end // 4096))
 
     def _close_vm(self) -> None:
         with self._close_lock:          # wait() may run in two threads at once
