@@ -62,6 +62,7 @@ from kemu.devices.psci import Psci
 from kemu.devices.psci import SystemEvent as PsciEvent
 from kemu.backends.serial import SerialBackend
 from kemu.errors import ConfigError
+from kemu.machines.board_state import restore_slots, save_slots, slots_fingerprint
 from kemu.machines.config import MachineConfig, MiB
 from kemu.machines.rtc import AlarmTimer, RtcClock
 from kemu.devices import psci as psci_fn
@@ -591,9 +592,7 @@ class VirtMachine:
     def state_fingerprint(self) -> dict:
         """What a saved state must have been made on: board, CPUs, RAM, devices in their slots."""
         return {"board": "virt", "cpu": self.config.cpu, "smp": self.config.smp,
-                "memory": self.config.memory,
-                "slots": [[getattr(slot.device.device, "device_id", 0), slot.device.legacy]
-                          for slot in self.virtio_slots]}
+                "memory": self.config.memory, "slots": slots_fingerprint(self.virtio_slots)}
 
     def engine_id(self) -> str:
         """The TCG engine build the saved vCPU blobs belong to."""
@@ -615,10 +614,7 @@ class VirtMachine:
             "timers": [[save_plain(v), save_plain(p)] for v, p in self.timers],
             "uart": save_plain(self.uart), "rtc": save_plain(self.rtc),
             "fw_cfg": save_plain(self.fw_cfg),
-            "virtio": [{"transport": save_plain(slot.device),
-                        "device": save_plain(slot.device.device)
-                        if slot.device.device is not None else None}
-                       for slot in self.virtio_slots],
+            "virtio": save_slots(self.virtio_slots),
             "gic": save_plain(self.gic),
         }
 
@@ -648,12 +644,7 @@ class VirtMachine:
             restore_plain(self.rtc, state["rtc"])
             if "fw_cfg" in state:
                 restore_plain(self.fw_cfg, state["fw_cfg"])
-            for slot, saved in zip(self.virtio_slots, state["virtio"]):
-                restore_plain(slot.device, saved["transport"])
-                if slot.device.device is not None and saved["device"] is not None:
-                    restore_plain(slot.device.device, saved["device"])
-            for slot in self.virtio_slots:
-                slot.device.kick_ready_queues()
+            restore_slots(self.virtio_slots, state["virtio"])
             self.console.pump()        # input typed while the machine was being restored
         self.config.start_paused = paused
         self._start_threads()

@@ -64,6 +64,7 @@ from kemu.machines.rtc import RtcClock
 from kemu.devices.i8042 import I8042
 from kemu.devices.serial_16550 import Serial16550
 from kemu.errors import BootError, ConfigError
+from kemu.machines.board_state import restore_slots, save_slots, slots_fingerprint
 from kemu.machines.config import MachineConfig, MiB
 from kemu.machines.console_watch import (
     HALT_MARK,
@@ -480,8 +481,7 @@ class MicroVm:
         """What a saved state must have been made on: board, CPUs, RAM, devices in their slots."""
         return {"board": "microvm", "cpu": self.config.cpu, "smp": self.config.smp,
                 "memory": self.config.memory, "acpi": self.acpi,
-                "slots": [[getattr(slot.device.device, "device_id", 0), slot.device.legacy]
-                          for slot in self.virtio_slots]}
+                "slots": slots_fingerprint(self.virtio_slots)}
 
     def _caps(self):
         from kemu.accel.kvm.x86_state import Capabilities
@@ -510,10 +510,7 @@ class MicroVm:
             "cpus": cpus,
             "vm": to_plain(save_vm(self.vm, pit=True)),
             "devices": {name: save_plain(dev) for name, dev in self._devices().items()},
-            "virtio": [{"transport": save_plain(slot.device),
-                        "device": save_plain(slot.device.device)
-                        if slot.device.device is not None else None}
-                       for slot in self.virtio_slots],
+            "virtio": save_slots(self.virtio_slots),
         }
 
     def start_restored(self, state: dict, paused: bool = False) -> None:
@@ -535,12 +532,7 @@ class MicroVm:
             restore_vm(self.vm, from_plain(X86VmState, state["vm"]))
             for name, dev in devices.items():
                 restore_plain(dev, state["devices"][name])
-            for slot, saved in zip(self.virtio_slots, state["virtio"]):
-                restore_plain(slot.device, saved["transport"])
-                if slot.device.device is not None and saved["device"] is not None:
-                    restore_plain(slot.device.device, saved["device"])
-            for slot in self.virtio_slots:
-                slot.device.kick_ready_queues()
+            restore_slots(self.virtio_slots, state["virtio"])
             self.console.pump()        # input typed while the machine was being restored
         self.config.start_paused = paused
         self._start_threads()
