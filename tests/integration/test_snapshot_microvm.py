@@ -311,3 +311,43 @@ def test_every_microvm_device_saves_and_restores_plain_state(kernel, tmp_path):
                 st.restore_plain(device, dict(plain, version=99))
     finally:
         board.close()
+
+
+def test_kemu_processes_migrate_over_unix_and_restore_from_a_file(kernel, tmp_path):
+    """QEMU's spelling between two kemu processes: -incoming unix:, QMP migrate; then
+    the destination saved with migrate exec:cat > FILE and restored by a third
+    process with -incoming "exec:cat FILE"."""
+    from conftest import Console
+
+    from kemu.testing.qmp_client import QmpClient
+    args = ["-M", "microvm", "-accel", "kvm", "-m", "64", "-kernel", str(kernel),
+            "-append", "kemu.snap", "-display", "none", "-serial", "stdio", "-no-reboot"]
+    src = Console(args + ["-qmp", f"unix:{tmp_path / 'src.qmp'},server=on,wait=off"])
+    dst = Console(args + ["-qmp", f"unix:{tmp_path / 'dst.qmp'},server=on,wait=off",
+                          "-incoming", f"unix:{tmp_path / 'mig.sock'}"])
+    third = None
+    try:
+        src.expect(rb"ready for input", TIMEOUT)
+        q = QmpClient(tmp_path / "src.qmp")
+        qd = QmpClient(tmp_path / "dst.qmp")
+        assert qd.execute("query-status")["status"] == "inmigrate"
+        import time
+        end = time.monotonic() + TIMEOUT          # the destination listens
+        while not (tmp_path / "mig.sock").exists() and time.monotonic() < end:
+            time.sleep(0.02)
+        q.execute("migrate", uri=f"unix:{tmp_path / 'mig.sock'}")
+        assert q.wait_migration(("completed", "failed"), TIMEOUT)["status"] == "completed"
+        assert q.execute("query-status")["status"] == "postmigrate"
+        assert qd.execute("query-status")["status"] == "running"
+        stream = tmp_path / "saved.stream"
+        qd.execute("migrate", uri=f"exec:cat > {stream}")
+        assert qd.wait_migration(("completed", "failed"), TIMEOUT)["status"] == "completed"
+        third = Console(args + ["-incoming", f"exec:cat {stream}"])
+        third.send("third\n")
+        third.expect(rb"rx third", TIMEOUT)
+        third.expect(rb"resetting", TIMEOUT)
+        assert third.wait(TIMEOUT) == 0
+    finally:
+        for c in (src, dst, third):
+            if c is not None:
+                c.close()
