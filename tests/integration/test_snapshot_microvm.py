@@ -351,3 +351,51 @@ def test_kemu_processes_migrate_over_unix_and_restore_from_a_file(kernel, tmp_pa
         for c in (src, dst, third):
             if c is not None:
                 c.close()
+
+
+def test_virtio_blk_goes_on_in_a_restored_copy_writing_its_own_overlay(tmp_path):
+    """tests/guests/virtio_blk.c set up its queue, read by interrupt, and waits;
+    the restored copy's requests (queue indices, the I/O APIC route, the slot's
+    irqfd and ioeventfd) go on, its write lands in its own overlay."""
+    import os
+    import struct
+
+    from kemu.backends.qcow2 import Qcow2Image
+    from kemu.machines.config import DriveConfig
+    out = tmp_path / "guest"
+    kernel = out / "virtio_blk.bzImage"
+    kernel.parent.mkdir()
+    kernel.write_bytes(guestbuild.build_bzimage("virtio_blk", out))
+    original = os.urandom(128 * 512)
+    disk = tmp_path / "disk.raw"
+    disk.write_bytes(original)
+    config = _config(kernel, drives=[DriveConfig(disk, format="raw")])
+    config.append = "virtio-blk kemu.wait"
+    vm = Machine.from_config(config)
+    vm.start()
+    try:
+        vm.console.expect("waiting", timeout=TIMEOUT)
+        vm.snapshot(tmp_path / "snap")
+    finally:
+        vm.kill()
+    restored = Machine.restore(tmp_path / "snap", overlay_dir=tmp_path)
+    try:
+        restored.console.write("g")
+        restored.console.expect("done", timeout=TIMEOUT)
+        assert restored.wait(TIMEOUT) == 0
+        kv = {k: int(v, 16) for k, _, v in (line.partition(" ")
+                                            for line in restored.console.output.splitlines())
+              if v.startswith("0x")}
+        assert kv["woke"] == ord("g")
+        assert (kv["write_status"], kv["verify_status"], kv["verify_bad"]) == (0, 0, 0)
+        assert kv["flush_status"] == 0 and kv["oob_status"] == 1
+        assert kv["again_status"] == 0 and kv["irq_spurious"] == 0
+        overlay = restored.config.drives[0].path
+        with Qcow2Image.open(overlay, read_only=True, locking="off") as image:
+            written = image.read(6 * 512, 512)
+        assert written != original[6 * 512:7 * 512]
+        assert disk.read_bytes() == original                 # the original image untouched
+        assert struct.unpack_from("<Q", written)[0] != 0
+    finally:
+        if restored.state not in ("shutdown", "stopped"):
+            restored.kill()

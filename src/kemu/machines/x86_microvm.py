@@ -574,8 +574,9 @@ class MicroVm:
         return paused
 
     def resume(self) -> None:
+        """As QEMU's cont: the vCPUs run when it returns (query-status says so)."""
         self.rtc_clock.resume()
-        self.vcpus.resume()
+        self.vcpus.resume(wait=True)
 
     def powerdown(self) -> bool:
         """Press the ACPI power button (the GED); False without ACPI tables."""
