@@ -22,17 +22,15 @@ from __future__ import annotations
 import argparse
 import shlex
 import shutil
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from snapshot_aarch64 import KEMU, Proc, answer_after, saved_stream  # noqa: E402
+from snapshot_aarch64 import KEMU, compare_restores  # noqa: E402
 
 from kemu.accel.kvm import kvm_is_hardware_backed  # noqa: E402
 from kemu.guest.debian import default_guest  # noqa: E402
@@ -47,51 +45,13 @@ def machine_args(guest) -> list[str]:
 
 def inner(runs: int) -> None:
     from kemu import Machine
-    from kemu.api import ConsoleTimeout
     guest = default_guest("x86_64", show_progress=False)
     qemu = [shutil.which("qemu-system-x86_64") or "qemu-system-x86_64", "-cpu", "host",
             "-nodefaults", "-no-user-config"] + machine_args(guest)
     kemu = KEMU + machine_args(guest)
     tmp = Path(tempfile.mkdtemp(prefix="kemu-bench-"))
-    qfile = saved_stream(qemu, tmp, "qemu")
-    kfile = saved_stream(kemu, tmp, "kemu")
-    src = Machine.default_guest("x86_64", memory="256M")
-    src.start()
-    src.console.expect("# ", timeout=240)
-    src.console.run("true", 120)
-    snap = tmp / "snap"
-    src.snapshot(snap)
-    src.kill()
-    results: dict[str, list[float]] = {"qemu -incoming": [], "kemu -incoming": [],
-                                       "kemu Machine.restore": []}
-    for _ in range(runs):
-        for label, cmd in (("qemu -incoming", qemu + ["-incoming", f"exec:cat {qfile}"]),
-                           ("kemu -incoming", kemu + ["-incoming", f"exec:cat {kfile}"])):
-            p = Proc(cmd)
-            try:
-                results[label].append(answer_after(p, 300))
-            finally:
-                p.close()
-        t0 = time.perf_counter()
-        vm = Machine.restore(snap, overlay_dir=tmp, tag="bench")
-        while True:
-            vm.console.write("echo answer-$((6*7))\n")
-            try:
-                vm.console.expect("answer-42", timeout=0.02)
-                break
-            except ConsoleTimeout:
-                if time.perf_counter() - t0 > 300:
-                    raise
-        results["kemu Machine.restore"].append(time.perf_counter() - t0)
-        vm.kill()
-    q = statistics.median(results["qemu -incoming"])
-    print(f"restore latency, command to console answer, 256 MiB microvm ({runs} runs, median):")
-    for label, values in results.items():
-        m = statistics.median(values)
-        print(f"  {label:24s} {m * 1000:8.0f} ms   ratio to QEMU {m / q:.2f}x   "
-              f"(runs: {', '.join(f'{x * 1000:.0f}' for x in values)})")
-    print(f"  stream sizes: QEMU {qfile.stat().st_size >> 20} MiB, "
-          f"kemu {kfile.stat().st_size >> 20} MiB")
+    compare_restores(qemu, kemu, lambda: Machine.default_guest("x86_64", memory="256M"), runs,
+                     tmp, "256 MiB microvm on KVM", timeout=300)
 
 
 def main() -> int:

@@ -49,6 +49,18 @@ def _config(kernel: Path, **kw) -> MachineConfig:
                          memory=kw.pop("memory", 64 * MiB), no_reboot=True, **kw)
 
 
+def _snapshot_at(config: MachineConfig, marker: str, directory: Path) -> None:
+    """Boot ``config``, snapshot it into ``directory`` once ``marker`` is on its console,
+    end it."""
+    vm = Machine.from_config(config)
+    vm.start()
+    try:
+        vm.console.expect(marker, timeout=TIMEOUT)
+        vm.snapshot(directory)
+    finally:
+        vm.kill()
+
+
 class Output:
     def __init__(self) -> None:
         self.data = bytearray()
@@ -215,13 +227,7 @@ def test_two_vcpus_restored_the_second_still_waiting_for_sipi(kernel, tmp_path):
     starts it and both report their APIC ids."""
     config = _config(kernel, smp=2)
     config.append = "kemu.snap kemu.smp"
-    vm = Machine.from_config(config)
-    vm.start()
-    try:
-        vm.console.expect("ready for input", timeout=TIMEOUT)
-        vm.snapshot(tmp_path / "snap")
-    finally:
-        vm.kill()
+    _snapshot_at(config, "ready for input", tmp_path / "snap")
     restored = Machine.restore(tmp_path / "snap")
     try:
         text = _finishes_with(restored, "two")
@@ -286,9 +292,9 @@ def test_vcpu_and_vm_state_round_trip_through_a_new_vm():
 
 
 def test_every_microvm_device_saves_and_restores_plain_state(kernel, tmp_path):
-    from kemu import state as st
     from kemu.backends.serial import SerialBackend
     from kemu.machines.builder import build
+    from kemu.testing.state_check import check_round_trips
     from kemu.machines.config import DeviceConfig, DriveConfig
     disk = tmp_path / "d.raw"
     disk.write_bytes(bytes(1 << 20))
@@ -302,13 +308,7 @@ def test_every_microvm_device_saves_and_restores_plain_state(kernel, tmp_path):
         for slot in board.virtio_slots:
             devices += [slot.device, slot.device.device]
         assert len(devices) >= 13
-        for device in devices:
-            plain = st.save_plain(device)
-            assert plain["version"] == 1, device
-            st.restore_plain(device, st.loads(st.dumps(plain)))
-            assert st.save_plain(device) == plain, device
-            with pytest.raises(StateError):
-                st.restore_plain(device, dict(plain, version=99))
+        check_round_trips(devices)
     finally:
         board.close()
 
@@ -371,13 +371,7 @@ def test_virtio_blk_goes_on_in_a_restored_copy_writing_its_own_overlay(tmp_path)
     disk.write_bytes(original)
     config = _config(kernel, drives=[DriveConfig(disk, format="raw")])
     config.append = "virtio-blk kemu.wait"
-    vm = Machine.from_config(config)
-    vm.start()
-    try:
-        vm.console.expect("waiting", timeout=TIMEOUT)
-        vm.snapshot(tmp_path / "snap")
-    finally:
-        vm.kill()
+    _snapshot_at(config, "waiting", tmp_path / "snap")
     restored = Machine.restore(tmp_path / "snap", overlay_dir=tmp_path)
     try:
         restored.console.write("g")

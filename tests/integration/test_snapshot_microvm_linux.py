@@ -22,7 +22,6 @@ from pathlib import Path
 
 import pytest
 
-from kemu.accel.kvm import kvm_is_hardware_backed
 from kemu.errors import GuestBuildError
 from kemu.testing import nested
 
@@ -38,7 +37,7 @@ vm = Machine.default_guest("x86_64", memory="256M")
 vm.start()
 vm.console.expect("# ", timeout=240)
 vm.console.run("echo KEMU-FILE-$((40+2)) > /root/before; sync", 120)
-vm.console.write("(i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.2; done) &\n")
+vm.console.write("(i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.2; done) &\\n")
 vm.console.run("sleep 1", 60)
 t = time.monotonic()
 header = vm.snapshot(sys.argv[1])
@@ -72,13 +71,7 @@ print("STATUS", vm.wait(120))
 
 @pytest.fixture(scope="module")
 def runs():
-    from kemu.guest.debian import cache_dir, default_guest
-    hardware = kvm_is_hardware_backed()
-    if not hardware:
-        reason = nested.nested_unavailable_reason()
-        if reason:
-            pytest.skip(f"/dev/kvm is not hardware-backed and the nested harness "
-                        f"cannot run: {reason}")
+    from kemu.guest.debian import default_guest
     try:
         default_guest("x86_64", show_progress=False)
     except GuestBuildError as e:
@@ -90,23 +83,10 @@ def runs():
               f"echo \"==RC save=$?==\"\n"
               f"echo '==RUN restore=='; START=$(date +%s.%N) timeout 300 {py} -c "
               f"{shlex.quote(RESTORE)} {snap}; echo \"==RC restore=$?==\"\n")
-    if hardware:
-        import subprocess
-        proc = subprocess.run(["sh", "-c", script], capture_output=True, text=True,
-                              timeout=TIMEOUT, check=False)
-        output = proc.stdout + proc.stderr
-    else:
-        try:
-            harness = nested.NestedHarness()
-        except GuestBuildError as e:
-            pytest.skip(f"nested harness unavailable: {e}")
-        result = harness.run(script, timeout=TIMEOUT + 120,
-                             env={"KEMU_NESTED": "1",
-                                  "XDG_CACHE_HOME": str(cache_dir().parent)})
-        if "nested: no /dev/kvm" in result.console:
-            pytest.skip("nested SVM is not available: L1 has no /dev/kvm")
-        assert result.status is not None, f"L1 did not finish:\n{result.console[-4000:]}"
-        output = result.output
+    try:
+        output = nested.run_on_real_kvm(script, TIMEOUT + 120)
+    except nested.RealKvmUnavailable as e:
+        pytest.skip(str(e))
     out = {}
     for name in ("save", "restore"):
         m = re.search(rf"==RUN {name}==\n(.*?)==RC {name}=(\d+)==", output, re.DOTALL)
