@@ -267,11 +267,18 @@ def migrate_once(cmd: list[str], tmp: Path, name: str) -> dict:
 
 
 def live_migration(args, guest, tmp: Path) -> None:
+    compare_live_migrations([qemu_binary()] + machine_args(guest), KEMU + machine_args(guest),
+                            args.runs, tmp)
+
+
+def compare_live_migrations(qemu: list[str], kemu: list[str], runs: int, tmp: Path) -> None:
+    """``runs`` live migrations of each peer's guest (booted with ``qemu`` / ``kemu``)
+    while it dirties memory; total time and downtime, with the ratios."""
     rows = {"qemu": [], "kemu": []}
-    for _ in range(args.runs):
-        rows["qemu"].append(migrate_once([qemu_binary()] + machine_args(guest), tmp, "qemu"))
-        rows["kemu"].append(migrate_once(KEMU + machine_args(guest), tmp, "kemu"))
-    print(f"\nlive migration over a UNIX socket, guest dirtying memory ({args.runs} runs, median; "
+    for _ in range(runs):
+        rows["qemu"].append(migrate_once(qemu, tmp, "qemu"))
+        rows["kemu"].append(migrate_once(kemu, tmp, "kemu"))
+    print(f"\nlive migration over a UNIX socket, guest dirtying memory ({runs} runs, median; "
           f"max-bandwidth {PARAMS['max-bandwidth'] >> 20} MiB/s, downtime-limit "
           f"{PARAMS['downtime-limit']} ms on both):")
     med = {}

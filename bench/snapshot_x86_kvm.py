@@ -7,14 +7,15 @@ booted to its shell and saved QEMU's way (QMP ``migrate`` into a file
 through ``exec:cat``).  Restore latency is from the command to the guest
 answering on its console: a new process with ``-incoming "exec:cat FILE"``
 for each peer, and kemu's in-process ``Machine.restore(dir)`` of a
-snapshot directory.  The helpers (process, QMP, typing until the answer)
+snapshot directory.  With ``--migration``, also live migration over a UNIX
+socket of a guest dirtying memory (total time and downtime).  The helpers (process, QMP, typing until the answer)
 are bench/snapshot_aarch64.py's.
 
 Where /dev/kvm is PVM (Linux does not boot on it) everything runs inside
 the nested harness's L1 (:mod:`kemu.testing.nested`: QEMU TCG emulating
 SVM), both peers in the same L1: only the ratio means anything.
 
-    .venv/bin/python bench/snapshot_x86_kvm.py [--runs N] [--direct]
+    .venv/bin/python bench/snapshot_x86_kvm.py [--runs N] [--migration] [--direct]
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from snapshot_aarch64 import KEMU, compare_restores  # noqa: E402
+from snapshot_aarch64 import KEMU, compare_live_migrations, compare_restores  # noqa: E402
 
 from kemu.accel.kvm import kvm_is_hardware_backed  # noqa: E402
 from kemu.guest.debian import default_guest  # noqa: E402
@@ -43,7 +44,7 @@ def machine_args(guest) -> list[str]:
             "-monitor", "none", "-serial", "stdio"]
 
 
-def inner(runs: int) -> None:
+def inner(runs: int, migration: bool) -> None:
     from kemu import Machine
     guest = default_guest("x86_64", show_progress=False)
     qemu = [shutil.which("qemu-system-x86_64") or "qemu-system-x86_64", "-cpu", "host",
@@ -52,17 +53,21 @@ def inner(runs: int) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="kemu-bench-"))
     compare_restores(qemu, kemu, lambda: Machine.default_guest("x86_64", memory="256M"), runs,
                      tmp, "256 MiB microvm on KVM", timeout=300)
+    if migration:
+        compare_live_migrations(qemu, kemu, runs, tmp)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--migration", action="store_true",
+                    help="also live migration (total time, downtime) of a guest dirtying memory")
     ap.add_argument("--inner", action="store_true", help="run here (inside L1)")
     ap.add_argument("--direct", action="store_true",
                     help="run on this host's /dev/kvm even if it is not hardware-backed")
     args = ap.parse_args()
     if args.inner or args.direct or kvm_is_hardware_backed():
-        inner(args.runs)
+        inner(args.runs, args.migration)
         return 0
     reason = nested.nested_unavailable_reason()
     if reason:
@@ -71,7 +76,8 @@ def main() -> int:
     from kemu.guest.debian import cache_dir
     default_guest("x86_64", show_progress=sys.stderr.isatty())
     cmd = (f"cd {shlex.quote(str(ROOT))} && {shlex.quote(sys.executable)} "
-           f"bench/snapshot_x86_kvm.py --inner --runs {args.runs}")
+           f"bench/snapshot_x86_kvm.py --inner --runs {args.runs}"
+           f"{' --migration' if args.migration else ''}")
     result = nested.NestedHarness().run(cmd, timeout=900 + 300 * args.runs,
                                         env={"KEMU_NESTED": "1",
                                              "XDG_CACHE_HOME": str(cache_dir().parent)})

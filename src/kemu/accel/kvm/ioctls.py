@@ -886,12 +886,32 @@ class VcpuFd:
             buf.entries[i] = e
         self._call("KVM_SET_CPUID2", KVM_SET_CPUID2, buf)
 
-    def get_cpuid2(self, max_entries: int = 256) -> list[kvm_cpuid_entry2]:
-        """``KVM_GET_CPUID2``: the CPUID table this vCPU was given."""
-        buf = kvm_cpuid2_with(max_entries)()
-        buf.nent = max_entries
-        self._call("KVM_GET_CPUID2", KVM_GET_CPUID2, buf)
-        return [_copy(buf.entries[i]) for i in range(buf.nent)]
+    def get_cpuid2(self) -> list[kvm_cpuid_entry2]:
+        """``KVM_GET_CPUID2``: the CPUID table this vCPU was given.
+
+        Kernels differ in how they say how many entries they filled: newer ones
+        write ``nent`` back on success, older ones (5.x and before) only with
+        E2BIG.  So the buffer grows on E2BIG, its entries start as a sentinel
+        (leaf 0xffffffff, which KVM never has), and the table ends at ``nent`` or
+        at the first sentinel left, whichever comes first."""
+        n = 64
+        while True:
+            buf = kvm_cpuid2_with(n)()
+            buf.nent = n
+            ctypes.memset(ctypes.addressof(buf.entries), 0xFF, ctypes.sizeof(buf.entries))
+            try:
+                ioctl(self.fd, KVM_GET_CPUID2, buf)
+            except OSError as e:
+                if e.errno == errno.E2BIG and n < 4096:
+                    n *= 2
+                    continue
+                raise _accel_error(f"KVM_GET_CPUID2 (vcpu {self.id})", e) from None
+            out = []
+            for i in range(min(buf.nent, n)):
+                if buf.entries[i].function == 0xFFFFFFFF:
+                    break
+                out.append(_copy(buf.entries[i]))
+            return out
 
     def get_lapic(self) -> kvm_lapic_state:
         s = kvm_lapic_state()

@@ -41,6 +41,8 @@ from kemu.state import StateError, check_version
 VERSION = 1
 
 MSR_IA32_TSC_DEADLINE = 0x6E0
+#: KVM_SET_CPUID2 takes at most this many entries (arch/x86/include/asm/kvm_host.h).
+KVM_MAX_CPUID_ENTRIES = 256
 #: Hyper-V's synthetic MSRs: kemu announces no Hyper-V interface, so they are left out.
 HYPERV_MSRS = range(0x40000000, 0x40000100)
 
@@ -126,7 +128,7 @@ def save_vcpu(vcpu: VcpuFd, caps: Capabilities) -> X86VcpuState:
     msrs = vcpu.get_msrs(caps.msrs) if caps.msrs else {}
     return X86VcpuState(
         version=VERSION,
-        cpuid=[bytes(e) for e in vcpu.get_cpuid2(1024)],
+        cpuid=[bytes(e) for e in vcpu.get_cpuid2()],
         regs=bytes(vcpu.get_regs()),
         sregs=bytes(vcpu.get_sregs2() if caps.sregs2 else vcpu.get_sregs()),
         sregs2=caps.sregs2,
@@ -151,7 +153,7 @@ def restore_vcpu(vcpu: VcpuFd, state: X86VcpuState, caps: Capabilities) -> None:
             or len(state.xsave) % 4:
         raise StateError(f"{what}: XSAVE area of {len(state.xsave)} bytes does not fit this "
                          f"KVM's ({caps.xsave_size})")
-    if not 0 < len(state.cpuid) <= 1024:
+    if not 0 < len(state.cpuid) <= KVM_MAX_CPUID_ENTRIES:
         raise StateError(f"{what}: bad CPUID table ({len(state.cpuid)} entries)")
     vcpu.set_cpuid2([_blob(k.kvm_cpuid_entry2, e, f"{what} CPUID") for e in state.cpuid])
     sregs_type = k.kvm_sregs2 if state.sregs2 else k.kvm_sregs
