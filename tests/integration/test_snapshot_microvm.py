@@ -27,6 +27,7 @@ import guestbuild
 from kemu import Machine
 from kemu.accel.kvm import kvm_unavailable_reason
 from kemu.machines.config import MachineConfig, MiB
+from kemu.errors import AccelError
 from kemu.state import StateError
 
 _reason = kvm_unavailable_reason()
@@ -142,6 +143,23 @@ def test_snapshot_from_another_configuration_is_refused_in_one_line(kernel, wait
         assert "smp" in str(e.value) and "\n" not in str(e.value)
     finally:
         other._board.close()
+    # a stream whose checksum is right but whose machine state is not (a crafted file)
+    from kemu import state as st
+    for damage in (lambda b: b.pop("vm"),
+                   lambda b: b["cpus"][0].update(sregs=b"\0" * 3),
+                   lambda b: b["cpus"][0].update(msrs=[[0xDEAD0000, 1]]),
+                   lambda b: b["virtio"].append({})):
+        crafted = tmp_path / f"crafted{id(damage)}"
+        shutil.copytree(snap, crafted)
+        board = st.loads(st.dumps(payload["board"]))
+        damage(board)
+        with open(crafted / snapshot.STATE_FILE, "wb") as f:
+            st.write_stream(f, {k: v for k, v in header.items()
+                                if k not in ("payload_size", "payload_sha256")},
+                            dict(payload, board=board))
+        with pytest.raises((StateError, AccelError)) as e:
+            Machine.restore(crafted)
+        assert "\n" not in str(e.value), e.value
     # a truncated memory file
     bad = tmp_path / "bad"
     shutil.copytree(snap, bad)

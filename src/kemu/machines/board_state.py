@@ -30,6 +30,8 @@ def restore_slots(slots, saved: list) -> None:
     if not isinstance(saved, list) or len(saved) != len(slots):
         raise StateError("saved state does not match the machine's virtio devices")
     for slot, state in zip(slots, saved):
+        if not isinstance(state, dict) or "transport" not in state or "device" not in state:
+            raise StateError("saved state: corrupted virtio slot")
         restore_plain(slot.device, state["transport"])
         if slot.device.device is not None and state["device"] is not None:
             restore_plain(slot.device.device, state["device"])

@@ -519,17 +519,22 @@ class MicroVm:
         from kemu.state import StateError, check_version, from_plain, restore_plain
         check_version("microvm board", state.get("version", 0))
         devices = self._devices()
-        if len(state["cpus"]) != len(self.cpus) or \
-                len(state["virtio"]) != len(self.virtio_slots) or \
-                set(state["devices"]) != set(devices):
+        try:
+            cpus = [from_plain(X86VcpuState, saved) for saved in state["cpus"]]
+            vm_state = from_plain(X86VmState, state["vm"])
+            matches = (len(cpus) == len(self.cpus) and set(state["devices"]) == set(devices)
+                       and len(state["virtio"]) == len(self.virtio_slots))
+        except (KeyError, TypeError):
+            raise StateError("saved state: corrupted (not a microvm machine state)") from None
+        if not matches:
             raise StateError("saved state does not match the machine's CPUs and devices")
         caps = self._caps()
-        for cpu, saved in zip(self.cpus, state["cpus"]):
-            restore_vcpu(cpu.vcpu.fd, from_plain(X86VcpuState, saved), caps)
+        for cpu, saved in zip(self.cpus, cpus):
+            restore_vcpu(cpu.vcpu.fd, saved, caps)
         with self.lock:
             # The interrupt controllers first; then the devices, which drive their
             # lines (fresh, low) to the levels they have now.
-            restore_vm(self.vm, from_plain(X86VmState, state["vm"]))
+            restore_vm(self.vm, vm_state)
             for name, dev in devices.items():
                 restore_plain(dev, state["devices"][name])
             restore_slots(self.virtio_slots, state["virtio"])
