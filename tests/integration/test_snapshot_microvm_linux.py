@@ -54,10 +54,10 @@ from kemu import Machine
 from kemu.api import ConsoleTimeout
 vm = Machine.restore(sys.argv[1])
 print("RESTORED-MS", int((time.time() - float(os.environ["START"])) * 1000), flush=True)
-while True:                          # type until the shell answers
-    vm.console.write("echo answer-$((6*7))\\n")
+while True:                          # type until the shell answers (once a second:
+    vm.console.write("echo answer-$((6*7))\\n")   # what waits in the tty runs after)
     try:
-        vm.console.expect("answer-42", timeout=0.05)
+        vm.console.expect("answer-42", timeout=1.0)
         break
     except ConsoleTimeout:
         pass
