@@ -28,8 +28,8 @@ from kemu.testing import nested
 pytestmark = pytest.mark.slow
 
 CHECKOUT = Path(__file__).resolve().parents[2]
-#: The whole L1 run.  Under QEMU's TCG every exit of the L2 guest is emulated:
-#: a restored guest faulting its RAM in page by page takes minutes there.
+#: The whole L1 run (it took 3.5 min on a loaded host): generous, since under
+#: QEMU's TCG every exit of the L2 guest is emulated.
 TIMEOUT = 1800
 
 SAVE = """
