@@ -411,3 +411,19 @@ def test_virtio_blk_goes_on_in_a_restored_copy_writing_its_own_overlay(tmp_path)
     finally:
         if restored.state not in ("shutdown", "stopped"):
             restored.kill()
+
+
+def test_pcie_machine_is_refused_in_one_line(kernel, tmp_path):
+    from kemu.errors import ConfigError
+    config = _config(kernel)
+    config.extra["pcie"] = True
+    vm = Machine.from_config(config)
+    vm.start()
+    try:
+        vm.console.expect("ready for input", timeout=TIMEOUT)
+        with pytest.raises(ConfigError) as e:
+            vm.snapshot(tmp_path / "snap")
+        assert "pcie=on" in str(e.value) and "\n" not in str(e.value)
+        assert vm.state == "running"
+    finally:
+        vm.kill()

@@ -12,9 +12,13 @@ from kemu.devices.acpi_sleep import AcpiSleep
 BASE = 0xE0000
 
 
-def tables(nr_cpus=2, virtio=2):
+PCIE = acpi.PcieHost(ecam_base=0xE0000000, last_bus=255, mmio_base=0xC0000000,
+                     mmio_size=0x10000000, intx_gsis=(20, 21, 22, 23))
+
+
+def tables(nr_cpus=2, virtio=2, pcie=None):
     cfg = acpi.AcpiConfig(nr_cpus=nr_cpus, sleep_control_port=0x600, sleep_status_port=0x601,
-                          ged=(0x608, 12), virtio=[acpi.MmioDevice(0xD0000000 + 0x200 * i, 0x200, 5 + i)
+                          ged=(0x608, 12), pcie=pcie, virtio=[acpi.MmioDevice(0xD0000000 + 0x200 * i, 0x200, 5 + i)
                                   for i in range(virtio)])
     rsdp, blob = acpi.build_tables(BASE, cfg)
     return rsdp, blob
@@ -119,3 +123,54 @@ def test_sleep_registers_power_off_on_s5_only():
     assert calls == []
     dev.write(0, 1, (5 << 2) | 0x20)
     assert calls == ["off"]
+
+
+def test_pcie_adds_mcfg_and_allows_msi():
+    plain = walk(tables()[1])
+    assert struct.unpack_from("<H", plain[b"FACP"], 109)[0] & acpi.IAPC_MSI_NOT_SUPPORTED
+    found = walk(tables(pcie=PCIE)[1])
+    assert set(found) == {b"XSDT", b"FACP", b"APIC", b"DSDT", b"MCFG"}
+    assert not struct.unpack_from("<H", found[b"FACP"], 109)[0] & acpi.IAPC_MSI_NOT_SUPPORTED
+    mcfg = found[b"MCFG"]
+    assert len(mcfg) == 60 and sum(mcfg) & 0xFF == 0
+    assert struct.unpack_from("<QHBB", mcfg, 44) == (0xE0000000, 0, 0, 255)
+
+
+@pytest.mark.skipif(shutil.which("iasl") is None, reason="iasl (acpica-tools) is not installed")
+def test_iasl_reads_the_pci_root_bridge_and_mcfg(tmp_path):
+    found = walk(tables(pcie=PCIE)[1])
+    for sig, name in ((b"DSDT", "dsdt"), (b"MCFG", "mcfg")):
+        (tmp_path / f"{name}.dat").write_bytes(found[sig])
+        proc = subprocess.run(["iasl", "-d", f"{name}.dat"], cwd=tmp_path, capture_output=True,
+                              text=True, check=False)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    text = (tmp_path / "dsdt.dsl").read_text()
+    assert 'Name (_HID, "PNP0A08"' in text and 'Name (_CID, "PNP0A03"' in text
+    assert "WordBusNumber (ResourceProducer, MinFixed, MaxFixed, PosDecode," in text
+    assert "0xC0000000" in text and "0xCFFFFFFF" in text and "0x10000000" in text
+    # _PRT: 32 devices x 4 pins; device 1 pin A (0) is swizzled to the second GSI.
+    assert text.count("0x0001FFFF") == 4
+    # The ECAM reserved as a motherboard resource, as Linux wants before using it.
+    res0 = text[text.index("Device (RES0)"):]
+    assert '"PNP0C02"' in res0[:200] and "0xE0000000" in res0 and "0x10000000" in res0
+    prt = text[text.index("Name (_PRT"):]
+    first = prt.index("0x0001FFFF")
+    assert "0x15" in prt[first:first + 120]            # GSI 21
+    mcfg = (tmp_path / "mcfg.dsl").read_text()
+    assert "Base Address : 00000000E0000000" in mcfg and "End Bus Number : FF" in mcfg
+
+
+@pytest.mark.parametrize("value,expected", [("on", True), ("off", False), ("auto", False)])
+def test_microvm_pcie_option(value, expected):
+    from kemu.machines.config import MachineConfig
+    from kemu.options.argv import parse_qemu_options
+    config = parse_qemu_options(["-M", f"microvm,pcie={value}"], MachineConfig())
+    assert config.machine == "microvm" and bool(config.extra.get("pcie")) is expected
+
+
+def test_microvm_pcie_option_refuses_other_values():
+    from kemu.errors import ConfigError
+    from kemu.machines.config import MachineConfig
+    from kemu.options.argv import parse_qemu_options
+    with pytest.raises(ConfigError, match="pcie=maybe: invalid value"):
+        parse_qemu_options(["-M", "microvm,pcie=maybe"], MachineConfig())

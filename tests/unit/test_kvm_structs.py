@@ -59,6 +59,7 @@ STRUCTS = {
     "struct kvm_userspace_memory_region": k.kvm_userspace_memory_region,
     "struct kvm_irq_level": k.kvm_irq_level,
     "struct kvm_irqfd": k.kvm_irqfd,
+    "struct kvm_msi": k.kvm_msi,
     "struct kvm_ioeventfd": k.kvm_ioeventfd,
     "struct kvm_pit_config": k.kvm_pit_config,
     "struct kvm_mp_state": k.kvm_mp_state,

@@ -229,6 +229,20 @@ def res_interrupt(gsi: int, level: bool) -> bytes:
     return struct.pack("<BHBBI", 0x89, 6, flags, 1, gsi)
 
 
+def res_word_bus_number(first: int, last: int) -> bytes:
+    """Word Address Space Descriptor (6.4.3.5.3) of bus numbers, produced by a bridge
+    (general flags: min and max fixed)."""
+    return struct.pack("<BHBBBHHHHH", 0x88, 13, 2, 0x0C, 0, 0, first, last, 0,
+                       last - first + 1)
+
+
+def res_dword_memory(base: int, length: int) -> bytes:
+    """DWord Address Space Descriptor (6.4.3.5.2) of a memory window a bridge produces:
+    min and max fixed, read/write, non-cacheable."""
+    return struct.pack("<BHBBBIIIII", 0x87, 23, 0, 0x0C, 0x01, 0, base, base + length - 1,
+                       0, length)
+
+
 def resource_template(*descriptors: bytes) -> bytes:
     return aml_buffer(b"".join(descriptors) + b"\x79\x00")     # End Tag, checksum 0
 
@@ -240,6 +254,18 @@ class MmioDevice:
     base: int
     size: int
     gsi: int
+
+
+@dataclass(frozen=True)
+class PcieHost:
+    """A PCI Express host bridge (PCI Firmware 3.2 section 4.1): its ECAM window for
+    buses 0..``last_bus`` (MCFG), its 32-bit memory window, and the GSIs of INTA-D."""
+
+    ecam_base: int
+    last_bus: int
+    mmio_base: int
+    mmio_size: int
+    intx_gsis: tuple[int, int, int, int]
 
 
 @dataclass
@@ -255,6 +281,8 @@ class AcpiConfig:
     virtio: list[MmioDevice] = field(default_factory=list)
     #: Generic Event Device (5.6.9) selector port and GSI: the power button.
     ged: tuple[int, int] | None = None
+    #: PCI Express (QEMU's microvm pcie=on): MCFG, and \\_SB.PCI0 in the DSDT.
+    pcie: PcieHost | None = None
 
 
 def dsdt(cfg: AcpiConfig) -> bytes:
@@ -297,10 +325,39 @@ def dsdt(cfg: AcpiConfig) -> bytes:
                        aml_store_local0(name_seg("ESEL")),
                        aml_if(aml_local0_and(GED_EVENT_POWER_BUTTON),
                               aml_notify(aml_path("_SB_", "PWRB"), 0x80)))))
+    if cfg.pcie:
+        devices.append(pci_root(cfg.pcie))
+        # Linux uses an ECAM only where a motherboard resource reserves it (PCI
+        # Firmware 3.2 section 4.1.2; without port 0xCF8 it does not consult e820).
+        devices.append(aml_device("RES0", aml_name("_HID", aml_string("PNP0C02")),
+                                  aml_name("_CRS", resource_template(res_memory32_fixed(
+                                      cfg.pcie.ecam_base, (cfg.pcie.last_bus + 1) << 20)))))
     body = aml_scope(b"\\_SB_", *devices)
     body += aml_name("_S5_", aml_package(aml_int(S5_SLEEP_TYPE), aml_int(0), aml_int(0),
                                          aml_int(0)))
     return table(b"DSDT", 2, body)
+
+
+def pci_root(host: PcieHost) -> bytes:
+    """``\\_SB.PCI0``: a PCI Express root bridge (PNP0A08, compatible PNP0A03) with the
+    bus numbers and memory window it decodes, and its interrupt routing table (_PRT,
+    6.2.13): device d's INTx pin p reaches GSI ``intx_gsis[(d + p) % 4]``, the
+    swizzle of the host's INTx lines, with no link devices (source 0: a GSI)."""
+    routes = [aml_package(aml_int((device << 16) | 0xFFFF), aml_int(pin), aml_int(0),
+                          aml_int(host.intx_gsis[(device + pin) % 4]))
+              for device in range(32) for pin in range(4)]
+    return aml_device(
+        "PCI0", aml_name("_HID", aml_string("PNP0A08")), aml_name("_CID", aml_string("PNP0A03")),
+        aml_name("_SEG", aml_int(0)), aml_name("_UID", aml_int(0)), aml_name("_BBN", aml_int(0)),
+        aml_name("_CRS", resource_template(res_word_bus_number(0, host.last_bus),
+                                           res_dword_memory(host.mmio_base, host.mmio_size))),
+        aml_name("_PRT", aml_package(*routes)))
+
+
+def mcfg(host: PcieHost) -> bytes:
+    """MCFG (PCI Firmware 3.2 section 4.1.2): one ECAM allocation, segment 0."""
+    return table(b"MCFG", 1, bytes(8) + struct.pack("<QHBBI", host.ecam_base, 0, 0,
+                                                    host.last_bus, 0))
 
 
 def madt(nr_cpus: int) -> bytes:
@@ -320,7 +377,8 @@ def fadt(cfg: AcpiConfig, dsdt_addr: int) -> bytes:
 
     put(40, "I", dsdt_addr)
     put(108, "B", CMOS_CENTURY_INDEX)
-    put(109, "H", IAPC_8042 | IAPC_VGA_NOT_PRESENT | IAPC_MSI_NOT_SUPPORTED)
+    # MSI needs a PCI bus to come from: with none, say so (Linux then never tries).
+    put(109, "H", IAPC_8042 | IAPC_VGA_NOT_PRESENT | (0 if cfg.pcie else IAPC_MSI_NOT_SUPPORTED))
     put(112, "I", FADT_F_WBINVD | FADT_F_RESET_REG_SUP | FADT_F_HW_REDUCED_ACPI)
     body[116 - HEADER.size:128 - HEADER.size] = gas_io(cfg.reset_port)
     put(128, "B", cfg.reset_value)
@@ -355,7 +413,8 @@ def build_tables(base: int, cfg: AcpiConfig) -> tuple[int, bytes]:
     rsdp_addr = base
     blob += bytes(36)
     xsdt_addr = base + _align(len(blob))
-    blob = blob.ljust(xsdt_addr - base, b"\0") + bytes(36 + 16)
+    entries = 3 if cfg.pcie else 2
+    blob = blob.ljust(xsdt_addr - base, b"\0") + bytes(36 + 8 * entries)
     fadt_addr = base + _align(len(blob))
     blob = blob.ljust(fadt_addr - base, b"\0") + bytes(FADT_SIZE)
     madt_bytes = madt(cfg.nr_cpus)
@@ -364,11 +423,15 @@ def build_tables(base: int, cfg: AcpiConfig) -> tuple[int, bytes]:
     dsdt_bytes = dsdt(cfg)
     dsdt_addr = base + _align(len(blob))
     blob = blob.ljust(dsdt_addr - base, b"\0") + dsdt_bytes
+    tables = [fadt_addr, madt_addr]
+    if cfg.pcie:
+        tables.append(base + _align(len(blob)))
+        blob = blob.ljust(tables[-1] - base, b"\0") + mcfg(cfg.pcie)
 
     def place(addr: int, data: bytes) -> None:
         blob[addr - base:addr - base + len(data)] = data
 
     place(rsdp_addr, rsdp(xsdt_addr))
-    place(xsdt_addr, xsdt([fadt_addr, madt_addr]))
+    place(xsdt_addr, xsdt(tables))
     place(fadt_addr, fadt(cfg, dsdt_addr))
     return rsdp_addr, bytes(blob)

@@ -65,7 +65,7 @@ def pci_placement(board, dev: DeviceConfig) -> tuple[DeviceConfig, int | None] |
     props = dict(dev.props)
     bus = props.pop("bus", "pcie.0")
     if bus != "pcie.0":
-        raise ConfigError(f"-device {dev.driver}: Bus '{bus}' not found (the virt board has pcie.0)")
+        raise ConfigError(f"-device {dev.driver}: Bus '{bus}' not found (the PCI bus is pcie.0)")
     if props.pop("disable-legacy", "on") not in ("on", "true", "auto"):
         raise ConfigError(f"-device {dev.driver}: disable-legacy=off: kemu's virtio-pci "
                           "devices are modern only (virtio 1.x)")

@@ -19,10 +19,22 @@ microvm does with acpi=off.
 0x600, 0x601        ports        ACPI sleep control / status (S5: power off)
 0x000e0000          64 KiB       ACPI RSDP, XSDT, FADT, MADT, DSDT
 0x000f0000          64 KiB       MP floating pointer and configuration table
+0xc0000000          256 MiB      PCIe memory window (pcie=on)
 0xd0000000          n x 0x200    virtio-mmio slots (IRQ 5, 6, 7, 9, 10, ...)
+0xe0000000          256 MiB      PCIe ECAM, buses 0-255 (pcie=on)
 0xfec00000                       I/O APIC (KVM in-kernel irqchip)
 0xfee00000                       local APICs (KVM in-kernel irqchip)
 ==================  ===========  ============================================
+
+With ``-M microvm,pcie=on`` (and ACPI, as QEMU's microvm requires) there is
+PCI Express too: QEMU's generic ECAM host bridge (:mod:`kemu.devices.pci`)
+with the ``-device *-pci`` virtio devices on pcie.0, described to Linux by
+an MCFG table and ``\\_SB.PCI0`` (its bus range, memory window and _PRT)
+in the DSDT; the ECAM is reserved in the e820 map, as Linux wants before it
+uses MMCONFIG.  INTA-D are GSIs 20-23 (the last four virtio-mmio slots' IRQs,
+so with PCIe there are 13 slots); MSI-X messages, writes to 0xFEExxxxx,
+reach the local APICs through ``KVM_SIGNAL_MSI``.  Linux assigns the BARs
+itself (there is no firmware).
 
 KVM provides the PIC, I/O APIC, local APICs and PIT (``setup_x86_vm``); the
 board's devices raise GSIs with ``KVM_IRQ_LINE``.  Each vCPU has its own
@@ -92,6 +104,12 @@ VIRTIO_MMIO = (0xD0000000, 0x200)
 #: IRQs (= I/O APIC pins = GSIs) of the virtio-mmio slots: 5 and up, skipping the
 #: RTC's 8 (KVM special-cases GSI 8) and 12 (the PS/2 mouse's; the GED's here).
 VIRTIO_IRQS = (5, 6, 7, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23)
+PCIE_MMIO = (0xC0000000, 0x10000000)
+PCIE_ECAM = (0xE0000000, 0x10000000)
+#: INTA-D of the PCIe host bridge (taken from the virtio-mmio slots' IRQs with pcie=on).
+PCIE_GSIS = (20, 21, 22, 23)
+#: Where a device's MSI write lands (Intel SDM 11.11.1: 0xFEEx_xxxx).
+MSI_WINDOW = (0xFEE00000, 0x100000)
 RAM_MIN = 16 * MiB
 RAM_MAX = 1 << 40
 MAX_VCPUS = 64
@@ -136,6 +154,21 @@ class _LockedBus:
     def write(self, addr: int, size: int, value: int) -> None:
         with self.lock:
             self.bus.write(addr, size, value)
+
+
+class _MsiWindow:
+    """0xFEE00000-0xFEEFFFFF as devices see it: a 32-bit write there is an MSI."""
+
+    name = "msi"
+
+    def __init__(self, board: MicroVm) -> None:
+        self.board = board
+
+    def read(self, offset: int, size: int) -> int:
+        return 0xFFFFFFFF
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        self.board.signal_msi(MSI_WINDOW[0] + offset, value)
 
 
 class _Cpu:
@@ -246,6 +279,11 @@ class MicroVm:
         #: ACPI tables (the default); without them Linux needs CONFIG_X86_MPPARSE for the
         #: MP table and CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES for the virtio slots.
         self.acpi = bool(config.extra.get("acpi", True))
+        #: pcie=on: PCI Express (QEMU's microvm: only with ACPI, else none).
+        self.pci_host = None
+        self.pci_transports: list = []
+        if config.extra.get("pcie") and self.acpi:
+            self._add_pcie()
 
         #: The I/O thread: network and vsock backends, and the virtio doorbells.
         self.io_loop = IoLoop(self.lock, name="microvm-io")
@@ -309,18 +347,42 @@ class MicroVm:
                 self.irqfds[slot.irq] = ResampleIrqFd(self.io_loop, self.lock, slot.irq,
                                                       lambda line=line: line.level)
 
+    def _add_pcie(self) -> None:
+        from kemu.devices.pci.host import PciHost, Window
+        self.pci_host = PciHost(self.mmio, [Window(False, PCIE_MMIO[0], *PCIE_MMIO)],
+                                [self.irq_line(gsi, f"pcie-int{'abcd'[i]}")
+                                 for i, gsi in enumerate(PCIE_GSIS)])
+        self.mmio.map(*PCIE_ECAM, self.pci_host.ecam)
+        # Only devices' writes get here: the vCPUs' own APIC accesses stay in KVM.
+        self.mmio.map(*MSI_WINDOW, _MsiWindow(self))
+
+    def add_pci(self, transport, slot: int | None = None) -> int:
+        """Plug a virtio-pci transport's function into pcie.0 (the next free slot if None)."""
+        device = self.pci_host.add(transport.function, slot)
+        self.pci_transports.append(transport)
+        return device
+
+    def signal_msi(self, address: int, data: int) -> None:
+        vm = self.vm
+        if vm is not None:
+            vm.signal_msi(address, data)
+
+    @property
+    def virtio_slot_count(self) -> int:
+        return len(VIRTIO_IRQS) - (len(PCIE_GSIS) if self.pci_host is not None else 0)
+
     def add_virtio(self, device) -> VirtioSlot:
         """Map a virtio-mmio transport (or any slot-sized device) in the next free slot."""
-        if len(self.virtio_slots) >= len(VIRTIO_IRQS):
+        if len(self.virtio_slots) >= self.virtio_slot_count:
             raise ConfigError(f"too many virtio devices for the microvm board "
-                              f"(at most {len(VIRTIO_IRQS)})")
+                              f"(at most {self.virtio_slot_count})")
         slot = VirtioSlot(len(self.virtio_slots), device)
         self.mmio.map(slot.base, VIRTIO_MMIO[1], device)
         self.virtio_slots.append(slot)
         return slot
 
     def virtio_irq(self, index: int) -> IrqLine:
-        if index >= len(VIRTIO_IRQS):
+        if index >= self.virtio_slot_count:
             raise ConfigError("too many virtio devices for the microvm board")
         return self.irq_line(VIRTIO_IRQS[index], f"virtio{index}")
 
@@ -337,7 +399,9 @@ class MicroVm:
             serial=(COM1[0], COM1_IRQ), i8042=(I8042_DATA, I8042_COMMAND, I8042_IRQ),
             rtc=(CMOS[0], RTC_IRQ), ged=(ACPI_GED[0], ACPI_GED_IRQ),
             virtio=[acpi.MmioDevice(s.base, VIRTIO_MMIO[1], s.irq)
-                    for s in self.virtio_slots]))
+                    for s in self.virtio_slots],
+            pcie=acpi.PcieHost(PCIE_ECAM[0], PCIE_ECAM[1] // (1 << 20) - 1, *PCIE_MMIO,
+                               PCIE_GSIS) if self.pci_host is not None else None))
 
     def mp_table(self) -> bytes:
         return mptable.build_mp_table(MPTABLE_ADDR, self.config.smp,
@@ -401,7 +465,8 @@ class MicroVm:
             if len(tables) > MPTABLE_ADDR - ACPI_ADDR:
                 raise ConfigError("the ACPI tables do not fit below the MP table")
             self.memory.write(ACPI_ADDR, tables)
-        e820 = linux_x86.e820_map(self.memory)
+        e820 = linux_x86.e820_map(self.memory,
+                                  reserved=[PCIE_ECAM] if self.pci_host is not None else [])
         if isinstance(self.kernel, linux_x86.BzImage):
             linux = linux_x86.load_bzimage(self.memory, self.kernel, cmdline, self.initrd, e820,
                                            acpi_rsdp=rsdp)
@@ -450,6 +515,10 @@ class MicroVm:
             self.uart.reset()
             self.i8042.reset()
             self.ged.reset()
+            if self.pci_host is not None:
+                for transport in self.pci_transports:
+                    transport.reset()
+                self.pci_host.reset()
         self._close_vm()
         self._create_vm()
         self.load()
@@ -498,6 +567,8 @@ class MicroVm:
         """The whole machine but RAM as plain data (paused, under the machine lock)."""
         from kemu.accel.kvm.x86_state import save_vcpu, save_vm
         from kemu.state import save_plain, to_plain
+        if self.pci_host is not None:
+            raise ConfigError("save: PCI Express (-M microvm,pcie=on) has no saved state yet")
         if self.state != RunState.PAUSED or self.vm is None:
             raise ConfigError("save: the machine must be paused")
         caps = self._caps()

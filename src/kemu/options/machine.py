@@ -62,6 +62,13 @@ def _dumpdtb(config: MachineConfig, value: str, option: str) -> None:
     config.dumpdtb = Path(value)
 
 
+def _pcie(config: MachineConfig, value: str, option: str) -> None:
+    """microvm's pcie (OnOffAuto): ``auto`` is off, as in QEMU."""
+    if value not in ("on", "off", "auto"):
+        raise ConfigError(f"{option}: pcie={value}: invalid value (valid: on, off, auto)")
+    config.extra["pcie"] = value == "on"
+
+
 _COMMON = [
     MachineProperty("memory-backend", "link<memory-backend>",
                     "Set RAM backendValid value is ID of hostmem based backend",
@@ -78,7 +85,9 @@ MACHINE_PROPERTIES: dict[str, list[MachineProperty]] = {
                         "Set GIC version. Valid values are 2, 3, 4, host and max", _gic_version),
         MachineProperty("dumpdtb", "string", "Dump current dtb to a file and quit", _dumpdtb),
     ],
-    "microvm": list(_COMMON),
+    "microvm": _COMMON + [
+        MachineProperty("pcie", "OnOffAuto", "Enable PCIe", _pcie),
+    ],
     "none": list(_COMMON),
 }
 

@@ -167,6 +167,11 @@ class kvm_irq_level(_Struct):
     _fields_ = [("irq", u32), ("level", u32)]
 
 
+class kvm_msi(_Struct):
+    _fields_ = [("address_lo", u32), ("address_hi", u32), ("data", u32), ("flags", u32),
+                ("devid", u32), ("pad", u8 * 12)]
+
+
 class kvm_irqfd(_Struct):
     _fields_ = [("fd", u32), ("gsi", u32), ("flags", u32), ("resamplefd", u32),
                 ("pad", u8 * 16)]
@@ -409,6 +414,7 @@ KVM_SET_CLOCK = _IOW(KVMIO, 0x7b, kvm_clock_data)
 KVM_GET_CLOCK = _IOR(KVMIO, 0x7c, kvm_clock_data)
 KVM_GET_PIT2 = _IOR(KVMIO, 0x9f, kvm_pit_state2)
 KVM_SET_PIT2 = _IOW(KVMIO, 0xa0, kvm_pit_state2)
+KVM_SIGNAL_MSI = _IOW(KVMIO, 0xA5, kvm_msi)
 # vcpu ioctls
 KVM_RUN = _IO(KVMIO, 0x80)
 KVM_GET_REGS = _IOR(KVMIO, 0x81, kvm_regs)
@@ -700,6 +706,14 @@ class VmFd:
             ioctl(self.fd, KVM_IRQ_LINE, s)
         except OSError as e:
             raise _accel_error(f"KVM_IRQ_LINE (gsi {gsi})", e) from None
+
+    def signal_msi(self, address: int, data: int) -> None:
+        """``KVM_SIGNAL_MSI`` (api.rst 4.71): deliver a message-signalled interrupt
+        (an x86 MSI: the local APIC address and data a device wrote)."""
+        try:
+            ioctl(self.fd, KVM_SIGNAL_MSI, kvm_msi(address & 0xFFFFFFFF, address >> 32, data))
+        except OSError as e:
+            raise _accel_error(f"KVM_SIGNAL_MSI ({address:#x} <- {data:#x})", e) from None
 
     def irq_sink(self, gsi: int):
         """A callable for :meth:`kemu.devices.base.IrqLine.connect` driving ``gsi``."""

@@ -299,3 +299,22 @@ class GicCore:
         for irq in [i for bank in self._banks for i in bank] + self._spis:
             irq.level = False
         self.update()
+
+
+#: The one-bit-per-interrupt registers: (offset, _Irq attribute, set/clear/None for
+#: IGROUPR), at the same offsets in GICv2's and GICv3's distributor and GICv3's SGI frame.
+BITMAP_REGISTERS = [(0x080, "group", None), (0x100, "enabled", True), (0x180, "enabled", False),
+                    (0x200, "pending", True), (0x280, "pending", False),
+                    (0x300, "active", True), (0x380, "active", False)]
+
+
+def bitmap_register(offset: int, aligned: bool = True) -> tuple[str, int, bool | None] | None:
+    """(attribute, first INTID, set/clear/None) of a bitmap register offset.
+
+    GICv3 decodes only word offsets; GICv2 (as QEMU's) also takes byte offsets
+    (``aligned=False``), the first INTID then being a multiple of 8.
+    """
+    for base, attr, state in BITMAP_REGISTERS:
+        if base <= offset < base + 0x80 and not (aligned and offset & 3):
+            return attr, (offset - base) * 8, state
+    return None

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kemu.devices.base import IrqLine
-from kemu.devices.gic.core import GIC_INTERNAL, IDLE_PRIORITY, SPURIOUS, GicCore, _Irq
+from kemu.devices.gic.core import GIC_INTERNAL, IDLE_PRIORITY, SPURIOUS, GicCore, _Irq, bitmap_register
 
 # Distributor registers (IHI 0048B table 4-1)
 GICD_CTLR = 0x000
@@ -133,20 +133,8 @@ class GicDistributor:
             return ((g.num_irqs // 32) - 1) | ((g.num_cpus - 1) << 5)
         if offset == GICD_IIDR:
             return IIDR_ARM
-        if GICD_IGROUPR <= offset < GICD_ISENABLER:
-            return g._bits(cpu, (offset - GICD_IGROUPR) * 8, 32, "group")
-        if GICD_ISENABLER <= offset < GICD_ICENABLER:
-            return g._bits(cpu, (offset - GICD_ISENABLER) * 8, 32, "enabled")
-        if GICD_ICENABLER <= offset < GICD_ISPENDR:
-            return g._bits(cpu, (offset - GICD_ICENABLER) * 8, 32, "enabled")
-        if GICD_ISPENDR <= offset < GICD_ICPENDR:
-            return g._bits(cpu, (offset - GICD_ISPENDR) * 8, 32, "pending")
-        if GICD_ICPENDR <= offset < GICD_ISACTIVER:
-            return g._bits(cpu, (offset - GICD_ICPENDR) * 8, 32, "pending")
-        if GICD_ISACTIVER <= offset < GICD_ICACTIVER:
-            return g._bits(cpu, (offset - GICD_ISACTIVER) * 8, 32, "active")
-        if GICD_ICACTIVER <= offset < GICD_IPRIORITYR:
-            return g._bits(cpu, (offset - GICD_ICACTIVER) * 8, 32, "active")
+        if (ranged := bitmap_register(offset, aligned=False)) is not None:
+            return g._bits(cpu, ranged[1], 32, ranged[0])
         if GICD_IPRIORITYR <= offset < GICD_IPRIORITYR + 1020:
             return self._bytes(offset - GICD_IPRIORITYR, size, lambda irq, _: irq.priority)
         if GICD_ITARGETSR <= offset < GICD_ITARGETSR + 1020:
@@ -170,22 +158,15 @@ class GicDistributor:
         if offset == GICD_CTLR:
             g.ctlr = value & 1
             g.update()
-        elif GICD_IGROUPR <= offset < GICD_ISENABLER:
-            g._set_groups(cpu, (offset - GICD_IGROUPR) * 8, value)
-        elif GICD_ISENABLER <= offset < GICD_ICENABLER:
-            g._set_bits(cpu, (offset - GICD_ISENABLER) * 8, value, "enabled", True)
-        elif GICD_ICENABLER <= offset < GICD_ISPENDR:
-            g._set_bits(cpu, (offset - GICD_ICENABLER) * 8, value, "enabled", False)
-        elif GICD_ISPENDR <= offset < GICD_ICPENDR:
-            first = (offset - GICD_ISPENDR) * 8
-            g._set_bits(cpu, max(first, 16), value >> (max(first, 16) - first), "pending", True)
-        elif GICD_ICPENDR <= offset < GICD_ISACTIVER:
-            first = (offset - GICD_ICPENDR) * 8
-            g._set_bits(cpu, max(first, 16), value >> (max(first, 16) - first), "pending", False)
-        elif GICD_ISACTIVER <= offset < GICD_ICACTIVER:
-            g._set_bits(cpu, (offset - GICD_ISACTIVER) * 8, value, "active", True)
-        elif GICD_ICACTIVER <= offset < GICD_IPRIORITYR:
-            g._set_bits(cpu, (offset - GICD_ICACTIVER) * 8, value, "active", False)
+        elif (ranged := bitmap_register(offset, aligned=False)) is not None:
+            attr, first, state = ranged
+            if state is None:
+                g._set_groups(cpu, first, value)
+            elif attr == "pending":
+                # SGIs' pending state is set and cleared through GICD_[SC]PENDSGIR only.
+                g._set_bits(cpu, max(first, 16), value >> (max(first, 16) - first), attr, state)
+            else:
+                g._set_bits(cpu, first, value, attr, state)
         elif GICD_IPRIORITYR <= offset < GICD_IPRIORITYR + 1020:
             g._set_priorities(cpu, offset - GICD_IPRIORITYR, size, value)
         elif GICD_ITARGETSR <= offset < GICD_ITARGETSR + 1020:

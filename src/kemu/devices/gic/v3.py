@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from kemu.devices.base import IrqLine
 from kemu.devices.gic.core import GIC_INTERNAL, SPURIOUS, GicCore, _CpuIf, _Irq
+from kemu.devices.gic.core import bitmap_register as _bitmap_register
 
 # Distributor registers (IHI 0069 table 12-25)
 GICD_CTLR = 0x0000
@@ -225,21 +226,6 @@ class GicV3Distributor:
             g._set_priorities(0, offset - GICD_IPRIORITYR, size, value)
         elif GICD_ICFGR + 8 <= offset < GICD_ICFGR + g.num_irqs // 4:
             g._set_config(0, (offset - GICD_ICFGR) * 4, value)
-
-
-#: The one-bit-per-interrupt registers, the same layout in GICD and GICR's SGI frame.
-_BITMAPS = [(GICD_IGROUPR, "group", None), (GICD_ISENABLER, "enabled", True),
-            (GICD_ICENABLER, "enabled", False), (GICD_ISPENDR, "pending", True),
-            (GICD_ICPENDR, "pending", False), (GICD_ISACTIVER, "active", True),
-            (GICD_ICACTIVER, "active", False)]
-
-
-def _bitmap_register(offset: int) -> tuple[str, int, bool | None] | None:
-    """(attribute, first INTID, set/clear/None for IGROUPR) of a bitmap register offset."""
-    for base, attr, state in _BITMAPS:
-        if base <= offset < base + 0x80 and not offset & 3:
-            return attr, (offset - base) * 8, state
-    return None
 
 
 def write_bitmap(g: GicV3, cpu: int, attr: str, first: int, state: bool | None,

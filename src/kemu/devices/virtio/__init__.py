@@ -178,6 +178,11 @@ class VirtioDevice:
         """Device reset (2.4): forget the session and all in-flight state."""
         self.session = None
 
+    def config_changed(self) -> None:
+        """The configuration space changed: tell the driver if one is attached (2.5.1)."""
+        if self.session is not None:
+            self.session.signal_config()
+
     # -- snapshots (kemu.state's convention; the transport saves the queues) --------------------
     def save(self) -> VirtioDeviceState:
         return VirtioDeviceState(1)

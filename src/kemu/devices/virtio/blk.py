@@ -232,8 +232,7 @@ class VirtioBlk(VirtioDevice):
 
     def resized(self) -> None:
         """Call after the backend changed size: capacity changed, tell the driver (5.2.6.2)."""
-        if self.session is not None:
-            self.session.signal_config()
+        self.config_changed()
 
     # -- requests --------------------------------------------------------------------------
     def queue_notify(self, index: int, queue: Virtqueue) -> None:

@@ -270,8 +270,7 @@ class VirtioGpu(VirtioDevice):
         height = max(1, min(height, MAX_DIMENSION))
         self.xres, self.yres = width, height
         self.events_read |= VIRTIO_GPU_EVENT_DISPLAY
-        if self.session is not None:
-            self.session.signal_config()
+        self.config_changed()
 
     # -- queues ---------------------------------------------------------------------------
     def queue_notify(self, index: int, queue: Virtqueue) -> None:

@@ -192,8 +192,7 @@ class VirtioNet(VirtioDevice):
         """Link state changes reach the driver as a configuration change (5.1.4.2)."""
         if up != self.link_up:
             self.link_up = up
-            if self.session is not None:
-                self.session.signal_config()
+            self.config_changed()
 
     @property
     def _hdr_size(self) -> int:
