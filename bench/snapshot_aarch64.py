@@ -148,24 +148,35 @@ def saved_stream(cmd: list[str], tmp: Path, name: str) -> Path:
 def restore_latency(args, guest, tmp: Path) -> None:
     qemu = [qemu_binary()] + machine_args(guest)
     kemu = KEMU + machine_args(guest)
+    from kemu import Machine
+    compare_restores(qemu, kemu, lambda: Machine.default_guest(memory="256M"), args.runs, tmp,
+                     "256 MiB guest")
+
+
+def compare_restores(qemu: list[str], kemu: list[str], make_source, runs: int, tmp: Path,
+                     what: str, timeout: float = 120) -> None:
+    """Restore latency of QEMU's and kemu's ``-incoming "exec:cat FILE"`` (new
+    processes) and of kemu's in-process ``Machine.restore``, ``runs`` times each,
+    printed with the ratios to QEMU.  ``make_source()``: an unstarted kemu Machine
+    of the same guest, booted here and snapshotted for ``Machine.restore``."""
     qfile = saved_stream(qemu, tmp, "qemu")
     kfile = saved_stream(kemu, tmp, "kemu")
     from kemu import Machine
     from kemu.api import ConsoleTimeout
-    src = Machine.default_guest(memory="256M")
+    src = make_source()
     src.start()
-    src.console.expect("# ", timeout=120)
-    src.console.run("true")
+    src.console.expect("# ", timeout=timeout)
+    src.console.run("true", timeout)
     snap = tmp / "snap"
     src.snapshot(snap)
     src.kill()
     results = {"qemu -incoming": [], "kemu -incoming": [], "kemu Machine.restore": []}
-    for _ in range(args.runs):
+    for _ in range(runs):
         for label, cmd in (("qemu -incoming", qemu + ["-incoming", f"exec:cat {qfile}"]),
                            ("kemu -incoming", kemu + ["-incoming", f"exec:cat {kfile}"])):
             p = Proc(cmd)
             try:
-                results[label].append(answer_after(p))
+                results[label].append(answer_after(p, timeout))
                 if label == "qemu -incoming":
                     results.setdefault("qemu restored PSS KiB", []).append(pss_kib(p.proc.pid))
             finally:
@@ -178,11 +189,11 @@ def restore_latency(args, guest, tmp: Path) -> None:
                 vm.console.expect("answer-42", timeout=0.02)
                 break
             except ConsoleTimeout:
-                if time.perf_counter() - t0 > 120:
+                if time.perf_counter() - t0 > timeout:
                     raise
         results["kemu Machine.restore"].append(time.perf_counter() - t0)
         vm.kill()
-    print(f"\nrestore latency, command to console answer, 256 MiB guest ({args.runs} runs, median):")
+    print(f"\nrestore latency, command to console answer, {what} ({runs} runs, median):")
     q = statistics.median(results["qemu -incoming"])
     for label in ("qemu -incoming", "kemu -incoming", "kemu Machine.restore"):
         m = statistics.median(results[label])
@@ -256,11 +267,18 @@ def migrate_once(cmd: list[str], tmp: Path, name: str) -> dict:
 
 
 def live_migration(args, guest, tmp: Path) -> None:
+    compare_live_migrations([qemu_binary()] + machine_args(guest), KEMU + machine_args(guest),
+                            args.runs, tmp)
+
+
+def compare_live_migrations(qemu: list[str], kemu: list[str], runs: int, tmp: Path) -> None:
+    """``runs`` live migrations of each peer's guest (booted with ``qemu`` / ``kemu``)
+    while it dirties memory; total time and downtime, with the ratios."""
     rows = {"qemu": [], "kemu": []}
-    for _ in range(args.runs):
-        rows["qemu"].append(migrate_once([qemu_binary()] + machine_args(guest), tmp, "qemu"))
-        rows["kemu"].append(migrate_once(KEMU + machine_args(guest), tmp, "kemu"))
-    print(f"\nlive migration over a UNIX socket, guest dirtying memory ({args.runs} runs, median; "
+    for _ in range(runs):
+        rows["qemu"].append(migrate_once(qemu, tmp, "qemu"))
+        rows["kemu"].append(migrate_once(kemu, tmp, "kemu"))
+    print(f"\nlive migration over a UNIX socket, guest dirtying memory ({runs} runs, median; "
           f"max-bandwidth {PARAMS['max-bandwidth'] >> 20} MiB/s, downtime-limit "
           f"{PARAMS['downtime-limit']} ms on both):")
     med = {}

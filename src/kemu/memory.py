@@ -100,6 +100,10 @@ class GuestMemory:
 
     def __init__(self, regions: list[RamRegion] | None = None) -> None:
         self._regions: list[RamRegion] = []
+        #: While tracked (:meth:`track_writes`): the guest-physical page numbers the
+        #: VMM wrote through :meth:`write` (device DMA), which an accelerator's dirty
+        #: log does not see.
+        self.written: set[int] | None = None
         for region in regions or []:
             self.add(region)
 
@@ -147,6 +151,21 @@ class GuestMemory:
     def write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
         region, off = self._find(addr, len(data))
         region.buffer[off:off + len(data)] = data
+        written = self.written
+        if written is not None and data:
+            written.update(range(addr // PAGE_SIZE, (addr + len(data) - 1) // PAGE_SIZE + 1))
+
+    def track_writes(self, enabled: bool) -> None:
+        """Start (or stop) recording the pages :meth:`write` touches in :attr:`written`."""
+        self.written = set() if enabled else None
+
+    def take_written(self) -> set[int]:
+        """The pages written since the last call (call it with device activity held)."""
+        written = self.written
+        if written is None:
+            return set()
+        self.written = set()
+        return written
 
     def read_int(self, addr: int, size: int) -> int:
         """Little-endian unsigned integer of ``size`` bytes."""

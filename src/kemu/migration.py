@@ -10,7 +10,11 @@ stream's header against its own machine, writes the pages into its RAM and
 starts from the state.  A cancelled or failed migration leaves the source
 running.
 
-Write tracking on TCG: the source keeps a shadow copy of what it sent and
+Write tracking is the board's when it has a dirty log (``start_dirty_log``,
+``dirty_pages``, ``stop_dirty_log``: the microvm board on KVM, with
+KVM_GET_DIRTY_LOG for the vCPUs' writes and the VMM's own record of its
+devices' writes): each pass sends the pages written since the one before.
+Otherwise (TCG) the source keeps a shadow copy of what it sent and
 compares guest RAM with it (64 KiB blocks, then 4 KiB pages: memcmp speed).
 Every byte the guest changed since it was sent is found, with no hook on the
 guest's stores (a store hook would cost every store a callback; the engine's
@@ -351,7 +355,7 @@ class Outgoing:
 
     # Comparisons are of bytes objects (memcmp): slicing the mmap and the shadow
     # copies 64 KiB, which costs far less than comparing memoryviews item by item.
-    def _pass(self, mem, shadow: mmap.mmap) -> int:
+    def _shadow_pass(self, mem, shadow: mmap.mmap) -> int:
         """Send every page that differs from what was sent; returns the bytes sent."""
         sent = 0
         ever = self._ever_sent
@@ -373,14 +377,51 @@ class Outgoing:
                     sent += PAGE
         return sent
 
-    def _dirty_bytes(self, mem, shadow: mmap.mmap) -> int:
+    def _shadow_dirty_bytes(self, mem, shadow: mmap.mmap) -> int:
         ever = self._ever_sent
         return sum(BLOCK for n, off in enumerate(range(0, len(mem), BLOCK))
                    if mem[off:off + BLOCK] != (shadow[off:off + BLOCK] if ever[n]
                                                else _ZERO[:BLOCK]))
 
+    # -- with the board's dirty log -------------------------------------------------------------
+    def _log_pass(self, mem, _shadow) -> int:
+        """The first pass sends every page that is not zero (a page never sent is zero
+        at the destination); the next ones the pages logged as written since."""
+        sent = 0
+        if self.info.passes == 0:
+            for off in range(0, len(mem), BLOCK):
+                block = mem[off:off + BLOCK]
+                if block == _ZERO[:len(block)]:
+                    self.info.duplicate += len(block) // PAGE
+                    continue
+                for p in range(0, len(block), PAGE):
+                    page = block[p:p + PAGE]
+                    if page != _ZERO[:PAGE]:
+                        self._send_page(off + p, page)
+                        sent += PAGE
+            return sent
+        self._pending |= self.board.dirty_pages()
+        base = self.region.base // PAGE
+        pending, self._pending = sorted(self._pending), set()
+        for page in pending:
+            off = (page - base) * PAGE
+            if 0 <= off < len(mem):
+                self._send_page(off, mem[off:off + PAGE])
+                sent += PAGE
+        return sent
+
+    def _log_dirty_bytes(self, _mem, _shadow) -> int:
+        self._pending |= self.board.dirty_pages()
+        return len(self._pending) * PAGE
+
     def _main(self) -> None:
         paused_here = False
+        logging = hasattr(self.board, "dirty_pages")
+        if logging:
+            self._pass, self._dirty_bytes = self._log_pass, self._log_dirty_bytes
+        else:
+            self._pass, self._dirty_bytes = self._shadow_pass, self._shadow_dirty_bytes
+        self._pending: set[int] = set()
         try:
             header = {"kind": "migration", "machine": self.board.state_fingerprint(),
                       "memory": {"size": self.region.size}}
@@ -390,8 +431,14 @@ class Outgoing:
             self.info.setup_ms = int((time.monotonic() - self.info.started) * 1000)
             self._set_status("active")
             mem = self.region.buffer
-            # what was sent, as an anonymous mapping: untouched pages stay the zero page
-            shadow = mmap.mmap(-1, self.region.size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            if logging:
+                shadow = None
+                with self.board.lock:
+                    self.board.start_dirty_log()
+            else:
+                # what was sent, as an anonymous mapping: untouched pages stay the zero page
+                shadow = mmap.mmap(-1, self.region.size,
+                                   flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
             while True:
                 t0 = time.monotonic()
                 sent = self._pass(mem, shadow)
@@ -451,6 +498,10 @@ class Outgoing:
             log.exception("migration failed")
             self._fail(f"internal error: {type(e).__name__}: {e}", paused_here)
             self._set_status("failed")
+        finally:
+            if logging:
+                with self.board.lock:
+                    self.board.stop_dirty_log()
 
     def _fail(self, reason: str | None, paused_here: bool) -> None:
         self.info.error = reason

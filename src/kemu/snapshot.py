@@ -185,11 +185,10 @@ def save(board, config: MachineConfig, directory: Path) -> dict:
 
 
 def _engine(board) -> str:
-    cpu = getattr(board, "cpu", None)
-    if cpu is not None and hasattr(type(cpu), "save"):
-        from kemu.accel.tcg.aarch64 import engine_build
-        return engine_build()
-    return ""
+    """The CPU engine build a board's saved vCPUs depend on ("" for KVM: the kernel
+    structures are checked field by field on restore)."""
+    engine_id = getattr(board, "engine_id", None)
+    return engine_id() if engine_id is not None else ""
 
 
 def load(directory: Path) -> tuple[dict, dict]:

@@ -12,6 +12,8 @@
  *   thre_iir  IIR in the handler of the UART's THRE interrupt, which reached
  *             the CPU through KVM's I/O APIC (pin 4 -> vector 0x30, the PIC masked)
  *   rx        a line the host typed, read by the UART's receive interrupt
+ *             (with "kemu.dirty" the guest keeps writing 1 MiB at 4 MiB while
+ *             it waits, and reports dirty_writes, the number of stores)
  *
  * With "kemu.smp" on the command line it then starts the other processors of
  * the MP table with INIT/SIPI/SIPI (a real-mode trampoline at 0x8000 that
@@ -250,8 +252,22 @@ int guest_main(const u8 *bp, u32 apic_id)
     report("thre_iir", thre_iir);
     outb(COM1 + 1, 0x01);                       /* receive interrupt */
     put_str("ready for input\n");
-    while (!rx_done)
-        __asm__ volatile("sti; hlt; cli");
+    if (contains(cmdline, "kemu.dirty")) {
+        /* Keep writing 1 MiB at 4 MiB (256 pages) until the line arrives: what a
+         * live migration's dirty-page tracking has to follow. */
+        volatile u64 *area = (volatile u64 *)0x400000ul;
+        u64 n = 0;
+        __asm__ volatile("sti");
+        while (!rx_done) {
+            area[(n * 521) % (0x100000 / 8)] = n;
+            n++;
+        }
+        __asm__ volatile("cli");
+        report("dirty_writes", n);
+    } else {
+        while (!rx_done)
+            __asm__ volatile("sti; hlt; cli");
+    }
     rx_buf[rx_len] = 0;
     put_str("rx ");
     put_str((const char *)rx_buf);

@@ -21,6 +21,8 @@
  *                             through the I/O APIC (level, vector 0x35), the
  *                             handler reads InterruptStatus and writes InterruptACK;
  *                             irq_isr is what it read
+ *   woke                      with "kemu.wait": the byte the host sent after
+ *                             "waiting" (the guest polls the 16550 for it)
  *   write_status/len          VIRTIO_BLK_T_OUT of one sector (WRITE_SECTOR) with
  *                             the pattern pattern_byte(i)
  *   verify_status, verify_bad the sector read back, bytes that differ
@@ -400,6 +402,22 @@ int guest_main(const u8 *bp, u32 apic_id)
     report("read2_status", req_status);
     report("read2_sum", fnv1a(buf, 2 * SECTOR));
     report("isr_after_ack", vread(INTERRUPT_STATUS));
+
+    /* With "kemu.wait": wait (polling the 16550) for a byte from the host, the
+     * device set up and used: where the snapshot tests stop it. */
+    const char *cmdline = (const char *)(u64)rd32(bp + 0x228);
+    for (const char *c = cmdline; *c; c++) {
+        const char *w = "kemu.wait", *p = c;
+        while (*w && *p == *w) { p++; w++; }
+        if (!*w) {
+            outb(COM1 + 1, 0x01);       /* IER.ERBFI: listening (its IRQ stays masked) */
+            put_str("waiting\n");
+            while (!(inb(COM1 + 5) & 1))
+                __asm__ volatile("pause");
+            report("woke", inb(COM1));
+            break;
+        }
+    }
 
     /* Write one sector with a pattern, read it back, flush. */
     for (u32 i = 0; i < SECTOR; i++)

@@ -64,6 +64,25 @@ STRUCTS = {
     "struct kvm_pit_config": k.kvm_pit_config,
     "struct kvm_mp_state": k.kvm_mp_state,
     "struct kvm_run": k.kvm_run,
+    "struct kvm_sregs2": k.kvm_sregs2,
+    "struct kvm_xsave": k.kvm_xsave,
+    "struct kvm_xcr": k.kvm_xcr,
+    "struct kvm_xcrs": k.kvm_xcrs,
+    "struct kvm_vcpu_events": k.kvm_vcpu_events,
+    "struct kvm_debugregs": k.kvm_debugregs,
+    "struct kvm_irqchip": k.kvm_irqchip,
+    "struct kvm_pit_channel_state": k.kvm_pit_channel_state,
+    "struct kvm_pit_state2": k.kvm_pit_state2,
+    "struct kvm_clock_data": k.kvm_clock_data,
+    "struct kvm_dirty_log": k.kvm_dirty_log,
+}
+
+#: The anonymous sub-structures of kvm_vcpu_events: member -> the ctypes structure.
+EVENTS_MEMBERS = {
+    "exception": k.kvm_vcpu_events_exception,
+    "interrupt": k.kvm_vcpu_events_interrupt,
+    "nmi": k.kvm_vcpu_events_nmi,
+    "smi": k.kvm_vcpu_events_smi,
 }
 
 #: Members of the kvm_run exit union -> the ctypes structure modelling each.
@@ -106,6 +125,16 @@ def _probe_source() -> tuple[str, list[tuple[str, int]]]:
             emit(f"offsetof(kvm_run.{member}.{field})",
                  f"offsetof(struct kvm_run, {member}.{field}) - offsetof(struct kvm_run, {member})",
                  getattr(cls, field).offset)
+    for member, cls in EVENTS_MEMBERS.items():
+        emit(f"sizeof(kvm_vcpu_events.{member})",
+             f"sizeof(((struct kvm_vcpu_events *)0)->{member})", ctypes.sizeof(cls))
+        for field, *_ in cls._fields_:
+            emit(f"offsetof(kvm_vcpu_events.{member}.{field})",
+                 f"offsetof(struct kvm_vcpu_events, {member}.{field}) - "
+                 f"offsetof(struct kvm_vcpu_events, {member})", getattr(cls, field).offset)
+    # struct kvm_irqchip's union, kept as bytes: its size and both members fit in it
+    emit("sizeof(kvm_irqchip.chip)", "sizeof(((struct kvm_irqchip *)0)->chip)",
+         k.kvm_irqchip.chip.size)
     for name in CONSTANTS:
         emit(name, name, getattr(k, name))
     lines += ["  return 0;", "}"]

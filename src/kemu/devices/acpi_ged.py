@@ -13,11 +13,19 @@ events and clears them, which lowers the level-triggered interrupt.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from kemu.boot.acpi import GED_EVENT_POWER_BUTTON
 from kemu.devices.base import IrqLine
 
 SELECTOR = 0
 SIZE = 4
+
+
+@dataclass
+class AcpiGedState:
+    version: int
+    pending: int
 
 
 class AcpiGed:
@@ -43,3 +51,13 @@ class AcpiGed:
     def reset(self) -> None:
         self.pending = 0
         self.irq.set(False)
+
+    # -- state -------------------------------------------------------------------------------
+    def save(self) -> AcpiGedState:
+        return AcpiGedState(1, self.pending)
+
+    def restore(self, state: AcpiGedState) -> None:
+        from kemu.state import check_version
+        check_version(self.name, state.version)
+        self.pending = state.pending & GED_EVENT_POWER_BUTTON
+        self.irq.set(bool(self.pending))

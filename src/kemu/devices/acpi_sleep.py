@@ -13,6 +13,7 @@ woken at once: WAK_STS reads set).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from kemu.boot.acpi import (
     S5_SLEEP_TYPE,
@@ -24,6 +25,12 @@ from kemu.boot.acpi import (
 
 CONTROL = 0
 STATUS = 1
+
+
+@dataclass
+class AcpiSleepState:
+    version: int
+    wake_status: bool
 
 
 class AcpiSleep:
@@ -46,3 +53,12 @@ class AcpiSleep:
                 self.poweroff()
             else:
                 self.wake_status = True
+
+    # -- state -------------------------------------------------------------------------------
+    def save(self) -> AcpiSleepState:
+        return AcpiSleepState(1, self.wake_status)
+
+    def restore(self, state: AcpiSleepState) -> None:
+        from kemu.state import check_version
+        check_version(self.name, state.version)
+        self.wake_status = bool(state.wake_status)

@@ -197,6 +197,8 @@ class CmosRtc:
         return CmosState(1, self.index, self.nmi_disabled, bytes(self.ram), self.offset)
 
     def restore(self, state: CmosState) -> None:
+        from kemu.state import check_version
+        check_version(self.name, state.version)
         self.index, self.nmi_disabled = state.index & 0x7F, state.nmi_disabled
         self.ram = bytearray(state.ram[:NVRAM_SIZE].ljust(NVRAM_SIZE, b"\0"))
         self.offset = state.offset

@@ -254,6 +254,8 @@ class I8042:
                           self.pending_cmd, self.kbd_pending)
 
     def restore(self, state: I8042State) -> None:
+        from kemu.state import check_version
+        check_version(self.name, state.version)
         self.output = deque(state.output[:OUTPUT_LIMIT])
         self.ctr, self.outport = state.ctr, state.outport
         self.status_cmd, self.pending_cmd = state.status_cmd, state.pending_cmd

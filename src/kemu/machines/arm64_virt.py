@@ -70,6 +70,7 @@ from kemu.devices.psci import SystemEvent as PsciEvent
 from kemu.backends.serial import SerialBackend
 from kemu.errors import ConfigError
 from kemu.machines import flash
+from kemu.machines.board_state import restore_slots, save_slots, slots_fingerprint
 from kemu.machines.config import MachineConfig, MiB
 from kemu.machines.rtc import AlarmTimer, RtcClock
 from kemu.devices import psci as psci_fn
@@ -672,14 +673,17 @@ class VirtMachine:
     def state_fingerprint(self) -> dict:
         """What a saved state must have been made on: board, CPUs, RAM, devices in their slots."""
         out = {"board": "virt", "cpu": self.config.cpu, "smp": self.config.smp,
-               "memory": self.config.memory,
-               "slots": [[getattr(slot.device.device, "device_id", 0), slot.device.legacy]
-                         for slot in self.virtio_slots]}
+               "memory": self.config.memory, "slots": slots_fingerprint(self.virtio_slots)}
         if self.pci_transports:
             # PCI functions by devfn and vendor/device ID (only then: older states match)
             out["pci"] = [[devfn, fn.config_read(0, 4)]
                           for devfn, fn in sorted(self.pci_host.functions.items())]
         return out
+
+    def engine_id(self) -> str:
+        """The TCG engine build the saved vCPU blobs belong to."""
+        from kemu.accel.tcg.aarch64 import engine_build
+        return engine_build()
 
     def save_state(self) -> dict:
         """The whole machine but RAM as plain data (paused, under the machine lock)."""
@@ -697,10 +701,7 @@ class VirtMachine:
             "timers": [[save_plain(v), save_plain(p)] for v, p in self.timers],
             "uart": save_plain(self.uart), "rtc": save_plain(self.rtc),
             "fw_cfg": save_plain(self.fw_cfg),
-            "virtio": [{"transport": save_plain(slot.device),
-                        "device": save_plain(slot.device.device)
-                        if slot.device.device is not None else None}
-                       for slot in self.virtio_slots],
+            "virtio": save_slots(self.virtio_slots),
             "gic": save_plain(self.gic),
             "pci": {"host": save_plain(self.pci_host),
                     "transports": [{"transport": save_plain(t), "device": save_plain(t.device)}
@@ -758,10 +759,7 @@ class VirtMachine:
             restore_plain(self.rtc, state["rtc"])
             if "fw_cfg" in state:
                 restore_plain(self.fw_cfg, state["fw_cfg"])
-            for slot, saved in zip(self.virtio_slots, state["virtio"]):
-                restore_plain(slot.device, saved["transport"])
-                if slot.device.device is not None and saved["device"] is not None:
-                    restore_plain(slot.device.device, saved["device"])
+            restore_slots(self.virtio_slots, state["virtio"])
             pci = state.get("pci")
             if pci is not None or self.pci_transports:
                 if not isinstance(pci, dict) or \
@@ -771,8 +769,8 @@ class VirtMachine:
                 for t, saved in zip(self.pci_transports, pci["transports"]):
                     restore_plain(t, saved["transport"])
                     restore_plain(t.device, saved["device"])
-            for transport in [slot.device for slot in self.virtio_slots] + self.pci_transports:
-                transport.kick_ready_queues()
+                for transport in self.pci_transports:
+                    transport.kick_ready_queues()
             self.console.pump()        # input typed while the machine was being restored
         return now
 

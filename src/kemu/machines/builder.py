@@ -38,9 +38,7 @@ def build(config: MachineConfig, console: SerialBackend, ram_fd: int | None = No
         from kemu.machines.none_board import NoneBoard
         return NoneBoard(config, console)
     if config.machine == "microvm":
-        if ram_fd is not None:
-            raise ConfigError("restore: snapshots of the microvm board are not supported yet")
         from kemu.machines.x86_microvm import MicroVm
-        return MicroVm(config, console)
+        return MicroVm(config, console, ram_fd=ram_fd)
     from kemu.machines.arm64_virt import VirtMachine
     return VirtMachine(config, console, ram_fd=ram_fd)

@@ -76,6 +76,7 @@ from kemu.machines.rtc import RtcClock
 from kemu.devices.i8042 import I8042
 from kemu.devices.serial_16550 import Serial16550
 from kemu.errors import BootError, ConfigError
+from kemu.machines.board_state import restore_slots, save_slots, slots_fingerprint
 from kemu.machines.config import MachineConfig, MiB
 from kemu.machines.console_watch import (
     HALT_MARK,
@@ -84,7 +85,7 @@ from kemu.machines.console_watch import (
     ConsoleWatcher,
 )
 from kemu.machines.runtime import Outcome, RunState, VcpuGroup, VcpuThread
-from kemu.memory import GuestMemory
+from kemu.memory import GuestMemory, RamRegion
 from kemu.options.objects import ram_regions
 
 COM1 = (0x3F8, 8)
@@ -224,7 +225,8 @@ class MicroVm:
     #: modern interface from the start; QEMU's microvm documentation asks for it).
     virtio_legacy_default = False
 
-    def __init__(self, config: MachineConfig, console: SerialBackend) -> None:
+    def __init__(self, config: MachineConfig, console: SerialBackend,
+                 ram_fd: int | None = None) -> None:
         from kemu.accel.kvm import Kvm, install_kick_signal
 
         if not 1 <= config.smp <= MAX_VCPUS:
@@ -243,7 +245,13 @@ class MicroVm:
                        if config.initrd else None)
         #: The big machine lock: device state is touched under it only.
         self.lock = threading.RLock()
-        self.memory = GuestMemory(ram_regions(config, linux_x86.ram_layout(config.memory)))
+        layout = linux_x86.ram_layout(config.memory)
+        if ram_fd is not None and len(layout) != 1:
+            raise ConfigError("restore: snapshots of more than 3 GiB of RAM (two RAM "
+                              "regions) are not supported on microvm")
+        # ram_fd: a snapshot's memory file, mapped private (a restored machine)
+        self.memory = (GuestMemory([RamRegion(0, config.memory, backing=ram_fd)])
+                       if ram_fd is not None else GuestMemory(ram_regions(config, layout)))
         self.mmio = Bus("mmio")
         self.pio = Bus("pio", 1 << 16)
         self.virtio_slots: list[VirtioSlot] = []
@@ -410,7 +418,8 @@ class MicroVm:
             setup_x86_vm(vm, self.memory, irqchip=True, pit=True)
             for fd in [*self.ioeventfds, *self.irqfds.values()]:
                 fd.attach(vm)
-            self.boot = X86BootSetup.prepare(self.kvm, self.memory, self.config.smp)
+            # The boot tables go into RAM at load(): a restored machine's RAM is the guest's.
+            self.boot = X86BootSetup.prepare(self.kvm, None, self.config.smp)
             if vm.check_extension(KVM_CAP_TSC_DEADLINE_TIMER):
                 # The in-kernel LAPIC has the TSC-deadline timer; KVM leaves announcing
                 # it to the VMM (Linux then skips calibrating the LAPIC timer).
@@ -425,6 +434,13 @@ class MicroVm:
             raise
         self.vm = vm
         self.cpus = cpus
+        self._state_caps = None
+        if self.memory.written is not None:
+            # A reboot during a live migration: the old VM's log is gone, so every
+            # page counts as written, and the new VM logs from here on.
+            self.start_dirty_log()
+            for region in self.memory.regions:
+                self.memory.written.update(range(region.base // 4096, region.end // 4096))
 
     def _close_vm(self) -> None:
         with self._close_lock:          # wait() may run in two threads at once
@@ -437,8 +453,10 @@ class MicroVm:
 
     def load(self) -> None:
         """Kernel, initrd, command line, boot structures and vCPU entry state."""
-        from kemu.accel.kvm.x86_cpu import setup_vcpu
+        from kemu.accel.kvm.x86_cpu import setup_vcpu, write_gdt, write_identity_map
 
+        write_gdt(self.memory)
+        write_identity_map(self.memory)
         cmdline = self.kernel_cmdline()
         self.memory.write(MPTABLE_ADDR, self.mp_table())
         rsdp = 0
@@ -520,10 +538,110 @@ class MicroVm:
     # -- lifecycle --------------------------------------------------------------------------------
     def start(self) -> None:
         self.load()
+        self._start_threads()
+
+    def _start_threads(self) -> None:
         self.vcpus.on_state = lambda state: self.on_state(state)
         for i, cpu in enumerate(self.cpus):
             self.vcpus.add(VcpuThread(cpu, lambda: None, self._on_exit, name=f"vcpu{i}"))
         self.vcpus.start(paused=self.config.start_paused)
+
+    # -- snapshots (kemu.state's convention; kemu.snapshot writes and reads the files) ------------
+    def state_fingerprint(self) -> dict:
+        """What a saved state must have been made on: board, CPUs, RAM, devices in their slots."""
+        return {"board": "microvm", "cpu": self.config.cpu, "smp": self.config.smp,
+                "memory": self.config.memory, "acpi": self.acpi,
+                "slots": slots_fingerprint(self.virtio_slots)}
+
+    def _caps(self):
+        from kemu.accel.kvm.x86_state import Capabilities
+        if self._state_caps is None:
+            self._state_caps = Capabilities.probe(self.vm, self.cpus[0].vcpu.fd)
+        return self._state_caps
+
+    def _devices(self) -> dict:
+        """The board's own devices by their name in the saved state."""
+        return {"uart": self.uart, "i8042": self.i8042, "rtc": self.rtc,
+                "acpi_sleep": self.acpi_sleep, "ged": self.ged}
+
+    def save_state(self) -> dict:
+        """The whole machine but RAM as plain data (paused, under the machine lock)."""
+        from kemu.accel.kvm.x86_state import save_vcpu, save_vm
+        from kemu.state import save_plain, to_plain
+        if self.pci_host is not None:
+            raise ConfigError("save: PCI Express (-M microvm,pcie=on) has no saved state yet")
+        if self.state != RunState.PAUSED or self.vm is None:
+            raise ConfigError("save: the machine must be paused")
+        caps = self._caps()
+        cpus = []
+        for cpu in self.cpus:
+            cpu.vcpu.fd.complete_pending_io()
+            cpus.append(to_plain(save_vcpu(cpu.vcpu.fd, caps)))
+        return {
+            "version": 1,
+            "cpus": cpus,
+            "vm": to_plain(save_vm(self.vm, pit=True)),
+            "devices": {name: save_plain(dev) for name, dev in self._devices().items()},
+            "virtio": save_slots(self.virtio_slots),
+        }
+
+    def start_restored(self, state: dict, paused: bool = False) -> None:
+        """Start from :meth:`save_state`'s data with RAM already in place (no kernel load)."""
+        from kemu.accel.kvm.x86_state import X86VcpuState, X86VmState, restore_vcpu, restore_vm
+        from kemu.state import StateError, check_version, from_plain, restore_plain
+        check_version("microvm board", state.get("version", 0))
+        devices = self._devices()
+        try:
+            cpus = [from_plain(X86VcpuState, saved) for saved in state["cpus"]]
+            vm_state = from_plain(X86VmState, state["vm"])
+            matches = (len(cpus) == len(self.cpus) and set(state["devices"]) == set(devices)
+                       and len(state["virtio"]) == len(self.virtio_slots))
+        except (KeyError, TypeError):
+            raise StateError("saved state: corrupted (not a microvm machine state)") from None
+        if not matches:
+            raise StateError("saved state does not match the machine's CPUs and devices")
+        caps = self._caps()
+        for cpu, saved in zip(self.cpus, cpus):
+            restore_vcpu(cpu.vcpu.fd, saved, caps)
+        with self.lock:
+            # The interrupt controllers first; then the devices, which drive their
+            # lines (fresh, low) to the levels they have now.
+            restore_vm(self.vm, vm_state)
+            for name, dev in devices.items():
+                restore_plain(dev, state["devices"][name])
+            restore_slots(self.virtio_slots, state["virtio"])
+            self.console.pump()        # input typed while the machine was being restored
+        self.config.start_paused = paused
+        self._start_threads()
+
+    def start_dirty_log(self) -> None:
+        """Live migration: KVM logs the pages the vCPUs write, kemu those its devices write."""
+        for slot in self.vm.slots:
+            self.vm.set_dirty_logging(slot, True)
+        self.memory.track_writes(True)
+
+    def dirty_pages(self) -> set[int]:
+        """Guest-physical page numbers written since the last call (or the start)."""
+        pages: set[int] = set()
+        for slot, region in self.vm.slots.items():
+            bitmap = self.vm.get_dirty_log(slot)
+            first = region.guest_phys_addr // 4096
+            words = memoryview(bitmap).cast("Q")
+            for w, word in enumerate(words):
+                while word:
+                    low = word & -word
+                    pages.add(first + w * 64 + low.bit_length() - 1)
+                    word ^= low
+        with self.lock:
+            pages |= self.memory.take_written()
+        return pages
+
+    def stop_dirty_log(self) -> None:
+        self.memory.track_writes(False)
+        vm = self.vm
+        if vm is not None:
+            for slot in vm.slots:
+                vm.set_dirty_logging(slot, False)
 
     def pause(self, timeout: float | None = 10.0) -> bool:
         """Stop every vCPU at its next exit (a kick makes KVM_RUN return at once)."""
@@ -533,8 +651,9 @@ class MicroVm:
         return paused
 
     def resume(self) -> None:
+        """As QEMU's cont: the vCPUs run when it returns (query-status says so)."""
         self.rtc_clock.resume()
-        self.vcpus.resume()
+        self.vcpus.resume(wait=True)
 
     def powerdown(self) -> bool:
         """Press the ACPI power button (the GED); False without ACPI tables."""

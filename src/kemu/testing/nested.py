@@ -329,3 +329,35 @@ def extract_vmlinux(bzimage: Path, out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(proc.stdout)
     return out
+
+
+class RealKvmUnavailable(Exception):
+    """Neither a hardware-backed /dev/kvm here nor the nested harness: the reason."""
+
+
+def run_on_real_kvm(script: str, timeout: float) -> str:
+    """Run ``script`` (sh syntax, as root) where KVM is hardware-like and return its
+    output: here when /dev/kvm is hardware-backed, else inside L1 of the nested
+    harness (the default guests built here: ``KEMU_NESTED`` and the host's cache).
+    Raises :class:`RealKvmUnavailable` (one line) when neither is possible, and
+    :class:`GuestBuildError` when L1 did not finish."""
+    from kemu.accel.kvm import kvm_is_hardware_backed
+    if kvm_is_hardware_backed():
+        proc = subprocess.run(["sh", "-c", script], capture_output=True, text=True,
+                              timeout=timeout, check=False)
+        return proc.stdout + proc.stderr
+    reason = nested_unavailable_reason()
+    if reason:
+        raise RealKvmUnavailable(f"/dev/kvm is not hardware-backed and the nested harness "
+                                 f"cannot run: {reason}")
+    try:
+        harness = NestedHarness()
+    except GuestBuildError as e:
+        raise RealKvmUnavailable(f"nested harness unavailable: {e}") from None
+    result = harness.run(script, timeout=timeout,
+                         env={"KEMU_NESTED": "1", "XDG_CACHE_HOME": str(cache_dir().parent)})
+    if "nested: no /dev/kvm" in result.console:
+        raise RealKvmUnavailable("nested SVM is not available: L1 has no /dev/kvm")
+    if result.status is None:
+        raise GuestBuildError(f"L1 did not finish:\n{result.console[-4000:]}")
+    return result.output

@@ -209,6 +209,113 @@ KVM_MP_STATE_HALTED = 3
 KVM_MP_STATE_SIPI_RECEIVED = 4
 
 
+class kvm_sregs2(_Struct):
+    """``struct kvm_sregs2`` (KVM_CAP_SREGS2): kvm_sregs without the interrupt bitmap,
+    with the PAE PDPTRs."""
+    _fields_ = [(n, kvm_segment) for n in ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")] + \
+        [("gdt", kvm_dtable), ("idt", kvm_dtable)] + \
+        [(n, u64) for n in ("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base", "flags")] + \
+        [("pdptrs", u64 * 4)]
+
+
+KVM_SREGS2_FLAGS_PDPTRS_VALID = 1
+
+
+class kvm_xsave(_Struct):
+    """``struct kvm_xsave``: the XSAVE area as the host's CPUID leaf 0xD lays it out
+    (4096 bytes; KVM_GET_XSAVE2 may need more, see KVM_CAP_XSAVE2)."""
+    _fields_ = [("region", u32 * 1024)]
+
+
+KVM_MAX_XCRS = 16
+
+
+class kvm_xcr(_Struct):
+    _fields_ = [("xcr", u32), ("reserved", u32), ("value", u64)]
+
+
+class kvm_xcrs(_Struct):
+    _fields_ = [("nr_xcrs", u32), ("flags", u32), ("xcrs", kvm_xcr * KVM_MAX_XCRS),
+                ("padding", u64 * 16)]
+
+
+class kvm_vcpu_events_exception(_Struct):
+    _fields_ = [("injected", u8), ("nr", u8), ("has_error_code", u8), ("pending", u8),
+                ("error_code", u32)]
+
+
+class kvm_vcpu_events_interrupt(_Struct):
+    _fields_ = [("injected", u8), ("nr", u8), ("soft", u8), ("shadow", u8)]
+
+
+class kvm_vcpu_events_nmi(_Struct):
+    _fields_ = [("injected", u8), ("pending", u8), ("masked", u8), ("pad", u8)]
+
+
+class kvm_vcpu_events_smi(_Struct):
+    _fields_ = [("smm", u8), ("pending", u8), ("smm_inside_nmi", u8), ("latched_init", u8)]
+
+
+class kvm_vcpu_events(_Struct):
+    _fields_ = [("exception", kvm_vcpu_events_exception),
+                ("interrupt", kvm_vcpu_events_interrupt), ("nmi", kvm_vcpu_events_nmi),
+                ("sipi_vector", u32), ("flags", u32), ("smi", kvm_vcpu_events_smi),
+                ("triple_fault", u8), ("reserved", u8 * 26), ("exception_has_payload", u8),
+                ("exception_payload", u64)]
+
+
+KVM_VCPUEVENT_VALID_NMI_PENDING = 0x1
+KVM_VCPUEVENT_VALID_SIPI_VECTOR = 0x2
+KVM_VCPUEVENT_VALID_SHADOW = 0x4
+KVM_VCPUEVENT_VALID_SMM = 0x8
+KVM_VCPUEVENT_VALID_PAYLOAD = 0x10
+KVM_VCPUEVENT_VALID_TRIPLE_FAULT = 0x20
+
+
+class kvm_debugregs(_Struct):
+    _fields_ = [("db", u64 * 4), ("dr6", u64), ("dr7", u64), ("flags", u64),
+                ("reserved", u64 * 9)]
+
+
+class kvm_irqchip(_Struct):
+    """``struct kvm_irqchip``: ``chip`` is the union of kvm_pic_state and
+    kvm_ioapic_state (512 bytes), kept as bytes: kemu saves it whole."""
+    _fields_ = [("chip_id", u32), ("pad", u32), ("chip", ctypes.c_char * 512)]
+
+
+KVM_IRQCHIP_PIC_MASTER = 0
+KVM_IRQCHIP_PIC_SLAVE = 1
+KVM_IRQCHIP_IOAPIC = 2
+KVM_NR_IRQCHIPS = 3
+
+
+class kvm_pit_channel_state(_Struct):
+    _fields_ = [("count", u32), ("latched_count", u16), ("count_latched", u8),
+                ("status_latched", u8), ("status", u8), ("read_state", u8),
+                ("write_state", u8), ("write_latch", u8), ("rw_mode", u8), ("mode", u8),
+                ("bcd", u8), ("gate", u8), ("count_load_time", ctypes.c_int64)]
+
+
+class kvm_pit_state2(_Struct):
+    _fields_ = [("channels", kvm_pit_channel_state * 3), ("flags", u32),
+                ("reserved", u32 * 9)]
+
+
+class kvm_clock_data(_Struct):
+    _fields_ = [("clock", u64), ("flags", u32), ("pad0", u32), ("realtime", u64),
+                ("host_tsc", u64), ("pad", u32 * 4)]
+
+
+KVM_CLOCK_TSC_STABLE = 2
+KVM_CLOCK_REALTIME = 1 << 2
+KVM_CLOCK_HOST_TSC = 1 << 3
+
+
+class kvm_dirty_log(_Struct):
+    # slot, padding, then union { void *dirty_bitmap; __u64 padding2; }
+    _fields_ = [("slot", u32), ("padding1", u32), ("dirty_bitmap", u64)]
+
+
 # -- struct kvm_run and its exit union (api.rst 5.) ----------------------------------
 class kvm_run_io(_Struct):
     _fields_ = [("direction", u8), ("size", u8), ("port", u16), ("count", u32),
@@ -278,6 +385,7 @@ def _flex(header, entry, name: str):
 kvm_msrs_with = _flex(kvm_msrs, kvm_msr_entry, "entries")
 kvm_cpuid2_with = _flex(kvm_cpuid2, kvm_cpuid_entry2, "entries")
 kvm_msr_list_with = _flex(kvm_msr_list, u32, "indices")
+kvm_xsave_with = _flex(kvm_xsave, u32, "extra")
 
 # --------------------------------------------------------------------------------------
 # ioctl numbers (<linux/kvm.h>)
@@ -291,14 +399,21 @@ KVM_GET_VCPU_MMAP_SIZE = _IO(KVMIO, 0x04)
 KVM_GET_SUPPORTED_CPUID = _IOWR(KVMIO, 0x05, kvm_cpuid2)
 # vm ioctls
 KVM_CREATE_VCPU = _IO(KVMIO, 0x41)
+KVM_GET_DIRTY_LOG = _IOW(KVMIO, 0x42, kvm_dirty_log)
 KVM_SET_USER_MEMORY_REGION = _IOW(KVMIO, 0x46, kvm_userspace_memory_region)
 KVM_SET_TSS_ADDR = _IO(KVMIO, 0x47)
 KVM_SET_IDENTITY_MAP_ADDR = _IOW(KVMIO, 0x48, u64)
 KVM_CREATE_IRQCHIP = _IO(KVMIO, 0x60)
 KVM_IRQ_LINE = _IOW(KVMIO, 0x61, kvm_irq_level)
+KVM_GET_IRQCHIP = _IOWR(KVMIO, 0x62, kvm_irqchip)
+KVM_SET_IRQCHIP = _IOR(KVMIO, 0x63, kvm_irqchip)
 KVM_IRQFD = _IOW(KVMIO, 0x76, kvm_irqfd)
 KVM_CREATE_PIT2 = _IOW(KVMIO, 0x77, kvm_pit_config)
 KVM_IOEVENTFD = _IOW(KVMIO, 0x79, kvm_ioeventfd)
+KVM_SET_CLOCK = _IOW(KVMIO, 0x7b, kvm_clock_data)
+KVM_GET_CLOCK = _IOR(KVMIO, 0x7c, kvm_clock_data)
+KVM_GET_PIT2 = _IOR(KVMIO, 0x9f, kvm_pit_state2)
+KVM_SET_PIT2 = _IOW(KVMIO, 0xa0, kvm_pit_state2)
 KVM_SIGNAL_MSI = _IOW(KVMIO, 0xA5, kvm_msi)
 # vcpu ioctls
 KVM_RUN = _IO(KVMIO, 0x80)
@@ -317,6 +432,18 @@ KVM_GET_CPUID2 = _IOWR(KVMIO, 0x91, kvm_cpuid2)
 KVM_GET_MP_STATE = _IOR(KVMIO, 0x98, kvm_mp_state)
 KVM_SET_MP_STATE = _IOW(KVMIO, 0x99, kvm_mp_state)
 KVM_NMI = _IO(KVMIO, 0x9a)
+KVM_GET_VCPU_EVENTS = _IOR(KVMIO, 0x9f, kvm_vcpu_events)
+KVM_SET_VCPU_EVENTS = _IOW(KVMIO, 0xa0, kvm_vcpu_events)
+KVM_GET_DEBUGREGS = _IOR(KVMIO, 0xa1, kvm_debugregs)
+KVM_SET_DEBUGREGS = _IOW(KVMIO, 0xa2, kvm_debugregs)
+KVM_GET_XSAVE = _IOR(KVMIO, 0xa4, kvm_xsave)
+KVM_SET_XSAVE = _IOW(KVMIO, 0xa5, kvm_xsave)
+KVM_GET_XCRS = _IOR(KVMIO, 0xa6, kvm_xcrs)
+KVM_SET_XCRS = _IOW(KVMIO, 0xa7, kvm_xcrs)
+KVM_KVMCLOCK_CTRL = _IO(KVMIO, 0xad)
+KVM_GET_SREGS2 = _IOR(KVMIO, 0xcc, kvm_sregs2)
+KVM_SET_SREGS2 = _IOW(KVMIO, 0xcd, kvm_sregs2)
+KVM_GET_XSAVE2 = _IOR(KVMIO, 0xcf, kvm_xsave)
 
 # capabilities (KVM_CHECK_EXTENSION)
 KVM_CAP_IRQCHIP = 0
@@ -329,9 +456,16 @@ KVM_CAP_IRQFD = 32
 KVM_CAP_PIT2 = 33
 KVM_CAP_IOEVENTFD = 36
 KVM_CAP_SET_IDENTITY_MAP_ADDR = 37
+KVM_CAP_ADJUST_CLOCK = 39
+KVM_CAP_VCPU_EVENTS = 41
+KVM_CAP_DEBUGREGS = 50
+KVM_CAP_XSAVE = 55
+KVM_CAP_XCRS = 56
 KVM_CAP_MAX_VCPUS = 66
 KVM_CAP_IRQFD_RESAMPLE = 82
 KVM_CAP_IMMEDIATE_EXIT = 136
+KVM_CAP_SREGS2 = 200
+KVM_CAP_XSAVE2 = 208
 
 # exit reasons
 KVM_EXIT_UNKNOWN = 0
@@ -605,6 +739,53 @@ class VmFd:
         req = kvm_ioeventfd(datamatch or 0, addr, length, fd, flags)
         self._call("KVM_IOEVENTFD", KVM_IOEVENTFD, req)
 
+    # -- VM-wide state (snapshots) --------------------------------------------------------
+    def get_irqchip(self, chip_id: int) -> kvm_irqchip:
+        """``KVM_GET_IRQCHIP`` (api.rst 4.26): a PIC (0, 1) or the I/O APIC (2)."""
+        chip = kvm_irqchip(chip_id=chip_id)
+        self._call("KVM_GET_IRQCHIP", KVM_GET_IRQCHIP, chip)
+        return chip
+
+    def set_irqchip(self, chip: kvm_irqchip) -> None:
+        self._call("KVM_SET_IRQCHIP", KVM_SET_IRQCHIP, chip)
+
+    def get_pit2(self) -> kvm_pit_state2:
+        """``KVM_GET_PIT2`` (api.rst 4.62): the in-kernel i8254's three channels."""
+        s = kvm_pit_state2()
+        self._call("KVM_GET_PIT2", KVM_GET_PIT2, s)
+        return s
+
+    def set_pit2(self, state: kvm_pit_state2) -> None:
+        self._call("KVM_SET_PIT2", KVM_SET_PIT2, state)
+
+    def get_clock(self) -> kvm_clock_data:
+        """``KVM_GET_CLOCK`` (api.rst 4.53): the kvmclock value (ns) all vCPUs see."""
+        s = kvm_clock_data()
+        self._call("KVM_GET_CLOCK", KVM_GET_CLOCK, s)
+        return s
+
+    def set_clock(self, clock: int) -> None:
+        """``KVM_SET_CLOCK`` (api.rst 4.52): kvmclock reads ``clock`` ns from now on."""
+        self._call("KVM_SET_CLOCK", KVM_SET_CLOCK, kvm_clock_data(clock=clock))
+
+    def set_dirty_logging(self, slot: int, enabled: bool) -> None:
+        """Re-register ``slot`` with or without ``KVM_MEM_LOG_DIRTY_PAGES`` (api.rst 4.35)."""
+        r = self._slots[slot]
+        flags = (r.flags | KVM_MEM_LOG_DIRTY_PAGES) if enabled else \
+            (r.flags & ~KVM_MEM_LOG_DIRTY_PAGES)
+        self.set_user_memory_region(slot, r.guest_phys_addr, r.memory_size, r.userspace_addr,
+                                    flags)
+
+    def get_dirty_log(self, slot: int) -> bytes:
+        """``KVM_GET_DIRTY_LOG`` (api.rst 4.8): one bit per 4 KiB page of ``slot``
+        written since the last call (the log is cleared), as little-endian bytes."""
+        pages = self._slots[slot].memory_size // 4096
+        words = (pages + 63) // 64
+        bitmap = (u64 * words)()
+        log = kvm_dirty_log(slot=slot, dirty_bitmap=ctypes.addressof(bitmap))
+        self._call("KVM_GET_DIRTY_LOG", KVM_GET_DIRTY_LOG, log)
+        return bytes(bitmap)
+
     # -- vCPUs ----------------------------------------------------------------------------
     def create_vcpu(self, vcpu_id: int) -> VcpuFd:
         """``KVM_CREATE_VCPU`` (api.rst 4.7); on x86 the id is the initial APIC id."""
@@ -719,12 +900,32 @@ class VcpuFd:
             buf.entries[i] = e
         self._call("KVM_SET_CPUID2", KVM_SET_CPUID2, buf)
 
-    def get_cpuid2(self, max_entries: int = 256) -> list[kvm_cpuid_entry2]:
-        """``KVM_GET_CPUID2``: the CPUID table this vCPU was given."""
-        buf = kvm_cpuid2_with(max_entries)()
-        buf.nent = max_entries
-        self._call("KVM_GET_CPUID2", KVM_GET_CPUID2, buf)
-        return [_copy(buf.entries[i]) for i in range(buf.nent)]
+    def get_cpuid2(self) -> list[kvm_cpuid_entry2]:
+        """``KVM_GET_CPUID2``: the CPUID table this vCPU was given.
+
+        Kernels differ in how they say how many entries they filled: newer ones
+        write ``nent`` back on success, older ones (5.x and before) only with
+        E2BIG.  So the buffer grows on E2BIG, its entries start as a sentinel
+        (leaf 0xffffffff, which KVM never has), and the table ends at ``nent`` or
+        at the first sentinel left, whichever comes first."""
+        n = 64
+        while True:
+            buf = kvm_cpuid2_with(n)()
+            buf.nent = n
+            ctypes.memset(ctypes.addressof(buf.entries), 0xFF, ctypes.sizeof(buf.entries))
+            try:
+                ioctl(self.fd, KVM_GET_CPUID2, buf)
+            except OSError as e:
+                if e.errno == errno.E2BIG and n < 4096:
+                    n *= 2
+                    continue
+                raise _accel_error(f"KVM_GET_CPUID2 (vcpu {self.id})", e) from None
+            out = []
+            for i in range(min(buf.nent, n)):
+                if buf.entries[i].function == 0xFFFFFFFF:
+                    break
+                out.append(_copy(buf.entries[i]))
+            return out
 
     def get_lapic(self) -> kvm_lapic_state:
         s = kvm_lapic_state()
@@ -741,6 +942,59 @@ class VcpuFd:
 
     def set_mp_state(self, state: int) -> None:
         self._call("KVM_SET_MP_STATE", KVM_SET_MP_STATE, kvm_mp_state(state))
+
+    def get_sregs2(self) -> kvm_sregs2:
+        s = kvm_sregs2()
+        self._call("KVM_GET_SREGS2", KVM_GET_SREGS2, s)
+        return s
+
+    def set_sregs2(self, sregs: kvm_sregs2) -> None:
+        self._call("KVM_SET_SREGS2", KVM_SET_SREGS2, sregs)
+
+    def get_xsave(self, size: int = 4096) -> ctypes.Structure:
+        """``KVM_GET_XSAVE`` (api.rst 4.42), or ``KVM_GET_XSAVE2`` for an area larger
+        than 4096 bytes (``size`` from KVM_CAP_XSAVE2)."""
+        if size <= ctypes.sizeof(kvm_xsave):
+            s = kvm_xsave()
+            self._call("KVM_GET_XSAVE", KVM_GET_XSAVE, s)
+            return s
+        s = kvm_xsave_with((size - ctypes.sizeof(kvm_xsave) + 3) // 4)()
+        self._call("KVM_GET_XSAVE2", KVM_GET_XSAVE2, s)
+        return s
+
+    def set_xsave(self, state: ctypes.Structure) -> None:
+        self._call("KVM_SET_XSAVE", KVM_SET_XSAVE, state)
+
+    def get_xcrs(self) -> kvm_xcrs:
+        s = kvm_xcrs()
+        self._call("KVM_GET_XCRS", KVM_GET_XCRS, s)
+        return s
+
+    def set_xcrs(self, state: kvm_xcrs) -> None:
+        self._call("KVM_SET_XCRS", KVM_SET_XCRS, state)
+
+    def get_vcpu_events(self) -> kvm_vcpu_events:
+        """``KVM_GET_VCPU_EVENTS`` (api.rst 4.31): pending and injected exceptions,
+        interrupts, NMIs, SIPI, SMM."""
+        s = kvm_vcpu_events()
+        self._call("KVM_GET_VCPU_EVENTS", KVM_GET_VCPU_EVENTS, s)
+        return s
+
+    def set_vcpu_events(self, events: kvm_vcpu_events) -> None:
+        self._call("KVM_SET_VCPU_EVENTS", KVM_SET_VCPU_EVENTS, events)
+
+    def get_debugregs(self) -> kvm_debugregs:
+        s = kvm_debugregs()
+        self._call("KVM_GET_DEBUGREGS", KVM_GET_DEBUGREGS, s)
+        return s
+
+    def set_debugregs(self, state: kvm_debugregs) -> None:
+        self._call("KVM_SET_DEBUGREGS", KVM_SET_DEBUGREGS, state)
+
+    def kvmclock_ctrl(self) -> None:
+        """``KVM_KVMCLOCK_CTRL`` (api.rst 4.71): tell the guest it was paused (no
+        soft-lockup warning for the time it did not run)."""
+        self._call("KVM_KVMCLOCK_CTRL", KVM_KVMCLOCK_CTRL)
 
     def nmi(self) -> None:
         """``KVM_NMI``: inject an NMI through the local APIC's LINT1."""
@@ -805,6 +1059,25 @@ class VcpuFd:
             self._pending = (_OFF_EXIT + 8, length)
             return MmioRead(addr, length)
         return self._other_exit(reason)
+
+    def complete_pending_io(self) -> None:
+        """``KVM_RUN`` with ``immediate_exit`` set: KVM finishes an I/O or MMIO access
+        the VMM has answered and returns without entering the guest (api.rst 5.,
+        immediate_exit), so the registers read next hold its result.  Called on a
+        stopped vCPU before its state is saved."""
+        if self._io is not None:
+            raise AccelError(f"KVM: vcpu {self.id}: stopped inside a string I/O exit")
+        self._pending = None
+        self.immediate_exit = True
+        try:
+            fcntl.ioctl(self.fd, KVM_RUN, 0)
+        except (InterruptedError, BlockingIOError):
+            pass
+        except OSError as e:
+            if e.errno not in (errno.EINTR, errno.EAGAIN):
+                raise _accel_error(f"KVM_RUN (vcpu {self.id})", e) from None
+        finally:
+            self.immediate_exit = False
 
     def _io_element(self, io: list) -> Exit:
         direction, port, size, count, data_offset, index = io

@@ -356,11 +356,12 @@ class X86BootSetup:
     irqchip: bool = True
 
     @classmethod
-    def prepare(cls, kvm, memory: GuestMemory, nr_vcpus: int,
+    def prepare(cls, kvm, memory: GuestMemory | None, nr_vcpus: int,
                 irqchip: bool = True) -> X86BootSetup:
-        """Write the GDT and identity map into guest RAM and query KVM once."""
-        gdt = write_gdt(memory)
-        cr3 = write_identity_map(memory)
+        """Write the GDT and identity map into guest RAM (unless ``memory`` is None:
+        a machine restored or migrated in, whose RAM is the guest's) and query KVM once."""
+        gdt = write_gdt(memory) if memory is not None else gdt_entries()
+        cr3 = write_identity_map(memory) if memory is not None else PML4_ADDR
         return cls(kvm.get_supported_cpuid(), set(kvm.get_msr_index_list()), nr_vcpus,
                    gdt, cr3, irqchip)
 

@@ -1,0 +1,429 @@
+"""Snapshots, restore, fork and migration of the x86-64 microvm board on this host's KVM.
+
+The purpose-built guest of tests/guests/microvm.c is booted through the
+board and stopped where it waits, halted with interrupts on, for a line
+typed on its 16550: its IDT, its I/O APIC route (pin 4 -> vector 0x30), its
+LAPIC, the UART's receive interrupt enable and the halted vCPU are all
+state that must survive.  A machine restored from the snapshot (a new KVM
+VM with new vCPUs, RAM mapped from the memory file) gets the line, the
+guest's handler reads it and the guest goes on to reset the machine
+through the i8042; the original machine runs on and does the same with its
+own line.  On PVM hosts guest kernel code is emulated, so this guest is
+tiny; Linux is snapshotted on real KVM in the nested harness
+(tests/integration/test_microvm_linux.py).
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "guests"))
+import guestbuild
+
+from kemu import Machine
+from kemu.accel.kvm import kvm_unavailable_reason
+from kemu.machines.config import MachineConfig, MiB
+from kemu.errors import AccelError
+from kemu.state import StateError
+
+_reason = kvm_unavailable_reason()
+_reason = (f"no usable /dev/kvm: {_reason}" if _reason else guestbuild.toolchain_missing())
+pytestmark = pytest.mark.skipif(_reason is not None, reason=_reason or "")
+
+TIMEOUT = 60.0
+
+
+@pytest.fixture(scope="module")
+def kernel(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("microvm-snap")
+    path = out / "microvm.bzImage"
+    path.write_bytes(guestbuild.build_bzimage("microvm", out))
+    return path
+
+
+def _config(kernel: Path, **kw) -> MachineConfig:
+    return MachineConfig(machine="microvm", accel="kvm", kernel=kernel, append="kemu.snap",
+                         memory=kw.pop("memory", 64 * MiB), no_reboot=True, **kw)
+
+
+def _snapshot_at(config: MachineConfig, marker: str, directory: Path) -> None:
+    """Boot ``config``, snapshot it into ``directory`` once ``marker`` is on its console,
+    end it."""
+    vm = Machine.from_config(config)
+    vm.start()
+    try:
+        vm.console.expect(marker, timeout=TIMEOUT)
+        vm.snapshot(directory)
+    finally:
+        vm.kill()
+
+
+class Output:
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.lock = threading.Lock()
+
+    def __call__(self, data: bytes) -> None:
+        with self.lock:
+            self.data += data
+
+    @property
+    def text(self) -> str:
+        with self.lock:
+            return self.data.decode(errors="replace")
+
+
+@pytest.fixture
+def waiting(kernel, tmp_path):
+    """A machine halted in the guest's wait for input, and its snapshot directory."""
+    out = Output()
+    vm = Machine.from_config(_config(kernel), console_output=out)
+    vm.start()
+    try:
+        vm.console.expect("ready for input", timeout=TIMEOUT)
+        header = vm.snapshot(tmp_path / "snap")
+        yield vm, out, tmp_path / "snap", header
+    finally:
+        if vm.state not in ("shutdown", "stopped"):
+            vm.kill()
+
+
+def _finishes_with(vm: Machine, line: str) -> str:
+    vm.console.write(line + "\n")
+    vm.console.expect(f"rx {line}", timeout=TIMEOUT)
+    vm.console.expect("resetting", timeout=TIMEOUT)
+    assert vm.wait(TIMEOUT) is not None
+    return vm.console.output
+
+
+def test_restored_machine_takes_its_input_and_the_original_runs_on(kernel, waiting):
+    vm, out, snap, header = waiting
+    assert header["machine"]["board"] == "microvm"
+    restored = Machine.restore(snap)
+    try:
+        text = _finishes_with(restored, "from-the-copy")
+        # the copy did not boot again: its console starts after the snapshot
+        assert "cmdline" not in text and "thre_iir" not in text, text
+        assert restored.outcome.reason == "reset"
+    finally:
+        if restored.state not in ("shutdown", "stopped"):
+            restored.kill()
+    text = _finishes_with(vm, "from-the-original")
+    assert "rx from-the-original" in text and "from-the-copy" not in text
+
+
+def test_fork_gives_copies_that_each_run_on(kernel, waiting, tmp_path):
+    vm, _out, _snap, _header = waiting
+    copies = vm.fork(2, tmp_path / "fork")
+    try:
+        for i, copy in enumerate(copies):
+            assert "rx copy" not in copy.console.output
+            _finishes_with(copy, f"copy{i}")
+    finally:
+        for copy in copies:
+            if copy.state not in ("shutdown", "stopped"):
+                copy.kill()
+
+
+def test_snapshot_from_another_configuration_is_refused_in_one_line(kernel, waiting, tmp_path):
+    import shutil
+    _vm, _out, snap, _header = waiting
+    from kemu import snapshot
+    header, payload = snapshot.load(snap)
+    # the same snapshot, as if the user changed -smp: refused before anything starts
+    other = Machine.from_config(_config(kernel, smp=2))
+    try:
+        with pytest.raises(StateError) as e:
+            from kemu.state import check_header
+            check_header(header, other._board.state_fingerprint(), "snapshot")
+        assert "smp" in str(e.value) and "\n" not in str(e.value)
+    finally:
+        other._board.close()
+    # a stream whose checksum is right but whose machine state is not (a crafted file)
+    from kemu import state as st
+    for damage in (lambda b: b.pop("vm"),
+                   lambda b: b["cpus"][0].update(sregs=b"\0" * 3),
+                   lambda b: b["cpus"][0].update(msrs=[[0xDEAD0000, 1]]),
+                   lambda b: b["virtio"].append({})):
+        crafted = tmp_path / f"crafted{id(damage)}"
+        shutil.copytree(snap, crafted)
+        board = st.loads(st.dumps(payload["board"]))
+        damage(board)
+        with open(crafted / snapshot.STATE_FILE, "wb") as f:
+            st.write_stream(f, {k: v for k, v in header.items()
+                                if k not in ("payload_size", "payload_sha256")},
+                            dict(payload, board=board))
+        with pytest.raises((StateError, AccelError)) as e:
+            Machine.restore(crafted)
+        assert "\n" not in str(e.value), e.value
+    # a truncated memory file
+    bad = tmp_path / "bad"
+    shutil.copytree(snap, bad)
+    with open(bad / snapshot.MEMORY_FILE, "r+b") as f:
+        f.truncate(4096)
+    with pytest.raises(StateError) as e:
+        Machine.restore(bad)
+    assert "truncated" in str(e.value) and "\n" not in str(e.value)
+
+
+def _migration_status(vm: Machine, timeout: float = TIMEOUT) -> str:
+    """The final status of ``vm``'s migration, from its MIGRATION events."""
+    import time
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        for event in vm.events(timeout=max(0.01, end - time.monotonic())):
+            status = getattr(event, "status", None)
+            if status in ("completed", "failed", "cancelled"):
+                return status
+    return "timeout"
+
+
+def _enable(vm: Machine) -> None:
+    vm.migration.set_capabilities([{"capability": "events", "state": True},
+                                   {"capability": "x-checksum", "state": True}])
+
+
+def test_live_migration_over_unix_while_the_guest_dirties_memory(kernel, tmp_path):
+    """KVM's dirty log follows a guest writing 256 pages in a loop: RAM at the switch
+    is the same on both sides (x-checksum) and the destination takes the input."""
+    config = _config(kernel)
+    config.append = "kemu.snap kemu.dirty"
+    source = Machine.from_config(config)
+    dest = Machine.from_config(_config(kernel, memory=config.memory))
+    dest.config.append = config.append
+    try:
+        source.start()
+        source.console.expect("ready for input", timeout=TIMEOUT)
+        _enable(source)
+        _enable(dest)
+        uri = f"unix:{tmp_path / 'mig.sock'}"
+        dest.start_incoming(uri)
+        # a small bandwidth makes several passes while the guest writes on
+        source.migration.set_parameters({"max-bandwidth": 64 << 20, "downtime-limit": 50})
+        source.migrate(uri)
+        assert _migration_status(source) == "completed", source.migration.info()
+        out, into = source.migration.info(), dest.migration.info()
+        assert out["ram"]["dirty-sync-count"] >= 2, out
+        assert out["x-ram-sha256"] == into["x-ram-sha256"]
+        assert source.state == "paused" and source._postmigrate
+        dest.console.write("moved\n")
+        # the loop went on in the destination until the line came
+        dest.console.expect(r"dirty_writes 0x[0-9a-f]+", timeout=TIMEOUT)
+        dest.console.expect("rx moved", timeout=TIMEOUT)
+        dest.console.expect("resetting", timeout=TIMEOUT)
+    finally:
+        for vm in (source, dest):
+            if vm.state not in ("shutdown", "stopped"):
+                vm.kill()
+
+
+def test_cancelled_migration_leaves_the_source_running(kernel, waiting, tmp_path):
+    vm, _out, _snap, _header = waiting
+    import socket
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(tmp_path / "sink.sock"))
+    server.listen(1)        # a destination that never answers
+    try:
+        _enable(vm)
+        vm.migrate(f"unix:{tmp_path / 'sink.sock'}")
+        conn, _ = server.accept()
+        vm.migration.cancel()
+        assert _migration_status(vm) in ("cancelled", "failed")
+        conn.close()
+        assert vm.state == "running"
+        _finishes_with(vm, "still-here")
+    finally:
+        server.close()
+
+
+def test_two_vcpus_restored_the_second_still_waiting_for_sipi(kernel, tmp_path):
+    """The AP is saved waiting for INIT/SIPI; in the restored machine the guest
+    starts it and both report their APIC ids."""
+    config = _config(kernel, smp=2)
+    config.append = "kemu.snap kemu.smp"
+    _snapshot_at(config, "ready for input", tmp_path / "snap")
+    restored = Machine.restore(tmp_path / "snap")
+    try:
+        text = _finishes_with(restored, "two")
+        assert "cpu 0x0" in text and "cpu 0x10101" in text, text
+    finally:
+        if restored.state not in ("shutdown", "stopped"):
+            restored.kill()
+
+
+def test_vcpu_and_vm_state_round_trip_through_a_new_vm():
+    """Every saved structure goes back into a new VM and reads back the same;
+    a blob of the wrong size, or contents KVM refuses, is one line."""
+    from kemu.accel.kvm import Kvm
+    from kemu.accel.kvm import x86_state as xs
+    from kemu.accel.kvm.x86_cpu import X86BootSetup, setup_vcpu, setup_x86_vm
+    from kemu.errors import AccelError
+    from kemu.memory import GuestMemory, RamRegion
+    from kemu.state import from_plain, loads, dumps
+
+    def new_vm(kvm):
+        vm = kvm.create_vm()
+        mem = GuestMemory([RamRegion(0, 16 * MiB)])
+        setup_x86_vm(vm, mem)
+        return vm, mem, vm.create_vcpu(0)
+
+    with Kvm() as kvm:
+        vm, mem, vcpu = new_vm(kvm)
+        setup_vcpu(vcpu, X86BootSetup.prepare(kvm, mem, 1), 0x100000, 0x7000)
+        regs = vcpu.get_regs()
+        regs.rax, regs.r15 = 0x1122334455667788, 42
+        vcpu.set_regs(regs)
+        vcpu.set_msrs({0xC0000082: 0xFFFFFFFF81000000})          # LSTAR
+        caps = xs.Capabilities.probe(vm, vcpu)
+        assert 0x10 in caps.msrs and 0x4B564D01 in caps.msrs      # TSC, kvmclock
+        saved = xs.save_vcpu(vcpu, caps)
+        saved_vm = xs.save_vm(vm, pit=True)
+        plain = loads(dumps(saved))
+        vm2, _mem2, vcpu2 = new_vm(kvm)
+        caps2 = xs.Capabilities.probe(vm2, vcpu2)
+        xs.restore_vcpu(vcpu2, from_plain(xs.X86VcpuState, plain), caps2)
+        xs.restore_vm(vm2, from_plain(xs.X86VmState, loads(dumps(saved_vm))))
+        again = xs.save_vcpu(vcpu2, caps2)
+        for name in ("regs", "sregs", "xsave", "xcrs", "lapic", "debugregs", "cpuid"):
+            assert getattr(again, name) == getattr(saved, name), name
+        msrs, msrs2 = dict(saved.msrs), dict(again.msrs)
+        assert msrs2[0xC0000082] == 0xFFFFFFFF81000000
+        assert abs(msrs2[0x10] - msrs[0x10]) < 1 << 40            # the TSC went on from there
+        assert xs.save_vm(vm2, pit=True).irqchips == saved_vm.irqchips
+        with pytest.raises(StateError) as e:
+            xs.restore_vcpu(vcpu2, from_plain(xs.X86VcpuState, dict(plain, regs=b"\0" * 7)),
+                            caps2)
+        assert "registers" in str(e.value) and "\n" not in str(e.value)
+        bad = from_plain(xs.X86VcpuState, plain)
+        bad.msrs = [(0xDEAD0000, 1)]
+        with pytest.raises(AccelError) as e:
+            xs.restore_vcpu(vcpu2, bad, caps2)
+        assert "0xdead0000" in str(e.value) and "\n" not in str(e.value)
+        for fd in (vcpu, vcpu2):
+            fd.close()
+        vm.close()
+        vm2.close()
+
+
+def test_every_microvm_device_saves_and_restores_plain_state(kernel, tmp_path):
+    from kemu.backends.serial import SerialBackend
+    from kemu.machines.builder import build
+    from kemu.testing.state_check import check_round_trips
+    from kemu.machines.config import DeviceConfig, DriveConfig
+    disk = tmp_path / "d.raw"
+    disk.write_bytes(bytes(1 << 20))
+    config = _config(kernel, drives=[DriveConfig(disk, "raw")],
+                     devices=[DeviceConfig("virtio-rng-device"),
+                              DeviceConfig("vhost-vsock-device", {"guest-cid": "5"}),
+                              DeviceConfig("virtio-serial-device")])
+    board = build(config, SerialBackend(lambda data: None))
+    try:
+        devices = list(board._devices().values())
+        for slot in board.virtio_slots:
+            devices += [slot.device, slot.device.device]
+        assert len(devices) >= 13
+        check_round_trips(devices)
+    finally:
+        board.close()
+
+
+def test_kemu_processes_migrate_over_unix_and_restore_from_a_file(kernel, tmp_path):
+    """QEMU's spelling between two kemu processes: -incoming unix:, QMP migrate; then
+    the destination saved with migrate exec:cat > FILE and restored by a third
+    process with -incoming "exec:cat FILE"."""
+    from conftest import Console
+
+    from kemu.testing.qmp_client import QmpClient
+    args = ["-M", "microvm", "-accel", "kvm", "-m", "64", "-kernel", str(kernel),
+            "-append", "kemu.snap", "-display", "none", "-serial", "stdio", "-no-reboot"]
+    src = Console(args + ["-qmp", f"unix:{tmp_path / 'src.qmp'},server=on,wait=off"])
+    dst = Console(args + ["-qmp", f"unix:{tmp_path / 'dst.qmp'},server=on,wait=off",
+                          "-incoming", f"unix:{tmp_path / 'mig.sock'}"])
+    third = None
+    try:
+        src.expect(rb"ready for input", TIMEOUT)
+        q = QmpClient(tmp_path / "src.qmp")
+        qd = QmpClient(tmp_path / "dst.qmp")
+        assert qd.execute("query-status")["status"] == "inmigrate"
+        import time
+        end = time.monotonic() + TIMEOUT          # the destination listens
+        while not (tmp_path / "mig.sock").exists() and time.monotonic() < end:
+            time.sleep(0.02)
+        q.execute("migrate", uri=f"unix:{tmp_path / 'mig.sock'}")
+        assert q.wait_migration(("completed", "failed"), TIMEOUT)["status"] == "completed"
+        assert q.execute("query-status")["status"] == "postmigrate"
+        assert qd.execute("query-status")["status"] == "running"
+        stream = tmp_path / "saved.stream"
+        qd.execute("migrate", uri=f"exec:cat > {stream}")
+        assert qd.wait_migration(("completed", "failed"), TIMEOUT)["status"] == "completed"
+        third = Console(args + ["-incoming", f"exec:cat {stream}"])
+        third.send("third\n")
+        third.expect(rb"rx third", TIMEOUT)
+        third.expect(rb"resetting", TIMEOUT)
+        assert third.wait(TIMEOUT) == 0
+    finally:
+        for c in (src, dst, third):
+            if c is not None:
+                c.close()
+
+
+def test_virtio_blk_goes_on_in_a_restored_copy_writing_its_own_overlay(tmp_path):
+    """tests/guests/virtio_blk.c set up its queue, read by interrupt, and waits;
+    the restored copy's requests (queue indices, the I/O APIC route, the slot's
+    irqfd and ioeventfd) go on, its write lands in its own overlay."""
+    import os
+    import struct
+
+    from kemu.backends.qcow2 import Qcow2Image
+    from kemu.machines.config import DriveConfig
+    out = tmp_path / "guest"
+    kernel = out / "virtio_blk.bzImage"
+    kernel.parent.mkdir()
+    kernel.write_bytes(guestbuild.build_bzimage("virtio_blk", out))
+    original = os.urandom(128 * 512)
+    disk = tmp_path / "disk.raw"
+    disk.write_bytes(original)
+    config = _config(kernel, drives=[DriveConfig(disk, format="raw")])
+    config.append = "virtio-blk kemu.wait"
+    _snapshot_at(config, "waiting", tmp_path / "snap")
+    restored = Machine.restore(tmp_path / "snap", overlay_dir=tmp_path)
+    try:
+        restored.console.write("g")
+        restored.console.expect("done", timeout=TIMEOUT)
+        assert restored.wait(TIMEOUT) == 0
+        kv = {k: int(v, 16) for k, _, v in (line.partition(" ")
+                                            for line in restored.console.output.splitlines())
+              if v.startswith("0x")}
+        assert kv["woke"] == ord("g")
+        assert (kv["write_status"], kv["verify_status"], kv["verify_bad"]) == (0, 0, 0)
+        assert kv["flush_status"] == 0 and kv["oob_status"] == 1
+        assert kv["again_status"] == 0 and kv["irq_vring"] >= 4
+        overlay = restored.config.drives[0].path
+        with Qcow2Image.open(overlay, read_only=True, locking="off") as image:
+            written = image.read(6 * 512, 512)
+        assert written != original[6 * 512:7 * 512]
+        assert disk.read_bytes() == original                 # the original image untouched
+        assert struct.unpack_from("<Q", written)[0] != 0
+    finally:
+        if restored.state not in ("shutdown", "stopped"):
+            restored.kill()
+
+
+def test_pcie_machine_is_refused_in_one_line(kernel, tmp_path):
+    from kemu.errors import ConfigError
+    config = _config(kernel)
+    config.extra["pcie"] = True
+    vm = Machine.from_config(config)
+    vm.start()
+    try:
+        vm.console.expect("ready for input", timeout=TIMEOUT)
+        with pytest.raises(ConfigError) as e:
+            vm.snapshot(tmp_path / "snap")
+        assert "pcie=on" in str(e.value) and "\n" not in str(e.value)
+        assert vm.state == "running"
+    finally:
+        vm.kill()
