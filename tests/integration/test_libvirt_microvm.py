@@ -59,8 +59,8 @@ def seen():
                              str(guest.initrd), guest.append, *emulators])
                .replace("SCRATCH", scratch))
     try:
-        output = nested.run_where_kvm_is_real(command, timeout=1800)
-    except nested.KvmUnavailable as e:
+        output = nested.run_on_real_kvm(command, 1800)
+    except nested.RealKvmUnavailable as e:
         pytest.skip(str(e))
     line = next((ln for ln in output.splitlines() if ln.startswith(MARK)), None)
     assert line, f"the driver reported nothing:\n{output[-4000:]}"

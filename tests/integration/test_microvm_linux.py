@@ -24,7 +24,6 @@ from pathlib import Path
 
 import pytest
 
-from kemu.accel.kvm import kvm_is_hardware_backed
 from kemu.errors import GuestBuildError
 from kemu.testing import nested
 
@@ -71,13 +70,7 @@ with Machine.default_guest("x86_64", memory="512M") as vm:
 @pytest.fixture(scope="module")
 def boots(tmp_path_factory):
     """Run every boot once; name -> (exit status, console output)."""
-    from kemu.guest.debian import cache_dir, default_guest
-    hardware = kvm_is_hardware_backed()
-    if not hardware:
-        reason = nested.nested_unavailable_reason()
-        if reason:
-            pytest.skip(f"/dev/kvm is not hardware-backed and the nested harness "
-                        f"cannot run: {reason}")
+    from kemu.guest.debian import default_guest
     try:
         guest = default_guest("x86_64", show_progress=False)
         initrd = nested.l2_initrd(guest.initrd)
@@ -105,23 +98,10 @@ def boots(tmp_path_factory):
     script = "".join(f"echo '==RUN {name}=='; timeout {BOOT_TIMEOUT} sh -c {shlex.quote(cmd)}; "
                      f"echo \"==RC {name}=$?==\"\n" for name, cmd in runs.items())
     script = f"cd {shlex.quote(str(CHECKOUT))}\n" + script
-    if hardware:
-        import subprocess
-        proc = subprocess.run(["sh", "-c", script], capture_output=True, text=True,
-                              timeout=BOOT_TIMEOUT * len(runs), check=False)
-        output = proc.stdout + proc.stderr
-    else:
-        try:
-            harness = nested.NestedHarness()
-        except GuestBuildError as e:
-            pytest.skip(f"nested harness unavailable: {e}")
-        result = harness.run(script, timeout=BOOT_TIMEOUT * len(runs) + 120,
-                             env={"KEMU_NESTED": "1",   # the default guest as built here
-                                  "XDG_CACHE_HOME": str(cache_dir().parent)})
-        if "nested: no /dev/kvm" in result.console:
-            pytest.skip("nested SVM is not available: L1 has no /dev/kvm")
-        assert result.status is not None, f"L1 did not finish:\n{result.console[-4000:]}"
-        output = result.output
+    try:
+        output = nested.run_on_real_kvm(script, BOOT_TIMEOUT * len(runs) + 120)
+    except nested.RealKvmUnavailable as e:
+        pytest.skip(str(e))
     out = {}
     for name in runs:
         m = re.search(rf"==RUN {name}==\n(.*?)==RC {name}=(\d+)==", output, re.DOTALL)

@@ -24,7 +24,6 @@ from pathlib import Path
 
 import pytest
 
-from kemu.accel.kvm import kvm_is_hardware_backed
 from kemu.errors import GuestBuildError
 from kemu.testing import nested
 
@@ -56,13 +55,7 @@ def _command(binary: str, kernel: Path, initrd: Path, append: str, disk: str) ->
 @pytest.fixture(scope="module")
 def boots():
     """Both VMMs' boots in one run: name -> (exit status, console output)."""
-    from kemu.guest.debian import cache_dir, default_guest
-    hardware = kvm_is_hardware_backed()
-    if not hardware:
-        reason = nested.nested_unavailable_reason()
-        if reason:
-            pytest.skip(f"/dev/kvm is not hardware-backed and the nested harness "
-                        f"cannot run: {reason}")
+    from kemu.guest.debian import default_guest
     qemu = shutil.which("qemu-system-x86_64")
     if qemu is None:
         pytest.skip("qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)")
@@ -82,23 +75,10 @@ def boots():
     script = "".join(f"echo '==RUN {name}=='; timeout {BOOT_TIMEOUT} sh -c {shlex.quote(cmd)}; "
                      f"echo \"==RC {name}=$?==\"\n" for name, cmd in runs.items())
     script = f"cd {shlex.quote(str(CHECKOUT))}\n" + script
-    if hardware:
-        import subprocess
-        proc = subprocess.run(["sh", "-c", script], capture_output=True, text=True,
-                              timeout=BOOT_TIMEOUT * len(runs), check=False)
-        output = proc.stdout + proc.stderr
-    else:
-        try:
-            harness = nested.NestedHarness()
-        except GuestBuildError as e:
-            pytest.skip(f"nested harness unavailable: {e}")
-        result = harness.run(script, timeout=BOOT_TIMEOUT * len(runs) + 120,
-                             env={"KEMU_NESTED": "1",
-                                  "XDG_CACHE_HOME": str(cache_dir().parent)})
-        if "nested: no /dev/kvm" in result.console:
-            pytest.skip("nested SVM is not available: L1 has no /dev/kvm")
-        assert result.status is not None, f"L1 did not finish:\n{result.console[-4000:]}"
-        output = result.output
+    try:
+        output = nested.run_on_real_kvm(script, BOOT_TIMEOUT * len(runs) + 120)
+    except nested.RealKvmUnavailable as e:
+        pytest.skip(str(e))
     out = {}
     for name in runs:
         m = re.search(rf"==RUN {name}==\n(.*?)==RC {name}=(\d+)==", output, re.DOTALL)

@@ -232,39 +232,6 @@ class NestedHarness:
                         " print(\"KVM_API\", fcntl.ioctl(fd, 0xAE00))'")
 
 
-class KvmUnavailable(Exception):
-    """Why a run on real KVM cannot happen here (tests skip with its message)."""
-
-
-def run_where_kvm_is_real(command: str, timeout: float,
-                          env: dict[str, str] | None = None) -> str:
-    """Run ``command`` (sh syntax) where KVM is real and return what it printed: here
-    when /dev/kvm is hardware-backed, else in the nested harness's L1 (``env`` added
-    to its environment, with the host's cache directory).  Raises
-    :class:`KvmUnavailable` when neither can run, AssertionError when L1 did not
-    finish."""
-    from kemu.accel.kvm import kvm_is_hardware_backed
-    if kvm_is_hardware_backed():
-        proc = subprocess.run(["sh", "-c", command], capture_output=True, text=True,
-                              timeout=timeout, check=False, stdin=subprocess.DEVNULL)
-        return proc.stdout + proc.stderr
-    why = nested_unavailable_reason()
-    if why:
-        raise KvmUnavailable("/dev/kvm is not hardware-backed and the nested harness "
-                             f"cannot run: {why}")
-    try:
-        harness = NestedHarness()
-    except GuestBuildError as e:
-        raise KvmUnavailable(f"nested harness unavailable: {e}") from None
-    result = harness.run(command, timeout=timeout,
-                         env={"XDG_CACHE_HOME": str(cache_dir().parent), **(env or {})})
-    if "nested: no /dev/kvm" in result.console:
-        raise KvmUnavailable("nested SVM is not available: L1 has no /dev/kvm")
-    if result.status is None:
-        raise AssertionError(f"L1 did not finish:\n{result.console[-4000:]}")
-    return result.output
-
-
 #: The L2 guest's /init for boot tests: modules, one report line, power off.
 L2_MODULES = ["virtio_ring", "virtio", "virtio_mmio", "virtio-rng"]
 L2_REPORT = "KEMU-L2"
@@ -335,16 +302,16 @@ class RealKvmUnavailable(Exception):
     """Neither a hardware-backed /dev/kvm here nor the nested harness: the reason."""
 
 
-def run_on_real_kvm(script: str, timeout: float) -> str:
+def run_on_real_kvm(script: str, timeout: float, env: dict[str, str] | None = None) -> str:
     """Run ``script`` (sh syntax, as root) where KVM is hardware-like and return its
     output: here when /dev/kvm is hardware-backed, else inside L1 of the nested
-    harness (the default guests built here: ``KEMU_NESTED`` and the host's cache).
-    Raises :class:`RealKvmUnavailable` (one line) when neither is possible, and
-    :class:`GuestBuildError` when L1 did not finish."""
+    harness (the default guests built here: ``KEMU_NESTED`` and the host's cache,
+    plus ``env``).  Raises :class:`RealKvmUnavailable` (one line) when neither is
+    possible, and :class:`GuestBuildError` when L1 did not finish."""
     from kemu.accel.kvm import kvm_is_hardware_backed
     if kvm_is_hardware_backed():
         proc = subprocess.run(["sh", "-c", script], capture_output=True, text=True,
-                              timeout=timeout, check=False)
+                              timeout=timeout, check=False, stdin=subprocess.DEVNULL)
         return proc.stdout + proc.stderr
     reason = nested_unavailable_reason()
     if reason:
@@ -355,7 +322,8 @@ def run_on_real_kvm(script: str, timeout: float) -> str:
     except GuestBuildError as e:
         raise RealKvmUnavailable(f"nested harness unavailable: {e}") from None
     result = harness.run(script, timeout=timeout,
-                         env={"KEMU_NESTED": "1", "XDG_CACHE_HOME": str(cache_dir().parent)})
+                         env={"KEMU_NESTED": "1", "XDG_CACHE_HOME": str(cache_dir().parent),
+                              **(env or {})})
     if "nested: no /dev/kvm" in result.console:
         raise RealKvmUnavailable("nested SVM is not available: L1 has no /dev/kvm")
     if result.status is None:
