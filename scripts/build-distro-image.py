@@ -70,7 +70,7 @@ LINUX_TYPE = "0FC63DAF-8483-4772-8E79-3D69D8477DE4"
 #: Tools the build runs on the host, and the Debian package of each.
 TOOLS = {"debootstrap": "debootstrap", "proot": "proot", "qemu-aarch64-static": "qemu-user-static",
          "mkfs.ext4": "e2fsprogs", "sfdisk": "fdisk", "mformat": "mtools", "mcopy": "mtools",
-         "mmd": "mtools"}
+         "mmd": "mtools", "unshare": "util-linux"}
 
 
 def cache_dir() -> Path:
@@ -118,11 +118,35 @@ def check_tools() -> None:
 
 
 def in_target(root: Path, argv: list[str], what: str) -> subprocess.CompletedProcess:
-    """Run an arm64 program in the tree, as root, through proot and qemu-user."""
+    """Run an arm64 program in the tree through proot and qemu-user, as root without
+    the power to mount.
+
+    proot passes mount(2) and umount(2) through to the host's kernel, and
+    debootstrap's second stage mounts proc and unmounts /proc (under proot,
+    the host's).  So the program runs in a user namespace whose ids map
+    one-to-one onto the host's: file ownership, setuid bits and chown to
+    system users are real, but mounts and device nodes are refused (a
+    namespace not the host's own owns no mount table).
+    """
     env = dict(os.environ, DEBOOTSTRAP_DIR="/debootstrap", DEBIAN_FRONTEND="noninteractive",
                LC_ALL="C.UTF-8", PATH="/usr/sbin:/usr/bin:/sbin:/bin")
-    return run(["proot", "-q", "qemu-aarch64-static", "-0", "-r", str(root), "-b", "/dev",
-                "-b", "/proc", "-b", "/sys", "-w", "/"] + argv, what, env=env)
+    proot = ["proot", "-q", "qemu-aarch64-static", "-0", "-r", str(root), "-b", "/dev",
+             "-b", "/proc", "-b", "/sys", "-w", "/"]
+    # unshare makes the namespace and waits on stdin until its id maps are written.
+    proc = subprocess.Popen(["unshare", "--user", "--", "sh", "-c", 'read _ && exec "$@"', "sh"]
+                            + proot + argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, env=env, text=True)
+    mine = os.readlink("/proc/self/ns/user")
+    while proc.poll() is None and os.readlink(f"/proc/{proc.pid}/ns/user") == mine:
+        time.sleep(0.005)
+    if proc.poll() is None:
+        for name in ("uid_map", "gid_map"):
+            Path(f"/proc/{proc.pid}/{name}").write_text("0 0 4294967295\n")
+    out, _ = proc.communicate("\n")
+    if proc.returncode != 0:
+        raise SystemExit(f"build-distro-image: {what} failed (status {proc.returncode}):\n"
+                         + "\n".join(out.strip().splitlines()[-15:]))
+    return subprocess.CompletedProcess(proc.args, 0, out, "")
 
 
 def first_stage(root: Path, mirror: str, debs: Path) -> None:
@@ -135,6 +159,13 @@ def first_stage(root: Path, mirror: str, debs: Path) -> None:
     dpkg_cfg = root / "etc" / "dpkg" / "dpkg.cfg.d"
     dpkg_cfg.mkdir(parents=True, exist_ok=True)
     (dpkg_cfg / "01-kemu-nodoc").write_text(DPKG_EXCLUDES)
+    # No fsync per file while building (the image is written once, at the end).
+    (dpkg_cfg / "02-kemu-build").write_text("force-unsafe-io\n")
+    # The first stage leaves /proc a symlink to /proc (a loop under proot's binding).
+    proc = root / "proc"
+    if proc.is_symlink():
+        proc.unlink()
+    proc.mkdir(exist_ok=True)
 
 
 def second_stage(root: Path) -> None:
@@ -155,6 +186,7 @@ def configure(root: Path, mirror: str, root_uuid: str) -> None:
     in_target(root, ["/bin/sh", "-c",
                      "passwd -d root && systemctl enable systemd-networkd systemd-resolved"
                      " && apt-get clean"], "setting up the image (root password, services)")
+    (root / "etc" / "dpkg" / "dpkg.cfg.d" / "02-kemu-build").unlink()
     resolv = root / "etc" / "resolv.conf"
     resolv.unlink(missing_ok=True)
     resolv.symlink_to("../run/systemd/resolve/stub-resolv.conf")
