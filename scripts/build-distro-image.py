@@ -62,6 +62,8 @@ GRUB_MODULES = ["part_gpt", "part_msdos", "fat", "ext2", "normal", "linux", "gzi
                 "search_fs_uuid", "configfile", "echo", "test", "efi_gop"]
 #: Printed by GRUB before it loads Linux: the benchmark's end of the firmware phase.
 GRUB_MARK = "kemu-distro: GRUB loading Linux"
+#: Before /usr/bin on the maintainer scripts' PATH (debootstrap puts /sbin, /usr/sbin first).
+TMPFILES_STAND_IN = "usr/sbin/systemd-tmpfiles"
 SECTOR = 512
 MiB = 1 << 20
 ESP_START, ESP_SIZE = 1 * MiB, 64 * MiB
@@ -166,12 +168,20 @@ def first_stage(root: Path, mirror: str, debs: Path) -> None:
     if proc.is_symlink():
         proc.unlink()
     proc.mkdir(exist_ok=True)
+    # proot 5.1 aborts on systemd-tmpfiles (an assertion on an empty path: the *at()
+    # calls with AT_EMPTY_PATH).  Maintainer scripts find this stand-in first on
+    # their PATH while building; the guest's systemd-tmpfiles-setup.service
+    # creates the same files and directories at every boot.
+    stand_in = root / TMPFILES_STAND_IN
+    stand_in.write_text("#!/bin/sh\n# kemu's image build: see scripts/build-distro-image.py\nexit 0\n")
+    stand_in.chmod(0o755)
 
 
 def second_stage(root: Path) -> None:
     say("second stage under proot + qemu-aarch64-static: dpkg installs and configures "
         "every package, the kernel's postinst makes the initramfs")
     in_target(root, ["/debootstrap/debootstrap", "--second-stage"], "debootstrap --second-stage")
+    (root / TMPFILES_STAND_IN).unlink()
 
 
 def configure(root: Path, mirror: str, root_uuid: str) -> None:
