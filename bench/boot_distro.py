@@ -109,37 +109,25 @@ class Serial:
             return self.out[-n:].decode(errors="replace")
 
     def expect(self, pattern: bytes, timeout: float) -> re.Match:
-        end = time.monotonic() + timeout
-        regex = re.compile(pattern)
-        while time.monotonic() < end:
-            with self._lock:
-                m = regex.search(self.out, self._pos)
-                if m:
-                    self._pos = m.end()
-                    return m
-            if self.proc.poll() is not None and not self._reader.is_alive():
-                raise VmmEnded(f"exited with status {self.proc.returncode} before "
-                               f"{pattern.decode()!r}: {self.tail(400).strip()}")
-            time.sleep(0.02)
-        self.proc.kill()
-        raise SystemExit(f"{pattern!r} not seen in {timeout:.0f} s; console:\n{self.tail()}")
+        return self.expect_marks({}, pattern, timeout)[0]
 
     def expect_marks(self, marks: dict[str, bytes], final: bytes, timeout: float
-                     ) -> dict[str, float]:
+                     ) -> tuple[re.Match, dict[str, float]]:
         """Wait for ``final``; note when each of ``marks`` first appeared on the way
-        (seconds from the start, under the mark's name; ``final``'s time under "")."""
+        (seconds from the start, under the mark's name; ``final``'s under "")."""
         end = time.monotonic() + timeout
         times: dict[str, float] = {}
+        regex = re.compile(final)
         while time.monotonic() < end:
             with self._lock:
                 for key, mark in marks.items():
                     if key not in times and re.search(mark, self.out):
                         times[key] = time.monotonic() - self.start
-                m = re.search(final, self.out, self._pos)
+                m = regex.search(self.out, self._pos)
                 if m:
                     self._pos = m.end()
                     times[""] = time.monotonic() - self.start
-                    return times
+                    return m, times
             if self.proc.poll() is not None and not self._reader.is_alive():
                 raise VmmEnded(f"exited with status {self.proc.returncode} before "
                                f"{final.decode()!r}: {self.tail(400).strip()}")
@@ -185,7 +173,7 @@ def analyze_split(text: str) -> dict[str, float]:
 def one_boot(name: str, argv: list[str], apt: bool, marks: dict[str, bytes]) -> dict:
     vm = Serial(argv)
     try:
-        seen = vm.expect_marks(marks, rb"login: ", LOGIN_TIMEOUT)
+        _, seen = vm.expect_marks(marks, rb"login: ", LOGIN_TIMEOUT)
         result: dict = {"vmm": name, "login_s": round(seen.pop(""), 2)}
         for key, t in seen.items():
             result[f"to_{key}_s"] = round(t, 2)

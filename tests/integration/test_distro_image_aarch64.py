@@ -18,8 +18,8 @@ under qemu-system-aarch64 with the same command line:
 
 from __future__ import annotations
 
+import importlib.util
 import json
-import os
 import shutil
 import subprocess
 import time
@@ -29,9 +29,19 @@ import pytest
 
 from conftest import KEMU, Console
 
-MANIFEST = (Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-            / "kemu" / "distro" / "debian12-arm64" / "manifest.json")
-FIRMWARE = Path("/usr/share/qemu-efi-aarch64/QEMU_EFI.fd")
+
+def _bench():
+    """bench/boot_distro.py: the image's place and both command lines, shared."""
+    path = Path(__file__).resolve().parents[2] / "bench" / "boot_distro.py"
+    spec = importlib.util.spec_from_file_location("boot_distro", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _bench()
+MANIFEST, FIRMWARE = bench.MANIFEST, bench.FIRMWARE
+direct_boot_args, firmware_boot_args = bench.direct_boot_args, bench.firmware_boot_args
 #: CPU seconds a boot to the login prompt may take (TCG, 2 shared cores).
 LOGIN_TIMEOUT = 900
 
@@ -64,20 +74,6 @@ def start():
     yield start
     for c in consoles:
         c.close()
-
-
-def direct_boot_args(image: dict) -> list[str]:
-    return ["-M", "virt", "-cpu", "cortex-a57", "-m", "1024", "-nographic", "-snapshot",
-            "-kernel", image["kernel"], "-initrd", image["initrd"], "-append", image["append"],
-            "-drive", f"file={image['disk']},format=raw,if=none,id=root",
-            "-device", "virtio-blk-device,drive=root",
-            "-netdev", "user,id=net0", "-device", "virtio-net-device,netdev=net0"]
-
-
-def firmware_boot_args(image: dict) -> list[str]:
-    return ["-M", "virt", "-cpu", "cortex-a57", "-m", "1024", "-bios", str(FIRMWARE),
-            "-drive", f"file={image['disk']},format=raw,if=virtio", "-nic", "user",
-            "-nographic", "-snapshot"]
 
 
 def log_in_and_check(vm: Console) -> None:
@@ -128,7 +124,7 @@ def test_firmware_boot_through_edk2_and_grub(image, vmm, start):
     if vmm is KEMU and (reason := refused(vm)):
         pytest.skip(f"kemu does not run -bios yet: {reason}")
     vm.expect(image["grub_mark"].encode(), timeout=LOGIN_TIMEOUT)
-    vm.expect(rb"EFI stub: Booting Linux Kernel", timeout=LOGIN_TIMEOUT)
+    vm.expect(bench.EFI_STUB, timeout=LOGIN_TIMEOUT)
     log_in_and_check(vm)
     vm.run("test -d /sys/firmware/efi")
     assert vm.run("cat /proc/cmdline").find(f"root=UUID={image['root_uuid']}") >= 0
