@@ -196,6 +196,11 @@ def configure(root: Path, mirror: str, root_uuid: str) -> None:
     in_target(root, ["/bin/sh", "-c",
                      "passwd -d root && systemctl enable systemd-networkd systemd-resolved"
                      " && apt-get clean"], "setting up the image (root password, services)")
+    # The kernel's postinst runs before initramfs-tools is configured in debootstrap's
+    # order, so the initramfs is made here.
+    if not list((root / "boot").glob("initrd.img-*")):
+        say("update-initramfs (under proot)")
+        in_target(root, ["update-initramfs", "-c", "-k", "all"], "update-initramfs")
     (root / "etc" / "dpkg" / "dpkg.cfg.d" / "02-kemu-build").unlink()
     resolv = root / "etc" / "resolv.conf"
     resolv.unlink(missing_ok=True)
