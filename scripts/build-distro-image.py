@@ -230,6 +230,7 @@ def configure(root: Path, mirror: str, root_uuid: str) -> None:
         f"deb {mirror} {SUITE} main\ndeb {mirror} {SUITE}-updates main\n")
     in_target(root, ["/bin/sh", "-c",
                      "passwd -d root && systemctl enable systemd-networkd systemd-resolved"
+                     " serial-getty@ttyAMA0.service"
                      " && apt-get clean"], "setting up the image (root password, services)")
     # The initramfs holds the virt board's drivers only (MODULES=list): Debian's
     # MODULES=most copies some 1500 modules, one process per step, which under
