@@ -24,7 +24,11 @@ uses; the .debs are kept in ~/.cache/kemu/distro/debs for a rebuild) and
 unpacks them; the second stage (dpkg installs and configures every package,
 the kernel's postinst makes the initramfs) runs arm64 binaries with
 ``proot -q qemu-aarch64-static``: proot catches every execve and runs it
-under QEMU's user-mode emulator, so no binfmt_misc is needed.  (mmdebstrap
+under QEMU's user-mode emulator, so no binfmt_misc is needed; it runs in an
+identity-mapped user namespace (no mounts reach the host) under a seccomp
+filter that answers statx and faccessat2 with ENOSYS (proot 5.1 does not
+translate their paths; glibc and qemu-user fall back to calls it does).
+The initramfs carries the virt board's drivers (MODULES=list).  (mmdebstrap
 dropped its proot mode; its other modes need binfmt_misc for a foreign
 architecture.)  The partitions are written into the disk file without
 mounting anything: sfdisk lays out the GPT, ``mkfs.ext4 -d -E offset=``
