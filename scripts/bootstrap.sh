@@ -2,10 +2,16 @@
 # Installs what kemu needs on a Debian machine and creates .venv with kemu in it.
 #   scripts/bootstrap.sh          what running guests needs
 #   scripts/bootstrap.sh --test   plus what the tests and benchmarks use
+#   scripts/bootstrap.sh --distro plus the tools that build the Debian 12 arm64 disk
+#                                 image, then builds it into ~/.cache/kemu/distro (once:
+#                                 about 15 min; bench/boot_distro.py and
+#                                 tests/integration/test_distro_image_aarch64.py use it)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 test_deps=0
+distro=0
 [ "${1:-}" = "--test" ] && test_deps=1
+[ "${1:-}" = "--distro" ] && test_deps=1 && distro=1
 
 SUDO=""
 if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
@@ -30,6 +36,13 @@ if [ $test_deps = 1 ]; then
   pkgs="$pkgs chromium"
   command -v npm >/dev/null 2>&1 || pkgs="$pkgs npm"
 fi
+if [ $distro = 1 ]; then
+  # scripts/build-distro-image.py: debootstrap fetches Debian's arm64 packages, proot with
+  # qemu-user-static runs their maintainer scripts (no binfmt_misc needed), fdisk (sfdisk),
+  # e2fsprogs (mkfs.ext4 -d) and mtools lay out the GPT disk without mounting it;
+  # qemu-efi-aarch64 is the EDK2 firmware the image boots through.
+  pkgs="$pkgs debootstrap proot qemu-user-static fdisk e2fsprogs mtools qemu-efi-aarch64"
+fi
 missing=""
 for p in $pkgs; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
 if [ -n "$missing" ]; then
@@ -44,6 +57,7 @@ engine_id=$(cat third_party/unicorn/patches/* scripts/build-unicorn.sh 2>/dev/nu
 stamp_want="$(sha256sum pyproject.toml | cut -c1-16) $engine_id $test_deps"
 stamp=.venv/.kemu-bootstrap
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$stamp_want" ] && .venv/bin/python -c 'import kemu, unicorn' 2>/dev/null; then
+  if [ $distro = 1 ]; then exec .venv/bin/python scripts/build-distro-image.py; fi
   exit 0
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
@@ -73,3 +87,6 @@ fi
 # where PYTHONDONTWRITEBYTECODE is set.
 .venv/bin/python -m compileall -q src >/dev/null
 echo "$stamp_want" > "$stamp"
+if [ $distro = 1 ]; then
+  .venv/bin/python scripts/build-distro-image.py
+fi
