@@ -72,19 +72,10 @@ def boots():
         cmd = _command(binary, guest.kernel, initrd, append, "DISK").replace("DISK", disk)
         runs[name] = (f"truncate -s 16M {disk} && {cmd}; rc=$?; "
                       f"echo \"L1-DISK: $(head -c 17 {disk})\"; (exit $rc)")
-    script = "".join(f"echo '==RUN {name}=='; timeout {BOOT_TIMEOUT} sh -c {shlex.quote(cmd)}; "
-                     f"echo \"==RC {name}=$?==\"\n" for name, cmd in runs.items())
-    script = f"cd {shlex.quote(str(CHECKOUT))}\n" + script
     try:
-        output = nested.run_on_real_kvm(script, BOOT_TIMEOUT * len(runs) + 120)
+        return nested.run_each_on_real_kvm(runs, CHECKOUT, BOOT_TIMEOUT)
     except nested.RealKvmUnavailable as e:
         pytest.skip(str(e))
-    out = {}
-    for name in runs:
-        m = re.search(rf"==RUN {name}==\n(.*?)==RC {name}=(\d+)==", output, re.DOTALL)
-        assert m, f"no result for {name}:\n{output[-4000:]}"
-        out[name] = (int(m.group(2)), m.group(1).replace("\r", ""))
-    return out
 
 
 def _bus(text: str) -> list[str]:

@@ -232,6 +232,24 @@ class NestedHarness:
                         " print(\"KVM_API\", fcntl.ioctl(fd, 0xAE00))'")
 
 
+def run_each_on_real_kvm(runs: dict[str, str], cwd: Path,
+                         timeout_each: float) -> dict[str, tuple[int, str]]:
+    """Run each named shell command of ``runs`` in turn from ``cwd``, each under
+    ``timeout_each`` seconds, in one :func:`run_on_real_kvm` (one L1 boot for all);
+    returns name -> (exit status, output without carriage returns)."""
+    script = f"cd {shlex.quote(str(cwd))}\n" + "".join(
+        f"echo '==RUN {name}=='; timeout {int(timeout_each)} sh -c {shlex.quote(cmd)}; "
+        f"echo \"==RC {name}=$?==\"\n" for name, cmd in runs.items())
+    output = run_on_real_kvm(script, timeout_each * len(runs) + 120)
+    out = {}
+    for name in runs:
+        m = re.search(rf"==RUN {name}==\n(.*?)==RC {name}=(\d+)==", output, re.DOTALL)
+        if not m:
+            raise AssertionError(f"no result for {name}:\n{output[-4000:]}")
+        out[name] = (int(m.group(2)), m.group(1).replace("\r", ""))
+    return out
+
+
 #: The L2 guest's /init for boot tests: modules, one report line, power off.
 L2_MODULES = ["virtio_ring", "virtio", "virtio_mmio", "virtio-rng"]
 L2_REPORT = "KEMU-L2"
