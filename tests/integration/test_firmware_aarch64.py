@@ -128,3 +128,33 @@ def test_kernel_through_the_firmware_under_kemu_and_qemu(guest):
             assert c.wait(120) == 0
         finally:
             c.close()
+
+
+def test_edk2_draws_its_shell_on_virtio_gpu_pci(tmp_path):
+    # EDK2's VirtioGpuDxe drives the adapter (GOP); its shell then shows on the screen
+    # as on the serial console.  QMP's screendump reads the screen back.
+    from PIL import Image
+
+    from kemu.testing.qmp_client import QmpClient
+    sock = tmp_path / "qmp.sock"
+    ours = Console(BASE + ["-bios", str(EDK2), "-device", "virtio-gpu-pci,disable-legacy=on",
+                           "-qmp", f"unix:{sock},server=on,wait=off"])
+    try:
+        to_shell(ours)
+        qmp = QmpClient(sock)
+        shot = tmp_path / "screen.ppm"
+        deadline = time.monotonic() + 60
+        while True:             # the screen may be a frame behind the serial console
+            qmp.execute("screendump", filename=str(shot))
+            with Image.open(shot) as image:
+                size = image.size
+                lit = sum(1 for p in image.convert("L").getdata() if p > 64)
+            if lit > 2000 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert size == (1280, 800)
+        assert lit > 2000, f"the screen shows nothing ({lit} lit pixels)"
+        ours.send("reset -s\r")
+        assert ours.wait(120) == 0
+    finally:
+        ours.close()

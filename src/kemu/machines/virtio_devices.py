@@ -171,7 +171,7 @@ def _attach(board, config: MachineConfig, backends: list) -> None:
                              pci=on_pci and drive.interface != "virtio-mmio")
     for dev in config.devices:
         kind = VIRTIO_DRIVERS[dev.driver]
-        placement = pci_placement(board, dev) if kind not in DISPLAY_KINDS else None
+        placement = pci_placement(board, dev)
         if placement is not None:
             dev, slot = placement
         where = {"slot": slot, "pci": True} if placement is not None else {}
@@ -199,8 +199,7 @@ def _attach(board, config: MachineConfig, backends: list) -> None:
             attach_transport(board, net.vsock(dev), **where)
         elif kind in DISPLAY_KINDS:
             from kemu.machines.display import display_device
-            # Not yet on PCI: virtio-gpu-pci and the input -pci spellings stay virtio-mmio.
-            attach_transport(board, display_device(board, dev, kind))
+            attach_transport(board, display_device(board, dev, kind), **where)
         elif kind == "serial":
             consoles.append(_console(board, dev, len(consoles), where))
         elif kind == "virtconsole":

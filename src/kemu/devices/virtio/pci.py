@@ -94,8 +94,8 @@ _QUEUE_ADDRS = {QUEUE_DESC: "desc_addr", QUEUE_DRIVER: "driver_addr",
 VIRTIO_MSI_NO_VECTOR = 0xFFFF
 
 #: PCI class codes QEMU gives virtio devices (hw/virtio/virtio-*-pci.c), by virtio device ID.
-CLASS_CODES = {1: 0x020000, 2: 0x010000, 3: 0x078000, 4: 0x00FF00, 18: 0x098000,
-               19: 0x00FF00}
+CLASS_CODES = {1: 0x020000, 2: 0x010000, 3: 0x078000, 4: 0x00FF00, 16: 0x038000,
+               18: 0x098000, 19: 0x00FF00}
 CLASS_OTHER = 0x00FF00
 
 _CAP = struct.Struct("<BBBBxxII")   # cap_len, cfg_type, bar, id, padding, offset, length
