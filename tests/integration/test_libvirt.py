@@ -445,7 +445,7 @@ def test_internal_snapshot_create_revert_delete(which, daemon, conn, guest, tmp_
         console.run("export KEPT=after''snapshot")
         console.close()
         virsh(daemon, "snapshot-revert", name, "s1")
-        wait_state(dom, libvirt.VIR_DOMAIN_RUNNING)
+        wait_for_state(dom, libvirt.VIR_DOMAIN_RUNNING)
         console = console_of(dom)          # (libvirt may have started a new emulator)
         assert console.run("echo $KEPT").strip().splitlines()[-1] == "atsnapshot"
         assert "s1" in virsh(daemon, "snapshot-list", name, "--name")
