@@ -95,6 +95,9 @@ def power_off(vm: Console) -> None:
     assert vm.wait(300) == 0
 
 
+# Under kemu only: QEMU boots the same image in the firmware test below and in the
+# benchmark (each boot is one to two minutes of the suite's time).
+@pytest.mark.parametrize("vmm", ["kemu"], indirect=True)
 def test_direct_kernel_boot_to_running(image, vmm, start):
     vm = start(vmm, direct_boot_args(image))
     log_in_and_check(vm)
