@@ -20,6 +20,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from conftest import Console
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "guests"))
 import guestbuild
@@ -202,8 +203,10 @@ def test_live_migration_over_unix_while_the_guest_dirties_memory(kernel, tmp_pat
         _enable(dest)
         uri = f"unix:{tmp_path / 'mig.sock'}"
         dest.start_incoming(uri)
-        # a small bandwidth makes several passes while the guest writes on
-        source.migration.set_parameters({"max-bandwidth": 64 << 20, "downtime-limit": 50})
+        # A small bandwidth makes the first pass last about a second, and a 1 ms limit
+        # lets the guest's loop (256 pages) go in the pause only if it wrote under 17
+        # pages meanwhile: several passes however slowly the guest runs on a busy host.
+        source.migration.set_parameters({"max-bandwidth": 64 << 20, "downtime-limit": 1})
         source.migrate(uri)
         assert _migration_status(source) == "completed", source.migration.info()
         out, into = source.migration.info(), dest.migration.info()
@@ -335,8 +338,6 @@ def test_kemu_processes_migrate_over_unix_and_restore_from_a_file(kernel, tmp_pa
     """QEMU's spelling between two kemu processes: -incoming unix:, QMP migrate; then
     the destination saved with migrate exec:cat > FILE and restored by a third
     process with -incoming "exec:cat FILE"."""
-    from conftest import Console
-
     from kemu.testing.qmp_client import QmpClient
     args = ["-M", "microvm", "-accel", "kvm", "-m", "64", "-kernel", str(kernel),
             "-append", "kemu.snap", "-display", "none", "-serial", "stdio", "-no-reboot"]
