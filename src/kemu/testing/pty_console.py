@@ -50,12 +50,25 @@ class PtyConsole:
     def send(self, text: str) -> None:
         os.write(self.fd, text.encode())
 
-    def run(self, command: str, timeout: float = 60.0) -> str:
-        """Run ``command`` in the guest's shell; its output (AssertionError if it fails)."""
-        token = f"{time.monotonic_ns():x}"
-        self.send(f"echo B{token}''B; {command}; echo E{token}''E=$?\n")
-        m = self.expect(rb"B" + token.encode() + rb"B\r?\n(.*?)E" + token.encode()
-                        + rb"E=(\d+)", timeout)
+    def run(self, command: str, timeout: float = 60.0, attempts: int = 3) -> str:
+        """Run ``command`` in the guest's shell; its output (AssertionError if it fails).
+
+        A line typed while the guest is busy can lose characters on the way in (seen
+        with QEMU's 16550 under nested TCG: the shell got ``echo B`` and waited for
+        the rest); the command then never answers.  After a share of ``timeout``
+        without an answer the line is abandoned with Ctrl-C and typed again, up to
+        ``attempts`` times, each with its own token."""
+        for attempt in range(attempts):
+            token = f"{time.monotonic_ns():x}"
+            self.send(f"echo B{token}''B; {command}; echo E{token}''E=$?\n")
+            try:
+                m = self.expect(rb"B" + token.encode() + rb"B\r?\n(.*?)E" + token.encode()
+                                + rb"E=(\d+)", timeout / attempts)
+                break
+            except AssertionError:
+                if attempt == attempts - 1:
+                    raise
+                self.send("\x03")
         assert m.group(2) == b"0", f"{command!r} failed: {m.group(1)!r}"
         return m.group(1).decode(errors="replace").replace("\r\n", "\n")
 
