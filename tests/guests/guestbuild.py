@@ -26,6 +26,14 @@ def toolchain_missing() -> str | None:
     return None
 
 
+def kvm_guest_unavailable() -> str | None:
+    """Why the purpose-built guests cannot run on KVM here (no usable /dev/kvm, or no
+    toolchain to build them), or None: the skip reason of the tests that boot them."""
+    from kemu.accel.kvm import kvm_unavailable_reason
+    reason = kvm_unavailable_reason()
+    return f"no usable /dev/kvm: {reason}" if reason else toolchain_missing()
+
+
 def _run(cmd: list[str]) -> None:
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode:

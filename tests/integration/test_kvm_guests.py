@@ -27,7 +27,7 @@ from kemu.memory import GuestMemory, RamRegion
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "guests"))
 import guestbuild
 
-from kemu.accel.kvm import Kvm, KvmVcpu, kvm_unavailable_reason
+from kemu.accel.kvm import Kvm, KvmVcpu
 from kemu.accel.kvm.ioctls import KVM_CAP_IOEVENTFD, KVM_CAP_IRQCHIP, KVM_CAP_IRQFD
 from kemu.accel.kvm.x86_cpu import X86BootSetup, setup_vcpu, setup_x86_vm
 from kemu.boot.linux_x86 import (
@@ -42,7 +42,7 @@ from kemu.boot.linux_x86 import (
     ram_layout,
 )
 
-_reason = kvm_unavailable_reason() or guestbuild.toolchain_missing()
+_reason = guestbuild.kvm_guest_unavailable()
 pytestmark = pytest.mark.skipif(_reason is not None, reason=_reason or "")
 
 COM1 = 0x3F8

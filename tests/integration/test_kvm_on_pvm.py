@@ -14,11 +14,10 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "guests"))
 import guestbuild
 
-from kemu.accel.kvm import is_pvm, kvm_unavailable_reason
+from kemu.accel.kvm import is_pvm
 from kemu.pvm_notice import EARLY_OUTPUT
 
-_reason = kvm_unavailable_reason()
-_reason = (f"no usable /dev/kvm: {_reason}" if _reason else guestbuild.toolchain_missing())
+_reason = guestbuild.kvm_guest_unavailable()
 pytestmark = pytest.mark.skipif(_reason is not None, reason=_reason or "")
 
 

@@ -23,14 +23,12 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "guests"))
 import guestbuild
 
-from kemu.accel.kvm import kvm_unavailable_reason
 from kemu.backends.serial import SerialBackend
 from kemu.machines.builder import build
 from kemu.machines.config import DriveConfig, MachineConfig, MiB
 from kemu.machines.runtime import Outcome, RunState
 
-_reason = kvm_unavailable_reason()
-_reason = (f"no usable /dev/kvm: {_reason}" if _reason else guestbuild.toolchain_missing())
+_reason = guestbuild.kvm_guest_unavailable()
 pytestmark = pytest.mark.skipif(_reason is not None, reason=_reason or "")
 
 TIMEOUT = 60.0

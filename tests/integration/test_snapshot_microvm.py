@@ -26,13 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "guests"))
 import guestbuild
 
 from kemu import Machine
-from kemu.accel.kvm import kvm_unavailable_reason
 from kemu.machines.config import MachineConfig, MiB
 from kemu.errors import AccelError
 from kemu.state import StateError
 
-_reason = kvm_unavailable_reason()
-_reason = (f"no usable /dev/kvm: {_reason}" if _reason else guestbuild.toolchain_missing())
+_reason = guestbuild.kvm_guest_unavailable()
 pytestmark = pytest.mark.skipif(_reason is not None, reason=_reason or "")
 
 TIMEOUT = 60.0
