@@ -34,14 +34,7 @@ import threading
 import time
 
 from kemu.guest.debian import default_guest
-
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        fields = f.read().rsplit(b")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
+from kemu.testing.stdio_console import cpu_seconds
 
 
 class Guest:

@@ -131,21 +131,20 @@ def ram_layout(crcs: list[int], size: int, offset: int) -> list[tuple[int, int, 
 
 
 # -- save ---------------------------------------------------------------------------------------
-def vm_clock_ns(board_state: dict) -> int:
-    """The guest's running time (QEMU's VM CLOCK): the boot vCPU's virtual counter."""
-    from kemu.devices.arm_timer import CNTFRQ
+def vm_clock_ns(board, board_state: dict) -> int:
+    """The guest's running time (QEMU's VM CLOCK) in ``board_state``, as the board
+    reads it (0 when it cannot)."""
     try:
-        ticks = int(board_state["vcount"][0]) - int(board_state.get("boot_vcount", 0))
-        return max(0, ticks * 1_000_000_000 // CNTFRQ)
-    except (KeyError, IndexError, TypeError, ValueError):
+        return max(0, int(board.vm_clock_ns(board_state)))
+    except (AttributeError, KeyError, IndexError, TypeError, ValueError):
         return 0
 
 
 def write_vmstate(board, img) -> tuple[int, dict]:
     """The paused board's state and RAM into ``img``'s VM state area; its size and
     the board's state."""
-    from kemu.accel.tcg.aarch64 import engine_build
     from kemu.backends.qcow2 import internal
+    from kemu.snapshot import board_engine
     (region,) = board.memory.regions
     board_state = board.save_state()
     crcs = ram_crcs(region.buffer)
@@ -155,7 +154,7 @@ def write_vmstate(board, img) -> tuple[int, dict]:
     body = st.dumps({"board": board_state})
     for _ in range(3):     # the offset is in the header: settle on one that fits
         header = {"kind": "savevm", "machine": board.state_fingerprint(),
-                  "engine": engine_build(), "created": time.time(),
+                  "engine": board_engine(board), "created": time.time(),
                   "memory": {"size": region.size, "offset": offset, "crcs": crcs}}
         stream = st.encode_stream(header, None, body=body)
         want = -(-len(stream) // cs) * cs
@@ -209,7 +208,7 @@ def save(vm, name: str | None = None, *, vmstate: str | None = None,
             for d in disks:
                 d.backend.flush()
             size, board_state = write_vmstate(board, target.backend)
-            clock = vm_clock_ns(board_state)
+            clock = vm_clock_ns(board, board_state)
             for d in disks:
                 internal.create(d.backend, name, vm_state_size=size if d is target else 0,
                                 vm_clock_nsec=clock)
@@ -273,10 +272,11 @@ def read_vmstate(vm, disk: SnapshotDisk, name: str) -> LoadedState:
         raise StateError(f"{what}: not a kemu VM state")
     board = vm._board
     st.check_header(header, board.state_fingerprint(), what)
-    from kemu.accel.tcg.aarch64 import engine_build
-    if header.get("engine") != engine_build():
-        raise StateError(f"{what}: made by TCG engine {header.get('engine')}, this kemu runs "
-                         f"{engine_build()}")
+    from kemu.snapshot import board_engine
+    engine = board_engine(board)
+    if header.get("engine", "") != engine:
+        raise StateError(f"{what}: made by CPU engine {header.get('engine') or 'kvm'!r}, "
+                         f"this machine runs {engine or 'kvm'!r}")
     (region,) = board.memory.regions
     memory = header.get("memory")
     try:

@@ -171,7 +171,7 @@ def save(board, config: MachineConfig, directory: Path) -> dict:
         name = f"disk{i}.raw"
         copy_disk(backend, directory / name)
         disks.append({"drive": i, "file": name})
-    header = {"machine": board.state_fingerprint(), "engine": _engine(board),
+    header = {"machine": board.state_fingerprint(), "engine": board_engine(board),
               "memory": {"file": MEMORY_FILE, "size": regions[0].size, "crcs": crcs},
               "disks": disks, "created": time.time(),
               "save_seconds": round(time.monotonic() - started, 4)}
@@ -184,7 +184,7 @@ def save(board, config: MachineConfig, directory: Path) -> dict:
     return header
 
 
-def _engine(board) -> str:
+def board_engine(board) -> str:
     """The CPU engine build a board's saved vCPUs depend on ("" for KVM: the kernel
     structures are checked field by field on restore)."""
     engine_id = getattr(board, "engine_id", None)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import KEMU, Console
+from kemu.testing.stdio_console import KEMU, Console
 
 
 def _bench():

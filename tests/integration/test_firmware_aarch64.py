@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Console
+from kemu.testing.stdio_console import Console
 
 EDK2 = Path("/usr/share/qemu-efi-aarch64/QEMU_EFI.fd")
 FLASH_SIZE = 64 << 20

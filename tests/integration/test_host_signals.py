@@ -16,7 +16,7 @@ import subprocess
 
 import pytest
 
-from conftest import Console
+from kemu.testing.stdio_console import Console
 from hostio import KEMU, RawQmp, wait_for_socket
 
 MiB = 1 << 20

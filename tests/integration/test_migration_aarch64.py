@@ -16,7 +16,7 @@ import socket
 import time
 
 import pytest
-from conftest import Console
+from kemu.testing.stdio_console import Console
 
 from kemu.testing.qmp_client import QmpClient
 

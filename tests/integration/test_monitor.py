@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import Console
+from kemu.testing.stdio_console import Console
 
 KEMU = [sys.executable, "-m", "kemu.cli"]
 QEMU = shutil.which("qemu-system-aarch64")

@@ -17,7 +17,7 @@ import re
 import shutil
 
 import pytest
-from conftest import Console
+from kemu.testing.stdio_console import Console
 
 MARKER = b"written-through-virtio-pci\n"
 

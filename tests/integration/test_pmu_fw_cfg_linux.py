@@ -19,7 +19,7 @@ import subprocess
 
 import pytest
 
-from conftest import Console
+from kemu.testing.stdio_console import Console
 
 GREETING = "hello from the host, over fw_cfg"
 BY_NAME = "/sys/firmware/qemu_fw_cfg/by_name/opt/kemu"

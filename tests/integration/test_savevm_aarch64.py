@@ -21,7 +21,7 @@ import subprocess
 import time
 
 import pytest
-from conftest import KEMU, Console
+from kemu.testing.stdio_console import KEMU, Console
 
 from kemu.testing.qmp_client import QmpClient
 

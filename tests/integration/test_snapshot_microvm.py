@@ -20,7 +20,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import Console
+from kemu.testing.stdio_console import Console
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "guests"))
 import guestbuild
@@ -426,3 +426,97 @@ def test_pcie_machine_is_refused_in_one_line(kernel, tmp_path):
         assert vm.state == "running"
     finally:
         vm.kill()
+
+
+def _qcow2(path: Path, size: int = 1 << 20) -> Path:
+    from kemu.backends.qcow2.create import create_qcow2
+    create_qcow2(path, size)
+    return path
+
+
+def test_savevm_then_loadvm_into_the_running_machine(kernel, tmp_path):
+    """HMP's savevm/loadvm on microvm: the VM state goes into the qcow2 disk (qemu-img
+    lists it with its size), loadvm puts RAM back (a host write after the savevm is
+    gone) and a fresh KVM VM takes the saved vCPUs: the guest takes its input."""
+    import shutil
+    import subprocess
+    from kemu.machines.config import DriveConfig
+    disk = _qcow2(tmp_path / "disk.qcow2")
+    vm = Machine.from_config(_config(kernel, drives=[DriveConfig(disk, format="qcow2")]))
+    vm.start()
+    try:
+        vm.console.expect("ready for input", timeout=TIMEOUT)
+        info = vm.savevm("waiting")
+        assert info.vm_state_size > 64 * MiB // 4096, info    # state and (sparse) RAM
+        assert vm.state == "running"
+        marker = b"written-after-savevm"
+        at = 48 * MiB
+        vm._board.memory.write(at, marker)
+        vm.loadvm("waiting")
+        assert vm.state == "running"
+        assert vm._board.memory.read(at, len(marker)) == b"\0" * len(marker)
+        text = _finishes_with(vm, "after-loadvm")
+        assert text.count("ready for input") == 1, text        # not booted again
+        assert vm.outcome.reason == "reset"
+    finally:
+        if vm.state not in ("shutdown", "stopped"):
+            vm.kill()
+    if shutil.which("qemu-img"):
+        listing = subprocess.run(["qemu-img", "snapshot", "-l", str(disk)], check=True,
+                                 capture_output=True, text=True).stdout
+        row = next(ln for ln in listing.splitlines() if " waiting " in ln)
+        assert " 0 B " not in row, listing                     # a VM state, not disk-only
+
+
+def test_loadvm_at_start_brings_back_the_disk_and_a_waiting_virtio_blk_guest(tmp_path):
+    """-loadvm on microvm: tests/guests/virtio_blk.c saved while it waits with its
+    queue set up; after it wrote and powered off, a new machine started from the
+    snapshot sees the disk as it was (the write gone) and the guest's requests go
+    on through the restored queue, irqfd and ioeventfd."""
+    from kemu.backends.qcow2 import Qcow2Image
+    from kemu.machines.config import DriveConfig
+    out = tmp_path / "guest"
+    out.mkdir()
+    kernel = out / "virtio_blk.bzImage"
+    kernel.write_bytes(guestbuild.build_bzimage("virtio_blk", out))
+    disk = _qcow2(tmp_path / "disk.qcow2")
+
+    def machine() -> Machine:
+        config = _config(kernel, drives=[DriveConfig(disk, format="qcow2")])
+        config.append = "virtio-blk kemu.wait"
+        return Machine.from_config(config)
+
+    def sector6() -> bytes:
+        with Qcow2Image.open(disk, read_only=True, locking="off") as image:
+            return image.read(6 * 512, 512)
+
+    first = machine()
+    first.start()
+    try:
+        first.console.expect("waiting", timeout=TIMEOUT)
+        first.savevm("waiting")
+        first.console.write("g")
+        first.console.expect("done", timeout=TIMEOUT)
+        assert first.wait(TIMEOUT) == 0
+    finally:
+        if first.state not in ("shutdown", "stopped"):
+            first.kill()
+    written = sector6()
+    assert written != b"\0" * 512
+    second = machine()
+    second.start(loadvm="waiting")
+    try:
+        assert sector6() == b"\0" * 512                       # the disk as at the savevm
+        assert "waiting" not in second.console.output          # not booted again
+        second.console.write("h")
+        second.console.expect("done", timeout=TIMEOUT)
+        assert second.wait(TIMEOUT) == 0
+        kv = {k: int(v, 16) for k, _, v in (line.partition(" ")
+                                            for line in second.console.output.splitlines())
+              if v.startswith("0x")}
+        assert kv["woke"] == ord("h")
+        assert (kv["write_status"], kv["verify_status"], kv["verify_bad"]) == (0, 0, 0)
+    finally:
+        if second.state not in ("shutdown", "stopped"):
+            second.kill()
+    assert sector6() != b"\0" * 512

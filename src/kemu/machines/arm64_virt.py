@@ -680,6 +680,13 @@ class VirtMachine:
                           for devfn, fn in sorted(self.pci_host.functions.items())]
         return out
 
+    def vm_clock_ns(self, state: dict) -> int:
+        """The guest's running time in :meth:`save_state`'s data (QEMU's VM CLOCK,
+        in savevm's snapshot table): the boot vCPU's virtual counter since boot."""
+        from kemu.devices.arm_timer import CNTFRQ
+        ticks = int(state["vcount"][0]) - int(state.get("boot_vcount", 0))
+        return ticks * 1_000_000_000 // CNTFRQ
+
     def engine_id(self) -> str:
         """The TCG engine build the saved vCPU blobs belong to."""
         from kemu.accel.tcg.aarch64 import engine_build

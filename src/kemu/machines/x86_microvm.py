@@ -512,6 +512,14 @@ class MicroVm:
     def _rebuild_vm(self) -> None:
         """With every vCPU stopped: reset the devices, build a fresh VM, reload the
         kernel and hand the new vCPUs to the threads (reboot and host reset alike)."""
+        self._reset_devices()
+        self._close_vm()
+        self._create_vm()
+        self.load()
+        for t, cpu in zip(self.vcpus.threads, self.cpus):
+            t.cpu = cpu
+
+    def _reset_devices(self) -> None:
         with self.lock:
             self.uart.reset()
             self.i8042.reset()
@@ -520,11 +528,6 @@ class MicroVm:
                 for transport in self.pci_transports:
                     transport.reset()
                 self.pci_host.reset()
-        self._close_vm()
-        self._create_vm()
-        self.load()
-        for t, cpu in zip(self.vcpus.threads, self.cpus):
-            t.cpu = cpu
 
     def reset(self) -> None:
         """A hard reset from the host (QMP system_reset): reload and restart."""
@@ -585,21 +588,56 @@ class MicroVm:
             "virtio": save_slots(self.virtio_slots),
         }
 
+    def vm_clock_ns(self, state: dict) -> int:
+        """The guest's running time in :meth:`save_state`'s data (QEMU's VM CLOCK, in
+        savevm's snapshot table): kvmclock, which counts from the VM's creation."""
+        return int(state["vm"]["clock"])
+
     def start_restored(self, state: dict, paused: bool = False) -> None:
         """Start from :meth:`save_state`'s data with RAM already in place (no kernel load)."""
-        from kemu.accel.kvm.x86_state import X86VcpuState, X86VmState, restore_vcpu, restore_vm
-        from kemu.state import StateError, check_version, from_plain, restore_plain
+        self._restore(*self._parse_state(state))
+        self.config.start_paused = paused
+        self._start_threads()
+
+    def load_state(self, state: dict) -> None:
+        """Replace the paused machine's state with :meth:`save_state`'s data (RAM already
+        in place): loadvm into a machine that has run.  As on a reset, the devices are
+        reset and a fresh VM takes the saved vCPU and irqchip state (its kvmclock
+        included: the guest's clock goes back to the snapshot's, as under QEMU)."""
+        if self.state != RunState.PAUSED:
+            raise ConfigError("loadvm: the machine must be paused")
+        parsed = self._parse_state(state)       # a bad state changes nothing
+
+        def rebuild() -> None:
+            self._reset_devices()
+            self._close_vm()
+            self._create_vm()
+            self._restore(*parsed)
+            for t, cpu in zip(self.vcpus.threads, self.cpus):
+                t.cpu = cpu
+        self.vcpus.host_reset(rebuild)
+
+    def _parse_state(self, state: dict) -> tuple[list, object, dict]:
+        """:meth:`save_state`'s data checked against this machine: the vCPU and VM
+        states, and the plain data (one :class:`StateError` line when it does not fit)."""
+        from kemu.accel.kvm.x86_state import X86VcpuState, X86VmState
+        from kemu.state import StateError, check_version, from_plain
         check_version("microvm board", state.get("version", 0))
-        devices = self._devices()
         try:
             cpus = [from_plain(X86VcpuState, saved) for saved in state["cpus"]]
             vm_state = from_plain(X86VmState, state["vm"])
-            matches = (len(cpus) == len(self.cpus) and set(state["devices"]) == set(devices)
+            matches = (len(cpus) == self.config.smp and set(state["devices"]) == set(self._devices())
                        and len(state["virtio"]) == len(self.virtio_slots))
         except (KeyError, TypeError):
             raise StateError("saved state: corrupted (not a microvm machine state)") from None
         if not matches:
             raise StateError("saved state does not match the machine's CPUs and devices")
+        return cpus, vm_state, state
+
+    def _restore(self, cpus: list, vm_state, state: dict) -> None:
+        """:meth:`_parse_state`'s result into the current (fresh) VM and the devices."""
+        from kemu.accel.kvm.x86_state import restore_vcpu, restore_vm
+        from kemu.state import restore_plain
         caps = self._caps()
         for cpu, saved in zip(self.cpus, cpus):
             restore_vcpu(cpu.vcpu.fd, saved, caps)
@@ -607,12 +645,10 @@ class MicroVm:
             # The interrupt controllers first; then the devices, which drive their
             # lines (fresh, low) to the levels they have now.
             restore_vm(self.vm, vm_state)
-            for name, dev in devices.items():
+            for name, dev in self._devices().items():
                 restore_plain(dev, state["devices"][name])
             restore_slots(self.virtio_slots, state["virtio"])
             self.console.pump()        # input typed while the machine was being restored
-        self.config.start_paused = paused
-        self._start_threads()
 
     def start_dirty_log(self) -> None:
         """Live migration: KVM logs the pages the vCPUs write, kemu those its devices write."""
