@@ -115,18 +115,19 @@ def pss_kib(pid: int | str) -> int:
     return 0
 
 
-def answer_after(p: Proc, timeout: float = 120) -> float:
+def answer_after(p: Proc, timeout: float = 120, interval: float = 0.02) -> float:
     """Seconds from the process start to the guest's answer on its console.
 
-    The command is typed again every 20 ms until the answer comes: what is
-    typed before the guest's UART listens may be dropped (QEMU's), or taken by
-    the shell's line editor as the answer to the cursor-position query it had
-    sent before the save."""
+    The command is typed again every ``interval`` seconds until the answer
+    comes: what is typed before the guest's UART listens may be dropped
+    (QEMU's), or taken by the shell's line editor as the answer to the
+    cursor-position query it had sent before the save.  (Under nested TCG a
+    16550 fed every 20 ms overruns and no whole line gets through: longer.)"""
     deadline = time.perf_counter() + timeout
     while time.perf_counter() < deadline:
         p.send("echo answer-$((6*7))\n")
         with p._cond:
-            if p._cond.wait_for(lambda: b"answer-42" in p.out, 0.02):
+            if p._cond.wait_for(lambda: b"answer-42" in p.out, interval):
                 return time.perf_counter() - p.started
     raise SystemExit(f"no answer: {p.out[-500:]!r}")
 
@@ -154,7 +155,7 @@ def restore_latency(args, guest, tmp: Path) -> None:
 
 
 def compare_restores(qemu: list[str], kemu: list[str], make_source, runs: int, tmp: Path,
-                     what: str, timeout: float = 120) -> None:
+                     what: str, timeout: float = 120, interval: float = 0.02) -> None:
     """Restore latency of QEMU's and kemu's ``-incoming "exec:cat FILE"`` (new
     processes) and of kemu's in-process ``Machine.restore``, ``runs`` times each,
     printed with the ratios to QEMU.  ``make_source()``: an unstarted kemu Machine
@@ -176,7 +177,7 @@ def compare_restores(qemu: list[str], kemu: list[str], make_source, runs: int, t
                            ("kemu -incoming", kemu + ["-incoming", f"exec:cat {kfile}"])):
             p = Proc(cmd)
             try:
-                results[label].append(answer_after(p, timeout))
+                results[label].append(answer_after(p, timeout, interval))
                 if label == "qemu -incoming":
                     results.setdefault("qemu restored PSS KiB", []).append(pss_kib(p.proc.pid))
             finally:
@@ -186,7 +187,7 @@ def compare_restores(qemu: list[str], kemu: list[str], make_source, runs: int, t
         while True:
             vm.console.write("echo answer-$((6*7))\n")
             try:
-                vm.console.expect("answer-42", timeout=0.02)
+                vm.console.expect("answer-42", timeout=interval)
                 break
             except ConsoleTimeout:
                 if time.perf_counter() - t0 > timeout:
