@@ -43,8 +43,16 @@ ZERO_CHUNK = -1
 
 
 # -- configuration -----------------------------------------------------------------------------
+#: The keys of ``config.extra`` that shape the machine itself (-M microvm,pcie=on,
+#: acpi=off; KVM eventfds), carried in a snapshot; the rest are the process's own
+#: (monitors, QMP sockets, VNC, pidfile) and stay behind.
+BOARD_EXTRA = ("acpi", "pcie", "eventfds")
+
+
 def config_to_plain(config: MachineConfig) -> dict:
-    data = st.to_plain(replace(config, globals={}, extra={}, dumpdtb=None))
+    board_extra = {k: config.extra[k] for k in BOARD_EXTRA
+                   if isinstance(config.extra.get(k), bool)}
+    data = st.to_plain(replace(config, globals={}, extra=board_extra, dumpdtb=None))
     data["globals"] = [[d, p, v] for (d, p), v in config.globals.items()]
     return data
 
@@ -63,6 +71,8 @@ def config_from_plain(data: dict) -> MachineConfig:
         if isinstance(config.rtc, dict):
             config.rtc = RtcConfig(**config.rtc)
         config.globals = globals_
+        config.extra = {k: v for k, v in (config.extra or {}).items()
+                        if k in BOARD_EXTRA and isinstance(v, bool)}
         return config
     except (TypeError, ValueError) as e:
         raise StateError(f"snapshot: corrupted machine configuration ({e})") from None
@@ -133,7 +143,8 @@ def blk_backends_by_name(board) -> dict[str, object]:
     """The backend of each virtio-blk device (virtio-mmio and virtio-pci), by device name."""
     from kemu.devices.virtio.blk import VirtioBlk
     devices = [slot.device.device for slot in getattr(board, "virtio_slots", ())]
-    devices += [t.device for t in getattr(board, "pci_transports", ())]
+    pci = getattr(board, "pci", None)
+    devices += pci.devices() if pci is not None else []
     return {d.name: d.backend for d in devices if isinstance(d, VirtioBlk)}
 
 

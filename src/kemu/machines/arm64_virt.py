@@ -279,16 +279,16 @@ class VirtMachine:
         self._psci_caller = 0
 
         from kemu.devices.gicv2m import GicV2m
-        from kemu.devices.pci.host import PciHost, Window
+        from kemu.devices.pci.host import Window
+        from kemu.machines.pcie import PcieRootBus
         if config.gic_version == 2:     # GICv3: no ITS yet, so INTx only
             self.v2m = GicV2m(self._pulse_spi, V2M_SPI_BASE, V2M_SPIS)
             self.mmio.map(*GIC_V2M, self.v2m)
-        self.pci_host = PciHost(self.mmio, [Window(True, 0, PCIE_PIO[0], PCIE_PIO[1]),
-                                            Window(False, PCIE_MMIO[0], *PCIE_MMIO),
-                                            Window(False, PCIE_MMIO_HIGH[0], *PCIE_MMIO_HIGH)],
-                                [self.gic.spi_line(PCIE_SPI_BASE + i) for i in range(4)])
-        self.mmio.map(*PCIE_ECAM, self.pci_host.ecam)
-        self.pci_transports: list = []
+        self.pci = PcieRootBus(self.mmio, PCIE_ECAM,
+                               [Window(True, 0, PCIE_PIO[0], PCIE_PIO[1]),
+                                Window(False, PCIE_MMIO[0], *PCIE_MMIO),
+                                Window(False, PCIE_MMIO_HIGH[0], *PCIE_MMIO_HIGH)],
+                               [self.gic.spi_line(PCIE_SPI_BASE + i) for i in range(4)])
 
         from kemu.devices.virtio.input import power_button
         from kemu.machines.virtio_devices import attach_devices, attach_transport
@@ -488,12 +488,6 @@ class VirtMachine:
             paths.append("HALT")
         self.fw_cfg.add_file("bootorder", "\n".join(paths).encode() + b"\0")
 
-    def add_pci(self, transport, slot: int | None = None) -> int:
-        """Plug a virtio-pci transport's function into pcie.0 (the next free slot if None)."""
-        device = self.pci_host.add(transport.function, slot)
-        self.pci_transports.append(transport)
-        return device
-
     def _gic_node(self) -> Node:
         """The interrupt controller as QEMU's virt describes it (create_gic)."""
         props = {"#interrupt-cells": 3, "interrupt-controller": None, "phandle": PHANDLE_GIC}
@@ -651,9 +645,7 @@ class VirtMachine:
             self.fw_cfg.reset()
             for bank in self.flash:
                 bank.device.reset()
-            for transport in self.pci_transports:
-                transport.reset()
-            self.pci_host.reset()
+            self.pci.reset()
             for vtimer, ptimer in self.timers:
                 vtimer.ctl = ptimer.ctl = 0
         self.load()
@@ -674,10 +666,9 @@ class VirtMachine:
         """What a saved state must have been made on: board, CPUs, RAM, devices in their slots."""
         out = {"board": "virt", "cpu": self.config.cpu, "smp": self.config.smp,
                "memory": self.config.memory, "slots": slots_fingerprint(self.virtio_slots)}
-        if self.pci_transports:
+        if self.pci.transports:
             # PCI functions by devfn and vendor/device ID (only then: older states match)
-            out["pci"] = [[devfn, fn.config_read(0, 4)]
-                          for devfn, fn in sorted(self.pci_host.functions.items())]
+            out["pci"] = self.pci.fingerprint()
         return out
 
     def vm_clock_ns(self, state: dict) -> int:
@@ -710,9 +701,7 @@ class VirtMachine:
             "fw_cfg": save_plain(self.fw_cfg),
             "virtio": save_slots(self.virtio_slots),
             "gic": save_plain(self.gic),
-            "pci": {"host": save_plain(self.pci_host),
-                    "transports": [{"transport": save_plain(t), "device": save_plain(t.device)}
-                                   for t in self.pci_transports]},
+            "pci": self.pci.save(),
         }
 
     def start_restored(self, state: dict, paused: bool = False) -> None:
@@ -768,16 +757,8 @@ class VirtMachine:
                 restore_plain(self.fw_cfg, state["fw_cfg"])
             restore_slots(self.virtio_slots, state["virtio"])
             pci = state.get("pci")
-            if pci is not None or self.pci_transports:
-                if not isinstance(pci, dict) or \
-                        len(pci.get("transports", ())) != len(self.pci_transports):
-                    raise StateError("saved state does not match the machine's PCI devices")
-                restore_plain(self.pci_host, pci["host"])
-                for t, saved in zip(self.pci_transports, pci["transports"]):
-                    restore_plain(t, saved["transport"])
-                    restore_plain(t.device, saved["device"])
-                for transport in self.pci_transports:
-                    transport.kick_ready_queues()
+            if pci is not None or self.pci.transports:
+                self.pci.restore(pci)
             self.console.pump()        # input typed while the machine was being restored
         return now
 

@@ -60,7 +60,7 @@ def pci_placement(board, dev: DeviceConfig) -> tuple[DeviceConfig, int | None] |
     properties, slot or None for the next free)``; None for a device that is not a
     PCI device or a board without PCI (microvm: the -pci spellings use virtio-mmio)."""
     if (not dev.driver.endswith("-pci") and dev.driver not in PCI_ALIASES
-            or getattr(board, "pci_host", None) is None):
+            or getattr(board, "pci", None) is None):
         return None
     props = dict(dev.props)
     bus = props.pop("bus", "pcie.0")
@@ -91,12 +91,12 @@ def pci_placement(board, dev: DeviceConfig) -> tuple[DeviceConfig, int | None] |
 def attach_transport(board, device, slot: int | None = None, pci: bool = False):
     """Put a virtio device behind a virtio-mmio transport in the board's next free slot
     (the board offers ``memory``, ``virtio_slots``, ``virtio_irq(i)``, ``add_virtio``),
-    or, with ``pci``, behind virtio-pci on the board's PCI bus (``add_pci``)."""
+    or, with ``pci``, behind virtio-pci on the board's PCI bus (``board.pci``)."""
     from kemu.devices.virtio.mmio import VirtioMmioTransport
     if pci:
         from kemu.devices.virtio.pci import VirtioPciTransport
         transport = VirtioPciTransport(device, board.memory)
-        transport.pci_slot = board.add_pci(transport, slot)
+        transport.pci_slot = board.pci.add(transport, slot)
         return transport
     transport = VirtioMmioTransport(device, board.memory,
                                     board.virtio_irq(len(board.virtio_slots)),
@@ -159,7 +159,7 @@ def _attach(board, config: MachineConfig, backends: list) -> None:
     # Drives without an id (if=virtio) become virtio-blk devices in order, as
     # QEMU does: virtio-blk-pci on a board with PCI (virt), virtio-mmio otherwise;
     # drives with an id wait for a -device virtio-blk-*,drive=ID.
-    on_pci = getattr(board, "pci_host", None) is not None
+    on_pci = getattr(board, "pci", None) is not None
     for index, drive in enumerate(config.drives):
         if drive.id is None:
             backend = open_drive(drive, config.snapshot)

@@ -280,8 +280,7 @@ class MicroVm:
         #: MP table and CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES for the virtio slots.
         self.acpi = bool(config.extra.get("acpi", True))
         #: pcie=on: PCI Express (QEMU's microvm: only with ACPI, else none).
-        self.pci_host = None
-        self.pci_transports: list = []
+        self.pci = None
         if config.extra.get("pcie") and self.acpi:
             self._add_pcie()
 
@@ -348,19 +347,13 @@ class MicroVm:
                                                       lambda line=line: line.level)
 
     def _add_pcie(self) -> None:
-        from kemu.devices.pci.host import PciHost, Window
-        self.pci_host = PciHost(self.mmio, [Window(False, PCIE_MMIO[0], *PCIE_MMIO)],
-                                [self.irq_line(gsi, f"pcie-int{'abcd'[i]}")
-                                 for i, gsi in enumerate(PCIE_GSIS)])
-        self.mmio.map(*PCIE_ECAM, self.pci_host.ecam)
+        from kemu.devices.pci.host import Window
+        from kemu.machines.pcie import PcieRootBus
+        self.pci = PcieRootBus(self.mmio, PCIE_ECAM, [Window(False, PCIE_MMIO[0], *PCIE_MMIO)],
+                               [self.irq_line(gsi, f"pcie-int{'abcd'[i]}")
+                                for i, gsi in enumerate(PCIE_GSIS)])
         # Only devices' writes get here: the vCPUs' own APIC accesses stay in KVM.
         self.mmio.map(*MSI_WINDOW, _MsiWindow(self))
-
-    def add_pci(self, transport, slot: int | None = None) -> int:
-        """Plug a virtio-pci transport's function into pcie.0 (the next free slot if None)."""
-        device = self.pci_host.add(transport.function, slot)
-        self.pci_transports.append(transport)
-        return device
 
     def signal_msi(self, address: int, data: int) -> None:
         vm = self.vm
@@ -369,7 +362,7 @@ class MicroVm:
 
     @property
     def virtio_slot_count(self) -> int:
-        return len(VIRTIO_IRQS) - (len(PCIE_GSIS) if self.pci_host is not None else 0)
+        return len(VIRTIO_IRQS) - (len(PCIE_GSIS) if self.pci is not None else 0)
 
     def add_virtio(self, device) -> VirtioSlot:
         """Map a virtio-mmio transport (or any slot-sized device) in the next free slot."""
@@ -401,7 +394,7 @@ class MicroVm:
             virtio=[acpi.MmioDevice(s.base, VIRTIO_MMIO[1], s.irq)
                     for s in self.virtio_slots],
             pcie=acpi.PcieHost(PCIE_ECAM[0], PCIE_ECAM[1] // (1 << 20) - 1, *PCIE_MMIO,
-                               PCIE_GSIS) if self.pci_host is not None else None))
+                               PCIE_GSIS) if self.pci is not None else None))
 
     def mp_table(self) -> bytes:
         return mptable.build_mp_table(MPTABLE_ADDR, self.config.smp,
@@ -466,7 +459,7 @@ class MicroVm:
                 raise ConfigError("the ACPI tables do not fit below the MP table")
             self.memory.write(ACPI_ADDR, tables)
         e820 = linux_x86.e820_map(self.memory,
-                                  reserved=[PCIE_ECAM] if self.pci_host is not None else [])
+                                  reserved=[PCIE_ECAM] if self.pci is not None else [])
         if isinstance(self.kernel, linux_x86.BzImage):
             linux = linux_x86.load_bzimage(self.memory, self.kernel, cmdline, self.initrd, e820,
                                            acpi_rsdp=rsdp)
@@ -524,10 +517,8 @@ class MicroVm:
             self.uart.reset()
             self.i8042.reset()
             self.ged.reset()
-            if self.pci_host is not None:
-                for transport in self.pci_transports:
-                    transport.reset()
-                self.pci_host.reset()
+            if self.pci is not None:
+                self.pci.reset()
 
     def reset(self) -> None:
         """A hard reset from the host (QMP system_reset): reload and restart."""
@@ -554,7 +545,8 @@ class MicroVm:
         """What a saved state must have been made on: board, CPUs, RAM, devices in their slots."""
         return {"board": "microvm", "cpu": self.config.cpu, "smp": self.config.smp,
                 "memory": self.config.memory, "acpi": self.acpi,
-                "slots": slots_fingerprint(self.virtio_slots)}
+                "slots": slots_fingerprint(self.virtio_slots),
+                **({"pci": self.pci.fingerprint()} if self.pci is not None else {})}
 
     def _caps(self):
         from kemu.accel.kvm.x86_state import Capabilities
@@ -571,8 +563,6 @@ class MicroVm:
         """The whole machine but RAM as plain data (paused, under the machine lock)."""
         from kemu.accel.kvm.x86_state import save_vcpu, save_vm
         from kemu.state import save_plain, to_plain
-        if self.pci_host is not None:
-            raise ConfigError("save: PCI Express (-M microvm,pcie=on) has no saved state yet")
         if self.state != RunState.PAUSED or self.vm is None:
             raise ConfigError("save: the machine must be paused")
         caps = self._caps()
@@ -586,6 +576,7 @@ class MicroVm:
             "vm": to_plain(save_vm(self.vm, pit=True)),
             "devices": {name: save_plain(dev) for name, dev in self._devices().items()},
             "virtio": save_slots(self.virtio_slots),
+            **({"pci": self.pci.save()} if self.pci is not None else {}),
         }
 
     def vm_clock_ns(self, state: dict) -> int:
@@ -627,7 +618,8 @@ class MicroVm:
             cpus = [from_plain(X86VcpuState, saved) for saved in state["cpus"]]
             vm_state = from_plain(X86VmState, state["vm"])
             matches = (len(cpus) == self.config.smp and set(state["devices"]) == set(self._devices())
-                       and len(state["virtio"]) == len(self.virtio_slots))
+                       and len(state["virtio"]) == len(self.virtio_slots)
+                       and ("pci" in state) == (self.pci is not None))
         except (KeyError, TypeError):
             raise StateError("saved state: corrupted (not a microvm machine state)") from None
         if not matches:
@@ -648,6 +640,8 @@ class MicroVm:
             for name, dev in self._devices().items():
                 restore_plain(dev, state["devices"][name])
             restore_slots(self.virtio_slots, state["virtio"])
+            if self.pci is not None:
+                self.pci.restore(state["pci"])
             self.console.pump()        # input typed while the machine was being restored
 
     def start_dirty_log(self) -> None:
