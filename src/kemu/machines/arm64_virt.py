@@ -70,7 +70,7 @@ from kemu.devices.psci import SystemEvent as PsciEvent
 from kemu.backends.serial import SerialBackend
 from kemu.errors import ConfigError
 from kemu.machines import flash
-from kemu.machines.board_state import restore_slots, save_slots, slots_fingerprint
+from kemu.machines.board_state import check_slots, restore_slots, save_slots, slots_fingerprint
 from kemu.machines.config import MachineConfig, MiB
 from kemu.machines.rtc import AlarmTimer, RtcClock
 from kemu.devices import psci as psci_fn
@@ -732,9 +732,9 @@ class VirtMachine:
         from kemu.state import StateError, check_version, restore_plain
         check_version("virt board", state.get("version", 0))
         n = self.config.smp
-        if len(state["cpus"]) != n or len(state["timers"]) != n or \
-                len(state["virtio"]) != len(self.virtio_slots):
+        if len(state["cpus"]) != n or len(state["timers"]) != n:
             raise StateError("saved state does not match the machine's CPUs and devices")
+        check_slots(self.virtio_slots, state["virtio"])
         cpus = self._create_cpus()
         now = host_counter()
         with self.lock:

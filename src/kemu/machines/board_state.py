@@ -23,15 +23,22 @@ def save_slots(slots) -> list[dict]:
             for slot in slots]
 
 
+def check_slots(slots, saved: object) -> None:
+    """Refuse (one :class:`StateError` line) saved slots that do not fit ``slots``:
+    what a board checks before it changes anything."""
+    if not isinstance(saved, list) or len(saved) != len(slots):
+        raise StateError("saved state does not match the machine's virtio devices")
+    for state in saved:
+        if not isinstance(state, dict) or "transport" not in state or "device" not in state:
+            raise StateError("saved state: corrupted virtio slot")
+
+
 def restore_slots(slots, saved: list) -> None:
     """Restore each slot's transport and device (under the machine lock, the
     interrupt controller restored first), then let devices take what their
     queues held."""
-    if not isinstance(saved, list) or len(saved) != len(slots):
-        raise StateError("saved state does not match the machine's virtio devices")
+    check_slots(slots, saved)
     for slot, state in zip(slots, saved):
-        if not isinstance(state, dict) or "transport" not in state or "device" not in state:
-            raise StateError("saved state: corrupted virtio slot")
         restore_plain(slot.device, state["transport"])
         if slot.device.device is not None and state["device"] is not None:
             restore_plain(slot.device.device, state["device"])

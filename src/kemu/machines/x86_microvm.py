@@ -76,7 +76,7 @@ from kemu.machines.rtc import RtcClock
 from kemu.devices.i8042 import I8042
 from kemu.devices.serial_16550 import Serial16550
 from kemu.errors import BootError, ConfigError
-from kemu.machines.board_state import restore_slots, save_slots, slots_fingerprint
+from kemu.machines.board_state import check_slots, restore_slots, save_slots, slots_fingerprint
 from kemu.machines.config import MachineConfig, MiB
 from kemu.machines.console_watch import (
     HALT_MARK,
@@ -618,8 +618,8 @@ class MicroVm:
             cpus = [from_plain(X86VcpuState, saved) for saved in state["cpus"]]
             vm_state = from_plain(X86VmState, state["vm"])
             matches = (len(cpus) == self.config.smp and set(state["devices"]) == set(self._devices())
-                       and len(state["virtio"]) == len(self.virtio_slots)
                        and ("pci" in state) == (self.pci is not None))
+            check_slots(self.virtio_slots, state["virtio"])
         except (KeyError, TypeError):
             raise StateError("saved state: corrupted (not a microvm machine state)") from None
         if not matches:
