@@ -370,6 +370,20 @@ def test_kemu_processes_migrate_over_unix_and_restore_from_a_file(kernel, tmp_pa
                 c.close()
 
 
+def _woken_blk_guest(vm: Machine, key: str) -> dict[str, int]:
+    """Wake tests/guests/virtio_blk.c waiting in ``vm`` with ``key``; once it powered
+    off, its reports (checked: the key, the write and its verification went well)."""
+    vm.console.write(key)
+    vm.console.expect("done", timeout=TIMEOUT)
+    assert vm.wait(TIMEOUT) == 0
+    kv = {k: int(v, 16) for k, _, v in (line.partition(" ")
+                                        for line in vm.console.output.splitlines())
+          if v.startswith("0x")}
+    assert kv["woke"] == ord(key)
+    assert (kv["write_status"], kv["verify_status"], kv["verify_bad"]) == (0, 0, 0)
+    return kv
+
+
 def test_virtio_blk_goes_on_in_a_restored_copy_writing_its_own_overlay(tmp_path):
     """tests/guests/virtio_blk.c set up its queue, read by interrupt, and waits;
     the restored copy's requests (queue indices, the I/O APIC route, the slot's
@@ -391,14 +405,7 @@ def test_virtio_blk_goes_on_in_a_restored_copy_writing_its_own_overlay(tmp_path)
     _snapshot_at(config, "waiting", tmp_path / "snap")
     restored = Machine.restore(tmp_path / "snap", overlay_dir=tmp_path)
     try:
-        restored.console.write("g")
-        restored.console.expect("done", timeout=TIMEOUT)
-        assert restored.wait(TIMEOUT) == 0
-        kv = {k: int(v, 16) for k, _, v in (line.partition(" ")
-                                            for line in restored.console.output.splitlines())
-              if v.startswith("0x")}
-        assert kv["woke"] == ord("g")
-        assert (kv["write_status"], kv["verify_status"], kv["verify_bad"]) == (0, 0, 0)
+        kv = _woken_blk_guest(restored, "g")
         assert kv["flush_status"] == 0 and kv["oob_status"] == 1
         assert kv["again_status"] == 0 and kv["irq_vring"] >= 4
         overlay = restored.config.drives[0].path
@@ -536,14 +543,7 @@ def test_loadvm_at_start_brings_back_the_disk_and_a_waiting_virtio_blk_guest(tmp
     try:
         assert sector6() == b"\0" * 512                       # the disk as at the savevm
         assert "waiting" not in second.console.output          # not booted again
-        second.console.write("h")
-        second.console.expect("done", timeout=TIMEOUT)
-        assert second.wait(TIMEOUT) == 0
-        kv = {k: int(v, 16) for k, _, v in (line.partition(" ")
-                                            for line in second.console.output.splitlines())
-              if v.startswith("0x")}
-        assert kv["woke"] == ord("h")
-        assert (kv["write_status"], kv["verify_status"], kv["verify_bad"]) == (0, 0, 0)
+        _woken_blk_guest(second, "h")
     finally:
         if second.state not in ("shutdown", "stopped"):
             second.kill()
