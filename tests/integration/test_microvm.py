@@ -227,3 +227,53 @@ def test_builder_rejects_bad_configs(guest_dir):
     with pytest.raises(ConfigError, match="-smp"):
         build(MachineConfig(machine="microvm", accel="kvm", smp=0,
                             kernel=guest_dir / "microvm.bzImage"), backend)
+
+
+def test_serial_file_and_pty_shorthands(guest_dir, tmp_path):
+    """QEMU's ``-serial file:PATH`` and ``-serial pty`` spellings: the guest's output
+    reaches the file, and the pty QEMU's way names on stderr."""
+    import os
+    import re
+    import subprocess
+    import select
+    from kemu.testing.stdio_console import KEMU
+    base = ["-M", "microvm", "-accel", "kvm", "-m", "64", "-kernel",
+            str(guest_dir / "pvh.elf"), "-display", "none", "-monitor", "none"]
+
+    def wait_for(predicate, proc) -> None:
+        end = time.monotonic() + TIMEOUT
+        while not predicate():
+            assert proc.poll() is None, proc.stderr.read().decode(errors="replace")
+            assert time.monotonic() < end, "the guest's line did not come"
+            time.sleep(0.02)
+
+    log = tmp_path / "serial.log"
+    proc = subprocess.Popen(KEMU + base + ["-append", "to a file", "-serial", f"file:{log}"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: log.exists() and b"to a file" in log.read_bytes(), proc)
+    finally:
+        proc.kill()
+        proc.wait()
+    proc = subprocess.Popen(KEMU + base + ["-append", "to a pty", "-serial", "pty"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    try:
+        line = proc.stderr.readline().decode()
+        m = re.match(r"char device redirected to (/dev/pts/\d+) \(label serial0\)", line)
+        assert m, line
+        fd = os.open(m.group(1), os.O_RDONLY | os.O_NOCTTY)
+        try:
+            seen = bytearray()
+
+            def pty_shows() -> bool:
+                if select.select([fd], [], [], 0.1)[0]:
+                    seen.extend(os.read(fd, 4096))
+                return b"to a pty" in seen
+            wait_for(pty_shows, proc)
+        finally:
+            os.close(fd)
+    finally:
+        proc.kill()
+        proc.wait()

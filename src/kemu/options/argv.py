@@ -15,7 +15,7 @@ from kemu.machines.builder import ACCELS, board_accels
 from kemu.machines.config import DriveConfig, MachineConfig
 from kemu.options.accepted import ACCEPTED, check_no_acpi
 from kemu.options.blockdev import parse_blockdev, resolve_device_drives
-from kemu.options.chardev import parse_chardev, parse_mon, serial_chardev
+from kemu.options.chardev import parse_chardev, parse_mon, serial_chardev, serial_shorthand
 from kemu.options.device import parse_device
 from kemu.options.machine import apply_machine_option
 from kemu.options.objects import apply_memory_backend, parse_object
@@ -127,9 +127,11 @@ def parse_qemu_options(argv: list[str], config: MachineConfig) -> MachineConfig:
         elif opt == "-serial":
             if value.startswith("chardev:"):
                 serial = value          # resolved once every -chardev is known
+            elif (implicit := serial_shorthand(value, config)) is not None:
+                serial = implicit
             elif value not in ("stdio", "mon:stdio", "none", "null"):
-                raise ConfigError(f"-serial {value}: kemu takes stdio, mon:stdio, none and "
-                                  "chardev:ID")
+                raise ConfigError(f"-serial {value}: kemu takes stdio, mon:stdio, none, null, "
+                                  "pty, file:PATH and chardev:ID")
             else:
                 serial = value
         elif opt == "-no-reboot":

@@ -119,6 +119,22 @@ def parse_mon(text: str, config: MachineConfig) -> None:
     config.extra.setdefault("monitor_chardevs", {})[cd_id] = mode
 
 
+def serial_shorthand(value: str, config: MachineConfig) -> str | None:
+    """QEMU's ``-serial file:PATH`` and ``-serial pty`` (qemu_chr_new's legacy
+    spellings): an implicit chardev ``serial0``; the ``chardev:ID`` setting it
+    becomes, or None for a spelling that is not one of these."""
+    if value.startswith("file:") and value[5:]:
+        cd = ChardevConfig("file", "serial0", {"path": value[5:]})
+    elif value == "pty":
+        cd = ChardevConfig("pty", "serial0", {})
+    else:
+        return None
+    if cd.id in config.chardevs:
+        raise ConfigError(f"-serial {value}: a chardev with id {cd.id} exists already")
+    config.chardevs[cd.id] = cd
+    return f"chardev:{cd.id}"
+
+
 def serial_chardev(value: str, config: MachineConfig) -> str:
     """``-serial chardev:ID``: the serial port's backend (``pty``, ``file``, ...).
 
