@@ -51,6 +51,11 @@ class RamRegion:
                                       prot=mmap.PROT_READ | mmap.PROT_WRITE)
                 return
             self._map = mmap.mmap(-1, self.size, flags=share | mmap.MAP_ANONYMOUS)
+            if hasattr(mmap, "MADV_HUGEPAGE"):
+                # As QEMU does for guest RAM: transparent huge pages where the host
+                # offers them (THP "madvise" mode, the common default): a fault maps
+                # 2 MiB, and KVM can map the guest's memory with large pages.
+                self._map.madvise(mmap.MADV_HUGEPAGE)
         except OSError as e:
             # As QEMU: "cannot set up guest memory 'mach-virt.ram': Cannot allocate memory"
             # (pages are reserved as the host's overcommit policy says; QEMU does the same).
