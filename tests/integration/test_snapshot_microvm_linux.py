@@ -20,12 +20,15 @@ guest through the credit window, a connection from the host).  Everything
 KVM holds is in play: registers, XSAVE, MSRs (kvmclock, TSC), LAPIC timers,
 the I/O APIC routes of the UART and the virtio slots, the PIT.
 
-A TCP connection open at the snapshot does not survive it here: the restored
-machine gets a new passt, and the passt this runs (Debian's 2023-03 build)
-cannot hand its connection table to another process (passt's own migration,
-TCP_REPAIR through passt-repair, came in 2025 and needs vhost-user).  So the
-network check after the restore is a new connection; the guest's
-configuration from its lease goes on.
+A TCP connection open at the snapshot does not survive it here, and cannot
+with this passt: the host end of a guest connection is a socket of the
+passt process, which ends with the saving process (its server sees EOF), and
+the restored machine's new passt knows no such flow (the guest's segments on
+it go unanswered: seen in /proc/net/tcp, retransmitting).  Handing passt's
+connections to another process needs passt's own migration (TCP_REPAIR
+through passt-repair, 2025, over vhost-user); Debian's passt here is a
+2023-03 build.  So the network check after the restore is a new connection
+over the configuration the guest took from its lease before the snapshot.
 
 Where /dev/kvm is hardware-backed this runs here; on PVM (Linux does not
 boot on it) in one run of the nested harness (:mod:`kemu.testing.nested`).
