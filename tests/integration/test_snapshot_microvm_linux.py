@@ -37,6 +37,7 @@ boot on it) in one run of the nested harness (:mod:`kemu.testing.nested`).
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import shlex
 import subprocess
@@ -207,20 +208,21 @@ print("ORIGINAL", sector(TMP / "disk.qcow2", after, 13))
 
 def _vsock_disk() -> tuple[Path, int]:
     """A qcow2 image holding the static x86-64 vsock tool at its start (in the
-    cache: L1 sees the host read-only) and its size; skips without a C compiler."""
+    cache, named for this process: L1 sees the host read-only) and its size;
+    skips without a C compiler."""
     from kemu.backends.qcow2 import Qcow2Image
     from kemu.backends.qcow2.create import create_qcow2
     out = nested.nested_dir()
     out.mkdir(parents=True, exist_ok=True)
-    tool = out / "vsock-tool-x86_64"
+    tool = out / f"vsock-tool-x86_64-{os.getpid()}"
     proc = subprocess.run(["cc", "-static", "-O2", "-s", "-o", str(tool), str(VSOCK_TOOL)],
                           check=False, capture_output=True, text=True)
     if proc.returncode:
         pytest.skip(f"cannot build the static vsock tool: {proc.stderr.strip()[-300:]}")
     data = tool.read_bytes()
+    tool.unlink()
     assert len(data) < BEFORE_SECTOR * 512
-    disk = out / "snapshot-disk.qcow2"
-    disk.unlink(missing_ok=True)
+    disk = out / f"snapshot-disk-{os.getpid()}.qcow2"
     create_qcow2(disk, DISK_SIZE)
     with Qcow2Image.open(disk) as image:
         image.write(0, data)
@@ -252,6 +254,8 @@ def runs():
         output = nested.run_on_real_kvm(script, TIMEOUT + 120)
     except nested.RealKvmUnavailable as e:
         pytest.skip(str(e))
+    finally:
+        disk.unlink()
     out = {}
     for name in ("save", "restore"):
         m = re.search(rf"==RUN {name}==\n(.*?)==RC {name}=(\d+)==", output, re.DOTALL)
