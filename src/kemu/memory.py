@@ -8,14 +8,23 @@ which device models turn into a device error for the guest.
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import mmap
 import struct
 from dataclasses import dataclass, field
+from typing import Iterator
 
 from kemu.errors import ConfigError, HostResourceError, MemoryAccessError
 
 PAGE_SIZE = 4096
+#: Zeros compared against in place (memcmp) by :meth:`GuestMemory.ram_is_zero`.
+_ZERO_LEN = 1 << 20
+_ZERO = ctypes.create_string_buffer(_ZERO_LEN)
+_libc = ctypes.CDLL(None, use_errno=True)
+_memcmp = _libc.memcmp
+_memcmp.restype = ctypes.c_int
+_memcmp.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
 
 
 @dataclass
@@ -24,10 +33,10 @@ class RamRegion:
     pages (QEMU's memory-backend-file: ``path``, from ``offset``); ``shared``
     (share=on) makes the guest's writes visible to other processes mapping
     the same memory (MAP_SHARED), else they stay private to kemu.  ``backing``
-    (an open fd of at least ``size`` bytes, opened read-only is enough) is a
-    snapshot's memory file mapped private: its pages are shared until the
-    guest writes one, which then gets a private copy (restored and forked
-    machines)."""
+    (an open fd of at least ``offset + size`` bytes, opened read-only is
+    enough) is a snapshot's memory file mapped private from ``offset``: its
+    pages are shared until the guest writes one, which then gets a private
+    copy (restored and forked machines)."""
 
     base: int
     size: int
@@ -48,7 +57,8 @@ class RamRegion:
         try:
             if self.backing is not None:
                 self._map = mmap.mmap(self.backing, self.size, flags=mmap.MAP_PRIVATE,
-                                      prot=mmap.PROT_READ | mmap.PROT_WRITE)
+                                      prot=mmap.PROT_READ | mmap.PROT_WRITE,
+                                      offset=self.offset)
                 return
             self._map = mmap.mmap(-1, self.size, flags=share | mmap.MAP_ANONYMOUS)
             if hasattr(mmap, "MADV_HUGEPAGE"):
@@ -101,10 +111,18 @@ class RamRegion:
 
 
 class GuestMemory:
-    """The guest-physical address space's RAM, as a list of regions."""
+    """The guest-physical address space's RAM, as a list of regions.
+
+    Saved and moved RAM (snapshots, savevm, migration) is addressed by *RAM
+    offset*: the regions laid end to end in guest-physical order (QEMU's
+    ram_addr space), so one region's RAM offset is its own offset and a
+    machine split around a hole is one flat range all the same.  The
+    ``ram_*`` methods take RAM offsets; every one is checked.
+    """
 
     def __init__(self, regions: list[RamRegion] | None = None) -> None:
         self._regions: list[RamRegion] = []
+        self._ram_starts: list[int] = []
         #: While tracked (:meth:`track_writes`): the guest-physical page numbers the
         #: VMM wrote through :meth:`write` (device DMA), which an accelerator's dirty
         #: log does not see.
@@ -118,6 +136,11 @@ class GuestMemory:
                 raise ConfigError(f"RAM region {region.name} overlaps {other.name}")
         self._regions.append(region)
         self._regions.sort(key=lambda r: r.base)
+        self._ram_starts = []
+        offset = 0
+        for r in self._regions:
+            self._ram_starts.append(offset)
+            offset += r.size
         return region
 
     @property
@@ -127,6 +150,69 @@ class GuestMemory:
     @property
     def size(self) -> int:
         return sum(r.size for r in self._regions)
+
+    # -- RAM offsets (the regions end to end) -------------------------------------------------
+    def ram_spans(self) -> list[tuple[int, RamRegion]]:
+        """(RAM offset, region) of each region, in guest-physical order."""
+        return list(zip(self._ram_starts, self._regions))
+
+    def ram_layout(self) -> list[list[int]]:
+        """``[[base, size], ...]``: the regions as a saved state's header describes them."""
+        return [[r.base, r.size] for r in self._regions]
+
+    def ram_to_gpa(self, offset: int) -> int:
+        """The guest-physical address of RAM offset ``offset``."""
+        i = bisect.bisect_right(self._ram_starts, offset) - 1
+        if i < 0 or offset >= self._ram_starts[i] + self._regions[i].size:
+            raise MemoryAccessError(f"RAM offset {offset:#x} is outside guest RAM")
+        return self._regions[i].base + offset - self._ram_starts[i]
+
+    def gpa_to_ram(self, addr: int) -> int:
+        """The RAM offset of guest-physical address ``addr``."""
+        for start, region in zip(self._ram_starts, self._regions):
+            if region.base <= addr < region.end:
+                return start + addr - region.base
+        raise MemoryAccessError(f"guest address {addr:#x} is outside guest RAM")
+
+    def ram_pieces(self, offset: int, size: int) -> Iterator[tuple[int, RamRegion, int, int]]:
+        """``(position in the range, region, offset in the region, length)`` of each
+        piece of RAM offsets ``[offset, offset + size)`` (one per region it spans)."""
+        if offset < 0 or size < 0 or offset + size > self.size:
+            raise MemoryAccessError(f"RAM range {offset:#x}+{size:#x} is outside guest RAM")
+        i = max(0, bisect.bisect_right(self._ram_starts, offset) - 1)
+        done = 0
+        while done < size:
+            start, region = self._ram_starts[i], self._regions[i]
+            off = offset + done - start
+            n = min(size - done, region.size - off)
+            yield done, region, off, n
+            done += n
+            i += 1
+
+    def ram_views(self, offset: int, size: int) -> Iterator[tuple[int, memoryview]]:
+        """``(position in the range, writable view)`` over RAM offsets ``[offset, offset + size)``."""
+        for pos, region, off, n in self.ram_pieces(offset, size):
+            yield pos, memoryview(region.buffer)[off:off + n]
+
+    def ram_read(self, offset: int, size: int) -> bytes:
+        pieces = [r.buffer[off:off + n] for _, r, off, n in self.ram_pieces(offset, size)]
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    def ram_write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Write at a RAM offset (restores and migration: not recorded in :attr:`written`)."""
+        data = memoryview(data).cast("B")
+        for pos, region, off, n in self.ram_pieces(offset, len(data)):
+            region.buffer[off:off + n] = data[pos:pos + n]
+
+    def ram_is_zero(self, offset: int, size: int) -> bool:
+        """Whether RAM offsets ``[offset, offset + size)`` are all zeros (memcmp in place:
+        no copy, so an untouched page costs only the zero page's mapping)."""
+        for _, region, off, n in self.ram_pieces(offset, size):
+            address = region.host_address + off
+            for at in range(0, n, _ZERO_LEN):
+                if _memcmp(address + at, _ZERO, min(_ZERO_LEN, n - at)):
+                    return False
+        return True
 
     def _find(self, addr: int, size: int) -> tuple[RamRegion, int]:
         if size < 0:
