@@ -9,6 +9,7 @@ which device models turn into a device error for the guest.
 from __future__ import annotations
 
 import bisect
+import os
 import ctypes
 import mmap
 import struct
@@ -25,6 +26,33 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _memcmp = _libc.memcmp
 _memcmp.restype = ctypes.c_int
 _memcmp.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
+#: /proc/self/pagemap, opened on first use, and the process that opened it (after a
+#: fork the descriptor still reads the parent's page table); -1: not readable here.
+_pagemap: tuple[int, int] | None = None
+#: The top byte of a pagemap entry below 0x40: neither present (bit 63) nor swapped (62).
+_NOT_IN_MEMORY = bytes(range(0x40))
+
+
+def _never_populated(address: int, size: int) -> bool:
+    """Whether no page of this process's ``[address, address + size)`` is in memory or
+    swap (/proc/self/pagemap): untouched anonymous memory, which reads as zeros
+    without being read (reading would map the zero page once per page)."""
+    global _pagemap
+    if _pagemap is None or _pagemap[0] != os.getpid():
+        try:
+            _pagemap = (os.getpid(), os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC))
+        except OSError:
+            _pagemap = (os.getpid(), -1)
+    fd = _pagemap[1]
+    if fd < 0:
+        return False
+    first, last = address // PAGE_SIZE, (address + size - 1) // PAGE_SIZE
+    try:
+        entries = os.pread(fd, (last - first + 1) * 8, first * 8)
+    except OSError:
+        return False
+    return len(entries) == (last - first + 1) * 8 and \
+        not entries[7::8].translate(None, _NOT_IN_MEMORY)
 
 
 @dataclass
@@ -73,7 +101,6 @@ class RamRegion:
                                     f"({self.size >> 20} MiB): {e.strerror or e}") from None
 
     def _map_file(self, share: int) -> mmap.mmap:
-        import os
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as e:
@@ -88,6 +115,11 @@ class RamRegion:
                                     f"{self.path}: {e.strerror or e}") from None
         finally:
             os.close(fd)
+
+    @property
+    def anonymous(self) -> bool:
+        """Private anonymous memory: a page never touched is zeros (no file behind it)."""
+        return self.path is None and self.backing is None and not self.shared
 
     @property
     def end(self) -> int:
@@ -205,10 +237,13 @@ class GuestMemory:
             region.buffer[off:off + n] = data[pos:pos + n]
 
     def ram_is_zero(self, offset: int, size: int) -> bool:
-        """Whether RAM offsets ``[offset, offset + size)`` are all zeros (memcmp in place:
-        no copy, so an untouched page costs only the zero page's mapping)."""
+        """Whether RAM offsets ``[offset, offset + size)`` are all zeros: anonymous pages
+        never touched are (the page table says so, nothing is read), the others are
+        compared in place (memcmp, no copy)."""
         for _, region, off, n in self.ram_pieces(offset, size):
             address = region.host_address + off
+            if region.anonymous and _never_populated(address, n):
+                continue
             for at in range(0, n, _ZERO_LEN):
                 if _memcmp(address + at, _ZERO, min(_ZERO_LEN, n - at)):
                     return False

@@ -487,12 +487,16 @@ class Outgoing:
                 self._pass(mem, shadow)
                 self.info.remaining = 0
                 board_state = self.board.save_state()
-                checksum = ram_checksum(self.board.memory) \
-                    if self.settings.capabilities.get("x-checksum") else None
             blob = st.encode_stream({"kind": "machine-state"}, board_state)
             self._send(_REC.pack(b"S", 0, len(blob)) + blob)
             self._send(_REC.pack(b"D", 0, 0))
             self._flush()
+            # x-checksum: RAM as sent (the guest stays paused here), hashed while the
+            # destination hashes what it got
+            checksum = None
+            if self.settings.capabilities.get("x-checksum"):
+                with self.board.lock:
+                    checksum = ram_checksum(self.board.memory)
             if self.channel.sock is not None:
                 # Over a socket the destination answers once it runs: the source is
                 # done (postmigrate) only then; any other answer leaves it running.

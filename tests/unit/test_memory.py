@@ -114,3 +114,19 @@ def test_restored_regions_map_a_file_each_from_its_offset(tmp_path):
     assert mem.read(0x1fff, 1) == b"A" and mem.read(0x100000000, 1) == b"B"
     mem.write(0x100000000, b"x")
     assert path.read_bytes()[0x2000:0x2001] == b"B"
+
+
+def test_ram_is_zero_sees_every_byte_touched_or_not():
+    """Untouched pages are zeros without being read; a page written and a page
+    written then cleared are looked at (memcmp)."""
+    from kemu.memory import _never_populated
+    mem = GuestMemory([RamRegion(0, 16 << 20)])
+    region = mem.regions[0]
+    assert _never_populated(region.host_address, region.size)
+    assert mem.ram_is_zero(0, 16 << 20)
+    mem.write((9 << 20) + 4095, b"\1")
+    assert not _never_populated(region.host_address, region.size)
+    assert not mem.ram_is_zero(8 << 20, 2 << 20) and not mem.ram_is_zero(9 << 20, 4096)
+    assert mem.ram_is_zero(0, 9 << 20) and mem.ram_is_zero((9 << 20) + 4096, 1 << 20)
+    mem.write((9 << 20) + 4095, b"\0")
+    assert mem.ram_is_zero(0, 16 << 20)
