@@ -9,9 +9,10 @@ which device models turn into a device error for the guest.
 from __future__ import annotations
 
 import bisect
-import os
 import ctypes
+import errno
 import mmap
+import os
 import struct
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -29,14 +30,16 @@ _memcmp.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
 #: /proc/self/pagemap, opened on first use, and the process that opened it (after a
 #: fork the descriptor still reads the parent's page table); -1: not readable here.
 _pagemap: tuple[int, int] | None = None
-#: The top byte of a pagemap entry below 0x40: neither present (bit 63) nor swapped (62).
-_NOT_IN_MEMORY = bytes(range(0x40))
+#: Top bytes of pagemap entries (bit 63 present, 62 swapped, 61 a file's or shared page):
+#: a page neither in memory nor swapped (anonymous memory never touched)...
+_UNTOUCHED = bytes(b for b in range(256) if not b & 0xC0)
+#: ...or, in a private file mapping, still the file's page (not copied on a write).
+_FILE_PAGES = bytes(b for b in range(256) if not b & 0x40 and (not b & 0x80 or b & 0x20))
 
 
-def _never_populated(address: int, size: int) -> bool:
-    """Whether no page of this process's ``[address, address + size)`` is in memory or
-    swap (/proc/self/pagemap): untouched anonymous memory, which reads as zeros
-    without being read (reading would map the zero page once per page)."""
+def _pages_only(address: int, size: int, kinds: bytes) -> bool:
+    """Whether every page of this process's ``[address, address + size)`` is of
+    ``kinds`` (top bytes of /proc/self/pagemap entries); False when unknown."""
     global _pagemap
     if _pagemap is None or _pagemap[0] != os.getpid():
         try:
@@ -52,7 +55,15 @@ def _never_populated(address: int, size: int) -> bool:
     except OSError:
         return False
     return len(entries) == (last - first + 1) * 8 and \
-        not entries[7::8].translate(None, _NOT_IN_MEMORY)
+        not entries[7::8].translate(None, kinds)
+
+
+def _file_hole(fd: int, offset: int, size: int) -> bool:
+    """Whether ``[offset, offset + size)`` of file ``fd`` is a hole (SEEK_DATA)."""
+    try:
+        return os.lseek(fd, offset, os.SEEK_DATA) >= offset + size
+    except OSError as e:
+        return e.errno == errno.ENXIO          # no data from offset on
 
 
 @dataclass
@@ -74,6 +85,8 @@ class RamRegion:
     shared: bool = False
     backing: int | None = None
     _map: mmap.mmap = field(init=False, repr=False)
+    #: ``backing``'s file, kept to find its holes (:meth:`known_zero`)
+    _file: int | None = field(init=False, repr=False, default=None)
 
     def __post_init__(self) -> None:
         if self.size <= 0 or self.size % PAGE_SIZE or self.base % PAGE_SIZE:
@@ -87,6 +100,7 @@ class RamRegion:
                 self._map = mmap.mmap(self.backing, self.size, flags=mmap.MAP_PRIVATE,
                                       prot=mmap.PROT_READ | mmap.PROT_WRITE,
                                       offset=self.offset)
+                self._file = os.dup(self.backing)
                 return
             self._map = mmap.mmap(-1, self.size, flags=share | mmap.MAP_ANONYMOUS)
             if hasattr(mmap, "MADV_HUGEPAGE"):
@@ -121,6 +135,18 @@ class RamRegion:
         """Private anonymous memory: a page never touched is zeros (no file behind it)."""
         return self.path is None and self.backing is None and not self.shared
 
+    def known_zero(self, offset: int, size: int) -> bool:
+        """Whether ``[offset, offset + size)`` of the region is zeros by what the host's
+        page table says, nothing read (reading would map a page for each one):
+        anonymous pages never touched; or, mapped from a snapshot's memory file,
+        pages not written since, where the file has a hole.  False: not known."""
+        if self.anonymous:
+            return _pages_only(self.host_address + offset, size, _UNTOUCHED)
+        if self._file is not None:
+            return (_file_hole(self._file, self.offset + offset, size)
+                    and _pages_only(self.host_address + offset, size, _FILE_PAGES))
+        return False
+
     @property
     def end(self) -> int:
         return self.base + self.size
@@ -135,6 +161,9 @@ class RamRegion:
         return self._map
 
     def close(self) -> None:
+        if self._file is not None:
+            os.close(self._file)
+            self._file = None
         try:
             self._map.close()
         except BufferError:
@@ -237,13 +266,13 @@ class GuestMemory:
             region.buffer[off:off + n] = data[pos:pos + n]
 
     def ram_is_zero(self, offset: int, size: int) -> bool:
-        """Whether RAM offsets ``[offset, offset + size)`` are all zeros: anonymous pages
-        never touched are (the page table says so, nothing is read), the others are
-        compared in place (memcmp, no copy)."""
+        """Whether RAM offsets ``[offset, offset + size)`` are all zeros: known so by the
+        page table (:meth:`RamRegion.known_zero`), else compared in place (memcmp,
+        no copy)."""
         for _, region, off, n in self.ram_pieces(offset, size):
-            address = region.host_address + off
-            if region.anonymous and _never_populated(address, n):
+            if region.known_zero(off, n):
                 continue
+            address = region.host_address + off
             for at in range(0, n, _ZERO_LEN):
                 if _memcmp(address + at, _ZERO, min(_ZERO_LEN, n - at)):
                     return False

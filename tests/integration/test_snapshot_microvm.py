@@ -594,6 +594,14 @@ def test_4g_machine_snapshot_and_restore_keep_ram_above_4g(kernel, tmp_path):
     try:
         assert restored._board.memory.read(HIGH, 8) == b"above-4g"
         assert restored._board.memory.read(3 * GiB - 8, 8) == b"below3g!"
+        # the copy (RAM mapped from the file) snapshotted again: holes found, not read
+        restored._board.memory.write(HIGH + 8, b"+copy")
+        _timed("4 GiB snapshot of the restored copy", restored.snapshot, tmp_path / "again")
+        again = tmp_path / "again" / snapshot.MEMORY_FILE
+        assert again.stat().st_blocks * 512 < 64 * MiB, again.stat()
+        with open(again, "rb") as f:
+            f.seek(HIGH - GiB)
+            assert f.read(13) == b"above-4g+copy"
         _finishes_with(restored, "high-copy")
     finally:
         if restored.state not in ("shutdown", "stopped"):

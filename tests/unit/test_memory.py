@@ -114,18 +114,48 @@ def test_restored_regions_map_a_file_each_from_its_offset(tmp_path):
     assert mem.read(0x1fff, 1) == b"A" and mem.read(0x100000000, 1) == b"B"
     mem.write(0x100000000, b"x")
     assert path.read_bytes()[0x2000:0x2001] == b"B"
+    mem.close()
+
+
+def test_holes_of_a_restored_machines_memory_file_are_zero_until_written(tmp_path):
+    """A page mapped from a hole of the snapshot's file is known zero (nothing read)
+    until the guest writes it; then it is looked at."""
+    import os
+
+    from kemu.machines.config import MachineConfig
+    from kemu.options.objects import ram_regions
+    path = tmp_path / "memory.ram"
+    with open(path, "wb") as f:
+        f.write(b"A" * 0x2000)
+        f.truncate(0x2000 + (4 << 20))                 # a 4 MiB hole after the data
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        mem = GuestMemory(ram_regions(MachineConfig(), [(0, 0x2000), (0x100000000, 4 << 20)],
+                                      backing=fd))
+    finally:
+        os.close(fd)
+    low, high = mem.regions
+    assert not low.known_zero(0, 0x2000) and not mem.ram_is_zero(0, 0x2000)
+    assert high.known_zero(0, 4 << 20) and mem.ram_is_zero(0x2000, 4 << 20)
+    assert mem.read(0x100001000, 4) == bytes(4)       # read: still the file's page
+    assert high.known_zero(0, 4 << 20)
+    mem.write(0x100002000, b"\1")
+    assert not high.known_zero(0, 4 << 20) and high.known_zero(0x3000, (4 << 20) - 0x3000)
+    assert not mem.ram_is_zero(0x2000, 4 << 20)
+    mem.write(0x100002000, b"\0")                    # a private copy, zero again
+    assert not high.known_zero(0x2000, 0x1000) and mem.ram_is_zero(0x2000, 4 << 20)
+    mem.close()
 
 
 def test_ram_is_zero_sees_every_byte_touched_or_not():
     """Untouched pages are zeros without being read; a page written and a page
     written then cleared are looked at (memcmp)."""
-    from kemu.memory import _never_populated
     mem = GuestMemory([RamRegion(0, 16 << 20)])
     region = mem.regions[0]
-    assert _never_populated(region.host_address, region.size)
+    assert region.known_zero(0, region.size)
     assert mem.ram_is_zero(0, 16 << 20)
     mem.write((9 << 20) + 4095, b"\1")
-    assert not _never_populated(region.host_address, region.size)
+    assert not region.known_zero(0, region.size) and region.known_zero(0, 9 << 20)
     assert not mem.ram_is_zero(8 << 20, 2 << 20) and not mem.ram_is_zero(9 << 20, 4096)
     assert mem.ram_is_zero(0, 9 << 20) and mem.ram_is_zero((9 << 20) + 4096, 1 << 20)
     mem.write((9 << 20) + 4095, b"\0")
