@@ -775,7 +775,7 @@ class Machine:
         import os
 
         from kemu import snapshot
-        from kemu.state import StateError, check_header
+        from kemu.state import StateError, check_header, check_ram
         directory = Path(directory)
         header, payload = snapshot.load(directory)
         tag = tag or f"restore-{os.getpid()}-{time.monotonic_ns():x}"
@@ -796,6 +796,7 @@ class Machine:
             os.close(fd)            # the mapping keeps the file
         try:
             check_header(header, self._board.state_fingerprint(), f"snapshot {directory}")
+            check_ram(memory, self._board.memory, f"snapshot {directory}")
             self._started = True
             self._board.start_restored(payload["board"], paused=paused)
         except BaseException:

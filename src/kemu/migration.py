@@ -22,9 +22,10 @@ code-page tracking marks only pages holding translated code), at the price
 of a second copy of RAM on the source while it migrates.
 
 The wire format is kemu's own (QEMU's is not spoken): the
-:mod:`kemu.state` stream header (machine fingerprint, RAM size), then records
-``P`` (offset, length, data, CRC-32), ``E`` (end of a pass), ``S`` (the
-machine state, a checked stream) and ``D`` (done).
+:mod:`kemu.state` stream header (machine fingerprint, RAM size and regions),
+then records ``P`` (RAM offset, length, data, CRC-32: RAM offsets are the
+regions end to end, :class:`kemu.memory.GuestMemory`), ``E`` (end of a
+pass), ``S`` (the machine state, a checked stream) and ``D`` (done).
 
 URIs: ``unix:PATH``, ``tcp:HOST:PORT``, ``exec:CMD`` (the stream through a
 shell command's stdin / stdout), ``fd:NAME`` (a descriptor passed with
@@ -58,6 +59,7 @@ _REC = struct.Struct("<cQI")          # kind, offset, length
 _CRC = struct.Struct("<I")
 _ZERO = bytes(BLOCK)
 SEND_BATCH = 1 << 20
+CHECKSUM_CHUNK = 1 << 20
 #: A bound on the machine state record (a few tens of KiB in practice).
 MAX_STATE = 64 << 20
 #: The destination's answer over a socket once it runs the machine.
@@ -68,8 +70,8 @@ MAX_PASSES = 30
 DEFAULT_BANDWIDTH = 128 << 20
 DEFAULT_DOWNTIME_MS = 300
 
-#: Capabilities kemu honours (QEMU's names; x-checksum is kemu's: the SHA-256 of
-#: guest RAM at the switch, in query-migrate, on both sides).
+#: Capabilities kemu honours (QEMU's names; x-checksum is kemu's: a SHA-256 of
+#: guest RAM at the switch (:func:`ram_checksum`), in query-migrate, on both sides).
 CAPABILITIES = ("events", "x-checksum")
 
 
@@ -289,9 +291,18 @@ class MigrationSettings:
 
 
 def ram_checksum(memory) -> str:
+    """x-checksum: SHA-256 over guest RAM by RAM offset, MiB by MiB, each a tag byte
+    then, unless it is all zeros, its bytes (zero MiBs of a large, mostly empty
+    machine cost a page-table look-up, not a hash)."""
     h = hashlib.sha256()
-    for region in memory.regions:
-        h.update(region.buffer)
+    size = memory.size
+    for off in range(0, size, CHECKSUM_CHUNK):
+        n = min(CHECKSUM_CHUNK, size - off)
+        if memory.ram_is_zero(off, n):
+            h.update(b"Z")
+        else:
+            h.update(b"D")
+            h.update(memory.ram_read(off, n))
     return h.hexdigest()
 
 
@@ -309,12 +320,12 @@ class Outgoing:
         self._emit = emit
         self._cancel = threading.Event()
         self._thread = threading.Thread(target=self._main, name="migration", daemon=True)
-        (region,) = self.board.memory.regions
-        self.region = region
-        self.info.total = region.size
+        #: guest RAM; pages go by RAM offset (the regions end to end)
+        self.memory = memory = self.board.memory
+        self.info.total = memory.size
         self._window = (time.monotonic(), 0)
         self._out = bytearray()
-        self._ever_sent = bytearray((region.size + BLOCK - 1) // BLOCK)
+        self._ever_sent = bytearray((memory.size + BLOCK - 1) // BLOCK)
 
     def start(self) -> None:
         self._set_status("setup")
@@ -371,8 +382,9 @@ class Outgoing:
         """Send every page that differs from what was sent; returns the bytes sent."""
         sent = 0
         ever = self._ever_sent
-        for n, off in enumerate(range(0, len(mem), BLOCK)):
-            block = mem[off:off + BLOCK]
+        size = mem.size
+        for n, off in enumerate(range(0, size, BLOCK)):
+            block = mem.ram_read(off, min(BLOCK, size - off))
             # a block never sent is zero at the destination (and in the shadow,
             # which is not read: untouched, it costs no page faults)
             old = shadow[off:off + BLOCK] if ever[n] else _ZERO[:len(block)]
@@ -391,9 +403,11 @@ class Outgoing:
 
     def _shadow_dirty_bytes(self, mem, shadow: mmap.mmap) -> int:
         ever = self._ever_sent
-        return sum(BLOCK for n, off in enumerate(range(0, len(mem), BLOCK))
-                   if mem[off:off + BLOCK] != (shadow[off:off + BLOCK] if ever[n]
-                                               else _ZERO[:BLOCK]))
+        size = mem.size
+        return sum(BLOCK for n, off in enumerate(range(0, size, BLOCK))
+                   if (mem.ram_read(off, min(BLOCK, size - off))
+                       != shadow[off:off + BLOCK] if ever[n]
+                       else not mem.ram_is_zero(off, min(BLOCK, size - off))))
 
     # -- with the board's dirty log -------------------------------------------------------------
     def _log_pass(self, mem, _shadow) -> int:
@@ -401,11 +415,12 @@ class Outgoing:
         at the destination); the next ones the pages logged as written since."""
         sent = 0
         if self.info.passes == 0:
-            for off in range(0, len(mem), BLOCK):
-                block = mem[off:off + BLOCK]
-                if block == _ZERO[:len(block)]:
-                    self.info.duplicate += len(block) // PAGE
+            size = mem.size
+            for off in range(0, size, BLOCK):
+                if mem.ram_is_zero(off, min(BLOCK, size - off)):
+                    self.info.duplicate += min(BLOCK, size - off) // PAGE
                     continue
+                block = mem.ram_read(off, min(BLOCK, size - off))
                 for p in range(0, len(block), PAGE):
                     page = block[p:p + PAGE]
                     if page != _ZERO[:PAGE]:
@@ -413,13 +428,14 @@ class Outgoing:
                         sent += PAGE
             return sent
         self._pending |= self.board.dirty_pages()
-        base = self.region.base // PAGE
         pending, self._pending = sorted(self._pending), set()
         for page in pending:
-            off = (page - base) * PAGE
-            if 0 <= off < len(mem):
-                self._send_page(off, mem[off:off + PAGE])
-                sent += PAGE
+            try:
+                off = mem.gpa_to_ram(page * PAGE)
+            except KemuError:
+                continue                # not RAM (a log bit outside every region)
+            self._send_page(off, mem.ram_read(off, PAGE))
+            sent += PAGE
         return sent
 
     def _log_dirty_bytes(self, _mem, _shadow) -> int:
@@ -436,20 +452,21 @@ class Outgoing:
         self._pending: set[int] = set()
         try:
             header = {"kind": "migration", "machine": self.board.state_fingerprint(),
-                      "memory": {"size": self.region.size}}
+                      "memory": {"size": self.memory.size,
+                                 "regions": self.memory.ram_layout()}}
             from kemu.snapshot import config_to_plain
             self._send(st.encode_stream(header, {"config": config_to_plain(self.vm.config)}))
             self._flush()
             self.info.setup_ms = int((time.monotonic() - self.info.started) * 1000)
             self._set_status("active")
-            mem = self.region.buffer
+            mem = self.memory
             if logging:
                 shadow = None
                 with self.board.lock:
                     self.board.start_dirty_log()
             else:
                 # what was sent, as an anonymous mapping: untouched pages stay the zero page
-                shadow = mmap.mmap(-1, self.region.size,
+                shadow = mmap.mmap(-1, self.memory.size,
                                    flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
             while True:
                 t0 = time.monotonic()
@@ -480,12 +497,16 @@ class Outgoing:
                 self._pass(mem, shadow)
                 self.info.remaining = 0
                 board_state = self.board.save_state()
-                checksum = ram_checksum(self.board.memory) \
-                    if self.settings.capabilities.get("x-checksum") else None
             blob = st.encode_stream({"kind": "machine-state"}, board_state)
             self._send(_REC.pack(b"S", 0, len(blob)) + blob)
             self._send(_REC.pack(b"D", 0, 0))
             self._flush()
+            # x-checksum: RAM as sent (the guest stays paused here), hashed while the
+            # destination hashes what it got
+            checksum = None
+            if self.settings.capabilities.get("x-checksum"):
+                with self.board.lock:
+                    checksum = ram_checksum(self.board.memory)
             if self.channel.sock is not None:
                 # Over a socket the destination answers once it runs: the source is
                 # done (postmigrate) only then; any other answer leaves it running.
@@ -580,10 +601,10 @@ class Incoming:
         if header.get("kind") != "migration":
             raise StateError(f"{what}: not a migration stream")
         st.check_header(header, self.board.state_fingerprint(), what)
+        memory = self.board.memory
+        st.check_ram(header.get("memory"), memory, what)
         self._set_status("active")
-        (region,) = self.board.memory.regions
-        self.info.total = size = region.size
-        buf = region.buffer
+        self.info.total = size = memory.size
         board_state = None
         while True:
             kind, offset, length = _REC.unpack(channel.recv_exact(_REC.size))
@@ -591,10 +612,12 @@ class Incoming:
                 if length > BLOCK or offset + length > size or offset % PAGE:
                     raise StateError(f"{what}: corrupted (page at {offset:#x}+{length:#x})")
                 # Straight into guest RAM: a machine whose load fails never runs.
-                data = memoryview(buf)[offset:offset + length]
-                channel.recv_into(data)
-                (crc,) = _CRC.unpack(channel.recv_exact(_CRC.size))
-                if zlib.crc32(data) != crc:
+                crc = 0
+                for _, view in memory.ram_views(offset, length):
+                    channel.recv_into(view)
+                    crc = zlib.crc32(view, crc)
+                (sent_crc,) = _CRC.unpack(channel.recv_exact(_CRC.size))
+                if crc != sent_crc:
                     raise StateError(f"{what}: corrupted (page checksum at {offset:#x})")
                 self.info.transferred += length + _REC.size + _CRC.size
                 self.info.normal += length // PAGE

@@ -104,15 +104,12 @@ def vmstate_disk(disks: list[SnapshotDisk], vmstate: str | None) -> SnapshotDisk
 
 
 # -- RAM ----------------------------------------------------------------------------------------
-def ram_chunks(buffer):
-    """(offset, bytes or None for an all-zero MiB) over guest RAM."""
-    for off in range(0, len(buffer), CHUNK):
-        chunk = buffer[off:off + CHUNK]          # bytes: compared with memcmp
-        yield off, (None if chunk == _ZERO[:len(chunk)] else chunk)
-
-
-def ram_crcs(buffer) -> list[int]:
-    return [ZERO_CHUNK if chunk is None else zlib.crc32(chunk) for _, chunk in ram_chunks(buffer)]
+def ram_crcs(memory) -> list[int]:
+    """The CRC-32 of each MiB of guest RAM by RAM offset (:data:`ZERO_CHUNK`: all zeros)."""
+    size = memory.size
+    return [ZERO_CHUNK if memory.ram_is_zero(off, min(CHUNK, size - off))
+            else zlib.crc32(memory.ram_read(off, min(CHUNK, size - off)))
+            for off in range(0, size, CHUNK)]
 
 
 def ram_layout(crcs: list[int], size: int, offset: int) -> list[tuple[int, int, int | None]]:
@@ -145,9 +142,9 @@ def write_vmstate(board, img) -> tuple[int, dict]:
     the board's state."""
     from kemu.backends.qcow2 import internal
     from kemu.snapshot import board_engine
-    (region,) = board.memory.regions
+    memory = board.memory
     board_state = board.save_state()
-    crcs = ram_crcs(region.buffer)
+    crcs = ram_crcs(memory)
     cs = img.cluster_size
     stream = b""
     offset = 0
@@ -155,7 +152,8 @@ def write_vmstate(board, img) -> tuple[int, dict]:
     for _ in range(3):     # the offset is in the header: settle on one that fits
         header = {"kind": "savevm", "machine": board.state_fingerprint(),
                   "engine": board_engine(board), "created": time.time(),
-                  "memory": {"size": region.size, "offset": offset, "crcs": crcs}}
+                  "memory": {"size": memory.size, "regions": memory.ram_layout(),
+                             "offset": offset, "crcs": crcs}}
         stream = st.encode_stream(header, None, body=body)
         want = -(-len(stream) // cs) * cs
         if want == offset:
@@ -164,9 +162,9 @@ def write_vmstate(board, img) -> tuple[int, dict]:
     internal.clear_vmstate(img)
     internal.write_vmstate(img, 0, stream)
     end = offset
-    for off, n, pos in ram_layout(crcs, region.size, offset):
+    for off, n, pos in ram_layout(crcs, memory.size, offset):
         if pos is not None:
-            internal.write_vmstate(img, pos, region.buffer[off:off + n])
+            internal.write_vmstate(img, pos, memory.ram_read(off, n))
             end = pos + n
     return end, board_state
 
@@ -277,14 +275,12 @@ def read_vmstate(vm, disk: SnapshotDisk, name: str) -> LoadedState:
     if header.get("engine", "") != engine:
         raise StateError(f"{what}: made by CPU engine {header.get('engine') or 'kvm'!r}, "
                          f"this machine runs {engine or 'kvm'!r}")
-    (region,) = board.memory.regions
     memory = header.get("memory")
     try:
         size, offset, crcs = int(memory["size"]), int(memory["offset"]), list(memory["crcs"])
     except (KeyError, TypeError, ValueError):
         raise StateError(f"{what}: corrupted header (memory)") from None
-    if size != region.size:
-        raise StateError(f"{what}: made for {size} bytes of RAM, this machine has {region.size}")
+    st.check_ram(memory, board.memory, what)
     if offset < f.pos or len(crcs) != -(-size // CHUNK) or \
             not all(isinstance(c, int) for c in crcs):
         raise StateError(f"{what}: corrupted header (memory)")
@@ -307,14 +303,14 @@ def read_vmstate(vm, disk: SnapshotDisk, name: str) -> LoadedState:
 
 def fill_ram(board, loaded: LoadedState, fresh: bool = False) -> None:
     """The saved RAM into the board's (``fresh``: it is all zeros already)."""
-    (region,) = board.memory.regions
-    buf = region.buffer
+    memory = board.memory
     for off, n, pos in loaded.layout:
         if pos is None:
-            if not fresh and buf[off:off + n] != _ZERO[:n]:
-                buf[off:off + n] = _ZERO[:n]
+            if not fresh and not memory.ram_is_zero(off, n):
+                memory.ram_write(off, _ZERO[:n])
             continue
-        loaded.reader.read_into(pos, memoryview(buf)[off:off + n])
+        for at, view in memory.ram_views(off, n):
+            loaded.reader.read_into(pos + at, view)
 
 
 def prepare_load(vm, name: str, vmstate: str | None = None,

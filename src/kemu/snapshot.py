@@ -8,8 +8,11 @@ A snapshot directory holds:
     slots), the memory file's size and per-MiB CRC-32s and the disks; its
     payload the machine configuration and every vCPU's and device's state.
 ``memory.ram``
-    guest RAM as a sparse file (all-zero MiBs are holes), which a restored
-    machine maps MAP_PRIVATE: copies share its pages until they write them.
+    guest RAM as a sparse file (all-zero MiBs are holes): the RAM regions end
+    to end in guest-physical order (RAM offsets, :class:`kemu.memory.GuestMemory`;
+    the header lists each region's base and size), which a restored machine
+    maps MAP_PRIVATE, each region from its offset: copies share its pages
+    until they write them.
 ``diskN.raw``
     each writable disk as it was at the pause, copied through its backend
     (raw or qcow2, any backing chain) into a sparse raw file.  The running
@@ -79,18 +82,20 @@ def config_from_plain(data: dict) -> MachineConfig:
 
 
 # -- memory -------------------------------------------------------------------------------------
-def write_memory(path: Path, buffer) -> list[int]:
-    """RAM to a sparse file; the CRC-32 of each MiB (:data:`ZERO_CHUNK` for a hole)."""
-    size = len(buffer)
+def write_memory(path: Path, memory) -> list[int]:
+    """Guest RAM (the regions end to end: RAM offsets) to a sparse file; the CRC-32
+    of each MiB (:data:`ZERO_CHUNK` for a hole)."""
+    size = memory.size
     crcs: list[int] = []
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         os.ftruncate(fd, size)
         for off in range(0, size, CHUNK):
-            chunk = buffer[off:off + CHUNK]      # bytes: compared with memcmp
-            if chunk == _ZERO[:len(chunk)]:
+            n = min(CHUNK, size - off)
+            if memory.ram_is_zero(off, n):
                 crcs.append(ZERO_CHUNK)
                 continue
+            chunk = memory.ram_read(off, n)
             crcs.append(zlib.crc32(chunk))
             os.pwrite(fd, chunk, off)
     finally:
@@ -168,10 +173,8 @@ def save(board, config: MachineConfig, directory: Path) -> dict:
     directory.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     machine_state = board.save_state()
-    regions = board.memory.regions
-    if len(regions) != 1:
-        raise StateError("snapshot: machines with more than one RAM region are not supported")
-    crcs = write_memory(directory / MEMORY_FILE, regions[0].buffer)
+    memory = board.memory
+    crcs = write_memory(directory / MEMORY_FILE, memory)
     disks = []
     for i, backend in blk_backends_by_drive(board, config).items():
         drive = config.drives[i]
@@ -183,7 +186,8 @@ def save(board, config: MachineConfig, directory: Path) -> dict:
         copy_disk(backend, directory / name)
         disks.append({"drive": i, "file": name})
     header = {"machine": board.state_fingerprint(), "engine": board_engine(board),
-              "memory": {"file": MEMORY_FILE, "size": regions[0].size, "crcs": crcs},
+              "memory": {"file": MEMORY_FILE, "size": memory.size,
+                         "regions": memory.ram_layout(), "crcs": crcs},
               "disks": disks, "created": time.time(),
               "save_seconds": round(time.monotonic() - started, 4)}
     tmp = directory / (STATE_FILE + ".tmp")

@@ -252,3 +252,34 @@ def check_header(header: dict, expected: dict, what: str = "snapshot") -> None:
         if saved.get(key) != value:
             raise StateError(f"{what}: made for another machine ({key} is {saved.get(key)!r}, "
                              f"this machine has {value!r})")
+
+
+def _ram_text(layout: list) -> str:
+    def size(n: int) -> str:
+        for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+            if n % (1 << shift) == 0:
+                return f"{n >> shift} {unit}"
+        return f"{n} bytes"
+    return " + ".join(f"{size(s)} at {b:#x}" for b, s in layout)
+
+
+def check_ram(saved: Any, memory, what: str = "snapshot") -> None:
+    """Refuse RAM saved for another layout: ``saved`` is a header's ``memory``
+    (``size`` and ``regions``, ``[[base, size], ...]``: the regions end to end
+    are the saved RAM offsets); ``memory`` the machine's :class:`GuestMemory`.
+    A header without ``regions`` (made before machines had several) stands
+    for one region at the machine's own base."""
+    own = memory.ram_layout()
+    try:
+        size = int(saved["size"])
+        regions = saved.get("regions")
+        if regions is None:
+            regions = [[own[0][0], size]] if own else []
+        layout = [[int(b), int(s)] for b, s in regions]
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise StateError(f"{what}: corrupted header (memory)") from None
+    if sum(s for _, s in layout) != size:
+        raise StateError(f"{what}: corrupted header (memory regions)")
+    if layout != own:
+        raise StateError(f"{what}: made for RAM {_ram_text(layout) or 'none'}, this machine "
+                         f"has {_ram_text(own)}")

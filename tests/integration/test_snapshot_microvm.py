@@ -548,3 +548,167 @@ def test_loadvm_at_start_brings_back_the_disk_and_a_waiting_virtio_blk_guest(tmp
         if second.state not in ("shutdown", "stopped"):
             second.kill()
     assert sector6() != b"\0" * 512
+
+
+# -- machines over 3 GiB: RAM in two regions, below the 32-bit hole and from 4 GiB -----------------
+GiB = 1 << 30
+#: A guest-physical address in the region above 4 GiB of a -m 4G machine ([4 GiB, 5 GiB)).
+HIGH = (4 * GiB) + 512 * MiB + 0x123
+HIGH_LAYOUT = [[0, 3 * GiB], [4 * GiB, GiB]]
+
+
+def _timed(what: str, fn, *args, **kw):
+    import time
+    t0 = time.monotonic()
+    result = fn(*args, **kw)
+    print(f"{what}: {time.monotonic() - t0:.3f} s")
+    return result
+
+
+def test_4g_machine_snapshot_and_restore_keep_ram_above_4g(kernel, tmp_path):
+    """-m 4G: a byte the host writes above 4 GiB before the snapshot is in the
+    restored copy, which takes its input; the memory file is the two regions end
+    to end and sparse; the same snapshot with its regions said otherwise is refused
+    in one line."""
+    import shutil
+
+    from kemu import snapshot
+    from kemu import state as st
+    vm = Machine.from_config(_config(kernel, memory=4 * GiB))
+    vm.start()
+    try:
+        vm.console.expect("ready for input", timeout=TIMEOUT)
+        vm._board.memory.write(HIGH, b"above-4g")
+        vm._board.memory.write(3 * GiB - 8, b"below3g!")        # the low region's last bytes
+        header = _timed("4 GiB snapshot", vm.snapshot, tmp_path / "snap")
+    finally:
+        vm.kill()
+    assert header["memory"]["regions"] == HIGH_LAYOUT
+    ram = tmp_path / "snap" / snapshot.MEMORY_FILE
+    assert ram.stat().st_size == 4 * GiB
+    assert ram.stat().st_blocks * 512 < 64 * MiB, ram.stat()     # zero MiBs are holes
+    with open(ram, "rb") as f:                                     # RAM offset of HIGH
+        f.seek(HIGH - GiB)
+        assert f.read(8) == b"above-4g"
+    restored = _timed("4 GiB restore", Machine.restore, tmp_path / "snap")
+    try:
+        assert restored._board.memory.read(HIGH, 8) == b"above-4g"
+        assert restored._board.memory.read(3 * GiB - 8, 8) == b"below3g!"
+        # the copy (RAM mapped from the file) snapshotted again: holes found, not read
+        restored._board.memory.write(HIGH + 8, b"+copy")
+        _timed("4 GiB snapshot of the restored copy", restored.snapshot, tmp_path / "again")
+        again = tmp_path / "again" / snapshot.MEMORY_FILE
+        assert again.stat().st_blocks * 512 < 64 * MiB, again.stat()
+        with open(again, "rb") as f:
+            f.seek(HIGH - GiB)
+            assert f.read(13) == b"above-4g+copy"
+        _finishes_with(restored, "high-copy")
+    finally:
+        if restored.state not in ("shutdown", "stopped"):
+            restored.kill()
+    # the snapshot's header says one region of 4 GiB: not this machine's layout
+    header, payload = snapshot.load(tmp_path / "snap")
+    crafted = tmp_path / "crafted"
+    shutil.copytree(tmp_path / "snap", crafted)
+    header["memory"]["regions"] = [[0, 4 * GiB]]
+    with open(crafted / snapshot.STATE_FILE, "wb") as f:
+        st.write_stream(f, {k: v for k, v in header.items()
+                            if k not in ("payload_size", "payload_sha256")}, payload)
+    with pytest.raises(StateError) as e:
+        Machine.restore(crafted, verify=False)
+    assert str(e.value).endswith("made for RAM 4 GiB at 0x0, this machine has 3 GiB at 0x0 + "
+                                 "1 GiB at 0x100000000"), e.value
+    assert "\n" not in str(e.value)
+
+
+def test_4g_machine_savevm_then_loadvm_brings_back_ram_above_4g(kernel, tmp_path):
+    """savevm/loadvm of a -m 4G machine with a qcow2 disk: RAM above 4 GiB goes
+    back to the savevm (a byte written before it is back, one after it gone), the
+    guest takes its input; the same snapshot in a -m 3G machine is refused in one
+    line and that machine runs on."""
+    from kemu.machines.config import DriveConfig
+    from kemu.savevm import SnapshotError
+    disk = _qcow2(tmp_path / "disk.qcow2")
+    mem = None
+    vm = Machine.from_config(_config(kernel, memory=4 * GiB,
+                                     drives=[DriveConfig(disk, format="qcow2")]))
+    vm.start()
+    try:
+        vm.console.expect("ready for input", timeout=TIMEOUT)
+        mem = vm._board.memory
+        mem.write(HIGH, b"saved-high")
+        info = _timed("4 GiB savevm", vm.savevm, "high")
+        assert 64 * 1024 < info.vm_state_size < 64 * MiB, info      # zero MiBs take no room
+        mem.write(HIGH, b"later-high")
+        mem.write(HIGH + 256 * MiB, b"gone")
+        _timed("4 GiB loadvm", vm.loadvm, "high")
+        assert mem.read(HIGH, 10) == b"saved-high"
+        assert mem.read(HIGH + 256 * MiB, 4) == b"\0" * 4
+        text = _finishes_with(vm, "after-high-loadvm")
+        assert text.count("ready for input") == 1, text
+    finally:
+        if vm.state not in ("shutdown", "stopped"):
+            vm.kill()
+    small = Machine.from_config(_config(kernel, memory=3 * GiB,
+                                        drives=[DriveConfig(disk, format="qcow2")]))
+    small.start()
+    try:
+        small.console.expect("ready for input", timeout=TIMEOUT)
+        with pytest.raises((StateError, SnapshotError)) as e:
+            small.loadvm("high")
+        assert "memory" in str(e.value) and "\n" not in str(e.value), e.value
+        assert small.state == "running"
+        _finishes_with(small, "still-3g")
+    finally:
+        if small.state not in ("shutdown", "stopped"):
+            small.kill()
+
+
+def test_4g_machine_live_migration_carries_ram_above_4g(kernel, tmp_path):
+    """A -m 4G machine migrates live while its guest dirties memory: bytes the host
+    wrote above 4 GiB before and while it went are in the destination, RAM at the
+    switch is the same on both sides (x-checksum), the destination takes the input;
+    a -m 3G destination refuses the same stream in one line and the source runs on."""
+    config = _config(kernel, memory=4 * GiB)
+    config.append = "kemu.snap kemu.dirty"
+    source = Machine.from_config(config)
+    small = Machine.from_config(_config(kernel, memory=3 * GiB))
+    small.config.append = config.append
+    dest = None
+    try:
+        source.start()
+        source.console.expect("ready for input", timeout=TIMEOUT)
+        source._board.memory.write(HIGH, b"before-migrate")
+        _enable(source)
+        _enable(small)
+        uri = f"unix:{tmp_path / 'small.sock'}"
+        small.start_incoming(uri)
+        source.migrate(uri)
+        assert _migration_status(source) == "failed", source.migration.info()
+        assert "memory" in small.migration.info()["error-desc"]
+        assert "\n" not in small.migration.info()["error-desc"]
+        assert source.state == "running"
+
+        dest = Machine.from_config(_config(kernel, memory=4 * GiB))
+        dest.config.append = config.append
+        _enable(dest)
+        uri = f"unix:{tmp_path / 'mig.sock'}"
+        dest.start_incoming(uri)
+        source.migration.set_parameters({"max-bandwidth": 64 << 20, "downtime-limit": 1})
+        source.migrate(uri)
+        source._board.memory.write(HIGH + GiB // 4, b"while-migrating")
+        assert _migration_status(source, 4 * TIMEOUT) == "completed", source.migration.info()
+        out, into = source.migration.info(), dest.migration.info()
+        print(f"4 GiB migration: total {out['total-time']} ms, downtime {out['downtime']} ms, "
+              f"{out['ram']['dirty-sync-count']} passes")
+        assert out["ram"]["total"] == 4 * GiB
+        assert out["x-ram-sha256"] == into["x-ram-sha256"]
+        assert dest._board.memory.read(HIGH, 14) == b"before-migrate"
+        assert dest._board.memory.read(HIGH + GiB // 4, 15) == b"while-migrating"
+        dest.console.write("moved-4g\n")
+        dest.console.expect("rx moved-4g", timeout=TIMEOUT)
+        dest.console.expect("resetting", timeout=TIMEOUT)
+    finally:
+        for vm in (source, small, dest):
+            if vm is not None and vm.state not in ("shutdown", "stopped"):
+                vm.kill()

@@ -75,7 +75,7 @@ from kemu.machines.config import MachineConfig, MiB
 from kemu.machines.rtc import AlarmTimer, RtcClock
 from kemu.devices import psci as psci_fn
 from kemu.machines.runtime import DeadlineKicker, Outcome, RunState, VcpuGroup, VcpuThread
-from kemu.memory import GuestMemory, RamRegion
+from kemu.memory import GuestMemory
 from kemu.options.objects import ram_regions
 
 FDT_MAGIC = b"\xd0\x0d\xfe\xed"
@@ -213,9 +213,8 @@ class VirtMachine:
         #: The big machine lock: device state is touched under it only.
         self.lock = threading.RLock()
         # ram_fd: a snapshot's memory file, mapped private (a restored machine)
-        self.memory = (GuestMemory([RamRegion(RAM_BASE, config.memory, backing=ram_fd)])
-                       if ram_fd is not None else
-                       GuestMemory(ram_regions(config, [(RAM_BASE, config.memory)])))
+        self.memory = GuestMemory(ram_regions(config, [(RAM_BASE, config.memory)],
+                                              backing=ram_fd))
         # Nothing at an address is a bus error for the CPU (an external abort), as on QEMU's virt.
         self.mmio = Bus("mmio", decode_errors=True)
         self.virtio_slots: list[VirtioSlot] = []

@@ -85,7 +85,7 @@ from kemu.machines.console_watch import (
     ConsoleWatcher,
 )
 from kemu.machines.runtime import Outcome, RunState, VcpuGroup, VcpuThread
-from kemu.memory import GuestMemory, RamRegion
+from kemu.memory import GuestMemory
 from kemu.options.objects import ram_regions
 
 COM1 = (0x3F8, 8)
@@ -245,13 +245,9 @@ class MicroVm:
                        if config.initrd else None)
         #: The big machine lock: device state is touched under it only.
         self.lock = threading.RLock()
-        layout = linux_x86.ram_layout(config.memory)
-        if ram_fd is not None and len(layout) != 1:
-            raise ConfigError("restore: snapshots of more than 3 GiB of RAM (two RAM "
-                              "regions) are not supported on microvm")
         # ram_fd: a snapshot's memory file, mapped private (a restored machine)
-        self.memory = (GuestMemory([RamRegion(0, config.memory, backing=ram_fd)])
-                       if ram_fd is not None else GuestMemory(ram_regions(config, layout)))
+        self.memory = GuestMemory(ram_regions(config, linux_x86.ram_layout(config.memory),
+                                              backing=ram_fd))
         self.mmio = Bus("mmio")
         self.pio = Bus("pio", 1 << 16)
         self.virtio_slots: list[VirtioSlot] = []

@@ -145,10 +145,19 @@ def apply_memory_backend(config: MachineConfig, memory_given: bool) -> None:
                            "maps a file, not a directory of temporary files")
 
 
-def ram_regions(config: MachineConfig, layout: list[tuple[int, int]]):
+def ram_regions(config: MachineConfig, layout: list[tuple[int, int]],
+                backing: int | None = None):
     """Guest RAM for a board's ``(base, size)`` layout, from -machine memory-backend=
-    when given (the file's pages in layout order; shared with share=on)."""
+    when given (the file's pages in layout order; shared with share=on), or
+    from ``backing``, a snapshot's memory file (the regions end to end, mapped
+    private: a restored machine)."""
     from kemu.memory import RamRegion
+    if backing is not None:
+        regions, offset = [], 0
+        for base, size in layout:
+            regions.append(RamRegion(base, size, offset=offset, backing=backing))
+            offset += size
+        return regions
     obj = memory_backend(config)
     if obj is None:
         return [RamRegion(base, size) for base, size in layout]
