@@ -315,6 +315,8 @@ class Outgoing:
         self._window = (time.monotonic(), 0)
         self._out = bytearray()
         self._ever_sent = bytearray((region.size + BLOCK - 1) // BLOCK)
+        #: Disks handed over at the stop-and-copy (taken back if the migration fails).
+        self._inactivated: list = []
 
     def start(self) -> None:
         self._set_status("setup")
@@ -473,10 +475,10 @@ class Outgoing:
                 paused_here = True
             self._set_status("device")
             with self.board.lock:
-                # disks on shared storage: what the guest wrote is in the image now
-                from kemu.snapshot import blk_backends_by_drive
-                for backend in blk_backends_by_drive(self.board, self.vm.config).values():
-                    backend.flush()
+                # Disks on shared storage: what the guest wrote is in the image now and
+                # the write locks are dropped, for the destination to take over.
+                from kemu.backends.block import inactivate_all
+                self._inactivated = inactivate_all(disk_backends(self.vm))
                 self._pass(mem, shadow)
                 self.info.remaining = 0
                 board_state = self.board.save_state()
@@ -500,8 +502,7 @@ class Outgoing:
             self.vm._postmigrate = True
             self._set_status("completed")
         except _Cancelled:
-            self._fail(None, paused_here)
-            self._set_status("cancelled")
+            self._set_status("cancelled" if self._fail(None, paused_here) else "failed")
         except (OSError, KemuError) as e:
             reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
             self._fail(reason, paused_here)
@@ -515,16 +516,36 @@ class Outgoing:
                 with self.board.lock:
                     self.board.stop_dirty_log()
 
-    def _fail(self, reason: str | None, paused_here: bool) -> None:
+    def _fail(self, reason: str | None, paused_here: bool) -> bool:
+        """Leave the source as before the migration; False if it could not take its
+        disks back (it then stays paused)."""
         self.info.error = reason
         self.info.total_ms = int((time.monotonic() - self.info.started) * 1000)
         self.channel.close()
+        if self._inactivated:
+            # take the disks back; if the destination holds them, the source stays
+            # paused (QEMU: "Failed to activate block devices")
+            from kemu.backends.block import activate_all
+            try:
+                activate_all(self._inactivated)
+            except KemuError as e:
+                self.info.error = f"{reason or 'cancelled'}; could not take the disks " \
+                                  f"back, the machine stays paused: {e}"
+                return False
+            self._inactivated = []
         if paused_here and self.vm.state == "paused":
             self.vm.resume()
+        return True
 
 
 class _Cancelled(Exception):
     pass
+
+
+def disk_backends(vm) -> list:
+    """The machine's disk backends (every virtio-blk's)."""
+    from kemu.snapshot import blk_backends_by_name
+    return list(blk_backends_by_name(vm._board).values())
 
 
 # -- the destination --------------------------------------------------------------------------------
@@ -616,7 +637,15 @@ class Incoming:
             raise StateError(f"{what}: corrupted (no machine state)")
         if self.settings.capabilities.get("x-checksum"):
             self.info.checksum = ram_checksum(self.board.memory)
-        self.vm._finish_incoming(board_state, self.paused)
+        # shared storage: the source let go of the disks; take them and read them again
+        from kemu.backends.block import activate_all, inactivate_all
+        disks = disk_backends(self.vm)
+        try:
+            activate_all(disks)
+            self.vm._finish_incoming(board_state, self.paused)
+        except BaseException:
+            inactivate_all(disks)
+            raise
         if channel.sock is not None:
             try:
                 channel.send(ACK)
