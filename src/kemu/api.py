@@ -610,9 +610,9 @@ class Machine:
         self._require_running("resume")
         if self.guest_shut_down:
             raise MachineStateError("Resetting the Virtual Machine is required")
-        if self._postmigrate:
-            # as QEMU's cont after a migration: take the disks back first (refused, in
-            # one line, while the destination holds them)
+        if self._incoming is None or self._incoming.is_set():
+            # as QEMU's cont: disks handed over to a migration are taken back first
+            # (refused, in one line, while the destination holds them)
             from kemu.backends.block import activate_all
             from kemu.migration import disk_backends
             activate_all(disk_backends(self))

@@ -491,8 +491,7 @@ class Outgoing:
             if self.channel.sock is not None:
                 # Over a socket the destination answers once it runs: the source is
                 # done (postmigrate) only then; any other answer leaves it running.
-                self.channel.sock.settimeout(120)
-                if self.channel.read(1) != ACK:
+                if self._await_ack() != ACK:
                     raise MigrationError("the destination did not take the machine "
                                          "(see its error)")
             self.channel.close()
@@ -515,6 +514,21 @@ class Outgoing:
             if logging:
                 with self.board.lock:
                     self.board.stop_dirty_log()
+
+    def _await_ack(self, limit: float = 120.0) -> bytes:
+        """The destination's answer (b"" if it went away); migrate_cancel still works
+        while it loads (the source then takes its disks back)."""
+        sock = self.channel.sock
+        end = time.monotonic() + limit
+        sock.settimeout(0.2)
+        while time.monotonic() < end:
+            if self._cancel.is_set():
+                raise _Cancelled()
+            try:
+                return sock.recv(1)
+            except socket.timeout:
+                continue
+        raise MigrationError(f"the destination did not answer within {limit:g} s")
 
     def _fail(self, reason: str | None, paused_here: bool) -> bool:
         """Leave the source as before the migration; False if it could not take its
