@@ -27,21 +27,14 @@ from kemu.snapshot import blk_backends_by_name
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
 from test_image_locking import lock_bytes
-from test_microvm_virtio import fnv1a
+# the kernel fixture: tests/guests/virtio_blk.c built once for the module
+from test_microvm_virtio import fnv1a, kernel  # noqa: F401
 from test_snapshot_microvm import (TIMEOUT, _config, _enable, _migration_status,
-                                   _woken_blk_guest, guestbuild, pytestmark)  # noqa: F401
+                                   _woken_blk_guest, pytestmark)  # noqa: F401
 
 MiB = 1 << 20
 #: What the guest writes to sector 6 (tests/guests/virtio_blk.c, pattern_byte).
 PATTERN = bytes(((i * 7 + 0x5A) & 0xFF) ^ ((i >> 8) & 0xFF) for i in range(512))
-
-
-@pytest.fixture(scope="module")
-def blk_kernel(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("virtio-blk-guest")
-    path = out / "virtio_blk.bzImage"
-    path.write_bytes(guestbuild.build_bzimage("virtio_blk", out))
-    return path
 
 
 def _machine(kernel: Path, disk: Path, incoming: bool = False,
@@ -78,21 +71,21 @@ def _kill(*vms: Machine) -> None:
 
 
 @pytest.mark.parametrize("locking", ["auto", "off"])
-def test_destination_on_the_same_qcow2_image_sees_the_sources_writes(blk_kernel, tmp_path,
+def test_destination_on_the_same_qcow2_image_sees_the_sources_writes(kernel, tmp_path,
                                                                       locking):
     """With locking, the destination was refused before; with file.locking=off it ran
     on the L1/L2 tables and refcounts it read at its start (the source's new clusters
     unseen, then overwritten): now it reads them all again at the switch."""
     disk = tmp_path / "disk.qcow2"
     create_qcow2(disk, MiB)
-    source = _machine(blk_kernel, disk, locking=locking)
+    source = _machine(kernel, disk, locking=locking)
     dest = None
     try:
         source.start()
         source.console.expect("waiting", timeout=TIMEOUT)
         # the destination opens the image while the source writes it (before: refused,
         # "Failed to get "write" lock") and reads its empty tables
-        dest = _machine(blk_kernel, disk, incoming=True, locking=locking)
+        dest = _machine(kernel, disk, incoming=True, locking=locking)
         assert _locked_for_write(disk) == (locking == "auto")      # the source's
         # the source allocates clusters (and the L2 table) the destination has not seen
         (backend,) = blk_backends_by_name(source._board).values()
@@ -153,10 +146,10 @@ def _wait_handed_over(disk: Path) -> None:
 
 
 def test_migration_cancelled_after_the_handover_gives_the_source_its_disk_back(
-        blk_kernel, tmp_path):
+        kernel, tmp_path):
     disk = tmp_path / "disk.qcow2"
     create_qcow2(disk, MiB)
-    source = _machine(blk_kernel, disk)
+    source = _machine(kernel, disk)
     sink = _Sink(tmp_path / "sink.sock")
     try:
         source.start()
@@ -179,13 +172,13 @@ def test_migration_cancelled_after_the_handover_gives_the_source_its_disk_back(
     _check_image(disk, {0: head, 6 * 512: PATTERN})
 
 
-def test_source_that_cannot_take_its_disk_back_stays_paused(blk_kernel, tmp_path):
+def test_source_that_cannot_take_its_disk_back_stays_paused(kernel, tmp_path):
     """Another process took the image while the source waited for its destination:
     the migration fails in one line and the source stays paused, as QEMU's does."""
     from kemu.backends.block import open_image
     disk = tmp_path / "disk.qcow2"
     create_qcow2(disk, MiB)
-    source = _machine(blk_kernel, disk)
+    source = _machine(kernel, disk)
     sink = _Sink(tmp_path / "sink.sock")
     other = None
     try:
@@ -213,7 +206,7 @@ def test_source_that_cannot_take_its_disk_back_stays_paused(blk_kernel, tmp_path
     _check_image(disk, {6 * 512: PATTERN})
 
 
-def test_two_kemu_processes_on_one_qcow2_image(blk_kernel, tmp_path):
+def test_two_kemu_processes_on_one_qcow2_image(kernel, tmp_path):
     """The CLI's -incoming: the destination process starts on the image the source
     process writes (before: it exited, "Failed to get "write" lock"), takes it over
     at the switch, and its guest's write lands in a consistent image."""
@@ -224,7 +217,7 @@ def test_two_kemu_processes_on_one_qcow2_image(blk_kernel, tmp_path):
     head = os.urandom(4 * 512)
     with Qcow2Image.open(disk) as image:
         image.write(0, head)
-    args = ["-M", "microvm", "-accel", "kvm", "-m", "64", "-kernel", str(blk_kernel),
+    args = ["-M", "microvm", "-accel", "kvm", "-m", "64", "-kernel", str(kernel),
             "-append", "virtio-blk kemu.wait", "-display", "none", "-serial", "stdio",
             "-no-reboot", "-drive", f"file={disk},format=qcow2,if=virtio"]
     mig = tmp_path / "mig.sock"

@@ -336,15 +336,7 @@ def inactivate_all(backends) -> list:
 def activate_all(backends) -> None:
     """Take every disk's locks back and re-read its metadata (QEMU's bdrv_activate_all).
     Every one is tried; the first failure is raised (one line)."""
-    failure: KemuError | None = None
-    for backend in backends:
-        if getattr(backend, "inactive", False):
-            try:
-                backend.activate()
-            except KemuError as e:
-                failure = failure or e
-    if failure is not None:
-        raise failure
+    _run_all(b.activate for b in backends if getattr(b, "inactive", False))
 
 
 def flush_and_close(backends: list) -> None:
@@ -353,16 +345,16 @@ def flush_and_close(backends: list) -> None:
     Each one is closed even when another fails (a full host disk at the last
     flush, say): the first failure is raised after all of them are closed.
     """
-    failure: BaseException | None = None
-    for backend in backends:
+    _run_all(step for backend in backends for step in (backend.flush, backend.close))
+
+
+def _run_all(steps) -> None:
+    """Every step, even after one failed; the first failure is raised."""
+    failure: KemuError | None = None
+    for step in steps:
         try:
-            backend.flush()
+            step()
         except KemuError as e:
             failure = failure or e
-        finally:
-            try:
-                backend.close()
-            except KemuError as e:
-                failure = failure or e
     if failure is not None:
         raise failure
