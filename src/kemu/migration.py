@@ -10,6 +10,12 @@ stream's header against its own machine, writes the pages into its RAM and
 starts from the state.  A cancelled or failed migration leaves the source
 running.
 
+Disks are on shared storage (no block migration): the destination's are opened
+inactive (:mod:`kemu.backends.block`); the source inactivates its own (flush,
+write locks dropped) once its guest is paused for the last pass, the
+destination activates them (locks taken, metadata read again) before its guest
+runs, and a source whose migration fails after that takes them back.
+
 Write tracking is the board's when it has a dirty log (``start_dirty_log``,
 ``dirty_pages``, ``stop_dirty_log``: the microvm board on KVM, with
 KVM_GET_DIRTY_LOG for the vCPUs' writes and the VMM's own record of its
@@ -537,8 +543,8 @@ class Outgoing:
         self.info.total_ms = int((time.monotonic() - self.info.started) * 1000)
         self.channel.close()
         if self._inactivated:
-            # take the disks back; if the destination holds them, the source stays
-            # paused (QEMU: "Failed to activate block devices")
+            # take the disks back; if someone else holds them now, the source stays
+            # paused (as QEMU's does; a later cont tries again)
             from kemu.backends.block import activate_all
             try:
                 activate_all(self._inactivated)
