@@ -610,6 +610,12 @@ class Machine:
         self._require_running("resume")
         if self.guest_shut_down:
             raise MachineStateError("Resetting the Virtual Machine is required")
+        if self._incoming is None or self._incoming.is_set():
+            # as QEMU's cont: disks handed over to a migration are taken back first
+            # (refused, in one line, while the destination holds them)
+            from kemu.backends.block import activate_all
+            from kemu.migration import disk_backends
+            activate_all(disk_backends(self))
         with self._lock:
             self.io_error = False
             self._postmigrate = False
@@ -884,6 +890,11 @@ class Machine:
         if not hasattr(self._board, "start_restored"):
             raise MachineStateError(f"-incoming: the {self.config.machine} board cannot be "
                                     "migrated yet")
+        # Its disks are inactive until the switch (built so for -incoming; a machine
+        # built without it hands them over now): the source may still be writing them.
+        from kemu.backends.block import inactivate_all
+        from kemu.migration import disk_backends
+        inactivate_all(disk_backends(self))
         self._started = True
         self._incoming = threading.Event()
         self._incoming_paused = paused

@@ -10,6 +10,12 @@ stream's header against its own machine, writes the pages into its RAM and
 starts from the state.  A cancelled or failed migration leaves the source
 running.
 
+Disks are on shared storage (no block migration): the destination's are opened
+inactive (:mod:`kemu.backends.block`); the source inactivates its own (flush,
+write locks dropped) once its guest is paused for the last pass, the
+destination activates them (locks taken, metadata read again) before its guest
+runs, and a source whose migration fails after that takes them back.
+
 Write tracking is the board's when it has a dirty log (``start_dirty_log``,
 ``dirty_pages``, ``stop_dirty_log``: the microvm board on KVM, with
 KVM_GET_DIRTY_LOG for the vCPUs' writes and the VMM's own record of its
@@ -326,6 +332,8 @@ class Outgoing:
         self._window = (time.monotonic(), 0)
         self._out = bytearray()
         self._ever_sent = bytearray((memory.size + BLOCK - 1) // BLOCK)
+        #: Disks handed over at the stop-and-copy (taken back if the migration fails).
+        self._inactivated: list = []
 
     def start(self) -> None:
         self._set_status("setup")
@@ -490,10 +498,10 @@ class Outgoing:
                 paused_here = True
             self._set_status("device")
             with self.board.lock:
-                # disks on shared storage: what the guest wrote is in the image now
-                from kemu.snapshot import blk_backends_by_drive
-                for backend in blk_backends_by_drive(self.board, self.vm.config).values():
-                    backend.flush()
+                # Disks on shared storage: what the guest wrote is in the image now and
+                # the write locks are dropped, for the destination to take over.
+                from kemu.backends.block import inactivate_all
+                self._inactivated = inactivate_all(disk_backends(self.vm))
                 self._pass(mem, shadow)
                 self.info.remaining = 0
                 board_state = self.board.save_state()
@@ -510,8 +518,7 @@ class Outgoing:
             if self.channel.sock is not None:
                 # Over a socket the destination answers once it runs: the source is
                 # done (postmigrate) only then; any other answer leaves it running.
-                self.channel.sock.settimeout(120)
-                if self.channel.read(1) != ACK:
+                if self._await_ack() != ACK:
                     raise MigrationError("the destination did not take the machine "
                                          "(see its error)")
             self.channel.close()
@@ -521,8 +528,7 @@ class Outgoing:
             self.vm._postmigrate = True
             self._set_status("completed")
         except _Cancelled:
-            self._fail(None, paused_here)
-            self._set_status("cancelled")
+            self._set_status("cancelled" if self._fail(None, paused_here) else "failed")
         except (OSError, KemuError) as e:
             reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
             self._fail(reason, paused_here)
@@ -536,16 +542,51 @@ class Outgoing:
                 with self.board.lock:
                     self.board.stop_dirty_log()
 
-    def _fail(self, reason: str | None, paused_here: bool) -> None:
+    def _await_ack(self, limit: float = 120.0) -> bytes:
+        """The destination's answer (b"" if it went away); migrate_cancel still works
+        while it loads (the source then takes its disks back)."""
+        sock = self.channel.sock
+        end = time.monotonic() + limit
+        sock.settimeout(0.2)
+        while time.monotonic() < end:
+            if self._cancel.is_set():
+                raise _Cancelled()
+            try:
+                return sock.recv(1)
+            except socket.timeout:
+                continue
+        raise MigrationError(f"the destination did not answer within {limit:g} s")
+
+    def _fail(self, reason: str | None, paused_here: bool) -> bool:
+        """Leave the source as before the migration; False if it could not take its
+        disks back (it then stays paused)."""
         self.info.error = reason
         self.info.total_ms = int((time.monotonic() - self.info.started) * 1000)
         self.channel.close()
+        if self._inactivated:
+            # take the disks back; if someone else holds them now, the source stays
+            # paused (as QEMU's does; a later cont tries again)
+            from kemu.backends.block import activate_all
+            try:
+                activate_all(self._inactivated)
+            except KemuError as e:
+                self.info.error = f"{reason or 'cancelled'}; could not take the disks " \
+                                  f"back, the machine stays paused: {e}"
+                return False
+            self._inactivated = []
         if paused_here and self.vm.state == "paused":
             self.vm.resume()
+        return True
 
 
 class _Cancelled(Exception):
     pass
+
+
+def disk_backends(vm) -> list:
+    """The machine's disk backends (every virtio-blk's)."""
+    from kemu.snapshot import blk_backends_by_name
+    return list(blk_backends_by_name(vm._board).values())
 
 
 # -- the destination --------------------------------------------------------------------------------
@@ -639,7 +680,15 @@ class Incoming:
             raise StateError(f"{what}: corrupted (no machine state)")
         if self.settings.capabilities.get("x-checksum"):
             self.info.checksum = ram_checksum(self.board.memory)
-        self.vm._finish_incoming(board_state, self.paused)
+        # shared storage: the source let go of the disks; take them and read them again
+        from kemu.backends.block import activate_all, inactivate_all
+        disks = disk_backends(self.vm)
+        try:
+            activate_all(disks)
+            self.vm._finish_incoming(board_state, self.paused)
+        except BaseException:
+            inactivate_all(disks)
+            raise
         if channel.sock is not None:
             try:
                 channel.send(ACK)

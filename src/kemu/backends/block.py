@@ -11,6 +11,14 @@ a qcow2 image unless the format was left unspecified.  When it was, a file
 that probes as raw is opened with writes to its first sector restricted (a
 guest must not turn its disk into a qcow2 image pointing at host files), and
 a warning says so, as QEMU does.
+
+Shared storage in a migration (QEMU's bdrv_inactivate_all / bdrv_activate_all):
+a backend opened ``inactive`` (the destination of ``-incoming``) takes no
+write locks, writes nothing and trusts no metadata it read; the source's
+backends are inactivated (flushed, write locks dropped) once its guest is
+paused for the last pass; :meth:`activate` takes the locks back and reads
+every piece of metadata again (qcow2: header, L1/L2 tables, refcounts), on
+the destination before its guest runs, on the source if the migration fails.
 """
 
 from __future__ import annotations
@@ -84,6 +92,36 @@ def _open_fd(path: Path, read_only: bool, lock: "Permissions | None" = None,
         raise ImageError(f"could not open {path}: {e.strerror}") from None
 
 
+def _switch_locks(fd: int, path: Path, perms: "Permissions | None", locking: str,
+                  fallback: "Permissions | None") -> None:
+    """Hold the lock bytes of ``perms`` instead of ``fallback``'s; if they cannot be
+    taken (another process uses the image) go back to ``fallback``'s and raise."""
+    if perms is None:
+        return
+    from kemu.backends.locking import relock_image
+    try:
+        relock_image(fd, path, perms, locking)
+    except ImageError:
+        if fallback is not None:
+            try:
+                relock_image(fd, path, fallback, locking)
+            except ImageError:
+                pass
+        raise
+
+
+def inactive_lock(lock: "Permissions | None", inactive: bool) -> "Permissions | None":
+    """The lock an open takes: ``lock``, or an inactive image's if ``inactive``."""
+    if lock is None or not inactive:
+        return lock
+    from kemu.backends.locking import inactive_permissions
+    return inactive_permissions()
+
+
+def inactive_error(path: Path) -> ImageError:
+    return ImageError(f"{path}: the image is inactive (handed over to a migration)")
+
+
 class RawFile:
     """A raw image: guest offset = file offset."""
 
@@ -91,13 +129,16 @@ class RawFile:
 
     def __init__(self, path: str | Path, read_only: bool = False, *,
                  probed: bool = False, lock: "Permissions | None" = None,
-                 locking: str = "auto") -> None:
+                 locking: str = "auto", inactive: bool = False) -> None:
         self.path = Path(path)
         self.read_only = read_only
         #: Format was guessed: refuse writes that would make sector 0 probe as
         #: something other than raw.
         self.probed = probed
-        self._fd = _open_fd(self.path, read_only, lock, locking)
+        #: Handed over to a migration: no writes, no write locks (see the module).
+        self.inactive = inactive
+        self._lock_perms, self._locking = lock, locking
+        self._fd = _open_fd(self.path, read_only, inactive_lock(lock, inactive), locking)
         try:
             st = os.fstat(self._fd)
             self.size = st.st_size if stat.S_ISREG(st.st_mode) else os.lseek(self._fd, 0, os.SEEK_END)
@@ -109,6 +150,8 @@ class RawFile:
         """Grow or shrink the image to ``size`` bytes (QMP block_resize)."""
         if self.read_only:
             raise ImageError(f"{self.path}: the image is read-only")
+        if self.inactive:
+            raise inactive_error(self.path)
         try:
             if not stat.S_ISREG(os.fstat(self._fd).st_mode):
                 raise ImageError(f"{self.path}: cannot resize a device, only a regular file")
@@ -117,6 +160,29 @@ class RawFile:
             raise ImageError(f"{self.path}: cannot resize to {size} bytes: {e.strerror}") \
                 from None
         self.size = size
+
+    def inactivate(self) -> None:
+        """Flush and drop the write locks (QEMU's bdrv_inactivate)."""
+        if self.inactive:
+            return
+        self.flush()
+        _switch_locks(self._fd, self.path, inactive_lock(self._lock_perms, True),
+                      self._locking, None)
+        self.inactive = True
+
+    def activate(self) -> None:
+        """Take the locks back and read the size again (QEMU's bdrv_activate)."""
+        if not self.inactive:
+            return
+        _switch_locks(self._fd, self.path, self._lock_perms, self._locking,
+                      inactive_lock(self._lock_perms, True))
+        try:
+            st = os.fstat(self._fd)
+            if stat.S_ISREG(st.st_mode):
+                self.size = st.st_size
+        except OSError as e:
+            raise ImageError(f"{self.path}: {e.strerror}") from None
+        self.inactive = False
 
     def _check(self, offset: int, length: int) -> None:
         if offset < 0 or length < 0 or offset + length > self.size:
@@ -134,6 +200,8 @@ class RawFile:
     def write(self, offset: int, data: bytes) -> None:
         if self.read_only:
             raise ImageError(f"{self.path}: image is read-only")
+        if self.inactive:
+            raise inactive_error(self.path)
         self._check(offset, len(data))
         if self.probed and offset < len(QCOW2_MAGIC):
             head = self.read(0, len(QCOW2_MAGIC))
@@ -151,7 +219,7 @@ class RawFile:
             raise ImageIOError(f"{self.path}: write error: {e.strerror}", e.errno) from None
 
     def flush(self) -> None:
-        if not self.read_only:
+        if not self.read_only and not self.inactive:
             try:
                 os.fsync(self._fd)
             except OSError as e:
@@ -163,6 +231,8 @@ class RawFile:
     def write_zeroes(self, offset: int, length: int) -> None:
         if self.read_only:
             raise ImageError(f"{self.path}: image is read-only")
+        if self.inactive:
+            raise inactive_error(self.path)
         self._check(offset, length)
         chunk = bytes(min(length, 1 << 20))
         while length:
@@ -201,7 +271,7 @@ def open_image(path: str | Path, format: str | None = None,
                on_warning: Callable[[str], None] | None = None,
                chain: tuple[tuple[int, int], ...] = (), locking: str = "auto",
                force_share: bool = False, backing: bool = False,
-               lock: "Permissions | None" = None) -> "BlockBackend":
+               lock: "Permissions | None" = None, inactive: bool = False) -> "BlockBackend":
     """Open a disk image as a :class:`BlockBackend`.
 
     ``format`` is ``"raw"``, ``"qcow2"`` or ``None`` to probe: a file with
@@ -216,6 +286,7 @@ def open_image(path: str | Path, format: str | None = None,
     its ``-U`` (read-only opens that tolerate writers), ``backing`` says the
     image is opened as another image's backing file (its chain inherits
     ``locking``); ``lock`` overrides the permissions taken on the file.
+    ``inactive``: opened for an incoming migration (see the module).
     """
     from kemu.backends.locking import image_permissions
     if force_share and not read_only:
@@ -236,14 +307,36 @@ def open_image(path: str | Path, format: str | None = None,
         return RawFile(path, read_only, probed=probed and not read_only,
                        lock=lock or image_permissions("raw", read_only, backing=backing,
                                                       force_share=force_share),
-                       locking=locking)
+                       locking=locking, inactive=inactive)
     if fmt == "qcow2":
         from kemu.backends.qcow2 import Qcow2Image
         return Qcow2Image.open(path, read_only=read_only, chain=chain, locking=locking,
                                lock=lock or image_permissions("qcow2", read_only,
                                                               backing=backing,
-                                                              force_share=force_share))
+                                                              force_share=force_share),
+                               inactive=inactive)
     raise ImageError(f"{path}: unknown image format {fmt!r} (known: raw, qcow2)")
+
+
+def inactivate_all(backends) -> list:
+    """Flush every disk and drop its write locks (QEMU's bdrv_inactivate_all); returns
+    the ones inactivated here.  If one fails, those already done are activated again."""
+    done: list = []
+    try:
+        for backend in backends:
+            if callable(getattr(backend, "inactivate", None)) and not backend.inactive:
+                backend.inactivate()
+                done.append(backend)
+    except BaseException:
+        activate_all(done)
+        raise
+    return done
+
+
+def activate_all(backends) -> None:
+    """Take every disk's locks back and re-read its metadata (QEMU's bdrv_activate_all).
+    Every one is tried; the first failure is raised (one line)."""
+    _run_all(b.activate for b in backends if getattr(b, "inactive", False))
 
 
 def flush_and_close(backends: list) -> None:
@@ -252,16 +345,16 @@ def flush_and_close(backends: list) -> None:
     Each one is closed even when another fails (a full host disk at the last
     flush, say): the first failure is raised after all of them are closed.
     """
-    failure: BaseException | None = None
-    for backend in backends:
+    _run_all(step for backend in backends for step in (backend.flush, backend.close))
+
+
+def _run_all(steps) -> None:
+    """Every step, even after one failed; the first failure is raised."""
+    failure: KemuError | None = None
+    for step in steps:
         try:
-            backend.flush()
+            step()
         except KemuError as e:
             failure = failure or e
-        finally:
-            try:
-                backend.close()
-            except KemuError as e:
-                failure = failure or e
     if failure is not None:
         raise failure

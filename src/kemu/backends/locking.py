@@ -140,3 +140,28 @@ def lock_image(fd: int, path: str | Path, perms: Permissions, mode: str = "auto"
         raise ImageLockError(f"could not open {path}: Failed to get {conflict} lock: "
                              f"Is another process using the image [{path}]?")
     return True
+
+
+def inactive_permissions() -> Permissions:
+    """An image opened or handed over *inactive* (a migration's destination before the
+    switch, its source after): it reads and lets others do anything (QEMU's
+    blk_root_inactivate drops the device's permissions to none, all shared)."""
+    return Permissions(BLK_PERM_CONSISTENT_READ, BLK_PERM_ALL)
+
+
+def relock_image(fd: int, path: str | Path, perms: Permissions, mode: str = "auto") -> bool:
+    """Hold exactly QEMU's lock bytes for ``perms`` on ``fd``: the bytes of other
+    permissions are released first, then :func:`lock_image` takes and checks these.
+    On :class:`ImageLockError` the caller goes back to its previous permissions."""
+    if mode == "off":
+        return False
+    try:
+        for bit in _bits(BLK_PERM_ALL & ~perms.perm):
+            _setlk(fd, fcntl.F_UNLCK, RAW_LOCK_PERM_BASE + bit)
+        for bit in _bits(perms.shared):
+            _setlk(fd, fcntl.F_UNLCK, RAW_LOCK_SHARED_BASE + bit)
+    except OSError as e:
+        if e.errno in _UNSUPPORTED and mode == "auto":
+            return False
+        raise ImageError(f"{path}: unlocking failed: {e.strerror}") from None
+    return lock_image(fd, path, perms, mode)

@@ -106,9 +106,10 @@ def attach_transport(board, device, slot: int | None = None, pci: bool = False):
     return transport
 
 
-def open_drive(drive: DriveConfig, snapshot: bool = False):
+def open_drive(drive: DriveConfig, snapshot: bool = False, inactive: bool = False):
     """The drive's backend; with ``snapshot`` (-snapshot) a writable drive gets a
-    temporary overlay (:mod:`kemu.backends.snapshot`)."""
+    temporary overlay (:mod:`kemu.backends.snapshot`); ``inactive``: for an incoming
+    migration, without write locks until activated (:mod:`kemu.backends.block`)."""
     from kemu.backends.block import open_image
 
     def warn(message: str) -> None:
@@ -119,7 +120,7 @@ def open_drive(drive: DriveConfig, snapshot: bool = False):
                              on_warning=warn if drive.warn_probed_raw else None)
     return open_image(drive.path, drive.format, drive.read_only,
                       on_warning=warn if drive.warn_probed_raw else None,
-                      locking=drive.locking)
+                      locking=drive.locking, inactive=inactive)
 
 
 def attach_devices(board, config: MachineConfig) -> list:
@@ -162,7 +163,7 @@ def _attach(board, config: MachineConfig, backends: list) -> None:
     on_pci = getattr(board, "pci", None) is not None
     for index, drive in enumerate(config.drives):
         if drive.id is None:
-            backend = open_drive(drive, config.snapshot)
+            backend = open_drive(drive, config.snapshot, "incoming" in config.extra)
             backends.append(backend)
             attach_transport(board, VirtioBlk(backend, serial=f"kemu-disk{index}",
                                           read_only=drive.read_only,
@@ -185,7 +186,7 @@ def _attach(board, config: MachineConfig, backends: list) -> None:
                 raise ConfigError(f"-device {dev.driver}: drive {drive_id!r} is already in use")
             claimed.add(drive_id)
             drive = by_id[drive_id]
-            backend = open_drive(drive, config.snapshot)
+            backend = open_drive(drive, config.snapshot, "incoming" in config.extra)
             backends.append(backend)
             transport = attach_transport(
                 board, VirtioBlk(backend, serial=dev.props.get("serial", drive_id),

@@ -30,7 +30,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from kemu.backends.block import ImageError, file_identity, open_image
+from kemu.backends.block import (ImageError, file_identity, inactive_error, inactive_lock,
+                                 open_image)
 from kemu.backends.qcow2.compressed import CompressedClusters
 from kemu.backends.qcow2.header import (
     INCOMPAT_CORRUPT, INCOMPAT_DIRTY, OFF_AUTOCLEAR, OFF_SIZE, OFFSET_MASK, Header,
@@ -65,30 +66,16 @@ class Qcow2Image:
                  backing_image=None) -> None:
         self.file = file
         self.path = file.path
-        self.header = header
         self.read_only = file.read_only
-        self.size = header.size
-        self.cluster_bits = cb = header.cluster_bits
-        self.cluster_size = 1 << cb
-        self.l2_bits = cb - 3
-        self.version = header.version
         self._lock = threading.RLock()
         self._closed = False
+        #: Handed over to a migration: no writes, metadata not trusted (see
+        #: :mod:`kemu.backends.block`); :meth:`activate` reads it all again.
+        self.inactive = False
+        self._active_lock: Permissions | None = file.lock
         self.backing = None
+        self._load_metadata(header)
         h = header
-        #: Cluster indices holding metadata: never written as guest data.
-        self.metadata: set[int] = {0}
-        self.metadata.update(range(h.refcount_table_offset >> cb,
-                                   (h.refcount_table_offset >> cb) + h.refcount_table_clusters))
-        self.map = ClusterMap(file, header, self.metadata)
-        self.refcounts: Refcounts | None = None
-        if not self.read_only:
-            self.refcounts = Refcounts(file, cb, h.refcount_order, h.refcount_table_offset,
-                                       h.refcount_table_clusters, self.metadata,
-                                       REFCOUNT_CACHE_BYTES)
-            self.map.refcounts = self.refcounts
-        self.compressed = CompressedClusters(file, cb)
-        self.compressed.refcounts = self.refcounts
         if backing_image is not None:
             # Already open, locked by the caller (-snapshot's overlays).
             self.backing = backing_image
@@ -97,12 +84,90 @@ class Qcow2Image:
         elif h.backing_file is not None and open_backing:
             self.backing = self._open_backing(chain, locking)
 
+    def _load_metadata(self, header: Header) -> None:
+        """Everything cached from the image's metadata, (re)built from ``header``: the
+        L1 table and the L2 table cache, the refcount table and block cache, the
+        metadata cluster set, compressed cluster state."""
+        self.header = h = header
+        self.size = header.size
+        self.cluster_bits = cb = header.cluster_bits
+        self.cluster_size = 1 << cb
+        self.l2_bits = cb - 3
+        self.version = header.version
+        #: Cluster indices holding metadata: never written as guest data.
+        self.metadata: set[int] = {0}
+        self.metadata.update(range(h.refcount_table_offset >> cb,
+                                   (h.refcount_table_offset >> cb) + h.refcount_table_clusters))
+        self.map = ClusterMap(self.file, header, self.metadata)
+        self.refcounts: Refcounts | None = None
+        if not self.read_only:
+            self.refcounts = Refcounts(self.file, cb, h.refcount_order, h.refcount_table_offset,
+                                       h.refcount_table_clusters, self.metadata,
+                                       REFCOUNT_CACHE_BYTES)
+            self.map.refcounts = self.refcounts
+        self.compressed = CompressedClusters(self.file, cb)
+        self.compressed.refcounts = self.refcounts
+
     # -- opening ----------------------------------------------------------------
+
+    @staticmethod
+    def _read_header(file: HostFile) -> Header:
+        header = parse_header(
+            file.pread(0, min(header_probe_length(file.pread(0, 24)), file.size)), file.size)
+        if not file.read_only and header.incompatible_features & INCOMPAT_DIRTY:
+            raise ImageError("image has the dirty bit set (lazy refcounts); repair "
+                             "it with 'qemu-img check -r all' or open it read-only")
+        if not file.read_only and header.incompatible_features & INCOMPAT_CORRUPT:
+            raise ImageError("image is marked corrupt; it can only be opened read-only")
+        return header
+
+    def _clear_autoclear(self) -> None:
+        # autoclear features (e.g. persistent bitmaps) are not kept up to date
+        # by kemu: clearing the bits marks them stale
+        if not self.read_only and self.header.autoclear_features:
+            self.file.pwrite(OFF_AUTOCLEAR, struct.pack(">Q", 0))
+            self.file.fsync()
+            self.header.autoclear_features = 0
+
+    def inactivate(self) -> None:
+        """Write every cached table back, sync, and drop the write locks (QEMU's
+        bdrv_inactivate): another process may take the image over."""
+        with self._lock:
+            if self.inactive or self._closed:
+                return
+            self.flush()
+            self.file.relock(inactive_lock(self._active_lock, True), None)
+            self.inactive = True
+
+    def activate(self) -> None:
+        """Take the locks back, then drop every cached table and read the header,
+        L1 table and refcount table again (QEMU's bdrv_activate / qcow2's
+        invalidate_cache): another process may have written the image meanwhile.
+        On failure the image stays inactive."""
+        with self._lock:
+            if not self.inactive or self._closed:
+                return
+            self.file.relock(self._active_lock, inactive_lock(self._active_lock, True))
+            try:
+                self.file.refresh_size()
+                try:
+                    header = self._read_header(self.file)
+                    self._load_metadata(header)
+                except ImageError as e:
+                    msg = str(e)
+                    raise ImageError(msg if msg.startswith(str(self.path))
+                                     else f"{self.path}: {msg}") from None
+                self._clear_autoclear()
+            except BaseException:
+                self.file.relock(inactive_lock(self._active_lock, True), self._active_lock)
+                raise
+            self.inactive = False
 
     @classmethod
     def open(cls, path: str | Path, read_only: bool = False, *, chain=(),
              backing: bool = True, lock: Permissions | None = None,
-             locking: str = "auto", backing_image=None) -> "Qcow2Image":
+             locking: str = "auto", backing_image=None,
+             inactive: bool = False) -> "Qcow2Image":
         """Open the image at ``path`` and its backing chain (read-only).
         ``backing=False`` skips the backing file (reads of unallocated
         clusters then return zeros): for inspecting an image alone.
@@ -110,30 +175,22 @@ class Qcow2Image:
         (:mod:`kemu.backends.locking`); the backing chain is locked as
         QEMU locks backing files.  ``backing_image``: an open backend to use
         as the backing file instead of opening the header's (closed with
-        this image)."""
-        file = HostFile(path, read_only, lock, locking)
+        this image).  ``inactive``: opened for an incoming migration, without write
+        locks, until :meth:`activate`."""
+        file = HostFile(path, read_only, inactive_lock(lock, inactive), locking)
         try:
             try:
-                header = parse_header(
-                    file.pread(0, min(header_probe_length(file.pread(0, 24)), file.size)),
-                    file.size)
-                if not read_only and header.incompatible_features & INCOMPAT_DIRTY:
-                    raise ImageError("image has the dirty bit set (lazy refcounts); repair "
-                                     "it with 'qemu-img check -r all' or open it read-only")
-                if not read_only and header.incompatible_features & INCOMPAT_CORRUPT:
-                    raise ImageError("image is marked corrupt; it can only be opened read-only")
+                header = cls._read_header(file)
                 identity = file_identity(path)
                 image = cls(file, header, chain=chain + (identity,), open_backing=backing,
                             locking=locking, backing_image=backing_image)
             except ImageError as e:
                 msg = str(e)
                 raise ImageError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from None
-            if not read_only and header.autoclear_features:
-                # autoclear features (e.g. persistent bitmaps) are not kept up
-                # to date by kemu: clearing the bits marks them stale
-                file.pwrite(OFF_AUTOCLEAR, struct.pack(">Q", 0))
-                file.fsync()
-                header.autoclear_features = 0
+            if inactive:
+                image.inactive, image._active_lock = True, lock
+            else:
+                image._clear_autoclear()
             return image
         except BaseException:
             file.close()
@@ -145,6 +202,8 @@ class Qcow2Image:
         with self._lock:
             if self.read_only:
                 raise ImageError(f"{self.path}: the image is read-only")
+            if self.inactive:
+                raise inactive_error(self.path)
             if size < self.size:
                 raise ImageError(f"{self.path}: kemu does not shrink qcow2 images")
             if self.backing is not None:
@@ -185,6 +244,8 @@ class Qcow2Image:
             raise ImageError(f"{self.path}: image is read-only")
         if self._closed:
             raise ImageError(f"{self.path}: image is closed")
+        if self.inactive:
+            raise inactive_error(self.path)
 
     # -- reading ----------------------------------------------------------------
 
@@ -439,7 +500,7 @@ class Qcow2Image:
 
     def flush(self) -> None:
         """Make every completed write durable, metadata in dependency order."""
-        if self.read_only or self._closed:
+        if self.read_only or self._closed or self.inactive:
             return
         rc = self.refcounts
         assert rc is not None

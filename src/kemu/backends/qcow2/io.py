@@ -17,7 +17,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Generic, Iterator, Protocol, TypeVar
 
-from kemu.backends.block import ImageError, ImageIOError, _open_fd
+from kemu.backends.block import ImageError, ImageIOError, _open_fd, _switch_locks
 
 if TYPE_CHECKING:
     from kemu.backends.locking import Permissions
@@ -30,16 +30,27 @@ class HostFile:
                  locking: str = "auto") -> None:
         self.path = Path(path)
         self.read_only = read_only
+        self.lock, self.locking = lock, locking
         self.fd = _open_fd(self.path, read_only, lock, locking)
         try:
-            st = os.fstat(self.fd)
-            self.size = st.st_size
-        except OSError as e:
+            self.refresh_size()
+        except ImageError:
             os.close(self.fd)
-            raise ImageError(f"could not open {self.path}: {e.strerror}") from None
+            raise
         #: Number of pwrite calls so far, and how many of them an fsync covers.
         self.writes = 0
         self.synced_writes = 0
+
+    def refresh_size(self) -> None:
+        """Read the file's size again (another process may have grown it)."""
+        try:
+            self.size = os.fstat(self.fd).st_size
+        except OSError as e:
+            raise ImageError(f"could not open {self.path}: {e.strerror}") from None
+
+    def relock(self, lock: "Permissions | None", fallback: "Permissions | None") -> None:
+        """Hold ``lock``'s bytes instead of ``fallback``'s (back to them on a conflict)."""
+        _switch_locks(self.fd, self.path, lock, self.locking, fallback)
 
     def pread(self, offset: int, length: int) -> bytes:
         """Up to ``length`` bytes at ``offset``; short only at end of file."""
