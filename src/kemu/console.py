@@ -12,6 +12,7 @@ stdio`` every byte goes to the monitor.
 from __future__ import annotations
 
 import os
+import select
 import sys
 import termios
 import threading
@@ -121,7 +122,9 @@ class ConsoleOutput:
                 self._cond.wait_for(lambda: self._buffer or self._closed)
                 if not self._buffer:
                     return
-                chunk = bytes(self._buffer[:65536])
+                # At most PIPE_BUF: a pipe takes such a write whole or not at all, so a
+                # write blocked on a full pipe has written nothing the count misses.
+                chunk = bytes(self._buffer[:select.PIPE_BUF])
             try:
                 n = os.write(self.fd, chunk)
             except OSError:

@@ -5,6 +5,7 @@ import fcntl
 import os
 import struct
 import termios
+import threading
 import time
 
 from kemu.console import ConsoleOutput
@@ -19,10 +20,13 @@ def test_unread_pipe_never_blocks_and_drops_beyond_the_bound():
     r, w = os.pipe()
     try:
         out = ConsoleOutput(w, limit=256 * 1024)
-        start = time.monotonic()
-        for _ in range(64):
-            out.write(b"x" * 32 * 1024)          # 2 MiB into a pipe nobody reads
-        assert time.monotonic() - start < 5
+        def writes() -> None:
+            for _ in range(64):
+                out.write(b"x" * 32 * 1024)      # 2 MiB into a pipe nobody reads
+        writer = threading.Thread(target=writes, daemon=True)
+        writer.start()
+        writer.join(60)                          # a write that blocked would never end
+        assert not writer.is_alive(), "write() blocked on the unread pipe"
         # The writer fills the pipe on its own thread: wait for that (it takes
         # longer on a loaded host), not for a time.
         deadline = time.monotonic() + 60
