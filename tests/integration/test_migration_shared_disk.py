@@ -133,6 +133,12 @@ class _Sink:
 
     def close(self) -> None:
         if self.conn is not None:
+            # shutdown first: a close() alone leaves the reader thread's recv() holding
+            # the socket open, and the source never sees the destination go away
+            try:
+                self.conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
             self.conn.close()
         self.server.close()
 
