@@ -502,11 +502,17 @@ class MicroVm:
         """With every vCPU stopped: reset the devices, build a fresh VM, reload the
         kernel and hand the new vCPUs to the threads (reboot and host reset alike)."""
         self._reset_devices()
-        self._close_vm()
-        self._create_vm()
+        self._replace_vm()
         self.load()
         for t, cpu in zip(self.vcpus.threads, self.cpus):
             t.cpu = cpu
+
+    def _replace_vm(self) -> None:
+        """A fresh VM for the stopped vCPUs, under the machine lock: a live migration's
+        dirty log (:meth:`dirty_pages`) never finds the machine between two VMs."""
+        with self.lock:
+            self._close_vm()
+            self._create_vm()
 
     def _reset_devices(self) -> None:
         with self.lock:
@@ -597,8 +603,7 @@ class MicroVm:
 
         def rebuild() -> None:
             self._reset_devices()
-            self._close_vm()
-            self._create_vm()
+            self._replace_vm()
             self._restore(*parsed)
             for t, cpu in zip(self.vcpus.threads, self.cpus):
                 t.cpu = cpu
@@ -649,16 +654,19 @@ class MicroVm:
     def dirty_pages(self) -> set[int]:
         """Guest-physical page numbers written since the last call (or the start)."""
         pages: set[int] = set()
-        for slot, region in self.vm.slots.items():
-            bitmap = self.vm.get_dirty_log(slot)
-            first = region.guest_phys_addr // 4096
-            words = memoryview(bitmap).cast("Q")
-            for w, word in enumerate(words):
-                while word:
-                    low = word & -word
-                    pages.add(first + w * 64 + low.bit_length() - 1)
-                    word ^= low
         with self.lock:
+            # No VM: the machine has ended (a reboot replaces the VM under this lock,
+            # and the new VM counts every page as written).
+            vm = self.vm
+            for slot, region in (vm.slots.items() if vm is not None else ()):
+                bitmap = vm.get_dirty_log(slot)
+                first = region.guest_phys_addr // 4096
+                words = memoryview(bitmap).cast("Q")
+                for w, word in enumerate(words):
+                    while word:
+                        low = word & -word
+                        pages.add(first + w * 64 + low.bit_length() - 1)
+                        word ^= low
             pages |= self.memory.take_written()
         return pages
 
