@@ -127,3 +127,25 @@ def test_raw_activate_takes_the_locks_and_the_new_size(tmp_path):
         dest.close()
         source.close()
     assert path.read_bytes()[:4] == b"dest"
+
+
+def test_a_request_that_meets_a_handed_over_disk_is_held_then_run(tmp_path):
+    """A doorbell rung before the migration paused the guest, seen only after the
+    disk was handed over: the request is held (no error for the guest) and runs
+    once the source takes its disk back (cont)."""
+    from test_full_disk import blk_device, post_write
+    path = tmp_path / "disk.qcow2"
+    create_qcow2(path, 16 * MiB)
+    disk = open_image(path, "qcow2")
+    try:
+        dev, drv, q, errors = blk_device(disk)
+        disk.inactivate()
+        data = os.urandom(4096)
+        head, status = post_write(drv, q, 8, data)
+        assert q.get_used() == [] and dev.held_requests == 1 and errors == []
+        disk.activate()
+        dev.retry_held()
+        assert q.get_used() == [(head, 1)] and drv.memory.read(status.addr, 1) == b"\0"
+        assert disk.read(8 * 512, 4096) == data
+    finally:
+        disk.close()

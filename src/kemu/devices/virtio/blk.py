@@ -256,9 +256,12 @@ class VirtioBlk(VirtioDevice):
             data = chain.read(session.memory, HEADER.size, readable - HEADER.size)
         return BlkRequest(chain, rtype, sector, data, writable - 1, session.features)
 
-    def _execute(self, req: BlkRequest) -> tuple[int, bytes] | HostIOError:
+    def _execute(self, req: BlkRequest) -> tuple[int, bytes] | HostIOError | None:
         """The backend part of a request: returns (status, data for the driver),
-        or the host error for the werror/rerror policy."""
+        the host error for the werror/rerror policy, or None when the image is
+        inactive (handed over to a migration: QEMU drains its disks first)."""
+        if getattr(self.backend, "inactive", False):
+            return None
         try:
             return self._dispatch(req)
         except Exception as e:  # a failing backend is an I/O error, never a VMM crash
@@ -369,10 +372,16 @@ class VirtioBlk(VirtioDevice):
         super().reset()
 
     def _complete(self, session: VirtioSession, index: int, queue: Virtqueue, req: BlkRequest,
-                  result: tuple[int, bytes] | HostIOError) -> None:
+                  result: tuple[int, bytes] | HostIOError | None) -> None:
         """Write data and status back and return the chain (runs in device context)."""
         if not session.active:
             return  # reset or failed while the backend was busy: drop
+        if result is None:
+            # A doorbell the guest rang before the migration paused it, seen after
+            # the disk was handed over: held, and run if the source runs on (cont
+            # takes the disk back first); a destination takes it from the ring.
+            self._held.append((index, req))
+            return
         if isinstance(result, HostIOError):
             status = self._on_host_error(index, req, result)
             if status is None:
