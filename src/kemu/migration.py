@@ -421,29 +421,37 @@ class Outgoing:
     def _log_pass(self, mem, _shadow) -> int:
         """The first pass sends every page that is not zero (a page never sent is zero
         at the destination); the next ones the pages logged as written since."""
+        # Records of up to a block (pages next to each other in RAM go together):
+        # what costs here is Python's work per record, not the bytes.
         sent = 0
         if self.info.passes == 0:
             size = mem.size
             for off in range(0, size, BLOCK):
-                if mem.ram_is_zero(off, min(BLOCK, size - off)):
-                    self.info.duplicate += min(BLOCK, size - off) // PAGE
+                n = min(BLOCK, size - off)
+                if mem.ram_is_zero(off, n):
+                    self.info.duplicate += n // PAGE
                     continue
-                block = mem.ram_read(off, min(BLOCK, size - off))
-                for p in range(0, len(block), PAGE):
-                    page = block[p:p + PAGE]
-                    if page != _ZERO[:PAGE]:
-                        self._send_page(off + p, page)
-                        sent += PAGE
+                self._send_page(off, mem.ram_read(off, n))
+                sent += n
             return sent
         self._pending |= self.board.dirty_pages()
         pending, self._pending = sorted(self._pending), set()
+        run_start = run_end = -1
         for page in pending:
             try:
                 off = mem.gpa_to_ram(page * PAGE)
             except KemuError:
                 continue                # not RAM (a log bit outside every region)
-            self._send_page(off, mem.ram_read(off, PAGE))
-            sent += PAGE
+            if off == run_end and run_end - run_start < BLOCK:
+                run_end += PAGE
+                continue
+            if run_start >= 0:
+                self._send_page(run_start, mem.ram_read(run_start, run_end - run_start))
+                sent += run_end - run_start
+            run_start, run_end = off, off + PAGE
+        if run_start >= 0:
+            self._send_page(run_start, mem.ram_read(run_start, run_end - run_start))
+            sent += run_end - run_start
         return sent
 
     def _log_dirty_bytes(self, _mem, _shadow) -> int:
