@@ -186,21 +186,36 @@ def _enable(vm: Machine) -> None:
                                    {"capability": "x-checksum", "state": True}])
 
 
-def test_live_migration_over_unix_while_the_guest_dirties_memory(kernel, tmp_path):
-    """KVM's dirty log follows a guest writing 256 pages in a loop: RAM at the switch
-    is the same on both sides (x-checksum) and the destination takes the input."""
+def _dirtying_pair(kernel: Path, no_reboot: bool = True) -> tuple[Machine, Machine]:
+    """A source running the guest's page-writing loop ("kemu.dirty") and a destination
+    of the same configuration, not started."""
     config = _config(kernel)
     config.append = "kemu.snap kemu.dirty"
+    config.no_reboot = no_reboot
     source = Machine.from_config(config)
     dest = Machine.from_config(_config(kernel, memory=config.memory))
     dest.config.append = config.append
+    return source, dest
+
+
+def _listening(source: Machine, dest: Machine, sock: Path) -> str:
+    """Start ``source`` (up to its wait for input), both with migration events and
+    x-checksum, ``dest`` waiting on ``sock``; the URI to migrate to."""
+    source.start()
+    source.console.expect("ready for input", timeout=TIMEOUT)
+    _enable(source)
+    _enable(dest)
+    uri = f"unix:{sock}"
+    dest.start_incoming(uri)
+    return uri
+
+
+def test_live_migration_over_unix_while_the_guest_dirties_memory(kernel, tmp_path):
+    """KVM's dirty log follows a guest writing 256 pages in a loop: RAM at the switch
+    is the same on both sides (x-checksum) and the destination takes the input."""
+    source, dest = _dirtying_pair(kernel)
     try:
-        source.start()
-        source.console.expect("ready for input", timeout=TIMEOUT)
-        _enable(source)
-        _enable(dest)
-        uri = f"unix:{tmp_path / 'mig.sock'}"
-        dest.start_incoming(uri)
+        uri = _listening(source, dest, tmp_path / "mig.sock")
         # A small bandwidth makes the first pass last about a second, and a 1 ms limit
         # lets the guest's loop (256 pages) go in the pause only if it wrote under 17
         # pages meanwhile: several passes however slowly the guest runs on a busy host.
@@ -228,19 +243,9 @@ def test_live_migration_goes_on_while_the_guest_reboots(kernel, tmp_path):
     attribute 'slots'" in the nested benchmark), every page counts as written, and
     the destination gets the rebooted guest."""
     import time
-    config = _config(kernel)
-    config.append = "kemu.snap kemu.dirty"
-    config.no_reboot = False
-    source = Machine.from_config(config)
-    dest = Machine.from_config(_config(kernel, memory=config.memory))
-    dest.config.append = config.append
+    source, dest = _dirtying_pair(kernel, no_reboot=False)
     try:
-        source.start()
-        source.console.expect("ready for input", timeout=TIMEOUT)
-        _enable(source)
-        _enable(dest)
-        uri = f"unix:{tmp_path / 'reboot.sock'}"
-        dest.start_incoming(uri)
+        uri = _listening(source, dest, tmp_path / "reboot.sock")
         # slow passes that never converge, until the reboot has happened
         source.migration.set_parameters({"max-bandwidth": 1 << 20, "downtime-limit": 1})
         source.migrate(uri)
